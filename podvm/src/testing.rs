@@ -1,0 +1,58 @@
+//! Locating the `podvisor-forwarder` binary from tests in other crates.
+//!
+//! Cargo only exposes `CARGO_BIN_EXE_*` to a binary's own package, so tests
+//! elsewhere find it in the target directory beside their own executable,
+//! building it once if it is not there.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The path of a built `podvisor-forwarder`, building it if needed.
+pub fn forwarder_binary() -> Result<PathBuf, String> {
+    static FOUND: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    FOUND.get_or_init(locate_or_build).clone()
+}
+
+fn locate_or_build() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    // target/<profile>/deps/<test> → target/<profile>/podvisor-forwarder
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| format!("unexpected test path {}", exe.display()))?;
+    let candidate = profile_dir.join("podvisor-forwarder");
+    if candidate.is_file() {
+        return Ok(candidate);
+    }
+    let target_dir = profile_dir
+        .parent()
+        .ok_or_else(|| format!("unexpected target layout {}", profile_dir.display()))?;
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "-q",
+        "-p",
+        "podvisor-podvm",
+        "--bin",
+        "podvisor-forwarder",
+    ])
+    .arg("--target-dir")
+    .arg(target_dir);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run cargo to build the forwarder: {e}"))?;
+    if status.success() && candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(format!(
+            "building podvisor-forwarder failed ({status}); expected {}",
+            candidate.display()
+        ))
+    }
+}

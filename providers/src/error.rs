@@ -1,0 +1,156 @@
+//! The provider error: what failed, and what the caller should do about it.
+
+use std::fmt;
+use std::time::Duration;
+
+/// How a failed provider call should be handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// May succeed if tried again (network trouble, a 5xx, no capacity now).
+    Transient,
+    /// The cloud asked us to slow down; retry after the given delay.
+    Throttled,
+    /// The instance (or the thing named) does not exist.
+    NotFound,
+    /// Will fail again however often it is tried (bad parameter, no permission).
+    Permanent,
+    /// The provider's configuration is wrong; fix the flags.
+    Config,
+}
+
+impl ErrorClass {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Throttled => "throttled",
+            ErrorClass::NotFound => "not_found",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::Config => "config",
+        }
+    }
+}
+
+/// A failed provider call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderError {
+    /// How to handle it.
+    pub class: ErrorClass,
+    /// What went wrong, naming the thing and the cause; never a secret.
+    pub message: String,
+    /// For `Throttled`: the least delay before the next try.
+    pub retry_after: Option<Duration>,
+}
+
+impl ProviderError {
+    fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        Self {
+            class,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+    /// A failure that may pass.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::new(ErrorClass::Transient, message)
+    }
+    /// The cloud's rate limit.
+    pub fn throttled(message: impl Into<String>, retry_after: Option<Duration>) -> Self {
+        Self {
+            retry_after,
+            ..Self::new(ErrorClass::Throttled, message)
+        }
+    }
+    /// The thing does not exist.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorClass::NotFound, message)
+    }
+    /// A failure that will repeat.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self::new(ErrorClass::Permanent, message)
+    }
+    /// Wrong configuration.
+    pub fn config(message: impl Into<String>) -> Self {
+        Self::new(ErrorClass::Config, message)
+    }
+
+    /// Whether trying again may help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.class, ErrorClass::Transient | ErrorClass::Throttled)
+    }
+}
+
+impl fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ProviderError {}
+
+impl From<ProviderError> for podvisor_state::OpFailure {
+    fn from(e: ProviderError) -> Self {
+        Self {
+            retryable: e.is_retryable(),
+            retry_after: e.retry_after,
+            message: e.message,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podvisor_state::OpFailure;
+
+    #[test]
+    fn only_transient_and_throttled_errors_are_retryable() {
+        let cases = [
+            (ProviderError::transient("t"), true),
+            (
+                ProviderError::throttled("s", Some(Duration::from_secs(2))),
+                true,
+            ),
+            (ProviderError::not_found("n"), false),
+            (ProviderError::permanent("p"), false),
+            (ProviderError::config("c"), false),
+        ];
+        for (e, retryable) in cases {
+            assert_eq!(e.is_retryable(), retryable, "{:?}", e.class);
+        }
+    }
+
+    #[test]
+    fn errors_map_to_machine_failures_keeping_message_and_delay() {
+        let f: OpFailure =
+            ProviderError::throttled("RequestLimitExceeded", Some(Duration::from_secs(3))).into();
+        assert_eq!(
+            f,
+            OpFailure {
+                message: "RequestLimitExceeded".into(),
+                retryable: true,
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+        let f: OpFailure = ProviderError::permanent("InvalidAMIID.Malformed").into();
+        assert!(!f.retryable);
+    }
+
+    #[test]
+    fn class_labels_are_stable() {
+        let labels: Vec<_> = [
+            ErrorClass::Transient,
+            ErrorClass::Throttled,
+            ErrorClass::NotFound,
+            ErrorClass::Permanent,
+            ErrorClass::Config,
+        ]
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+        assert_eq!(
+            labels,
+            ["transient", "throttled", "not_found", "permanent", "config"]
+        );
+    }
+}

@@ -1,0 +1,27 @@
+//! Clouds that hold pod VMs.
+//!
+//! - [`Provider`]: what a cloud does for a pod VM (create, delete, find, list,
+//!   verify, teardown), with typed errors ([`ProviderError`]).
+//! - [`CloudManager`]: a provider's flags, configuration and construction,
+//!   and the [`registry`] the CLI is built from.
+//! - One module per provider, each behind a cargo feature, laid out as
+//!   `config.rs` / `manager.rs` / `provider.rs` (see `docs/adding-a-provider.md`).
+//! - [`conformance`] (feature `conformance`): the suite every provider passes.
+
+pub mod duration;
+pub mod error;
+pub mod manager;
+pub mod provider;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+#[cfg(feature = "local")]
+pub mod local;
+
+pub use error::{ErrorClass, ProviderError};
+pub use manager::{
+    CloudManager, ConfigError, ProviderConfig, ProviderContext, find_manager, registry,
+};
+pub use provider::{
+    CreateRequest, Instance, InstanceStatus, Provider, TAG_NODE, TAG_SANDBOX, TAG_TOKEN,
+};

@@ -1,0 +1,151 @@
+//! The local provider's cloud manager: flags, validation, and `NewProvider`.
+
+use super::config::LocalConfig;
+use super::provider::LocalProvider;
+use crate::error::ProviderError;
+use crate::manager::{CloudManager, ConfigError, ProviderConfig, ProviderContext};
+use crate::provider::Provider;
+use async_trait::async_trait;
+use clap::{Args, FromArgMatches};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Registers `podvisor local`.
+pub struct LocalManager;
+
+impl CloudManager for LocalManager {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn command(&self) -> clap::Command {
+        LocalConfig::augment_args(clap::Command::new("local").about(
+            "Pod VMs as detached forwarder processes on loopback addresses (development, tests, demos)",
+        ))
+    }
+
+    fn configure(
+        &self,
+        matches: &clap::ArgMatches,
+    ) -> Result<Box<dyn ProviderConfig>, ConfigError> {
+        let config = LocalConfig::from_arg_matches(matches).map_err(|e| ConfigError {
+            message: e.to_string(),
+        })?;
+        if let Some(bin) = &config.forwarder_bin {
+            if !bin.is_file() {
+                return Err(ConfigError::flag(
+                    "forwarder-bin",
+                    Some("LOCAL_FORWARDER_BIN"),
+                    format!("{} is not a file", bin.display()),
+                ));
+            }
+        }
+        if let Some(dir) = &config.local_dir {
+            if dir.exists() && !dir.is_dir() {
+                return Err(ConfigError::flag(
+                    "local-dir",
+                    Some("LOCAL_DIR"),
+                    format!("{} exists and is not a directory", dir.display()),
+                ));
+            }
+        }
+        Ok(Box::new(config))
+    }
+}
+
+/// The forwarder next to the running binary, where packaging puts it.
+fn default_forwarder() -> Result<PathBuf, ProviderError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| ProviderError::config(format!("Cannot locate the podvisor binary: {e}")))?;
+    let candidate = exe.with_file_name("podvisor-forwarder");
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(ProviderError::config(format!(
+            "--forwarder-bin (LOCAL_FORWARDER_BIN): no podvisor-forwarder next to {}; \
+             build it (cargo build -p podvisor-podvm) or pass its path",
+            exe.display()
+        )))
+    }
+}
+
+#[async_trait]
+impl ProviderConfig for LocalConfig {
+    fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "local_dir": self.local_dir,
+            "forwarder_bin": self.forwarder_bin,
+            "agent_socket": self.agent_socket,
+            "address_range": format!("{}/{}", self.address_range.base, self.address_range.prefix),
+            "create_delay_ms": self.create_delay.as_millis() as u64,
+            "delete_delay_ms": self.delete_delay.as_millis() as u64,
+        })
+    }
+
+    async fn build(&self, context: &ProviderContext) -> Result<Arc<dyn Provider>, ProviderError> {
+        let dir = self
+            .local_dir
+            .clone()
+            .unwrap_or_else(|| context.state_dir.join("local"));
+        let forwarder = match &self.forwarder_bin {
+            Some(bin) => bin.clone(),
+            None => default_forwarder()?,
+        };
+        let provider = LocalProvider::new(dir, forwarder, context.forwarder_port)
+            .map_err(|e| ProviderError::config(e.to_string()))?
+            .with_agent_socket(self.agent_socket.clone())
+            .with_address_range(self.address_range)
+            .with_delays(self.create_delay, self.delete_delay);
+        Ok(Arc::new(provider))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configure(args: &[&str]) -> Result<Box<dyn ProviderConfig>, ConfigError> {
+        let m = LocalManager
+            .command()
+            .try_get_matches_from(std::iter::once("local").chain(args.iter().copied()))
+            .map_err(|e| ConfigError {
+                message: e.to_string(),
+            })?;
+        LocalManager.configure(&m)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = configure(&[]).unwrap();
+        assert_eq!(
+            c.summary()["agent_socket"],
+            "/run/kata-containers/agent.sock"
+        );
+        assert_eq!(c.summary()["address_range"], "127.64.0.0/10");
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let err = configure(&["--create-delay", "soon"]).unwrap_err().message;
+        assert!(err.contains("--create-delay"), "{err}");
+        let err = configure(&["--address-range", "10.0.0.0/8"])
+            .unwrap_err()
+            .message;
+        assert!(
+            err.contains("--address-range") && err.contains("loopback"),
+            "{err}"
+        );
+        let err = configure(&["--forwarder-bin", "/nonexistent/fwd"])
+            .unwrap_err()
+            .message;
+        assert_eq!(
+            err,
+            "--forwarder-bin (LOCAL_FORWARDER_BIN): /nonexistent/fwd is not a file"
+        );
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let err = configure(&["--local-dir", file.path().to_str().unwrap()])
+            .unwrap_err()
+            .message;
+        assert!(err.starts_with("--local-dir (LOCAL_DIR):"), "{err}");
+    }
+}

@@ -1,0 +1,513 @@
+//! The local provider's `Provider` implementation.
+//!
+//! Layout under the local directory:
+//! `instances/<id>/instance.json` (what a cloud's API would report),
+//! `instances/<id>/user-data` and `instances/<id>/forwarder.log`.
+//! The instance id is derived from the idempotency token, and the directory
+//! is created with an atomic `mkdir`, so a second create with the same token
+//! finds the first instance instead of making another.
+
+use super::config::AddressRange;
+use crate::error::ProviderError;
+use crate::provider::{CreateRequest, Instance, InstanceStatus, Provider};
+use async_trait::async_trait;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use podvisor_state::UnixMillis;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Mutex;
+
+/// How long a new forwarder gets to bind its address.
+const SPAWN_GRACE: Duration = Duration::from_secs(10);
+/// Addresses tried when a forwarder cannot bind (someone else holds it).
+const ADDRESS_TRIES: u32 = 3;
+
+/// What `instance.json` holds: the "cloud's" view of one instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct InstanceFile {
+    id: String,
+    name: String,
+    token: String,
+    tags: BTreeMap<String, String>,
+    ip: Ipv4Addr,
+    port: u16,
+    pid: Option<u32>,
+    created_at: UnixMillis,
+}
+
+/// Pod VMs as local forwarder processes.
+pub struct LocalProvider {
+    /// The local directory; instances live in `instances/` under it.
+    dir: PathBuf,
+    /// The forwarder binary each instance runs.
+    forwarder: PathBuf,
+    /// The port every forwarder listens on, each on its own address.
+    port: u16,
+    /// What each forwarder relays to.
+    agent_socket: PathBuf,
+    /// Where instance addresses come from.
+    range: AddressRange,
+    /// Simulated create latency.
+    create_delay: Duration,
+    /// Simulated delete latency.
+    delete_delay: Duration,
+    /// Serializes address allocation so concurrent creates never share one.
+    allocation: Mutex<()>,
+}
+
+/// The instance id the local provider gives the instance of `token`.
+pub fn instance_id_for_token(token: &str) -> String {
+    format!(
+        "lvm-{}",
+        &hex::encode(Sha256::digest(token.as_bytes()))[..16]
+    )
+}
+
+fn is_instance_id(id: &str) -> bool {
+    id.strip_prefix("lvm-")
+        .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn now_millis() -> UnixMillis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn io_error(what: impl std::fmt::Display, e: io::Error) -> ProviderError {
+    ProviderError::transient(format!("{what}: {e}"))
+}
+
+impl LocalProvider {
+    /// A provider keeping its instances under `dir`, running `forwarder`
+    /// on `port`.
+    pub fn new(dir: PathBuf, forwarder: PathBuf, port: u16) -> io::Result<Self> {
+        std::fs::create_dir_all(dir.join("instances"))?;
+        Ok(Self {
+            dir,
+            forwarder,
+            port,
+            agent_socket: PathBuf::from("/run/kata-containers/agent.sock"),
+            range: "127.64.0.0/10".parse().expect("the default range is valid"),
+            create_delay: Duration::ZERO,
+            delete_delay: Duration::ZERO,
+            allocation: Mutex::new(()),
+        })
+    }
+
+    /// Sets the agent socket the forwarders relay to.
+    pub fn with_agent_socket(mut self, path: PathBuf) -> Self {
+        self.agent_socket = path;
+        self
+    }
+
+    /// Sets the address range.
+    pub fn with_address_range(mut self, range: AddressRange) -> Self {
+        self.range = range;
+        self
+    }
+
+    /// Sets simulated cloud latencies.
+    pub fn with_delays(mut self, create: Duration, delete: Duration) -> Self {
+        self.create_delay = create;
+        self.delete_delay = delete;
+        self
+    }
+
+    fn instances_dir(&self) -> PathBuf {
+        self.dir.join("instances")
+    }
+
+    /// Every instance file, read off the thread pool.
+    async fn load_all(&self) -> Result<Vec<InstanceFile>, ProviderError> {
+        let dir = self.instances_dir();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(io_error(format!("Cannot list {}", dir.display()), e)),
+            };
+            for entry in entries.flatten() {
+                // A directory without a readable instance.json is a create in
+                // progress (or torn by a crash): not an instance yet.
+                if let Ok(bytes) = std::fs::read(entry.path().join("instance.json")) {
+                    if let Ok(file) = serde_json::from_slice::<InstanceFile>(&bytes) {
+                        out.push(file);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| ProviderError::transient(format!("Instance scan panicked: {e}")))?
+    }
+
+    async fn read_instance(&self, id: &str) -> Result<Option<InstanceFile>, ProviderError> {
+        let path = self.instances_dir().join(id).join("instance.json");
+        match tokio::fs::read(&path).await {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                ProviderError::permanent(format!("{} is corrupt: {e}", path.display()))
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(format!("Cannot read {}", path.display()), e)),
+        }
+    }
+
+    async fn write_instance(&self, file: &InstanceFile) -> Result<(), ProviderError> {
+        let dir = self.instances_dir().join(&file.id);
+        let tmp = dir.join("instance.json.tmp");
+        let bytes = serde_json::to_vec_pretty(file).expect("an InstanceFile always serializes");
+        tokio::fs::write(&tmp, bytes)
+            .await
+            .map_err(|e| io_error(format!("Cannot write {}", tmp.display()), e))?;
+        tokio::fs::rename(&tmp, dir.join("instance.json"))
+            .await
+            .map_err(|e| io_error(format!("Cannot write {}", dir.display()), e))
+    }
+
+    fn to_instance(file: &InstanceFile) -> Instance {
+        let status = match file.pid {
+            Some(pid) if process_alive(pid) => InstanceStatus::Running,
+            Some(_) => InstanceStatus::Stopped,
+            None => InstanceStatus::Starting,
+        };
+        Instance {
+            id: file.id.clone(),
+            name: file.name.clone(),
+            ips: vec![IpAddr::V4(file.ip)],
+            tags: file.tags.clone(),
+            created_at: Some(file.created_at),
+            status,
+        }
+    }
+
+    /// Picks a free address: first the token's own, then the next free ones.
+    fn pick_address(
+        &self,
+        token: &str,
+        used: &BTreeSet<Ipv4Addr>,
+        skip: &BTreeSet<Ipv4Addr>,
+    ) -> Option<Ipv4Addr> {
+        let digest = Sha256::digest(token.as_bytes());
+        let start = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+        (0..self.range.usable().min(1 << 16))
+            .map(|i| self.range.nth(start.wrapping_add(i)))
+            .find(|ip| !used.contains(ip) && !skip.contains(ip))
+    }
+
+    /// Starts the forwarder of an instance and waits until it listens.
+    async fn launch(&self, file: &mut InstanceFile) -> Result<(), ProviderError> {
+        let dir = self.instances_dir().join(&file.id);
+        let log_path = dir.join("forwarder.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| io_error(format!("Cannot create {}", log_path.display()), e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| io_error(format!("Cannot open {}", log_path.display()), e))?;
+        let listen = SocketAddr::new(IpAddr::V4(file.ip), file.port);
+        let mut child = tokio::process::Command::new(&self.forwarder)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--agent-socket")
+            .arg(&self.agent_socket)
+            .arg("--instance-id")
+            .arg(&file.id)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            // Its own process group: signals meant for the daemon's group
+            // (a terminal's Ctrl-C) do not reach the "VM".
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| {
+                ProviderError::permanent(format!("Cannot run {}: {e}", self.forwarder.display()))
+            })?;
+        file.pid = child.id();
+        self.write_instance(file).await?;
+
+        let deadline = Instant::now() + SPAWN_GRACE;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = tail_of(&log_path);
+                return Err(ProviderError::transient(format!(
+                    "The forwarder of {} exited ({status}) before listening on {listen}: {tail}",
+                    file.id
+                )));
+            }
+            let probe = tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::net::TcpStream::connect(listen),
+            );
+            if let Ok(Ok(_)) = probe.await {
+                // Dropping the handle leaves the process running; tokio reaps
+                // it when it exits while this daemon lives.
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ProviderError::transient(format!(
+                    "The forwarder of {} did not listen on {listen} within {}s",
+                    file.id,
+                    SPAWN_GRACE.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops an instance's process and removes its directory.
+    async fn destroy(&self, file: &InstanceFile) -> Result<(), ProviderError> {
+        if let Some(pid) = file.pid {
+            stop_process(pid, &file.id).await?;
+        }
+        let dir = self.instances_dir().join(&file.id);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error(format!("Cannot remove {}", dir.display()), e)),
+        }
+    }
+}
+
+/// The last lines of a log, for error messages.
+fn tail_of(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(3).collect();
+    if lines.is_empty() {
+        "no output".into()
+    } else {
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+}
+
+/// True if `pid` runs and is not a zombie.
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Kills the forwarder of instance `id`, if `pid` still is that forwarder.
+async fn stop_process(pid: u32, id: &str) -> Result<(), ProviderError> {
+    // The pid may have been reused since: only kill what runs this instance.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let ours = cmdline.split(|b| *b == 0).any(|arg| arg == id.as_bytes());
+    if !ours || !process_alive(pid) {
+        return Ok(());
+    }
+    let Ok(raw) = i32::try_from(pid) else {
+        return Ok(());
+    };
+    match kill(Pid::from_raw(raw), Signal::SIGKILL) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => {
+            return Err(ProviderError::transient(format!(
+                "Cannot stop process {pid} of {id}: {e}"
+            )));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_alive(pid) {
+        if Instant::now() >= deadline {
+            return Err(ProviderError::transient(format!(
+                "Process {pid} of {id} survived SIGKILL"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    async fn create_instance(&self, request: &CreateRequest) -> Result<Instance, ProviderError> {
+        if request.token.is_empty() {
+            return Err(ProviderError::permanent(
+                "A create needs an idempotency token",
+            ));
+        }
+        tokio::time::sleep(self.create_delay).await;
+        let id = instance_id_for_token(&request.token);
+        let dir = self.instances_dir().join(&id);
+
+        let mut skip = BTreeSet::new();
+        for _ in 0..ADDRESS_TRIES {
+            let mut file = {
+                let _allocating = self.allocation.lock().await;
+                match tokio::fs::create_dir(&dir).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        if let Some(existing) = self.read_instance(&id).await? {
+                            if existing.token != request.token {
+                                return Err(ProviderError::permanent(format!(
+                                    "Instance {id} belongs to another token"
+                                )));
+                            }
+                            // The same token: this is the instance it made.
+                            return Ok(Self::to_instance(&existing));
+                        }
+                        // A create torn by a crash before instance.json: finish it.
+                    }
+                    Err(e) => return Err(io_error(format!("Cannot create {}", dir.display()), e)),
+                }
+                let used: BTreeSet<Ipv4Addr> =
+                    self.load_all().await?.iter().map(|f| f.ip).collect();
+                let Some(ip) = self.pick_address(&request.token, &used, &skip) else {
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                    return Err(ProviderError::transient(
+                        "No free address in the local range",
+                    ));
+                };
+                let user_data = dir.join("user-data");
+                tokio::fs::write(&user_data, &request.user_data)
+                    .await
+                    .map_err(|e| io_error(format!("Cannot write {}", user_data.display()), e))?;
+                let file = InstanceFile {
+                    id: id.clone(),
+                    name: request.instance_name.clone(),
+                    token: request.token.clone(),
+                    tags: request.tags.clone(),
+                    ip,
+                    port: self.port,
+                    pid: None,
+                    created_at: now_millis(),
+                };
+                // Written before the process starts, so the address is taken.
+                self.write_instance(&file).await?;
+                file
+            };
+            match self.launch(&mut file).await {
+                Ok(()) => return Ok(Self::to_instance(&file)),
+                Err(e) => {
+                    tracing::warn!(instance = %id, ip = %file.ip, error = %e, "local instance did not start; trying another address");
+                    skip.insert(file.ip);
+                    self.destroy(&file).await?;
+                    if skip.len() as u32 == ADDRESS_TRIES {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Err(ProviderError::transient(format!(
+            "Instance {id} could not start"
+        )))
+    }
+
+    async fn delete_instance(&self, instance_id: &str) -> Result<(), ProviderError> {
+        tokio::time::sleep(self.delete_delay).await;
+        if !is_instance_id(instance_id) {
+            // No such id can exist here (and it must never become a path).
+            return Ok(());
+        }
+        match self.read_instance(instance_id).await {
+            Ok(Some(file)) => self.destroy(&file).await,
+            Ok(None) => {
+                // No instance.json: a torn create, or already gone.
+                let dir = self.instances_dir().join(instance_id);
+                match tokio::fs::remove_dir_all(&dir).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(io_error(format!("Cannot remove {}", dir.display()), e)),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn find_instance(
+        &self,
+        token: &str,
+        _name: &str,
+    ) -> Result<Option<Instance>, ProviderError> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let id = instance_id_for_token(token);
+        Ok(self
+            .read_instance(&id)
+            .await?
+            .filter(|f| f.token == token)
+            .map(|f| Self::to_instance(&f)))
+    }
+
+    async fn list_instances(&self, key: &str, value: &str) -> Result<Vec<Instance>, ProviderError> {
+        Ok(self
+            .load_all()
+            .await?
+            .iter()
+            .filter(|f| f.tags.get(key).map(String::as_str) == Some(value))
+            .map(Self::to_instance)
+            .collect())
+    }
+
+    async fn verify_config(&self) -> Result<(), ProviderError> {
+        let meta = std::fs::metadata(&self.forwarder).map_err(|e| {
+            ProviderError::config(format!("Forwarder {}: {e}", self.forwarder.display()))
+        })?;
+        use std::os::unix::fs::PermissionsExt;
+        if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+            return Err(ProviderError::config(format!(
+                "Forwarder {} is not an executable file",
+                self.forwarder.display()
+            )));
+        }
+        let probe = self.dir.join(".write-test");
+        std::fs::write(&probe, b"")
+            .and_then(|_| std::fs::remove_file(&probe))
+            .map_err(|e| {
+                ProviderError::config(format!(
+                    "Local dir {} is not writable: {e}",
+                    self.dir.display()
+                ))
+            })
+    }
+
+    async fn teardown(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_ids_are_derived_from_tokens_and_validated() {
+        let id = instance_id_for_token("pv-abc-g1");
+        assert!(is_instance_id(&id), "{id}");
+        assert_eq!(id, instance_id_for_token("pv-abc-g1"));
+        assert_ne!(id, instance_id_for_token("pv-abc-g2"));
+        for bad in [
+            "",
+            "lvm-",
+            "lvm-../../etc/xx",
+            "i-0123456789abcdef",
+            "lvm-0123456789abcdeg",
+        ] {
+            assert!(!is_instance_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_process_check_sees_this_process_and_not_a_dead_pid() {
+        assert!(process_alive(std::process::id()));
+        assert!(!process_alive(u32::MAX - 1));
+    }
+}

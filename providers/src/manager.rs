@@ -1,0 +1,106 @@
+//! The cloud-manager side of a provider: its flags (with environment
+//! fallbacks), its configuration, and how it builds the [`Provider`] — the
+//! reference's `ParseCmd`, `LoadEnv` and `NewProvider` — plus the registry the
+//! CLI is built from.
+
+use crate::error::ProviderError;
+use crate::provider::Provider;
+use async_trait::async_trait;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What the daemon tells a provider when building it.
+#[derive(Debug, Clone)]
+pub struct ProviderContext {
+    /// This node's name; instances are tagged with it.
+    pub node_name: String,
+    /// The port the pod VM's forwarder listens on.
+    pub forwarder_port: u16,
+    /// The daemon's state directory, for providers that keep local state.
+    pub state_dir: PathBuf,
+}
+
+/// A provider configuration that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ConfigError {
+    /// Names the flag, its environment variable and what is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error about one flag: `--<flag> (<ENV>): <why>`.
+    pub fn flag(flag: &str, env: Option<&str>, why: impl fmt::Display) -> Self {
+        let message = match env {
+            Some(env) => format!("--{flag} ({env}): {why}"),
+            None => format!("--{flag}: {why}"),
+        };
+        Self { message }
+    }
+}
+
+/// A validated provider configuration, ready to build the provider.
+#[async_trait]
+pub trait ProviderConfig: Send + Sync + fmt::Debug {
+    /// The configuration for logs and the admin endpoint, secrets redacted.
+    fn summary(&self) -> serde_json::Value;
+
+    /// Builds the provider (the reference's `NewProvider`).
+    async fn build(&self, context: &ProviderContext) -> Result<Arc<dyn Provider>, ProviderError>;
+}
+
+/// One provider's entry in the CLI.
+pub trait CloudManager: Send + Sync {
+    /// The subcommand name (`local`, `aws`, ...).
+    fn name(&self) -> &'static str;
+
+    /// The subcommand with every flag of this provider, each with its
+    /// environment variable (the reference's `ParseCmd` and `LoadEnv`).
+    fn command(&self) -> clap::Command;
+
+    /// Reads and validates the flags parsed by [`CloudManager::command`].
+    fn configure(&self, matches: &clap::ArgMatches)
+    -> Result<Box<dyn ProviderConfig>, ConfigError>;
+}
+
+/// Every provider compiled into this build, in CLI order.
+pub fn registry() -> Vec<&'static dyn CloudManager> {
+    #[allow(unused_mut)]
+    let mut managers: Vec<&'static dyn CloudManager> = Vec::new();
+    #[cfg(feature = "local")]
+    managers.push(&crate::local::LocalManager);
+    managers
+}
+
+/// The manager of the provider called `name`, if this build has it.
+pub fn find_manager(name: &str) -> Option<&'static dyn CloudManager> {
+    registry().into_iter().find(|m| m.name() == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_errors_name_the_flag_and_its_variable() {
+        assert_eq!(
+            ConfigError::flag("local-dir", Some("LOCAL_DIR"), "is not a directory").to_string(),
+            "--local-dir (LOCAL_DIR): is not a directory"
+        );
+        assert_eq!(ConfigError::flag("x", None, "bad").to_string(), "--x: bad");
+    }
+
+    #[cfg(feature = "local")]
+    #[test]
+    fn the_registry_lists_local_and_commands_are_named_after_providers() {
+        let names: Vec<_> = registry().iter().map(|m| m.name()).collect();
+        assert!(names.contains(&"local"));
+        for m in registry() {
+            assert_eq!(m.command().get_name(), m.name());
+            m.command().debug_assert();
+        }
+        assert!(find_manager("local").is_some());
+        assert!(find_manager("nope").is_none());
+    }
+}

@@ -1,0 +1,89 @@
+//! The local provider passes the conformance suite, with real forwarder
+//! processes on loopback, and survives being rebuilt (a daemon restart).
+
+use podvisor_providers::conformance::{Fixture, run};
+use podvisor_providers::local::LocalProvider;
+use podvisor_providers::{InstanceStatus, Provider, TAG_NODE};
+use std::net::TcpListener;
+
+fn provider(dir: &std::path::Path) -> LocalProvider {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bin = podvisor_podvm::testing::forwarder_binary().unwrap();
+    LocalProvider::new(dir.to_path_buf(), bin, port).unwrap()
+}
+
+#[tokio::test]
+async fn local_provider_passes_the_conformance_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    run(&provider(dir.path()), &Fixture::new("node-a")).await;
+}
+
+#[tokio::test]
+async fn instances_outlive_the_provider_object_and_are_found_by_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::new("node-b");
+    let request = fixture.request(1);
+    let first = provider(dir.path());
+    let created = first.create_instance(&request).await.unwrap();
+    assert_eq!(created.status, InstanceStatus::Running);
+    drop(first); // the daemon "crashes"
+
+    let second = provider(dir.path());
+    let found = second
+        .find_instance(&request.token, &request.instance_name)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, created.id);
+    assert_eq!(
+        found.status,
+        InstanceStatus::Running,
+        "the process outlived its creator"
+    );
+    let listed = second.list_instances(TAG_NODE, "node-b").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    second.delete_instance(&created.id).await.unwrap();
+    assert!(
+        second
+            .list_instances(TAG_NODE, "node-b")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn concurrent_creates_get_distinct_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = std::sync::Arc::new(provider(dir.path()));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let f = Fixture::new("node-c");
+            p.create_instance(&f.request(1)).await.unwrap()
+        }));
+    }
+    let mut ips = Vec::new();
+    for t in tasks {
+        let inst = t.await.unwrap();
+        ips.push(inst.ips[0]);
+        p.delete_instance(&inst.id).await.unwrap();
+    }
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 8, "addresses must not be shared");
+}
+
+#[tokio::test]
+async fn a_bad_instance_id_is_not_found_rather_than_a_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = provider(dir.path());
+    p.delete_instance("lvm-../../etc").await.unwrap();
+    p.delete_instance("").await.unwrap();
+    assert!(dir.path().exists());
+}
