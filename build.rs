@@ -1,0 +1,82 @@
+//! Generates the API code: ttrpc (rust-protobuf) for the Kata-facing socket,
+//! tonic (prost) for gRPC. Both from the same `.proto` files.
+
+use std::path::{Path, PathBuf};
+use std::{env, fs};
+
+fn main() {
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    for proto in [
+        "proto/hypervisor.proto",
+        "proto/podvminfo.proto",
+        "proto/admin.proto",
+    ] {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    ttrpc(&out.join("ttrpc"));
+    grpc(&out.join("grpc"));
+}
+
+/// ttrpc-codegen's pure-Rust parser needs no protoc.
+fn ttrpc(dir: &Path) {
+    fs::create_dir_all(dir).expect("create the ttrpc output directory");
+    ttrpc_codegen::Codegen::new()
+        .out_dir(dir)
+        .inputs(["proto/hypervisor.proto", "proto/podvminfo.proto"])
+        .include("proto")
+        .rust_protobuf()
+        .customize(ttrpc_codegen::Customize {
+            async_all: true,
+            gen_mod: false,
+            ..Default::default()
+        })
+        .rust_protobuf_customize(ttrpc_codegen::ProtobufCustomize::default().gen_mod_rs(false))
+        .run()
+        .expect("ttrpc code generation failed");
+    // The generated files open with inner attributes, which `include!`
+    // refuses: move them onto wrapper modules.
+    let mut modules = String::new();
+    for name in [
+        "hypervisor",
+        "hypervisor_ttrpc",
+        "podvminfo",
+        "podvminfo_ttrpc",
+    ] {
+        let path = dir.join(format!("{name}.rs"));
+        let text = fs::read_to_string(&path).expect("read generated code");
+        let (mut attrs, mut body) = (String::new(), String::new());
+        for line in text.lines() {
+            let t = line.trim_start();
+            if let Some(inner) = t.strip_prefix("#![") {
+                if !inner.contains("rustfmt") {
+                    attrs.push_str(&format!("#[{inner}\n"));
+                }
+            } else if !t.starts_with("//!") {
+                body.push_str(line);
+                body.push('\n');
+            }
+        }
+        fs::write(&path, body).expect("write generated code");
+        modules.push_str(&format!(
+            "{attrs}#[allow(clippy::all, missing_docs, unused_qualifications)]\npub mod {name} {{ include!(concat!(env!(\"OUT_DIR\"), \"/ttrpc/{name}.rs\")); }}\n"
+        ));
+    }
+    fs::write(dir.join("mod.rs"), modules).expect("write the ttrpc module index");
+}
+
+/// tonic + prost; protoc comes from protoc-bin-vendored.
+fn grpc(dir: &Path) {
+    fs::create_dir_all(dir).expect("create the gRPC output directory");
+    let protoc = protoc_bin_vendored::protoc_bin_path()
+        .expect("protoc-bin-vendored has a protoc for this platform");
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc);
+    tonic_prost_build::configure()
+        .out_dir(dir)
+        .compile_with_config(
+            config,
+            &["proto/hypervisor.proto", "proto/admin.proto"],
+            &["proto"],
+        )
+        .expect("gRPC code generation failed");
+}

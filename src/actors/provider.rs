@@ -1,0 +1,424 @@
+//! The provider actor: one per provider. It bounds the calls in flight,
+//! keeps mutating calls under a token bucket, and retries transient and
+//! throttled failures with jittered exponential backoff. The logic lives in
+//! [`ProviderCalls`]; the actor only hands messages to it.
+
+use crate::limits::TokenBucket;
+use crate::metrics;
+use actix::prelude::*;
+use podvisor_providers::{CreateRequest, Instance, Provider, ProviderError};
+use podvisor_state::{Backoff, Ensured};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Limits and retry policy of provider calls.
+#[derive(Debug, Clone)]
+pub struct CallPolicy {
+    /// Most calls in flight.
+    pub max_inflight: u32,
+    /// Mutating calls per second, sustained.
+    pub rate: f64,
+    /// Mutating calls allowed in a burst.
+    pub burst: u32,
+    /// Tries of one call on retryable errors.
+    pub attempts: u32,
+    /// Time limit of one try.
+    pub timeout: Duration,
+    /// Delay between tries.
+    pub backoff: Backoff,
+}
+
+/// Provider calls under the policy.
+pub struct ProviderCalls {
+    /// The (metered) provider.
+    provider: Arc<dyn Provider>,
+    /// Bounds calls in flight.
+    inflight: Semaphore,
+    /// Paces creates and deletes.
+    bucket: TokenBucket,
+    /// Limits and retries.
+    policy: CallPolicy,
+}
+
+impl ProviderCalls {
+    /// Calls to `provider` under `policy`.
+    pub fn new(provider: Arc<dyn Provider>, policy: CallPolicy) -> Self {
+        Self {
+            inflight: Semaphore::new(policy.max_inflight as usize),
+            bucket: TokenBucket::new(policy.rate, policy.burst),
+            provider,
+            policy,
+        }
+    }
+
+    /// The provider's name.
+    pub fn provider_name(&self) -> &'static str {
+        self.provider.name()
+    }
+
+    async fn call<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        mutating: bool,
+        mut attempt_fn: F,
+    ) -> Result<T, ProviderError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ProviderError>>,
+    {
+        let _permit = self
+            .inflight
+            .acquire()
+            .await
+            .map_err(|_| ProviderError::transient("The provider is shutting down"))?;
+        let mut attempt = 1;
+        loop {
+            if mutating {
+                self.bucket.take().await;
+            }
+            let result = match tokio::time::timeout(self.policy.timeout, attempt_fn()).await {
+                Ok(r) => r,
+                Err(_) => Err(ProviderError::transient(format!(
+                    "{} {operation} timed out after {:?}",
+                    self.provider.name(),
+                    self.policy.timeout
+                ))),
+            };
+            match result {
+                Err(e) if e.is_retryable() && attempt < self.policy.attempts => {
+                    let mut delay = self.policy.backoff.delay(attempt, fastrand::f64());
+                    if let Some(min) = e.retry_after {
+                        delay = delay.max(min);
+                    }
+                    tracing::debug!(operation, attempt, error = %e, ?delay, "retrying provider call");
+                    metrics::counter!(metrics::OPERATION_RETRIES, "operation" => operation)
+                        .increment(1);
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Creates the instance of `request`; unless `first_attempt`, and on
+    /// every retry, looks it up by token first and adopts what it finds.
+    pub async fn ensure(
+        &self,
+        request: &CreateRequest,
+        first_attempt: bool,
+    ) -> Result<Ensured, ProviderError> {
+        let lookup_first = AtomicBool::new(!first_attempt);
+        self.call("create", true, || async {
+            // After any try, the create may have happened: look before making.
+            if lookup_first.swap(true, Ordering::SeqCst) {
+                if let Some(found) = self
+                    .provider
+                    .find_instance(&request.token, &request.instance_name)
+                    .await?
+                {
+                    return Ok(Ensured {
+                        instance: found.to_ref(),
+                        adopted: true,
+                    });
+                }
+            }
+            let made = self.provider.create_instance(request).await?;
+            Ok(Ensured {
+                instance: made.to_ref(),
+                adopted: false,
+            })
+        })
+        .await
+    }
+
+    /// Deletes an instance; "not found" is success.
+    pub async fn delete(&self, instance_id: &str) -> Result<(), ProviderError> {
+        match self
+            .call("delete", true, || {
+                self.provider.delete_instance(instance_id)
+            })
+            .await
+        {
+            Err(e) if e.class == podvisor_providers::ErrorClass::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Looks an instance up by token (or name).
+    pub async fn find(&self, token: &str, name: &str) -> Result<Option<Instance>, ProviderError> {
+        self.call("find", false, || self.provider.find_instance(token, name))
+            .await
+    }
+
+    /// Lists the instances carrying a tag.
+    pub async fn list(&self, key: &str, value: &str) -> Result<Vec<Instance>, ProviderError> {
+        self.call("list", false, || self.provider.list_instances(key, value))
+            .await
+    }
+
+    /// Verifies the configuration against the cloud.
+    pub async fn verify(&self) -> Result<(), ProviderError> {
+        self.call("verify", false, || self.provider.verify_config())
+            .await
+    }
+
+    /// Releases the provider's resources.
+    pub async fn teardown(&self) -> Result<(), ProviderError> {
+        self.provider.teardown().await
+    }
+}
+
+/// The actor shell around [`ProviderCalls`].
+pub struct ProviderActor {
+    /// Shared with the futures that run the calls.
+    calls: Arc<ProviderCalls>,
+}
+
+impl ProviderActor {
+    /// An actor calling `calls`.
+    pub fn new(calls: Arc<ProviderCalls>) -> Self {
+        Self { calls }
+    }
+}
+
+impl Actor for ProviderActor {
+    type Context = Context<Self>;
+}
+
+/// Runs a call on the multi-threaded runtime (provider futures are `Send`,
+/// and signing or parsing cloud responses should not occupy the actor thread).
+fn off_thread<T: Send + 'static>(
+    fut: impl Future<Output = Result<T, ProviderError>> + Send + 'static,
+) -> ResponseFuture<Result<T, ProviderError>> {
+    Box::pin(async move {
+        tokio::spawn(fut).await.unwrap_or_else(|e| {
+            Err(ProviderError::transient(format!(
+                "Provider call panicked: {e}"
+            )))
+        })
+    })
+}
+
+/// Create (or adopt) the instance of a request.
+#[derive(Message)]
+#[rtype(result = "Result<Ensured, ProviderError>")]
+pub struct EnsureInstance {
+    /// What to create.
+    pub request: CreateRequest,
+    /// No earlier attempt can have made it.
+    pub first_attempt: bool,
+}
+
+impl Handler<EnsureInstance> for ProviderActor {
+    type Result = ResponseFuture<Result<Ensured, ProviderError>>;
+    fn handle(&mut self, msg: EnsureInstance, _: &mut Context<Self>) -> Self::Result {
+        let calls = self.calls.clone();
+        off_thread(async move { calls.ensure(&msg.request, msg.first_attempt).await })
+    }
+}
+
+/// Delete an instance.
+#[derive(Message)]
+#[rtype(result = "Result<(), ProviderError>")]
+pub struct DeleteInstance(pub String);
+
+impl Handler<DeleteInstance> for ProviderActor {
+    type Result = ResponseFuture<Result<(), ProviderError>>;
+    fn handle(&mut self, msg: DeleteInstance, _: &mut Context<Self>) -> Self::Result {
+        let calls = self.calls.clone();
+        off_thread(async move { calls.delete(&msg.0).await })
+    }
+}
+
+/// Find an instance by token and name.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Instance>, ProviderError>")]
+pub struct FindInstance {
+    /// The idempotency token.
+    pub token: String,
+    /// The instance name.
+    pub name: String,
+}
+
+impl Handler<FindInstance> for ProviderActor {
+    type Result = ResponseFuture<Result<Option<Instance>, ProviderError>>;
+    fn handle(&mut self, msg: FindInstance, _: &mut Context<Self>) -> Self::Result {
+        let calls = self.calls.clone();
+        off_thread(async move { calls.find(&msg.token, &msg.name).await })
+    }
+}
+
+/// List instances by tag.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Instance>, ProviderError>")]
+pub struct ListInstances {
+    /// Tag key.
+    pub key: String,
+    /// Tag value.
+    pub value: String,
+}
+
+impl Handler<ListInstances> for ProviderActor {
+    type Result = ResponseFuture<Result<Vec<Instance>, ProviderError>>;
+    fn handle(&mut self, msg: ListInstances, _: &mut Context<Self>) -> Self::Result {
+        let calls = self.calls.clone();
+        off_thread(async move { calls.list(&msg.key, &msg.value).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use podvisor_providers::InstanceStatus;
+    use std::sync::Mutex;
+
+    /// A provider whose answers are scripted, counting calls.
+    #[derive(Default)]
+    struct Scripted {
+        creates: Mutex<Vec<Result<(), ProviderError>>>,
+        finds: Mutex<Vec<Option<&'static str>>>,
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    fn inst(id: &str) -> Instance {
+        Instance {
+            id: id.into(),
+            name: "n".into(),
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            tags: Default::default(),
+            created_at: None,
+            status: InstanceStatus::Running,
+        }
+    }
+
+    #[async_trait]
+    impl Provider for Scripted {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+        async fn create_instance(&self, _: &CreateRequest) -> Result<Instance, ProviderError> {
+            self.calls.lock().unwrap().push("create");
+            self.creates
+                .lock()
+                .unwrap()
+                .remove(0)
+                .map(|()| inst("i-made"))
+        }
+        async fn delete_instance(&self, _: &str) -> Result<(), ProviderError> {
+            self.calls.lock().unwrap().push("delete");
+            Err(ProviderError::not_found("gone"))
+        }
+        async fn find_instance(&self, _: &str, _: &str) -> Result<Option<Instance>, ProviderError> {
+            self.calls.lock().unwrap().push("find");
+            Ok(self.finds.lock().unwrap().remove(0).map(inst))
+        }
+        async fn list_instances(&self, _: &str, _: &str) -> Result<Vec<Instance>, ProviderError> {
+            Ok(vec![])
+        }
+        async fn verify_config(&self) -> Result<(), ProviderError> {
+            Ok(())
+        }
+        async fn teardown(&self) -> Result<(), ProviderError> {
+            Ok(())
+        }
+    }
+
+    fn policy() -> CallPolicy {
+        CallPolicy {
+            max_inflight: 4,
+            rate: 1000.0,
+            burst: 100,
+            attempts: 3,
+            timeout: Duration::from_secs(5),
+            backoff: Backoff {
+                base: Duration::from_millis(1),
+                cap: Duration::from_millis(2),
+            },
+        }
+    }
+
+    fn request() -> CreateRequest {
+        podvisor_providers::CreateRequest {
+            sandbox_id: "s".into(),
+            pod_name: "p".into(),
+            pod_namespace: "n".into(),
+            instance_name: "podvm-p-s".into(),
+            token: "t".into(),
+            spec: Default::default(),
+            user_data: String::new(),
+            tags: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retried_create_looks_up_first_and_adopts() {
+        let p = Arc::new(Scripted::default());
+        p.creates.lock().unwrap().push(Err(ProviderError::transient(
+            "timeout after the VM was made",
+        )));
+        p.finds.lock().unwrap().push(Some("i-made-by-first-try"));
+        let calls = ProviderCalls::new(p.clone(), policy());
+        let e = calls.ensure(&request(), true).await.unwrap();
+        assert_eq!(e.instance.id, "i-made-by-first-try");
+        assert!(e.adopted);
+        assert_eq!(*p.calls.lock().unwrap(), ["create", "find"]);
+    }
+
+    #[tokio::test]
+    async fn a_recovered_create_looks_up_before_creating() {
+        let p = Arc::new(Scripted::default());
+        p.finds.lock().unwrap().push(None);
+        p.creates.lock().unwrap().push(Ok(()));
+        let calls = ProviderCalls::new(p.clone(), policy());
+        let e = calls.ensure(&request(), false).await.unwrap();
+        assert!(!e.adopted);
+        assert_eq!(*p.calls.lock().unwrap(), ["find", "create"]);
+    }
+
+    #[tokio::test]
+    async fn permanent_errors_are_not_retried_and_attempts_are_bounded() {
+        let p = Arc::new(Scripted::default());
+        p.creates
+            .lock()
+            .unwrap()
+            .push(Err(ProviderError::permanent("bad AMI")));
+        let calls = ProviderCalls::new(p.clone(), policy());
+        assert_eq!(
+            calls.ensure(&request(), true).await.unwrap_err().message,
+            "bad AMI"
+        );
+        assert_eq!(p.calls.lock().unwrap().len(), 1);
+
+        let p = Arc::new(Scripted::default());
+        for _ in 0..3 {
+            p.creates
+                .lock()
+                .unwrap()
+                .push(Err(ProviderError::throttled("slow", None)));
+        }
+        p.finds.lock().unwrap().extend([None, None]);
+        let calls = ProviderCalls::new(p.clone(), policy());
+        assert!(
+            calls
+                .ensure(&request(), true)
+                .await
+                .unwrap_err()
+                .is_retryable()
+        );
+        assert_eq!(
+            *p.calls.lock().unwrap(),
+            ["create", "find", "create", "find", "create"]
+        );
+    }
+
+    #[tokio::test]
+    async fn not_found_on_delete_is_success() {
+        let calls = ProviderCalls::new(Arc::new(Scripted::default()), policy());
+        calls.delete("i-gone").await.unwrap();
+    }
+}

@@ -1,0 +1,394 @@
+//! The supervisor: owns sandbox id → pod VM actor, routes API calls, runs
+//! start-up recovery and the periodic orphan GC, and brings back a pod VM
+//! actor that died (from its journal record).
+
+use super::pod_vm::{PodVm, PodVmDeps, Start, Stop, now_millis};
+use super::provider::{DeleteInstance, ListInstances};
+use crate::api::ApiError;
+use crate::api::annotations::SandboxRequest;
+use crate::gc::{Ownership, select_orphans};
+use crate::metrics;
+use actix::prelude::*;
+use podvisor_providers::TAG_NODE;
+use podvisor_state::{InstanceRecord, StartError, State, UnixMillis};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Orphan GC settings.
+#[derive(Debug, Clone)]
+pub struct GcPolicy {
+    /// Time between passes.
+    pub interval: Duration,
+    /// Least age of an unowned instance before it is deleted.
+    pub grace: Duration,
+}
+
+/// The supervisor actor.
+pub struct Supervisor {
+    /// Shared with every pod VM actor.
+    deps: Arc<PodVmDeps>,
+    /// Live pod VM actors.
+    pods: HashMap<String, Addr<PodVm>>,
+    /// Most live pod VMs (`None`: no limit).
+    limit: Option<usize>,
+    /// Sandboxes whose start-up recovery has not reported yet.
+    recovering: HashSet<String>,
+    /// Start-up recovery has been submitted.
+    recovery_submitted: bool,
+    /// Sandbox ids of quarantined records (the GC spares their instances).
+    quarantined: HashSet<String>,
+    /// GC settings.
+    gc: GcPolicy,
+    /// When the GC first saw each unowned instance without a creation time.
+    first_seen: HashMap<String, UnixMillis>,
+    /// A GC pass is running.
+    gc_running: bool,
+}
+
+impl Supervisor {
+    /// A supervisor for pod VMs sharing `deps`.
+    pub fn new(deps: Arc<PodVmDeps>, limit: Option<usize>, gc: GcPolicy) -> Self {
+        Self {
+            deps,
+            pods: HashMap::new(),
+            limit,
+            recovering: HashSet::new(),
+            recovery_submitted: false,
+            quarantined: HashSet::new(),
+            gc,
+            first_seen: HashMap::new(),
+            gc_running: false,
+        }
+    }
+
+    /// Pod VMs that hold (or may soon hold) a cloud instance.
+    fn live_count(&self) -> usize {
+        self.pods
+            .keys()
+            .filter(|id| match self.deps.view.get(id) {
+                None => true, // its first write is in flight
+                Some(r) => {
+                    !(r.state == State::Deleting || (r.state == State::Failed && r.released))
+                }
+            })
+            .count()
+    }
+
+    fn check_recovery_done(&mut self, ctx: &mut Context<Self>) {
+        if self.recovery_submitted && self.recovering.is_empty() && !self.deps.view.is_ready() {
+            self.deps.view.set_ready();
+            tracing::info!(
+                sandboxes = self.pods.len(),
+                "start-up recovery finished; ready"
+            );
+            ctx.notify(RunGc);
+            ctx.run_interval(self.gc.interval, |_, ctx| ctx.notify(RunGc));
+        }
+    }
+
+    /// Starts a pod VM actor from its journal record (recovery, or after the
+    /// previous actor died).
+    fn spawn_recovered(&mut self, record: InstanceRecord, ctx: &mut Context<Self>) -> Addr<PodVm> {
+        let id = record.sandbox_id.clone();
+        let addr = PodVm::recover(record, self.deps.clone(), ctx.address()).start();
+        self.pods.insert(id, addr.clone());
+        addr
+    }
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+}
+
+/// CreateVM, validated.
+#[derive(Message)]
+#[rtype(result = "Result<(), ApiError>")]
+pub struct CreateVm {
+    /// The sandbox id.
+    pub sandbox_id: String,
+    /// What the annotations said.
+    pub request: SandboxRequest,
+    /// The network namespace path.
+    pub netns: String,
+}
+
+impl Handler<CreateVm> for Supervisor {
+    type Result = ResponseFuture<Result<(), ApiError>>;
+
+    fn handle(&mut self, msg: CreateVm, ctx: &mut Context<Self>) -> Self::Result {
+        let id = msg.sandbox_id;
+        if self.pods.contains_key(&id) {
+            let result = match self.deps.view.get(&id) {
+                // A retried CreateVM of the same pod: same answer.
+                Some(r)
+                    if r.state == State::Pending
+                        && r.pod_name == msg.request.pod_name
+                        && r.pod_namespace == msg.request.pod_namespace =>
+                {
+                    Ok(())
+                }
+                Some(r) => Err(ApiError::AlreadyExists(format!(
+                    "Sandbox {id} already exists (pod {}/{}, state {})",
+                    r.pod_namespace, r.pod_name, r.state
+                ))),
+                None => Err(ApiError::AlreadyExists(format!(
+                    "Sandbox {id} is already being created"
+                ))),
+            };
+            return Box::pin(async move { result });
+        }
+        if let Some(limit) = self.limit {
+            let live = self.live_count();
+            if live >= limit {
+                return Box::pin(async move {
+                    Err(ApiError::ResourceExhausted(format!(
+                        "The peer pods limit of this node is reached: {live} of {limit} pod VMs are live \
+                         (--peerpods-limit-per-node)"
+                    )))
+                });
+            }
+        }
+        let mut record = InstanceRecord::pending(
+            &id,
+            &msg.request.pod_name,
+            &msg.request.pod_namespace,
+            msg.request.spec,
+            now_millis(),
+        );
+        record.network_namespace_path = msg.netns;
+        record.initdata = msg.request.initdata;
+        let (tx, rx) = oneshot::channel();
+        let addr = PodVm::create(record, self.deps.clone(), ctx.address(), tx).start();
+        self.pods.insert(id.clone(), addr);
+        Box::pin(async move {
+            match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(ApiError::Unavailable(format!(
+                    "Cannot journal sandbox {id}: {e}"
+                ))),
+                Err(_) => Err(ApiError::Internal(format!(
+                    "The actor of sandbox {id} stopped unexpectedly"
+                ))),
+            }
+        })
+    }
+}
+
+/// StartVM.
+#[derive(Message)]
+#[rtype(result = "Result<(), ApiError>")]
+pub struct StartVm(pub String);
+
+impl Handler<StartVm> for Supervisor {
+    type Result = ResponseFuture<Result<(), ApiError>>;
+
+    fn handle(&mut self, msg: StartVm, ctx: &mut Context<Self>) -> Self::Result {
+        let id = msg.0;
+        let Some(addr) = self.pods.get(&id).cloned() else {
+            return Box::pin(async move {
+                Err(ApiError::NotFound(format!(
+                    "Sandbox {id} is not known: CreateVM was not called, or it was stopped"
+                )))
+            });
+        };
+        let me = ctx.address();
+        Box::pin(async move {
+            let answer = match addr.send(Start).await {
+                Ok(r) => r,
+                Err(_) => match me.send(Revive(id.clone())).await.ok().flatten() {
+                    Some(addr) => addr.send(Start).await.unwrap_or(Err(StartError::Stopping)),
+                    None => return Err(ApiError::NotFound(format!("Sandbox {id} is not known"))),
+                },
+            };
+            answer.map_err(|e| match e {
+                StartError::Failed(why) => {
+                    ApiError::Unavailable(format!("Sandbox {id}: pod VM creation failed: {why}"))
+                }
+                StartError::Stopping => {
+                    ApiError::FailedPrecondition(format!("Sandbox {id} is being stopped"))
+                }
+                StartError::Journal(why) => {
+                    ApiError::Unavailable(format!("Sandbox {id}: cannot journal the start: {why}"))
+                }
+            })
+        })
+    }
+}
+
+/// StopVM.
+#[derive(Message)]
+#[rtype(result = "Result<(), ApiError>")]
+pub struct StopVm(pub String);
+
+impl Handler<StopVm> for Supervisor {
+    type Result = ResponseFuture<Result<(), ApiError>>;
+
+    fn handle(&mut self, msg: StopVm, ctx: &mut Context<Self>) -> Self::Result {
+        let id = msg.0;
+        // StopVM of an unknown sandbox succeeds: it is as stopped as can be.
+        let Some(addr) = self.pods.get(&id).cloned() else {
+            return Box::pin(async { Ok(()) });
+        };
+        let me = ctx.address();
+        Box::pin(async move {
+            let answer = match addr.send(Stop).await {
+                Ok(r) => r,
+                Err(_) => match me.send(Revive(id.clone())).await.ok().flatten() {
+                    Some(addr) => addr.send(Stop).await.unwrap_or(Ok(())),
+                    None => Ok(()),
+                },
+            };
+            answer.map_err(|why| ApiError::Unavailable(format!("Sandbox {id}: {why}")))
+        })
+    }
+}
+
+/// Brings back the actor of a sandbox whose actor died, from the journal.
+#[derive(Message)]
+#[rtype(result = "Option<Addr<PodVm>>")]
+struct Revive(String);
+
+impl Handler<Revive> for Supervisor {
+    type Result = ResponseActFuture<Self, Option<Addr<PodVm>>>;
+
+    fn handle(&mut self, msg: Revive, _: &mut Context<Self>) -> Self::Result {
+        let id = msg.0;
+        if let Some(addr) = self.pods.get(&id) {
+            if addr.connected() {
+                return Box::pin(fut::ready(Some(addr.clone())));
+            }
+        }
+        tracing::error!(sandbox = %id, "pod VM actor died; restarting it from the journal");
+        let journal = self.deps.journal.clone();
+        let key = id.clone();
+        let read = async move { tokio::task::spawn_blocking(move || journal.get(&key)).await };
+        Box::pin(
+            read.into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok(Ok(Some(record))) => Some(act.spawn_recovered(record, ctx)),
+                    _ => {
+                        act.pods.remove(&id);
+                        None
+                    }
+                }),
+        )
+    }
+}
+
+/// Start-up recovery: one actor per journal record.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Recover {
+    /// The records that decoded.
+    pub records: Vec<InstanceRecord>,
+    /// Sandbox ids of records that went to quarantine.
+    pub quarantined: Vec<String>,
+}
+
+impl Handler<Recover> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Recover, ctx: &mut Context<Self>) {
+        self.quarantined.extend(msg.quarantined);
+        for record in msg.records {
+            self.deps.view.load(record.clone());
+            self.recovering.insert(record.sandbox_id.clone());
+            self.spawn_recovered(record, ctx);
+        }
+        self.recovery_submitted = true;
+        self.check_recovery_done(ctx);
+    }
+}
+
+/// What a pod VM actor tells the supervisor.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum PodVmReport {
+    /// Its start-up recovery is decided.
+    Recovered(String),
+    /// Its record is deleted and it stopped.
+    Forgotten(String, Addr<PodVm>),
+}
+
+impl Handler<PodVmReport> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PodVmReport, ctx: &mut Context<Self>) {
+        match msg {
+            PodVmReport::Recovered(id) => {
+                self.recovering.remove(&id);
+            }
+            PodVmReport::Forgotten(id, addr) => {
+                self.recovering.remove(&id);
+                if self.pods.get(&id) == Some(&addr) {
+                    self.pods.remove(&id);
+                }
+            }
+        }
+        self.check_recovery_done(ctx);
+    }
+}
+
+/// Runs one orphan GC pass.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RunGc;
+
+impl Handler<RunGc> for Supervisor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: RunGc, _: &mut Context<Self>) -> Self::Result {
+        if self.gc_running || !self.deps.view.is_ready() {
+            return Box::pin(fut::ready(()));
+        }
+        self.gc_running = true;
+        let list = self.deps.provider.send(ListInstances {
+            key: TAG_NODE.to_owned(),
+            value: self.deps.node_name.clone(),
+        });
+        Box::pin(
+            list.into_actor(self)
+                .then(|listed, act, _| {
+                    let orphans = match listed {
+                        Ok(Ok(instances)) => {
+                            // Ownership is read after the listing, so a record
+                            // made meanwhile protects its instance.
+                            let records = act.deps.view.list();
+                            let owners = Ownership { records: &records, quarantined: &act.quarantined };
+                            select_orphans(&instances, &owners, &mut act.first_seen, now_millis(), act.gc.grace)
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "orphan GC cannot list instances");
+                            metrics::counter!(metrics::GC_RUNS, "outcome" => "list_failed").increment(1);
+                            Vec::new()
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "orphan GC: provider actor unavailable");
+                            Vec::new()
+                        }
+                    };
+                    let provider = act.deps.provider.clone();
+                    async move {
+                        let mut deleted = 0u64;
+                        for orphan in orphans {
+                            tracing::warn!(instance = %orphan.id, name = %orphan.name, "deleting an orphan instance no record owns");
+                            match provider.send(DeleteInstance(orphan.id.clone())).await {
+                                Ok(Ok(())) => deleted += 1,
+                                Ok(Err(e)) => tracing::warn!(instance = %orphan.id, error = %e, "orphan delete failed; next pass retries"),
+                                Err(e) => tracing::warn!(instance = %orphan.id, error = %e, "orphan delete not sent"),
+                            }
+                        }
+                        deleted
+                    }
+                    .into_actor(act)
+                })
+                .map(|deleted, act, _| {
+                    act.gc_running = false;
+                    metrics::counter!(metrics::ORPHANS_DELETED).increment(deleted);
+                    metrics::counter!(metrics::GC_RUNS, "outcome" => "done").increment(1);
+                }),
+        )
+    }
+}

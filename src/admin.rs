@@ -1,0 +1,155 @@
+//! The admin HTTP endpoint: `/metrics`, `/livez`, `/readyz`,
+//! `/v1/instances`, `/v1/instances/{sandbox_id}` and `/v1/status`; JSON,
+//! with errors as `{"error": ...}`.
+
+use crate::view::InstanceView;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use podvisor_state::InstanceRecord;
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// What the admin endpoint serves from.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The durable view of every pod VM.
+    pub view: Arc<InstanceView>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// `/v1/status`: version, node, provider and its redacted configuration.
+    pub status: Arc<Value>,
+}
+
+/// One pod VM, as the admin API shows it.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct InstanceView1 {
+    /// Kata's sandbox id.
+    pub sandbox_id: String,
+    /// The pod's name.
+    pub pod_name: String,
+    /// The pod's namespace.
+    pub pod_namespace: String,
+    /// Lifecycle state, lower case.
+    pub state: String,
+    /// The provider's instance id, once known.
+    pub instance_id: Option<String>,
+    /// The instance name.
+    pub instance_name: String,
+    /// The instance's addresses.
+    pub ips: Vec<String>,
+    /// Attempts of the current operation.
+    pub attempts: u32,
+    /// The last error an operation met.
+    pub last_error: Option<String>,
+    /// Creation series.
+    pub generation: u64,
+    /// The idempotency token of the current generation.
+    pub idempotency_token: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+fn rfc3339(millis: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(millis)).to_string()
+}
+
+impl From<&InstanceRecord> for InstanceView1 {
+    fn from(r: &InstanceRecord) -> Self {
+        Self {
+            sandbox_id: r.sandbox_id.clone(),
+            pod_name: r.pod_name.clone(),
+            pod_namespace: r.pod_namespace.clone(),
+            state: r.state.as_str().to_owned(),
+            instance_id: r.instance.as_ref().map(|i| i.id.clone()),
+            instance_name: r.instance_name.clone(),
+            ips: r
+                .instance
+                .as_ref()
+                .map(|i| i.ips.iter().map(|ip| ip.to_string()).collect())
+                .unwrap_or_default(),
+            attempts: r.attempts,
+            last_error: r.last_error.clone(),
+            generation: r.generation,
+            idempotency_token: r.token.clone(),
+            created_at: rfc3339(r.created_at),
+            updated_at: rfc3339(r.updated_at),
+        }
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// The router.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/status", get(status))
+        .route("/v1/instances", get(list))
+        .route("/v1/instances/{sandbox_id}", get(one))
+        .fallback(|uri: axum::http::Uri| async move {
+            error(StatusCode::NOT_FOUND, format!("No such endpoint: {uri}"))
+        })
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "Only GET is supported")
+        })
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    if s.view.is_ready() {
+        (StatusCode::OK, axum::Json(json!({ "ready": true }))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "ready": false, "error": "Start-up recovery is still running" })),
+        )
+            .into_response()
+    }
+}
+
+async fn status(State(s): State<AdminState>) -> Response {
+    let mut status = (*s.status).clone();
+    status["ready"] = json!(s.view.is_ready());
+    let mut counts = serde_json::Map::new();
+    for r in s.view.list() {
+        let n = counts.entry(r.state.as_str()).or_insert(json!(0));
+        *n = json!(n.as_u64().unwrap_or(0) + 1);
+    }
+    status["instances"] = Value::Object(counts);
+    axum::Json(status).into_response()
+}
+
+async fn list(State(s): State<AdminState>) -> Response {
+    let instances: Vec<InstanceView1> = s.view.list().iter().map(InstanceView1::from).collect();
+    axum::Json(json!({ "instances": instances })).into_response()
+}
+
+async fn one(State(s): State<AdminState>, Path(id): Path<String>) -> Response {
+    match s.view.get(&id) {
+        Some(r) => axum::Json(InstanceView1::from(&r)).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("Sandbox {id} is not known")),
+    }
+}

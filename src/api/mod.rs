@@ -1,0 +1,278 @@
+//! The hypervisor API's semantics, shared by the Kata-facing ttrpc socket
+//! and the gRPC endpoint; each transport only maps requests and errors.
+
+pub mod annotations;
+pub mod grpc;
+pub mod ttrpc;
+
+use crate::actors::supervisor::{CreateVm, StartVm, StopVm, Supervisor};
+use crate::metrics;
+use crate::view::{InstanceView, ViewEvent};
+use actix::Addr;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The version string Version answers, as the reference does.
+pub const API_VERSION: &str = "0.0.0";
+
+/// Longest sandbox id accepted (containerd's are 64 hex characters).
+const MAX_SANDBOX_ID: usize = 128;
+
+/// Why an API call failed; each transport maps it to its status codes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The sandbox (or pod) is not known.
+    #[error("{0}")]
+    NotFound(String),
+    /// The sandbox exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A limit is reached.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The sandbox is in a state where this call makes no sense.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Something failed that may pass (cloud, journal).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The caller's deadline passed.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// A bug or a dead actor.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The gRPC-style code name, for metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidArgument(_) => "invalid_argument",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::AlreadyExists(_) => "already_exists",
+            ApiError::ResourceExhausted(_) => "resource_exhausted",
+            ApiError::FailedPrecondition(_) => "failed_precondition",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::DeadlineExceeded(_) => "deadline_exceeded",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+fn mailbox(e: actix::MailboxError) -> ApiError {
+    ApiError::Internal(format!("The supervisor did not answer: {e}"))
+}
+
+/// Checks a sandbox id: it names a directory under the pods dir.
+pub fn validate_sandbox_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() {
+        return Err(ApiError::InvalidArgument("The sandbox id is empty".into()));
+    }
+    if id.len() > MAX_SANDBOX_ID {
+        return Err(ApiError::InvalidArgument(format!(
+            "The sandbox id is {} characters long; at most {MAX_SANDBOX_ID} are accepted",
+            id.len()
+        )));
+    }
+    if id == "."
+        || id == ".."
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(ApiError::InvalidArgument(format!(
+            "The sandbox id {id:?} may only hold letters, digits, '-', '_' and '.'"
+        )));
+    }
+    Ok(())
+}
+
+/// The hypervisor API.
+#[derive(Clone)]
+pub struct HypervisorApi {
+    /// Where calls go.
+    supervisor: Addr<Supervisor>,
+    /// For GetInfo.
+    view: Arc<InstanceView>,
+    /// `<pods-dir>/<id>/agent.ttrpc` is CreateVM's answer.
+    pods_dir: PathBuf,
+    /// The longest a `GetInfo(wait)` waits without a deadline of its own.
+    max_wait: Duration,
+}
+
+impl HypervisorApi {
+    /// The API over `supervisor`.
+    pub fn new(
+        supervisor: Addr<Supervisor>,
+        view: Arc<InstanceView>,
+        pods_dir: PathBuf,
+        max_wait: Duration,
+    ) -> Self {
+        Self {
+            supervisor,
+            view,
+            pods_dir,
+            max_wait,
+        }
+    }
+
+    /// Counts a call by method and outcome.
+    pub fn count<T>(api: &'static str, method: &'static str, result: &Result<T, ApiError>) {
+        let code = match result {
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        };
+        metrics::counter!(metrics::API_REQUESTS, "api" => api, "method" => method, "code" => code)
+            .increment(1);
+    }
+
+    /// CreateVM: records the sandbox (no cloud call) and returns the agent
+    /// socket path the shim will use.
+    pub async fn create_vm(
+        &self,
+        sandbox_id: &str,
+        annotations: &HashMap<String, String>,
+        netns: &str,
+    ) -> Result<String, ApiError> {
+        validate_sandbox_id(sandbox_id)?;
+        let request = annotations::parse(annotations)
+            .map_err(|why| ApiError::InvalidArgument(format!("Sandbox {sandbox_id}: {why}")))?;
+        let pod_dir = self.pods_dir.join(sandbox_id);
+        tokio::fs::create_dir_all(&pod_dir).await.map_err(|e| {
+            ApiError::Unavailable(format!(
+                "Cannot create the pod directory {}: {e}",
+                pod_dir.display()
+            ))
+        })?;
+        let (pod, ns) = (request.pod_name.clone(), request.pod_namespace.clone());
+        self.supervisor
+            .send(CreateVm {
+                sandbox_id: sandbox_id.to_owned(),
+                request,
+                netns: netns.to_owned(),
+            })
+            .await
+            .map_err(mailbox)??;
+        tracing::info!(sandbox = %sandbox_id, pod = %format!("{ns}/{pod}"), "sandbox created");
+        Ok(pod_dir.join("agent.ttrpc").to_string_lossy().into_owned())
+    }
+
+    /// StartVM: returns once the pod VM runs and its agent endpoint answers.
+    pub async fn start_vm(&self, sandbox_id: &str) -> Result<(), ApiError> {
+        validate_sandbox_id(sandbox_id)?;
+        self.supervisor
+            .send(StartVm(sandbox_id.to_owned()))
+            .await
+            .map_err(mailbox)?
+    }
+
+    /// StopVM: acknowledges once the stop is journaled; deletion continues
+    /// in the background. An unknown sandbox is already stopped.
+    pub async fn stop_vm(&self, sandbox_id: &str) -> Result<(), ApiError> {
+        validate_sandbox_id(sandbox_id)?;
+        self.supervisor
+            .send(StopVm(sandbox_id.to_owned()))
+            .await
+            .map_err(mailbox)?
+    }
+
+    /// The pod's instance id; with `wait`, waits until StartVM has one (up
+    /// to `deadline`, else the configured maximum).
+    pub async fn get_info(
+        &self,
+        pod_name: &str,
+        pod_namespace: &str,
+        wait: bool,
+        deadline: Option<Duration>,
+    ) -> Result<String, ApiError> {
+        if pod_name.is_empty() || pod_namespace.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "GetInfo needs PodName and PodNamespace".into(),
+            ));
+        }
+        let instance_of =
+            |r: &podvisor_state::InstanceRecord| r.instance.as_ref().map(|i| i.id.clone());
+        // Subscribe before looking, so a change in between is not missed.
+        let mut events = self.view.subscribe();
+        match self.view.find_pod(pod_name, pod_namespace) {
+            Some(r) if instance_of(&r).is_some() => return Ok(instance_of(&r).unwrap_or_default()),
+            Some(_) if !wait => {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "Pod {pod_namespace}/{pod_name} has no instance yet"
+                )));
+            }
+            None if !wait => {
+                return Err(ApiError::NotFound(format!(
+                    "Pod {pod_namespace}/{pod_name} is not known"
+                )));
+            }
+            _ => {}
+        }
+        let limit = deadline.unwrap_or(self.max_wait).min(self.max_wait);
+        let waiting = async {
+            loop {
+                match events.recv().await {
+                    Ok(ViewEvent::Updated(r))
+                        if r.pod_name == pod_name && r.pod_namespace == pod_namespace =>
+                    {
+                        if let Some(id) = instance_of(&r) {
+                            return Ok(id);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if let Some(id) = self
+                            .view
+                            .find_pod(pod_name, pod_namespace)
+                            .as_ref()
+                            .and_then(instance_of)
+                        {
+                            return Ok(id);
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        return Err(ApiError::Unavailable("The daemon is shutting down".into()));
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(limit, waiting)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApiError::DeadlineExceeded(format!(
+                    "Pod {pod_namespace}/{pod_name} got no instance within {limit:?}"
+                )))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_ids_are_checked_with_reasons() {
+        assert!(validate_sandbox_id(&"a1".repeat(32)).is_ok());
+        assert!(validate_sandbox_id("sandbox_1.x-y").is_ok());
+        for (bad, why) in [
+            ("", "empty"),
+            ("..", "may only hold"),
+            ("a/b", "may only hold"),
+            ("a b", "may only hold"),
+            ("ü", "may only hold"),
+        ] {
+            let e = validate_sandbox_id(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        let e = validate_sandbox_id(&"a".repeat(129))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("129 characters"), "{e}");
+    }
+}

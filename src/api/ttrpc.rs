@@ -1,0 +1,138 @@
+//! The Kata-facing socket: `hypervisor.Hypervisor` and `podvminfo.PodVMInfo`
+//! over ttrpc, byte-compatible with Kata's shims.
+
+use super::{API_VERSION, ApiError, HypervisorApi};
+use crate::protocols::ttrpc::{hypervisor, hypervisor_ttrpc, podvminfo, podvminfo_ttrpc};
+use async_trait::async_trait;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use ttrpc::Code;
+use ttrpc::r#async::{Server, TtrpcContext};
+
+fn status(e: ApiError) -> ttrpc::Error {
+    let code = match &e {
+        ApiError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+        ApiError::NotFound(_) => Code::NOT_FOUND,
+        ApiError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+        ApiError::ResourceExhausted(_) => Code::RESOURCE_EXHAUSTED,
+        ApiError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+        ApiError::Unavailable(_) => Code::UNAVAILABLE,
+        ApiError::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
+        ApiError::Internal(_) => Code::INTERNAL,
+    };
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+}
+
+/// The caller's deadline, if it sent one.
+fn deadline(ctx: &TtrpcContext) -> Option<Duration> {
+    u64::try_from(ctx.timeout_nano)
+        .ok()
+        .filter(|n| *n > 0)
+        .map(Duration::from_nanos)
+}
+
+struct Service {
+    api: HypervisorApi,
+}
+
+#[async_trait]
+impl hypervisor_ttrpc::Hypervisor for Service {
+    async fn create_vm(
+        &self,
+        _ctx: &TtrpcContext,
+        req: hypervisor::CreateVMRequest,
+    ) -> ttrpc::Result<hypervisor::CreateVMResponse> {
+        let r = self
+            .api
+            .create_vm(&req.id, &req.annotations, &req.networkNamespacePath)
+            .await;
+        HypervisorApi::count("ttrpc", "CreateVM", &r);
+        r.map(|path| hypervisor::CreateVMResponse {
+            agentSocketPath: path,
+            ..Default::default()
+        })
+        .map_err(status)
+    }
+
+    async fn start_vm(
+        &self,
+        _ctx: &TtrpcContext,
+        req: hypervisor::StartVMRequest,
+    ) -> ttrpc::Result<hypervisor::StartVMResponse> {
+        let r = self.api.start_vm(&req.id).await;
+        HypervisorApi::count("ttrpc", "StartVM", &r);
+        r.map(|()| hypervisor::StartVMResponse::default())
+            .map_err(status)
+    }
+
+    async fn stop_vm(
+        &self,
+        _ctx: &TtrpcContext,
+        req: hypervisor::StopVMRequest,
+    ) -> ttrpc::Result<hypervisor::StopVMResponse> {
+        let r = self.api.stop_vm(&req.id).await;
+        HypervisorApi::count("ttrpc", "StopVM", &r);
+        r.map(|()| hypervisor::StopVMResponse::default())
+            .map_err(status)
+    }
+
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: hypervisor::VersionRequest,
+    ) -> ttrpc::Result<hypervisor::VersionResponse> {
+        HypervisorApi::count::<()>("ttrpc", "Version", &Ok(()));
+        Ok(hypervisor::VersionResponse {
+            version: API_VERSION.to_owned(),
+            ..Default::default()
+        })
+    }
+}
+
+#[async_trait]
+impl podvminfo_ttrpc::PodVmInfo for Service {
+    async fn get_info(
+        &self,
+        ctx: &TtrpcContext,
+        req: podvminfo::GetInfoRequest,
+    ) -> ttrpc::Result<podvminfo::GetInfoResponse> {
+        let r = self
+            .api
+            .get_info(&req.PodName, &req.PodNamespace, req.Wait, deadline(ctx))
+            .await;
+        HypervisorApi::count("ttrpc", "GetInfo", &r);
+        r.map(|id| podvminfo::GetInfoResponse {
+            VMID: id,
+            ..Default::default()
+        })
+        .map_err(status)
+    }
+}
+
+/// Binds the socket (replacing a stale file) and starts serving.
+pub async fn serve(path: &Path, api: HypervisorApi) -> Result<Server, String> {
+    let fail = |why: String| {
+        format!(
+            "--socket (REMOTE_HYPERVISOR_ENDPOINT) {}: {why}",
+            path.display()
+        )
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::debug!(socket = %path.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(format!("cannot remove the old socket: {e}"))),
+    }
+    let service = Arc::new(Service { api });
+    let mut server = Server::new()
+        .bind(&format!("unix://{}", path.display()))
+        .map_err(|e| fail(e.to_string()))?
+        .register_service(hypervisor_ttrpc::create_hypervisor(service.clone()))
+        .register_service(podvminfo_ttrpc::create_pod_vm_info(service));
+    server.start().await.map_err(|e| fail(e.to_string()))?;
+    Ok(server)
+}

@@ -1,0 +1,632 @@
+//! The command line: `podvisor [global flags] <provider> [provider flags]`.
+//!
+//! Global flags keep the reference's names and environment variables, so an
+//! existing peer-pods ConfigMap works unchanged: a flag wins, then a
+//! non-empty environment variable, then the default. Go-style single-dash
+//! long flags (`-socket /x`) are accepted as the reference's users write them.
+
+use clap::builder::BoolishValueParser;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use podvisor_providers::duration::parse_duration;
+use podvisor_providers::{CloudManager, ConfigError, ProviderConfig, registry};
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Global flags, before the provider name.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "podvisor",
+    version,
+    about = "Peer-pods node daemon: creates Kata pod VMs on a cloud provider and never loses track of them",
+    subcommand_required = true,
+    arg_required_else_help = true,
+    subcommand_value_name = "PROVIDER",
+    subcommand_help_heading = "Providers"
+)]
+pub struct GlobalArgs {
+    /// Unix socket of the Kata remote hypervisor API (ttrpc)
+    #[arg(
+        long,
+        env = "REMOTE_HYPERVISOR_ENDPOINT",
+        value_name = "PATH",
+        default_value = "/run/peerpod/hypervisor.sock"
+    )]
+    pub socket: PathBuf,
+
+    /// Directory of per-sandbox agent sockets (<pods-dir>/<id>/agent.ttrpc)
+    #[arg(
+        long = "pods-dir",
+        env = "PODS_DIR",
+        value_name = "DIR",
+        default_value = "/run/peerpod/pods"
+    )]
+    pub pods_dir: PathBuf,
+
+    /// Port of the forwarder in each pod VM
+    #[arg(long = "forwarder-port", env = "FORWARDER_PORT", value_name = "PORT", default_value_t = 15150,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub forwarder_port: u16,
+
+    /// How long to wait for a pod VM's forwarder to answer (Go duration)
+    #[arg(long = "proxy-timeout", env = "PROXY_TIMEOUT", value_name = "DURATION", default_value = "5m",
+          value_parser = parse_duration)]
+    pub proxy_timeout: Duration,
+
+    /// CA certificate that signs the pod VMs' server certificates [default: auto]
+    #[arg(long = "ca-cert-file", env = "CACERT_FILE", value_name = "PATH")]
+    pub ca_cert_file: Option<PathBuf>,
+
+    /// Client certificate presented to the forwarders [default: auto]
+    #[arg(long = "cert-file", env = "CERT_FILE", value_name = "PATH")]
+    pub cert_file: Option<PathBuf>,
+
+    /// Key of the client certificate [default: auto]
+    #[arg(long = "cert-key", env = "CERT_KEY", value_name = "PATH")]
+    pub cert_key: Option<PathBuf>,
+
+    /// Do not verify the forwarders' certificates
+    #[arg(long = "tls-skip-verify", env = "TLS_SKIP_VERIFY", value_parser = BoolishValueParser::new())]
+    pub tls_skip_verify: bool,
+
+    /// Talk to the forwarders without TLS
+    #[arg(long = "disable-tls")]
+    pub disable_tls: bool,
+
+    /// Least TLS version: VersionTLS12 or VersionTLS13 [default: VersionTLS12]
+    #[arg(
+        long = "tls-min-version",
+        env = "TLS_MIN_VERSION",
+        value_name = "VERSION"
+    )]
+    pub tls_min_version: Option<String>,
+
+    /// Comma-separated IANA cipher suite names
+    #[arg(
+        long = "tls-cipher-suites",
+        env = "TLS_CIPHER_SUITES",
+        value_name = "LIST"
+    )]
+    pub tls_cipher_suites: Option<String>,
+
+    /// Tunnel between the node and the pod VM (only vxlan)
+    #[arg(
+        long = "tunnel-type",
+        env = "TUNNEL_TYPE",
+        value_name = "TYPE",
+        default_value = "vxlan"
+    )]
+    pub tunnel_type: String,
+
+    /// VXLAN UDP port
+    #[arg(
+        long = "vxlan-port",
+        env = "VXLAN_PORT",
+        value_name = "PORT",
+        default_value_t = 4789
+    )]
+    pub vxlan_port: u16,
+
+    /// Lowest VXLAN network identifier
+    #[arg(long = "vxlan-min-id", value_name = "VNI", default_value_t = 555000)]
+    pub vxlan_min_id: u32,
+
+    /// Node interface for the tunnel [default: the default route's]
+    #[arg(long = "host-interface", value_name = "NAME")]
+    pub host_interface: Option<String>,
+
+    /// Default initdata for pod VMs (base64 of a gzip-compressed or plain TOML)
+    #[arg(long, env = "INITDATA", value_name = "BASE64")]
+    pub initdata: Option<String>,
+
+    /// Fail start-up if the provider's configuration does not verify against the cloud
+    #[arg(long = "cloud-config-verify", env = "CLOUD_CONFIG_VERIFY", value_parser = BoolishValueParser::new())]
+    pub cloud_config_verify: bool,
+
+    /// Most live pod VMs on this node (0 or negative: no limit)
+    #[arg(
+        long = "peerpods-limit-per-node",
+        env = "PEERPODS_LIMIT_PER_NODE",
+        value_name = "N",
+        default_value_t = 10,
+        allow_negative_numbers = true
+    )]
+    pub peerpods_limit_per_node: i64,
+
+    /// Give pod VMs scratch space
+    #[arg(long = "enable-scratch-space", env = "ENABLE_SCRATCH_SPACE", value_parser = BoolishValueParser::new())]
+    pub enable_scratch_space: bool,
+
+    /// Route external traffic through the pod VM (experimental)
+    #[arg(long = "ext-network-via-podvm", env = "EXTERNAL_NETWORK_VIA_PODVM", value_parser = BoolishValueParser::new())]
+    pub ext_network_via_podvm: bool,
+
+    /// Pod subnets routed via the node when ext-network-via-podvm is on
+    #[arg(
+        long = "pod-subnet-cidrs",
+        env = "POD_SUBNET_CIDRS",
+        value_name = "LIST"
+    )]
+    pub pod_subnet_cidrs: Option<String>,
+
+    /// Directory of the journal and other durable state
+    #[arg(
+        long = "state-dir",
+        env = "PODVISOR_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/podvisor"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Admin HTTP endpoint (/metrics, /livez, /readyz, /v1/instances)
+    #[arg(
+        long = "admin-addr",
+        env = "PODVISOR_ADMIN_ADDR",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9797"
+    )]
+    pub admin_addr: SocketAddr,
+
+    /// gRPC endpoint (hypervisor.Hypervisor and podvisor.admin.v1.Admin)
+    #[arg(
+        long = "grpc-addr",
+        env = "PODVISOR_GRPC_ADDR",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9798"
+    )]
+    pub grpc_addr: SocketAddr,
+
+    /// This node's name; pod VMs are tagged with it [default: the host name]
+    #[arg(long = "node-name", env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// Log format
+    #[arg(
+        long = "log-format",
+        env = "PODVISOR_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax, e.g. info or podvisor=debug)
+    #[arg(
+        long = "log-level",
+        env = "PODVISOR_LOG",
+        value_name = "FILTER",
+        default_value = "info"
+    )]
+    pub log_level: String,
+
+    /// How long a sandbox may wait between CreateVM and StartVM
+    #[arg(long = "pending-ttl", env = "PODVISOR_PENDING_TTL", value_name = "DURATION", default_value = "15m",
+          value_parser = parse_duration)]
+    pub pending_ttl: Duration,
+
+    /// How long a failed sandbox stays visible if StopVM never comes
+    #[arg(long = "failed-ttl", env = "PODVISOR_FAILED_TTL", value_name = "DURATION", default_value = "1h",
+          value_parser = parse_duration)]
+    pub failed_ttl: Duration,
+
+    /// Creation attempts before a pod VM is marked failed
+    #[arg(long = "create-attempts", env = "PODVISOR_CREATE_ATTEMPTS", value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub create_attempts: u32,
+
+    /// First delay between retries of a failed operation (doubles, with jitter)
+    #[arg(long = "retry-base", env = "PODVISOR_RETRY_BASE", value_name = "DURATION", default_value = "1s",
+          value_parser = parse_duration)]
+    pub retry_base: Duration,
+
+    /// Longest delay between retries
+    #[arg(long = "retry-cap", env = "PODVISOR_RETRY_CAP", value_name = "DURATION", default_value = "1m",
+          value_parser = parse_duration)]
+    pub retry_cap: Duration,
+
+    /// How often the orphan GC runs
+    #[arg(long = "gc-interval", env = "PODVISOR_GC_INTERVAL", value_name = "DURATION", default_value = "5m",
+          value_parser = parse_duration)]
+    pub gc_interval: Duration,
+
+    /// Age an unowned, node-tagged instance must reach before the GC deletes it
+    #[arg(long = "gc-grace-period", env = "PODVISOR_GC_GRACE_PERIOD", value_name = "DURATION", default_value = "10m",
+          value_parser = parse_duration)]
+    pub gc_grace_period: Duration,
+
+    /// Most provider calls in flight at once
+    #[arg(long = "provider-max-inflight", env = "PODVISOR_PROVIDER_MAX_INFLIGHT", value_name = "N",
+          default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub provider_max_inflight: u32,
+
+    /// Sustained rate of mutating provider calls (creates, deletes) per second
+    #[arg(
+        long = "provider-rate",
+        env = "PODVISOR_PROVIDER_RATE",
+        value_name = "PER_SECOND",
+        default_value_t = 5.0
+    )]
+    pub provider_rate: f64,
+
+    /// Burst of mutating provider calls above the rate
+    #[arg(long = "provider-burst", env = "PODVISOR_PROVIDER_BURST", value_name = "N", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub provider_burst: u32,
+
+    /// Tries of one provider call on transient or throttling errors
+    #[arg(long = "provider-call-attempts", env = "PODVISOR_PROVIDER_CALL_ATTEMPTS", value_name = "N",
+          default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub provider_call_attempts: u32,
+
+    /// Time limit of one provider call
+    #[arg(long = "provider-call-timeout", env = "PODVISOR_PROVIDER_CALL_TIMEOUT", value_name = "DURATION",
+          default_value = "10m", value_parser = parse_duration)]
+    pub provider_call_timeout: Duration,
+}
+
+/// What the command line asked for.
+pub enum Invocation {
+    /// Run the daemon with this provider.
+    Run {
+        /// The global flags.
+        global: Box<GlobalArgs>,
+        /// The provider's manager.
+        manager: &'static dyn CloudManager,
+        /// The provider's validated configuration.
+        provider: Box<dyn ProviderConfig>,
+    },
+    /// `podvisor version`.
+    Version,
+}
+
+/// The whole command, with one subcommand per compiled-in provider.
+pub fn command() -> clap::Command {
+    let mut cmd = GlobalArgs::command();
+    for manager in registry() {
+        cmd = cmd.subcommand(manager.command());
+    }
+    cmd.subcommand(clap::Command::new("version").about("Print the version"))
+}
+
+/// A command line that cannot run.
+#[derive(Debug)]
+pub enum CliError {
+    /// clap's own error (also `--help` and `--version`, which it prints).
+    Clap(clap::Error),
+    /// A value that parsed but is not acceptable.
+    Config(ConfigError),
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Clap(e) => write!(f, "{e}"),
+            CliError::Config(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
+/// Parses a command line (the first item is the program name).
+pub fn parse<I, T>(args: I) -> Result<Invocation, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let cmd = ignore_empty_env(command());
+    let args = go_style_flags(&cmd, args.into_iter().map(Into::into).collect());
+    let matches = cmd
+        .clone()
+        .try_get_matches_from(&args)
+        .map_err(|e| CliError::Clap(name_env(e, &cmd, &args)))?;
+    let (name, sub) = matches.subcommand().expect("a subcommand is required");
+    if name == "version" {
+        return Ok(Invocation::Version);
+    }
+    let global = GlobalArgs::from_arg_matches(&matches).map_err(CliError::Clap)?;
+    validate(&global).map_err(CliError::Config)?;
+    let manager = registry()
+        .into_iter()
+        .find(|m| m.name() == name)
+        .expect("clap accepts only registered providers");
+    let provider = manager.configure(sub).map_err(CliError::Config)?;
+    Ok(Invocation::Run {
+        global: Box::new(global),
+        manager,
+        provider,
+    })
+}
+
+/// Checks what clap's types cannot express.
+fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
+    if let Some(v) = &g.tls_min_version {
+        if !matches!(v.as_str(), "VersionTLS12" | "VersionTLS13") {
+            return Err(ConfigError::flag(
+                "tls-min-version",
+                Some("TLS_MIN_VERSION"),
+                format!("'{v}' is not VersionTLS12 or VersionTLS13"),
+            ));
+        }
+    }
+    if g.tunnel_type != "vxlan" {
+        return Err(ConfigError::flag(
+            "tunnel-type",
+            Some("TUNNEL_TYPE"),
+            format!(
+                "'{}' is not supported; the only tunnel type is vxlan",
+                g.tunnel_type
+            ),
+        ));
+    }
+    if !(g.provider_rate.is_finite() && g.provider_rate > 0.0) {
+        return Err(ConfigError::flag(
+            "provider-rate",
+            Some("PODVISOR_PROVIDER_RATE"),
+            format!(
+                "{} is not a positive number of calls per second",
+                g.provider_rate
+            ),
+        ));
+    }
+    if g.retry_base.is_zero() || g.retry_cap < g.retry_base {
+        return Err(ConfigError::flag(
+            "retry-cap",
+            Some("PODVISOR_RETRY_CAP"),
+            format!(
+                "must be at least --retry-base, and --retry-base above zero ({:?} / {:?})",
+                g.retry_cap, g.retry_base
+            ),
+        ));
+    }
+    if g.proxy_timeout.is_zero() {
+        return Err(ConfigError::flag(
+            "proxy-timeout",
+            Some("PROXY_TIMEOUT"),
+            "must be above zero",
+        ));
+    }
+    if g.gc_interval.is_zero() {
+        return Err(ConfigError::flag(
+            "gc-interval",
+            Some("PODVISOR_GC_INTERVAL"),
+            "must be above zero",
+        ));
+    }
+    if let Some(data) = &g.initdata {
+        crate::api::annotations::validate_initdata(data)
+            .map_err(|why| ConfigError::flag("initdata", Some("INITDATA"), why))?;
+    }
+    if let Some(node) = &g.node_name {
+        if node.trim().is_empty() {
+            return Err(ConfigError::flag(
+                "node-name",
+                Some("NODE_NAME"),
+                "is empty",
+            ));
+        }
+    }
+    if (g.cert_file.is_some() || g.cert_key.is_some() || g.ca_cert_file.is_some())
+        && !(g.cert_file.is_some() && g.cert_key.is_some() && g.ca_cert_file.is_some())
+    {
+        return Err(ConfigError::flag(
+            "cert-file",
+            Some("CERT_FILE"),
+            "--ca-cert-file, --cert-file and --cert-key go together",
+        ));
+    }
+    Ok(())
+}
+
+/// Unbinds environment variables that are set but empty: the reference
+/// treats them as unset, clap would read them as an empty value.
+fn ignore_empty_env(cmd: clap::Command) -> clap::Command {
+    let ids: Vec<_> = cmd
+        .get_arguments()
+        .filter(|a| {
+            a.get_env()
+                .and_then(std::env::var_os)
+                .is_some_and(|v| v.is_empty())
+        })
+        .map(|a| a.get_id().clone())
+        .collect();
+    let mut cmd = ids
+        .into_iter()
+        .fold(cmd, |cmd, id| cmd.mut_arg(id, |a| a.env(None)));
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_owned())
+        .collect();
+    for name in subs {
+        cmd = cmd.mut_subcommand(name, ignore_empty_env);
+    }
+    cmd
+}
+
+/// Rewrites Go-style `-flag` / `-flag=value` to `--flag` where `flag` is a
+/// long flag of this command or a provider's.
+fn go_style_flags(cmd: &clap::Command, args: Vec<OsString>) -> Vec<OsString> {
+    let mut longs = std::collections::BTreeSet::new();
+    let mut collect = |c: &clap::Command| {
+        for a in c.get_arguments() {
+            if let Some(l) = a.get_long() {
+                longs.insert(l.to_owned());
+            }
+        }
+    };
+    collect(cmd);
+    for sub in cmd.get_subcommands() {
+        collect(sub);
+    }
+    args.into_iter()
+        .enumerate()
+        .map(|(i, arg)| {
+            let Some(s) = arg.to_str() else { return arg };
+            if i == 0 || !s.starts_with('-') || s.starts_with("--") || s.len() < 3 {
+                return arg;
+            }
+            let name = s[1..].split('=').next().unwrap_or_default();
+            if longs.contains(name) {
+                OsString::from(format!("-{s}"))
+            } else {
+                arg
+            }
+        })
+        .collect()
+}
+
+/// Adds the environment variable to clap's error when the bad value came
+/// from one, so the operator knows where to look.
+fn name_env(err: clap::Error, cmd: &clap::Command, args: &[OsString]) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return err;
+    }
+    let Some(ContextValue::String(shown)) = err.get(ContextKind::InvalidArg) else {
+        return err;
+    };
+    let all = std::iter::once(cmd).chain(cmd.get_subcommands());
+    for c in all {
+        for a in c.get_arguments() {
+            let (Some(long), Some(env)) = (a.get_long(), a.get_env()) else {
+                continue;
+            };
+            let flag = format!("--{long}");
+            let on_cli = args.iter().any(|x| {
+                x.to_str()
+                    .is_some_and(|s| s == flag || s.starts_with(&format!("{flag}=")))
+            });
+            if (shown == &flag || shown.starts_with(&format!("{flag} ")))
+                && !on_cli
+                && std::env::var_os(env).is_some()
+            {
+                let message = format!(
+                    "{}(from the environment variable {})\n",
+                    err.render(),
+                    env.to_string_lossy()
+                );
+                return clap::Error::raw(ErrorKind::ValueValidation, message).with_cmd(cmd);
+            }
+        }
+    }
+    err
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<Invocation, CliError> {
+        let mut args = vec!["podvisor"];
+        args.extend_from_slice(extra);
+        parse(args)
+    }
+
+    fn global(extra: &[&str]) -> GlobalArgs {
+        match run_args(extra) {
+            Ok(Invocation::Run { global, .. }) => *global,
+            Ok(Invocation::Version) => panic!("version"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn err(extra: &[&str]) -> String {
+        match run_args(extra) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{extra:?} parsed"),
+        }
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_the_reference() {
+        let g = global(&["local"]);
+        assert_eq!(g.socket, PathBuf::from("/run/peerpod/hypervisor.sock"));
+        assert_eq!(g.pods_dir, PathBuf::from("/run/peerpod/pods"));
+        assert_eq!(g.forwarder_port, 15150);
+        assert_eq!(g.proxy_timeout, Duration::from_secs(300));
+        assert_eq!(g.peerpods_limit_per_node, 10);
+        assert_eq!(g.vxlan_port, 4789);
+        assert_eq!(g.admin_addr, "127.0.0.1:9797".parse().unwrap());
+        assert_eq!(g.grpc_addr, "127.0.0.1:9798".parse().unwrap());
+    }
+
+    #[test]
+    fn go_style_single_dash_flags_are_accepted() {
+        let g = global(&[
+            "-socket",
+            "/tmp/x.sock",
+            "-proxy-timeout=30s",
+            "local",
+            "-create-delay",
+            "1s",
+        ]);
+        assert_eq!(g.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(g.proxy_timeout, Duration::from_secs(30));
+        // A negative number is not mistaken for a flag.
+        assert_eq!(
+            global(&["--peerpods-limit-per-node", "-1", "local"]).peerpods_limit_per_node,
+            -1
+        );
+    }
+
+    #[test]
+    fn bad_values_fail_naming_the_flag() {
+        assert!(err(&["--forwarder-port", "0", "local"]).contains("--forwarder-port"));
+        assert!(err(&["--forwarder-port", "99999", "local"]).contains("--forwarder-port"));
+        assert!(err(&["--proxy-timeout", "5", "local"]).contains("--proxy-timeout"));
+        assert!(err(&["--admin-addr", "nowhere", "local"]).contains("--admin-addr"));
+        assert!(err(&["--log-format", "xml", "local"]).contains("--log-format"));
+        assert!(
+            err(&["--tls-min-version", "TLS1.1", "local"])
+                .contains("--tls-min-version (TLS_MIN_VERSION)")
+        );
+        assert!(err(&["--tunnel-type", "geneve", "local"]).contains("--tunnel-type (TUNNEL_TYPE)"));
+        assert!(err(&["--provider-rate", "0", "local"]).contains("--provider-rate"));
+        assert!(err(&["--initdata", "%%%", "local"]).contains("--initdata (INITDATA)"));
+        assert!(err(&["--cert-file", "/x", "local"]).contains("go together"));
+        assert!(err(&["--node-name", " ", "local"]).contains("--node-name (NODE_NAME)"));
+        assert!(err(&["nosuchcloud"]).contains("nosuchcloud"));
+        assert!(err(&["local", "--create-delay", "x"]).contains("--create-delay"));
+    }
+
+    #[test]
+    fn help_lists_every_provider() {
+        let help = command().render_help().to_string();
+        for m in registry() {
+            assert!(help.contains(m.name()), "{help}");
+        }
+        assert!(help.contains("REMOTE_HYPERVISOR_ENDPOINT"));
+    }
+
+    #[test]
+    fn go_style_rewrite_leaves_values_and_unknown_flags_alone() {
+        let cmd = command();
+        let out = go_style_flags(
+            &cmd,
+            ["podvisor", "-socket", "-x", "-5", "--pods-dir", "local"]
+                .map(OsString::from)
+                .to_vec(),
+        );
+        assert_eq!(
+            out,
+            ["podvisor", "--socket", "-x", "-5", "--pods-dir", "local"]
+                .map(OsString::from)
+                .to_vec()
+        );
+    }
+}

@@ -1,0 +1,325 @@
+//! Start-up, serving and shutdown of the daemon.
+//!
+//! Order matters: the journal is loaded and every record has its actor
+//! before the Kata socket opens; `/readyz` turns ready once each record's
+//! recovery is decided; then the orphan GC runs.
+
+use crate::actors::pod_vm::PodVmDeps;
+use crate::actors::provider::{CallPolicy, ProviderActor, ProviderCalls};
+use crate::actors::supervisor::{GcPolicy, Recover, Supervisor};
+use crate::admin::{self, AdminState};
+use crate::api::HypervisorApi;
+use crate::api::grpc::{GrpcAdmin, GrpcHypervisor};
+use crate::cli::{GlobalArgs, LogFormat};
+use crate::metered::Metered;
+use crate::metrics;
+use crate::protocols::grpc::admin::admin_server::AdminServer;
+use crate::protocols::grpc::hypervisor::hypervisor_server::HypervisorServer;
+use crate::view::InstanceView;
+use actix::Actor;
+use podvisor_providers::{CloudManager, ProviderConfig, ProviderContext};
+use podvisor_state::{Backoff, Journal, MachineConfig, SledJournal};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Runs the daemon until SIGTERM or SIGINT; returns the process exit code.
+pub fn run(
+    global: GlobalArgs,
+    manager: &'static dyn CloudManager,
+    provider: Box<dyn ProviderConfig>,
+) -> ExitCode {
+    if let Err(e) = init_logging(&global) {
+        eprintln!("podvisor: {e}");
+        return ExitCode::from(2);
+    }
+    let system = actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("podvisor")
+            .build()
+            .expect("the tokio runtime starts")
+    });
+    let code = system.block_on(async move {
+        match serve(global, manager, provider).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "podvisor cannot run");
+                eprintln!("podvisor: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    });
+    code
+}
+
+fn init_logging(global: &GlobalArgs) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&global.log_level)
+        .map_err(|e| format!("--log-level (PODVISOR_LOG) '{}': {e}", global.log_level))?;
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let result = match global.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|e| format!("cannot set up logging: {e}"))
+}
+
+/// This node's name: the flag, else the host name.
+fn node_name(global: &GlobalArgs) -> Result<String, String> {
+    match &global.node_name {
+        Some(n) => Ok(n.trim().to_owned()),
+        None => nix::unistd::gethostname()
+            .map_err(|e| {
+                format!("--node-name (NODE_NAME) is not set and the host name is unreadable: {e}")
+            })?
+            .into_string()
+            .map_err(|_| {
+                "--node-name (NODE_NAME) is not set and the host name is not UTF-8".to_owned()
+            }),
+    }
+}
+
+async fn serve(
+    global: GlobalArgs,
+    manager: &'static dyn CloudManager,
+    provider_config: Box<dyn ProviderConfig>,
+) -> Result<(), String> {
+    let metrics_handle = metrics::install()?;
+    let upkeep = metrics_handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let node = node_name(&global)?;
+    for (flag, dir) in [
+        ("state-dir", &global.state_dir),
+        ("pods-dir", &global.pods_dir),
+    ] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("--{flag} {}: {e}", dir.display()))?;
+    }
+
+    // 1. The journal, before anything else: it is the truth.
+    let journal_dir = global.state_dir.join("journal");
+    let journal: Arc<dyn Journal> = {
+        let dir = journal_dir.clone();
+        Arc::new(
+            tokio::task::spawn_blocking(move || SledJournal::open(&dir))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?,
+        )
+    };
+    let loaded = {
+        let j = journal.clone();
+        tokio::task::spawn_blocking(move || j.load())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
+    for q in &loaded.quarantined {
+        metrics::counter!(metrics::JOURNAL_QUARANTINED).increment(1);
+        tracing::error!(key = %q.key, reason = %q.reason, "journal record quarantined: it could not be read and was moved aside");
+    }
+    tracing::info!(
+        records = loaded.records.len(),
+        quarantined = loaded.quarantined.len(),
+        journal = %journal_dir.display(),
+        "journal loaded"
+    );
+
+    // 2. The provider.
+    let context = ProviderContext {
+        node_name: node.clone(),
+        forwarder_port: global.forwarder_port,
+        state_dir: global.state_dir.clone(),
+    };
+    let provider = Metered::new(
+        provider_config
+            .build(&context)
+            .await
+            .map_err(|e| format!("provider {}: {e}", manager.name()))?,
+    );
+    let policy = CallPolicy {
+        max_inflight: global.provider_max_inflight,
+        rate: global.provider_rate,
+        burst: global.provider_burst,
+        attempts: global.provider_call_attempts,
+        timeout: global.provider_call_timeout,
+        backoff: Backoff {
+            base: global.retry_base,
+            cap: global.retry_cap,
+        },
+    };
+    let calls = Arc::new(ProviderCalls::new(provider, policy));
+    match calls.verify().await {
+        Ok(()) => tracing::info!(provider = manager.name(), "provider configuration verified"),
+        Err(e) if global.cloud_config_verify => {
+            return Err(format!(
+                "provider {} configuration does not verify (--cloud-config-verify): {e}",
+                manager.name()
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(provider = manager.name(), error = %e, "provider configuration does not verify")
+        }
+    }
+
+    // 3. The actors, and recovery.
+    let view = InstanceView::new();
+    let provider_actor = ProviderActor::new(calls.clone()).start();
+    let deps = Arc::new(PodVmDeps {
+        journal: journal.clone(),
+        provider: provider_actor,
+        view: view.clone(),
+        machine: MachineConfig {
+            max_create_attempts: global.create_attempts,
+            backoff: Backoff {
+                base: global.retry_base,
+                cap: global.retry_cap,
+            },
+            pending_ttl: global.pending_ttl,
+            failed_ttl: global.failed_ttl,
+        },
+        node_name: node.clone(),
+        forwarder_port: global.forwarder_port,
+        proxy_timeout: global.proxy_timeout,
+        pods_dir: global.pods_dir.clone(),
+        default_initdata: global.initdata.clone(),
+        scratch_space: global.enable_scratch_space,
+    });
+    let limit = usize::try_from(global.peerpods_limit_per_node)
+        .ok()
+        .filter(|n| *n > 0);
+    let supervisor = Supervisor::new(
+        deps,
+        limit,
+        GcPolicy {
+            interval: global.gc_interval,
+            grace: global.gc_grace_period,
+        },
+    )
+    .start();
+    let quarantined = loaded.quarantined.iter().map(|q| q.key.clone()).collect();
+    supervisor
+        .send(Recover {
+            records: loaded.records,
+            quarantined,
+        })
+        .await
+        .map_err(|e| format!("recovery could not start: {e}"))?;
+
+    // 4. The endpoints: admin, gRPC, then the Kata socket.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let status = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "node": node,
+        "provider": manager.name(),
+        "provider_config": provider_config.summary(),
+        "socket": global.socket,
+        "pods_dir": global.pods_dir,
+        "state_dir": global.state_dir,
+        "peerpods_limit_per_node": limit,
+    });
+    let admin_listener = tokio::net::TcpListener::bind(global.admin_addr)
+        .await
+        .map_err(|e| {
+            format!(
+                "--admin-addr (PODVISOR_ADMIN_ADDR) {}: {e}",
+                global.admin_addr
+            )
+        })?;
+    let router = admin::router(AdminState {
+        view: view.clone(),
+        metrics: metrics_handle,
+        status: Arc::new(status),
+    });
+    let mut admin_stop = stop_rx.clone();
+    let admin_task = tokio::spawn(async move {
+        axum::serve(admin_listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    let api = HypervisorApi::new(
+        supervisor.clone(),
+        view.clone(),
+        global.pods_dir.clone(),
+        global.proxy_timeout,
+    );
+    let grpc_listener = tokio::net::TcpListener::bind(global.grpc_addr)
+        .await
+        .map_err(|e| format!("--grpc-addr (PODVISOR_GRPC_ADDR) {}: {e}", global.grpc_addr))?;
+    let mut grpc_stop = stop_rx.clone();
+    let grpc = tonic::transport::Server::builder()
+        .add_service(HypervisorServer::new(GrpcHypervisor { api: api.clone() }))
+        .add_service(AdminServer::new(GrpcAdmin { view: view.clone() }));
+    let grpc_task = tokio::spawn(async move {
+        grpc.serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+            },
+        )
+        .await
+    });
+
+    let mut ttrpc_server = crate::api::ttrpc::serve(&global.socket, api).await?;
+    tracing::info!(
+        socket = %global.socket.display(),
+        admin = %global.admin_addr,
+        grpc = %global.grpc_addr,
+        provider = manager.name(),
+        node = %context.node_name,
+        "podvisor serving"
+    );
+
+    // 5. Until asked to stop.
+    wait_for_signal().await;
+    tracing::info!(
+        "shutting down: no new requests; the journal is flushed; pod VMs stay as they are"
+    );
+    ttrpc_server
+        .shutdown()
+        .await
+        .map_err(|e| format!("ttrpc shutdown: {e}"))?;
+    let _ = std::fs::remove_file(&global.socket);
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
+    let j = journal.clone();
+    tokio::task::spawn_blocking(move || j.flush())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if let Err(e) = calls.teardown().await {
+        tracing::warn!(error = %e, "provider teardown failed");
+    }
+    actix_rt::System::current().stop();
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the daemon can only be killed; keep serving.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

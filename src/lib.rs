@@ -1,0 +1,22 @@
+//! podvisor: the peer-pods node daemon.
+//!
+//! The Kata runtime asks for a sandbox VM over ttrpc ([`api::ttrpc`]); the
+//! [`actors::supervisor::Supervisor`] routes each sandbox to its
+//! [`actors::pod_vm::PodVm`] actor, which runs the journaled lifecycle of
+//! `podvisor_state` and calls the cloud through the
+//! [`actors::provider::ProviderActor`]. Operators watch it through the admin
+//! endpoint ([`admin`]), gRPC ([`api::grpc`]) and Prometheus ([`metrics`]).
+
+pub mod actors;
+pub mod admin;
+pub mod api;
+pub mod cli;
+pub mod daemon;
+pub mod gc;
+pub mod limits;
+pub mod metered;
+pub mod metrics;
+pub mod probe;
+pub mod protocols;
+pub mod userdata;
+pub mod view;

@@ -1,0 +1,145 @@
+//! Prometheus metrics: names, descriptions, buckets and the recorder.
+//!
+//! Base units, `_total` counters, the `podvisor_` prefix, and no per-sandbox
+//! labels (label values are states, operations, outcomes and actions).
+
+use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+pub use ::metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Gauge: pod VMs per lifecycle state (`state`).
+pub const INSTANCES: &str = "podvisor_instances";
+/// Counter: lifecycle transitions (`from`, `to`).
+pub const STATE_TRANSITIONS: &str = "podvisor_state_transitions_total";
+/// Counter: provider calls (`provider`, `operation`, `outcome`).
+pub const PROVIDER_REQUESTS: &str = "podvisor_provider_requests_total";
+/// Histogram: provider call latency (`provider`, `operation`).
+pub const PROVIDER_REQUEST_DURATION: &str = "podvisor_provider_request_duration_seconds";
+/// Histogram: StartVM to Running.
+pub const VM_START_DURATION: &str = "podvisor_vm_start_duration_seconds";
+/// Counter: records recovered at start-up (`action`).
+pub const RECOVERED_INSTANCES: &str = "podvisor_recovered_instances_total";
+/// Counter: orphan instances the GC deleted.
+pub const ORPHANS_DELETED: &str = "podvisor_orphans_deleted_total";
+/// Counter: orphan GC passes (`outcome`).
+pub const GC_RUNS: &str = "podvisor_gc_runs_total";
+/// Histogram: journal flush latency.
+pub const JOURNAL_FLUSH_DURATION: &str = "podvisor_journal_flush_duration_seconds";
+/// Counter: journal writes that failed.
+pub const JOURNAL_ERRORS: &str = "podvisor_journal_errors_total";
+/// Counter: journal records moved to quarantine.
+pub const JOURNAL_QUARANTINED: &str = "podvisor_journal_quarantined_records_total";
+/// Counter: retried operations (`operation`).
+pub const OPERATION_RETRIES: &str = "podvisor_operation_retries_total";
+/// Counter: Kata-facing and admin API calls (`api`, `method`, `code`).
+pub const API_REQUESTS: &str = "podvisor_api_requests_total";
+/// Gauge: 1 once start-up recovery has finished.
+pub const READY: &str = "podvisor_ready";
+/// Gauge: always 1, labelled with the build's `version`.
+pub const BUILD_INFO: &str = "podvisor_build_info";
+
+/// Latency buckets for cloud calls and VM starts: 10 ms to 20 min.
+const SLOW_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1200.0,
+];
+/// Latency buckets for journal flushes: 100 µs to 5 s.
+const FLUSH_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Installs the global recorder and describes every metric. Call once.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(PROVIDER_REQUEST_DURATION.into()),
+            SLOW_BUCKETS,
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(VM_START_DURATION.into()), SLOW_BUCKETS)
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(JOURNAL_FLUSH_DURATION.into()), FLUSH_BUCKETS)
+        })
+        .map_err(|e| format!("metric buckets: {e}"))?;
+    let handle = builder
+        .install_recorder()
+        .map_err(|e| format!("metrics recorder: {e}"))?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_gauge!(
+        INSTANCES,
+        Unit::Count,
+        "Pod VMs known to this daemon, by lifecycle state."
+    );
+    describe_counter!(
+        STATE_TRANSITIONS,
+        Unit::Count,
+        "Journaled lifecycle transitions, by from and to state."
+    );
+    describe_counter!(
+        PROVIDER_REQUESTS,
+        Unit::Count,
+        "Cloud provider calls, by provider, operation and outcome."
+    );
+    describe_histogram!(
+        PROVIDER_REQUEST_DURATION,
+        Unit::Seconds,
+        "Latency of cloud provider calls."
+    );
+    describe_histogram!(
+        VM_START_DURATION,
+        Unit::Seconds,
+        "Time from StartVM to a Running pod VM whose agent endpoint answers."
+    );
+    describe_counter!(
+        RECOVERED_INSTANCES,
+        Unit::Count,
+        "Journal records recovered at start-up, by what recovery did."
+    );
+    describe_counter!(
+        ORPHANS_DELETED,
+        Unit::Count,
+        "Instances tagged with this node that no record owned, deleted by the GC."
+    );
+    describe_counter!(GC_RUNS, Unit::Count, "Orphan GC passes, by outcome.");
+    describe_histogram!(
+        JOURNAL_FLUSH_DURATION,
+        Unit::Seconds,
+        "Latency of journal writes made durable."
+    );
+    describe_counter!(JOURNAL_ERRORS, Unit::Count, "Journal writes that failed.");
+    describe_counter!(
+        JOURNAL_QUARANTINED,
+        Unit::Count,
+        "Journal records that did not decode and were moved to quarantine."
+    );
+    describe_counter!(
+        OPERATION_RETRIES,
+        Unit::Count,
+        "Operations retried after a failure, by operation."
+    );
+    describe_counter!(
+        API_REQUESTS,
+        Unit::Count,
+        "API calls, by API, method and result code."
+    );
+    describe_gauge!(
+        READY,
+        Unit::Count,
+        "1 once start-up recovery has finished, else 0."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        Unit::Count,
+        "Always 1; the version label names the build."
+    );
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!(READY).set(0.0);
+    for s in podvisor_state::State::STORED {
+        gauge!(INSTANCES, "state" => s.as_str()).set(0.0);
+    }
+}

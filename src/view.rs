@@ -1,0 +1,170 @@
+//! The instance view: the durable state of every pod VM, for the admin
+//! endpoint, the gRPC admin API, GetInfo, the GC and the gauges.
+//!
+//! Pod VM actors update it after each journal write succeeds, so it never
+//! shows what is not on disk.
+
+use crate::metrics;
+use podvisor_state::{InstanceRecord, State};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use tokio::sync::broadcast;
+
+/// A change to the view.
+#[derive(Debug, Clone)]
+pub enum ViewEvent {
+    /// A record was written (or loaded at start-up).
+    Updated(InstanceRecord),
+    /// A record was deleted; this was its last content.
+    Removed(InstanceRecord),
+}
+
+/// Every durable record, with change notifications.
+pub struct InstanceView {
+    /// sandbox id → last durable record.
+    records: RwLock<BTreeMap<String, InstanceRecord>>,
+    /// Subscribers: WatchInstances streams and waiting GetInfo calls.
+    events: broadcast::Sender<ViewEvent>,
+    /// Start-up recovery has finished.
+    ready: AtomicBool,
+}
+
+impl Default for InstanceView {
+    fn default() -> Self {
+        Self {
+            records: RwLock::new(BTreeMap::new()),
+            events: broadcast::channel(1024).0,
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl InstanceView {
+    /// An empty view.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, InstanceRecord>> {
+        // A panic while holding the lock cannot leave the map half-written
+        // (each update is one insert or remove), so a poisoned lock is usable.
+        self.records.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, InstanceRecord>> {
+        self.records.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a record read from the journal at start-up (not a transition).
+    pub fn load(&self, record: InstanceRecord) {
+        metrics::gauge!(metrics::INSTANCES, "state" => record.state.as_str()).increment(1.0);
+        self.write()
+            .insert(record.sandbox_id.clone(), record.clone());
+        let _ = self.events.send(ViewEvent::Updated(record));
+    }
+
+    /// Records a durable write, counting the transition it made.
+    pub fn update(&self, record: InstanceRecord) {
+        let previous = self
+            .write()
+            .insert(record.sandbox_id.clone(), record.clone());
+        let from = previous.as_ref().map(|p| p.state);
+        if from != Some(record.state) {
+            let from_label = from.map(State::as_str).unwrap_or("new");
+            metrics::counter!(metrics::STATE_TRANSITIONS, "from" => from_label, "to" => record.state.as_str())
+                .increment(1);
+            if let Some(from) = from {
+                metrics::gauge!(metrics::INSTANCES, "state" => from.as_str()).decrement(1.0);
+            }
+            metrics::gauge!(metrics::INSTANCES, "state" => record.state.as_str()).increment(1.0);
+        }
+        let _ = self.events.send(ViewEvent::Updated(record));
+    }
+
+    /// Records that a sandbox's record was deleted.
+    pub fn remove(&self, sandbox_id: &str) {
+        let Some(last) = self.write().remove(sandbox_id) else {
+            return;
+        };
+        metrics::counter!(metrics::STATE_TRANSITIONS, "from" => last.state.as_str(), "to" => State::Removed.as_str())
+            .increment(1);
+        metrics::gauge!(metrics::INSTANCES, "state" => last.state.as_str()).decrement(1.0);
+        let _ = self.events.send(ViewEvent::Removed(last));
+    }
+
+    /// One sandbox's record.
+    pub fn get(&self, sandbox_id: &str) -> Option<InstanceRecord> {
+        self.read().get(sandbox_id).cloned()
+    }
+
+    /// Every record, by sandbox id.
+    pub fn list(&self) -> Vec<InstanceRecord> {
+        self.read().values().cloned().collect()
+    }
+
+    /// The record of a pod, by name and namespace.
+    pub fn find_pod(&self, pod_name: &str, pod_namespace: &str) -> Option<InstanceRecord> {
+        self.read()
+            .values()
+            .filter(|r| r.pod_name == pod_name && r.pod_namespace == pod_namespace)
+            .max_by_key(|r| r.created_at)
+            .cloned()
+    }
+
+    /// Change notifications from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<ViewEvent> {
+        self.events.subscribe()
+    }
+
+    /// Marks start-up recovery finished.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+        metrics::gauge!(metrics::READY).set(1.0);
+    }
+
+    /// Whether start-up recovery has finished.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podvisor_state::InstanceSpec;
+
+    fn rec(id: &str, pod: &str, at: u64) -> InstanceRecord {
+        InstanceRecord::pending(id, pod, "ns", InstanceSpec::default(), at)
+    }
+
+    #[test]
+    fn updates_removals_and_pod_lookup() {
+        let view = InstanceView::new();
+        let mut events = view.subscribe();
+        view.update(rec("a", "web", 1));
+        view.update(rec("b", "web", 2));
+        view.update(rec("c", "db", 3));
+        assert_eq!(view.list().len(), 3);
+        assert_eq!(
+            view.find_pod("web", "ns").unwrap().sandbox_id,
+            "b",
+            "the newest sandbox of a pod"
+        );
+        assert!(view.find_pod("web", "other").is_none());
+        view.remove("b");
+        view.remove("zzz");
+        assert_eq!(view.find_pod("web", "ns").unwrap().sandbox_id, "a");
+        let mut seen = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            seen.push(match e {
+                ViewEvent::Updated(r) => format!("+{}", r.sandbox_id),
+                ViewEvent::Removed(r) => format!("-{}", r.sandbox_id),
+            });
+        }
+        assert_eq!(seen, ["+a", "+b", "+c", "-b"]);
+        assert!(!view.is_ready());
+        view.set_ready();
+        assert!(view.is_ready());
+    }
+}

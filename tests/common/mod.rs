@@ -1,0 +1,408 @@
+//! The daemon as a child process, driven by the real ttrpc client that Kata's
+//! shims use, watched through its admin endpoint and metrics.
+
+#![allow(dead_code)]
+
+use podvisor::protocols::ttrpc::{
+    hypervisor, hypervisor_ttrpc::HypervisorClient, podvminfo, podvminfo_ttrpc::PodVmInfoClient,
+};
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns `Some`, or panics after `limit` naming `what`.
+pub async fn eventually<T>(
+    what: &str,
+    limit: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Annotations of a pod as containerd sends them.
+pub fn pod_annotations(pod: &str, namespace: &str) -> HashMap<String, String> {
+    HashMap::from([
+        ("io.kubernetes.cri.sandbox-name".to_owned(), pod.to_owned()),
+        (
+            "io.kubernetes.cri.sandbox-namespace".to_owned(),
+            namespace.to_owned(),
+        ),
+    ])
+}
+
+/// A 64-hex sandbox id, as containerd makes them.
+pub fn sandbox_id() -> String {
+    format!(
+        "{:016x}{:016x}{:016x}{:016x}",
+        fastrand::u64(..),
+        fastrand::u64(..),
+        fastrand::u64(..),
+        fastrand::u64(..)
+    )
+}
+
+/// The directories and ports of one daemon, kept across restarts.
+pub struct Setup {
+    pub root: tempfile::TempDir,
+    pub admin_port: u16,
+    pub grpc_port: u16,
+    pub forwarder_port: u16,
+    pub node: String,
+    /// Extra global flags (before the provider).
+    pub global: Vec<String>,
+    /// Extra local-provider flags.
+    pub local: Vec<String>,
+    /// Another daemon's state directory, to share it.
+    pub shared_state: Option<PathBuf>,
+}
+
+impl Setup {
+    pub fn new() -> Self {
+        Self {
+            root: tempfile::Builder::new()
+                .prefix("podvisor-test")
+                .tempdir()
+                .unwrap(),
+            admin_port: free_port(),
+            grpc_port: free_port(),
+            forwarder_port: free_port(),
+            node: format!("node-{:08x}", fastrand::u32(..)),
+            global: Vec::new(),
+            local: Vec::new(),
+            shared_state: None,
+        }
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.root.path().join("hypervisor.sock")
+    }
+    pub fn pods_dir(&self) -> PathBuf {
+        self.root.path().join("pods")
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.shared_state
+            .clone()
+            .unwrap_or_else(|| self.root.path().join("state"))
+    }
+    pub fn local_dir(&self) -> PathBuf {
+        self.root.path().join("local")
+    }
+
+    /// The command line of the daemon.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
+        cmd.arg("--socket").arg(self.socket());
+        cmd.arg("--pods-dir").arg(self.pods_dir());
+        cmd.arg("--state-dir").arg(self.state_dir());
+        cmd.args(["--admin-addr", &format!("127.0.0.1:{}", self.admin_port)]);
+        cmd.args(["--grpc-addr", &format!("127.0.0.1:{}", self.grpc_port)]);
+        cmd.args(["--forwarder-port", &self.forwarder_port.to_string()]);
+        cmd.args(["--node-name", &self.node]);
+        cmd.args(["--log-level", "info,podvisor=debug"]);
+        cmd.args(&self.global);
+        cmd.arg("local");
+        cmd.arg("--local-dir").arg(self.local_dir());
+        cmd.arg("--forwarder-bin")
+            .arg(podvisor_podvm::testing::forwarder_binary().unwrap());
+        cmd.args(&self.local);
+        cmd
+    }
+
+    /// Starts the daemon and waits until it is ready.
+    pub async fn start(&self) -> Daemon {
+        let log = self
+            .root
+            .path()
+            .join(format!("daemon-{}.log", fastrand::u32(..)));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = self
+            .command()
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            child: Some(child),
+            log,
+            admin: format!("http://127.0.0.1:{}", self.admin_port),
+            socket: self.socket(),
+        };
+        d.wait_ready().await;
+        d
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub admin: String,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "podvisor exited ({status}) before ready:\n{}",
+                    self.log_text()
+                );
+            }
+            if self.socket.exists() {
+                if let Ok((200, _)) = self.get("/readyz").await {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "podvisor not ready in 30s:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// GET on the admin endpoint: status and JSON (or text as a JSON string).
+    pub async fn get(&self, path: &str) -> Result<(u16, serde_json::Value), String> {
+        let url = format!("{}{path}", self.admin);
+        tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(5)))
+                .build()
+                .into();
+            let mut resp = agent.get(&url).call().map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let text = resp
+                .body_mut()
+                .read_to_string()
+                .map_err(|e| e.to_string())?;
+            let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+            Ok((status, json))
+        })
+        .await
+        .unwrap()
+    }
+
+    /// The record of a sandbox from `/v1/instances/{id}`, or `None` on 404.
+    pub async fn instance(&self, id: &str) -> Option<serde_json::Value> {
+        match self.get(&format!("/v1/instances/{id}")).await.unwrap() {
+            (200, v) => Some(v),
+            (404, v) => {
+                assert!(v["error"].as_str().unwrap().contains(id), "{v}");
+                None
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// `/metrics`, parsed by a Prometheus text-format parser.
+    pub async fn metrics(&self) -> prometheus_parse::Scrape {
+        let (status, body) = self.get("/metrics").await.unwrap();
+        assert_eq!(status, 200);
+        let text = body.as_str().unwrap().to_owned();
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
+    }
+
+    /// The value of one sample (with these labels), or 0 if absent.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let scrape = self.metrics().await;
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    }
+
+    pub async fn client(&self) -> Client {
+        let c = ttrpc::r#async::Client::connect(&format!("unix://{}", self.socket.display()))
+            .await
+            .unwrap();
+        Client {
+            hv: HypervisorClient::new(c.clone()),
+            info: PodVmInfoClient::new(c),
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit 20 s after SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The Kata-facing clients.
+pub struct Client {
+    pub hv: HypervisorClient,
+    pub info: PodVmInfoClient,
+}
+
+pub fn ctx(secs: u64) -> ttrpc::context::Context {
+    ttrpc::context::with_duration(Duration::from_secs(secs))
+}
+
+impl Client {
+    pub async fn create(
+        &self,
+        id: &str,
+        annotations: HashMap<String, String>,
+    ) -> ttrpc::Result<String> {
+        let req = hypervisor::CreateVMRequest {
+            id: id.to_owned(),
+            annotations,
+            ..Default::default()
+        };
+        self.hv
+            .create_vm(ctx(10), &req)
+            .await
+            .map(|r| r.agentSocketPath)
+    }
+    pub async fn start(&self, id: &str) -> ttrpc::Result<()> {
+        let req = hypervisor::StartVMRequest {
+            id: id.to_owned(),
+            ..Default::default()
+        };
+        self.hv.start_vm(ctx(120), &req).await.map(drop)
+    }
+    /// StopVM with the Rust shim's fixed 1 s deadline.
+    pub async fn stop(&self, id: &str) -> ttrpc::Result<()> {
+        let req = hypervisor::StopVMRequest {
+            id: id.to_owned(),
+            ..Default::default()
+        };
+        self.hv.stop_vm(ctx(1), &req).await.map(drop)
+    }
+    pub async fn info(&self, pod: &str, ns: &str, wait: bool, secs: u64) -> ttrpc::Result<String> {
+        let req = podvminfo::GetInfoRequest {
+            PodName: pod.into(),
+            PodNamespace: ns.into(),
+            Wait: wait,
+            ..Default::default()
+        };
+        self.info.get_info(ctx(secs), &req).await.map(|r| r.VMID)
+    }
+}
+
+/// The status code and message of a ttrpc error.
+pub fn rpc_error(e: ttrpc::Error) -> (ttrpc::Code, String) {
+    match e {
+        ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_owned()),
+        other => panic!("not an RPC status: {other:?}"),
+    }
+}
+
+/// The forwarder process of a local instance, from its instance.json.
+pub fn instance_pid(local_dir: &Path, instance_id: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(
+        local_dir
+            .join("instances")
+            .join(instance_id)
+            .join("instance.json"),
+    )
+    .ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["pid"].as_u64().map(|p| p as u32)
+}
+
+/// True if the process runs (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Kills every forwarder a test left under its local dir.
+pub fn kill_instances(local_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(local_dir.join("instances")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let id = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = instance_pid(local_dir, &id) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.split(|b| *b == 0).any(|a| a == id.as_bytes()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        kill_instances(&self.local_dir());
+    }
+}

@@ -1,0 +1,412 @@
+//! A pod VM's whole life on the local provider, through the real ttrpc
+//! client, checked in the admin endpoint, the metrics and the process table.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use ttrpc::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_start_getinfo_stop_on_the_local_provider() {
+    let setup = Setup::new();
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+    let id = sandbox_id();
+
+    // CreateVM: recorded, no cloud call, the agent socket path returned.
+    let path = client
+        .create(&id, pod_annotations("web", "shop"))
+        .await
+        .unwrap();
+    assert_eq!(
+        path,
+        setup
+            .pods_dir()
+            .join(&id)
+            .join("agent.ttrpc")
+            .to_string_lossy()
+    );
+    assert!(
+        setup.pods_dir().join(&id).is_dir(),
+        "the pod directory exists"
+    );
+    let rec = daemon.instance(&id).await.unwrap();
+    assert_eq!(rec["state"], "pending");
+    assert_eq!(rec["pod_name"], "web");
+    assert_eq!(rec["pod_namespace"], "shop");
+    assert_eq!(rec["instance_name"], format!("podvm-web-{}", &id[..8]));
+    assert!(rec["instance_id"].is_null());
+    assert_eq!(
+        daemon
+            .metric("podvisor_instances", &[("state", "pending")])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_provider_requests_total",
+                &[("operation", "create")]
+            )
+            .await,
+        0.0
+    );
+
+    // StartVM: returns once the instance runs and its forwarder answers.
+    client.start(&id).await.unwrap();
+    let rec = daemon.instance(&id).await.unwrap();
+    assert_eq!(rec["state"], "running");
+    let instance_id = rec["instance_id"].as_str().unwrap().to_owned();
+    let ip = rec["ips"][0].as_str().unwrap().to_owned();
+    assert!(ip.starts_with("127."), "a loopback address: {ip}");
+    assert_eq!(rec["generation"], 1);
+    let pid = instance_pid(&setup.local_dir(), &instance_id).expect("the instance has a process");
+    assert!(alive(pid), "the forwarder process runs while Running");
+    std::net::TcpStream::connect((ip.as_str(), setup.forwarder_port))
+        .expect("the forwarder answers");
+    assert_eq!(
+        daemon
+            .metric("podvisor_instances", &[("state", "running")])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        daemon
+            .metric("podvisor_instances", &[("state", "pending")])
+            .await,
+        0.0
+    );
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_state_transitions_total",
+                &[("from", "creating"), ("to", "running")]
+            )
+            .await,
+        1.0
+    );
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_provider_requests_total",
+                &[("operation", "create"), ("outcome", "ok")]
+            )
+            .await,
+        1.0
+    );
+    assert_eq!(
+        daemon
+            .metric("podvisor_vm_start_duration_seconds_count", &[])
+            .await,
+        1.0
+    );
+
+    // A second StartVM of a Running sandbox succeeds.
+    client.start(&id).await.unwrap();
+
+    // GetInfo: the instance id, by pod.
+    assert_eq!(
+        client.info("web", "shop", false, 5).await.unwrap(),
+        instance_id
+    );
+    assert_eq!(
+        client.info("web", "shop", true, 5).await.unwrap(),
+        instance_id
+    );
+
+    // StopVM: acknowledged within the Rust shim's 1 s deadline; deletion follows.
+    client.stop(&id).await.unwrap();
+    eventually("the record to go", Duration::from_secs(20), async || {
+        daemon.instance(&id).await.is_none().then_some(())
+    })
+    .await;
+    assert!(!alive(pid), "the forwarder process is gone after StopVM");
+    assert!(
+        !setup
+            .local_dir()
+            .join("instances")
+            .join(&instance_id)
+            .exists()
+    );
+    assert!(
+        !setup.pods_dir().join(&id).exists(),
+        "the pod directory is removed"
+    );
+    assert_eq!(
+        daemon
+            .metric("podvisor_instances", &[("state", "running")])
+            .await,
+        0.0
+    );
+    assert_eq!(
+        daemon
+            .metric("podvisor_instances", &[("state", "deleting")])
+            .await,
+        0.0
+    );
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_state_transitions_total",
+                &[("from", "deleting"), ("to", "removed")]
+            )
+            .await,
+        1.0
+    );
+    // StopVM of a sandbox that is gone succeeds.
+    client.stop(&id).await.unwrap();
+    let (code, _) = rpc_error(client.start(&id).await.unwrap_err());
+    assert_eq!(code, Code::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_input_gets_its_own_error() {
+    let mut setup = Setup::new();
+    setup
+        .global
+        .extend(["--peerpods-limit-per-node".into(), "2".into()]);
+    let daemon = setup.start().await;
+    let c = daemon.client().await;
+    let ann = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let expect = async |r: ttrpc::Result<String>, code: Code, words: &[&str]| {
+        let (got, message) = rpc_error(r.unwrap_err());
+        assert_eq!(got, code, "{message}");
+        for w in words {
+            assert!(message.contains(w), "{message:?} lacks {w:?}");
+        }
+    };
+
+    expect(
+        c.create("", pod_annotations("p", "n")).await,
+        Code::INVALID_ARGUMENT,
+        &["sandbox id is empty"],
+    )
+    .await;
+    expect(
+        c.create("../etc", pod_annotations("p", "n")).await,
+        Code::INVALID_ARGUMENT,
+        &["may only hold"],
+    )
+    .await;
+    expect(
+        c.create("s1", ann(&[("io.kubernetes.cri.sandbox-name", "p")]))
+            .await,
+        Code::INVALID_ARGUMENT,
+        &["io.kubernetes.cri.sandbox-namespace"],
+    )
+    .await;
+    expect(
+        c.create("s1", ann(&[])).await,
+        Code::INVALID_ARGUMENT,
+        &["pod's name and namespace are required"],
+    )
+    .await;
+    let mut bad = pod_annotations("p", "n");
+    bad.insert(
+        "io.katacontainers.config.hypervisor.default_vcpus".into(),
+        "lots".into(),
+    );
+    expect(
+        c.create("s1", bad).await,
+        Code::INVALID_ARGUMENT,
+        &["default_vcpus", "'lots'"],
+    )
+    .await;
+    let mut bad = pod_annotations("p", "n");
+    bad.insert(
+        "io.katacontainers.config.hypervisor.default_memory".into(),
+        "4Gi".into(),
+    );
+    expect(
+        c.create("s1", bad).await,
+        Code::INVALID_ARGUMENT,
+        &["default_memory", "'4Gi'"],
+    )
+    .await;
+    let mut bad = pod_annotations("p", "n");
+    bad.insert(
+        "io.katacontainers.config.hypervisor.cc_init_data".into(),
+        "%%%".into(),
+    );
+    expect(
+        c.create("s1", bad).await,
+        Code::INVALID_ARGUMENT,
+        &["cc_init_data", "base64"],
+    )
+    .await;
+    assert!(
+        daemon.instance("s1").await.is_none(),
+        "nothing recorded for bad input"
+    );
+
+    let start = |id: &str| {
+        let id = id.to_owned();
+        let c = &c;
+        async move { c.start(&id).await.map(|()| String::new()) }
+    };
+    expect(start("").await, Code::INVALID_ARGUMENT, &["empty"]).await;
+    expect(
+        start("never-created").await,
+        Code::NOT_FOUND,
+        &["never-created", "not known"],
+    )
+    .await;
+    c.stop("never-created")
+        .await
+        .expect("StopVM of an unknown sandbox succeeds");
+    let (code, _) = rpc_error(c.stop("").await.unwrap_err());
+    assert_eq!(code, Code::INVALID_ARGUMENT);
+
+    // Duplicates: the same pod again is the same answer; another pod is refused.
+    let p1 = c.create("dup", pod_annotations("p", "n")).await.unwrap();
+    assert_eq!(
+        c.create("dup", pod_annotations("p", "n")).await.unwrap(),
+        p1
+    );
+    expect(
+        c.create("dup", pod_annotations("other", "n")).await,
+        Code::ALREADY_EXISTS,
+        &["dup", "already exists"],
+    )
+    .await;
+
+    // The per-node limit (2): the third live pod VM is refused, naming the flag.
+    c.create("second", pod_annotations("q", "n")).await.unwrap();
+    expect(
+        c.create("third", pod_annotations("r", "n")).await,
+        Code::RESOURCE_EXHAUSTED,
+        &["2 of 2", "--peerpods-limit-per-node"],
+    )
+    .await;
+    c.stop("second").await.unwrap();
+    eventually("a slot to free up", Duration::from_secs(10), async || {
+        c.create("third", pod_annotations("r", "n")).await.ok()
+    })
+    .await;
+
+    // GetInfo.
+    let info = |pod: &str, ns: &str, wait: bool| {
+        let (pod, ns) = (pod.to_owned(), ns.to_owned());
+        let c = &c;
+        async move { c.info(&pod, &ns, wait, 2).await }
+    };
+    expect(
+        info("", "n", false).await,
+        Code::INVALID_ARGUMENT,
+        &["PodName"],
+    )
+    .await;
+    expect(
+        info("nobody", "n", false).await,
+        Code::NOT_FOUND,
+        &["n/nobody"],
+    )
+    .await;
+    expect(
+        info("p", "n", false).await,
+        Code::FAILED_PRECONDITION,
+        &["no instance yet"],
+    )
+    .await;
+    // Waiting for a pod that never starts ends at the caller's deadline.
+    let r = info("p", "n", true).await.unwrap_err();
+    assert!(
+        matches!(&r, ttrpc::Error::RpcStatus(s) if s.code() == Code::DEADLINE_EXCEEDED)
+            || matches!(&r, ttrpc::Error::Others(m) if m.contains("deadline")),
+        "{r:?}"
+    );
+
+    assert!(
+        daemon
+            .metric(
+                "podvisor_api_requests_total",
+                &[("code", "invalid_argument")]
+            )
+            .await
+            >= 7.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_sandboxes_concurrently() {
+    let mut setup = Setup::new();
+    setup.global.extend([
+        "--peerpods-limit-per-node".into(),
+        "0".into(),
+        "--provider-rate".into(),
+        "1000".into(),
+        "--provider-burst".into(),
+        "100".into(),
+    ]);
+    let daemon = setup.start().await;
+    let client = std::sync::Arc::new(daemon.client().await);
+    let ids: Vec<String> = (0..50).map(|_| sandbox_id()).collect();
+    let mut tasks = Vec::new();
+    for (n, id) in ids.iter().enumerate() {
+        let (c, id) = (client.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            c.create(&id, pod_annotations(&format!("pod-{n}"), "load"))
+                .await
+                .unwrap();
+            c.start(&id).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (_, list) = daemon.get("/v1/instances").await.unwrap();
+    let instances = list["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 50);
+    assert!(instances.iter().all(|i| i["state"] == "running"));
+    let mut ips: Vec<_> = instances
+        .iter()
+        .map(|i| i["ips"][0].as_str().unwrap().to_owned())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 50, "every pod VM has its own address");
+    assert_eq!(
+        daemon
+            .metric("podvisor_instances", &[("state", "running")])
+            .await,
+        50.0
+    );
+
+    let mut tasks = Vec::new();
+    for id in &ids {
+        let (c, id) = (client.clone(), id.clone());
+        tasks.push(tokio::spawn(async move { c.stop(&id).await.unwrap() }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    eventually(
+        "all 50 to be deleted",
+        Duration::from_secs(60),
+        async || {
+            let (_, list) = daemon.get("/v1/instances").await.unwrap();
+            list["instances"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    let left = std::fs::read_dir(setup.local_dir().join("instances"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0, "no instance left in the provider");
+    assert_eq!(
+        daemon
+            .metric("podvisor_state_transitions_total", &[("to", "removed")])
+            .await,
+        50.0
+    );
+}

@@ -1,0 +1,310 @@
+//! Restarts: every pod VM is accounted for after SIGKILL or SIGTERM; orphans
+//! are collected; the journal survives corruption and is never shared.
+
+mod common;
+
+use common::*;
+use podvisor_providers::Provider;
+use podvisor_providers::local::LocalProvider;
+use std::time::Duration;
+
+/// Running and Deleting sandboxes, a restart, and each ends where it must.
+async fn restart_with_running_and_deleting(kill: bool) {
+    let mut setup = Setup::new();
+    // The first daemon's deletes hang (a slow cloud), so StopVM leaves a
+    // sandbox in Deleting when the daemon goes down.
+    setup.local.extend(["--delete-delay".into(), "1h".into()]);
+    let mut daemon = setup.start().await;
+    let client = daemon.client().await;
+    let (running, deleting) = (sandbox_id(), sandbox_id());
+    for (id, pod) in [(&running, "keeps"), (&deleting, "goes")] {
+        client.create(id, pod_annotations(pod, "ns")).await.unwrap();
+        client.start(id).await.unwrap();
+    }
+    let kept = daemon.instance(&running).await.unwrap();
+    let kept_id = kept["instance_id"].as_str().unwrap().to_owned();
+    let kept_pid = instance_pid(&setup.local_dir(), &kept_id).unwrap();
+    let gone_id = daemon.instance(&deleting).await.unwrap()["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let gone_pid = instance_pid(&setup.local_dir(), &gone_id).unwrap();
+
+    client.stop(&deleting).await.unwrap();
+    assert_eq!(
+        daemon.instance(&deleting).await.unwrap()["state"],
+        "deleting"
+    );
+
+    if kill {
+        daemon.kill9();
+    } else {
+        assert!(
+            daemon.sigterm().success(),
+            "clean exit:\n{}",
+            daemon.log_text()
+        );
+        assert!(
+            !setup.socket().exists(),
+            "the socket is removed on a clean exit"
+        );
+    }
+    drop(daemon);
+    assert!(
+        alive(kept_pid) && alive(gone_pid),
+        "pod VMs outlive the daemon"
+    );
+
+    setup.local.clear(); // the cloud is fast again
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+
+    // Running is Running again, with the same instance (and process).
+    let rec = daemon.instance(&running).await.unwrap();
+    assert_eq!(rec["state"], "running");
+    assert_eq!(rec["instance_id"], kept_id.as_str());
+    assert!(alive(kept_pid));
+    assert_eq!(client.info("keeps", "ns", false, 5).await.unwrap(), kept_id);
+    client
+        .start(&running)
+        .await
+        .expect("StartVM of the recovered sandbox succeeds");
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_recovered_instances_total",
+                &[("action", "verified")]
+            )
+            .await,
+        1.0
+    );
+
+    // Deleting finishes.
+    eventually(
+        "the Deleting sandbox to finish",
+        Duration::from_secs(20),
+        async || daemon.instance(&deleting).await.is_none().then_some(()),
+    )
+    .await;
+    assert!(!alive(gone_pid));
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_recovered_instances_total",
+                &[("action", "resumed_delete")]
+            )
+            .await,
+        1.0
+    );
+
+    // And the survivor still stops cleanly.
+    client.stop(&running).await.unwrap();
+    eventually(
+        "the recovered sandbox to stop",
+        Duration::from_secs(20),
+        async || daemon.instance(&running).await.is_none().then_some(()),
+    )
+    .await;
+    assert!(!alive(kept_pid));
+    let left = std::fs::read_dir(setup.local_dir().join("instances"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0, "nothing leaked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_running_and_deleting_sandboxes_loses_nothing() {
+    restart_with_running_and_deleting(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_running_and_deleting_sandboxes_loses_nothing() {
+    restart_with_running_and_deleting(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creating_sandbox_killed_mid_create_is_adopted_not_duplicated() {
+    let mut setup = Setup::new();
+    setup.local.extend(["--create-delay".into(), "1h".into()]);
+    let mut daemon = setup.start().await;
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("slow", "ns"))
+        .await
+        .unwrap();
+    // StartVM blocks on the hour-long create; the record is Creating.
+    let starter = {
+        let c = daemon.client().await;
+        let id = id.clone();
+        tokio::spawn(async move { c.start(&id).await })
+    };
+    eventually(
+        "Creating to be journaled",
+        Duration::from_secs(10),
+        async || (daemon.instance(&id).await.unwrap()["state"] == "creating").then_some(()),
+    )
+    .await;
+    daemon.kill9();
+    let _ = starter.await;
+    drop(client);
+    setup.local.clear();
+    let daemon = setup.start().await;
+    // Recovery re-issues the same idempotent create and reaches Running.
+    eventually(
+        "the recovered create to run",
+        Duration::from_secs(20),
+        async || (daemon.instance(&id).await.unwrap()["state"] == "running").then_some(()),
+    )
+    .await;
+    let rec = daemon.instance(&id).await.unwrap();
+    assert_eq!(
+        rec["generation"], 1,
+        "the same generation (token), not a new one"
+    );
+    let n = std::fs::read_dir(setup.local_dir().join("instances"))
+        .unwrap()
+        .count();
+    assert_eq!(n, 1, "exactly one instance for the sandbox");
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_recovered_instances_total",
+                &[("action", "recreated")]
+            )
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gc_deletes_orphans_tagged_with_this_node_and_spares_others() {
+    let mut setup = Setup::new();
+    setup.global.extend([
+        "--gc-interval".into(),
+        "1s".into(),
+        "--gc-grace-period".into(),
+        "0s".into(),
+    ]);
+    // Instances made behind the daemon's back: one for this node, one for another.
+    let provider = LocalProvider::new(
+        setup.local_dir(),
+        podvisor_podvm::testing::forwarder_binary().unwrap(),
+        setup.forwarder_port,
+    )
+    .unwrap();
+    let ours = podvisor_providers::conformance::Fixture::new(&setup.node).request(1);
+    let theirs = podvisor_providers::conformance::Fixture::new("another-node").request(1);
+    let orphan = provider.create_instance(&ours).await.unwrap();
+    let foreign = provider.create_instance(&theirs).await.unwrap();
+    let orphan_pid = instance_pid(&setup.local_dir(), &orphan.id).unwrap();
+
+    let daemon = setup.start().await;
+    // A live sandbox of this node must survive every GC pass.
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("live", "ns"))
+        .await
+        .unwrap();
+    client.start(&id).await.unwrap();
+
+    eventually(
+        "the orphan to be deleted",
+        Duration::from_secs(20),
+        async || {
+            (!setup
+                .local_dir()
+                .join("instances")
+                .join(&orphan.id)
+                .exists())
+            .then_some(())
+        },
+    )
+    .await;
+    assert!(!alive(orphan_pid));
+    assert_eq!(
+        daemon.metric("podvisor_orphans_deleted_total", &[]).await,
+        1.0
+    );
+    // Several more passes: the foreign instance and the live one stay.
+    let runs = daemon.metric("podvisor_gc_runs_total", &[]).await;
+    eventually("two more GC passes", Duration::from_secs(20), async || {
+        (daemon.metric("podvisor_gc_runs_total", &[]).await >= runs + 2.0).then_some(())
+    })
+    .await;
+    assert!(
+        setup
+            .local_dir()
+            .join("instances")
+            .join(&foreign.id)
+            .exists(),
+        "another node's instance is not ours to delete"
+    );
+    assert_eq!(daemon.instance(&id).await.unwrap()["state"], "running");
+    assert_eq!(
+        daemon.metric("podvisor_orphans_deleted_total", &[]).await,
+        1.0
+    );
+    provider.delete_instance(&foreign.id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_journal_record_is_quarantined_and_the_rest_recover() {
+    let setup = Setup::new();
+    let mut daemon = setup.start().await;
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("ok", "ns"))
+        .await
+        .unwrap();
+    daemon.kill9();
+    drop(daemon);
+    {
+        // Bytes written by hand: a truncated record.
+        let journal =
+            podvisor_state::SledJournal::open(&setup.state_dir().join("journal")).unwrap();
+        journal
+            .put_raw(
+                "broken-sandbox",
+                br#"{"schema_version":1,"sandbox_id":"brok"#,
+            )
+            .unwrap();
+        use podvisor_state::Journal;
+        journal.flush().unwrap();
+    }
+    let daemon = setup.start().await;
+    assert_eq!(
+        daemon.instance(&id).await.unwrap()["state"],
+        "pending",
+        "the good record is back"
+    );
+    assert!(daemon.instance("broken-sandbox").await.is_none());
+    assert_eq!(
+        daemon
+            .metric("podvisor_journal_quarantined_records_total", &[])
+            .await,
+        1.0
+    );
+    assert!(
+        daemon.log_text().contains("journal record quarantined"),
+        "{}",
+        daemon.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_never_share_a_journal() {
+    let setup = Setup::new();
+    let _first = setup.start().await;
+    let mut second = Setup::new();
+    second.shared_state = Some(setup.state_dir());
+    let out = second.command().output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Cannot open the journal") && err.contains("another running podvisor"),
+        "{err}"
+    );
+}
