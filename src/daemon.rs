@@ -41,7 +41,7 @@ pub fn run(
             .build()
             .expect("the tokio runtime starts")
     });
-    let code = system.block_on(async move {
+    system.block_on(async move {
         match serve(global, manager, provider).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -50,8 +50,7 @@ pub fn run(
                 ExitCode::FAILURE
             }
         }
-    });
-    code
+    })
 }
 
 fn init_logging(global: &GlobalArgs) -> Result<(), String> {
@@ -141,7 +140,7 @@ async fn serve(
         forwarder_port: global.forwarder_port,
         state_dir: global.state_dir.clone(),
     };
-    let provider = Metered::new(
+    let provider = Metered::wrap(
         provider_config
             .build(&context)
             .await

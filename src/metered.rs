@@ -14,7 +14,7 @@ pub struct Metered {
 
 impl Metered {
     /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn Provider>) -> Arc<dyn Provider> {
+    pub fn wrap(inner: Arc<dyn Provider>) -> Arc<dyn Provider> {
         Arc::new(Self { inner })
     }
 

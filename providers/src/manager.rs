@@ -66,11 +66,11 @@ pub trait CloudManager: Send + Sync {
 
 /// Every provider compiled into this build, in CLI order.
 pub fn registry() -> Vec<&'static dyn CloudManager> {
-    #[allow(unused_mut)]
-    let mut managers: Vec<&'static dyn CloudManager> = Vec::new();
-    #[cfg(feature = "local")]
-    managers.push(&crate::local::LocalManager);
-    managers
+    vec![
+        // One line per provider, behind its cargo feature.
+        #[cfg(feature = "local")]
+        &crate::local::LocalManager,
+    ]
 }
 
 /// The manager of the provider called `name`, if this build has it.

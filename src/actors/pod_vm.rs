@@ -158,7 +158,7 @@ impl PodVm {
                 };
                 ctx.spawn(write.into_actor(self).map(move |result, act, ctx| {
                     match &result {
-                        Ok(()) => act.deps.view.update(record),
+                        Ok(()) => act.deps.view.update(*record),
                         Err(e) => {
                             metrics::counter!(metrics::JOURNAL_ERRORS).increment(1);
                             tracing::error!(sandbox = %act.sandbox_id(), error = %e, "journal write failed");

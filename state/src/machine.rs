@@ -208,7 +208,7 @@ impl Operation {
 pub enum Command {
     /// Write this record to the journal and flush; answer with
     /// [`Event::Persisted`].
-    Persist(InstanceRecord),
+    Persist(Box<InstanceRecord>),
     /// Create the instance of the durable record (its token, name and spec);
     /// unless `first_attempt`, look it up by token first and adopt it.
     /// Answer with [`Event::Ensured`].
@@ -779,7 +779,7 @@ impl PodVmMachine {
             && self.durable.as_ref() != Some(&self.target)
         {
             self.writing = Some(self.target.clone());
-            out.push(Command::Persist(self.target.clone()));
+            out.push(Command::Persist(Box::new(self.target.clone())));
         }
 
         // 4. Answers that follow the durable state.
@@ -877,7 +877,7 @@ impl PodVmMachine {
             && self.durable.as_ref() != Some(&self.target)
         {
             self.writing = Some(self.target.clone());
-            out.push(Command::Persist(self.target.clone()));
+            out.push(Command::Persist(Box::new(self.target.clone())));
         }
     }
 

@@ -38,7 +38,7 @@ fn failure(retryable: bool) -> OpFailure {
 /// The persisted record in a command list, if any.
 fn persisted(cmds: &[Command]) -> Option<&InstanceRecord> {
     cmds.iter().find_map(|c| match c {
-        Command::Persist(r) => Some(r),
+        Command::Persist(r) => Some(&**r),
         _ => None,
     })
 }
@@ -52,7 +52,7 @@ fn without_timers(cmds: Vec<Command>) -> Vec<Command> {
 /// A machine whose Pending record is durable.
 fn created() -> PodVmMachine {
     let (mut m, cmds) = PodVmMachine::create(pending(), config(), 7);
-    assert_eq!(cmds, vec![Command::Persist(pending())]);
+    assert_eq!(cmds, vec![Command::Persist(Box::new(pending()))]);
     let cmds = m.on_event(Event::Persisted(Ok(())), T0);
     assert_eq!(without_timers(cmds), vec![Command::ReplyCreate(Ok(()))]);
     m
@@ -82,7 +82,7 @@ fn create_vm_journals_pending_before_answering() {
     let (mut m, cmds) = PodVmMachine::create(pending(), config(), 1);
     assert_eq!(
         cmds,
-        vec![Command::Persist(pending())],
+        vec![Command::Persist(Box::new(pending()))],
         "no answer before the write"
     );
     let cmds = m.on_event(Event::Persisted(Ok(())), T0);
@@ -735,7 +735,7 @@ fn run_simulation(seed: u64) {
                             r.state
                         );
                     }
-                    inflight.persist = Some(r.clone());
+                    inflight.persist = Some((**r).clone());
                 }
                 Command::Ensure { first_attempt } => {
                     assert!(
@@ -897,7 +897,6 @@ fn run_simulation(seed: u64) {
     // Drain: stop if nobody did, then let every operation succeed.
     if !m.is_forgotten() && !stop_sent {
         queue.extend(m.on_event(Event::Stop(100), now));
-        stop_sent = true;
     }
     for _ in 0..200 {
         if m.is_forgotten() {
@@ -908,7 +907,7 @@ fn run_simulation(seed: u64) {
         for c in queue.drain(..) {
             match c {
                 Command::Persist(r) => {
-                    journal = Some(r);
+                    journal = Some(*r);
                     next.push(Event::Persisted(Ok(())));
                 }
                 Command::Ensure { .. } => {

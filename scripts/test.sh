@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what the tests need,
+# checks formatting and lints, then runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages the tests need. (Today: none beyond the Rust toolchain;
+# protoc comes from the protoc-bin-vendored crate.)
+need_apt=()
+if ((${#need_apt[@]})); then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq "${need_apt[@]}"
+    fi
+fi
+
+echo "== format"
+cargo fmt --all -- --check
+
+echo "== lint"
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+
+echo "== tests"
+cargo test --workspace --all-features --locked
