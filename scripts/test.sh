@@ -4,14 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests need. (Today: none beyond the Rust toolchain;
-# protoc comes from the protoc-bin-vendored crate.)
-need_apt=()
+# System packages the tests need (protoc comes from the protoc-bin-vendored
+# crate, so it is not one of them).
+need_apt=(prometheus) # promtool: checks the alert rules and the dashboard queries
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
     else
-        sudo apt-get update -qq && sudo apt-get install -y -qq "${need_apt[@]}"
+        sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
     fi
 fi
 

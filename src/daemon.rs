@@ -19,6 +19,7 @@ use crate::view::InstanceView;
 use actix::Actor;
 use podvisor_providers::{CloudManager, ProviderConfig, ProviderContext};
 use podvisor_state::{Backoff, Journal, MachineConfig, SledJournal};
+use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +43,9 @@ pub fn run(
             .expect("the tokio runtime starts")
     });
     system.block_on(async move {
-        match serve(global, manager, provider).await {
+        let served = serve(global, manager.name(), provider, wait_for_signal()).await;
+        actix_rt::System::current().stop();
+        match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "podvisor cannot run");
@@ -83,10 +86,16 @@ fn node_name(global: &GlobalArgs) -> Result<String, String> {
     }
 }
 
-async fn serve(
+/// Serves with the provider `provider_config` builds, until `shutdown`
+/// completes; then stops accepting, flushes the journal and tears the
+/// provider down. Pod VMs stay as they are. Must run inside an actix
+/// `System` on a multi-threaded Tokio runtime; [`run`] sets that up, and
+/// benchmarks call this directly with their own provider.
+pub async fn serve(
     global: GlobalArgs,
-    manager: &'static dyn CloudManager,
+    provider_name: &'static str,
     provider_config: Box<dyn ProviderConfig>,
+    shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     let metrics_handle = metrics::install()?;
     let upkeep = metrics_handle.clone();
@@ -144,7 +153,7 @@ async fn serve(
         provider_config
             .build(&context)
             .await
-            .map_err(|e| format!("provider {}: {e}", manager.name()))?,
+            .map_err(|e| format!("provider {provider_name}: {e}"))?,
     );
     let policy = CallPolicy {
         max_inflight: global.provider_max_inflight,
@@ -159,15 +168,15 @@ async fn serve(
     };
     let calls = Arc::new(ProviderCalls::new(provider, policy));
     match calls.verify().await {
-        Ok(()) => tracing::info!(provider = manager.name(), "provider configuration verified"),
+        Ok(()) => tracing::info!(provider = provider_name, "provider configuration verified"),
         Err(e) if global.cloud_config_verify => {
             return Err(format!(
                 "provider {} configuration does not verify (--cloud-config-verify): {e}",
-                manager.name()
+                provider_name
             ));
         }
         Err(e) => {
-            tracing::warn!(provider = manager.name(), error = %e, "provider configuration does not verify")
+            tracing::warn!(provider = provider_name, error = %e, "provider configuration does not verify")
         }
     }
 
@@ -220,7 +229,7 @@ async fn serve(
     let status = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "node": node,
-        "provider": manager.name(),
+        "provider": provider_name,
         "provider_config": provider_config.summary(),
         "socket": global.socket,
         "pods_dir": global.pods_dir,
@@ -277,13 +286,13 @@ async fn serve(
         socket = %global.socket.display(),
         admin = %global.admin_addr,
         grpc = %global.grpc_addr,
-        provider = manager.name(),
+        provider = provider_name,
         node = %context.node_name,
         "podvisor serving"
     );
 
     // 5. Until asked to stop.
-    wait_for_signal().await;
+    shutdown.await;
     tracing::info!(
         "shutting down: no new requests; the journal is flushed; pod VMs stay as they are"
     );
@@ -303,7 +312,6 @@ async fn serve(
     if let Err(e) = calls.teardown().await {
         tracing::warn!(error = %e, "provider teardown failed");
     }
-    actix_rt::System::current().stop();
     Ok(())
 }
 

@@ -48,8 +48,15 @@ const FLUSH_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
-/// Installs the global recorder and describes every metric. Call once.
+/// The recorder, once installed: a process has one.
+static INSTALLED: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+
+/// Installs the global recorder and describes every metric; later calls (a
+/// benchmark serving twice in one process) get the same recorder.
 pub fn install() -> Result<PrometheusHandle, String> {
+    if let Some(handle) = INSTALLED.get() {
+        return Ok(handle.clone());
+    }
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(PROVIDER_REQUEST_DURATION.into()),
@@ -66,7 +73,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .install_recorder()
         .map_err(|e| format!("metrics recorder: {e}"))?;
     describe();
-    Ok(handle)
+    Ok(INSTALLED.get_or_init(|| handle).clone())
 }
 
 fn describe() {
