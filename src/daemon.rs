@@ -71,6 +71,16 @@ fn init_logging(global: &GlobalArgs) -> Result<(), String> {
     result.map_err(|e| format!("cannot set up logging: {e}"))
 }
 
+/// Creates `dir` and its missing parents, readable by the owner only (an
+/// existing directory keeps its mode).
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// This node's name: the flag, else the host name.
 fn node_name(global: &GlobalArgs) -> Result<String, String> {
     match &global.node_name {
@@ -111,11 +121,18 @@ pub async fn serve(
         ("state-dir", &global.state_dir),
         ("pods-dir", &global.pods_dir),
     ] {
-        std::fs::create_dir_all(dir).map_err(|e| format!("--{flag} {}: {e}", dir.display()))?;
+        create_private_dir(dir).map_err(|e| format!("--{flag} {}: {e}", dir.display()))?;
     }
 
-    // 1. The journal, before anything else: it is the truth.
+    // 1. The journal, before anything else: it is the truth. It holds pods'
+    // initdata, so only root may read it.
     let journal_dir = global.state_dir.join("journal");
+    create_private_dir(&journal_dir)
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&journal_dir, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(|e| format!("--state-dir {}: {e}", journal_dir.display()))?;
     let journal: Arc<dyn Journal> = {
         let dir = journal_dir.clone();
         Arc::new(
@@ -135,6 +152,22 @@ pub async fn serve(
     for q in &loaded.quarantined {
         metrics::counter!(metrics::JOURNAL_QUARANTINED).increment(1);
         tracing::error!(key = %q.key, reason = %q.reason, "journal record quarantined: it could not be read and was moved aside");
+    }
+    // Every record ever quarantined (this start's included), not only this
+    // start's: the GC keeps sparing their instances across restarts until an
+    // operator decides.
+    let quarantine = {
+        let j = journal.clone();
+        tokio::task::spawn_blocking(move || j.quarantined())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
+    if !quarantine.is_empty() {
+        tracing::warn!(
+            records = quarantine.len(),
+            "the journal's quarantine holds records; their instances are never garbage-collected"
+        );
     }
     tracing::info!(
         records = loaded.records.len(),
@@ -215,7 +248,7 @@ pub async fn serve(
         },
     )
     .start();
-    let quarantined = loaded.quarantined.iter().map(|q| q.key.clone()).collect();
+    let quarantined = quarantine.iter().map(|q| q.key.clone()).collect();
     supervisor
         .send(Recover {
             records: loaded.records,
@@ -293,9 +326,7 @@ pub async fn serve(
 
     // 5. Until asked to stop.
     shutdown.await;
-    tracing::info!(
-        "shutting down: no new requests; the journal is flushed; pod VMs stay as they are"
-    );
+    tracing::info!("shutting down: no new requests; pod VMs stay as they are");
     ttrpc_server
         .shutdown()
         .await
@@ -309,6 +340,7 @@ pub async fn serve(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    tracing::info!("journal flushed");
     if let Err(e) = calls.teardown().await {
         tracing::warn!(error = %e, "provider teardown failed");
     }

@@ -3,6 +3,7 @@
 use crate::metrics;
 use async_trait::async_trait;
 use podvisor_providers::{CreateRequest, Instance, Provider, ProviderError};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,21 +19,56 @@ impl Metered {
         Arc::new(Self { inner })
     }
 
-    fn record<T>(
+    /// Runs one call of `operation`, timing and counting it — also when
+    /// it never finishes because the caller gave up (its time limit passed):
+    /// that call counts with the outcome `cancelled`.
+    async fn timed<T>(
         &self,
         operation: &'static str,
-        started: Instant,
-        result: &Result<T, ProviderError>,
-    ) {
-        let provider = self.inner.name();
-        let outcome = match result {
+        call: impl Future<Output = Result<T, ProviderError>>,
+    ) -> Result<T, ProviderError> {
+        let mut unfinished = Unfinished {
+            provider: self.inner.name(),
+            operation,
+            started: Instant::now(),
+            armed: true,
+        };
+        let result = call.await;
+        unfinished.armed = false;
+        let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.class.as_str(),
         };
-        metrics::histogram!(metrics::PROVIDER_REQUEST_DURATION, "provider" => provider, "operation" => operation)
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!(metrics::PROVIDER_REQUESTS, "provider" => provider, "operation" => operation, "outcome" => outcome)
-            .increment(1);
+        record(unfinished.provider, operation, unfinished.started, outcome);
+        result
+    }
+}
+
+fn record(
+    provider: &'static str,
+    operation: &'static str,
+    started: Instant,
+    outcome: &'static str,
+) {
+    metrics::histogram!(metrics::PROVIDER_REQUEST_DURATION, "provider" => provider, "operation" => operation)
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!(metrics::PROVIDER_REQUESTS, "provider" => provider, "operation" => operation, "outcome" => outcome)
+        .increment(1);
+}
+
+/// Counts a call dropped before it finished.
+struct Unfinished {
+    provider: &'static str,
+    operation: &'static str,
+    started: Instant,
+    armed: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if self.armed {
+            record(self.provider, self.operation, self.started, "cancelled");
+        }
     }
 }
 
@@ -43,17 +79,13 @@ impl Provider for Metered {
     }
 
     async fn create_instance(&self, request: &CreateRequest) -> Result<Instance, ProviderError> {
-        let t = Instant::now();
-        let r = self.inner.create_instance(request).await;
-        self.record("create", t, &r);
-        r
+        self.timed("create", self.inner.create_instance(request))
+            .await
     }
 
     async fn delete_instance(&self, instance_id: &str) -> Result<(), ProviderError> {
-        let t = Instant::now();
-        let r = self.inner.delete_instance(instance_id).await;
-        self.record("delete", t, &r);
-        r
+        self.timed("delete", self.inner.delete_instance(instance_id))
+            .await
     }
 
     async fn find_instance(
@@ -61,30 +93,98 @@ impl Provider for Metered {
         token: &str,
         name: &str,
     ) -> Result<Option<Instance>, ProviderError> {
-        let t = Instant::now();
-        let r = self.inner.find_instance(token, name).await;
-        self.record("find", t, &r);
-        r
+        self.timed("find", self.inner.find_instance(token, name))
+            .await
     }
 
     async fn list_instances(&self, key: &str, value: &str) -> Result<Vec<Instance>, ProviderError> {
-        let t = Instant::now();
-        let r = self.inner.list_instances(key, value).await;
-        self.record("list", t, &r);
-        r
+        self.timed("list", self.inner.list_instances(key, value))
+            .await
     }
 
     async fn verify_config(&self) -> Result<(), ProviderError> {
-        let t = Instant::now();
-        let r = self.inner.verify_config().await;
-        self.record("verify", t, &r);
-        r
+        self.timed("verify", self.inner.verify_config()).await
     }
 
     async fn teardown(&self) -> Result<(), ProviderError> {
-        let t = Instant::now();
-        let r = self.inner.teardown().await;
-        self.record("teardown", t, &r);
-        r
+        self.timed("teardown", self.inner.teardown()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+    use podvisor_providers::InstanceStatus;
+    use std::time::Duration;
+
+    /// A cloud that never answers a create and finds nothing.
+    struct Hanging;
+
+    #[async_trait]
+    impl Provider for Hanging {
+        fn name(&self) -> &'static str {
+            "hanging"
+        }
+        async fn create_instance(&self, _: &CreateRequest) -> Result<Instance, ProviderError> {
+            std::future::pending().await
+        }
+        async fn delete_instance(&self, _: &str) -> Result<(), ProviderError> {
+            Err(ProviderError::not_found("gone"))
+        }
+        async fn find_instance(
+            &self,
+            _: &str,
+            name: &str,
+        ) -> Result<Option<Instance>, ProviderError> {
+            Ok(Some(Instance {
+                id: "i-1".into(),
+                name: name.into(),
+                ips: vec![],
+                tags: Default::default(),
+                created_at: None,
+                status: InstanceStatus::Running,
+            }))
+        }
+        async fn list_instances(&self, _: &str, _: &str) -> Result<Vec<Instance>, ProviderError> {
+            Ok(vec![])
+        }
+        async fn verify_config(&self) -> Result<(), ProviderError> {
+            Ok(())
+        }
+        async fn teardown(&self) -> Result<(), ProviderError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_call_is_counted_by_outcome_including_calls_cut_off_by_a_time_limit() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        ::metrics::with_local_recorder(&recorder, || {
+            runtime.block_on(async {
+                let p = Metered::wrap(Arc::new(Hanging));
+                let request = podvisor_providers::conformance::Fixture::new("n").request(1);
+                let cut =
+                    tokio::time::timeout(Duration::from_millis(20), p.create_instance(&request))
+                        .await;
+                assert!(cut.is_err(), "the create hangs");
+                p.delete_instance("i-1").await.unwrap_err();
+                p.find_instance("t", "n").await.unwrap();
+            })
+        });
+        let text = handle.render();
+        for line in [
+            r#"podvisor_provider_requests_total{provider="hanging",operation="create",outcome="cancelled"} 1"#,
+            r#"podvisor_provider_requests_total{provider="hanging",operation="delete",outcome="not_found"} 1"#,
+            r#"podvisor_provider_requests_total{provider="hanging",operation="find",outcome="ok"} 1"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
     }
 }

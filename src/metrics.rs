@@ -11,7 +11,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const INSTANCES: &str = "podvisor_instances";
 /// Counter: lifecycle transitions (`from`, `to`).
 pub const STATE_TRANSITIONS: &str = "podvisor_state_transitions_total";
-/// Counter: provider calls (`provider`, `operation`, `outcome`).
+/// Counter: provider calls (`provider`, `operation`, `outcome`: `ok`, an
+/// error class, or `cancelled` when the call's time limit cut it off).
 pub const PROVIDER_REQUESTS: &str = "podvisor_provider_requests_total";
 /// Histogram: provider call latency (`provider`, `operation`).
 pub const PROVIDER_REQUEST_DURATION: &str = "podvisor_provider_request_duration_seconds";
@@ -31,7 +32,8 @@ pub const JOURNAL_ERRORS: &str = "podvisor_journal_errors_total";
 pub const JOURNAL_QUARANTINED: &str = "podvisor_journal_quarantined_records_total";
 /// Counter: retried operations (`operation`).
 pub const OPERATION_RETRIES: &str = "podvisor_operation_retries_total";
-/// Counter: Kata-facing and admin API calls (`api`, `method`, `code`).
+/// Counter: Hypervisor and PodVMInfo calls over ttrpc and gRPC (`api` is
+/// `ttrpc` or `grpc`, `method`, `code`). Admin reads are not counted.
 pub const API_REQUESTS: &str = "podvisor_api_requests_total";
 /// Gauge: 1 once start-up recovery has finished.
 pub const READY: &str = "podvisor_ready";
@@ -90,7 +92,7 @@ fn describe() {
     describe_counter!(
         PROVIDER_REQUESTS,
         Unit::Count,
-        "Cloud provider calls, by provider, operation and outcome."
+        "Cloud provider calls, by provider, operation and outcome (ok, an error class, or cancelled by the call time limit)."
     );
     describe_histogram!(
         PROVIDER_REQUEST_DURATION,
@@ -132,7 +134,7 @@ fn describe() {
     describe_counter!(
         API_REQUESTS,
         Unit::Count,
-        "API calls, by API, method and result code."
+        "Hypervisor and PodVMInfo API calls (ttrpc and gRPC), by API, method and result code."
     );
     describe_gauge!(
         READY,

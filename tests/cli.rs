@@ -52,6 +52,10 @@ fn help_explains_every_flag_with_its_environment_variable() {
     ] {
         assert!(out.contains(needle), "--help lacks {needle}:\n{out}");
     }
+    assert!(
+        out.contains("Pod VMs as detached forwarder processes"),
+        "the provider list describes each provider:\n{out}"
+    );
     let (code, out, _) = run(podvisor().args(["local", "--help"]));
     assert_eq!(code, 0);
     for needle in [

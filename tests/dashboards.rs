@@ -389,3 +389,59 @@ fn promtool_accepts_the_alerting_rules() {
 fn promtool_unit_tests_of_the_alerting_rules_pass() {
     assert_promtool_ok(&["test", "rules", "dashboards/alerts_test.yaml"]);
 }
+
+/// GitHub's anchor of a markdown heading: lower case, spaces to `-`, every
+/// other character but letters, digits, `-` and `_` dropped.
+fn github_anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_runbook_link_has_its_heading_in_operations_md() {
+    let rules = read("dashboards/alerts.yaml");
+    let anchors: Vec<&str> = rules
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("runbook_url:"))
+        .map(|url| {
+            let url = url.trim().trim_matches(|c| c == '"' || c == '\'');
+            let anchor = url.strip_prefix("docs/operations.md#");
+            anchor.unwrap_or_else(|| panic!("runbook_url {url:?} is not docs/operations.md#…"))
+        })
+        .collect();
+    assert!(
+        anchors.len() >= alerts(&rules).len(),
+        "fewer runbook_url annotations ({}) than alerts",
+        anchors.len()
+    );
+
+    let doc = read("docs/operations.md");
+    let mut headings = BTreeSet::new();
+    let mut in_code = false;
+    for line in doc.lines() {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        if in_code {
+            continue;
+        }
+        let text = line.trim_start_matches('#');
+        if text.len() < line.len() && text.starts_with(' ') {
+            headings.insert(github_anchor(text));
+        }
+    }
+    let missing: Vec<_> = anchors.iter().filter(|a| !headings.contains(**a)).collect();
+    assert!(
+        missing.is_empty(),
+        "docs/operations.md has no heading for the runbook anchors {missing:?}"
+    );
+}

@@ -11,6 +11,17 @@ use ttrpc::Code;
 async fn create_start_getinfo_stop_on_the_local_provider() {
     let setup = Setup::new();
     let daemon = setup.start().await;
+    {
+        // The journal holds pods' initdata: owner only.
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [
+            setup.state_dir().join("journal"),
+            setup.local_dir().join("instances"),
+        ] {
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{} is {mode:o}", dir.display());
+        }
+    }
     let client = daemon.client().await;
     let id = sandbox_id();
 
@@ -158,6 +169,24 @@ async fn create_start_getinfo_stop_on_the_local_provider() {
     client.stop(&id).await.unwrap();
     let (code, _) = rpc_error(client.start(&id).await.unwrap_err());
     assert_eq!(code, Code::NOT_FOUND);
+
+    // Every family seen in a whole lifecycle passes Prometheus' own linter
+    // (names, units, HELP text).
+    let text = daemon.metrics_text().await;
+    for family in [
+        "podvisor_instances",
+        "podvisor_provider_request_duration_seconds",
+        "podvisor_journal_flush_duration_seconds",
+        "podvisor_vm_start_duration_seconds",
+    ] {
+        assert!(
+            text.contains(&format!("# HELP {family} ")),
+            "{family} has no HELP"
+        );
+    }
+    if let Err(complaints) = promtool_check_metrics(&text) {
+        panic!("promtool check metrics:\n{complaints}\n---\n{text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -308,3 +308,89 @@ async fn two_daemons_never_share_a_journal() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_does_not_take_over_a_live_socket() {
+    let setup = Setup::new();
+    let first = setup.start().await;
+    let mut second = Setup::new();
+    second.shared_socket = Some(setup.socket());
+    let out = second.command().output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--socket (REMOTE_HYPERVISOR_ENDPOINT)")
+            && err.contains("another process is serving on it"),
+        "{err}"
+    );
+    // The first daemon still serves Kata.
+    let client = first.client().await;
+    client
+        .create(&sandbox_id(), pod_annotations("still", "here"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantined_records_instance_is_spared_by_the_gc_across_restarts() {
+    let mut setup = Setup::new();
+    setup.global.extend([
+        "--gc-interval".into(),
+        "1s".into(),
+        "--gc-grace-period".into(),
+        "0s".into(),
+    ]);
+    // A pod VM whose record will not decode: its instance may still be in use.
+    let mut fixture = podvisor_providers::conformance::Fixture::new(&setup.node);
+    fixture.sandbox_id = "unreadable-sandbox".into();
+    let provider = LocalProvider::new(
+        setup.local_dir(),
+        podvisor_podvm::testing::forwarder_binary().unwrap(),
+        setup.forwarder_port,
+    )
+    .unwrap();
+    let instance = provider.create_instance(&fixture.request(1)).await.unwrap();
+    {
+        let journal =
+            podvisor_state::SledJournal::open(&setup.state_dir().join("journal")).unwrap();
+        journal
+            .put_raw("unreadable-sandbox", br#"{"schema_version":1,"sandb"#)
+            .unwrap();
+        use podvisor_state::Journal;
+        journal.flush().unwrap();
+    }
+    let exists = || {
+        setup
+            .local_dir()
+            .join("instances")
+            .join(&instance.id)
+            .exists()
+    };
+
+    // First start: quarantined now. Second start: quarantined before.
+    for start in 0..2 {
+        let mut daemon = setup.start().await;
+        assert_eq!(
+            daemon
+                .metric("podvisor_journal_quarantined_records_total", &[])
+                .await,
+            if start == 0 { 1.0 } else { 0.0 },
+            "a record is quarantined once"
+        );
+        let runs = daemon.metric("podvisor_gc_runs_total", &[]).await;
+        eventually("two GC passes", Duration::from_secs(20), async || {
+            (daemon.metric("podvisor_gc_runs_total", &[]).await >= runs + 2.0).then_some(())
+        })
+        .await;
+        assert!(
+            exists(),
+            "start {start}: the GC deleted a quarantined record's instance"
+        );
+        assert_eq!(
+            daemon.metric("podvisor_orphans_deleted_total", &[]).await,
+            0.0
+        );
+        daemon.kill9();
+    }
+    provider.delete_instance(&instance.id).await.unwrap();
+}

@@ -158,7 +158,21 @@ impl PodVm {
                 };
                 ctx.spawn(write.into_actor(self).map(move |result, act, ctx| {
                     match &result {
-                        Ok(()) => act.deps.view.update(*record),
+                        Ok(()) => {
+                            if record.state == podvisor_state::State::Failed
+                                && act.deps.view.get(&record.sandbox_id).map(|r| r.state)
+                                    != Some(podvisor_state::State::Failed)
+                            {
+                                tracing::warn!(
+                                    sandbox = %record.sandbox_id,
+                                    pod = %record.pod_name,
+                                    namespace = %record.pod_namespace,
+                                    error = record.last_error.as_deref().unwrap_or("unknown"),
+                                    "pod VM failed"
+                                );
+                            }
+                            act.deps.view.update(*record)
+                        }
                         Err(e) => {
                             metrics::counter!(metrics::JOURNAL_ERRORS).increment(1);
                             tracing::error!(sandbox = %act.sandbox_id(), error = %e, "journal write failed");

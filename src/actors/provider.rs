@@ -93,7 +93,7 @@ impl ProviderCalls {
                     if let Some(min) = e.retry_after {
                         delay = delay.max(min);
                     }
-                    tracing::debug!(operation, attempt, error = %e, ?delay, "retrying provider call");
+                    tracing::info!(operation, attempt, error = %e, ?delay, "retrying provider call");
                     metrics::counter!(metrics::OPERATION_RETRIES, "operation" => operation)
                         .increment(1);
                     tokio::time::sleep(delay).await;

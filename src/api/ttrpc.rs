@@ -122,6 +122,13 @@ pub async fn serve(path: &Path, api: HypervisorApi) -> Result<Server, String> {
         std::fs::create_dir_all(dir)
             .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
     }
+    // A socket something still answers on belongs to a running daemon:
+    // taking it over would cut Kata off from that daemon's pod VMs.
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(fail(
+            "another process is serving on it (is another podvisor running?)".into(),
+        ));
+    }
     match std::fs::remove_file(path) {
         Ok(()) => tracing::debug!(socket = %path.display(), "removed a stale socket"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

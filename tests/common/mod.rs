@@ -75,6 +75,8 @@ pub struct Setup {
     pub local: Vec<String>,
     /// Another daemon's state directory, to share it.
     pub shared_state: Option<PathBuf>,
+    /// Another daemon's Kata socket, to try to take it over.
+    pub shared_socket: Option<PathBuf>,
 }
 
 impl Setup {
@@ -91,10 +93,13 @@ impl Setup {
             global: Vec::new(),
             local: Vec::new(),
             shared_state: None,
+            shared_socket: None,
         }
     }
     pub fn socket(&self) -> PathBuf {
-        self.root.path().join("hypervisor.sock")
+        self.shared_socket
+            .clone()
+            .unwrap_or_else(|| self.root.path().join("hypervisor.sock"))
     }
     pub fn pods_dir(&self) -> PathBuf {
         self.root.path().join("pods")
@@ -226,11 +231,16 @@ impl Daemon {
         }
     }
 
-    /// `/metrics`, parsed by a Prometheus text-format parser.
-    pub async fn metrics(&self) -> prometheus_parse::Scrape {
+    /// `/metrics` as served.
+    pub async fn metrics_text(&self) -> String {
         let (status, body) = self.get("/metrics").await.unwrap();
         assert_eq!(status, 200);
-        let text = body.as_str().unwrap().to_owned();
+        body.as_str().unwrap().to_owned()
+    }
+
+    /// `/metrics`, parsed by a Prometheus text-format parser.
+    pub async fn metrics(&self) -> prometheus_parse::Scrape {
+        let text = self.metrics_text().await;
         prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
     }
 
@@ -348,6 +358,39 @@ impl Client {
             ..Default::default()
         };
         self.info.get_info(ctx(secs), &req).await.map(|r| r.VMID)
+    }
+}
+
+/// Runs Prometheus' own linter, `promtool check metrics`, on a scrape;
+/// returns its complaints, if any. Fails when promtool is not installed
+/// (`apt-get install prometheus`; `./scripts/test.sh` does).
+pub fn promtool_check_metrics(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {promtool} ({e}): install the Debian package `prometheus`")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 

@@ -19,9 +19,11 @@ impl CloudManager for LocalManager {
     }
 
     fn command(&self) -> clap::Command {
-        LocalConfig::augment_args(clap::Command::new("local").about(
+        // `about` after `augment_args`: the derive would put the config
+        // struct's doc comment there.
+        LocalConfig::augment_args(clap::Command::new("local")).about(
             "Pod VMs as detached forwarder processes on loopback addresses (development, tests, demos)",
-        ))
+        )
     }
 
     fn configure(

@@ -90,7 +90,14 @@ impl LocalProvider {
     /// A provider keeping its instances under `dir`, running `forwarder`
     /// on `port`.
     pub fn new(dir: PathBuf, forwarder: PathBuf, port: u16) -> io::Result<Self> {
-        std::fs::create_dir_all(dir.join("instances"))?;
+        {
+            // Instances' user data holds pods' initdata: owner only.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir.join("instances"))?;
+        }
         Ok(Self {
             dir,
             forwarder,
