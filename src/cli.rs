@@ -271,6 +271,11 @@ pub struct GlobalArgs {
     #[arg(long = "provider-call-timeout", env = "PODVISOR_PROVIDER_CALL_TIMEOUT", value_name = "DURATION",
           default_value = "10m", value_parser = parse_duration)]
     pub provider_call_timeout: Duration,
+
+    /// At SIGTERM: longest wait for operations under way to reach a journaled state
+    #[arg(long = "shutdown-grace", env = "PODVISOR_SHUTDOWN_GRACE", value_name = "DURATION",
+          default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 /// What the command line asked for.

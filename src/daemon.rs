@@ -6,7 +6,7 @@
 
 use crate::actors::pod_vm::PodVmDeps;
 use crate::actors::provider::{CallPolicy, ProviderActor, ProviderCalls};
-use crate::actors::supervisor::{GcPolicy, Recover, Supervisor};
+use crate::actors::supervisor::{Drain, GcPolicy, Recover, Supervisor};
 use crate::admin::{self, AdminState};
 use crate::api::HypervisorApi;
 use crate::api::grpc::{GrpcAdmin, GrpcHypervisor};
@@ -31,6 +31,7 @@ pub fn run(
     manager: &'static dyn CloudManager,
     provider: Box<dyn ProviderConfig>,
 ) -> ExitCode {
+    crate::failpoints::arm();
     if let Err(e) = init_logging(&global) {
         eprintln!("podvisor: {e}");
         return ExitCode::from(2);
@@ -331,8 +332,22 @@ pub async fn serve(
         .shutdown()
         .await
         .map_err(|e| format!("ttrpc shutdown: {e}"))?;
-    let _ = std::fs::remove_file(&global.socket);
     let _ = stop_tx.send(true);
+    // Operations under way finish their step and journal it, so a restart
+    // resumes from there instead of re-finding what they did.
+    let started = std::time::Instant::now();
+    let settled = supervisor
+        .send(Drain {
+            limit: global.shutdown_grace,
+        })
+        .await
+        .unwrap_or(false);
+    tracing::info!(
+        settled,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "shutdown: in-flight operations drained"
+    );
+    let _ = std::fs::remove_file(&global.socket);
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
     let j = journal.clone();

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod daemon;
+pub mod failpoints;
 pub mod gc;
 pub mod limits;
 pub mod metered;

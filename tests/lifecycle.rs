@@ -439,3 +439,62 @@ async fn fifty_sandboxes_concurrently() {
         50.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopvm_during_a_create_cancels_cleanly_and_the_instance_is_deleted() {
+    let mut setup = Setup::new();
+    setup
+        .local
+        .extend(["--create-delay".into(), "1500ms".into()]);
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("cancelled", "ns"))
+        .await
+        .unwrap();
+    let starting = {
+        let client = daemon.client().await;
+        let id = id.clone();
+        tokio::spawn(async move { client.start(&id).await })
+    };
+    eventually(
+        "the create to be under way",
+        Duration::from_secs(10),
+        async || (daemon.instance(&id).await?["state"] == "creating").then_some(()),
+    )
+    .await;
+    let asked = std::time::Instant::now();
+    client.stop(&id).await.unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "StopVM acknowledged within 1 s"
+    );
+
+    let (code, message) = rpc_error(starting.await.unwrap().unwrap_err());
+    assert!(
+        message.contains(&id),
+        "StartVM fails naming the sandbox: {code:?} {message}"
+    );
+    eventually("the record to go", Duration::from_secs(20), async || {
+        daemon.instance(&id).await.is_none().then_some(())
+    })
+    .await;
+    // The instance the create made after the stop arrived is deleted too.
+    let left: Vec<_> = std::fs::read_dir(setup.local_dir().join("instances"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "instances left: {left:?}");
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_provider_requests_total",
+                &[("operation", "create"), ("outcome", "ok")]
+            )
+            .await,
+        1.0,
+        "the create did run"
+    );
+}

@@ -14,6 +14,11 @@ async fn restart_with_running_and_deleting(kill: bool) {
     // The first daemon's deletes hang (a slow cloud), so StopVM leaves a
     // sandbox in Deleting when the daemon goes down.
     setup.local.extend(["--delete-delay".into(), "1h".into()]);
+    // SIGTERM waits this long for the hanging delete, then leaves it to
+    // recovery.
+    setup
+        .global
+        .extend(["--shutdown-grace".into(), "1s".into()]);
     let mut daemon = setup.start().await;
     let client = daemon.client().await;
     let (running, deleting) = (sandbox_id(), sandbox_id());
@@ -47,6 +52,11 @@ async fn restart_with_running_and_deleting(kill: bool) {
         assert!(
             !setup.socket().exists(),
             "the socket is removed on a clean exit"
+        );
+        assert!(
+            daemon.log_text().contains("settled=false"),
+            "the hanging delete was not waited for past the grace:\n{}",
+            daemon.log_text()
         );
     }
     drop(daemon);
@@ -271,6 +281,10 @@ async fn a_corrupt_journal_record_is_quarantined_and_the_rest_recover() {
                 br#"{"schema_version":1,"sandbox_id":"brok"#,
             )
             .unwrap();
+        // And bytes that are not JSON at all.
+        journal
+            .put_raw("garbage-sandbox", &[0xff, 0x00, 0xfe, 0x13, 0x37, 0x80])
+            .unwrap();
         use podvisor_state::Journal;
         journal.flush().unwrap();
     }
@@ -281,11 +295,12 @@ async fn a_corrupt_journal_record_is_quarantined_and_the_rest_recover() {
         "the good record is back"
     );
     assert!(daemon.instance("broken-sandbox").await.is_none());
+    assert!(daemon.instance("garbage-sandbox").await.is_none());
     assert_eq!(
         daemon
             .metric("podvisor_journal_quarantined_records_total", &[])
             .await,
-        1.0
+        2.0
     );
     assert!(
         daemon.log_text().contains("journal record quarantined"),
@@ -393,4 +408,78 @@ async fn a_quarantined_records_instance_is_spared_by_the_gc_across_restarts() {
         daemon.kill9();
     }
     provider.delete_instance(&instance.id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_create_under_way_finish_and_journal_it() {
+    let mut setup = Setup::new();
+    setup
+        .local
+        .extend(["--create-delay".into(), "1500ms".into()]);
+    let mut daemon = setup.start().await;
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("draining", "ns"))
+        .await
+        .unwrap();
+    let starting = {
+        let client = daemon.client().await;
+        let id = id.clone();
+        tokio::spawn(async move { client.start(&id).await })
+    };
+    eventually(
+        "the create to be under way",
+        Duration::from_secs(10),
+        async || (daemon.instance(&id).await?["state"] == "creating").then_some(()),
+    )
+    .await;
+    let status = daemon.sigterm();
+    assert!(status.success(), "{status}: {}", daemon.log_text());
+    let log = daemon.log_text();
+    assert!(
+        log.contains("shutdown: in-flight operations drained") && log.contains("settled=true"),
+        "{log}"
+    );
+    let _ = starting.await; // the caller lost its connection; Kata retries
+    drop(daemon);
+
+    // The create finished before the exit: the restart finds it Running and
+    // only verifies it, rather than looking for what a create may have made.
+    let daemon = setup.start().await;
+    let record = daemon.instance(&id).await.unwrap();
+    assert_eq!(record["state"], "running", "{record}");
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_recovered_instances_total",
+                &[("action", "verified")]
+            )
+            .await,
+        1.0
+    );
+    client_stop_and_wait(&daemon, &id).await;
+}
+
+async fn client_stop_and_wait(daemon: &Daemon, id: &str) {
+    daemon.client().await.stop(id).await.unwrap();
+    eventually("the record to go", Duration::from_secs(20), async || {
+        daemon.instance(id).await.is_none().then_some(())
+    })
+    .await;
+}
+
+#[test]
+fn a_state_dir_that_cannot_be_used_fails_start_up_naming_it() {
+    let mut setup = Setup::new();
+    let file = setup.root.path().join("not-a-directory");
+    std::fs::write(&file, b"x").unwrap();
+    setup.shared_state = Some(file.clone());
+    let out = setup.command().output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--state-dir") && err.contains(&*file.to_string_lossy()),
+        "{err}"
+    );
 }

@@ -5,6 +5,7 @@
 
 use super::provider::{DeleteInstance, EnsureInstance, FindInstance, ProviderActor};
 use super::supervisor::{PodVmReport, Supervisor};
+use crate::failpoints;
 use crate::metrics;
 use crate::userdata::{UserDataInputs, render};
 use crate::view::InstanceView;
@@ -182,6 +183,7 @@ impl PodVm {
                 }));
             }
             Command::Ensure { first_attempt } => {
+                failpoints::hit(failpoints::CREATING_BEFORE_CREATE);
                 let request = self.create_request();
                 let call = self.deps.provider.send(EnsureInstance {
                     request,
@@ -189,7 +191,12 @@ impl PodVm {
                 });
                 ctx.spawn(call.into_actor(self).map(|result, act, ctx| {
                     let event = match result {
-                        Ok(r) => Event::Ensured(r.map_err(OpFailure::from)),
+                        Ok(r) => {
+                            if r.is_ok() {
+                                failpoints::hit(failpoints::CREATED_BEFORE_RUNNING);
+                            }
+                            Event::Ensured(r.map_err(OpFailure::from))
+                        }
                         Err(e) => Event::Ensured(Err(mailbox_failure(e))),
                     };
                     act.feed(event, ctx);
@@ -212,10 +219,16 @@ impl PodVm {
                 }));
             }
             Command::Delete { instance_id } => {
+                failpoints::hit(failpoints::DELETING_BEFORE_DELETE);
                 let call = self.deps.provider.send(DeleteInstance(instance_id));
                 ctx.spawn(call.into_actor(self).map(|result, act, ctx| {
                     let event = match result {
-                        Ok(r) => Event::Deleted(r.map_err(OpFailure::from)),
+                        Ok(r) => {
+                            if r.is_ok() {
+                                failpoints::hit(failpoints::DELETED_BEFORE_REMOVE);
+                            }
+                            Event::Deleted(r.map_err(OpFailure::from))
+                        }
                         Err(e) => Event::Deleted(Err(mailbox_failure(e))),
                     };
                     act.feed(event, ctx);
@@ -224,7 +237,10 @@ impl PodVm {
             Command::Probe { ip } => {
                 let addr = SocketAddr::new(ip, self.deps.forwarder_port);
                 let limit = self.deps.proxy_timeout;
-                let probe = async move { crate::probe::wait_for_agent(addr, limit).await };
+                let probe = async move {
+                    failpoints::hit(failpoints::DURING_READINESS);
+                    crate::probe::wait_for_agent(addr, limit).await
+                };
                 ctx.spawn(probe.into_actor(self).map(|result, act, ctx| {
                     let event = match result {
                         Ok(()) => Event::AgentReady,
@@ -389,6 +405,19 @@ impl Handler<Start> for PodVm {
         }
         self.feed(Event::Start(w), ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(StartError::Stopping)) })
+    }
+}
+
+/// Whether this pod VM has nothing in flight (see
+/// [`podvisor_state::PodVmMachine::is_settled`]).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct IsSettled;
+
+impl Handler<IsSettled> for PodVm {
+    type Result = bool;
+    fn handle(&mut self, _: IsSettled, _: &mut Context<Self>) -> bool {
+        self.machine.is_settled()
     }
 }
 

@@ -2,10 +2,11 @@
 //! start-up recovery and the periodic orphan GC, and brings back a pod VM
 //! actor that died (from its journal record).
 
-use super::pod_vm::{PodVm, PodVmDeps, Start, Stop, now_millis};
+use super::pod_vm::{IsSettled, PodVm, PodVmDeps, Start, Stop, now_millis};
 use super::provider::{DeleteInstance, ListInstances};
 use crate::api::ApiError;
 use crate::api::annotations::SandboxRequest;
+use crate::failpoints;
 use crate::gc::{Ownership, select_orphans};
 use crate::metrics;
 use actix::prelude::*;
@@ -292,13 +293,58 @@ impl Handler<Recover> for Supervisor {
 
     fn handle(&mut self, msg: Recover, ctx: &mut Context<Self>) {
         self.quarantined.extend(msg.quarantined);
-        for record in msg.records {
+        let half = msg.records.len() / 2;
+        for (i, record) in msg.records.into_iter().enumerate() {
+            if i == half && i > 0 {
+                failpoints::hit(failpoints::MID_RECOVERY);
+            }
             self.deps.view.load(record.clone());
             self.recovering.insert(record.sandbox_id.clone());
             self.spawn_recovered(record, ctx);
         }
         self.recovery_submitted = true;
         self.check_recovery_done(ctx);
+    }
+}
+
+/// Shutdown: waits until every pod VM has nothing in flight — every
+/// operation under way has reached a journaled state — or `limit` passes.
+/// Answers whether everything settled.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Drain {
+    /// The longest wait.
+    pub limit: Duration,
+}
+
+impl Handler<Drain> for Supervisor {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, msg: Drain, _: &mut Context<Self>) -> Self::Result {
+        let pods: Vec<Addr<PodVm>> = self.pods.values().cloned().collect();
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + msg.limit;
+            loop {
+                let mut busy = 0usize;
+                for pod in &pods {
+                    // A stopped actor has nothing in flight.
+                    if let Ok(false) = pod.send(IsSettled).await {
+                        busy += 1;
+                    }
+                }
+                if busy == 0 {
+                    return true;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(
+                        busy,
+                        "shutdown: operations still in flight; recovery resumes them"
+                    );
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
     }
 }
 
@@ -353,6 +399,7 @@ impl Handler<RunGc> for Supervisor {
                 .then(|listed, act, _| {
                     let orphans = match listed {
                         Ok(Ok(instances)) => {
+                            failpoints::hit(failpoints::DURING_GC);
                             // Ownership is read after the listing, so a record
                             // made meanwhile protects its instance.
                             let records = act.deps.view.list();

@@ -379,6 +379,13 @@ impl PodVmMachine {
         self.forgotten
     }
 
+    /// True when no journal write, provider call or probe is in flight: what
+    /// the machine has done so far is in the journal. (A retry timer may be
+    /// armed; it starts nothing until it fires.)
+    pub fn is_settled(&self) -> bool {
+        self.forgotten || (self.writing.is_none() && !self.provider_busy)
+    }
+
     /// Feeds one event; returns the commands to perform, in order.
     pub fn on_event(&mut self, event: Event, now: UnixMillis) -> Vec<Command> {
         let mut out = Vec::new();

@@ -157,6 +157,27 @@ impl Setup {
     }
 }
 
+/// GET `url`: status and JSON (or text as a JSON string).
+pub async fn http_get(url: String) -> Result<(u16, serde_json::Value), String> {
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        let mut resp = agent.get(&url).call().map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| e.to_string())?;
+        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        Ok((status, json))
+    })
+    .await
+    .unwrap()
+}
+
 /// A running daemon.
 pub struct Daemon {
     child: Option<Child>,
@@ -199,24 +220,7 @@ impl Daemon {
 
     /// GET on the admin endpoint: status and JSON (or text as a JSON string).
     pub async fn get(&self, path: &str) -> Result<(u16, serde_json::Value), String> {
-        let url = format!("{}{path}", self.admin);
-        tokio::task::spawn_blocking(move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(5)))
-                .build()
-                .into();
-            let mut resp = agent.get(&url).call().map_err(|e| e.to_string())?;
-            let status = resp.status().as_u16();
-            let text = resp
-                .body_mut()
-                .read_to_string()
-                .map_err(|e| e.to_string())?;
-            let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-            Ok((status, json))
-        })
-        .await
-        .unwrap()
+        http_get(format!("{}{path}", self.admin)).await
     }
 
     /// The record of a sandbox from `/v1/instances/{id}`, or `None` on 404.
