@@ -197,8 +197,9 @@ async fn connect(socket: &Path, stop: &AtomicBool) -> Option<HypervisorClient> {
     }
 }
 
-/// Calls `f` until it succeeds, reconnecting across daemon restarts. An RPC
-/// status other than UNAVAILABLE/DEADLINE is returned to the caller.
+/// Calls `f` until it succeeds, reconnecting across daemon restarts: a
+/// lost connection or our own deadline is retried; any status the daemon
+/// answers with is returned.
 async fn until_ok<T, F, Fut>(socket: &Path, stop: &AtomicBool, f: F) -> Result<T, ttrpc::Error>
 where
     F: Fn(HypervisorClient) -> Fut,
@@ -210,12 +211,7 @@ where
         };
         match f(client).await {
             Ok(v) => return Ok(v),
-            Err(ttrpc::Error::RpcStatus(s))
-                if !matches!(
-                    s.code(),
-                    ttrpc::Code::UNAVAILABLE | ttrpc::Code::DEADLINE_EXCEEDED
-                ) =>
-            {
+            Err(ttrpc::Error::RpcStatus(s)) if s.code() != ttrpc::Code::DEADLINE_EXCEEDED => {
                 return Err(ttrpc::Error::RpcStatus(s));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -513,7 +509,16 @@ async fn kill9_at_random_moments_and_at_every_crash_point_loses_and_duplicates_n
     // Wind down: no new sandboxes; the last ones are stopped.
     stop_clients.store(true, Ordering::Relaxed);
     for t in tasks {
-        t.await.unwrap();
+        if tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .is_err()
+        {
+            let records = http_get(format!("{admin}/v1/instances")).await;
+            panic!(
+                "a client did not finish its last sandbox in 120 s; violations {:#?}; records {records:?}",
+                model.violations.lock().unwrap()
+            );
+        }
     }
     eventually(
         "every record to go",

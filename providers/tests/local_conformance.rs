@@ -87,3 +87,56 @@ async fn a_bad_instance_id_is_not_found_rather_than_a_path() {
     p.delete_instance("").await.unwrap();
     assert!(dir.path().exists());
 }
+
+#[tokio::test]
+async fn a_create_with_the_token_of_a_dead_instance_starts_that_instance_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = provider(dir.path());
+    let request = Fixture::new("node-d").request(1);
+    let first = p.create_instance(&request).await.unwrap();
+    let file = dir
+        .path()
+        .join("instances")
+        .join(&first.id)
+        .join("instance.json");
+    let pid = |f: &std::path::Path| -> i32 {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+        v["pid"].as_i64().unwrap() as i32
+    };
+    // The "VM" dies (or a crash tore its create after instance.json).
+    let old = pid(&file);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut seen = None;
+    for _ in 0..100 {
+        let found = p
+            .find_instance(&request.token, &request.instance_name)
+            .await
+            .unwrap()
+            .unwrap();
+        if found.status == InstanceStatus::Stopped {
+            seen = Some(found);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(seen.is_some(), "a dead instance is reported stopped");
+
+    let again = p.create_instance(&request).await.unwrap();
+    assert_eq!(again.id, first.id, "the same instance, not a second one");
+    assert_eq!(again.ips, first.ips, "on its own address");
+    assert_eq!(again.status, InstanceStatus::Running);
+    assert_ne!(pid(&file), old);
+    std::net::TcpStream::connect((again.ips[0], {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        v["port"].as_u64().unwrap() as u16
+    }))
+    .expect("the forwarder listens again");
+    assert_eq!(p.list_instances(TAG_NODE, "node-d").await.unwrap().len(), 1);
+    p.delete_instance(&first.id).await.unwrap();
+}

@@ -6,7 +6,7 @@
 use crate::limits::TokenBucket;
 use crate::metrics;
 use actix::prelude::*;
-use podvisor_providers::{CreateRequest, Instance, Provider, ProviderError};
+use podvisor_providers::{CreateRequest, Instance, InstanceStatus, Provider, ProviderError};
 use podvisor_state::{Backoff, Ensured};
 use std::future::Future;
 use std::sync::Arc;
@@ -115,15 +115,25 @@ impl ProviderCalls {
         self.call("create", true, || async {
             // After any try, the create may have happened: look before making.
             if lookup_first.swap(true, Ordering::SeqCst) {
-                if let Some(found) = self
+                match self
                     .provider
                     .find_instance(&request.token, &request.instance_name)
                     .await?
                 {
-                    return Ok(Ensured {
-                        instance: found.to_ref(),
-                        adopted: true,
-                    });
+                    // Made by an earlier try and not stopped: adopt it.
+                    Some(found) if found.status != InstanceStatus::Stopped => {
+                        return Ok(Ensured {
+                            instance: found.to_ref(),
+                            adopted: true,
+                        });
+                    }
+                    // Made, but not running (a create torn by a crash): the
+                    // same idempotent create brings that instance up.
+                    Some(found) => tracing::info!(
+                        instance = %found.id,
+                        "found the instance stopped; the create with its token starts it"
+                    ),
+                    None => {}
                 }
             }
             let made = self.provider.create_instance(request).await?;
@@ -378,6 +388,52 @@ mod tests {
         let e = calls.ensure(&request(), false).await.unwrap();
         assert!(!e.adopted);
         assert_eq!(*p.calls.lock().unwrap(), ["find", "create"]);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_instance_is_not_adopted_but_created_again_with_its_token() {
+        let p = Arc::new(Scripted::default());
+        p.finds.lock().unwrap().push(Some("i-torn"));
+        p.creates.lock().unwrap().push(Ok(()));
+        let stopped = Arc::new(StoppedFinds(p.clone()));
+        let calls = ProviderCalls::new(stopped, policy());
+        let e = calls.ensure(&request(), false).await.unwrap();
+        assert!(
+            !e.adopted,
+            "a stopped instance is brought up, not adopted as is"
+        );
+        assert_eq!(*p.calls.lock().unwrap(), ["find", "create"]);
+    }
+
+    /// [`Scripted`], but what it finds is stopped.
+    struct StoppedFinds(Arc<Scripted>);
+
+    #[async_trait]
+    impl Provider for StoppedFinds {
+        fn name(&self) -> &'static str {
+            "stopped"
+        }
+        async fn create_instance(&self, r: &CreateRequest) -> Result<Instance, ProviderError> {
+            self.0.create_instance(r).await
+        }
+        async fn delete_instance(&self, id: &str) -> Result<(), ProviderError> {
+            self.0.delete_instance(id).await
+        }
+        async fn find_instance(&self, t: &str, n: &str) -> Result<Option<Instance>, ProviderError> {
+            Ok(self.0.find_instance(t, n).await?.map(|i| Instance {
+                status: InstanceStatus::Stopped,
+                ..i
+            }))
+        }
+        async fn list_instances(&self, k: &str, v: &str) -> Result<Vec<Instance>, ProviderError> {
+            self.0.list_instances(k, v).await
+        }
+        async fn verify_config(&self) -> Result<(), ProviderError> {
+            Ok(())
+        }
+        async fn teardown(&self) -> Result<(), ProviderError> {
+            Ok(())
+        }
     }
 
     #[tokio::test]

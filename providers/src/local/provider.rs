@@ -184,8 +184,9 @@ impl LocalProvider {
     fn to_instance(file: &InstanceFile) -> Instance {
         let status = match file.pid {
             Some(pid) if process_alive(pid) => InstanceStatus::Running,
-            Some(_) => InstanceStatus::Stopped,
-            None => InstanceStatus::Starting,
+            // Not running, and nothing will start it but a create with its
+            // token: a process that died, or a create torn before launch.
+            Some(_) | None => InstanceStatus::Stopped,
         };
         Instance {
             id: file.id.clone(),
@@ -353,6 +354,22 @@ impl Provider for LocalProvider {
         tokio::time::sleep(self.create_delay).await;
         let id = instance_id_for_token(&request.token);
         let dir = self.instances_dir().join(&id);
+
+        // The instance this token made, if a create got that far. (The
+        // daemon never runs two creates of one token at once.)
+        if let Some(mut existing) = self.read_instance(&id).await? {
+            if existing.token != request.token {
+                return Err(ProviderError::permanent(format!(
+                    "Instance {id} belongs to another token"
+                )));
+            }
+            if !existing.pid.is_some_and(process_alive) {
+                // A create torn by a crash after instance.json, or a VM
+                // that died: start it again, on its own address.
+                self.launch(&mut existing).await?;
+            }
+            return Ok(Self::to_instance(&existing));
+        }
 
         let mut skip = BTreeSet::new();
         for _ in 0..ADDRESS_TRIES {
