@@ -1,0 +1,241 @@
+//! Recovery time after kill -9 with 1,000 journaled sandboxes.
+//!
+//! The daemon runs as a child process on the local provider. The benchmark
+//! makes `--running` sandboxes Running (each a real forwarder process) and
+//! `--pending` more Pending, kills the daemon with SIGKILL, restarts it and
+//! times how long until `/readyz` says every record's recovery is decided
+//! (Running ones verified against the provider, Pending ones kept) — three
+//! times. Then it stops everything and checks that nothing is left.
+//!
+//! `cargo bench --bench recovery` (defaults: 800 Running + 200 Pending);
+//! `-- --running N --pending M` for other sizes.
+
+use podvisor::protocols::ttrpc::{hypervisor, hypervisor_ttrpc::HypervisorClient};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("a count"))
+        .unwrap_or(default)
+}
+
+struct Node {
+    root: PathBuf,
+    admin: String,
+    admin_port: u16,
+    grpc_port: u16,
+    forwarder_port: u16,
+}
+
+impl Node {
+    fn socket(&self) -> PathBuf {
+        self.root.join("hv.sock")
+    }
+
+    fn spawn(&self) -> Child {
+        let forwarder = podvisor_podvm::testing::forwarder_binary().expect("the forwarder");
+        Command::new(env!("CARGO_BIN_EXE_podvisor"))
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--pods-dir")
+            .arg(self.root.join("pods"))
+            .arg("--state-dir")
+            .arg(self.root.join("state"))
+            .args(["--admin-addr", &format!("127.0.0.1:{}", self.admin_port)])
+            .args(["--grpc-addr", &format!("127.0.0.1:{}", self.grpc_port)])
+            .args(["--forwarder-port", &self.forwarder_port.to_string()])
+            .args(["--node-name", "bench-node", "--log-level", "warn"])
+            .args(["--peerpods-limit-per-node", "0"])
+            .args(["--provider-rate", "100000", "--provider-burst", "100000"])
+            .args(["--provider-max-inflight", "64"])
+            .arg("local")
+            .arg("--local-dir")
+            .arg(self.root.join("local"))
+            .arg("--forwarder-bin")
+            .arg(forwarder)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("podvisor starts")
+    }
+
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        let mut resp = agent.get(&format!("{}{path}", self.admin)).call().ok()?;
+        let status = resp.status().as_u16();
+        Some((status, resp.body_mut().read_to_string().ok()?))
+    }
+
+    /// Time from now until `/readyz` answers 200.
+    fn time_to_ready(&self, child: &mut Child) -> Duration {
+        let t = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("podvisor exited: {status}");
+            }
+            if let Some((200, _)) = self.get("/readyz") {
+                return t.elapsed();
+            }
+            assert!(t.elapsed() < Duration::from_secs(600), "not ready");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn count(&self, state: &str) -> usize {
+        let (_, body) = self.get("/v1/instances").expect("admin answers");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        v["instances"]
+            .as_array()
+            .map(|a| a.iter().filter(|r| r["state"] == state).count())
+            .unwrap_or(0)
+    }
+}
+
+fn ctx(secs: u64) -> ttrpc::context::Context {
+    ttrpc::context::with_duration(Duration::from_secs(secs))
+}
+
+async fn client(socket: &Path) -> HypervisorClient {
+    HypervisorClient::new(
+        ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display()))
+            .await
+            .expect("connect"),
+    )
+}
+
+/// Makes `n` sandboxes, started if `start`; returns their ids.
+async fn make(socket: &Path, n: usize, start: bool) -> Vec<String> {
+    let mut tasks = Vec::new();
+    for chunk in 0..n.div_ceil(50) {
+        let socket = socket.to_owned();
+        let count = 50.min(n - chunk * 50);
+        tasks.push(tokio::spawn(async move {
+            let c = client(&socket).await;
+            let mut ids = Vec::new();
+            for _ in 0..count {
+                let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+                let req = hypervisor::CreateVMRequest {
+                    id: id.clone(),
+                    annotations: HashMap::from([
+                        ("io.kubernetes.cri.sandbox-name".into(), "bench".into()),
+                        ("io.kubernetes.cri.sandbox-namespace".into(), "rec".into()),
+                    ]),
+                    ..Default::default()
+                };
+                c.create_vm(ctx(30), &req).await.expect("CreateVM");
+                if start {
+                    let req = hypervisor::StartVMRequest {
+                        id: id.clone(),
+                        ..Default::default()
+                    };
+                    c.start_vm(ctx(120), &req).await.expect("StartVM");
+                }
+                ids.push(id);
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.expect("a task"));
+    }
+    ids
+}
+
+fn main() {
+    let running = arg("--running", 800);
+    let pending = arg("--pending", 200);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin_port = free_port();
+    let node = Node {
+        root: dir.path().to_owned(),
+        admin: format!("http://127.0.0.1:{admin_port}"),
+        admin_port,
+        grpc_port: free_port(),
+        forwarder_port: free_port(),
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+
+    let mut child = node.spawn();
+    node.time_to_ready(&mut child);
+    let t = Instant::now();
+    let ids = rt.block_on(async {
+        let mut ids = make(&node.socket(), running, true).await;
+        ids.extend(make(&node.socket(), pending, false).await);
+        ids
+    });
+    println!(
+        "made {running} Running + {pending} Pending sandboxes in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    let mut samples = Vec::new();
+    for round in 1..=3 {
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+        child = node.spawn();
+        let took = node.time_to_ready(&mut child);
+        let (r, p) = (node.count("running"), node.count("pending"));
+        assert_eq!((r, p), (running, pending), "every sandbox recovered");
+        println!(
+            "kill -9 #{round}: ready after {:.0} ms with {r} running and {p} pending recovered",
+            took.as_secs_f64() * 1e3
+        );
+        samples.push(took);
+    }
+    samples.sort();
+    println!(
+        "| sandboxes journaled | recovery (restart → ready) min | median | max |\n| --- | --- | --- | --- |\n| {} ({running} Running, {pending} Pending) | {:.0} ms | {:.0} ms | {:.0} ms |",
+        running + pending,
+        samples[0].as_secs_f64() * 1e3,
+        samples[1].as_secs_f64() * 1e3,
+        samples[2].as_secs_f64() * 1e3
+    );
+
+    // Clean up through the API, and check that nothing is left.
+    rt.block_on(async {
+        let c = client(&node.socket()).await;
+        for id in &ids {
+            let req = hypervisor::StopVMRequest {
+                id: id.clone(),
+                ..Default::default()
+            };
+            c.stop_vm(ctx(5), &req).await.expect("StopVM");
+        }
+    });
+    let t = Instant::now();
+    while node
+        .get("/v1/instances")
+        .map(|(_, b)| b.contains("sandbox_id"))
+        != Some(false)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "deletes did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = std::fs::read_dir(dir.path().join("local/instances"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "instances left behind");
+    let _ = child.kill();
+    let _ = child.wait();
+}
