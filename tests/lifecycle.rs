@@ -448,22 +448,7 @@ async fn a_stopvm_during_a_create_cancels_cleanly_and_the_instance_is_deleted() 
         .extend(["--create-delay".into(), "1500ms".into()]);
     let daemon = setup.start().await;
     let client = daemon.client().await;
-    let id = sandbox_id();
-    client
-        .create(&id, pod_annotations("cancelled", "ns"))
-        .await
-        .unwrap();
-    let starting = {
-        let client = daemon.client().await;
-        let id = id.clone();
-        tokio::spawn(async move { client.start(&id).await })
-    };
-    eventually(
-        "the create to be under way",
-        Duration::from_secs(10),
-        async || (daemon.instance(&id).await?["state"] == "creating").then_some(()),
-    )
-    .await;
+    let (id, starting) = daemon.start_until_creating("cancelled").await;
     let asked = std::time::Instant::now();
     client.stop(&id).await.unwrap();
     assert!(

@@ -137,27 +137,10 @@ async fn a_creating_sandbox_killed_mid_create_is_adopted_not_duplicated() {
     let mut setup = Setup::new();
     setup.local.extend(["--create-delay".into(), "1h".into()]);
     let mut daemon = setup.start().await;
-    let client = daemon.client().await;
-    let id = sandbox_id();
-    client
-        .create(&id, pod_annotations("slow", "ns"))
-        .await
-        .unwrap();
     // StartVM blocks on the hour-long create; the record is Creating.
-    let starter = {
-        let c = daemon.client().await;
-        let id = id.clone();
-        tokio::spawn(async move { c.start(&id).await })
-    };
-    eventually(
-        "Creating to be journaled",
-        Duration::from_secs(10),
-        async || (daemon.instance(&id).await.unwrap()["state"] == "creating").then_some(()),
-    )
-    .await;
+    let (id, starter) = daemon.start_until_creating("slow").await;
     daemon.kill9();
     let _ = starter.await;
-    drop(client);
     setup.local.clear();
     let daemon = setup.start().await;
     // Recovery re-issues the same idempotent create and reaches Running.
@@ -417,23 +400,7 @@ async fn sigterm_lets_a_create_under_way_finish_and_journal_it() {
         .local
         .extend(["--create-delay".into(), "1500ms".into()]);
     let mut daemon = setup.start().await;
-    let client = daemon.client().await;
-    let id = sandbox_id();
-    client
-        .create(&id, pod_annotations("draining", "ns"))
-        .await
-        .unwrap();
-    let starting = {
-        let client = daemon.client().await;
-        let id = id.clone();
-        tokio::spawn(async move { client.start(&id).await })
-    };
-    eventually(
-        "the create to be under way",
-        Duration::from_secs(10),
-        async || (daemon.instance(&id).await?["state"] == "creating").then_some(()),
-    )
-    .await;
+    let (id, starting) = daemon.start_until_creating("draining").await;
     let status = daemon.sigterm();
     assert!(status.success(), "{status}: {}", daemon.log_text());
     let log = daemon.log_text();

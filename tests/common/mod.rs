@@ -265,6 +265,33 @@ impl Daemon {
             .sum()
     }
 
+    /// CreateVM of a new sandbox, then StartVM in the background; returns
+    /// once the record is Creating (the cloud create under way), with the
+    /// sandbox id and the StartVM still waiting for its answer.
+    pub async fn start_until_creating(
+        &self,
+        pod: &str,
+    ) -> (String, tokio::task::JoinHandle<ttrpc::Result<()>>) {
+        let id = sandbox_id();
+        self.client()
+            .await
+            .create(&id, pod_annotations(pod, "ns"))
+            .await
+            .unwrap();
+        let starting = {
+            let client = self.client().await;
+            let id = id.clone();
+            tokio::spawn(async move { client.start(&id).await })
+        };
+        eventually(
+            "the create to be under way",
+            Duration::from_secs(10),
+            async || (self.instance(&id).await?["state"] == "creating").then_some(()),
+        )
+        .await;
+        (id, starting)
+    }
+
     pub async fn client(&self) -> Client {
         let c = ttrpc::r#async::Client::connect(&format!("unix://{}", self.socket.display()))
             .await
