@@ -150,8 +150,15 @@ fn number(
     };
     let value = match raw.parse::<u64>() {
         Ok(v) => v,
+        // "2.0" (Kata writes floats for vCPUs), or a whole number too big
+        // for u64: still a whole number, maybe out of range.
         Err(_) => match raw.parse::<f64>() {
-            Ok(f) if f.is_finite() && f >= 0.0 && f.fract() == 0.0 && f <= max as f64 => f as u64,
+            Ok(f) if f.is_finite() && f >= 0.0 && f.fract() == 0.0 => {
+                if f > max as f64 {
+                    return Err(format!("annotation {key} is {raw}, outside {min}..={max}"));
+                }
+                f as u64
+            }
             _ => return Err(format!("annotation {key} is '{raw}', not a whole number")),
         },
     };

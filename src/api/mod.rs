@@ -74,10 +74,10 @@ pub fn validate_sandbox_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty() {
         return Err(ApiError::InvalidArgument("The sandbox id is empty".into()));
     }
-    if id.len() > MAX_SANDBOX_ID {
+    let length = id.chars().count();
+    if length > MAX_SANDBOX_ID {
         return Err(ApiError::InvalidArgument(format!(
-            "The sandbox id is {} characters long; at most {MAX_SANDBOX_ID} are accepted",
-            id.len()
+            "The sandbox id is {length} characters long; at most {MAX_SANDBOX_ID} are accepted"
         )));
     }
     if id == "."
