@@ -19,5 +19,6 @@ pub mod metered;
 pub mod metrics;
 pub mod probe;
 pub mod protocols;
+pub mod proxy;
 pub mod userdata;
 pub mod view;

@@ -7,6 +7,7 @@ use super::provider::{DeleteInstance, EnsureInstance, FindInstance, ProviderActo
 use super::supervisor::{PodVmReport, Supervisor};
 use crate::failpoints;
 use crate::metrics;
+use crate::proxy::AgentProxy;
 use crate::userdata::{UserDataInputs, render};
 use crate::view::InstanceView;
 use actix::prelude::*;
@@ -76,6 +77,8 @@ pub struct PodVm {
     start_began: Option<Instant>,
     /// Whether the machine must be sent `Recover` when the actor starts.
     recover_on_start: bool,
+    /// The agent socket, open while the durable record is Running.
+    proxy: Option<AgentProxy>,
 }
 
 impl PodVm {
@@ -121,6 +124,7 @@ impl PodVm {
             stop_replies: HashMap::new(),
             start_began: None,
             recover_on_start,
+            proxy: None,
         }
     }
 
@@ -130,7 +134,45 @@ impl PodVm {
 
     fn feed(&mut self, event: Event, ctx: &mut Context<Self>) {
         let commands = self.machine.on_event(event, now_millis());
+        // Before the commands: StartVM's answer must find the socket open.
+        self.sync_proxy();
         self.perform(commands, ctx);
+    }
+
+    /// Opens the agent socket once the durable record is Running (also a
+    /// recovered one: the shim's next call works after a restart), and
+    /// closes it when the record leaves Running.
+    fn sync_proxy(&mut self) {
+        let upstream = self
+            .machine
+            .durable()
+            .filter(|r| r.state == podvisor_state::State::Running)
+            .and_then(|r| r.instance.as_ref())
+            .and_then(|i| i.ips.first())
+            .map(|ip| SocketAddr::new(*ip, self.deps.forwarder_port));
+        match (upstream, &self.proxy) {
+            (Some(upstream), None) => {
+                let path = self
+                    .deps
+                    .pods_dir
+                    .join(self.sandbox_id())
+                    .join("agent.ttrpc");
+                match AgentProxy::open(&path, upstream, self.deps.proxy_timeout) {
+                    Ok(proxy) => {
+                        tracing::debug!(sandbox = %self.sandbox_id(), socket = %path.display(), %upstream, "agent proxy open");
+                        self.proxy = Some(proxy);
+                    }
+                    Err(e) => tracing::warn!(
+                        sandbox = %self.sandbox_id(),
+                        socket = %path.display(),
+                        error = %e,
+                        "cannot open the agent socket; retried at the next step"
+                    ),
+                }
+            }
+            (None, Some(_)) => self.proxy = None,
+            _ => {}
+        }
     }
 
     fn perform(&mut self, commands: Vec<Command>, ctx: &mut Context<Self>) {
@@ -384,6 +426,7 @@ impl Actor for PodVm {
         if self.recover_on_start {
             self.feed(Event::Recover, ctx);
         }
+        self.sync_proxy();
     }
 }
 

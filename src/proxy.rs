@@ -1,0 +1,310 @@
+//! The agent proxy: for each Running sandbox, the ttrpc socket CreateVM
+//! returned (`<pods-dir>/<id>/agent.ttrpc`), relayed to the forwarder in the
+//! pod VM (`<instance ip>:<forwarder port>`).
+//!
+//! The relay works at the ttrpc frame level: frames pass through byte for
+//! byte in both directions — requests, responses, stream data and
+//! cancellations of any method, known to podvisor or not. Each shim
+//! connection gets its own connection to the forwarder, dialled when the
+//! shim connects (capped exponential backoff, within `--proxy-timeout`), so a
+//! forwarder that restarts is simply dialled again by the next connection.
+//! When the forwarder's side drops, every call still waiting for its answer
+//! gets an `UNAVAILABLE` status naming the pod VM's address, instead of a
+//! hang; then the shim's connection is closed.
+
+use protobuf::Message as _;
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+use ttrpc::proto::{
+    FLAG_REMOTE_CLOSED, MESSAGE_HEADER_LENGTH, MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE,
+};
+
+/// The largest frame relayed (ttrpc's own limit is 4 MiB; some peers send
+/// more). Larger is a protocol error and ends the connection.
+const MAX_FRAME: usize = 64 << 20;
+/// The longest pause between two dials.
+const DIAL_BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// One sandbox's agent socket; closed (and its file removed) on drop.
+#[derive(Debug)]
+pub struct AgentProxy {
+    path: PathBuf,
+    accept: JoinHandle<()>,
+}
+
+impl AgentProxy {
+    /// Binds `path` (replacing a stale socket file) and relays every
+    /// connection to `upstream`, dialling for at most `dial_limit`.
+    pub fn open(path: &Path, upstream: SocketAddr, dial_limit: Duration) -> io::Result<Self> {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let listener = UnixListener::bind(path)?;
+        let accept = tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((shim, _)) => {
+                        tokio::spawn(relay(shim, upstream, dial_limit));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "agent proxy cannot accept; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            path: path.to_owned(),
+            accept,
+        })
+    }
+}
+
+impl Drop for AgentProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Dials the forwarder until it answers or `limit` passes.
+async fn dial(upstream: SocketAddr, limit: Duration) -> Result<TcpStream, String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let last =
+            match tokio::time::timeout(left.min(DIAL_BACKOFF_CAP), TcpStream::connect(upstream))
+                .await
+            {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "connect timed out".to_owned(),
+            };
+        if tokio::time::Instant::now() + pause >= deadline {
+            return Err(format!(
+                "The pod VM's agent at {upstream} did not answer within {limit:?} (last: {last})"
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(DIAL_BACKOFF_CAP);
+    }
+}
+
+/// One frame: its 10-byte header and its payload, as received.
+struct Frame {
+    bytes: Vec<u8>,
+}
+
+impl Frame {
+    fn stream_id(&self) -> u32 {
+        u32::from_be_bytes([self.bytes[4], self.bytes[5], self.bytes[6], self.bytes[7]])
+    }
+    fn kind(&self) -> u8 {
+        self.bytes[8]
+    }
+    fn flags(&self) -> u8 {
+        self.bytes[9]
+    }
+}
+
+/// Reads one frame; `None` at a clean end of stream.
+async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Frame>> {
+    let mut header = [0u8; MESSAGE_HEADER_LENGTH];
+    match r.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let length = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if length > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a ttrpc frame of {length} bytes is above the relay's limit of {MAX_FRAME}"),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(MESSAGE_HEADER_LENGTH + length);
+    bytes.extend_from_slice(&header);
+    bytes.resize(MESSAGE_HEADER_LENGTH + length, 0);
+    r.read_exact(&mut bytes[MESSAGE_HEADER_LENGTH..]).await?;
+    Ok(Some(Frame { bytes }))
+}
+
+/// A response frame carrying `UNAVAILABLE` and `message` for `stream_id`.
+fn unavailable(stream_id: u32, message: &str) -> Vec<u8> {
+    let mut response = ttrpc::Response::new();
+    response.set_status(ttrpc::get_status(ttrpc::Code::UNAVAILABLE, message));
+    let payload = response.write_to_bytes().unwrap_or_default();
+    let mut frame = Vec::with_capacity(MESSAGE_HEADER_LENGTH + payload.len());
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&stream_id.to_be_bytes());
+    frame.push(MESSAGE_TYPE_RESPONSE);
+    frame.push(0);
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+/// Relays one shim connection.
+async fn relay(shim: UnixStream, upstream: SocketAddr, dial_limit: Duration) {
+    let (mut shim_r, shim_w) = shim.into_split();
+    let shim_w = Arc::new(tokio::sync::Mutex::new(shim_w));
+    let agent = match dial(upstream, dial_limit).await {
+        Ok(agent) => agent,
+        Err(why) => {
+            tracing::warn!(upstream = %upstream, error = %why, "agent proxy: cannot reach the pod VM");
+            // Answer what the shim sent meanwhile, then close.
+            answer_pending_until_eof(&mut shim_r, &shim_w, &why).await;
+            return;
+        }
+    };
+    let (mut agent_r, mut agent_w) = agent.into_split();
+    let pending: Arc<Mutex<HashSet<u32>>> = Arc::default();
+
+    let up = {
+        let pending = pending.clone();
+        async move {
+            loop {
+                let frame = match read_frame(&mut shim_r).await {
+                    Ok(Some(f)) => f,
+                    Ok(None) | Err(_) => break,
+                };
+                if frame.kind() == MESSAGE_TYPE_REQUEST {
+                    if let Ok(mut p) = pending.lock() {
+                        p.insert(frame.stream_id());
+                    }
+                }
+                if agent_w.write_all(&frame.bytes).await.is_err() {
+                    break;
+                }
+            }
+            let _ = agent_w.shutdown().await;
+        }
+    };
+    let down = {
+        let pending = pending.clone();
+        let shim_w = shim_w.clone();
+        async move {
+            let why = loop {
+                let frame = match read_frame(&mut agent_r).await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break "closed the connection".to_owned(),
+                    Err(e) => break e.to_string(),
+                };
+                // A response ends a call; so does the server closing its
+                // side of a stream.
+                let done = frame.kind() == MESSAGE_TYPE_RESPONSE
+                    || ((frame.flags() & FLAG_REMOTE_CLOSED) != 0
+                        && frame.kind() != MESSAGE_TYPE_REQUEST);
+                if done {
+                    if let Ok(mut p) = pending.lock() {
+                        p.remove(&frame.stream_id());
+                    }
+                }
+                if shim_w.lock().await.write_all(&frame.bytes).await.is_err() {
+                    return;
+                }
+            };
+            // The pod VM's side is gone: fail what still waits, clearly.
+            let waiting: Vec<u32> = pending
+                .lock()
+                .map(|mut p| p.drain().collect())
+                .unwrap_or_default();
+            let message =
+                format!("The connection to the pod VM's agent at {upstream} dropped: {why}");
+            if !waiting.is_empty() {
+                tracing::warn!(upstream = %upstream, calls = waiting.len(), error = %why, "agent proxy: failing calls in flight");
+            }
+            let mut w = shim_w.lock().await;
+            for id in waiting {
+                if w.write_all(&unavailable(id, &message)).await.is_err() {
+                    break;
+                }
+            }
+            let _ = w.shutdown().await;
+        }
+    };
+    // Either side ending ends the relay; the other half is dropped.
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+/// Without a forwarder: answers every request with `UNAVAILABLE` until the
+/// shim hangs up.
+async fn answer_pending_until_eof(
+    shim_r: &mut tokio::net::unix::OwnedReadHalf,
+    shim_w: &tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>,
+    why: &str,
+) {
+    while let Ok(Some(frame)) = read_frame(shim_r).await {
+        if frame.kind() == MESSAGE_TYPE_REQUEST
+            && shim_w
+                .lock()
+                .await
+                .write_all(&unavailable(frame.stream_id(), why))
+                .await
+                .is_err()
+        {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWrite;
+
+    async fn write_all(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) {
+        w.write_all(bytes).await.expect("write");
+    }
+
+    #[tokio::test]
+    async fn frames_are_read_whole_and_oversized_ones_refused() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&3u32.to_be_bytes());
+        frame.extend_from_slice(&7u32.to_be_bytes());
+        frame.extend_from_slice(&[MESSAGE_TYPE_REQUEST, 0, b'a', b'b', b'c']);
+        write_all(&mut a, &frame).await;
+        let got = read_frame(&mut b).await.unwrap().unwrap();
+        assert_eq!(got.bytes, frame);
+        assert_eq!(got.stream_id(), 7);
+
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&((MAX_FRAME as u32) + 1).to_be_bytes());
+        huge.extend_from_slice(&[0; 6]);
+        write_all(&mut a, &huge).await;
+        let err = read_frame(&mut b).await.err().unwrap();
+        assert!(err.to_string().contains("above the relay's limit"), "{err}");
+
+        drop(a);
+        assert!(read_frame(&mut b).await.unwrap().is_none(), "clean EOF");
+    }
+
+    #[test]
+    fn the_unavailable_answer_is_a_ttrpc_response_with_the_reason() {
+        let frame = unavailable(9, "gone");
+        assert_eq!(frame[8], MESSAGE_TYPE_RESPONSE);
+        assert_eq!(
+            u32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]),
+            9
+        );
+        let response = ttrpc::Response::parse_from_bytes(&frame[MESSAGE_HEADER_LENGTH..]).unwrap();
+        assert_eq!(response.status().code(), ttrpc::Code::UNAVAILABLE);
+        assert_eq!(response.status().message(), "gone");
+    }
+}
