@@ -158,7 +158,9 @@ fn unavailable(stream_id: u32, message: &str) -> Vec<u8> {
 
 /// Relays one shim connection.
 async fn relay(shim: UnixStream, upstream: SocketAddr, dial_limit: Duration) {
-    let (mut shim_r, shim_w) = shim.into_split();
+    let (shim_r, shim_w) = shim.into_split();
+    // Buffered: a frame's header and payload usually come in one read.
+    let mut shim_r = tokio::io::BufReader::with_capacity(64 << 10, shim_r);
     let shim_w = Arc::new(tokio::sync::Mutex::new(shim_w));
     let agent = match dial(upstream, dial_limit).await {
         Ok(agent) => agent,
@@ -169,7 +171,8 @@ async fn relay(shim: UnixStream, upstream: SocketAddr, dial_limit: Duration) {
             return;
         }
     };
-    let (mut agent_r, mut agent_w) = agent.into_split();
+    let (agent_r, mut agent_w) = agent.into_split();
+    let mut agent_r = tokio::io::BufReader::with_capacity(64 << 10, agent_r);
     let pending: Arc<Mutex<HashSet<u32>>> = Arc::default();
 
     let up = {
@@ -245,7 +248,7 @@ async fn relay(shim: UnixStream, upstream: SocketAddr, dial_limit: Duration) {
 /// Without a forwarder: answers every request with `UNAVAILABLE` until the
 /// shim hangs up.
 async fn answer_pending_until_eof(
-    shim_r: &mut tokio::net::unix::OwnedReadHalf,
+    shim_r: &mut (impl AsyncRead + Unpin),
     shim_w: &tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>,
     why: &str,
 ) {
