@@ -1,4 +1,5 @@
-//! Locating the `podvisor-forwarder` binary from tests in other crates.
+//! Locating this crate's binaries (`podvisor-forwarder`,
+//! `podvisor-userdata`) from tests in other crates.
 //!
 //! Cargo only exposes `CARGO_BIN_EXE_*` to a binary's own package, so tests
 //! elsewhere find it in the target directory beside their own executable,
@@ -8,10 +9,21 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The path of a built `podvisor-forwarder`, building it if needed.
+/// The path of an up-to-date `podvisor-forwarder` (and `podvisor-userdata`
+/// beside it), built once per test process.
 pub fn forwarder_binary() -> Result<PathBuf, String> {
     static FOUND: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     FOUND.get_or_init(locate_or_build).clone()
+}
+
+/// The path of a built `podvisor-userdata` (built with the forwarder).
+pub fn userdata_binary() -> Result<PathBuf, String> {
+    let path = forwarder_binary()?.with_file_name("podvisor-userdata");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("{} is not built", path.display()))
+    }
 }
 
 fn locate_or_build() -> Result<PathBuf, String> {
@@ -22,31 +34,23 @@ fn locate_or_build() -> Result<PathBuf, String> {
         .and_then(|deps| deps.parent())
         .ok_or_else(|| format!("unexpected test path {}", exe.display()))?;
     let candidate = profile_dir.join("podvisor-forwarder");
-    if candidate.is_file() {
-        return Ok(candidate);
-    }
+    // Always ask cargo (a no-op when up to date): a binary left by an
+    // earlier build of other sources would test the wrong code.
     let target_dir = profile_dir
         .parent()
         .ok_or_else(|| format!("unexpected target layout {}", profile_dir.display()))?;
     let release = profile_dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "-q",
-        "-p",
-        "podvisor-podvm",
-        "--bin",
-        "podvisor-forwarder",
-    ])
-    .arg("--target-dir")
-    .arg(target_dir);
+    cmd.args(["build", "-q", "-p", "podvisor-podvm", "--bins"])
+        .arg("--target-dir")
+        .arg(target_dir);
     if release {
         cmd.arg("--release");
     }
     let status = cmd
         .status()
-        .map_err(|e| format!("cannot run cargo to build the forwarder: {e}"))?;
+        .map_err(|e| format!("cannot run cargo to build the pod VM binaries: {e}"))?;
     if status.success() && candidate.is_file() {
         Ok(candidate)
     } else {

@@ -1,0 +1,432 @@
+//! Provisioning inside the pod VM (the reference's `process-user-data`):
+//! find the user data the daemon rendered, parse it strictly, and write
+//! only the allow-listed files under `/run/peerpod/`, plus the initdata
+//! digest.
+//!
+//! User data is a `#cloud-config` document with a single key,
+//! `write_files`, whose entries have exactly `path` and `content`. Anything
+//! else — another key, another field, a path outside the allow-list, a file
+//! above its size limit — is an error, and then nothing is written.
+
+use base64::Engine as _;
+use serde::Deserialize;
+use sha2::Digest as _;
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where the files go (under the root given to [`apply`]).
+pub const PEERPOD_DIR: &str = "run/peerpod";
+/// The files user data may write, by name under `/run/peerpod/`.
+pub const ALLOWED: &[&str] = &[
+    "apf.json",
+    "auth.json",
+    "initdata",
+    "scratch-space.marker",
+    "aa.toml",
+    "cdh.toml",
+    "policy.rego",
+];
+/// The largest user data accepted.
+pub const MAX_USER_DATA: usize = 256 << 10;
+/// The largest `auth.json` (the reference omits larger ones).
+pub const MAX_AUTH_JSON: usize = 12288;
+/// The largest initdata, encoded (as the daemon's annotation limit).
+pub const MAX_INITDATA: usize = 64 << 10;
+/// The largest initdata document once decompressed.
+const MAX_INITDATA_DECODED: u64 = 1 << 20;
+/// The initdata files derived from its `[data]` table.
+const INITDATA_DATA_FILES: &[&str] = &["aa.toml", "cdh.toml", "policy.rego"];
+
+/// What went wrong; never carries file contents (they may hold secrets).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UserDataError {
+    /// The user data is not a `#cloud-config` document.
+    #[error("The user data is not a cloud-config (its first line must be '#cloud-config')")]
+    NotCloudConfig,
+    /// The user data is larger than [`MAX_USER_DATA`].
+    #[error("The user data is {size} bytes, above the limit of {limit}")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The YAML does not parse, or has keys or fields other than allowed.
+    #[error("The user data is malformed: {0}")]
+    Malformed(String),
+    /// A path outside the allow-list.
+    #[error("The user data writes {0}, which is not one of the allowed /run/peerpod files")]
+    PathNotAllowed(String),
+    /// One path twice.
+    #[error("The user data writes {0} twice")]
+    Duplicate(String),
+    /// A file above its limit.
+    #[error("The user data's {path} is {size} bytes, above the limit of {limit}")]
+    FileTooLarge {
+        /// The file.
+        path: String,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The initdata does not decode.
+    #[error("The initdata is malformed: {0}")]
+    Initdata(String),
+    /// A file could not be written.
+    #[error("Cannot write {path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        message: String,
+    },
+    /// No source had user data in time.
+    #[error("No user data after {waited:?}: {tried}")]
+    NotFound {
+        /// How long it looked.
+        waited: Duration,
+        /// What each source said last.
+        tried: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloudConfig {
+    write_files: Vec<WriteFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriteFile {
+    path: String,
+    content: String,
+}
+
+/// One file to write, by its allow-listed name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct File {
+    /// Its name under `/run/peerpod/`.
+    pub name: &'static str,
+    /// What to write.
+    pub content: String,
+}
+
+/// Parses user data strictly into the files it writes.
+pub fn parse(text: &str) -> Result<Vec<File>, UserDataError> {
+    if text.len() > MAX_USER_DATA {
+        return Err(UserDataError::TooLarge {
+            size: text.len(),
+            limit: MAX_USER_DATA,
+        });
+    }
+    if text.lines().next().map(str::trim_end) != Some("#cloud-config") {
+        return Err(UserDataError::NotCloudConfig);
+    }
+    let config: CloudConfig =
+        serde_norway::from_str(text).map_err(|e| UserDataError::Malformed(e.to_string()))?;
+    let mut files: Vec<File> = Vec::new();
+    for entry in config.write_files {
+        let name = entry
+            .path
+            .strip_prefix("/run/peerpod/")
+            .and_then(|n| ALLOWED.iter().find(|a| **a == n))
+            .ok_or_else(|| UserDataError::PathNotAllowed(entry.path.clone()))?;
+        if files.iter().any(|f| f.name == *name) {
+            return Err(UserDataError::Duplicate(entry.path));
+        }
+        let limit = match *name {
+            "auth.json" => MAX_AUTH_JSON,
+            "initdata" => MAX_INITDATA,
+            _ => MAX_USER_DATA,
+        };
+        if entry.content.len() > limit {
+            return Err(UserDataError::FileTooLarge {
+                path: entry.path,
+                size: entry.content.len(),
+                limit,
+            });
+        }
+        files.push(File {
+            name,
+            content: entry.content,
+        });
+    }
+    Ok(files)
+}
+
+/// Decoded initdata: the TOML document, its digest, and its `[data]` files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Initdata {
+    /// The TOML document, as decoded.
+    pub document: String,
+    /// `algorithm` of the document: sha256, sha384 or sha512.
+    pub algorithm: String,
+    /// The digest of the document with that algorithm, lower-case hex.
+    pub digest: String,
+    /// The `[data]` entries.
+    pub data: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct InitdataToml {
+    algorithm: String,
+    version: String,
+    #[serde(default)]
+    data: BTreeMap<String, String>,
+}
+
+/// Decodes initdata: base64 of a gzip stream or of plain TOML with
+/// `algorithm`, `version` and `[data]`.
+pub fn decode_initdata(encoded: &str) -> Result<Initdata, UserDataError> {
+    let bad = |why: String| UserDataError::Initdata(why);
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|e| bad(format!("not base64: {e}")))?;
+    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(raw.as_slice())
+            .take(MAX_INITDATA_DECODED + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| bad(format!("not a gzip stream: {e}")))?;
+        if out.len() as u64 > MAX_INITDATA_DECODED {
+            return Err(bad(format!(
+                "above {MAX_INITDATA_DECODED} bytes once decompressed"
+            )));
+        }
+        out
+    } else {
+        raw
+    };
+    let document = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
+    let parsed: InitdataToml =
+        toml::from_str(&document).map_err(|e| bad(format!("not initdata TOML: {e}")))?;
+    let digest = match parsed.algorithm.as_str() {
+        "sha256" => hex::encode(sha2::Sha256::digest(document.as_bytes())),
+        "sha384" => hex::encode(sha2::Sha384::digest(document.as_bytes())),
+        "sha512" => hex::encode(sha2::Sha512::digest(document.as_bytes())),
+        other => {
+            return Err(bad(format!(
+                "algorithm '{other}' is not sha256, sha384 or sha512"
+            )));
+        }
+    };
+    if parsed.version.trim().is_empty() {
+        return Err(bad("its version is empty".into()));
+    }
+    Ok(Initdata {
+        document,
+        algorithm: parsed.algorithm,
+        digest,
+        data: parsed.data,
+    })
+}
+
+/// Checks everything, then writes the files under `<root>/run/peerpod/`
+/// (owner-only), the initdata digest, and the initdata's `[data]` files
+/// that user data did not write itself. Returns the paths written.
+pub fn apply(files: &[File], root: &Path) -> Result<Vec<PathBuf>, UserDataError> {
+    // Decide everything before writing anything.
+    let mut out: Vec<(String, String)> = files
+        .iter()
+        .map(|f| (f.name.to_owned(), f.content.clone()))
+        .collect();
+    if let Some(initdata) = files.iter().find(|f| f.name == "initdata") {
+        let decoded = decode_initdata(&initdata.content)?;
+        out.push(("initdata.digest".into(), decoded.digest.clone()));
+        for (name, content) in decoded.data {
+            if INITDATA_DATA_FILES.contains(&name.as_str()) && !files.iter().any(|f| f.name == name)
+            {
+                out.push((name, content));
+            }
+        }
+    }
+    let dir = root.join(PEERPOD_DIR);
+    let io = |path: &Path, e: std::io::Error| UserDataError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&dir)
+            .map_err(|e| io(&dir, e))?;
+    }
+    let mut written = Vec::new();
+    for (name, content) in out {
+        let path = dir.join(&name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| io(&tmp, e))?;
+            f.write_all(content.as_bytes()).map_err(|e| io(&tmp, e))?;
+            f.sync_all().map_err(|e| io(&tmp, e))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Where user data can come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A file: a `cidata` volume's `user-data` (libvirt), or any path.
+    File(PathBuf),
+    /// AWS IMDSv2 at this endpoint (`http://169.254.169.254`).
+    Aws(String),
+    /// Azure IMDS at this endpoint (`http://169.254.169.254`).
+    Azure(String),
+}
+
+impl std::str::FromStr for Source {
+    type Err = String;
+    /// `cidata[:<path>]`, `file:<path>`, `aws[:<endpoint>]`, `azure[:<endpoint>]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        const IMDS: &str = "http://169.254.169.254";
+        let (kind, arg) = match s.split_once(':') {
+            Some((k, a)) => (k, Some(a)),
+            None => (s, None),
+        };
+        match (kind, arg) {
+            ("cidata", None) => Ok(Source::File("/media/cidata/user-data".into())),
+            ("cidata" | "file", Some(p)) if !p.is_empty() => Ok(Source::File(p.into())),
+            ("aws", None) => Ok(Source::Aws(IMDS.into())),
+            ("azure", None) => Ok(Source::Azure(IMDS.into())),
+            ("aws", Some(e)) if e.starts_with("//") => Ok(Source::Aws(format!("http:{e}"))),
+            ("azure", Some(e)) if e.starts_with("//") => Ok(Source::Azure(format!("http:{e}"))),
+            _ => Err(format!(
+                "'{s}' is not a user data source (cidata[:PATH], file:PATH, aws[:http://HOST:PORT], azure[:http://HOST:PORT])"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "file {}", p.display()),
+            Source::Aws(e) => write!(f, "AWS IMDS at {e}"),
+            Source::Azure(e) => write!(f, "Azure IMDS at {e}"),
+        }
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(3)))
+        .build()
+        .into()
+}
+
+/// One look at `source`: `Ok(None)` when it has no user data (yet).
+pub fn fetch(source: &Source) -> Result<Option<String>, String> {
+    match source {
+        Source::File(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.to_string()),
+        },
+        Source::Aws(endpoint) => {
+            let agent = agent();
+            let mut token = agent
+                .put(&format!("{endpoint}/latest/api/token"))
+                .header("X-aws-ec2-metadata-token-ttl-seconds", "300")
+                .send_empty()
+                .map_err(|e| e.to_string())?;
+            if token.status() != 200 {
+                return Err(format!("token request answered {}", token.status()));
+            }
+            let token = token
+                .body_mut()
+                .read_to_string()
+                .map_err(|e| e.to_string())?;
+            let mut resp = agent
+                .get(&format!("{endpoint}/latest/user-data"))
+                .header("X-aws-ec2-metadata-token", token.trim())
+                .call()
+                .map_err(|e| e.to_string())?;
+            match resp.status().as_u16() {
+                200 => resp
+                    .body_mut()
+                    .with_config()
+                    .limit(MAX_USER_DATA as u64 + 1)
+                    .read_to_string()
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+                404 => Ok(None),
+                other => Err(format!("user-data answered {other}")),
+            }
+        }
+        Source::Azure(endpoint) => {
+            let mut resp = agent()
+                .get(&format!(
+                    "{endpoint}/metadata/instance/compute/userData?api-version=2021-01-01&format=text"
+                ))
+                .header("Metadata", "true")
+                .call()
+                .map_err(|e| e.to_string())?;
+            if resp.status() != 200 {
+                return Err(format!("userData answered {}", resp.status()));
+            }
+            let encoded = resp
+                .body_mut()
+                .with_config()
+                .limit(2 * MAX_USER_DATA as u64)
+                .read_to_string()
+                .map_err(|e| e.to_string())?;
+            if encoded.trim().is_empty() {
+                return Ok(None);
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .map_err(|e| format!("userData is not base64: {e}"))?;
+            String::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| "userData is not UTF-8".into())
+        }
+    }
+}
+
+/// Tries every source in turn, every `interval`, until one has user data
+/// or `limit` passes.
+pub fn find(
+    sources: &[Source],
+    interval: Duration,
+    limit: Duration,
+) -> Result<String, UserDataError> {
+    let started = Instant::now();
+    loop {
+        let mut tried = Vec::new();
+        for source in sources {
+            match fetch(source) {
+                Ok(Some(text)) => return Ok(text),
+                Ok(None) => tried.push(format!("{source}: none")),
+                Err(e) => tried.push(format!("{source}: {e}")),
+            }
+        }
+        if started.elapsed() + interval > limit {
+            return Err(UserDataError::NotFound {
+                waited: started.elapsed(),
+                tried: tried.join("; "),
+            });
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+#[cfg(test)]
+mod tests;
