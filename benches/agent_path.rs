@@ -118,11 +118,13 @@ fn main() {
             podvisor_podvm::forwarder::ForwarderConfig {
                 agent_socket: agent_socket.clone(),
                 agent_wait: Duration::from_secs(5),
+                tls: None,
             },
         ));
         let proxied = dir.path().join("agent.ttrpc");
-        let _proxy = podvisor::proxy::AgentProxy::open(&proxied, forwarder, Duration::from_secs(5))
-            .expect("proxy");
+        let _proxy =
+            podvisor::proxy::AgentProxy::open(&proxied, forwarder, Duration::from_secs(5), None)
+                .expect("proxy");
 
         let direct = measure(&agent_socket, n).await;
         let relayed = measure(&proxied, n).await;

@@ -214,6 +214,33 @@ pub async fn serve(
         }
     }
 
+    // TLS to the pod VMs: the keys are kept in the state dir, so a restarted
+    // daemon still reaches the pod VMs it made.
+    let min_tls13 = global.tls_min_version.as_deref() == Some("VersionTLS13");
+    let pki = if global.disable_tls {
+        tracing::warn!(
+            "--disable-tls: the agent protocol to the pod VMs travels WITHOUT TLS, unauthenticated"
+        );
+        None
+    } else {
+        let pki = match (&global.ca_cert_file, &global.cert_file, &global.cert_key) {
+            (Some(ca), Some(cert), Some(key)) => {
+                crate::tls::Pki::from_files(ca, cert, key, min_tls13)
+                    .map_err(|e| format!("--ca-cert-file/--cert-file/--cert-key: {e}"))?
+            }
+            _ => {
+                let dir = global.state_dir.join("tls");
+                tokio::task::spawn_blocking(move || {
+                    crate::tls::Pki::load_or_create(&dir, min_tls13)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("--state-dir: TLS keys: {e}"))?
+            }
+        };
+        Some(Arc::new(pki))
+    };
+
     // 3. The actors, and recovery.
     let view = InstanceView::new();
     let provider_actor = ProviderActor::new(calls.clone()).start();
@@ -236,6 +263,8 @@ pub async fn serve(
         pods_dir: global.pods_dir.clone(),
         default_initdata: global.initdata.clone(),
         scratch_space: global.enable_scratch_space,
+        pki,
+        tls_min_version: global.tls_min_version.clone(),
     });
     let limit = usize::try_from(global.peerpods_limit_per_node)
         .ok()

@@ -20,5 +20,6 @@ pub mod metrics;
 pub mod probe;
 pub mod protocols;
 pub mod proxy;
+pub mod tls;
 pub mod userdata;
 pub mod view;

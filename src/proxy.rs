@@ -32,6 +32,22 @@ const MAX_FRAME: usize = 64 << 20;
 /// The longest pause between two dials.
 const DIAL_BACKOFF_CAP: Duration = Duration::from_secs(5);
 
+/// How the proxy talks TLS to one pod VM: the client configuration and the
+/// name its certificate must carry.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// CA roots and the client certificate.
+    pub config: Arc<rustls::ClientConfig>,
+    /// The pod VM's certificate name.
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientTls({:?})", self.server_name)
+    }
+}
+
 /// One sandbox's agent socket; closed (and its file removed) on drop.
 #[derive(Debug)]
 pub struct AgentProxy {
@@ -41,8 +57,14 @@ pub struct AgentProxy {
 
 impl AgentProxy {
     /// Binds `path` (replacing a stale socket file) and relays every
-    /// connection to `upstream`, dialling for at most `dial_limit`.
-    pub fn open(path: &Path, upstream: SocketAddr, dial_limit: Duration) -> io::Result<Self> {
+    /// connection to `upstream` (over TLS when `tls` is given), dialling for
+    /// at most `dial_limit`.
+    pub fn open(
+        path: &Path,
+        upstream: SocketAddr,
+        dial_limit: Duration,
+        tls: Option<ClientTls>,
+    ) -> io::Result<Self> {
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -53,7 +75,7 @@ impl AgentProxy {
             loop {
                 match listener.accept().await {
                     Ok((shim, _)) => {
-                        tokio::spawn(relay(shim, upstream, dial_limit));
+                        tokio::spawn(relay(shim, upstream, dial_limit, tls.clone()));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "agent proxy cannot accept; retrying");
@@ -156,13 +178,45 @@ fn unavailable(stream_id: u32, message: &str) -> Vec<u8> {
     frame
 }
 
+/// Something the relay can read and write: TCP, or TLS over TCP.
+trait Upstream: AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Upstream for T {}
+
+/// Dials the forwarder and, with `tls`, completes the handshake: the pod
+/// VM must show a certificate for its name from our CA.
+async fn connect(
+    upstream: SocketAddr,
+    limit: Duration,
+    tls: Option<ClientTls>,
+) -> Result<Box<dyn Upstream>, String> {
+    let tcp = dial(upstream, limit).await?;
+    match tls {
+        None => Ok(Box::new(tcp)),
+        Some(tls) => tokio_rustls::TlsConnector::from(tls.config)
+            .connect(tls.server_name.clone(), tcp)
+            .await
+            .map(|s| Box::new(s) as Box<dyn Upstream>)
+            .map_err(|e| {
+                format!(
+                    "The TLS handshake with the pod VM's agent at {upstream} ({:?}) failed: {e}",
+                    tls.server_name
+                )
+            }),
+    }
+}
+
 /// Relays one shim connection.
-async fn relay(shim: UnixStream, upstream: SocketAddr, dial_limit: Duration) {
+async fn relay(
+    shim: UnixStream,
+    upstream: SocketAddr,
+    dial_limit: Duration,
+    tls: Option<ClientTls>,
+) {
     let (shim_r, shim_w) = shim.into_split();
     // Buffered: a frame's header and payload usually come in one read.
     let mut shim_r = tokio::io::BufReader::with_capacity(64 << 10, shim_r);
     let shim_w = Arc::new(tokio::sync::Mutex::new(shim_w));
-    let agent = match dial(upstream, dial_limit).await {
+    let agent = match connect(upstream, dial_limit, tls).await {
         Ok(agent) => agent,
         Err(why) => {
             tracing::warn!(upstream = %upstream, error = %why, "agent proxy: cannot reach the pod VM");
@@ -171,7 +225,7 @@ async fn relay(shim: UnixStream, upstream: SocketAddr, dial_limit: Duration) {
             return;
         }
     };
-    let (agent_r, mut agent_w) = agent.into_split();
+    let (agent_r, mut agent_w) = tokio::io::split(agent);
     let mut agent_r = tokio::io::BufReader::with_capacity(64 << 10, agent_r);
     let pending: Arc<Mutex<HashSet<u32>>> = Arc::default();
 

@@ -14,6 +14,11 @@ pub struct UserDataInputs<'a> {
     pub initdata: Option<&'a str>,
     /// `--enable-scratch-space`.
     pub scratch_space: bool,
+    /// The pod VM's TLS identity (`None`: TLS disabled, or certificates
+    /// baked into the image).
+    pub tls: Option<&'a crate::tls::ServerIdentity>,
+    /// `--tls-min-version`, passed on to the forwarder.
+    pub tls_min_version: Option<&'a str>,
 }
 
 /// The forwarder's settings, `/run/peerpod/apf.json` (the fields known so far).
@@ -23,6 +28,14 @@ struct ForwarderSettings<'a> {
     pod_namespace: &'a str,
     #[serde(rename = "pod-name")]
     pod_name: &'a str,
+    #[serde(rename = "tls-server-cert", skip_serializing_if = "Option::is_none")]
+    tls_server_cert: Option<&'a str>,
+    #[serde(rename = "tls-server-key", skip_serializing_if = "Option::is_none")]
+    tls_server_key: Option<&'a str>,
+    #[serde(rename = "tls-client-ca", skip_serializing_if = "Option::is_none")]
+    tls_client_ca: Option<&'a str>,
+    #[serde(rename = "tls-min-version", skip_serializing_if = "Option::is_none")]
+    tls_min_version: Option<&'a str>,
 }
 
 /// Renders the cloud-config.
@@ -30,6 +43,10 @@ pub fn render(inputs: &UserDataInputs<'_>) -> String {
     let apf = serde_json::to_string(&ForwarderSettings {
         pod_namespace: inputs.pod_namespace,
         pod_name: inputs.pod_name,
+        tls_server_cert: inputs.tls.map(|t| t.cert_pem.as_str()),
+        tls_server_key: inputs.tls.map(|t| t.key_pem.as_str()),
+        tls_client_ca: inputs.tls.map(|t| t.client_ca_pem.as_str()),
+        tls_min_version: inputs.tls_min_version,
     })
     .expect("forwarder settings always serialize");
     let mut files: Vec<(&str, String)> = vec![("/run/peerpod/apf.json", apf)];
@@ -60,6 +77,8 @@ mod tests {
             pod_namespace: "default",
             initdata: Some("H4sI"),
             scratch_space: true,
+            tls: None,
+            tls_min_version: None,
         });
         assert!(text.starts_with("#cloud-config\nwrite_files:\n"));
         assert!(text.contains("- path: /run/peerpod/apf.json\n  content: \"{\\\"pod-namespace\\\":\\\"default\\\",\\\"pod-name\\\":\\\"we\\\\\\\"b\\\"}\"\n"), "{text}");

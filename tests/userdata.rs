@@ -18,6 +18,8 @@ fn what_the_daemon_renders_the_pod_vm_writes() {
         pod_namespace: "shop",
         initdata: Some(INITDATA),
         scratch_space: true,
+        tls: None,
+        tls_min_version: None,
     });
     let files = podvisor_podvm::userdata::parse(&text).unwrap();
     let names: Vec<_> = files.iter().map(|f| f.name).collect();

@@ -2,33 +2,124 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::net::{TcpListener, UnixStream};
 
 /// Settings of one forwarder.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ForwarderConfig {
     /// The kata agent's unix socket.
     pub agent_socket: PathBuf,
     /// How long one connection waits for the agent socket to appear.
     pub agent_wait: Duration,
+    /// TLS: the server certificate, and the CA its clients must present a
+    /// certificate from. `None`: plain TCP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl std::fmt::Debug for ForwarderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwarderConfig")
+            .field("agent_socket", &self.agent_socket)
+            .field("agent_wait", &self.agent_wait)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// `apf.json`, the fields the forwarder reads (the reference's names).
+#[derive(serde::Deserialize, Default)]
+struct Settings {
+    #[serde(rename = "tls-server-cert")]
+    tls_server_cert: Option<String>,
+    #[serde(rename = "tls-server-key")]
+    tls_server_key: Option<String>,
+    #[serde(rename = "tls-client-ca")]
+    tls_client_ca: Option<String>,
+    #[serde(rename = "tls-min-version")]
+    tls_min_version: Option<String>,
+}
+
+/// The TLS server configuration `apf.json` asks for: `None` when it holds
+/// no server certificate. A certificate without a client CA is refused:
+/// the forwarder never serves the agent to unauthenticated clients.
+pub fn tls_from_settings(json: &str) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let s: Settings = serde_json::from_str(json).map_err(|e| format!("apf.json: {e}"))?;
+    let (cert, key, ca) = match (s.tls_server_cert, s.tls_server_key, s.tls_client_ca) {
+        (None, None, None) => return Ok(None),
+        (Some(c), Some(k), Some(ca)) => (c, k, ca),
+        _ => {
+            return Err(
+                "apf.json: tls-server-cert, tls-server-key and tls-client-ca go together".into(),
+            );
+        }
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("apf.json tls-server-cert: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+        .map_err(|e| format!("apf.json tls-server-key: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots
+            .add(c.map_err(|e| format!("apf.json tls-client-ca: {e}"))?)
+            .map_err(|e| format!("apf.json tls-client-ca: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| format!("apf.json tls-client-ca: {e}"))?;
+    let versions: &[&rustls::SupportedProtocolVersion] = match s.tls_min_version.as_deref() {
+        Some("VersionTLS13") => &[&rustls::version::TLS13],
+        None | Some("") | Some("VersionTLS12") => {
+            &[&rustls::version::TLS13, &rustls::version::TLS12]
+        }
+        Some(other) => return Err(format!("apf.json tls-min-version: '{other}'")),
+    };
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("apf.json server certificate and key: {e}"))?;
+    Ok(Some(Arc::new(config)))
 }
 
 /// Accepts connections forever, relaying each to the agent.
 pub async fn serve(listener: TcpListener, config: ForwarderConfig) -> io::Result<()> {
+    let acceptor = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (stream, peer) = listener.accept().await?;
         let config = config.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            if let Err(e) = relay(stream, &config).await {
+            let result = match acceptor {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(tls) => relay(tls, &config).await,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                },
+                None => relay(stream, &config).await,
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
         });
     }
 }
 
-async fn relay(mut client: TcpStream, config: &ForwarderConfig) -> io::Result<()> {
-    client.set_nodelay(true)?;
+async fn relay(
+    mut client: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    config: &ForwarderConfig,
+) -> io::Result<()> {
     let mut agent = connect_agent(&config.agent_socket, config.agent_wait).await?;
     tokio::io::copy_bidirectional(&mut client, &mut agent).await?;
     Ok(())
@@ -90,9 +181,10 @@ mod tests {
             ForwarderConfig {
                 agent_socket: sock.clone(),
                 agent_wait: Duration::from_secs(5),
+                tls: None,
             },
         ));
-        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         client.write_all(b"hello agent").await.unwrap();
         // The agent comes up after the client connected.
         tokio::time::sleep(Duration::from_millis(100)).await;

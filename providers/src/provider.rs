@@ -13,8 +13,9 @@ pub const TAG_SANDBOX: &str = "podvisor.io/sandbox";
 /// Tag key: the idempotency token the instance was created with.
 pub const TAG_TOKEN: &str = "podvisor.io/token";
 
-/// Everything a provider needs to create one pod VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Everything a provider needs to create one pod VM. Its `Debug` leaves the
+/// user data out: it holds the pod VM's TLS key and the pod's secrets.
+#[derive(Clone, PartialEq, Eq)]
 pub struct CreateRequest {
     /// Kata's sandbox id.
     pub sandbox_id: String,
@@ -34,6 +35,24 @@ pub struct CreateRequest {
     /// Tags to put on the instance: at least [`TAG_NODE`], [`TAG_SANDBOX`]
     /// and [`TAG_TOKEN`]. Providers add their own configured tags.
     pub tags: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for CreateRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateRequest")
+            .field("sandbox_id", &self.sandbox_id)
+            .field("pod_name", &self.pod_name)
+            .field("pod_namespace", &self.pod_namespace)
+            .field("instance_name", &self.instance_name)
+            .field("token", &self.token)
+            .field("spec", &self.spec)
+            .field(
+                "user_data",
+                &format_args!("<{} bytes>", self.user_data.len()),
+            )
+            .field("tags", &self.tags)
+            .finish()
+    }
 }
 
 /// The power state of an instance, as far as the provider can tell.

@@ -7,7 +7,7 @@ use super::provider::{DeleteInstance, EnsureInstance, FindInstance, ProviderActo
 use super::supervisor::{PodVmReport, Supervisor};
 use crate::failpoints;
 use crate::metrics;
-use crate::proxy::AgentProxy;
+use crate::proxy::{AgentProxy, ClientTls};
 use crate::userdata::{UserDataInputs, render};
 use crate::view::InstanceView;
 use actix::prelude::*;
@@ -45,6 +45,10 @@ pub struct PodVmDeps {
     pub default_initdata: Option<String>,
     /// `--enable-scratch-space`.
     pub scratch_space: bool,
+    /// TLS to the forwarders (`None`: `--disable-tls`).
+    pub pki: Option<Arc<crate::tls::Pki>>,
+    /// `--tls-min-version`.
+    pub tls_min_version: Option<String>,
 }
 
 /// Milliseconds since the epoch.
@@ -143,13 +147,15 @@ impl PodVm {
     /// recovered one: the shim's next call works after a restart), and
     /// closes it when the record leaves Running.
     fn sync_proxy(&mut self) {
-        let upstream = self
+        let running = self
             .machine
             .durable()
-            .filter(|r| r.state == podvisor_state::State::Running)
+            .filter(|r| r.state == podvisor_state::State::Running);
+        let upstream = running
             .and_then(|r| r.instance.as_ref())
             .and_then(|i| i.ips.first())
             .map(|ip| SocketAddr::new(*ip, self.deps.forwarder_port));
+        let instance_name = running.map(|r| r.instance_name.clone()).unwrap_or_default();
         match (upstream, &self.proxy) {
             (Some(upstream), None) => {
                 let path = self
@@ -157,7 +163,20 @@ impl PodVm {
                     .pods_dir
                     .join(self.sandbox_id())
                     .join("agent.ttrpc");
-                match AgentProxy::open(&path, upstream, self.deps.proxy_timeout) {
+                let tls = match &self.deps.pki {
+                    None => None,
+                    Some(pki) => match pki.server_name(&instance_name) {
+                        Ok(server_name) => Some(ClientTls {
+                            config: pki.client_config(),
+                            server_name,
+                        }),
+                        Err(e) => {
+                            tracing::error!(sandbox = %self.sandbox_id(), error = %e, "cannot open the agent socket");
+                            return;
+                        }
+                    },
+                };
+                match AgentProxy::open(&path, upstream, self.deps.proxy_timeout, tls) {
                     Ok(proxy) => {
                         tracing::debug!(sandbox = %self.sandbox_id(), socket = %path.display(), %upstream, "agent proxy open");
                         self.proxy = Some(proxy);
@@ -226,7 +245,19 @@ impl PodVm {
             }
             Command::Ensure { first_attempt } => {
                 failpoints::hit(failpoints::CREATING_BEFORE_CREATE);
-                let request = self.create_request();
+                let request = match self.create_request() {
+                    Ok(r) => r,
+                    Err(message) => {
+                        let failure = OpFailure {
+                            message,
+                            retryable: false,
+                            retry_after: None,
+                        };
+                        // Answered as an event, after this step's commands.
+                        ctx.notify(Failed(failure));
+                        return;
+                    }
+                };
                 let call = self.deps.provider.send(EnsureInstance {
                     request,
                     first_attempt,
@@ -373,25 +404,33 @@ impl PodVm {
         }));
     }
 
-    fn create_request(&self) -> CreateRequest {
+    fn create_request(&self) -> Result<CreateRequest, String> {
         let target = self.machine.target();
         let token = target.token.clone().unwrap_or_default();
         let initdata = target
             .initdata
             .as_deref()
             .or(self.deps.default_initdata.as_deref());
+        let identity = match &self.deps.pki {
+            Some(pki) => pki
+                .server_identity(&target.instance_name)
+                .map_err(|e| format!("Cannot issue the pod VM's TLS certificate: {e}"))?,
+            None => None,
+        };
         let user_data = render(&UserDataInputs {
             pod_name: &target.pod_name,
             pod_namespace: &target.pod_namespace,
             initdata,
             scratch_space: self.deps.scratch_space,
+            tls: identity.as_ref(),
+            tls_min_version: self.deps.tls_min_version.as_deref(),
         });
         let tags = BTreeMap::from([
             (TAG_NODE.to_owned(), self.deps.node_name.clone()),
             (TAG_SANDBOX.to_owned(), target.sandbox_id.clone()),
             (TAG_TOKEN.to_owned(), token.clone()),
         ]);
-        CreateRequest {
+        Ok(CreateRequest {
             sandbox_id: target.sandbox_id.clone(),
             pod_name: target.pod_name.clone(),
             pod_namespace: target.pod_namespace.clone(),
@@ -400,7 +439,7 @@ impl PodVm {
             spec: target.spec.clone(),
             user_data,
             tags,
-        }
+        })
     }
 
     fn waiter(&mut self) -> Waiter {
@@ -448,6 +487,18 @@ impl Handler<Start> for PodVm {
         }
         self.feed(Event::Start(w), ctx);
         Box::pin(async move { rx.await.unwrap_or(Err(StartError::Stopping)) })
+    }
+}
+
+/// A create that could not even be sent (its request could not be made).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Failed(OpFailure);
+
+impl Handler<Failed> for PodVm {
+    type Result = ();
+    fn handle(&mut self, msg: Failed, ctx: &mut Context<Self>) {
+        self.feed(Event::Ensured(Err(msg.0)), ctx);
     }
 }
 

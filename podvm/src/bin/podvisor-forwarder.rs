@@ -2,7 +2,7 @@
 //! kata agent.
 
 use clap::Parser;
-use podvisor_podvm::forwarder::{ForwarderConfig, serve};
+use podvisor_podvm::forwarder::{ForwarderConfig, serve, tls_from_settings};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +31,15 @@ struct Args {
     /// The instance this forwarder belongs to (a label for logs and process lists)
     #[arg(long)]
     instance_id: Option<String>,
+
+    /// The forwarder's settings from user data; with a TLS server
+    /// certificate there, it serves mutual TLS only
+    #[arg(
+        long,
+        env = "FORWARDER_CONFIG",
+        default_value = "/run/peerpod/apf.json"
+    )]
+    config: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -62,9 +71,27 @@ fn main() -> ExitCode {
         };
         tracing::info!(listen = %args.listen, agent = %args.agent_socket.display(),
             instance = args.instance_id.as_deref().unwrap_or("-"), "forwarder listening");
+        let tls = match std::fs::read_to_string(&args.config) {
+            Ok(json) => match tls_from_settings(&json) {
+                Ok(tls) => tls,
+                Err(e) => {
+                    eprintln!("podvisor-forwarder: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                eprintln!("podvisor-forwarder: {}: {e}", args.config.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        if tls.is_none() {
+            tracing::warn!(config = %args.config.display(), "no TLS certificate in the settings: serving the agent WITHOUT TLS");
+        }
         let config = ForwarderConfig {
             agent_socket: args.agent_socket,
             agent_wait: Duration::from_secs(args.agent_wait_secs),
+            tls,
         };
         tokio::select! {
             r = serve(listener, config) => match r {

@@ -212,9 +212,26 @@ impl LocalProvider {
             .find(|ip| !used.contains(ip) && !skip.contains(ip))
     }
 
-    /// Starts the forwarder of an instance and waits until it listens.
+    /// Provisions the instance from its user data, as a pod VM does at
+    /// boot (`podvisor-userdata`, with the instance directory as its root),
+    /// then starts the forwarder and waits until it listens.
     async fn launch(&self, file: &mut InstanceFile) -> Result<(), ProviderError> {
         let dir = self.instances_dir().join(&file.id);
+        let user_data = dir.join("user-data");
+        let text = tokio::fs::read_to_string(&user_data)
+            .await
+            .map_err(|e| io_error(format!("Cannot read {}", user_data.display()), e))?;
+        let root = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let files = podvisor_podvm::userdata::parse(&text)?;
+            podvisor_podvm::userdata::apply(&files, &root)
+        })
+        .await
+        .map_err(|e| ProviderError::transient(format!("provisioning task: {e}")))?
+        .map_err(|e| ProviderError::permanent(format!("Instance {}: {e}", file.id)))?;
+        let settings = dir
+            .join(podvisor_podvm::userdata::PEERPOD_DIR)
+            .join("apf.json");
         let log_path = dir.join("forwarder.log");
         let log = std::fs::File::create(&log_path)
             .map_err(|e| io_error(format!("Cannot create {}", log_path.display()), e))?;
@@ -229,6 +246,8 @@ impl LocalProvider {
             .arg(&self.agent_socket)
             .arg("--instance-id")
             .arg(&file.id)
+            .arg("--config")
+            .arg(&settings)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
