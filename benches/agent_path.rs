@@ -109,29 +109,63 @@ fn main() {
             .register_service(hypervisor_ttrpc::create_hypervisor(Arc::new(Agent)));
         agent.start().await.expect("agent");
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("forwarder port");
-        let forwarder = listener.local_addr().expect("address");
-        tokio::spawn(podvisor_podvm::forwarder::serve(
-            listener,
-            podvisor_podvm::forwarder::ForwarderConfig {
-                agent_socket: agent_socket.clone(),
-                agent_wait: Duration::from_secs(5),
-                tls: None,
-            },
-        ));
-        let proxied = dir.path().join("agent.ttrpc");
-        let _proxy =
-            podvisor::proxy::AgentProxy::open(&proxied, forwarder, Duration::from_secs(5), None)
-                .expect("proxy");
+        // The path twice: plain TCP, and mutual TLS as the daemon sets it up.
+        let pki = podvisor::tls::Pki::load_or_create(&dir.path().join("tls"), false).expect("pki");
+        let identity = pki
+            .server_identity("podvm-bench")
+            .expect("issue")
+            .expect("ours");
+        let settings = serde_json::json!({
+            "tls-server-cert": identity.cert_pem,
+            "tls-server-key": identity.key_pem,
+            "tls-client-ca": identity.client_ca_pem,
+        })
+        .to_string();
+        let mut paths = Vec::new();
+        for with_tls in [false, true] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("forwarder port");
+            let forwarder = listener.local_addr().expect("address");
+            let server_tls = if with_tls {
+                podvisor_podvm::forwarder::tls_from_settings(&settings).expect("server TLS")
+            } else {
+                None
+            };
+            tokio::spawn(podvisor_podvm::forwarder::serve(
+                listener,
+                podvisor_podvm::forwarder::ForwarderConfig {
+                    agent_socket: agent_socket.clone(),
+                    agent_wait: Duration::from_secs(5),
+                    tls: server_tls,
+                },
+            ));
+            let client_tls = with_tls.then(|| podvisor::proxy::ClientTls {
+                config: pki.client_config(),
+                server_name: pki.server_name("podvm-bench").expect("name"),
+            });
+            let path = dir.path().join(format!("agent-{with_tls}.ttrpc"));
+            let proxy = podvisor::proxy::AgentProxy::open(
+                &path,
+                forwarder,
+                Duration::from_secs(5),
+                client_tls,
+            )
+            .expect("proxy");
+            paths.push((path, proxy));
+        }
 
         let direct = measure(&agent_socket, n).await;
-        let relayed = measure(&proxied, n).await;
+        let relayed = measure(&paths[0].0, n).await;
+        let over_tls = measure(&paths[1].0, n).await;
         let us = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
         println!("| path | p50 µs | p99 µs | sequential calls/s | 16 callers calls/s |");
         println!("| --- | --- | --- | --- | --- |");
-        for (name, (p50, p99, seq, conc)) in [("direct", direct), ("proxy + forwarder", relayed)] {
+        for (name, (p50, p99, seq, conc)) in [
+            ("direct", direct),
+            ("proxy + forwarder", relayed),
+            ("proxy + forwarder, mutual TLS", over_tls),
+        ] {
             println!(
                 "| {name} | {} | {} | {seq:.0} | {conc:.0} |",
                 us(p50),
@@ -139,8 +173,9 @@ fn main() {
             );
         }
         println!(
-            "relay overhead at p50: {:+.0} %",
-            (relayed.0.as_secs_f64() / direct.0.as_secs_f64() - 1.0) * 100.0
+            "relay overhead at p50: {:+.0} % (plain), {:+.0} % (TLS)",
+            (relayed.0.as_secs_f64() / direct.0.as_secs_f64() - 1.0) * 100.0,
+            (over_tls.0.as_secs_f64() / direct.0.as_secs_f64() - 1.0) * 100.0
         );
     });
 }
