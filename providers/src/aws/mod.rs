@@ -10,6 +10,8 @@ mod imds;
 mod manager;
 mod provider;
 mod selection;
+#[cfg(feature = "conformance")]
+pub mod testing;
 
 pub use config::{AwsConfig, Secret, TagList};
 pub use errors::classify;
