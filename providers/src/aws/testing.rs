@@ -6,6 +6,9 @@
 //! 127.0.0.1, and the test VPC is 127.16.0.0/16, so instances' private IPs
 //! are loopback addresses a test's forwarder can bind.
 
+/// The SDK, for tests in other crates that read the server directly.
+pub use aws_sdk_ec2 as ec2;
+
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ec2::types::{Filter, Instance};

@@ -1,0 +1,371 @@
+//! `podvisor aws …` as a child process against moto's EC2 server on
+//! loopback: the lifecycle through the Kata API, and a kill -9 restart with
+//! Running and Deleting sandboxes, checked by listing the server's
+//! instances — not only the daemon's view.
+//!
+//! The pod side: moto gives instances private IPs in the test subnet
+//! (127.16.x.y), and [`PodVmSide`] starts a real `podvisor-forwarder` on
+//! each live instance's address, as the pod VM image would, so the daemon's
+//! readiness probe meets a real forwarder. Nothing connects outside
+//! 127.0.0.0/8.
+
+#![cfg(feature = "aws")]
+
+mod common;
+
+use common::*;
+use podvisor_providers::aws::testing::{
+    ACCESS_KEY_ID, Ec2Proxy, Fault, Moto, REGION, SECRET_ACCESS_KEY, TestNetwork, client_for, ec2,
+    private_ip,
+};
+use podvisor_providers::{TAG_NODE, TAG_SANDBOX};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The daemon's `aws` flags for the server at `endpoint`.
+fn aws_args(endpoint: &str, net: &TestNetwork) -> Vec<String> {
+    [
+        "aws",
+        "--aws-endpoint",
+        endpoint,
+        "--aws-region",
+        REGION,
+        "--aws-access-key-id",
+        ACCESS_KEY_ID,
+        "--aws-secret-key",
+        SECRET_ACCESS_KEY,
+        "--imageid",
+        &net.image_id,
+        "--subnetid",
+        &net.subnet_id,
+        "--securitygroupids",
+        &net.security_group_id,
+        "--keyname",
+        &net.key_name,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A daemon setup on AWS: every value given (no metadata service lookup),
+/// and the metadata service pointed at a closed loopback port regardless.
+fn aws_setup(endpoint: &str, net: &TestNetwork) -> Setup {
+    let mut setup = Setup::new();
+    setup.provider = Some(aws_args(endpoint, net));
+    setup.env = vec![
+        ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+        (
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT".into(),
+            "http://127.0.0.1:9".into(),
+        ),
+    ];
+    setup.global.extend(["--cloud-config-verify".into()]);
+    setup
+}
+
+/// The pod VMs' side: a forwarder on every live instance's address of one
+/// node, stopped when its instance goes.
+struct PodVmSide {
+    /// Instance id → its forwarder.
+    forwarders: Arc<Mutex<HashMap<String, Child>>>,
+    /// The watcher.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PodVmSide {
+    fn start(endpoint: &str, node: &str, port: u16, agent_socket: PathBuf) -> Self {
+        let forwarders: Arc<Mutex<HashMap<String, Child>>> = Arc::default();
+        let shared = forwarders.clone();
+        let ec2 = client_for(endpoint);
+        let node = node.to_owned();
+        let binary = podvisor_podvm::testing::forwarder_binary().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let out = ec2
+                    .describe_instances()
+                    .filters(
+                        ec2::types::Filter::builder()
+                            .name(format!("tag:{TAG_NODE}"))
+                            .values(&node)
+                            .build(),
+                    )
+                    .send()
+                    .await;
+                if let Ok(out) = out {
+                    let mut live = HashMap::new();
+                    for i in out.reservations().iter().flat_map(|r| r.instances()) {
+                        let state = i.state().and_then(|s| s.name()).map(|n| n.as_str());
+                        if matches!(state, Some("pending" | "running")) {
+                            if let (Some(id), Some(ip)) = (i.instance_id(), private_ip(i)) {
+                                assert!(ip.is_loopback(), "instance {id} got {ip}");
+                                live.insert(id.to_owned(), ip);
+                            }
+                        }
+                    }
+                    let mut forwarders = shared.lock().unwrap();
+                    forwarders.retain(|id, child: &mut Child| {
+                        let keep = live.contains_key(id);
+                        if !keep {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                        }
+                        keep
+                    });
+                    for (id, ip) in live {
+                        forwarders.entry(id.clone()).or_insert_with(|| {
+                            Command::new(&binary)
+                                .args(["--listen", &format!("{ip}:{port}")])
+                                .arg("--agent-socket")
+                                .arg(&agent_socket)
+                                .args(["--instance-id", &id])
+                                .stdout(Stdio::null())
+                                .stderr(Stdio::null())
+                                .spawn()
+                                .unwrap()
+                        });
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        Self { forwarders, task }
+    }
+
+    /// Instances with a forwarder now.
+    fn instances(&self) -> Vec<String> {
+        self.forwarders.lock().unwrap().keys().cloned().collect()
+    }
+}
+
+impl Drop for PodVmSide {
+    fn drop(&mut self) {
+        self.task.abort();
+        for (_, mut child) in self.forwarders.lock().unwrap().drain() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Every instance of `sandbox` the server has ever had, live or not, with
+/// its state.
+async fn instances_of(moto: &Moto, sandbox: &str) -> Vec<(String, String)> {
+    let out = moto
+        .client()
+        .describe_instances()
+        .filters(
+            ec2::types::Filter::builder()
+                .name(format!("tag:{TAG_SANDBOX}"))
+                .values(sandbox)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .map(|i| {
+            (
+                i.instance_id().unwrap_or("").to_owned(),
+                i.state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_owned())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn assert_no_secret_in(log: &str) {
+    assert!(
+        !log.contains(SECRET_ACCESS_KEY),
+        "the secret key is in the daemon's log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_vm_lifecycle_on_ec2_creates_runs_and_terminates_one_instance() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let setup = aws_setup(&moto.endpoint(), &net);
+    let side = PodVmSide::start(
+        &moto.endpoint(),
+        &setup.node,
+        setup.forwarder_port,
+        setup.root.path().join("agent.sock"),
+    );
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("web", "shop"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    client.start(&id).await.unwrap_or_else(|e| {
+        panic!("StartVM: {e:?}\n{}", daemon.log_text());
+    });
+    eprintln!("create→Running against moto: {:?}", started.elapsed());
+
+    let record = daemon.instance(&id).await.unwrap();
+    assert_eq!(record["state"], "running");
+    let instance_id = record["instance_id"].as_str().unwrap().to_owned();
+    assert!(instance_id.starts_with("i-"), "{record}");
+    let ip: std::net::IpAddr = record["ips"][0].as_str().unwrap().parse().unwrap();
+    assert!(ip.is_loopback(), "{record}");
+    assert_eq!(
+        instances_of(&moto, &id).await,
+        [(instance_id.clone(), "running".to_owned())]
+    );
+    assert_eq!(side.instances(), std::slice::from_ref(&instance_id));
+    assert_eq!(
+        client.info("web", "shop", false, 5).await.unwrap(),
+        instance_id
+    );
+
+    let stopping = Instant::now();
+    client.stop(&id).await.unwrap();
+    eventually(
+        "the sandbox to be deleted",
+        Duration::from_secs(30),
+        async || daemon.instance(&id).await.is_none().then_some(()),
+    )
+    .await;
+    eprintln!("StopVM→terminated against moto: {:?}", stopping.elapsed());
+    let states = instances_of(&moto, &id).await;
+    assert_eq!(states.len(), 1, "{states:?}");
+    assert!(
+        matches!(states[0].1.as_str(), "terminated" | "shutting-down"),
+        "{states:?}"
+    );
+    assert!(
+        moto.live_instances(Some((TAG_NODE, &setup.node)))
+            .await
+            .is_empty()
+    );
+    assert_no_secret_in(&daemon.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_running_and_deleting_sandboxes_on_ec2_leaks_and_duplicates_nothing() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    // The daemon talks through a proxy that can hang EC2's deletes.
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let mut setup = aws_setup(&proxy.endpoint(), &net);
+    let side = PodVmSide::start(
+        &moto.endpoint(),
+        &setup.node,
+        setup.forwarder_port,
+        setup.root.path().join("agent.sock"),
+    );
+    let mut daemon = setup.start().await;
+    let client = daemon.client().await;
+    let (running, deleting) = (sandbox_id(), sandbox_id());
+    for (id, pod) in [(&running, "keeps"), (&deleting, "goes")] {
+        client.create(id, pod_annotations(pod, "ns")).await.unwrap();
+        client
+            .start(id)
+            .await
+            .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    }
+    let kept = daemon.instance(&running).await.unwrap()["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    proxy.fault("TerminateInstances", Fault::Stall, None);
+    client.stop(&deleting).await.unwrap();
+    eventually(
+        "the delete to reach EC2",
+        Duration::from_secs(10),
+        async || {
+            proxy
+                .calls()
+                .get("TerminateInstances")
+                .is_some_and(|n| *n >= 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        daemon.instance(&deleting).await.unwrap()["state"],
+        "deleting"
+    );
+    assert_no_secret_in(&daemon.log_text());
+    daemon.kill9();
+    drop(daemon);
+
+    // The cloud is well again; the daemon comes back on the same journal.
+    proxy.clear_faults();
+    setup.provider = Some(aws_args(&proxy.endpoint(), &net));
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+
+    let record = daemon.instance(&running).await.unwrap();
+    assert_eq!(record["state"], "running");
+    assert_eq!(record["instance_id"], kept.as_str());
+    client
+        .start(&running)
+        .await
+        .expect("StartVM of the recovered sandbox succeeds");
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_recovered_instances_total",
+                &[("action", "verified")]
+            )
+            .await,
+        1.0
+    );
+    eventually(
+        "the Deleting sandbox to finish",
+        Duration::from_secs(30),
+        async || daemon.instance(&deleting).await.is_none().then_some(()),
+    )
+    .await;
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_recovered_instances_total",
+                &[("action", "resumed_delete")]
+            )
+            .await,
+        1.0
+    );
+
+    client.stop(&running).await.unwrap();
+    eventually(
+        "the recovered sandbox to stop",
+        Duration::from_secs(30),
+        async || daemon.instance(&running).await.is_none().then_some(()),
+    )
+    .await;
+
+    // The server's word: one instance per sandbox ever, none left alive.
+    for id in [&running, &deleting] {
+        let states = instances_of(&moto, id).await;
+        assert_eq!(states.len(), 1, "one instance per sandbox: {states:?}");
+        assert!(
+            matches!(states[0].1.as_str(), "terminated" | "shutting-down"),
+            "{states:?}"
+        );
+    }
+    assert!(
+        moto.live_instances(Some((TAG_NODE, &setup.node)))
+            .await
+            .is_empty(),
+        "nothing leaked"
+    );
+    eventually(
+        "the pod side to follow",
+        Duration::from_secs(5),
+        async || side.instances().is_empty().then_some(()),
+    )
+    .await;
+    assert_no_secret_in(&daemon.log_text());
+}
