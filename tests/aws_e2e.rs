@@ -15,8 +15,8 @@ mod common;
 
 use common::*;
 use podvisor_providers::aws::testing::{
-    ACCESS_KEY_ID, Ec2Proxy, Fault, Moto, REGION, SECRET_ACCESS_KEY, TestNetwork, client_for, ec2,
-    private_ip,
+    ACCESS_KEY_ID, Ec2Proxy, Fault, MetadataStub, Moto, REGION, SECRET_ACCESS_KEY, TestNetwork,
+    client_for, ec2, node_metadata, private_ip,
 };
 use podvisor_providers::{TAG_NODE, TAG_SANDBOX};
 use std::collections::HashMap;
@@ -191,7 +191,9 @@ fn assert_no_secret_in(log: &str) {
 async fn a_pod_vm_lifecycle_on_ec2_creates_runs_and_terminates_one_instance() {
     let moto = Moto::start().await;
     let net = moto.network().await;
-    let setup = aws_setup(&moto.endpoint(), &net);
+    // Through a proxy that counts the daemon's EC2 calls.
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let setup = aws_setup(&proxy.endpoint(), &net);
     let side = PodVmSide::start(
         &moto.endpoint(),
         &setup.node,
@@ -199,6 +201,10 @@ async fn a_pod_vm_lifecycle_on_ec2_creates_runs_and_terminates_one_instance() {
         setup.root.path().join("agent.sock"),
     );
     let daemon = setup.start().await;
+    let at_start = proxy.calls();
+    eprintln!("EC2 calls at start-up (verify, recovery, GC): {at_start:?}");
+    assert_eq!(at_start.get("DescribeImages"), Some(&1), "{at_start:?}");
+    proxy.reset_calls();
     let client = daemon.client().await;
     let id = sandbox_id();
     client
@@ -236,6 +242,10 @@ async fn a_pod_vm_lifecycle_on_ec2_creates_runs_and_terminates_one_instance() {
     )
     .await;
     eprintln!("StopVM→terminated against moto: {:?}", stopping.elapsed());
+    let calls = proxy.calls();
+    eprintln!("EC2 calls of one pod lifecycle: {calls:?}");
+    assert_eq!(calls.get("RunInstances"), Some(&1), "{calls:?}");
+    assert_eq!(calls.get("TerminateInstances"), Some(&1), "{calls:?}");
     let states = instances_of(&moto, &id).await;
     assert_eq!(states.len(), 1, "{states:?}");
     assert!(
@@ -368,4 +378,127 @@ async fn sigkill_with_running_and_deleting_sandboxes_on_ec2_leaks_and_duplicates
     )
     .await;
     assert_no_secret_in(&daemon.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_answer_is_lost_is_retried_into_the_same_instance() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let setup = aws_setup(&proxy.endpoint(), &net);
+    let _side = PodVmSide::start(
+        &moto.endpoint(),
+        &setup.node,
+        setup.forwarder_port,
+        setup.root.path().join("agent.sock"),
+    );
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+    // EC2 makes the instance; the answer never arrives (a timeout, a reset).
+    proxy.fault("RunInstances", Fault::DropResponse, Some(1));
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("lost", "ns"))
+        .await
+        .unwrap();
+    client
+        .start(&id)
+        .await
+        .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    let states = instances_of(&moto, &id).await;
+    assert_eq!(
+        states.len(),
+        1,
+        "one instance, adopted by token: {states:?}"
+    );
+    assert_eq!(
+        daemon.instance(&id).await.unwrap()["instance_id"],
+        states[0].0.as_str()
+    );
+    assert_eq!(proxy.calls().get("RunInstances"), Some(&1));
+    client.stop(&id).await.unwrap();
+    eventually(
+        "the sandbox to be deleted",
+        Duration::from_secs(30),
+        async || daemon.instance(&id).await.is_none().then_some(()),
+    )
+    .await;
+    assert!(moto.live_instances(None).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_subnet_groups_and_key_come_from_the_metadata_service_when_not_given() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let stub = MetadataStub::start(node_metadata(&net)).await;
+    let mut setup = aws_setup(&moto.endpoint(), &net);
+    setup.provider = Some(
+        [
+            "aws",
+            "--aws-endpoint",
+            &moto.endpoint(),
+            "--aws-access-key-id",
+            ACCESS_KEY_ID,
+            "--aws-secret-key",
+            SECRET_ACCESS_KEY,
+            "--imageid",
+            &net.image_id,
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    // Empty variables count as unset: nothing inherited may fill these.
+    setup.env = [
+        (
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+            stub.endpoint().as_str(),
+        ),
+        ("AWS_REGION", ""),
+        ("AWS_SUBNET_ID", ""),
+        ("AWS_SG_IDS", ""),
+        ("SSH_KP_NAME", ""),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .to_vec();
+    let _side = PodVmSide::start(
+        &moto.endpoint(),
+        &setup.node,
+        setup.forwarder_port,
+        setup.root.path().join("agent.sock"),
+    );
+    let daemon = setup.start().await;
+    let asked = stub.requests();
+    assert!(
+        asked.contains(&"GET /latest/meta-data/placement/region".to_owned()),
+        "{asked:?}"
+    );
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("imds", "ns"))
+        .await
+        .unwrap();
+    client
+        .start(&id)
+        .await
+        .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    let live = moto.live_instances(Some((TAG_SANDBOX, &id))).await;
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].subnet_id(), Some(net.subnet_id.as_str()));
+    assert_eq!(live[0].key_name(), Some(net.key_name.as_str()));
+    assert!(
+        live[0]
+            .security_groups()
+            .iter()
+            .any(|g| g.group_id() == Some(net.security_group_id.as_str())),
+        "{:?}",
+        live[0].security_groups()
+    );
+    client.stop(&id).await.unwrap();
+    eventually(
+        "the sandbox to be deleted",
+        Duration::from_secs(30),
+        async || daemon.instance(&id).await.is_none().then_some(()),
+    )
+    .await;
 }

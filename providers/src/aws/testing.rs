@@ -420,3 +420,113 @@ fn action_of(request: &[u8]) -> Option<String> {
         .collect();
     (!action.is_empty()).then_some(action)
 }
+
+/// A small EC2 instance metadata service (IMDSv2) on 127.0.0.1: a session
+/// token on `PUT /latest/api/token`, then the given paths. Stops on drop.
+pub struct MetadataStub {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Paths asked for, in order.
+    requests: Arc<Mutex<Vec<String>>>,
+    /// The accept loop.
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The session token the stub hands out and expects.
+const METADATA_TOKEN: &str = "podvisor-test-imds-token";
+
+impl MetadataStub {
+    /// A stub answering `paths` (path → body); anything else is 404.
+    pub async fn start(paths: HashMap<String, String>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the metadata stub");
+        let port = listener.local_addr().expect("stub address").port();
+        let requests: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen = requests.clone();
+        let paths = Arc::new(paths);
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let seen = seen.clone();
+                let paths = paths.clone();
+                tokio::spawn(async move {
+                    let Ok(request) = read_request(&mut stream).await else {
+                        return;
+                    };
+                    let head = String::from_utf8_lossy(&request).into_owned();
+                    let mut first = head.lines().next().unwrap_or("").split_whitespace();
+                    let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+                    let has_token = head
+                        .to_ascii_lowercase()
+                        .contains(&format!("x-aws-ec2-metadata-token: {METADATA_TOKEN}"));
+                    seen.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(format!("{method} {path}"));
+                    let (status, extra, body) = match (method, path) {
+                        ("PUT", "/latest/api/token") => (
+                            "200 OK",
+                            "x-aws-ec2-metadata-token-ttl-seconds: 21600\r\n",
+                            METADATA_TOKEN.to_owned(),
+                        ),
+                        ("GET", _) if !has_token => ("401 Unauthorized", "", String::new()),
+                        ("GET", p) => match paths.get(p) {
+                            Some(body) => ("200 OK", "", body.clone()),
+                            None => ("404 Not Found", "", String::new()),
+                        },
+                        _ => ("405 Method Not Allowed", "", String::new()),
+                    };
+                    let response = format!(
+                        "HTTP/1.1 {status}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        Self {
+            port,
+            requests,
+            task,
+        }
+    }
+
+    /// The endpoint, for `AWS_EC2_METADATA_SERVICE_ENDPOINT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The requests seen so far (`GET /latest/meta-data/...`).
+    pub fn requests(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for MetadataStub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The metadata of a node in `net`: its region, MAC, subnet, security group
+/// and key pair, as the stub serves them.
+pub fn node_metadata(net: &TestNetwork) -> HashMap<String, String> {
+    let mac = "0e:49:61:0f:c3:11";
+    let base = format!("/latest/meta-data/network/interfaces/macs/{mac}");
+    HashMap::from([
+        ("/latest/meta-data/placement/region".into(), REGION.into()),
+        ("/latest/meta-data/mac".into(), mac.into()),
+        (format!("{base}/subnet-id"), net.subnet_id.clone()),
+        (
+            format!("{base}/security-group-ids"),
+            net.security_group_id.clone(),
+        ),
+        (
+            "/latest/meta-data/public-keys/".into(),
+            format!("0={}", net.key_name),
+        ),
+    ])
+}
