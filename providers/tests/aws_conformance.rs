@@ -471,3 +471,147 @@ async fn ec2_calls_per_lifecycle_are_few() {
     // TerminateInstances: the image and types were read by verify.
     assert_eq!(total, 4, "{calls:?}");
 }
+
+#[tokio::test]
+async fn amd_sev_snp_is_asked_for_unless_disabled_and_the_client_token_is_sent() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let cvm = direct(&proxy.endpoint(), settings(&net));
+    let request = Fixture::new("node-v").request(1);
+    cvm.create_instance(&request).await.unwrap();
+    let body = proxy.bodies("RunInstances").pop().unwrap();
+    assert!(body.contains("CpuOptions.AmdSevSnp=enabled"), "{body}");
+    assert!(
+        body.contains(&format!("ClientToken={}", request.token)),
+        "{body}"
+    );
+    assert!(
+        body.contains("MinCount=1") && body.contains("MaxCount=1"),
+        "{body}"
+    );
+
+    let mut s = settings(&net);
+    s.disable_cvm = true;
+    let plain = direct(&proxy.endpoint(), s);
+    plain
+        .create_instance(&Fixture::new("node-v").request(1))
+        .await
+        .unwrap();
+    let body = proxy.bodies("RunInstances").pop().unwrap();
+    assert!(!body.contains("AmdSevSnp"), "{body}");
+}
+
+#[tokio::test]
+async fn a_launch_template_decides_image_type_and_network() {
+    use aws_sdk_ec2::types::{InstanceType, RequestLaunchTemplateData};
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let ec2 = moto.client();
+    ec2.create_launch_template()
+        .launch_template_name("kata")
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .image_id(&net.image_id)
+                .instance_type(InstanceType::T3Micro)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut s = settings(&net);
+    s.launch_template = Some("kata".into());
+    s.image_id = None;
+    s.instance_types = vec!["m6a.large".into()];
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let provider = direct(&proxy.endpoint(), s);
+    provider.verify_config().await.unwrap();
+    let request = Fixture::new("node-l").request(1);
+    let made = provider.create_instance(&request).await.unwrap();
+    let body = proxy.bodies("RunInstances").pop().unwrap();
+    assert!(
+        body.contains("LaunchTemplate.LaunchTemplateName=kata"),
+        "{body}"
+    );
+    for absent in [
+        "ImageId",
+        "InstanceType",
+        "SubnetId",
+        "SecurityGroupId",
+        "KeyName",
+    ] {
+        assert!(
+            !body.contains(absent),
+            "{absent} sent with a template: {body}"
+        );
+    }
+    let out = ec2
+        .describe_instances()
+        .instance_ids(&made.id)
+        .send()
+        .await
+        .unwrap();
+    let instance = &out.reservations()[0].instances()[0];
+    assert_eq!(instance.instance_type(), Some(&InstanceType::T3Micro));
+    assert!(
+        instance
+            .tags()
+            .iter()
+            .any(|t| t.key() == Some(TAG_TOKEN) && t.value() == Some(request.token.as_str()))
+    );
+    provider.delete_instance(&made.id).await.unwrap();
+
+    // What the pod itself asks for overrides the template (the reference
+    // dropped it).
+    let mut request = Fixture::new("node-l").request(1);
+    request.spec.instance_type = Some("m6a.large".into());
+    let made = provider.create_instance(&request).await.unwrap();
+    let body = proxy.bodies("RunInstances").pop().unwrap();
+    assert!(body.contains("InstanceType=m6a.large"), "{body}");
+    let out = ec2
+        .describe_instances()
+        .instance_ids(&made.id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.reservations()[0].instances()[0].instance_type(),
+        Some(&InstanceType::M6aLarge)
+    );
+    provider.delete_instance(&made.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn in_public_ip_mode_the_public_address_comes_first_once_running() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let mut s = settings(&net);
+    s.use_public_ip = true;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let provider = direct(&proxy.endpoint(), s);
+    let request = Fixture::new("node-i").request(1);
+    // Nothing here connects to the public address: it is only read back.
+    let made = provider.create_instance(&request).await.unwrap();
+    let body = proxy.bodies("RunInstances").pop().unwrap();
+    assert!(
+        body.contains("NetworkInterface.1.AssociatePublicIpAddress=true"),
+        "{body}"
+    );
+    let out = moto
+        .client()
+        .describe_instances()
+        .instance_ids(&made.id)
+        .send()
+        .await
+        .unwrap();
+    let instance = &out.reservations()[0].instances()[0];
+    let public: std::net::IpAddr = instance
+        .public_ip_address()
+        .expect("a public IP")
+        .parse()
+        .unwrap();
+    let private: std::net::IpAddr = instance.private_ip_address().unwrap().parse().unwrap();
+    assert_eq!(made.ips, [public, private]);
+    assert_eq!(made.status, podvisor_providers::InstanceStatus::Running);
+    provider.delete_instance(&made.id).await.unwrap();
+}

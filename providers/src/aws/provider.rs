@@ -300,34 +300,23 @@ impl AwsProvider {
             .tag_specifications(tag_spec(ResourceType::Volume))
             .tag_specifications(tag_spec(ResourceType::NetworkInterface));
 
-        if let Some(template) = &s.launch_template {
-            // As in the reference: the template decides image, type and network.
-            return Ok(run.launch_template(
-                LaunchTemplateSpecification::builder()
-                    .launch_template_name(template)
-                    .build(),
-            ));
+        let pod_image = request.spec.image.as_deref().filter(|i| !i.is_empty());
+        if let Some(image) = pod_image {
+            if !is_ec2_id(image, "ami-") {
+                return Err(ProviderError::permanent(format!(
+                    "Image '{image}' (the pod's image annotation) is not an AMI id (ami-…)"
+                )));
+            }
         }
-
-        let image = request
+        let pod_type = request
             .spec
-            .image
+            .instance_type
             .as_deref()
-            .filter(|i| !i.is_empty())
-            .or(s.image_id.as_deref())
-            .ok_or_else(|| ProviderError::config("No image: set --imageid (PODVM_AMI_ID)"))?;
-        if !is_ec2_id(image, "ami-") {
-            return Err(ProviderError::permanent(format!(
-                "Image '{image}' is not an AMI id (ami-…)"
-            )));
-        }
-        let needs_sizes = request.spec.vcpus.is_some_and(|v| v > 0)
+            .is_some_and(|t| !t.is_empty());
+        let pod_size = request.spec.vcpus.is_some_and(|v| v > 0)
             || request.spec.memory_mib.is_some_and(|m| m > 0)
             || request.spec.gpus.is_some_and(|g| g > 0);
-        let sizes: &[TypeSize] = if needs_sizes
-            && !s.instance_types.is_empty()
-            && request.spec.instance_type.is_none()
-        {
+        let sizes: &[TypeSize] = if pod_size && !pod_type && !s.instance_types.is_empty() {
             self.sizes().await?
         } else {
             &[]
@@ -335,6 +324,33 @@ impl AwsProvider {
         let instance_type =
             select_instance_type(&request.spec, &s.instance_type, &s.instance_types, sizes)
                 .map_err(ProviderError::permanent)?;
+
+        if let Some(template) = &s.launch_template {
+            // As in the reference, the template decides image, type and
+            // network — except what the pod itself asked for, which the
+            // reference silently dropped: parameters override the template.
+            run = run.launch_template(
+                LaunchTemplateSpecification::builder()
+                    .launch_template_name(template)
+                    .build(),
+            );
+            if pod_type || (pod_size && !s.instance_types.is_empty()) {
+                run = run.instance_type(InstanceType::from(instance_type.as_str()));
+            }
+            if let Some(image) = pod_image {
+                run = run.image_id(image);
+            }
+            return Ok(run);
+        }
+
+        let image = pod_image
+            .or(s.image_id.as_deref())
+            .ok_or_else(|| ProviderError::config("No image: set --imageid (PODVM_AMI_ID)"))?;
+        if !is_ec2_id(image, "ami-") {
+            return Err(ProviderError::permanent(format!(
+                "Image '{image}' is not an AMI id (ami-…)"
+            )));
+        }
         run = run
             .image_id(image)
             .instance_type(InstanceType::from(instance_type.as_str()));

@@ -269,6 +269,8 @@ pub enum Fault {
 struct ProxyState {
     /// Action → how many requests of it reached the proxy.
     calls: HashMap<String, usize>,
+    /// Action → the form-encoded bodies of its requests.
+    bodies: HashMap<String, Vec<String>>,
     /// Action → the fault to apply, and how many more times (None: always).
     faults: HashMap<String, (Fault, Option<usize>)>,
 }
@@ -325,9 +327,17 @@ impl Ec2Proxy {
         self.lock().calls.clone()
     }
 
-    /// Forgets the counts.
+    /// The form-encoded bodies of the requests of `action`, decoded
+    /// enough to search (`CpuOptions.AmdSevSnp=enabled`).
+    pub fn bodies(&self, action: &str) -> Vec<String> {
+        self.lock().bodies.get(action).cloned().unwrap_or_default()
+    }
+
+    /// Forgets the counts and bodies.
     pub fn reset_calls(&self) {
-        self.lock().calls.clear();
+        let mut s = self.lock();
+        s.calls.clear();
+        s.bodies.clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ProxyState> {
@@ -352,6 +362,10 @@ async fn relay(
     let fault = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         *s.calls.entry(action.clone()).or_default() += 1;
+        let body = find(&request, b"\r\n\r\n")
+            .map(|end| String::from_utf8_lossy(&request[end + 4..]).replace("%2F", "/"))
+            .unwrap_or_default();
+        s.bodies.entry(action.clone()).or_default().push(body);
         match s.faults.get_mut(&action) {
             Some((fault, Some(left))) if *left > 0 => {
                 *left -= 1;
