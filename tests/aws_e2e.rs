@@ -502,3 +502,129 @@ async fn region_subnet_groups_and_key_come_from_the_metadata_service_when_not_gi
     )
     .await;
 }
+
+/// p50, p99 and max of `samples`, in milliseconds.
+fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1e3
+    };
+    (at(0.50), at(0.99), at(1.0))
+}
+
+/// Measures create→Running and StopVM→deleted (the record is removed once
+/// EC2 accepted the terminate) for `PODVISOR_AWS_BENCH_N` sandboxes at once
+/// (default 100) against moto, with the provider's rate limit lifted
+/// (`PODVISOR_AWS_BENCH_PACED=1` keeps the defaults). A measurement, not a
+/// check: `cargo test --test aws_e2e -- --ignored --nocapture`.
+#[ignore]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measure_concurrent_lifecycles_on_moto() {
+    let n: usize = std::env::var("PODVISOR_AWS_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let paced = std::env::var("PODVISOR_AWS_BENCH_PACED").is_ok_and(|v| v == "1");
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let mut setup = aws_setup(&proxy.endpoint(), &net);
+    setup
+        .global
+        .extend(["--peerpods-limit-per-node".into(), "0".into()]);
+    if !paced {
+        setup.global.extend(
+            [
+                "--provider-rate",
+                "10000",
+                "--provider-burst",
+                "10000",
+                "--provider-max-inflight",
+                "256",
+            ]
+            .map(String::from),
+        );
+    }
+    let _side = PodVmSide::start(
+        &moto.endpoint(),
+        &setup.node,
+        setup.forwarder_port,
+        setup.root.path().join("agent.sock"),
+    );
+    let daemon = setup.start().await;
+    proxy.reset_calls();
+    let client = Arc::new(daemon.client().await);
+    let ids: Vec<String> = (0..n).map(|_| sandbox_id()).collect();
+    let begun = Instant::now();
+    let mut tasks = Vec::new();
+    for (k, id) in ids.iter().enumerate() {
+        let (client, id) = (client.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            client
+                .create(&id, pod_annotations(&format!("bench-{k}"), "ns"))
+                .await
+                .unwrap();
+            let t = Instant::now();
+            client.start(&id).await.unwrap();
+            t.elapsed()
+        }));
+    }
+    let mut running = Vec::new();
+    for t in tasks {
+        running.push(t.await.unwrap());
+    }
+    let all_running = begun.elapsed();
+    assert_eq!(moto.live_instances(None).await.len(), n);
+
+    let stopping = Instant::now();
+    let mut tasks = Vec::new();
+    for id in &ids {
+        let (client, id) = (client.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            client.stop(&id).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut deleted = Vec::new();
+    let mut left: std::collections::HashSet<String> = ids.iter().cloned().collect();
+    while !left.is_empty() {
+        let (_, body) = daemon.get("/v1/instances").await.unwrap();
+        let present: std::collections::HashSet<String> = body["instances"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r["sandbox_id"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        left.retain(|id| {
+            let gone = !present.contains(id);
+            if gone {
+                deleted.push(stopping.elapsed());
+            }
+            !gone
+        });
+        assert!(
+            stopping.elapsed() < Duration::from_secs(300),
+            "deletes hang"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(moto.live_instances(None).await.is_empty());
+    let (r50, r99, rmax) = percentiles(&mut running);
+    let (d50, d99, dmax) = percentiles(&mut deleted);
+    eprintln!(
+        "{n} sandboxes at once against moto ({}): create→Running p50 {r50:.0} ms, p99 {r99:.0} ms, max {rmax:.0} ms (all Running after {:.2} s); \
+         StopVM→deleted p50 {d50:.0} ms, p99 {d99:.0} ms, max {dmax:.0} ms; EC2 calls: {:?}",
+        if paced {
+            "default provider pacing"
+        } else {
+            "pacing lifted"
+        },
+        all_running.as_secs_f64(),
+        proxy.calls()
+    );
+}
