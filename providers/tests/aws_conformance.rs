@@ -615,3 +615,39 @@ async fn in_public_ip_mode_the_public_address_comes_first_once_running() {
     assert_eq!(made.status, podvisor_providers::InstanceStatus::Running);
     provider.delete_instance(&made.id).await.unwrap();
 }
+
+#[tokio::test]
+async fn lookups_of_many_sandboxes_at_once_share_one_describe_call() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let provider = Arc::new(direct(&proxy.endpoint(), settings(&net)));
+    let requests: Vec<_> = (0..20).map(|_| Fixture::new("node-k").request(1)).collect();
+    let mut made = Vec::new();
+    for r in &requests[..10] {
+        made.push(provider.create_instance(r).await.unwrap().id);
+    }
+    proxy.reset_calls();
+    let mut lookups = Vec::new();
+    for r in requests.clone() {
+        let p = provider.clone();
+        lookups.push(tokio::spawn(async move {
+            p.find_instance(&r.token, &r.instance_name).await.unwrap()
+        }));
+    }
+    let mut found = Vec::new();
+    for l in lookups {
+        found.push(l.await.unwrap().map(|i| i.id));
+    }
+    assert_eq!(
+        found[..10].iter().flatten().cloned().collect::<Vec<_>>(),
+        made,
+        "each lookup gets its own sandbox's instance"
+    );
+    assert!(found[10..].iter().all(Option::is_none), "{found:?}");
+    assert_eq!(
+        proxy.calls().get("DescribeInstances"),
+        Some(&1),
+        "20 lookups at once, one call"
+    );
+}

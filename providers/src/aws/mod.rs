@@ -7,6 +7,7 @@
 mod config;
 mod errors;
 mod imds;
+mod instances;
 mod manager;
 mod provider;
 mod selection;

@@ -8,20 +8,20 @@
 
 use super::config::is_ec2_id;
 use super::errors::from_sdk;
+use super::instances::{InstanceReader, TokenLookups};
 use super::selection::{TypeSize, select_instance_type};
 use crate::error::ProviderError;
-use crate::provider::{CreateRequest, Instance, InstanceStatus, Provider, TAG_TOKEN};
+use crate::provider::{CreateRequest, Instance, InstanceStatus, Provider};
 use async_trait::async_trait;
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{
     AmdSevSnpSpecification, BlockDeviceMapping, CpuOptionsRequest, EbsBlockDevice, Filter,
-    InstanceNetworkInterfaceSpecification, InstanceStateName, InstanceType,
-    LaunchTemplateSpecification, ResourceType, Tag, TagSpecification,
+    InstanceNetworkInterfaceSpecification, InstanceType, LaunchTemplateSpecification, ResourceType,
+    Tag, TagSpecification,
 };
 use base64::Engine;
-use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
-use std::sync::RwLock;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, OnceCell};
 
@@ -29,8 +29,9 @@ use tokio::sync::{Mutex, OnceCell};
 const USER_DATA_LIMIT: usize = 16 * 1024;
 /// Instances per `DescribeInstances` page (EC2 allows 5 to 1000).
 const PAGE_SIZE: i32 = 1000;
-/// The states of an instance that is not on its way out.
-const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
+/// How long a token lookup waits to share its `DescribeInstances` with
+/// lookups of other sandboxes (small beside EC2's own latency).
+const LOOKUP_WINDOW: Duration = Duration::from_millis(10);
 /// How long a public-IP create waits for the instance to run (the reference's bound).
 const PUBLIC_IP_WAIT: Duration = Duration::from_secs(120);
 /// Between polls of that wait.
@@ -77,33 +78,38 @@ struct ImageRoot {
 
 /// Pod VMs as EC2 instances.
 pub struct AwsProvider {
-    /// The EC2 client; `None` after teardown.
-    client: RwLock<Option<Client>>,
+    /// Reads instances (and holds the client; `None` after teardown).
+    reader: Arc<InstanceReader>,
+    /// Lookups by token, batched.
+    lookups: TokenLookups,
     /// What to create.
     settings: AwsSettings,
     /// Sizes of the allowed types, read once (`DescribeInstanceTypes`).
     sizes: OnceCell<Vec<TypeSize>>,
     /// Root devices of the AMIs used so far (`DescribeImages`, once per AMI).
     images: Mutex<HashMap<String, ImageRoot>>,
-    /// Instances per `DescribeInstances` page.
-    page_size: i32,
 }
 
 impl AwsProvider {
     /// A provider creating instances as `settings` say, through `client`.
     pub fn new(client: Client, settings: AwsSettings) -> Self {
+        let reader = Arc::new(InstanceReader::new(
+            client,
+            settings.use_public_ip,
+            PAGE_SIZE,
+        ));
         Self {
-            client: RwLock::new(Some(client)),
+            lookups: TokenLookups::new(reader.clone(), LOOKUP_WINDOW),
+            reader,
             settings,
             sizes: OnceCell::new(),
             images: Mutex::new(HashMap::new()),
-            page_size: PAGE_SIZE,
         }
     }
 
     /// Sets the `DescribeInstances` page size (5 to 1000), to test paging.
-    pub fn with_page_size(mut self, page_size: i32) -> Self {
-        self.page_size = page_size.clamp(5, 1000);
+    pub fn with_page_size(self, page_size: i32) -> Self {
+        self.reader.set_page_size(page_size);
         self
     }
 
@@ -113,98 +119,13 @@ impl AwsProvider {
     }
 
     fn client(&self) -> Result<Client, ProviderError> {
-        self.client
-            .read()
-            .map_err(|_| ProviderError::transient("The EC2 client lock is poisoned"))?
-            .clone()
-            .ok_or_else(|| ProviderError::permanent("The AWS provider has been torn down"))
-    }
-
-    /// Every live instance matching `filters`, every page.
-    async fn describe(&self, filters: Vec<Filter>) -> Result<Vec<Instance>, ProviderError> {
-        let client = self.client()?;
-        let mut filters = filters;
-        filters.push(
-            Filter::builder()
-                .name("instance-state-name")
-                .set_values(Some(LIVE_STATES.iter().map(|s| s.to_string()).collect()))
-                .build(),
-        );
-        let mut pages = client
-            .describe_instances()
-            .set_filters(Some(filters))
-            .max_results(self.page_size)
-            .into_paginator()
-            .send();
-        let mut found = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| from_sdk("DescribeInstances", e))?;
-            for reservation in page.reservations() {
-                for instance in reservation.instances() {
-                    if let Some(i) = self.to_instance(instance) {
-                        found.push(i);
-                    }
-                }
-            }
-        }
-        Ok(found)
-    }
-
-    /// An EC2 instance as the daemon sees it; `None` if it is on its way out
-    /// or lacks an id.
-    fn to_instance(&self, i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
-        let id = i.instance_id()?.to_owned();
-        let status = match i.state().and_then(|s| s.name()) {
-            Some(InstanceStateName::Running) => InstanceStatus::Running,
-            Some(InstanceStateName::Pending) | None => InstanceStatus::Starting,
-            Some(InstanceStateName::Stopping | InstanceStateName::Stopped) => {
-                InstanceStatus::Stopped
-            }
-            Some(InstanceStateName::ShuttingDown | InstanceStateName::Terminated) => return None,
-            Some(_) => InstanceStatus::Starting,
-        };
-        let tags: BTreeMap<String, String> = i
-            .tags()
-            .iter()
-            .filter_map(|t| Some((t.key()?.to_owned(), t.value().unwrap_or("").to_owned())))
-            .collect();
-        let private = i
-            .private_ip_address()
-            .and_then(|a| a.parse::<IpAddr>().ok());
-        let public = i.public_ip_address().and_then(|a| a.parse::<IpAddr>().ok());
-        let ips = if self.settings.use_public_ip {
-            public.into_iter().chain(private).collect()
-        } else {
-            private.into_iter().chain(public).collect()
-        };
-        Some(Instance {
-            name: tags.get("Name").cloned().unwrap_or_default(),
-            id,
-            ips,
-            tags,
-            created_at: i
-                .launch_time()
-                .and_then(|t| t.to_millis().ok())
-                .and_then(|ms| u64::try_from(ms).ok()),
-            status,
-        })
+        self.reader.client()
     }
 
     /// The instance made with `token`, if any: by the token tag, which the
-    /// create call itself sets.
+    /// create call itself sets; batched with other lookups under way.
     async fn by_token(&self, token: &str) -> Result<Option<Instance>, ProviderError> {
-        let mut found = self.describe(vec![tag_filter(TAG_TOKEN, token)]).await?;
-        if found.len() > 1 {
-            // Only a server that ignores ClientToken, raced by two creates
-            // the daemon never runs at once, could get here.
-            tracing::warn!(
-                token,
-                count = found.len(),
-                "several instances carry one token; using the oldest"
-            );
-            found.sort_by_key(|i| (i.created_at, i.id.clone()));
-        }
-        Ok(found.into_iter().next())
+        self.lookups.find(token).await
     }
 
     /// The sizes of the allowed types, read from EC2 once.
@@ -420,7 +341,7 @@ impl AwsProvider {
                         .iter()
                         .flat_map(|r| r.instances())
                         .find(|i| i.instance_id() == Some(id));
-                    match instance.and_then(|i| self.to_instance(i)) {
+                    match instance.and_then(|i| self.reader.to_instance(i)) {
                         Some(i)
                             if i.status == InstanceStatus::Running
                                 && instance.and_then(|i| i.public_ip_address()).is_some() =>
@@ -619,7 +540,7 @@ impl Provider for AwsProvider {
                 "EC2 RunInstances returned no instance",
             ));
         };
-        let Some(mut instance) = self.to_instance(made) else {
+        let Some(mut instance) = self.reader.to_instance(made) else {
             // EC2 answered a repeated ClientToken with an instance that is
             // already gone: this token cannot make a VM any more.
             return Err(ProviderError::permanent(format!(
@@ -679,7 +600,7 @@ impl Provider for AwsProvider {
     }
 
     async fn list_instances(&self, key: &str, value: &str) -> Result<Vec<Instance>, ProviderError> {
-        self.describe(vec![tag_filter(key, value)]).await
+        self.reader.describe(vec![tag_filter(key, value)]).await
     }
 
     async fn verify_config(&self) -> Result<(), ProviderError> {
@@ -695,10 +616,7 @@ impl Provider for AwsProvider {
     }
 
     async fn teardown(&self) -> Result<(), ProviderError> {
-        // Dropping the client closes its connection pool.
-        if let Ok(mut client) = self.client.write() {
-            client.take();
-        }
+        self.reader.close();
         Ok(())
     }
 }
