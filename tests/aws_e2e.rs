@@ -614,6 +614,20 @@ async fn measure_concurrent_lifecycles_on_moto() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(moto.live_instances(None).await.is_empty());
+    let log = daemon.log_text();
+    let retries: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("retrying provider call"))
+        .collect();
+    eprintln!(
+        "provider call retries: {}{}",
+        retries.len(),
+        retries
+            .iter()
+            .take(3)
+            .map(|l| format!("\n  {l}"))
+            .collect::<String>()
+    );
     let (r50, r99, rmax) = percentiles(&mut running);
     let (d50, d99, dmax) = percentiles(&mut deleted);
     eprintln!(
