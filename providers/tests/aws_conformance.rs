@@ -16,6 +16,7 @@ use podvisor_providers::{
     CloudManager, ErrorClass, Provider, ProviderContext, TAG_NODE, TAG_SANDBOX, TAG_TOKEN,
 };
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The provider as `podvisor aws` builds it from flags.
 async fn from_flags(endpoint: &str, net: &TestNetwork, extra: &[&str]) -> Arc<dyn Provider> {
@@ -621,7 +622,10 @@ async fn lookups_of_many_sandboxes_at_once_share_one_describe_call() {
     let moto = Moto::start().await;
     let net = moto.network().await;
     let proxy = Ec2Proxy::start(moto.port).await;
-    let provider = Arc::new(direct(&proxy.endpoint(), settings(&net)));
+    // A window wide enough for 20 tasks to queue even on a loaded machine.
+    let provider = Arc::new(
+        direct(&proxy.endpoint(), settings(&net)).with_lookup_window(Duration::from_millis(300)),
+    );
     let requests: Vec<_> = (0..20).map(|_| Fixture::new("node-k").request(1)).collect();
     let mut made = Vec::new();
     for r in &requests[..10] {
@@ -650,4 +654,68 @@ async fn lookups_of_many_sandboxes_at_once_share_one_describe_call() {
         Some(&1),
         "20 lookups at once, one call"
     );
+}
+
+#[tokio::test]
+async fn a_root_volume_smaller_than_the_image_is_raised_to_the_image_size() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let ec2 = moto.client();
+    let image = ec2
+        .describe_images()
+        .image_ids(&net.image_id)
+        .send()
+        .await
+        .unwrap();
+    let image = &image.images()[0];
+    let root_device = image.root_device_name().unwrap().to_owned();
+    let image_gib = image
+        .block_device_mappings()
+        .iter()
+        .find(|m| m.device_name() == Some(root_device.as_str()))
+        .and_then(|m| m.ebs())
+        .and_then(|e| e.volume_size())
+        .expect("moto's image has a root snapshot size");
+    assert!(image_gib > 1);
+    let mut s = settings(&net);
+    s.root_volume_gib = 1;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let provider = direct(&proxy.endpoint(), s);
+    provider
+        .create_instance(&Fixture::new("node-r").request(1))
+        .await
+        .unwrap();
+    let body = proxy.bodies("RunInstances").pop().unwrap();
+    assert!(
+        body.contains(&format!("BlockDeviceMapping.1.DeviceName={root_device}"))
+            && body.contains(&format!("BlockDeviceMapping.1.Ebs.VolumeSize={image_gib}"))
+            && body.contains("BlockDeviceMapping.1.Ebs.DeleteOnTermination=true"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_is_transient_not_a_configuration_error() {
+    // A closed loopback port: nothing listens, the connection is refused.
+    let closed = format!(
+        "http://127.0.0.1:{}",
+        podvisor_providers::aws::testing::free_port()
+    );
+    let net = TestNetwork {
+        vpc_id: "vpc-01234567".into(),
+        subnet_id: "subnet-01234567".into(),
+        security_group_id: "sg-01234567".into(),
+        key_name: "k".into(),
+        image_id: "ami-01234567".into(),
+    };
+    let provider = direct(&closed, settings(&net));
+    let e = provider.verify_config().await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Transient, "{e:?}");
+    assert!(e.message.contains("cannot reach the endpoint"), "{e:?}");
+    let e = provider
+        .create_instance(&Fixture::new("node-x").request(1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Transient, "{e:?}");
+    assert!(!e.message.contains(SECRET_ACCESS_KEY));
 }

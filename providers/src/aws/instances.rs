@@ -162,6 +162,11 @@ impl TokenLookups {
         }
     }
 
+    /// Sets how long a batch waits for company.
+    pub(crate) fn set_window(&mut self, window: Duration) {
+        self.window = window;
+    }
+
     /// The live instance carrying `token`, if any (the oldest, should a
     /// server that ignores `ClientToken` have made two).
     pub(crate) async fn find(&self, token: &str) -> Result<Option<Instance>, ProviderError> {

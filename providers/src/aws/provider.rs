@@ -113,6 +113,13 @@ impl AwsProvider {
         self
     }
 
+    /// Sets how long a token lookup waits to share its call with others
+    /// (10 ms by default), to test batching on a slow machine.
+    pub fn with_lookup_window(mut self, window: Duration) -> Self {
+        self.lookups.set_window(window);
+        self
+    }
+
     /// The settings in use.
     pub fn settings(&self) -> &AwsSettings {
         &self.settings
@@ -604,12 +611,19 @@ impl Provider for AwsProvider {
     }
 
     async fn verify_config(&self) -> Result<(), ProviderError> {
-        if self.settings.launch_template.is_none() {
-            if let Some(image) = &self.settings.image_id {
-                self.image_root(image).await.map_err(|e| {
+        let template = self.settings.launch_template.is_some();
+        if let Some(image) = self.settings.image_id.as_ref().filter(|_| !template) {
+            self.image_root(image).await.map_err(|e| {
+                if e.is_retryable() {
+                    // EC2 could not say; that is not a wrong flag.
+                    e
+                } else {
                     ProviderError::config(format!("--imageid (PODVM_AMI_ID): {}", e.message))
-                })?;
-            }
+                }
+            })?;
+        }
+        // With a template, the types matter only for what pods ask for.
+        if !template || !self.settings.instance_types.is_empty() {
             self.sizes().await?;
         }
         Ok(())
