@@ -15,6 +15,11 @@ if ((${#need_apt[@]})); then
     fi
 fi
 
+# Python packages the tests need: moto's EC2 server, for the AWS provider's
+# tests (providers/tests/aws_conformance.rs, tests/aws_e2e.rs). Pinned: the
+# version the tests were written against.
+python3 -m pip install --quiet 'moto[server]==5.2.1'
+
 echo "== format"
 cargo fmt --all -- --check
 

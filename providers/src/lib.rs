@@ -13,6 +13,8 @@ pub mod error;
 pub mod manager;
 pub mod provider;
 
+#[cfg(feature = "aws")]
+pub mod aws;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 #[cfg(feature = "local")]

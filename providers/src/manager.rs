@@ -70,6 +70,8 @@ pub fn registry() -> Vec<&'static dyn CloudManager> {
         // One line per provider, behind its cargo feature.
         #[cfg(feature = "local")]
         &crate::local::LocalManager,
+        #[cfg(feature = "aws")]
+        &crate::aws::AwsManager,
     ]
 }
 
@@ -102,5 +104,12 @@ mod tests {
         }
         assert!(find_manager("local").is_some());
         assert!(find_manager("nope").is_none());
+    }
+
+    #[cfg(feature = "aws")]
+    #[test]
+    fn the_registry_lists_aws() {
+        let aws = find_manager("aws").expect("the aws feature registers `podvisor aws`");
+        aws.command().debug_assert();
     }
 }

@@ -88,6 +88,11 @@ pub struct Setup {
     pub global: Vec<String>,
     /// Extra local-provider flags.
     pub local: Vec<String>,
+    /// The provider and its flags, instead of the local provider's
+    /// (`["aws", "--aws-endpoint", …]`).
+    pub provider: Option<Vec<String>>,
+    /// Environment of the daemon process, beyond the inherited one.
+    pub env: Vec<(String, String)>,
     /// Another daemon's state directory, to share it.
     pub shared_state: Option<PathBuf>,
     /// Another daemon's Kata socket, to try to take it over.
@@ -107,6 +112,8 @@ impl Setup {
             node: format!("node-{:08x}", fastrand::u32(..)),
             global: Vec::new(),
             local: Vec::new(),
+            provider: None,
+            env: Vec::new(),
             shared_state: None,
             shared_socket: None,
         }
@@ -140,6 +147,11 @@ impl Setup {
         cmd.args(["--node-name", &self.node]);
         cmd.args(["--log-level", "info,podvisor=debug"]);
         cmd.args(&self.global);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(provider) = &self.provider {
+            cmd.args(provider);
+            return cmd;
+        }
         cmd.arg("local");
         cmd.arg("--local-dir").arg(self.local_dir());
         cmd.arg("--forwarder-bin")

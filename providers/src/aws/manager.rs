@@ -1,0 +1,505 @@
+//! The AWS provider's cloud manager: flags, validation, credentials, the
+//! instance metadata fill-in, and `NewProvider`.
+
+use super::config::{AwsConfig, is_ec2_id, is_instance_type_name};
+use super::imds::{MetadataSource, fill_from_metadata};
+use super::provider::{AwsProvider, AwsSettings};
+use crate::error::ProviderError;
+use crate::manager::{CloudManager, ConfigError, ProviderConfig, ProviderContext};
+use crate::provider::Provider;
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_sdk_ec2::config::{Credentials, Region};
+use clap::{Args, FromArgMatches};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Registers `podvisor aws`.
+pub struct AwsManager;
+
+/// EBS's largest gp2/gp3 volume, in GiB.
+const MAX_ROOT_VOLUME_GIB: u32 = 16 * 1024;
+
+impl CloudManager for AwsManager {
+    fn name(&self) -> &'static str {
+        "aws"
+    }
+
+    fn command(&self) -> clap::Command {
+        AwsConfig::augment_args(clap::Command::new("aws"))
+            .about("Pod VMs as AWS EC2 instances (or on an EC2-compatible endpoint)")
+    }
+
+    fn configure(
+        &self,
+        matches: &clap::ArgMatches,
+    ) -> Result<Box<dyn ProviderConfig>, ConfigError> {
+        let config = AwsConfig::from_arg_matches(matches).map_err(|e| ConfigError {
+            message: e.to_string(),
+        })?;
+        validate(&config)?;
+        Ok(Box::new(config))
+    }
+}
+
+/// Everything that can be checked without the cloud.
+fn validate(c: &AwsConfig) -> Result<(), ConfigError> {
+    match (&c.access_key_id, &c.secret_access_key) {
+        (Some(_), None) => {
+            return Err(ConfigError::flag(
+                "aws-secret-key",
+                Some("AWS_SECRET_ACCESS_KEY"),
+                "is required with --aws-access-key-id (AWS_ACCESS_KEY_ID)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::flag(
+                "aws-access-key-id",
+                Some("AWS_ACCESS_KEY_ID"),
+                "is required with --aws-secret-key (AWS_SECRET_ACCESS_KEY)",
+            ));
+        }
+        (None, None) if c.session_token.is_some() => {
+            return Err(ConfigError::flag(
+                "aws-session-token",
+                Some("AWS_SESSION_TOKEN"),
+                "needs --aws-access-key-id and --aws-secret-key",
+            ));
+        }
+        _ => {}
+    }
+    if let Some(profile) = &c.profile {
+        if profile.trim().is_empty() {
+            return Err(ConfigError::flag("aws-profile", None, "is empty"));
+        }
+    }
+    if let Some(region) = &c.region {
+        let ok = !region.is_empty()
+            && region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return Err(ConfigError::flag(
+                "aws-region",
+                Some("AWS_REGION"),
+                format!("'{region}' is not a region name (e.g. us-east-1)"),
+            ));
+        }
+    }
+    if let Some(endpoint) = &c.endpoint {
+        let rest = endpoint
+            .strip_prefix("https://")
+            .or_else(|| endpoint.strip_prefix("http://"));
+        if !rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/')) {
+            return Err(ConfigError::flag(
+                "aws-endpoint",
+                Some("AWS_ENDPOINT_URL"),
+                format!("'{endpoint}' is not an http(s) URL"),
+            ));
+        }
+    }
+    match &c.image_id {
+        Some(image) if !is_ec2_id(image, "ami-") => {
+            return Err(ConfigError::flag(
+                "imageid",
+                Some("PODVM_AMI_ID"),
+                format!("'{image}' is not an AMI id (ami-…)"),
+            ));
+        }
+        None if !c.use_launch_template => {
+            return Err(ConfigError::flag(
+                "imageid",
+                Some("PODVM_AMI_ID"),
+                "is required (the AMI of the pod VMs), unless --use-lt (USE_PODVM_LAUNCHTEMPLATE)",
+            ));
+        }
+        _ => {}
+    }
+    if !is_instance_type_name(&c.instance_type) {
+        return Err(ConfigError::flag(
+            "instance-type",
+            Some("PODVM_INSTANCE_TYPE"),
+            format!(
+                "'{}' is not an instance type (e.g. m6a.large)",
+                c.instance_type
+            ),
+        ));
+    }
+    let types: Vec<&String> = c.instance_types.iter().filter(|t| !t.is_empty()).collect();
+    if let Some(bad) = types.iter().find(|t| !is_instance_type_name(t)) {
+        return Err(ConfigError::flag(
+            "instance-types",
+            Some("PODVM_INSTANCE_TYPES"),
+            format!("'{bad}' is not an instance type (e.g. m6a.large)"),
+        ));
+    }
+    if !types.is_empty() && !types.contains(&&c.instance_type) {
+        return Err(ConfigError::flag(
+            "instance-type",
+            Some("PODVM_INSTANCE_TYPE"),
+            format!(
+                "{} is not in --instance-types (PODVM_INSTANCE_TYPES): {}",
+                c.instance_type,
+                c.instance_types.join(",")
+            ),
+        ));
+    }
+    if let Some(subnet) = &c.subnet_id {
+        if !is_ec2_id(subnet, "subnet-") {
+            return Err(ConfigError::flag(
+                "subnetid",
+                Some("AWS_SUBNET_ID"),
+                format!("'{subnet}' is not a subnet id (subnet-…)"),
+            ));
+        }
+    }
+    if let Some(bad) = c
+        .security_group_ids
+        .iter()
+        .find(|g| !g.is_empty() && !is_ec2_id(g, "sg-"))
+    {
+        return Err(ConfigError::flag(
+            "securitygroupids",
+            Some("AWS_SG_IDS"),
+            format!("'{bad}' is not a security group id (sg-…)"),
+        ));
+    }
+    if c.key_name.as_deref().is_some_and(|k| k.len() > 255) {
+        return Err(ConfigError::flag(
+            "keyname",
+            Some("SSH_KP_NAME"),
+            "is longer than 255 characters",
+        ));
+    }
+    if c.use_launch_template && c.launch_template_name.trim().is_empty() {
+        return Err(ConfigError::flag(
+            "aws-lt-name",
+            Some("PODVM_LAUNCHTEMPLATE_NAME"),
+            "is empty, and --use-lt needs a template",
+        ));
+    }
+    if c.root_volume_size > MAX_ROOT_VOLUME_GIB {
+        return Err(ConfigError::flag(
+            "root-volume-size",
+            Some("ROOT_VOLUME_SIZE"),
+            format!(
+                "{} GiB is more than EBS allows ({MAX_ROOT_VOLUME_GIB} GiB)",
+                c.root_volume_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The instance metadata service, through aws-config's IMDS client: IMDSv2,
+/// bounded timeouts, and its endpoint from `AWS_EC2_METADATA_SERVICE_ENDPOINT`.
+struct Imds(aws_config::imds::Client);
+
+#[async_trait]
+impl MetadataSource for Imds {
+    async fn get(&self, path: &str) -> Result<String, String> {
+        self.0
+            .get(path)
+            .await
+            .map(|v| v.as_ref().to_owned())
+            .map_err(|e| aws_sdk_ec2::error::DisplayErrorContext(e).to_string())
+    }
+}
+
+#[async_trait]
+impl ProviderConfig for AwsConfig {
+    fn summary(&self) -> serde_json::Value {
+        let credentials = if self.access_key_id.is_some() {
+            "static keys"
+        } else if self.profile.is_some() {
+            "profile"
+        } else {
+            "default chain"
+        };
+        serde_json::json!({
+            "credentials": credentials,
+            "profile": self.profile,
+            "region": self.region,
+            "endpoint": self.endpoint,
+            "image_id": self.image_id,
+            "instance_type": self.instance_type,
+            "instance_types": self.instance_types,
+            "subnet_id": self.subnet_id,
+            "security_group_ids": self.security_group_ids,
+            "key_name": self.key_name,
+            "use_launch_template": self.use_launch_template,
+            "launch_template_name": self.launch_template_name,
+            "use_public_ip": self.use_public_ip,
+            "root_volume_size_gib": self.root_volume_size,
+            "disable_cvm": self.disable_cvm,
+            "tags": self.tags.0.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        })
+    }
+
+    async fn build(&self, _context: &ProviderContext) -> Result<Arc<dyn Provider>, ProviderError> {
+        let mut config = self.clone();
+        let needs_metadata = config.region.is_none()
+            || (!config.use_launch_template
+                && (config.subnet_id.is_none()
+                    || config.security_group_ids.iter().all(String::is_empty)
+                    || config.key_name.is_none()));
+        if needs_metadata {
+            let imds = aws_config::imds::Client::builder()
+                .connect_timeout(Duration::from_secs(1))
+                .read_timeout(Duration::from_secs(2))
+                .max_attempts(2)
+                .build();
+            fill_from_metadata(&mut config, &Imds(imds)).await?;
+        }
+        let region = config.region.clone().ok_or_else(|| {
+            ProviderError::config(
+                "--aws-region (AWS_REGION): not set, and the instance metadata service did not say",
+            )
+        })?;
+        Ok(Arc::new(AwsProvider::new(
+            client(&config, &region).await,
+            settings(&config, region),
+        )))
+    }
+}
+
+/// The EC2 client: static keys, else the profile, else the SDK's default
+/// chain (web identity / IRSA, ECS, instance profile). SDK-level retries are
+/// off: the daemon retries, looking the instance up before a repeated create,
+/// which a blind resend of `RunInstances` would not do on a server that
+/// ignores `ClientToken`.
+async fn client(config: &AwsConfig, region: &str) -> aws_sdk_ec2::Client {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(region.to_owned()))
+        .retry_config(aws_config::retry::RetryConfig::disabled())
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build(),
+        );
+    if let Some(endpoint) = &config.endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    match (&config.access_key_id, &config.secret_access_key) {
+        (Some(id), Some(secret)) => {
+            loader = loader.credentials_provider(Credentials::new(
+                id.expose(),
+                secret.expose(),
+                config.session_token.as_ref().map(|t| t.expose().to_owned()),
+                None,
+                "podvisor-flags",
+            ));
+        }
+        _ => {
+            if let Some(profile) = &config.profile {
+                loader = loader.profile_name(profile);
+            }
+        }
+    }
+    aws_sdk_ec2::Client::new(&loader.load().await)
+}
+
+/// What the provider needs, from a filled-in configuration.
+fn settings(c: &AwsConfig, region: String) -> AwsSettings {
+    AwsSettings {
+        region,
+        image_id: c.image_id.clone(),
+        instance_type: c.instance_type.clone(),
+        instance_types: c
+            .instance_types
+            .iter()
+            .filter(|t| !t.is_empty())
+            .cloned()
+            .collect(),
+        subnet_id: c.subnet_id.clone(),
+        security_group_ids: c
+            .security_group_ids
+            .iter()
+            .filter(|g| !g.is_empty())
+            .cloned()
+            .collect(),
+        key_name: c.key_name.clone().filter(|k| !k.is_empty()),
+        launch_template: c
+            .use_launch_template
+            .then(|| c.launch_template_name.clone()),
+        use_public_ip: c.use_public_ip,
+        root_volume_gib: c.root_volume_size,
+        disable_cvm: c.disable_cvm,
+        tags: c.tags.0.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configure(args: &[&str]) -> Result<Box<dyn ProviderConfig>, ConfigError> {
+        let m = AwsManager
+            .command()
+            .try_get_matches_from(std::iter::once("aws").chain(args.iter().copied()))
+            .map_err(|e| ConfigError {
+                message: e.to_string(),
+            })?;
+        AwsManager.configure(&m)
+    }
+
+    const IMAGE: [&str; 2] = ["--imageid", "ami-03cf127a"];
+
+    #[test]
+    fn the_reference_defaults_apply_and_secrets_stay_out_of_the_summary() {
+        let c = configure(&[
+            "--imageid",
+            "ami-03cf127a",
+            "--aws-access-key-id",
+            "AKIDSECRETID",
+            "--aws-secret-key",
+            "VERYSECRETKEY",
+            "--aws-session-token",
+            "SESSIONSECRET",
+        ])
+        .unwrap();
+        let summary = c.summary();
+        assert_eq!(summary["instance_type"], "m6a.large");
+        assert_eq!(summary["launch_template_name"], "kata");
+        assert_eq!(summary["root_volume_size_gib"], 30);
+        assert_eq!(summary["use_public_ip"], false);
+        assert_eq!(summary["disable_cvm"], false);
+        assert_eq!(summary["credentials"], "static keys");
+        let shown = format!("{summary} {c:?}");
+        for secret in ["AKIDSECRETID", "VERYSECRETKEY", "SESSIONSECRET"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+    }
+
+    #[test]
+    fn help_never_shows_the_values_of_credential_variables() {
+        let cmd = AwsManager.command();
+        for id in ["access_key_id", "secret_access_key", "session_token"] {
+            let arg = cmd.get_arguments().find(|a| a.get_id() == id).unwrap();
+            assert!(arg.is_hide_env_values_set(), "{id}");
+        }
+    }
+
+    #[test]
+    fn every_bad_value_names_its_flag_and_variable() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "--imageid (PODVM_AMI_ID): is required"),
+            (
+                &["--imageid", "img-1"],
+                "--imageid (PODVM_AMI_ID): 'img-1' is not an AMI id",
+            ),
+            (
+                &["--aws-access-key-id", "x"],
+                "--aws-secret-key (AWS_SECRET_ACCESS_KEY): is required",
+            ),
+            (
+                &["--aws-secret-key", "x"],
+                "--aws-access-key-id (AWS_ACCESS_KEY_ID): is required",
+            ),
+            (
+                &["--aws-session-token", "x"],
+                "--aws-session-token (AWS_SESSION_TOKEN): needs",
+            ),
+            (&["--aws-profile", " "], "--aws-profile: is empty"),
+            (
+                &["--aws-region", "US East"],
+                "--aws-region (AWS_REGION): 'US East' is not a region",
+            ),
+            (
+                &["--aws-endpoint", "127.0.0.1:5000"],
+                "--aws-endpoint (AWS_ENDPOINT_URL): '127.0.0.1:5000' is not an http(s) URL",
+            ),
+            (
+                &["--instance-type", "large"],
+                "--instance-type (PODVM_INSTANCE_TYPE): 'large' is not an instance type",
+            ),
+            (
+                &["--instance-types", "m6a.large,big"],
+                "--instance-types (PODVM_INSTANCE_TYPES): 'big' is not",
+            ),
+            (
+                &["--instance-types", "m6a.xlarge"],
+                "--instance-type (PODVM_INSTANCE_TYPE): m6a.large is not in --instance-types",
+            ),
+            (
+                &["--subnetid", "sub-1"],
+                "--subnetid (AWS_SUBNET_ID): 'sub-1' is not a subnet id",
+            ),
+            (
+                &["--securitygroupids", "sg-0123abcd,group"],
+                "--securitygroupids (AWS_SG_IDS): 'group' is not",
+            ),
+            (
+                &["--use-lt", "--aws-lt-name", " "],
+                "--aws-lt-name (PODVM_LAUNCHTEMPLATE_NAME): is empty",
+            ),
+            (
+                &["--root-volume-size", "20000"],
+                "--root-volume-size (ROOT_VOLUME_SIZE): 20000 GiB is more than EBS allows",
+            ),
+            (&["--root-volume-size", "big"], "--root-volume-size"),
+            (&["--tags", "novalue"], "--tags"),
+            (&["--tags", "Name=x"], "set by podvisor itself"),
+        ];
+        for (args, want) in cases {
+            let mut all: Vec<&str> = Vec::new();
+            if !args.contains(&"--imageid") && !args.is_empty() {
+                all.extend(IMAGE);
+            }
+            all.extend(args.iter());
+            let err = configure(&all).unwrap_err().message;
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_launch_template_needs_no_image_and_good_values_pass() {
+        configure(&["--use-lt"]).unwrap();
+        configure(&[
+            "--imageid",
+            "ami-0123456789abcdef0",
+            "--aws-region",
+            "eu-west-1",
+            "--aws-endpoint",
+            "http://127.0.0.1:5000",
+            "--instance-types",
+            "m6a.large,m6a.xlarge",
+            "--subnetid",
+            "subnet-0123456789abcdef0",
+            "--securitygroupids",
+            "sg-01234567,sg-89abcdef",
+            "--keyname",
+            "mykey",
+            "--use-public-ip",
+            "--disable-cvm",
+            "--root-volume-size",
+            "0",
+            "--tags",
+            "team=a,env=prod",
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn settings_follow_the_flags() {
+        let m = AwsManager
+            .command()
+            .try_get_matches_from([
+                "aws",
+                "--imageid",
+                "ami-03cf127a",
+                "--use-lt",
+                "--instance-types",
+                "m6a.large,,m6a.xlarge",
+                "--tags",
+                "a=1",
+            ])
+            .unwrap();
+        let c = AwsConfig::from_arg_matches(&m).unwrap();
+        let s = settings(&c, "us-east-1".into());
+        assert_eq!(s.launch_template.as_deref(), Some("kata"));
+        assert_eq!(s.instance_types, ["m6a.large", "m6a.xlarge"]);
+        assert_eq!(s.tags, [("a".to_owned(), "1".to_owned())]);
+        assert!(!s.disable_cvm);
+    }
+}

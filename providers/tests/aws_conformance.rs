@@ -1,0 +1,721 @@
+//! The AWS provider against moto's EC2 server on loopback, through the real
+//! SDK: the conformance suite, idempotency (a repeated token, a lost
+//! response), tags and user data as the server stores them, paging, Elastic
+//! IPs, verification and instance type selection.
+
+#![cfg(feature = "aws")]
+
+use aws_sdk_ec2::types::{Filter, InstanceAttributeName};
+use base64::Engine;
+use podvisor_providers::aws::testing::{
+    ACCESS_KEY_ID, Ec2Proxy, Fault, Moto, REGION, SECRET_ACCESS_KEY, TestNetwork, client_for,
+};
+use podvisor_providers::aws::{AwsManager, AwsProvider, AwsSettings};
+use podvisor_providers::conformance::{Fixture, run};
+use podvisor_providers::{
+    CloudManager, ErrorClass, Provider, ProviderContext, TAG_NODE, TAG_SANDBOX, TAG_TOKEN,
+};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The provider as `podvisor aws` builds it from flags.
+async fn from_flags(endpoint: &str, net: &TestNetwork, extra: &[&str]) -> Arc<dyn Provider> {
+    let mut args = vec![
+        "aws".to_owned(),
+        "--aws-endpoint".into(),
+        endpoint.into(),
+        "--aws-region".into(),
+        REGION.into(),
+        "--aws-access-key-id".into(),
+        ACCESS_KEY_ID.into(),
+        "--aws-secret-key".into(),
+        SECRET_ACCESS_KEY.into(),
+        "--imageid".into(),
+        net.image_id.clone(),
+        "--subnetid".into(),
+        net.subnet_id.clone(),
+        "--securitygroupids".into(),
+        net.security_group_id.clone(),
+        "--keyname".into(),
+        net.key_name.clone(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let matches = AwsManager.command().try_get_matches_from(args).unwrap();
+    let config = AwsManager.configure(&matches).unwrap();
+    let context = ProviderContext {
+        node_name: "node-a".into(),
+        forwarder_port: 15150,
+        state_dir: std::env::temp_dir(),
+    };
+    config.build(&context).await.unwrap()
+}
+
+fn settings(net: &TestNetwork) -> AwsSettings {
+    AwsSettings {
+        region: REGION.into(),
+        image_id: Some(net.image_id.clone()),
+        instance_type: "m6a.large".into(),
+        instance_types: Vec::new(),
+        subnet_id: Some(net.subnet_id.clone()),
+        security_group_ids: vec![net.security_group_id.clone()],
+        key_name: Some(net.key_name.clone()),
+        launch_template: None,
+        use_public_ip: false,
+        root_volume_gib: 30,
+        disable_cvm: false,
+        tags: Vec::new(),
+    }
+}
+
+/// The provider built directly, talking to `endpoint`.
+fn direct(endpoint: &str, settings: AwsSettings) -> AwsProvider {
+    AwsProvider::new(client_for(endpoint), settings)
+}
+
+#[tokio::test]
+async fn aws_provider_passes_the_conformance_suite() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let provider = from_flags(&moto.endpoint(), &net, &[]).await;
+    provider.verify_config().await.unwrap();
+    run(provider.as_ref(), &Fixture::new("node-a")).await;
+    assert!(
+        moto.live_instances(None).await.is_empty(),
+        "the suite leaves nothing behind"
+    );
+}
+
+#[tokio::test]
+async fn the_same_token_twice_makes_one_instance() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let provider = direct(&moto.endpoint(), settings(&net));
+    let request = Fixture::new("node-a").request(1);
+    let first = provider.create_instance(&request).await.unwrap();
+    let second = provider.create_instance(&request).await.unwrap();
+    assert_eq!(first.id, second.id);
+    let live = moto
+        .live_instances(Some((TAG_TOKEN, request.token.as_str())))
+        .await;
+    assert_eq!(live.len(), 1, "one instance per token on the server");
+    assert_eq!(moto.live_instances(None).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_create_whose_response_is_lost_is_adopted_on_retry_not_duplicated() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let provider = direct(&proxy.endpoint(), settings(&net));
+    let request = Fixture::new("node-a").request(1);
+
+    proxy.fault("RunInstances", Fault::DropResponse, Some(1));
+    let lost = provider.create_instance(&request).await.unwrap_err();
+    assert_eq!(lost.class, ErrorClass::Transient, "{lost:?}");
+    assert_eq!(
+        moto.live_instances(None).await.len(),
+        1,
+        "the server made the instance although the answer was lost"
+    );
+
+    // The daemon's retry: look up by token, adopt what it finds.
+    let found = provider
+        .find_instance(&request.token, &request.instance_name)
+        .await
+        .unwrap()
+        .expect("the instance of the lost response is found by its token");
+    // And a plain repeated create returns that same instance.
+    let again = provider.create_instance(&request).await.unwrap();
+    assert_eq!(again.id, found.id);
+    assert_eq!(moto.live_instances(None).await.len(), 1, "no duplicate");
+    assert_eq!(proxy.calls().get("RunInstances"), Some(&1));
+}
+
+#[tokio::test]
+async fn tags_user_data_and_launch_settings_are_what_the_server_stores() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let provider = from_flags(
+        &moto.endpoint(),
+        &net,
+        &["--tags", "team=peerpods,env=test"],
+    )
+    .await;
+    let mut request = Fixture::new("node-t").request(1);
+    request.user_data =
+        "#cloud-config\nwrite_files:\n- path: /run/peerpod/apf.json\n  content: '{}'\n".into();
+    let made = provider.create_instance(&request).await.unwrap();
+    assert!(
+        made.ips[0].is_loopback(),
+        "the test subnet hands out loopback addresses: {:?}",
+        made.ips
+    );
+
+    let ec2 = moto.client();
+    let out = ec2
+        .describe_instances()
+        .instance_ids(&made.id)
+        .send()
+        .await
+        .unwrap();
+    let instance = &out.reservations()[0].instances()[0];
+    let tags: std::collections::BTreeMap<_, _> = instance
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap(), t.value().unwrap()))
+        .collect();
+    assert_eq!(tags["Name"], request.instance_name);
+    assert_eq!(tags[TAG_NODE], "node-t");
+    assert_eq!(tags[TAG_SANDBOX], request.sandbox_id);
+    assert_eq!(tags[TAG_TOKEN], request.token);
+    assert_eq!(tags["team"], "peerpods");
+    assert_eq!(tags["env"], "test");
+    assert_eq!(
+        instance.instance_type().map(|t| t.as_str()),
+        Some("m6a.large")
+    );
+    assert_eq!(instance.image_id(), Some(net.image_id.as_str()));
+    assert_eq!(instance.subnet_id(), Some(net.subnet_id.as_str()));
+    assert_eq!(instance.key_name(), Some(net.key_name.as_str()));
+    assert!(
+        instance
+            .security_groups()
+            .iter()
+            .any(|g| g.group_id() == Some(net.security_group_id.as_str())),
+        "{:?}",
+        instance.security_groups()
+    );
+    assert_eq!(instance.client_token(), Some(request.token.as_str()));
+
+    let attribute = ec2
+        .describe_instance_attribute()
+        .instance_id(&made.id)
+        .attribute(InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let encoded = attribute
+        .user_data()
+        .and_then(|u| u.value())
+        .expect("user data stored");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .unwrap();
+    assert_eq!(String::from_utf8(decoded).unwrap(), request.user_data);
+
+    // The root volume: at least --root-volume-size, tagged like the instance.
+    let volumes = ec2
+        .describe_volumes()
+        .filters(
+            Filter::builder()
+                .name("attachment.instance-id")
+                .values(&made.id)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let root = volumes.volumes().first().expect("a root volume");
+    assert!(root.size().unwrap_or(0) >= 30, "{root:?}");
+    assert!(
+        root.tags()
+            .iter()
+            .any(|t| t.key() == Some(TAG_TOKEN) && t.value() == Some(request.token.as_str())),
+        "volume tags: {:?}",
+        root.tags()
+    );
+    provider.delete_instance(&made.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn listing_pages_through_the_server_and_filters_by_tag_there() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let provider = direct(&proxy.endpoint(), settings(&net)).with_page_size(5);
+    let mut mine = Vec::new();
+    for _ in 0..12 {
+        mine.push(
+            provider
+                .create_instance(&Fixture::new("node-p").request(1))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    for _ in 0..3 {
+        provider
+            .create_instance(&Fixture::new("node-q").request(1))
+            .await
+            .unwrap();
+    }
+    proxy.reset_calls();
+    let mut listed: Vec<String> = provider
+        .list_instances(TAG_NODE, "node-p")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    listed.sort();
+    mine.sort();
+    assert_eq!(listed, mine);
+    assert_eq!(
+        proxy.calls().get("DescribeInstances"),
+        Some(&3),
+        "12 instances in pages of 5"
+    );
+}
+
+#[tokio::test]
+async fn instances_outlive_the_provider_object_and_are_found_by_a_new_one() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let request = Fixture::new("node-b").request(1);
+    let first = direct(&moto.endpoint(), settings(&net));
+    let made = first.create_instance(&request).await.unwrap();
+    first.teardown().await.unwrap();
+    let err = first.create_instance(&request).await.unwrap_err();
+    assert!(err.message.contains("torn down"), "{err:?}");
+    drop(first);
+
+    let second = direct(&moto.endpoint(), settings(&net));
+    let found = second
+        .find_instance(&request.token, &request.instance_name)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, made.id);
+    assert_eq!(found.ips, made.ips);
+    assert_eq!(found.name, request.instance_name);
+    assert!(found.created_at.is_some());
+    second.delete_instance(&made.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn terminated_instances_count_as_gone_and_deleting_them_is_fine() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let provider = direct(&moto.endpoint(), settings(&net));
+    let request = Fixture::new("node-g").request(1);
+    let made = provider.create_instance(&request).await.unwrap();
+    moto.client()
+        .terminate_instances()
+        .instance_ids(&made.id)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        provider
+            .find_instance(&request.token, &request.instance_name)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        provider
+            .list_instances(TAG_NODE, "node-g")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    provider.delete_instance(&made.id).await.unwrap();
+    provider
+        .delete_instance("i-0123456789abcdef0")
+        .await
+        .expect("an instance EC2 never had is already gone");
+    provider
+        .delete_instance("not-an-instance")
+        .await
+        .expect("a malformed id cannot exist");
+}
+
+#[tokio::test]
+async fn delete_releases_the_elastic_ips_of_the_instance() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let provider = direct(&moto.endpoint(), settings(&net));
+    let made = provider
+        .create_instance(&Fixture::new("node-e").request(1))
+        .await
+        .unwrap();
+    let ec2 = moto.client();
+    let address = ec2.allocate_address().send().await.unwrap();
+    let allocation = address.allocation_id().unwrap().to_owned();
+    ec2.associate_address()
+        .allocation_id(&allocation)
+        .instance_id(&made.id)
+        .send()
+        .await
+        .unwrap();
+    provider.delete_instance(&made.id).await.unwrap();
+    let left = ec2.describe_addresses().send().await.unwrap();
+    assert!(
+        left.addresses()
+            .iter()
+            .all(|a| a.allocation_id() != Some(allocation.as_str())),
+        "the Elastic IP is released: {:?}",
+        left.addresses()
+    );
+    assert!(moto.live_instances(None).await.is_empty());
+}
+
+#[tokio::test]
+async fn verification_names_the_flag_of_a_missing_image_or_type() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let good = from_flags(
+        &moto.endpoint(),
+        &net,
+        &["--instance-types", "m6a.large,m6a.xlarge"],
+    )
+    .await;
+    good.verify_config().await.unwrap();
+
+    let mut bad_image = net.clone();
+    bad_image.image_id = "ami-0123456789abcdef0".into();
+    let e = from_flags(&moto.endpoint(), &bad_image, &[])
+        .await
+        .verify_config()
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Config);
+    assert!(
+        e.message.starts_with("--imageid (PODVM_AMI_ID):")
+            && e.message.contains("ami-0123456789abcdef0"),
+        "{}",
+        e.message
+    );
+
+    let e = from_flags(
+        &moto.endpoint(),
+        &net,
+        &["--instance-types", "m6a.large,m6a.notatype"],
+    )
+    .await
+    .verify_config()
+    .await
+    .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Config);
+    assert!(
+        e.message
+            .contains("--instance-types (PODVM_INSTANCE_TYPES)")
+            && e.message.contains("m6a.notatype"),
+        "{}",
+        e.message
+    );
+}
+
+#[tokio::test]
+async fn a_sized_request_gets_the_smallest_allowed_type_that_fits() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let mut s = settings(&net);
+    s.instance_types = ["m6a.large", "m6a.xlarge", "m6a.2xlarge", "g4dn.xlarge"]
+        .map(String::from)
+        .to_vec();
+    let provider = direct(&moto.endpoint(), s);
+    let ec2 = moto.client();
+    let type_of = async |id: &str| {
+        let out = ec2
+            .describe_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .unwrap();
+        out.reservations()[0].instances()[0]
+            .instance_type()
+            .unwrap()
+            .as_str()
+            .to_owned()
+    };
+    let cases = [
+        ((Some(4), Some(12 * 1024), None), Ok("m6a.xlarge")),
+        ((Some(1), None, None), Ok("m6a.large")),
+        ((None, None, Some(1)), Ok("g4dn.xlarge")),
+        (
+            (Some(64), None, None),
+            Err("No allowed instance type has 64 vCPUs"),
+        ),
+    ];
+    for ((vcpus, memory_mib, gpus), want) in cases {
+        let mut request = Fixture::new("node-s").request(1);
+        request.spec.vcpus = vcpus;
+        request.spec.memory_mib = memory_mib;
+        request.spec.gpus = gpus;
+        match (provider.create_instance(&request).await, want) {
+            (Ok(made), Ok(want)) => assert_eq!(type_of(&made.id).await, want),
+            (Err(e), Err(want)) => {
+                assert_eq!(e.class, ErrorClass::Permanent);
+                assert!(e.message.contains(want), "{}", e.message);
+            }
+            (got, want) => panic!("{vcpus:?} {memory_mib:?} {gpus:?}: {got:?}, wanted {want:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn ec2_calls_per_lifecycle_are_few() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let provider = direct(&proxy.endpoint(), settings(&net));
+    provider.verify_config().await.unwrap();
+    proxy.reset_calls();
+    let request = Fixture::new("node-c").request(1);
+    let made = provider.create_instance(&request).await.unwrap();
+    provider.delete_instance(&made.id).await.unwrap();
+    let calls = proxy.calls();
+    eprintln!("EC2 calls of one create + delete: {calls:?}");
+    let total: usize = calls.values().sum();
+    // DescribeInstances (token lookup), RunInstances, DescribeAddresses,
+    // TerminateInstances: the image and types were read by verify.
+    assert_eq!(total, 4, "{calls:?}");
+}
+
+#[tokio::test]
+async fn amd_sev_snp_is_asked_for_unless_disabled_and_the_client_token_is_sent() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let cvm = direct(&proxy.endpoint(), settings(&net));
+    let request = Fixture::new("node-v").request(1);
+    cvm.create_instance(&request).await.unwrap();
+    let body = proxy.bodies("RunInstances").pop().unwrap();
+    assert!(body.contains("CpuOptions.AmdSevSnp=enabled"), "{body}");
+    assert!(
+        body.contains(&format!("ClientToken={}", request.token)),
+        "{body}"
+    );
+    assert!(
+        body.contains("MinCount=1") && body.contains("MaxCount=1"),
+        "{body}"
+    );
+
+    let mut s = settings(&net);
+    s.disable_cvm = true;
+    let plain = direct(&proxy.endpoint(), s);
+    plain
+        .create_instance(&Fixture::new("node-v").request(1))
+        .await
+        .unwrap();
+    let body = proxy.bodies("RunInstances").pop().unwrap();
+    assert!(!body.contains("AmdSevSnp"), "{body}");
+}
+
+#[tokio::test]
+async fn a_launch_template_decides_image_type_and_network() {
+    use aws_sdk_ec2::types::{InstanceType, RequestLaunchTemplateData};
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let ec2 = moto.client();
+    ec2.create_launch_template()
+        .launch_template_name("kata")
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .image_id(&net.image_id)
+                .instance_type(InstanceType::T3Micro)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut s = settings(&net);
+    s.launch_template = Some("kata".into());
+    s.image_id = None;
+    s.instance_types = vec!["m6a.large".into()];
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let provider = direct(&proxy.endpoint(), s);
+    provider.verify_config().await.unwrap();
+    let request = Fixture::new("node-l").request(1);
+    let made = provider.create_instance(&request).await.unwrap();
+    let body = proxy.bodies("RunInstances").pop().unwrap();
+    assert!(
+        body.contains("LaunchTemplate.LaunchTemplateName=kata"),
+        "{body}"
+    );
+    for absent in [
+        "ImageId",
+        "InstanceType",
+        "SubnetId",
+        "SecurityGroupId",
+        "KeyName",
+    ] {
+        assert!(
+            !body.contains(absent),
+            "{absent} sent with a template: {body}"
+        );
+    }
+    let out = ec2
+        .describe_instances()
+        .instance_ids(&made.id)
+        .send()
+        .await
+        .unwrap();
+    let instance = &out.reservations()[0].instances()[0];
+    assert_eq!(instance.instance_type(), Some(&InstanceType::T3Micro));
+    assert!(
+        instance
+            .tags()
+            .iter()
+            .any(|t| t.key() == Some(TAG_TOKEN) && t.value() == Some(request.token.as_str()))
+    );
+    provider.delete_instance(&made.id).await.unwrap();
+
+    // What the pod itself asks for overrides the template (the reference
+    // dropped it).
+    let mut request = Fixture::new("node-l").request(1);
+    request.spec.instance_type = Some("m6a.large".into());
+    let made = provider.create_instance(&request).await.unwrap();
+    let body = proxy.bodies("RunInstances").pop().unwrap();
+    assert!(body.contains("InstanceType=m6a.large"), "{body}");
+    let out = ec2
+        .describe_instances()
+        .instance_ids(&made.id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.reservations()[0].instances()[0].instance_type(),
+        Some(&InstanceType::M6aLarge)
+    );
+    provider.delete_instance(&made.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn in_public_ip_mode_the_public_address_comes_first_once_running() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let mut s = settings(&net);
+    s.use_public_ip = true;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let provider = direct(&proxy.endpoint(), s);
+    let request = Fixture::new("node-i").request(1);
+    // Nothing here connects to the public address: it is only read back.
+    let made = provider.create_instance(&request).await.unwrap();
+    let body = proxy.bodies("RunInstances").pop().unwrap();
+    assert!(
+        body.contains("NetworkInterface.1.AssociatePublicIpAddress=true"),
+        "{body}"
+    );
+    let out = moto
+        .client()
+        .describe_instances()
+        .instance_ids(&made.id)
+        .send()
+        .await
+        .unwrap();
+    let instance = &out.reservations()[0].instances()[0];
+    let public: std::net::IpAddr = instance
+        .public_ip_address()
+        .expect("a public IP")
+        .parse()
+        .unwrap();
+    let private: std::net::IpAddr = instance.private_ip_address().unwrap().parse().unwrap();
+    assert_eq!(made.ips, [public, private]);
+    assert_eq!(made.status, podvisor_providers::InstanceStatus::Running);
+    provider.delete_instance(&made.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn lookups_of_many_sandboxes_at_once_share_one_describe_call() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    // A window wide enough for 20 tasks to queue even on a loaded machine.
+    let provider = Arc::new(
+        direct(&proxy.endpoint(), settings(&net)).with_lookup_window(Duration::from_millis(300)),
+    );
+    let requests: Vec<_> = (0..20).map(|_| Fixture::new("node-k").request(1)).collect();
+    let mut made = Vec::new();
+    for r in &requests[..10] {
+        made.push(provider.create_instance(r).await.unwrap().id);
+    }
+    proxy.reset_calls();
+    let mut lookups = Vec::new();
+    for r in requests.clone() {
+        let p = provider.clone();
+        lookups.push(tokio::spawn(async move {
+            p.find_instance(&r.token, &r.instance_name).await.unwrap()
+        }));
+    }
+    let mut found = Vec::new();
+    for l in lookups {
+        found.push(l.await.unwrap().map(|i| i.id));
+    }
+    assert_eq!(
+        found[..10].iter().flatten().cloned().collect::<Vec<_>>(),
+        made,
+        "each lookup gets its own sandbox's instance"
+    );
+    assert!(found[10..].iter().all(Option::is_none), "{found:?}");
+    assert_eq!(
+        proxy.calls().get("DescribeInstances"),
+        Some(&1),
+        "20 lookups at once, one call"
+    );
+}
+
+#[tokio::test]
+async fn a_root_volume_smaller_than_the_image_is_raised_to_the_image_size() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let ec2 = moto.client();
+    let image = ec2
+        .describe_images()
+        .image_ids(&net.image_id)
+        .send()
+        .await
+        .unwrap();
+    let image = &image.images()[0];
+    let root_device = image.root_device_name().unwrap().to_owned();
+    let image_gib = image
+        .block_device_mappings()
+        .iter()
+        .find(|m| m.device_name() == Some(root_device.as_str()))
+        .and_then(|m| m.ebs())
+        .and_then(|e| e.volume_size())
+        .expect("moto's image has a root snapshot size");
+    assert!(image_gib > 1);
+    let mut s = settings(&net);
+    s.root_volume_gib = 1;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let provider = direct(&proxy.endpoint(), s);
+    provider
+        .create_instance(&Fixture::new("node-r").request(1))
+        .await
+        .unwrap();
+    let body = proxy.bodies("RunInstances").pop().unwrap();
+    assert!(
+        body.contains(&format!("BlockDeviceMapping.1.DeviceName={root_device}"))
+            && body.contains(&format!("BlockDeviceMapping.1.Ebs.VolumeSize={image_gib}"))
+            && body.contains("BlockDeviceMapping.1.Ebs.DeleteOnTermination=true"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_is_transient_not_a_configuration_error() {
+    // A closed loopback port: nothing listens, the connection is refused.
+    let closed = format!(
+        "http://127.0.0.1:{}",
+        podvisor_providers::aws::testing::free_port()
+    );
+    let net = TestNetwork {
+        vpc_id: "vpc-01234567".into(),
+        subnet_id: "subnet-01234567".into(),
+        security_group_id: "sg-01234567".into(),
+        key_name: "k".into(),
+        image_id: "ami-01234567".into(),
+    };
+    let provider = direct(&closed, settings(&net));
+    let e = provider.verify_config().await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Transient, "{e:?}");
+    assert!(e.message.contains("cannot reach the endpoint"), "{e:?}");
+    let e = provider
+        .create_instance(&Fixture::new("node-x").request(1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Transient, "{e:?}");
+    assert!(!e.message.contains(SECRET_ACCESS_KEY));
+}

@@ -1,0 +1,644 @@
+//! `podvisor aws …` as a child process against moto's EC2 server on
+//! loopback: the lifecycle through the Kata API, and a kill -9 restart with
+//! Running and Deleting sandboxes, checked by listing the server's
+//! instances — not only the daemon's view.
+//!
+//! The pod side: moto gives instances private IPs in the test subnet
+//! (127.16.x.y), and [`PodVmSide`] starts a real `podvisor-forwarder` on
+//! each live instance's address, as the pod VM image would, so the daemon's
+//! readiness probe meets a real forwarder. Nothing connects outside
+//! 127.0.0.0/8.
+
+#![cfg(feature = "aws")]
+
+mod common;
+
+use common::*;
+use podvisor_providers::aws::testing::{
+    ACCESS_KEY_ID, Ec2Proxy, Fault, MetadataStub, Moto, REGION, SECRET_ACCESS_KEY, TestNetwork,
+    client_for, ec2, node_metadata, private_ip,
+};
+use podvisor_providers::{TAG_NODE, TAG_SANDBOX};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The daemon's `aws` flags for the server at `endpoint`.
+fn aws_args(endpoint: &str, net: &TestNetwork) -> Vec<String> {
+    [
+        "aws",
+        "--aws-endpoint",
+        endpoint,
+        "--aws-region",
+        REGION,
+        "--aws-access-key-id",
+        ACCESS_KEY_ID,
+        "--aws-secret-key",
+        SECRET_ACCESS_KEY,
+        "--imageid",
+        &net.image_id,
+        "--subnetid",
+        &net.subnet_id,
+        "--securitygroupids",
+        &net.security_group_id,
+        "--keyname",
+        &net.key_name,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A daemon setup on AWS: every value given (no metadata service lookup),
+/// and the metadata service pointed at a closed loopback port regardless.
+fn aws_setup(endpoint: &str, net: &TestNetwork) -> Setup {
+    let mut setup = Setup::new();
+    setup.provider = Some(aws_args(endpoint, net));
+    setup.env = vec![
+        ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+        (
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT".into(),
+            "http://127.0.0.1:9".into(),
+        ),
+    ];
+    setup.global.extend(["--cloud-config-verify".into()]);
+    setup
+}
+
+/// The pod VMs' side: a forwarder on every live instance's address of one
+/// node, stopped when its instance goes.
+struct PodVmSide {
+    /// Instance id → its forwarder.
+    forwarders: Arc<Mutex<HashMap<String, Child>>>,
+    /// The watcher.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PodVmSide {
+    fn start(endpoint: &str, node: &str, port: u16, agent_socket: PathBuf) -> Self {
+        let forwarders: Arc<Mutex<HashMap<String, Child>>> = Arc::default();
+        let shared = forwarders.clone();
+        let ec2 = client_for(endpoint);
+        let node = node.to_owned();
+        let binary = podvisor_podvm::testing::forwarder_binary().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let out = ec2
+                    .describe_instances()
+                    .filters(
+                        ec2::types::Filter::builder()
+                            .name(format!("tag:{TAG_NODE}"))
+                            .values(&node)
+                            .build(),
+                    )
+                    .send()
+                    .await;
+                if let Ok(out) = out {
+                    let mut live = HashMap::new();
+                    for i in out.reservations().iter().flat_map(|r| r.instances()) {
+                        let state = i.state().and_then(|s| s.name()).map(|n| n.as_str());
+                        if matches!(state, Some("pending" | "running")) {
+                            if let (Some(id), Some(ip)) = (i.instance_id(), private_ip(i)) {
+                                assert!(ip.is_loopback(), "instance {id} got {ip}");
+                                live.insert(id.to_owned(), ip);
+                            }
+                        }
+                    }
+                    let mut forwarders = shared.lock().unwrap();
+                    forwarders.retain(|id, child: &mut Child| {
+                        let keep = live.contains_key(id);
+                        if !keep {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                        }
+                        keep
+                    });
+                    for (id, ip) in live {
+                        forwarders.entry(id.clone()).or_insert_with(|| {
+                            Command::new(&binary)
+                                .args(["--listen", &format!("{ip}:{port}")])
+                                .arg("--agent-socket")
+                                .arg(&agent_socket)
+                                .args(["--instance-id", &id])
+                                .stdout(Stdio::null())
+                                .stderr(Stdio::null())
+                                .spawn()
+                                .unwrap()
+                        });
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        Self { forwarders, task }
+    }
+
+    /// Instances with a forwarder now.
+    fn instances(&self) -> Vec<String> {
+        self.forwarders.lock().unwrap().keys().cloned().collect()
+    }
+}
+
+impl Drop for PodVmSide {
+    fn drop(&mut self) {
+        self.task.abort();
+        for (_, mut child) in self.forwarders.lock().unwrap().drain() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Every instance of `sandbox` the server has ever had, live or not, with
+/// its state.
+async fn instances_of(moto: &Moto, sandbox: &str) -> Vec<(String, String)> {
+    let out = moto
+        .client()
+        .describe_instances()
+        .filters(
+            ec2::types::Filter::builder()
+                .name(format!("tag:{TAG_SANDBOX}"))
+                .values(sandbox)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .map(|i| {
+            (
+                i.instance_id().unwrap_or("").to_owned(),
+                i.state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_owned())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn assert_no_secret_in(log: &str) {
+    assert!(
+        !log.contains(SECRET_ACCESS_KEY),
+        "the secret key is in the daemon's log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_vm_lifecycle_on_ec2_creates_runs_and_terminates_one_instance() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    // Through a proxy that counts the daemon's EC2 calls.
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let setup = aws_setup(&proxy.endpoint(), &net);
+    let side = PodVmSide::start(
+        &moto.endpoint(),
+        &setup.node,
+        setup.forwarder_port,
+        setup.root.path().join("agent.sock"),
+    );
+    let daemon = setup.start().await;
+    let at_start = proxy.calls();
+    eprintln!("EC2 calls at start-up (verify, recovery, GC): {at_start:?}");
+    assert_eq!(at_start.get("DescribeImages"), Some(&1), "{at_start:?}");
+    proxy.reset_calls();
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("web", "shop"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    client.start(&id).await.unwrap_or_else(|e| {
+        panic!("StartVM: {e:?}\n{}", daemon.log_text());
+    });
+    eprintln!("create→Running against moto: {:?}", started.elapsed());
+
+    let record = daemon.instance(&id).await.unwrap();
+    assert_eq!(record["state"], "running");
+    let instance_id = record["instance_id"].as_str().unwrap().to_owned();
+    assert!(instance_id.starts_with("i-"), "{record}");
+    let ip: std::net::IpAddr = record["ips"][0].as_str().unwrap().parse().unwrap();
+    assert!(ip.is_loopback(), "{record}");
+    assert_eq!(
+        instances_of(&moto, &id).await,
+        [(instance_id.clone(), "running".to_owned())]
+    );
+    assert_eq!(side.instances(), std::slice::from_ref(&instance_id));
+    assert_eq!(
+        client.info("web", "shop", false, 5).await.unwrap(),
+        instance_id
+    );
+
+    let stopping = Instant::now();
+    client.stop(&id).await.unwrap();
+    eventually(
+        "the sandbox to be deleted",
+        Duration::from_secs(30),
+        async || daemon.instance(&id).await.is_none().then_some(()),
+    )
+    .await;
+    eprintln!("StopVM→terminated against moto: {:?}", stopping.elapsed());
+    let calls = proxy.calls();
+    eprintln!("EC2 calls of one pod lifecycle: {calls:?}");
+    assert_eq!(calls.get("RunInstances"), Some(&1), "{calls:?}");
+    assert_eq!(calls.get("TerminateInstances"), Some(&1), "{calls:?}");
+    let states = instances_of(&moto, &id).await;
+    assert_eq!(states.len(), 1, "{states:?}");
+    assert!(
+        matches!(states[0].1.as_str(), "terminated" | "shutting-down"),
+        "{states:?}"
+    );
+    assert!(
+        moto.live_instances(Some((TAG_NODE, &setup.node)))
+            .await
+            .is_empty()
+    );
+    assert_no_secret_in(&daemon.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_running_and_deleting_sandboxes_on_ec2_leaks_and_duplicates_nothing() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    // The daemon talks through a proxy that can hang EC2's deletes.
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let mut setup = aws_setup(&proxy.endpoint(), &net);
+    let side = PodVmSide::start(
+        &moto.endpoint(),
+        &setup.node,
+        setup.forwarder_port,
+        setup.root.path().join("agent.sock"),
+    );
+    let mut daemon = setup.start().await;
+    let client = daemon.client().await;
+    let (running, deleting) = (sandbox_id(), sandbox_id());
+    for (id, pod) in [(&running, "keeps"), (&deleting, "goes")] {
+        client.create(id, pod_annotations(pod, "ns")).await.unwrap();
+        client
+            .start(id)
+            .await
+            .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    }
+    let kept = daemon.instance(&running).await.unwrap()["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    proxy.fault("TerminateInstances", Fault::Stall, None);
+    client.stop(&deleting).await.unwrap();
+    eventually(
+        "the delete to reach EC2",
+        Duration::from_secs(10),
+        async || {
+            proxy
+                .calls()
+                .get("TerminateInstances")
+                .is_some_and(|n| *n >= 1)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        daemon.instance(&deleting).await.unwrap()["state"],
+        "deleting"
+    );
+    assert_no_secret_in(&daemon.log_text());
+    daemon.kill9();
+    drop(daemon);
+
+    // The cloud is well again; the daemon comes back on the same journal.
+    proxy.clear_faults();
+    setup.provider = Some(aws_args(&proxy.endpoint(), &net));
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+
+    let record = daemon.instance(&running).await.unwrap();
+    assert_eq!(record["state"], "running");
+    assert_eq!(record["instance_id"], kept.as_str());
+    client
+        .start(&running)
+        .await
+        .expect("StartVM of the recovered sandbox succeeds");
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_recovered_instances_total",
+                &[("action", "verified")]
+            )
+            .await,
+        1.0
+    );
+    eventually(
+        "the Deleting sandbox to finish",
+        Duration::from_secs(30),
+        async || daemon.instance(&deleting).await.is_none().then_some(()),
+    )
+    .await;
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_recovered_instances_total",
+                &[("action", "resumed_delete")]
+            )
+            .await,
+        1.0
+    );
+
+    client.stop(&running).await.unwrap();
+    eventually(
+        "the recovered sandbox to stop",
+        Duration::from_secs(30),
+        async || daemon.instance(&running).await.is_none().then_some(()),
+    )
+    .await;
+
+    // The server's word: one instance per sandbox ever, none left alive.
+    for id in [&running, &deleting] {
+        let states = instances_of(&moto, id).await;
+        assert_eq!(states.len(), 1, "one instance per sandbox: {states:?}");
+        assert!(
+            matches!(states[0].1.as_str(), "terminated" | "shutting-down"),
+            "{states:?}"
+        );
+    }
+    assert!(
+        moto.live_instances(Some((TAG_NODE, &setup.node)))
+            .await
+            .is_empty(),
+        "nothing leaked"
+    );
+    eventually(
+        "the pod side to follow",
+        Duration::from_secs(5),
+        async || side.instances().is_empty().then_some(()),
+    )
+    .await;
+    assert_no_secret_in(&daemon.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_answer_is_lost_is_retried_into_the_same_instance() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let setup = aws_setup(&proxy.endpoint(), &net);
+    let _side = PodVmSide::start(
+        &moto.endpoint(),
+        &setup.node,
+        setup.forwarder_port,
+        setup.root.path().join("agent.sock"),
+    );
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+    // EC2 makes the instance; the answer never arrives (a timeout, a reset).
+    proxy.fault("RunInstances", Fault::DropResponse, Some(1));
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("lost", "ns"))
+        .await
+        .unwrap();
+    client
+        .start(&id)
+        .await
+        .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    let states = instances_of(&moto, &id).await;
+    assert_eq!(
+        states.len(),
+        1,
+        "one instance, adopted by token: {states:?}"
+    );
+    assert_eq!(
+        daemon.instance(&id).await.unwrap()["instance_id"],
+        states[0].0.as_str()
+    );
+    assert_eq!(proxy.calls().get("RunInstances"), Some(&1));
+    client.stop(&id).await.unwrap();
+    eventually(
+        "the sandbox to be deleted",
+        Duration::from_secs(30),
+        async || daemon.instance(&id).await.is_none().then_some(()),
+    )
+    .await;
+    assert!(moto.live_instances(None).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_subnet_groups_and_key_come_from_the_metadata_service_when_not_given() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let stub = MetadataStub::start(node_metadata(&net)).await;
+    let mut setup = aws_setup(&moto.endpoint(), &net);
+    setup.provider = Some(
+        [
+            "aws",
+            "--aws-endpoint",
+            &moto.endpoint(),
+            "--aws-access-key-id",
+            ACCESS_KEY_ID,
+            "--aws-secret-key",
+            SECRET_ACCESS_KEY,
+            "--imageid",
+            &net.image_id,
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    // Empty variables count as unset: nothing inherited may fill these.
+    setup.env = [
+        (
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+            stub.endpoint().as_str(),
+        ),
+        ("AWS_REGION", ""),
+        ("AWS_SUBNET_ID", ""),
+        ("AWS_SG_IDS", ""),
+        ("SSH_KP_NAME", ""),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .to_vec();
+    let _side = PodVmSide::start(
+        &moto.endpoint(),
+        &setup.node,
+        setup.forwarder_port,
+        setup.root.path().join("agent.sock"),
+    );
+    let daemon = setup.start().await;
+    let asked = stub.requests();
+    assert!(
+        asked.contains(&"GET /latest/meta-data/placement/region".to_owned()),
+        "{asked:?}"
+    );
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("imds", "ns"))
+        .await
+        .unwrap();
+    client
+        .start(&id)
+        .await
+        .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    let live = moto.live_instances(Some((TAG_SANDBOX, &id))).await;
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].subnet_id(), Some(net.subnet_id.as_str()));
+    assert_eq!(live[0].key_name(), Some(net.key_name.as_str()));
+    assert!(
+        live[0]
+            .security_groups()
+            .iter()
+            .any(|g| g.group_id() == Some(net.security_group_id.as_str())),
+        "{:?}",
+        live[0].security_groups()
+    );
+    client.stop(&id).await.unwrap();
+    eventually(
+        "the sandbox to be deleted",
+        Duration::from_secs(30),
+        async || daemon.instance(&id).await.is_none().then_some(()),
+    )
+    .await;
+}
+
+/// p50, p99 and max of `samples`, in milliseconds.
+fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1e3
+    };
+    (at(0.50), at(0.99), at(1.0))
+}
+
+/// Measures create→Running and StopVM→deleted (the record is removed once
+/// EC2 accepted the terminate) for `PODVISOR_AWS_BENCH_N` sandboxes at once
+/// (default 100) against moto, with the provider's rate limit lifted
+/// (`PODVISOR_AWS_BENCH_PACED=1` keeps the defaults). A measurement, not a
+/// check: `cargo test --test aws_e2e -- --ignored --nocapture`.
+#[ignore]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measure_concurrent_lifecycles_on_moto() {
+    let n: usize = std::env::var("PODVISOR_AWS_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let paced = std::env::var("PODVISOR_AWS_BENCH_PACED").is_ok_and(|v| v == "1");
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let mut setup = aws_setup(&proxy.endpoint(), &net);
+    setup
+        .global
+        .extend(["--peerpods-limit-per-node".into(), "0".into()]);
+    if !paced {
+        setup.global.extend(
+            [
+                "--provider-rate",
+                "10000",
+                "--provider-burst",
+                "10000",
+                "--provider-max-inflight",
+                "256",
+            ]
+            .map(String::from),
+        );
+    }
+    let _side = PodVmSide::start(
+        &moto.endpoint(),
+        &setup.node,
+        setup.forwarder_port,
+        setup.root.path().join("agent.sock"),
+    );
+    let daemon = setup.start().await;
+    proxy.reset_calls();
+    let client = Arc::new(daemon.client().await);
+    let ids: Vec<String> = (0..n).map(|_| sandbox_id()).collect();
+    let begun = Instant::now();
+    let mut tasks = Vec::new();
+    for (k, id) in ids.iter().enumerate() {
+        let (client, id) = (client.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            client
+                .create(&id, pod_annotations(&format!("bench-{k}"), "ns"))
+                .await
+                .unwrap();
+            let t = Instant::now();
+            client.start(&id).await.unwrap();
+            t.elapsed()
+        }));
+    }
+    let mut running = Vec::new();
+    for t in tasks {
+        running.push(t.await.unwrap());
+    }
+    let all_running = begun.elapsed();
+    assert_eq!(moto.live_instances(None).await.len(), n);
+
+    let stopping = Instant::now();
+    let mut tasks = Vec::new();
+    for id in &ids {
+        let (client, id) = (client.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            client.stop(&id).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut deleted = Vec::new();
+    let mut left: std::collections::HashSet<String> = ids.iter().cloned().collect();
+    while !left.is_empty() {
+        let (_, body) = daemon.get("/v1/instances").await.unwrap();
+        let present: std::collections::HashSet<String> = body["instances"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r["sandbox_id"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        left.retain(|id| {
+            let gone = !present.contains(id);
+            if gone {
+                deleted.push(stopping.elapsed());
+            }
+            !gone
+        });
+        assert!(
+            stopping.elapsed() < Duration::from_secs(300),
+            "deletes hang"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(moto.live_instances(None).await.is_empty());
+    let log = daemon.log_text();
+    let retries: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("retrying provider call"))
+        .collect();
+    eprintln!(
+        "provider call retries: {}{}",
+        retries.len(),
+        retries
+            .iter()
+            .take(3)
+            .map(|l| format!("\n  {l}"))
+            .collect::<String>()
+    );
+    let (r50, r99, rmax) = percentiles(&mut running);
+    let (d50, d99, dmax) = percentiles(&mut deleted);
+    eprintln!(
+        "{n} sandboxes at once against moto ({}): create→Running p50 {r50:.0} ms, p99 {r99:.0} ms, max {rmax:.0} ms (all Running after {:.2} s); \
+         StopVM→deleted p50 {d50:.0} ms, p99 {d99:.0} ms, max {dmax:.0} ms; EC2 calls: {:?}",
+        if paced {
+            "default provider pacing"
+        } else {
+            "pacing lifted"
+        },
+        all_running.as_secs_f64(),
+        proxy.calls()
+    );
+}
