@@ -540,6 +540,30 @@ async fn kill9_at_random_moments_and_at_every_crash_point_loses_and_duplicates_n
         .unwrap()
         .count();
     assert_eq!(dirs, 0, "instance directories left behind");
+    // And no "VM" still running: a forwarder on this run's port.
+    let port = format!(":{}", setup.forwarder_port);
+    let running: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (!zombie && cmd.contains("podvisor-forwarder") && cmd.contains(&port)).then_some(cmd)
+        })
+        .collect();
+    assert!(
+        running.is_empty(),
+        "forwarder processes leaked: {running:#?}"
+    );
     let sandboxes = model.sandboxes.lock().unwrap().clone();
     let unacked: Vec<_> = sandboxes.iter().filter(|(_, s)| !s.stop_acked).collect();
     assert!(unacked.is_empty(), "StopVM never acknowledged: {unacked:?}");

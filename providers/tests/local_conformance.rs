@@ -140,3 +140,56 @@ async fn a_create_with_the_token_of_a_dead_instance_starts_that_instance_again()
     assert_eq!(p.list_instances(TAG_NODE, "node-d").await.unwrap().len(), 1);
     p.delete_instance(&first.id).await.unwrap();
 }
+
+/// The live forwarder processes of one instance, by command line.
+fn processes_of(instance: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            !zombie && cmd.split(|b| *b == 0).any(|a| a == instance.as_bytes())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_forwarder_whose_pid_a_crash_never_recorded_is_not_leaked() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = provider(dir.path());
+    let request = Fixture::new("node-e").request(1);
+    let made = p.create_instance(&request).await.unwrap();
+    // A crash between starting the forwarder and recording its pid.
+    let file = dir
+        .path()
+        .join("instances")
+        .join(&made.id)
+        .join("instance.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    v["pid"] = serde_json::Value::Null;
+    std::fs::write(&file, v.to_string()).unwrap();
+    assert_eq!(processes_of(&made.id).len(), 1);
+
+    // The retried create brings up exactly one forwarder, and answers.
+    let again = p.create_instance(&request).await.unwrap();
+    assert_eq!(again.id, made.id);
+    assert_eq!(again.status, InstanceStatus::Running);
+    assert_eq!(processes_of(&made.id).len(), 1, "never two forwarders");
+
+    // Forget the pid again: the delete still stops the process.
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    v["pid"] = serde_json::Value::Null;
+    std::fs::write(&file, v.to_string()).unwrap();
+    p.delete_instance(&made.id).await.unwrap();
+    assert!(
+        processes_of(&made.id).is_empty(),
+        "the delete left the process running"
+    );
+}

@@ -239,6 +239,12 @@ impl LocalProvider {
             .try_clone()
             .map_err(|e| io_error(format!("Cannot open {}", log_path.display()), e))?;
         let listen = SocketAddr::new(IpAddr::V4(file.ip), file.port);
+        // A launch torn by a crash may have left this instance's forwarder
+        // running with its pid unrecorded: never start a second one beside
+        // it (it could not bind, and the first would answer for it).
+        for pid in instance_processes(&file.id) {
+            stop_process(pid, &file.id).await?;
+        }
         let mut child = tokio::process::Command::new(&self.forwarder)
             .arg("--listen")
             .arg(listen.to_string())
@@ -276,9 +282,13 @@ impl LocalProvider {
                 tokio::net::TcpStream::connect(listen),
             );
             if let Ok(Ok(_)) = probe.await {
-                // Dropping the handle leaves the process running; tokio reaps
-                // it when it exits while this daemon lives.
-                return Ok(());
+                // The answer must come from this child, still running.
+                if let Ok(None) = child.try_wait() {
+                    // Dropping the handle leaves the process running; tokio
+                    // reaps it when it exits while this daemon lives.
+                    return Ok(());
+                }
+                continue;
             }
             if Instant::now() >= deadline {
                 return Err(ProviderError::transient(format!(
@@ -291,9 +301,11 @@ impl LocalProvider {
         }
     }
 
-    /// Stops an instance's process and removes its directory.
+    /// Stops an instance's processes — the recorded one and any whose
+    /// launch a crash tore before its pid was recorded — and removes its
+    /// directory.
     async fn destroy(&self, file: &InstanceFile) -> Result<(), ProviderError> {
-        if let Some(pid) = file.pid {
+        for pid in file.pid.into_iter().chain(instance_processes(&file.id)) {
             stop_process(pid, &file.id).await?;
         }
         let dir = self.instances_dir().join(&file.id);
@@ -325,6 +337,25 @@ fn process_alive(pid: u32) -> bool {
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
+}
+
+/// The live forwarder processes of instance `id`, found by their command
+/// line (`--instance-id <id>`), whatever instance.json recorded.
+fn instance_processes(id: &str) -> Vec<u32> {
+    let Ok(proc_dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    proc_dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.windows(2)
+                .any(|w| w[0] == b"--instance-id" && w[1] == id.as_bytes())
+        })
+        .filter(|pid| process_alive(*pid))
+        .collect()
 }
 
 /// Kills the forwarder of instance `id`, if `pid` still is that forwarder.
