@@ -20,7 +20,8 @@
 //!
 //! ```sh
 //! PODVISOR_CRASH_KILLS_PER_POINT=100 PODVISOR_CRASH_RANDOM_KILLS=300 \
-//!   cargo test --release --features failpoints --test crash -- --nocapture
+//!   cargo test --release --no-default-features --features local,failpoints \
+//!     --test crash -- --nocapture
 //! ```
 
 #![cfg(feature = "failpoints")]
