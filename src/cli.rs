@@ -99,6 +99,16 @@ pub struct GlobalArgs {
     )]
     pub tls_cipher_suites: Option<String>,
 
+    /// Kata's direct-volumes directory: CSI volumes published there get the
+    /// reference's target-path annotation on CreateContainer
+    #[arg(
+        long = "kata-direct-volumes-dir",
+        env = "PODVISOR_KATA_DIRECT_VOLUMES_DIR",
+        value_name = "PATH",
+        default_value = crate::proxy::hook::DEFAULT_DIRECT_VOLUMES_DIR
+    )]
+    pub kata_direct_volumes_dir: PathBuf,
+
     /// Tunnel between the node and the pod VM (only vxlan)
     #[arg(
         long = "tunnel-type",
@@ -360,6 +370,10 @@ fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
                 format!("'{v}' is not VersionTLS12 or VersionTLS13"),
             ));
         }
+    }
+    if let Some(list) = &g.tls_cipher_suites {
+        podvisor_podvm::tls::TlsPolicy::new(g.tls_min_version.as_deref(), Some(list))
+            .map_err(|e| ConfigError::flag("tls-cipher-suites", Some("TLS_CIPHER_SUITES"), e))?;
     }
     if g.tunnel_type != "vxlan" {
         return Err(ConfigError::flag(

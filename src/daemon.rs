@@ -216,7 +216,14 @@ pub async fn serve(
 
     // TLS to the pod VMs: the keys are kept in the state dir, so a restarted
     // daemon still reaches the pod VMs it made.
-    let min_tls13 = global.tls_min_version.as_deref() == Some("VersionTLS13");
+    let tls_policy = crate::tls::ClientPolicy {
+        tls: podvisor_podvm::tls::TlsPolicy::new(
+            global.tls_min_version.as_deref(),
+            global.tls_cipher_suites.as_deref(),
+        )
+        .map_err(|e| format!("--tls-min-version/--tls-cipher-suites: {e}"))?,
+        skip_verify: global.tls_skip_verify,
+    };
     let pki = if global.disable_tls {
         tracing::warn!(
             "--disable-tls: the agent protocol to the pod VMs travels WITHOUT TLS, unauthenticated"
@@ -225,19 +232,24 @@ pub async fn serve(
     } else {
         let pki = match (&global.ca_cert_file, &global.cert_file, &global.cert_key) {
             (Some(ca), Some(cert), Some(key)) => {
-                crate::tls::Pki::from_files(ca, cert, key, min_tls13)
+                crate::tls::Pki::from_files(ca, cert, key, &tls_policy)
                     .map_err(|e| format!("--ca-cert-file/--cert-file/--cert-key: {e}"))?
             }
             _ => {
                 let dir = global.state_dir.join("tls");
                 tokio::task::spawn_blocking(move || {
-                    crate::tls::Pki::load_or_create(&dir, min_tls13)
+                    crate::tls::Pki::load_or_create(&dir, &tls_policy)
                 })
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("--state-dir: TLS keys: {e}"))?
             }
         };
+        if global.tls_skip_verify {
+            tracing::warn!(
+                "--tls-skip-verify (TLS_SKIP_VERIFY): the pod VMs' certificates are NOT verified; anyone who can reach a pod VM's address can pose as its agent"
+            );
+        }
         Some(Arc::new(pki))
     };
 
@@ -265,6 +277,10 @@ pub async fn serve(
         scratch_space: global.enable_scratch_space,
         pki,
         tls_min_version: global.tls_min_version.clone(),
+        tls_cipher_suites: global.tls_cipher_suites.clone(),
+        proxy_hook: Arc::new(crate::proxy::hook::Hook {
+            direct_volumes_dir: global.kata_direct_volumes_dir.clone(),
+        }),
     });
     let limit = usize::try_from(global.peerpods_limit_per_node)
         .ok()

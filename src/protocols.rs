@@ -4,6 +4,13 @@
 /// `hypervisor` and `podvminfo`, with async servers and clients.
 pub mod ttrpc {
     include!(concat!(env!("OUT_DIR"), "/ttrpc/mod.rs"));
+
+    /// The Kata agent protocol (`grpc.AgentService`, `grpc.Health`), from
+    /// Kata's own definitions (`proto/kata/`): what the agent proxy decodes
+    /// and what a kata agent serves.
+    pub mod kata {
+        include!(concat!(env!("OUT_DIR"), "/ttrpc/kata/mod.rs"));
+    }
 }
 
 /// tonic (prost) for the gRPC endpoint.

@@ -20,6 +20,18 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::Path;
 use std::sync::Arc;
 
+/// How the proxy's TLS client behaves: the shared policy (least version,
+/// cipher suites) and whether it checks the pod VMs' certificates at all.
+#[derive(Debug, Clone)]
+pub struct ClientPolicy {
+    /// `--tls-min-version`, `--tls-cipher-suites`.
+    pub tls: podvisor_podvm::tls::TlsPolicy,
+    /// `--tls-skip-verify`: accept any server certificate (the handshake's
+    /// signatures are still checked, so the peer must hold the key of the
+    /// certificate it shows — but anyone may show one).
+    pub skip_verify: bool,
+}
+
 /// The server name of operator-provided pod VM certificates.
 pub const MANUAL_SERVER_NAME: &str = "podvm-server";
 
@@ -126,7 +138,7 @@ fn read(path: &Path) -> Result<String, String> {
 impl Pki {
     /// Loads the daemon's CA and client certificate from `dir`, making them
     /// on first start.
-    pub fn load_or_create(dir: &Path, min_tls13: bool) -> Result<Self, String> {
+    pub fn load_or_create(dir: &Path, policy: &ClientPolicy) -> Result<Self, String> {
         {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
@@ -162,12 +174,7 @@ impl Pki {
             KeyPair::from_pem(&read(&ca_key)?).map_err(|e| format!("{}: {e}", ca_key.display()))?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)
             .map_err(|e| format!("{}: {e}", ca_cert.display()))?;
-        let client = client_config(
-            &ca_pem,
-            &read(&client_cert)?,
-            &read(&client_key)?,
-            min_tls13,
-        )?;
+        let client = client_config(&ca_pem, &read(&client_cert)?, &read(&client_key)?, policy)?;
         Ok(Self {
             ca_pem,
             issuer: Some(issuer),
@@ -177,9 +184,14 @@ impl Pki {
 
     /// The operator's certificates: a CA that signs the pod VMs' server
     /// certificates, and the client certificate and key.
-    pub fn from_files(ca: &Path, cert: &Path, key: &Path, min_tls13: bool) -> Result<Self, String> {
+    pub fn from_files(
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        policy: &ClientPolicy,
+    ) -> Result<Self, String> {
         let ca_pem = read(ca)?;
-        let client = client_config(&ca_pem, &read(cert)?, &read(key)?, min_tls13)?;
+        let client = client_config(&ca_pem, &read(cert)?, &read(key)?, policy)?;
         Ok(Self {
             ca_pem,
             issuer: None,
@@ -230,7 +242,7 @@ fn client_config(
     ca_pem: &str,
     cert_pem: &str,
     key_pem: &str,
-    min_tls13: bool,
+    policy: &ClientPolicy,
 ) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -246,17 +258,67 @@ fn client_config(
         .map_err(|e| format!("client certificate: {e}"))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| format!("client key: {e}"))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let versions: &[&rustls::SupportedProtocolVersion] = if min_tls13 {
-        &[&rustls::version::TLS13]
-    } else {
-        &[&rustls::version::TLS13, &rustls::version::TLS12]
-    };
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)
+    let provider = policy.tls.provider.clone();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(policy.tls.versions)
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(|e| format!("client certificate and key: {e}"))?;
+    if policy.skip_verify {
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(AnyServerCertificate(provider)));
+    }
     Ok(Arc::new(config))
+}
+
+/// `--tls-skip-verify`: any server certificate is accepted; the handshake
+/// signatures are still verified against the certificate shown.
+#[derive(Debug)]
+struct AnyServerCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServerCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

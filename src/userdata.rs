@@ -19,6 +19,8 @@ pub struct UserDataInputs<'a> {
     pub tls: Option<&'a crate::tls::ServerIdentity>,
     /// `--tls-min-version`, passed on to the forwarder.
     pub tls_min_version: Option<&'a str>,
+    /// `--tls-cipher-suites`, passed on to the forwarder.
+    pub tls_cipher_suites: Option<&'a str>,
 }
 
 /// The forwarder's settings, `/run/peerpod/apf.json` (the fields known so far).
@@ -36,6 +38,8 @@ struct ForwarderSettings<'a> {
     tls_client_ca: Option<&'a str>,
     #[serde(rename = "tls-min-version", skip_serializing_if = "Option::is_none")]
     tls_min_version: Option<&'a str>,
+    #[serde(rename = "tls-cipher-suites", skip_serializing_if = "Option::is_none")]
+    tls_cipher_suites: Option<&'a str>,
 }
 
 /// Renders the cloud-config.
@@ -47,6 +51,7 @@ pub fn render(inputs: &UserDataInputs<'_>) -> String {
         tls_server_key: inputs.tls.map(|t| t.key_pem.as_str()),
         tls_client_ca: inputs.tls.map(|t| t.client_ca_pem.as_str()),
         tls_min_version: inputs.tls_min_version,
+        tls_cipher_suites: inputs.tls_cipher_suites,
     })
     .expect("forwarder settings always serialize");
     let mut files: Vec<(&str, String)> = vec![("/run/peerpod/apf.json", apf)];
@@ -79,6 +84,7 @@ mod tests {
             scratch_space: true,
             tls: None,
             tls_min_version: None,
+            tls_cipher_suites: None,
         });
         assert!(text.starts_with("#cloud-config\nwrite_files:\n"));
         assert!(text.contains("- path: /run/peerpod/apf.json\n  content: \"{\\\"pod-namespace\\\":\\\"default\\\",\\\"pod-name\\\":\\\"we\\\\\\\"b\\\"}\"\n"), "{text}");

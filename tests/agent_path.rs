@@ -1,73 +1,33 @@
 //! The agent path end to end, with the daemon as a child process on the
-//! local provider: a ttrpc client on the `agent.ttrpc` socket CreateVM
-//! returned → the daemon's agent proxy → TCP → the pod VM's forwarder
-//! process → a ttrpc server on the "agent" socket.
-//!
-//! The relay is byte for byte, so any ttrpc service proves it; the stand-in
-//! agent here serves the `hypervisor.Hypervisor` service (Version answers
-//! with a marker, StartVM hangs until cancelled). The Kata agent protocol
-//! itself comes with the fake kata agent of the agent-path issue.
+//! local provider: a ttrpc client speaking Kata's agent protocol (the
+//! clients the shim uses) on the `agent.ttrpc` socket CreateVM returned →
+//! the daemon's agent proxy → mutual TLS over TCP → the pod VM's forwarder
+//! process → a fake kata agent (`common/kata_agent.rs`) on the agent socket,
+//! whose containers run real processes.
 
 mod common;
+#[path = "common/kata_agent.rs"]
+mod kata_agent;
 
-use async_trait::async_trait;
 use common::*;
-use podvisor::protocols::ttrpc::hypervisor::{
-    StartVMRequest, StartVMResponse, VersionRequest, VersionResponse,
-};
-use podvisor::protocols::ttrpc::hypervisor_ttrpc::{self, HypervisorClient};
+use kata_agent::{FakeAgent, Shim};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-/// A ttrpc server standing in for the kata agent.
-struct Agent;
-
-#[async_trait]
-impl hypervisor_ttrpc::Hypervisor for Agent {
-    async fn version(
-        &self,
-        _: &ttrpc::r#async::TtrpcContext,
-        req: VersionRequest,
-    ) -> ttrpc::Result<VersionResponse> {
-        Ok(VersionResponse {
-            version: format!("agent answers {}", req.version),
-            ..Default::default()
-        })
-    }
-    async fn start_vm(
-        &self,
-        _: &ttrpc::r#async::TtrpcContext,
-        _: StartVMRequest,
-    ) -> ttrpc::Result<StartVMResponse> {
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-        Ok(StartVMResponse::default())
-    }
+async fn connect(socket: &Path) -> Shim {
+    Shim::connect(socket).await.unwrap()
 }
 
-async fn serve_agent(socket: &Path) -> ttrpc::r#async::Server {
-    let mut server = ttrpc::r#async::Server::new()
-        .bind(&format!("unix://{}", socket.display()))
-        .unwrap()
-        .register_service(hypervisor_ttrpc::create_hypervisor(Arc::new(Agent)));
-    server.start().await.unwrap();
-    server
+/// Health.Check through `socket`.
+async fn check(socket: &Path) -> ttrpc::Result<bool> {
+    Shim::connect(socket).await?.check().await
 }
 
-async fn connect(socket: &Path) -> HypervisorClient {
-    HypervisorClient::new(
-        ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display()))
-            .await
-            .unwrap(),
-    )
-}
-
-async fn version(c: &HypervisorClient, what: &str) -> ttrpc::Result<String> {
-    let req = VersionRequest {
-        version: what.into(),
-        ..Default::default()
-    };
-    c.version(ctx(5), &req).await.map(|r| r.version)
+/// Serves a fake agent on `socket`.
+async fn serve_agent(socket: &Path) -> (FakeAgent, ttrpc::r#async::Server) {
+    let agent = FakeAgent::default();
+    let server = agent.serve(socket).await;
+    (agent, server)
 }
 
 /// A Running sandbox whose pod VM relays to `agent`; returns its id, the
@@ -127,18 +87,62 @@ fn restart_forwarder(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_reach_the_agent_through_the_proxy_and_the_forwarder() {
+async fn every_agent_call_works_through_the_proxy_and_the_forwarder() {
     let (setup, agent_socket) = setup_with_agent();
-    let _agent = serve_agent(&agent_socket).await;
+    let (agent, _server) = serve_agent(&agent_socket).await;
     let daemon = setup.start().await;
     let (id, path, _) = running_sandbox(&daemon).await;
     assert_eq!(path, setup.pods_dir().join(&id).join("agent.ttrpc"));
 
     let shim = connect(&path).await;
+    assert!(shim.check().await.unwrap(), "Health.Check: SERVING");
+    shim.create_sandbox(&id).await.unwrap();
+    // The init process echoes its stdin, then says goodbye and exits 3.
+    shim.create_container("c1", &["sh", "-c", "cat; printf goodbye; exit 3"], &[], &[])
+        .await
+        .unwrap();
+    shim.start_container("c1").await.unwrap();
+    assert_eq!(shim.write_stdin("c1", "", b"hello ").await.unwrap(), 6);
+    assert_eq!(shim.write_stdin("c1", "", b"agent\n").await.unwrap(), 6);
+    shim.close_stdin("c1", "").await.unwrap();
     assert_eq!(
-        version(&shim, "hello").await.unwrap(),
-        "agent answers hello"
+        shim.read_all_stdout("c1", "").await.unwrap(),
+        b"hello agent\ngoodbye"
     );
+    assert_eq!(shim.wait("c1", "").await.unwrap(), 3);
+    // An exec in the container: its own process, output and status.
+    shim.exec("c1", "e1", &["sh", "-c", "echo \"$((6 * 7))\"; exit 0"])
+        .await
+        .unwrap();
+    assert_eq!(shim.read_all_stdout("c1", "e1").await.unwrap(), b"42\n");
+    assert_eq!(shim.wait("c1", "e1").await.unwrap(), 0);
+    // The agent's errors come back as the agent gave them.
+    let (code, message) = rpc_error(shim.start_container("nope").await.unwrap_err());
+    assert_eq!(code, ttrpc::Code::NOT_FOUND, "{message}");
+    assert!(message.contains("container nope not found"), "{message}");
+    // Every call reached the agent, in order (reads: as many as it took).
+    let calls = agent.calls();
+    let without_reads: Vec<_> = calls.iter().filter(|c| **c != "ReadStdout").collect();
+    assert_eq!(
+        without_reads,
+        [
+            "Check",
+            "CreateSandbox",
+            "CreateContainer",
+            "StartContainer",
+            "WriteStdin",
+            "WriteStdin",
+            "CloseStdin",
+            "WaitProcess",
+            "ExecProcess",
+            "WaitProcess",
+            "StartContainer",
+        ]
+        .iter()
+        .collect::<Vec<_>>()
+    );
+    assert!(calls.iter().filter(|c| **c == "ReadStdout").count() >= 4);
+
     // Many calls at once on one connection, and on several connections.
     let mut calls = Vec::new();
     for i in 0..50 {
@@ -147,22 +151,48 @@ async fn calls_reach_the_agent_through_the_proxy_and_the_forwarder() {
         } else {
             shim.clone()
         };
-        calls.push(tokio::spawn(
-            async move { version(&c, &i.to_string()).await },
-        ));
+        calls.push(tokio::spawn(async move {
+            let exec = format!("x{i}");
+            c.exec("c1", &exec, &["echo", &exec]).await?;
+            let out = c.read_all_stdout("c1", &exec).await?;
+            c.wait("c1", &exec).await?;
+            Ok::<_, ttrpc::Error>(out)
+        }));
     }
     for (i, call) in calls.into_iter().enumerate() {
-        assert_eq!(call.await.unwrap().unwrap(), format!("agent answers {i}"));
+        assert_eq!(call.await.unwrap().unwrap(), format!("x{i}\n").into_bytes());
     }
 
-    // A method the agent does not have: its own answer comes back unchanged.
+    // A method the agent does not serve, and a service nobody knows: the
+    // agent's own answer comes back unchanged.
     let direct = connect(&agent_socket).await;
-    let relayed = shim.stop_vm(ctx(5), &Default::default()).await.unwrap_err();
+    let req = Default::default();
+    let relayed = shim
+        .agent
+        .get_guest_details(ttrpc::context::with_timeout(5_000_000_000), &req)
+        .await
+        .unwrap_err();
     let expected = direct
-        .stop_vm(ctx(5), &Default::default())
+        .agent
+        .get_guest_details(ttrpc::context::with_timeout(5_000_000_000), &req)
         .await
         .unwrap_err();
     assert_eq!(format!("{relayed:?}"), format!("{expected:?}"));
+    let raw = |socket: PathBuf| async move {
+        let c = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display()))
+            .await
+            .unwrap();
+        let mut r = ttrpc::Request::new();
+        r.service = "podvisor.Future".into();
+        r.method = "Unknown".into();
+        r.payload = vec![1, 2, 3];
+        r.timeout_nano = 5_000_000_000;
+        c.request(r).await
+    };
+    let relayed = raw(path.clone()).await;
+    let expected = raw(agent_socket.clone()).await;
+    assert_eq!(format!("{relayed:?}"), format!("{expected:?}"));
+    assert!(relayed.is_err(), "{relayed:?}");
 
     // The TLS keys are the daemon's own, and never in its log.
     {
@@ -186,13 +216,107 @@ async fn calls_reach_the_agent_through_the_proxy_and_the_forwarder() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_mib_of_stdout_arrive_intact() {
+    let (setup, agent_socket) = setup_with_agent();
+    let (_agent, _server) = serve_agent(&agent_socket).await;
+    let daemon = setup.start().await;
+    let (id, path, _) = running_sandbox(&daemon).await;
+    let data: Vec<u8> = {
+        let mut rng = fastrand::Rng::with_seed(16);
+        (0..16 << 20).map(|_| rng.u8(..)).collect()
+    };
+    let file = setup.root.path().join("sixteen.bin");
+    std::fs::write(&file, &data).unwrap();
+
+    let shim = connect(&path).await;
+    shim.create_sandbox(&id).await.unwrap();
+    let file = file.to_string_lossy().into_owned();
+    shim.create_container("big", &["cat", &file], &[], &[])
+        .await
+        .unwrap();
+    shim.start_container("big").await.unwrap();
+    let got = shim.read_all_stdout("big", "").await.unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "the bytes differ");
+    assert_eq!(shim.wait("big", "").await.unwrap(), 0);
+
+    // And the other way: 16 MiB into a process's stdin, counted by it.
+    shim.exec("big", "wc", &["wc", "-c"]).await.unwrap();
+    for chunk in data.chunks(1 << 20) {
+        let n = shim.write_stdin("big", "wc", chunk).await.unwrap();
+        assert_eq!(n as usize, chunk.len());
+    }
+    shim.close_stdin("big", "wc").await.unwrap();
+    let counted = shim.read_all_stdout("big", "wc").await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&counted).trim(), "16777216");
+    daemon.client().await.stop(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_container_gets_the_reference_annotations_on_the_way() {
+    let (mut setup, agent_socket) = setup_with_agent();
+    // Kata's direct-volumes directory: one CSI volume published there.
+    let volumes = setup.root.path().join("direct-volumes");
+    let published = "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/pvc-a/mount";
+    let other = "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~csi/pvc-b/mount";
+    {
+        use base64::Engine as _;
+        let name = base64::engine::general_purpose::URL_SAFE.encode(published);
+        std::fs::create_dir_all(volumes.join(name)).unwrap();
+    }
+    setup.global.extend([
+        "--kata-direct-volumes-dir".into(),
+        volumes.to_string_lossy().into_owned(),
+    ]);
+    let (agent, _server) = serve_agent(&agent_socket).await;
+    let daemon = setup.start().await;
+    let (id, path, _) = running_sandbox(&daemon).await;
+    let shim = connect(&path).await;
+    shim.create_sandbox(&id).await.unwrap();
+
+    shim.create_container(
+        "gpu",
+        &["true"],
+        &[
+            ("io.katacontainers.config.hypervisor.default_gpus", "1"),
+            ("io.kubernetes.cri.container-name", "app"),
+        ],
+        &["/etc/hosts", other, published],
+    )
+    .await
+    .unwrap();
+    let seen = agent.annotations("gpu").unwrap();
+    assert_eq!(seen["cdi.k8s.io/peer-pods"], "nvidia.com/gpu=all");
+    assert_eq!(
+        seen["io.confidentialcontainers.org.peerpodvolumes.target_path"],
+        published
+    );
+    assert_eq!(seen["io.kubernetes.cri.container-name"], "app");
+    assert_eq!(seen.len(), 4, "{seen:?}");
+
+    // A container asking for nothing arrives as it was sent.
+    shim.create_container("plain", &["true"], &[("k", "v")], &["/etc/hosts"])
+        .await
+        .unwrap();
+    assert_eq!(
+        agent.annotations("plain").unwrap(),
+        [("k".to_owned(), "v".to_owned())].into()
+    );
+    daemon.client().await.stop(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_forwarder_fails_calls_in_flight_and_the_next_connection_dials_again() {
     let (setup, agent_socket) = setup_with_agent();
-    let _agent = serve_agent(&agent_socket).await;
+    let (_agent, _server) = serve_agent(&agent_socket).await;
     let daemon = setup.start().await;
     let (id, path, instance) = running_sandbox(&daemon).await;
     let shim = connect(&path).await;
-    assert!(version(&shim, "before").await.is_ok());
+    shim.create_sandbox(&id).await.unwrap();
+    shim.create_container("sleeper", &["sleep", "3600"], &[], &[])
+        .await
+        .unwrap();
+    shim.start_container("sleeper").await.unwrap();
 
     // A call in flight when the pod VM's forwarder dies fails at once,
     // with the reason, instead of waiting out its deadline.
@@ -200,12 +324,7 @@ async fn a_dropped_forwarder_fails_calls_in_flight_and_the_next_connection_dials
         let shim = shim.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let r = shim
-                .start_vm(
-                    ttrpc::context::with_duration(Duration::from_secs(60)),
-                    &Default::default(),
-                )
-                .await;
+            let r = shim.wait("sleeper", "").await;
             (r, started.elapsed())
         })
     };
@@ -233,10 +352,14 @@ async fn a_dropped_forwarder_fails_calls_in_flight_and_the_next_connection_dials
     let again = eventually(
         "the relay to work again",
         Duration::from_secs(10),
-        async || version(&connect(&path).await, "after").await.ok(),
+        async || check(&path).await.ok(),
     )
     .await;
-    assert_eq!(again, "agent answers after");
+    assert!(again);
+    // The agent kept its state: the container is still there.
+    let shim = connect(&path).await;
+    let (code, message) = rpc_error(shim.start_container("sleeper").await.unwrap_err());
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION, "{message}");
     let _ = forwarder.kill();
     let _ = forwarder.wait();
     daemon.client().await.stop(&id).await.unwrap();
@@ -245,19 +368,33 @@ async fn a_dropped_forwarder_fails_calls_in_flight_and_the_next_connection_dials
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_kill9_and_a_restart_the_next_call_works_through_the_recovered_proxy() {
     let (setup, agent_socket) = setup_with_agent();
-    let _agent = serve_agent(&agent_socket).await;
+    let (_agent, _server) = serve_agent(&agent_socket).await;
     let mut daemon = setup.start().await;
     let (id, path, _) = running_sandbox(&daemon).await;
-    assert!(version(&connect(&path).await, "before").await.is_ok());
+    let shim = connect(&path).await;
+    shim.create_sandbox(&id).await.unwrap();
+    shim.create_container("c", &["sh", "-c", "cat"], &[], &[])
+        .await
+        .unwrap();
+    shim.start_container("c").await.unwrap();
+    shim.write_stdin("c", "", b"before ").await.unwrap();
 
     daemon.kill9();
     drop(daemon);
     let daemon = setup.start().await;
-    let answer = eventually("the recovered proxy", Duration::from_secs(10), async || {
-        version(&connect(&path).await, "after a crash").await.ok()
+    // The shim dials again, as it does, and carries on where it was.
+    let shim = eventually("the recovered proxy", Duration::from_secs(10), async || {
+        let shim = Shim::connect(&path).await.ok()?;
+        shim.check().await.ok()?;
+        Some(shim)
     })
     .await;
-    assert_eq!(answer, "agent answers after a crash");
+    shim.write_stdin("c", "", b"after").await.unwrap();
+    shim.close_stdin("c", "").await.unwrap();
+    assert_eq!(
+        shim.read_all_stdout("c", "").await.unwrap(),
+        b"before after"
+    );
     daemon.client().await.stop(&id).await.unwrap();
 }
 
@@ -289,7 +426,7 @@ fn foreign_identity(name: &str, usage: rcgen::ExtendedKeyUsagePurpose) -> (Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarder_with_a_certificate_from_another_ca_is_refused() {
     let (setup, agent_socket) = setup_with_agent();
-    let _agent = serve_agent(&agent_socket).await;
+    let (_agent, _server) = serve_agent(&agent_socket).await;
     let daemon = setup.start().await;
     let (id, path, instance) = running_sandbox(&daemon).await;
     let name = daemon.instance(&id).await.unwrap()["instance_name"]
@@ -310,7 +447,7 @@ async fn a_forwarder_with_a_certificate_from_another_ca_is_refused() {
     .unwrap();
     let mut impostor = restart_forwarder(&setup, &instance, &agent_socket, Some(&settings));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (code, message) = rpc_error(version(&connect(&path).await, "x").await.unwrap_err());
+    let (code, message) = rpc_error(check(&path).await.unwrap_err());
     assert_eq!(code, ttrpc::Code::UNAVAILABLE, "{message}");
     assert!(
         message.contains("TLS handshake") && message.contains("failed"),
@@ -324,7 +461,7 @@ async fn a_forwarder_with_a_certificate_from_another_ca_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_without_our_certificate_is_refused_by_the_forwarder() {
     let (setup, agent_socket) = setup_with_agent();
-    let _agent = serve_agent(&agent_socket).await;
+    let (_agent, _server) = serve_agent(&agent_socket).await;
     let daemon = setup.start().await;
     let (id, _, instance) = running_sandbox(&daemon).await;
     let v: serde_json::Value = serde_json::from_str(
@@ -402,13 +539,10 @@ async fn a_client_without_our_certificate_is_refused_by_the_forwarder() {
 async fn disable_tls_works_and_says_so_loudly() {
     let (mut setup, agent_socket) = setup_with_agent();
     setup.global.push("--disable-tls".into());
-    let _agent = serve_agent(&agent_socket).await;
+    let (_agent, _server) = serve_agent(&agent_socket).await;
     let daemon = setup.start().await;
     let (id, path, instance) = running_sandbox(&daemon).await;
-    assert_eq!(
-        version(&connect(&path).await, "plain").await.unwrap(),
-        "agent answers plain"
-    );
+    assert!(check(&path).await.unwrap());
     assert!(
         daemon.log_text().contains("WITHOUT TLS"),
         "{}",
@@ -424,5 +558,79 @@ async fn disable_tls_works_and_says_so_loudly() {
     .unwrap();
     assert!(!apf.contains("tls-server-key"), "{apf}");
     assert!(!setup.state_dir().join("tls").exists(), "no keys made");
+    daemon.client().await.stop(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_skip_verify_accepts_a_foreign_certificate_and_says_so_loudly() {
+    let (mut setup, agent_socket) = setup_with_agent();
+    setup.env.push(("TLS_SKIP_VERIFY".into(), "true".into()));
+    let (_agent, _server) = serve_agent(&agent_socket).await;
+    let daemon = setup.start().await;
+    let (id, path, instance) = running_sandbox(&daemon).await;
+    assert!(
+        daemon.log_text().contains("certificates are NOT verified"),
+        "{}",
+        daemon.log_text()
+    );
+    kill_forwarder(&setup, &instance);
+    // A forwarder with a certificate from another CA, for another name: the
+    // proxy no longer checks (the forwarder still checks the proxy).
+    let (_, cert, key) = foreign_identity("elsewhere", rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+    let our_ca = std::fs::read_to_string(setup.state_dir().join("tls/ca.pem")).unwrap();
+    let settings = setup.root.path().join("foreign.json");
+    std::fs::write(
+        &settings,
+        serde_json::json!({"tls-server-cert": cert, "tls-server-key": key, "tls-client-ca": our_ca})
+            .to_string(),
+    )
+    .unwrap();
+    let mut foreign = restart_forwarder(&setup, &instance, &agent_socket, Some(&settings));
+    let served = eventually(
+        "the foreign forwarder",
+        Duration::from_secs(10),
+        async || check(&path).await.ok(),
+    )
+    .await;
+    assert!(served);
+    let _ = foreign.kill();
+    let _ = foreign.wait();
+    daemon.client().await.stop(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cipher_suites_go_to_the_forwarder_and_both_ends_keep_to_them() {
+    let (mut setup, agent_socket) = setup_with_agent();
+    setup.env.extend([
+        ("TLS_MIN_VERSION".into(), "VersionTLS13".into()),
+        ("TLS_CIPHER_SUITES".into(), "TLS_AES_256_GCM_SHA384".into()),
+    ]);
+    let (_agent, _server) = serve_agent(&agent_socket).await;
+    let daemon = setup.start().await;
+    let (id, path, instance) = running_sandbox(&daemon).await;
+    assert!(check(&path).await.unwrap());
+    let own = setup
+        .local_dir()
+        .join("instances")
+        .join(&instance)
+        .join("run/peerpod/apf.json");
+    let mut apf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&own).unwrap()).unwrap();
+    assert_eq!(apf["tls-cipher-suites"], "TLS_AES_256_GCM_SHA384");
+    assert_eq!(apf["tls-min-version"], "VersionTLS13");
+
+    // The same pod VM offering only another suite: no common suite, no
+    // handshake, a clear error.
+    kill_forwarder(&setup, &instance);
+    apf["tls-cipher-suites"] = "TLS_AES_128_GCM_SHA256".into();
+    let settings = setup.root.path().join("other-suite.json");
+    std::fs::write(&settings, apf.to_string()).unwrap();
+    let mut other = restart_forwarder(&setup, &instance, &agent_socket, Some(&settings));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, message) = rpc_error(check(&path).await.unwrap_err());
+    assert_eq!(code, ttrpc::Code::UNAVAILABLE, "{message}");
+    assert!(message.contains("TLS handshake"), "{message}");
+    let _ = other.kill();
+    let _ = other.wait();
     daemon.client().await.stop(&id).await.unwrap();
 }

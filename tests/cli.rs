@@ -102,6 +102,19 @@ fn bad_values_fail_at_start_naming_the_flag_and_variable() {
     assert_eq!(code, 2);
     assert!(err.contains("--tls-min-version (TLS_MIN_VERSION)"), "{err}");
 
+    let (code, _, err) = run(podvisor()
+        .env(
+            "TLS_CIPHER_SUITES",
+            "TLS_AES_128_GCM_SHA256,TLS_RSA_WITH_RC4_128_SHA",
+        )
+        .arg("local"));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--tls-cipher-suites (TLS_CIPHER_SUITES)")
+            && err.contains("'TLS_RSA_WITH_RC4_128_SHA' is not a cipher suite"),
+        "{err}"
+    );
+
     let (code, _, err) = run(podvisor().args(["local", "--forwarder-bin", "/nonexistent"]));
     assert_eq!(code, 2);
     assert!(

@@ -39,6 +39,8 @@ struct Settings {
     tls_client_ca: Option<String>,
     #[serde(rename = "tls-min-version")]
     tls_min_version: Option<String>,
+    #[serde(rename = "tls-cipher-suites")]
+    tls_cipher_suites: Option<String>,
 }
 
 /// The TLS server configuration `apf.json` asks for: `None` when it holds
@@ -68,20 +70,17 @@ pub fn tls_from_settings(json: &str) -> Result<Option<Arc<rustls::ServerConfig>>
             .add(c.map_err(|e| format!("apf.json tls-client-ca: {e}"))?)
             .map_err(|e| format!("apf.json tls-client-ca: {e}"))?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let policy =
+        crate::tls::TlsPolicy::new(s.tls_min_version.as_deref(), s.tls_cipher_suites.as_deref())
+            .map_err(|e| format!("apf.json tls-min-version/tls-cipher-suites: {e}"))?;
+    let provider = policy.provider.clone();
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
     )
     .build()
     .map_err(|e| format!("apf.json tls-client-ca: {e}"))?;
-    let versions: &[&rustls::SupportedProtocolVersion] = match s.tls_min_version.as_deref() {
-        Some("VersionTLS13") => &[&rustls::version::TLS13],
-        None | Some("") | Some("VersionTLS12") => {
-            &[&rustls::version::TLS13, &rustls::version::TLS12]
-        }
-        Some(other) => return Err(format!("apf.json tls-min-version: '{other}'")),
-    };
+    let versions = policy.versions;
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
         .map_err(|e| e.to_string())?

@@ -49,6 +49,10 @@ pub struct PodVmDeps {
     pub pki: Option<Arc<crate::tls::Pki>>,
     /// `--tls-min-version`.
     pub tls_min_version: Option<String>,
+    /// `--tls-cipher-suites`, passed on to the forwarders.
+    pub tls_cipher_suites: Option<String>,
+    /// What the agent proxy does to `CreateContainer`.
+    pub proxy_hook: Arc<crate::proxy::hook::Hook>,
 }
 
 /// Milliseconds since the epoch.
@@ -176,7 +180,13 @@ impl PodVm {
                         }
                     },
                 };
-                match AgentProxy::open(&path, upstream, self.deps.proxy_timeout, tls) {
+                match AgentProxy::open(
+                    &path,
+                    upstream,
+                    self.deps.proxy_timeout,
+                    tls,
+                    self.deps.proxy_hook.clone(),
+                ) {
                     Ok(proxy) => {
                         tracing::debug!(sandbox = %self.sandbox_id(), socket = %path.display(), %upstream, "agent proxy open");
                         self.proxy = Some(proxy);
@@ -424,6 +434,7 @@ impl PodVm {
             scratch_space: self.deps.scratch_space,
             tls: identity.as_ref(),
             tls_min_version: self.deps.tls_min_version.as_deref(),
+            tls_cipher_suites: self.deps.tls_cipher_suites.as_deref(),
         });
         let tags = BTreeMap::from([
             (TAG_NODE.to_owned(), self.deps.node_name.clone()),

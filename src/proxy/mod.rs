@@ -11,6 +11,11 @@
 //! When the forwarder's side drops, every call still waiting for its answer
 //! gets an `UNAVAILABLE` status naming the pod VM's address, instead of a
 //! hang; then the shim's connection is closed.
+//!
+//! One call is decoded on the way: `CreateContainer`, which gets the
+//! annotations the reference's proxy adds ([`hook`]).
+
+pub mod hook;
 
 use protobuf::Message as _;
 use std::collections::HashSet;
@@ -64,6 +69,7 @@ impl AgentProxy {
         upstream: SocketAddr,
         dial_limit: Duration,
         tls: Option<ClientTls>,
+        hook: Arc<hook::Hook>,
     ) -> io::Result<Self> {
         match std::fs::remove_file(path) {
             Ok(()) => {}
@@ -75,7 +81,7 @@ impl AgentProxy {
             loop {
                 match listener.accept().await {
                     Ok((shim, _)) => {
-                        tokio::spawn(relay(shim, upstream, dial_limit, tls.clone()));
+                        tokio::spawn(relay(shim, upstream, dial_limit, tls.clone(), hook.clone()));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "agent proxy cannot accept; retrying");
@@ -131,6 +137,18 @@ struct Frame {
 }
 
 impl Frame {
+    /// The same frame with another payload.
+    fn with_payload(&self, payload: &[u8]) -> Option<Frame> {
+        let length = u32::try_from(payload.len())
+            .ok()
+            .filter(|l| *l as usize <= MAX_FRAME)?;
+        let mut bytes = Vec::with_capacity(MESSAGE_HEADER_LENGTH + payload.len());
+        bytes.extend_from_slice(&length.to_be_bytes());
+        bytes.extend_from_slice(&self.bytes[4..MESSAGE_HEADER_LENGTH]);
+        bytes.extend_from_slice(payload);
+        Some(Frame { bytes })
+    }
+
     fn stream_id(&self) -> u32 {
         u32::from_be_bytes([self.bytes[4], self.bytes[5], self.bytes[6], self.bytes[7]])
     }
@@ -211,6 +229,7 @@ async fn relay(
     upstream: SocketAddr,
     dial_limit: Duration,
     tls: Option<ClientTls>,
+    hook: Arc<hook::Hook>,
 ) {
     let (shim_r, shim_w) = shim.into_split();
     // Buffered: a frame's header and payload usually come in one read.
@@ -233,13 +252,19 @@ async fn relay(
         let pending = pending.clone();
         async move {
             loop {
-                let frame = match read_frame(&mut shim_r).await {
+                let mut frame = match read_frame(&mut shim_r).await {
                     Ok(Some(f)) => f,
                     Ok(None) | Err(_) => break,
                 };
                 if frame.kind() == MESSAGE_TYPE_REQUEST {
                     if let Ok(mut p) = pending.lock() {
                         p.insert(frame.stream_id());
+                    }
+                    if let Some(rewritten) = hook
+                        .rewrite(&frame.bytes[MESSAGE_HEADER_LENGTH..])
+                        .and_then(|payload| frame.with_payload(&payload))
+                    {
+                        frame = rewritten;
                     }
                 }
                 if agent_w.write_all(&frame.bytes).await.is_err() {
