@@ -109,6 +109,25 @@ pub struct GlobalArgs {
     )]
     pub kata_direct_volumes_dir: PathBuf,
 
+    /// Kubernetes API to read pods' image pull secrets from (for the pod VM's
+    /// auth.json) [default: in-cluster, from KUBERNETES_SERVICE_HOST]
+    #[arg(
+        long = "kube-api-server",
+        env = "PODVISOR_KUBE_API_SERVER",
+        value_name = "URL"
+    )]
+    pub kube_api_server: Option<String>,
+
+    /// Bearer token file for the Kubernetes API
+    #[arg(long = "kube-token-file", env = "PODVISOR_KUBE_TOKEN_FILE", value_name = "PATH",
+          default_value = crate::pull_secrets::IN_CLUSTER_TOKEN)]
+    pub kube_token_file: PathBuf,
+
+    /// CA certificate of the Kubernetes API
+    #[arg(long = "kube-ca-file", env = "PODVISOR_KUBE_CA_FILE", value_name = "PATH",
+          default_value = crate::pull_secrets::IN_CLUSTER_CA)]
+    pub kube_ca_file: PathBuf,
+
     /// Tunnel between the node and the pod VM (only vxlan)
     #[arg(
         long = "tunnel-type",

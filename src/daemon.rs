@@ -253,6 +253,31 @@ pub async fn serve(
         Some(Arc::new(pki))
     };
 
+    // The pods' image pull secrets, from the Kubernetes API when there is one.
+    let pull_secrets = match crate::pull_secrets::KubeApiConfig::resolve(
+        global.kube_api_server.as_deref(),
+        std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
+        std::env::var("KUBERNETES_SERVICE_PORT").ok().as_deref(),
+        &global.kube_token_file,
+        &global.kube_ca_file,
+    ) {
+        Some(config) => {
+            let secrets = crate::pull_secrets::PullSecrets::new(config)
+                .map_err(|e| format!("--kube-api-server/--kube-ca-file: {e}"))?;
+            tracing::info!(
+                api = secrets.server(),
+                "image pull secrets are read from the Kubernetes API"
+            );
+            Some(Arc::new(secrets))
+        }
+        None => {
+            tracing::info!(
+                "no Kubernetes API (--kube-api-server, KUBERNETES_SERVICE_HOST): pod VMs get no registry credentials"
+            );
+            None
+        }
+    };
+
     // 3. The actors, and recovery.
     let view = InstanceView::new();
     let provider_actor = ProviderActor::new(calls.clone()).start();
@@ -281,6 +306,7 @@ pub async fn serve(
         proxy_hook: Arc::new(crate::proxy::hook::Hook {
             direct_volumes_dir: global.kata_direct_volumes_dir.clone(),
         }),
+        pull_secrets,
     });
     let limit = usize::try_from(global.peerpods_limit_per_node)
         .ok()

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod probe;
 pub mod protocols;
 pub mod proxy;
+pub mod pull_secrets;
 pub mod tls;
 pub mod userdata;
 pub mod view;

@@ -63,13 +63,21 @@ pub fn render(inputs: &UserDataInputs<'_>) -> String {
     }
     let mut out = String::from("#cloud-config\nwrite_files:\n");
     for (path, content) in files {
-        // A JSON string is a valid YAML double-quoted scalar: no escaping
-        // rules of our own.
-        let content = serde_json::to_string(&content).expect("a string always serializes");
-        out.push_str(&format!("- path: {path}\n  content: {content}\n"));
+        add_file(&mut out, path, &content);
     }
     out
 }
+
+/// Adds one `write_files` entry to rendered user data.
+pub fn add_file(user_data: &mut String, path: &str, content: &str) {
+    // A JSON string is a valid YAML double-quoted scalar: no escaping rules
+    // of our own.
+    let content = serde_json::to_string(content).expect("a string always serializes");
+    user_data.push_str(&format!("- path: {path}\n  content: {content}\n"));
+}
+
+/// Where the registry credentials go in the pod VM.
+pub const AUTH_JSON_PATH: &str = "/run/peerpod/auth.json";
 
 #[cfg(test)]
 mod tests {

@@ -53,6 +53,9 @@ pub struct PodVmDeps {
     pub tls_cipher_suites: Option<String>,
     /// What the agent proxy does to `CreateContainer`.
     pub proxy_hook: Arc<crate::proxy::hook::Hook>,
+    /// Where the pods' image pull secrets are read (`None`: no Kubernetes
+    /// API configured).
+    pub pull_secrets: Option<Arc<crate::pull_secrets::PullSecrets>>,
 }
 
 /// Milliseconds since the epoch.
@@ -268,10 +271,32 @@ impl PodVm {
                         return;
                     }
                 };
-                let call = self.deps.provider.send(EnsureInstance {
-                    request,
-                    first_attempt,
-                });
+                let provider = self.deps.provider.clone();
+                let pull_secrets = self.deps.pull_secrets.clone();
+                let call = async move {
+                    let mut request = request;
+                    // Registry credentials, read now (they may have changed
+                    // since CreateVM); a failed lookup is logged and the
+                    // pod VM starts without them.
+                    if let Some(secrets) = pull_secrets {
+                        if let Some(auth) = secrets
+                            .auth_json(&request.pod_name, &request.pod_namespace)
+                            .await
+                        {
+                            crate::userdata::add_file(
+                                &mut request.user_data,
+                                crate::userdata::AUTH_JSON_PATH,
+                                &auth,
+                            );
+                        }
+                    }
+                    provider
+                        .send(EnsureInstance {
+                            request,
+                            first_attempt,
+                        })
+                        .await
+                };
                 ctx.spawn(call.into_actor(self).map(|result, act, ctx| {
                     let event = match result {
                         Ok(r) => {
