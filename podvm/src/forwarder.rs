@@ -95,6 +95,12 @@ pub async fn serve(listener: TcpListener, config: ForwarderConfig) -> io::Result
     let acceptor = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (stream, peer) = listener.accept().await?;
+        // Agent answers are often written in pieces (a frame header, then
+        // its payload): without this, Nagle holds each last piece back for
+        // the peer's delayed ACK — tens of milliseconds per call.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+        }
         let config = config.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
@@ -120,7 +126,8 @@ async fn relay(
     config: &ForwarderConfig,
 ) -> io::Result<()> {
     let mut agent = connect_agent(&config.agent_socket, config.agent_wait).await?;
-    tokio::io::copy_bidirectional(&mut client, &mut agent).await?;
+    // 64 KiB buffers: a pipe's worth of stdout per read.
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent, 64 << 10, 64 << 10).await?;
     Ok(())
 }
 

@@ -232,20 +232,23 @@ async fn relay(
     hook: Arc<hook::Hook>,
 ) {
     let (shim_r, shim_w) = shim.into_split();
-    // Buffered: a frame's header and payload usually come in one read.
+    // Buffered both ways: a frame's header and payload usually come in one
+    // read, and frames that arrive together leave together (one write, one
+    // TLS record) — flushed as soon as nothing more is waiting to be read.
     let mut shim_r = tokio::io::BufReader::with_capacity(64 << 10, shim_r);
-    let shim_w = Arc::new(tokio::sync::Mutex::new(shim_w));
+    let mut shim_w = tokio::io::BufWriter::with_capacity(64 << 10, shim_w);
     let agent = match connect(upstream, dial_limit, tls).await {
         Ok(agent) => agent,
         Err(why) => {
             tracing::warn!(upstream = %upstream, error = %why, "agent proxy: cannot reach the pod VM");
             // Answer what the shim sent meanwhile, then close.
-            answer_pending_until_eof(&mut shim_r, &shim_w, &why).await;
+            answer_pending_until_eof(&mut shim_r, &mut shim_w, &why).await;
             return;
         }
     };
-    let (agent_r, mut agent_w) = tokio::io::split(agent);
+    let (agent_r, agent_w) = tokio::io::split(agent);
     let mut agent_r = tokio::io::BufReader::with_capacity(64 << 10, agent_r);
+    let mut agent_w = tokio::io::BufWriter::with_capacity(64 << 10, agent_w);
     let pending: Arc<Mutex<HashSet<u32>>> = Arc::default();
 
     let up = {
@@ -270,13 +273,15 @@ async fn relay(
                 if agent_w.write_all(&frame.bytes).await.is_err() {
                     break;
                 }
+                if shim_r.buffer().is_empty() && agent_w.flush().await.is_err() {
+                    break;
+                }
             }
             let _ = agent_w.shutdown().await;
         }
     };
     let down = {
         let pending = pending.clone();
-        let shim_w = shim_w.clone();
         async move {
             let why = loop {
                 let frame = match read_frame(&mut agent_r).await {
@@ -294,7 +299,10 @@ async fn relay(
                         p.remove(&frame.stream_id());
                     }
                 }
-                if shim_w.lock().await.write_all(&frame.bytes).await.is_err() {
+                if shim_w.write_all(&frame.bytes).await.is_err() {
+                    return;
+                }
+                if agent_r.buffer().is_empty() && shim_w.flush().await.is_err() {
                     return;
                 }
             };
@@ -308,13 +316,13 @@ async fn relay(
             if !waiting.is_empty() {
                 tracing::warn!(upstream = %upstream, calls = waiting.len(), error = %why, "agent proxy: failing calls in flight");
             }
-            let mut w = shim_w.lock().await;
             for id in waiting {
-                if w.write_all(&unavailable(id, &message)).await.is_err() {
+                if shim_w.write_all(&unavailable(id, &message)).await.is_err() {
                     break;
                 }
             }
-            let _ = w.shutdown().await;
+            // Flushes, then closes.
+            let _ = shim_w.shutdown().await;
         }
     };
     // Either side ending ends the relay; the other half is dropped.
@@ -328,17 +336,16 @@ async fn relay(
 /// shim hangs up.
 async fn answer_pending_until_eof(
     shim_r: &mut (impl AsyncRead + Unpin),
-    shim_w: &tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>,
+    shim_w: &mut (impl tokio::io::AsyncWrite + Unpin),
     why: &str,
 ) {
     while let Ok(Some(frame)) = read_frame(shim_r).await {
         if frame.kind() == MESSAGE_TYPE_REQUEST
-            && shim_w
-                .lock()
-                .await
+            && (shim_w
                 .write_all(&unavailable(frame.stream_id(), why))
                 .await
                 .is_err()
+                || shim_w.flush().await.is_err())
         {
             return;
         }
