@@ -102,6 +102,19 @@ fn bad_values_fail_at_start_naming_the_flag_and_variable() {
     assert_eq!(code, 2);
     assert!(err.contains("--tls-min-version (TLS_MIN_VERSION)"), "{err}");
 
+    let (code, _, err) = run(podvisor().env("PODVISOR_PROVIDER_RATE", "0").arg("local"));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--provider-rate (PODVISOR_PROVIDER_RATE)"),
+        "{err}"
+    );
+    let (code, _, err) = run(podvisor().env("PODVISOR_PROVIDER_BURST", "0").arg("local"));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--provider-burst") && err.contains("PODVISOR_PROVIDER_BURST"),
+        "{err}"
+    );
+
     let (code, _, err) = run(podvisor().args(["local", "--forwarder-bin", "/nonexistent"]));
     assert_eq!(code, 2);
     assert!(
