@@ -404,7 +404,9 @@ mod tests {
         let limits = configure(&IMAGE).unwrap().default_call_limits();
         // Mutating actions: bucket 50, refill 5/s; RunInstances resources:
         // bucket 1000, refill 2/s (one instance per call).
-        assert!(limits.rate < 5.0 && limits.rate <= 2.0, "{limits:?}");
+        // One create or delete is one mutating request and launches at most
+        // one instance: at most the launch refill, under the mutating one.
+        assert!(limits.rate <= 2.0, "{limits:?}");
         assert!(limits.burst < 50, "{limits:?}");
         assert_eq!(
             limits,
