@@ -8,7 +8,7 @@
 use clap::builder::BoolishValueParser;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use podvisor_providers::duration::parse_duration;
-use podvisor_providers::{CloudManager, ConfigError, ProviderConfig, registry};
+use podvisor_providers::{CallLimits, CloudManager, ConfigError, ProviderConfig, registry};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -277,19 +277,19 @@ pub struct GlobalArgs {
           default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub provider_max_inflight: u32,
 
-    /// Sustained rate of mutating provider calls (creates, deletes) per second
+    /// Sustained rate of mutating provider calls (creates, deletes) per second [default: the provider's; aws 2, local 5]
     #[arg(
         long = "provider-rate",
         env = "PODVISOR_PROVIDER_RATE",
         value_name = "PER_SECOND",
-        default_value_t = 5.0
+        allow_negative_numbers = true
     )]
-    pub provider_rate: f64,
+    pub provider_rate: Option<f64>,
 
-    /// Burst of mutating provider calls above the rate
-    #[arg(long = "provider-burst", env = "PODVISOR_PROVIDER_BURST", value_name = "N", default_value_t = 10,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub provider_burst: u32,
+    /// Burst of mutating provider calls above the rate [default: the provider's; aws 20, local 10]
+    #[arg(long = "provider-burst", env = "PODVISOR_PROVIDER_BURST", value_name = "N",
+          allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub provider_burst: Option<u32>,
 
     /// Tries of one provider call on transient or throttling errors
     #[arg(long = "provider-call-attempts", env = "PODVISOR_PROVIDER_CALL_ATTEMPTS", value_name = "N",
@@ -305,6 +305,18 @@ pub struct GlobalArgs {
     #[arg(long = "shutdown-grace", env = "PODVISOR_SHUTDOWN_GRACE", value_name = "DURATION",
           default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+}
+
+impl GlobalArgs {
+    /// The token bucket of mutating provider calls: each of
+    /// `--provider-rate` and `--provider-burst` (flag, else environment)
+    /// when given, else the provider's default.
+    pub fn call_limits(&self, provider_default: CallLimits) -> CallLimits {
+        CallLimits {
+            rate: self.provider_rate.unwrap_or(provider_default.rate),
+            burst: self.provider_burst.unwrap_or(provider_default.burst),
+        }
+    }
 }
 
 /// What the command line asked for.
@@ -404,15 +416,14 @@ fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
             ),
         ));
     }
-    if !(g.provider_rate.is_finite() && g.provider_rate > 0.0) {
-        return Err(ConfigError::flag(
-            "provider-rate",
-            Some("PODVISOR_PROVIDER_RATE"),
-            format!(
-                "{} is not a positive number of calls per second",
-                g.provider_rate
-            ),
-        ));
+    if let Some(rate) = g.provider_rate {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(ConfigError::flag(
+                "provider-rate",
+                Some("PODVISOR_PROVIDER_RATE"),
+                format!("{rate} is not a positive number of calls per second"),
+            ));
+        }
     }
     if g.retry_base.is_zero() || g.retry_cap < g.retry_base {
         return Err(ConfigError::flag(
@@ -640,6 +651,59 @@ mod tests {
         assert!(err(&["--node-name", " ", "local"]).contains("--node-name (NODE_NAME)"));
         assert!(err(&["nosuchcloud"]).contains("nosuchcloud"));
         assert!(err(&["local", "--create-delay", "x"]).contains("--create-delay"));
+    }
+
+    #[test]
+    fn call_limits_are_the_providers_unless_a_flag_sets_them() {
+        let provider = CallLimits {
+            rate: 2.0,
+            burst: 20,
+        };
+        // Neither flag (nor variable): the provider's default.
+        let g = global(&["--provider-max-inflight", "3", "local"]);
+        assert_eq!((g.provider_rate, g.provider_burst), (None, None));
+        assert_eq!(g.call_limits(provider), provider);
+        // Each flag wins on its own; the other value stays the provider's.
+        let g = global(&["--provider-rate", "0.5", "local"]);
+        assert_eq!(
+            g.call_limits(provider),
+            CallLimits {
+                rate: 0.5,
+                burst: 20
+            }
+        );
+        let g = global(&["-provider-burst=3", "local"]);
+        assert_eq!(
+            g.call_limits(provider),
+            CallLimits {
+                rate: 2.0,
+                burst: 3
+            }
+        );
+        let g = global(&["--provider-rate", "7", "--provider-burst", "70", "local"]);
+        assert_eq!(
+            g.call_limits(provider),
+            CallLimits {
+                rate: 7.0,
+                burst: 70
+            }
+        );
+    }
+
+    #[test]
+    fn bad_call_limits_fail_naming_the_flag() {
+        for bad in ["0", "-1", "NaN", "inf", "fast"] {
+            let e = err(&["--provider-rate", bad, "local"]);
+            assert!(e.contains("--provider-rate"), "{bad}: {e}");
+        }
+        assert!(
+            err(&["--provider-rate", "0", "local"])
+                .contains("--provider-rate (PODVISOR_PROVIDER_RATE)")
+        );
+        for bad in ["0", "-3", "many"] {
+            let e = err(&["--provider-burst", bad, "local"]);
+            assert!(e.contains("--provider-burst"), "{bad}: {e}");
+        }
     }
 
     #[test]

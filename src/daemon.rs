@@ -189,10 +189,20 @@ pub async fn serve(
             .await
             .map_err(|e| format!("provider {provider_name}: {e}"))?,
     );
+    let provider_default = provider_config.default_call_limits();
+    let limits = global.call_limits(provider_default);
+    tracing::info!(
+        provider = provider_name,
+        rate_per_second = limits.rate,
+        burst = limits.burst,
+        default_rate_per_second = provider_default.rate,
+        default_burst = provider_default.burst,
+        "mutating provider calls limited (--provider-rate, --provider-burst; else the provider's default)"
+    );
     let policy = CallPolicy {
         max_inflight: global.provider_max_inflight,
-        rate: global.provider_rate,
-        burst: global.provider_burst,
+        rate: limits.rate,
+        burst: limits.burst,
         attempts: global.provider_call_attempts,
         timeout: global.provider_call_timeout,
         backoff: Backoff {
@@ -340,6 +350,15 @@ pub async fn serve(
         "pods_dir": global.pods_dir,
         "state_dir": global.state_dir,
         "peerpods_limit_per_node": limit,
+        "provider_call_limits": {
+            "rate_per_second": limits.rate,
+            "burst": limits.burst,
+            "max_inflight": global.provider_max_inflight,
+            "provider_default": {
+                "rate_per_second": provider_default.rate,
+                "burst": provider_default.burst,
+            },
+        },
     });
     let admin_listener = tokio::net::TcpListener::bind(global.admin_addr)
         .await

@@ -201,6 +201,15 @@ async fn a_pod_vm_lifecycle_on_ec2_creates_runs_and_terminates_one_instance() {
         setup.root.path().join("agent.sock"),
     );
     let daemon = setup.start().await;
+    // No --provider-rate or --provider-burst: the AWS provider's defaults.
+    let (_, status) = daemon.get("/v1/status").await.unwrap();
+    let limits = &status["provider_call_limits"];
+    assert_eq!(limits["rate_per_second"], 2.0, "{status}");
+    assert_eq!(limits["burst"], 20, "{status}");
+    assert_eq!(
+        limits["provider_default"]["rate_per_second"], 2.0,
+        "{status}"
+    );
     let at_start = proxy.calls();
     eprintln!("EC2 calls at start-up (verify, recovery, GC): {at_start:?}");
     assert_eq!(at_start.get("DescribeImages"), Some(&1), "{at_start:?}");
@@ -424,6 +433,151 @@ async fn a_create_whose_answer_is_lost_is_retried_into_the_same_instance() {
     )
     .await;
     assert!(moto.live_instances(None).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_run_and_terminate_instances_are_retried_by_the_daemon_into_one_instance() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let mut setup = aws_setup(&proxy.endpoint(), &net);
+    // The rate from the environment; the burst stays the provider's.
+    setup
+        .env
+        .push(("PODVISOR_PROVIDER_RATE".into(), "4".into()));
+    let _side = PodVmSide::start(
+        &moto.endpoint(),
+        &setup.node,
+        setup.forwarder_port,
+        setup.root.path().join("agent.sock"),
+    );
+    let daemon = setup.start().await;
+    let (_, status) = daemon.get("/v1/status").await.unwrap();
+    let limits = &status["provider_call_limits"];
+    assert_eq!(limits["rate_per_second"], 4.0, "{status}");
+    assert_eq!(limits["burst"], 20, "{status}");
+    assert_eq!(
+        limits["provider_default"]["rate_per_second"], 2.0,
+        "{status}"
+    );
+    assert_eq!(limits["provider_default"]["burst"], 20, "{status}");
+
+    // EC2 is over the account's request rate for the first two launches
+    // and the first two terminations.
+    proxy.reset_calls();
+    proxy.fault("RunInstances", Fault::Throttle, Some(2));
+    proxy.fault("TerminateInstances", Fault::Throttle, Some(2));
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("busy", "ns"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    client
+        .start(&id)
+        .await
+        .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    let start_took = started.elapsed();
+    let calls = proxy.calls();
+    eprintln!("EC2 requests of a start throttled twice ({start_took:?}): {calls:?}");
+    assert_eq!(calls.get("RunInstances"), Some(&3), "{calls:?}");
+    assert_eq!(proxy.faulted("RunInstances"), 2);
+    // The daemon waited at least EC2's throttling back-off before each retry.
+    assert!(start_took >= Duration::from_secs(2), "{start_took:?}");
+    let record = daemon.instance(&id).await.unwrap();
+    assert_eq!(record["state"], "running", "{record}");
+    let instance_id = record["instance_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        instances_of(&moto, &id).await,
+        [(instance_id.clone(), "running".to_owned())],
+        "exactly one instance"
+    );
+    let aws_create = |outcome| {
+        [
+            ("provider", "aws"),
+            ("operation", "create"),
+            ("outcome", outcome),
+        ]
+    };
+    let provider_requests = "podvisor_provider_requests_total";
+    assert_eq!(
+        daemon
+            .metric(provider_requests, &aws_create("throttled"))
+            .await,
+        2.0
+    );
+    assert_eq!(
+        daemon.metric(provider_requests, &aws_create("ok")).await,
+        1.0
+    );
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_operation_retries_total",
+                &[("operation", "create")]
+            )
+            .await,
+        2.0
+    );
+
+    let stopping = Instant::now();
+    client.stop(&id).await.unwrap();
+    eventually(
+        "the sandbox to be deleted",
+        Duration::from_secs(30),
+        async || daemon.instance(&id).await.is_none().then_some(()),
+    )
+    .await;
+    let stop_took = stopping.elapsed();
+    let calls = proxy.calls();
+    eprintln!(
+        "EC2 requests of a lifecycle, start and stop throttled twice each (stop {stop_took:?}): {calls:?}"
+    );
+    assert_eq!(calls.get("TerminateInstances"), Some(&3), "{calls:?}");
+    assert_eq!(proxy.faulted("TerminateInstances"), 2);
+    assert_eq!(calls.get("RunInstances"), Some(&3), "{calls:?}");
+    let aws_delete = |outcome| {
+        [
+            ("provider", "aws"),
+            ("operation", "delete"),
+            ("outcome", outcome),
+        ]
+    };
+    assert_eq!(
+        daemon
+            .metric(provider_requests, &aws_delete("throttled"))
+            .await,
+        2.0
+    );
+    assert_eq!(
+        daemon.metric(provider_requests, &aws_delete("ok")).await,
+        1.0
+    );
+    let log = daemon.log_text();
+    let retries = log
+        .lines()
+        .filter(|l| l.contains("retrying provider call") && l.contains("RequestLimitExceeded"))
+        .count();
+    assert_eq!(
+        retries, 4,
+        "the daemon's provider actor retried each throttled call"
+    );
+
+    // The server's word: one instance ever, terminated; none left alive.
+    let states = instances_of(&moto, &id).await;
+    assert_eq!(states.len(), 1, "{states:?}");
+    assert!(
+        matches!(states[0].1.as_str(), "terminated" | "shutting-down"),
+        "{states:?}"
+    );
+    assert!(
+        moto.live_instances(Some((TAG_NODE, &setup.node)))
+            .await
+            .is_empty(),
+        "nothing leaked"
+    );
+    assert_no_secret_in(&log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

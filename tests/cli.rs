@@ -114,6 +114,18 @@ fn bad_values_fail_at_start_naming_the_flag_and_variable() {
             && err.contains("'TLS_RSA_WITH_RC4_128_SHA' is not a cipher suite"),
         "{err}"
     );
+    let (code, _, err) = run(podvisor().env("PODVISOR_PROVIDER_RATE", "0").arg("local"));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--provider-rate (PODVISOR_PROVIDER_RATE)"),
+        "{err}"
+    );
+    let (code, _, err) = run(podvisor().env("PODVISOR_PROVIDER_BURST", "0").arg("local"));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--provider-burst") && err.contains("PODVISOR_PROVIDER_BURST"),
+        "{err}"
+    );
 
     let (code, _, err) = run(podvisor().args(["local", "--forwarder-bin", "/nonexistent"]));
     assert_eq!(code, 2);

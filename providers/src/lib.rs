@@ -22,7 +22,7 @@ pub mod local;
 
 pub use error::{ErrorClass, ProviderError};
 pub use manager::{
-    CloudManager, ConfigError, ProviderConfig, ProviderContext, find_manager, registry,
+    CallLimits, CloudManager, ConfigError, ProviderConfig, ProviderContext, find_manager, registry,
 };
 pub use provider::{
     CreateRequest, Instance, InstanceStatus, Provider, TAG_NODE, TAG_SANDBOX, TAG_TOKEN,

@@ -40,11 +40,40 @@ impl ConfigError {
     }
 }
 
+/// How fast the daemon may make mutating calls (creates and deletes) to a
+/// cloud: a token bucket refilled at `rate` tokens per second, holding at
+/// most `burst`. One token is one provider call, whatever number of cloud
+/// API requests that call makes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CallLimits {
+    /// Mutating calls per second, sustained.
+    pub rate: f64,
+    /// Mutating calls allowed at once after an idle spell.
+    pub burst: u32,
+}
+
+impl CallLimits {
+    /// The limits of a provider that declares none: modest enough for any
+    /// cloud's documented API limits we know of, and the daemon's global
+    /// defaults before providers could choose.
+    pub const DEFAULT: CallLimits = CallLimits {
+        rate: 5.0,
+        burst: 10,
+    };
+}
+
 /// A validated provider configuration, ready to build the provider.
 #[async_trait]
 pub trait ProviderConfig: Send + Sync + fmt::Debug {
     /// The configuration for logs and the admin endpoint, secrets redacted.
     fn summary(&self) -> serde_json::Value;
+
+    /// The token bucket this provider's mutating calls stay under when the
+    /// operator sets none (`--provider-rate`, `--provider-burst`): below the
+    /// cloud's documented API limits, for this configuration.
+    fn default_call_limits(&self) -> CallLimits {
+        CallLimits::DEFAULT
+    }
 
     /// Builds the provider (the reference's `NewProvider`).
     async fn build(&self, context: &ProviderContext) -> Result<Arc<dyn Provider>, ProviderError>;

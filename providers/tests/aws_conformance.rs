@@ -131,6 +131,82 @@ async fn a_create_whose_response_is_lost_is_adopted_on_retry_not_duplicated() {
     assert_eq!(proxy.calls().get("RunInstances"), Some(&1));
 }
 
+/// Calls `call` until it succeeds, as the daemon's provider actor retries a
+/// throttled call; every failure must be EC2's throttling, classified so.
+/// Returns the value and the number of tries.
+async fn retry_throttled<T, F, Fut>(proxy: &Ec2Proxy, action: &str, mut call: F) -> (T, usize)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, podvisor_providers::ProviderError>>,
+{
+    for tries in 1..=5 {
+        match call().await {
+            Ok(value) => return (value, tries),
+            Err(e) => {
+                assert_eq!(e.class, ErrorClass::Throttled, "{e:?}");
+                assert!(e.message.contains("RequestLimitExceeded"), "{e}");
+                assert!(
+                    e.retry_after.is_some_and(|d| d >= Duration::from_secs(1)),
+                    "a throttled call says to wait: {e:?}"
+                );
+                // One request per try: the SDK did not retry on its own.
+                assert_eq!(
+                    proxy.calls().get(action),
+                    Some(&tries),
+                    "{action} requests after {tries} tries"
+                );
+            }
+        }
+    }
+    panic!("{action} still failing after 5 tries");
+}
+
+#[tokio::test]
+async fn throttled_creates_and_deletes_are_classified_throttled_and_retries_make_one_instance() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    // The provider as `podvisor aws` builds it, SDK retry settings included.
+    let provider = from_flags(&proxy.endpoint(), &net, &[]).await;
+    let request = Fixture::new("node-t").request(1);
+
+    proxy.fault("RunInstances", Fault::Throttle, Some(2));
+    let (made, tries) = retry_throttled(&proxy, "RunInstances", || {
+        provider.create_instance(&request)
+    })
+    .await;
+    let calls = proxy.calls();
+    eprintln!("EC2 requests of a create throttled twice: {calls:?}");
+    assert_eq!(tries, 3);
+    assert_eq!(calls.get("RunInstances"), Some(&3), "{calls:?}");
+    assert_eq!(proxy.faulted("RunInstances"), 2);
+    let live = moto.live_instances(None).await;
+    assert_eq!(live.len(), 1, "exactly one instance on the server");
+    assert_eq!(live[0].instance_id(), Some(made.id.as_str()));
+    assert_eq!(
+        moto.live_instances(Some((TAG_TOKEN, request.token.as_str())))
+            .await
+            .len(),
+        1
+    );
+
+    proxy.reset_calls();
+    proxy.fault("TerminateInstances", Fault::Throttle, Some(2));
+    let ((), tries) = retry_throttled(&proxy, "TerminateInstances", || {
+        provider.delete_instance(&made.id)
+    })
+    .await;
+    let calls = proxy.calls();
+    eprintln!("EC2 requests of a delete throttled twice: {calls:?}");
+    assert_eq!(tries, 3);
+    assert_eq!(calls.get("TerminateInstances"), Some(&3), "{calls:?}");
+    assert_eq!(proxy.faulted("TerminateInstances"), 2);
+    assert!(
+        moto.live_instances(None).await.is_empty(),
+        "the instance is terminated"
+    );
+}
+
 #[tokio::test]
 async fn tags_user_data_and_launch_settings_are_what_the_server_stores() {
     let moto = Moto::start().await;

@@ -5,7 +5,7 @@ use super::config::{AwsConfig, is_ec2_id, is_instance_type_name};
 use super::imds::{MetadataSource, fill_from_metadata};
 use super::provider::{AwsProvider, AwsSettings};
 use crate::error::ProviderError;
-use crate::manager::{CloudManager, ConfigError, ProviderConfig, ProviderContext};
+use crate::manager::{CallLimits, CloudManager, ConfigError, ProviderConfig, ProviderContext};
 use crate::provider::Provider;
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
@@ -19,6 +19,30 @@ pub struct AwsManager;
 
 /// EBS's largest gp2/gp3 volume, in GiB.
 const MAX_ROOT_VOLUME_GIB: u32 = 16 * 1024;
+
+/// The default pace of creates and deletes on EC2, below its documented API
+/// throttling (token buckets per account and region, "Request throttling
+/// for the Amazon EC2 API"):
+///
+/// - Mutating actions: bucket 50, refill 5/s. One podvisor create or delete
+///   is one mutating request (`RunInstances`, or `StartInstances` for a
+///   stopped instance of the token; `TerminateInstances`; plus
+///   `DisassociateAddress`/`ReleaseAddress` only for Elastic IPs someone
+///   attached). 2/s is 40% of the refill and a burst of 20 is 40% of the
+///   bucket: the rest is left to the other nodes and tools of the account.
+/// - `RunInstances` resource rate: bucket 1000, refill 2/s. Each
+///   `RunInstances` launches one instance (MinCount = MaxCount = 1), so even
+///   if every token went to creates, launches never outrun the refill.
+/// - `TerminateInstances` resource rate: bucket 1000, refill 20/s: far above.
+///
+/// The lookups around each call (`DescribeInstances`, `DescribeAddresses`)
+/// are non-mutating (bucket 100, refill 20/s) and, one per create or delete,
+/// stay within the same 2/s. The buckets are shared by the whole account in
+/// the region: with many nodes in one account, lower `--provider-rate`.
+const EC2_CALL_LIMITS: CallLimits = CallLimits {
+    rate: 2.0,
+    burst: 20,
+};
 
 impl CloudManager for AwsManager {
     fn name(&self) -> &'static str {
@@ -236,6 +260,10 @@ impl ProviderConfig for AwsConfig {
         })
     }
 
+    fn default_call_limits(&self) -> CallLimits {
+        EC2_CALL_LIMITS
+    }
+
     async fn build(&self, _context: &ProviderContext) -> Result<Arc<dyn Provider>, ProviderError> {
         let mut config = self.clone();
         let needs_metadata = config.region.is_none()
@@ -369,6 +397,24 @@ mod tests {
         for secret in ["AKIDSECRETID", "VERYSECRETKEY", "SESSIONSECRET"] {
             assert!(!shown.contains(secret), "{secret} leaked: {shown}");
         }
+    }
+
+    #[test]
+    fn the_default_call_limits_stay_below_ec2s_documented_buckets() {
+        let limits = configure(&IMAGE).unwrap().default_call_limits();
+        // Mutating actions: bucket 50, refill 5/s; RunInstances resources:
+        // bucket 1000, refill 2/s (one instance per call).
+        // One create or delete is one mutating request and launches at most
+        // one instance: at most the launch refill, under the mutating one.
+        assert!(limits.rate <= 2.0, "{limits:?}");
+        assert!(limits.burst < 50, "{limits:?}");
+        assert_eq!(
+            limits,
+            CallLimits {
+                rate: 2.0,
+                burst: 20
+            }
+        );
     }
 
     #[test]

@@ -262,6 +262,9 @@ pub enum Fault {
     DropResponse,
     /// Never forward the request, never answer (a hung cloud).
     Stall,
+    /// Never forward the request; answer as EC2 does when the account is
+    /// over its API request rate: HTTP 503 with `RequestLimitExceeded`.
+    Throttle,
 }
 
 /// Faults and counts, shared with the proxy's tasks.
@@ -273,6 +276,8 @@ struct ProxyState {
     bodies: HashMap<String, Vec<String>>,
     /// Action → the fault to apply, and how many more times (None: always).
     faults: HashMap<String, (Fault, Option<usize>)>,
+    /// Action → how many of its requests met a fault.
+    faulted: HashMap<String, usize>,
 }
 
 /// An HTTP proxy in front of the EC2 server: one request per connection
@@ -322,9 +327,15 @@ impl Ec2Proxy {
         self.lock().faults.clear();
     }
 
-    /// How many requests of each action reached the proxy.
+    /// How many requests of each action reached the proxy (faulted or not).
     pub fn calls(&self) -> HashMap<String, usize> {
         self.lock().calls.clone()
+    }
+
+    /// How many requests of `action` met a fault (were throttled, stalled,
+    /// or lost their response).
+    pub fn faulted(&self, action: &str) -> usize {
+        self.lock().faulted.get(action).copied().unwrap_or(0)
     }
 
     /// The form-encoded bodies of the requests of `action`, decoded
@@ -338,6 +349,7 @@ impl Ec2Proxy {
         let mut s = self.lock();
         s.calls.clear();
         s.bodies.clear();
+        s.faulted.clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ProxyState> {
@@ -362,26 +374,35 @@ async fn relay(
     let fault = {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         *s.calls.entry(action.clone()).or_default() += 1;
-        let body = find(&request, b"\r\n\r\n")
-            .map(|end| String::from_utf8_lossy(&request[end + 4..]).replace("%2F", "/"))
-            .unwrap_or_default();
+        let body = String::from_utf8_lossy(&request.body).replace("%2F", "/");
         s.bodies.entry(action.clone()).or_default().push(body);
-        match s.faults.get_mut(&action) {
+        let fault = match s.faults.get_mut(&action) {
             Some((fault, Some(left))) if *left > 0 => {
                 *left -= 1;
                 Some(*fault)
             }
             Some((fault, None)) => Some(*fault),
             _ => None,
+        };
+        if fault.is_some() {
+            *s.faulted.entry(action.clone()).or_default() += 1;
         }
+        fault
     };
-    if fault == Some(Fault::Stall) {
-        // Hold the connection open, answer nothing.
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-        return Ok(());
+    match fault {
+        Some(Fault::Stall) => {
+            // Hold the connection open, answer nothing.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return Ok(());
+        }
+        Some(Fault::Throttle) => {
+            client.write_all(&throttling_response()).await?;
+            return client.shutdown().await;
+        }
+        Some(Fault::DropResponse) | None => {}
     }
     let mut upstream = TcpStream::connect(("127.0.0.1", upstream_port)).await?;
-    upstream.write_all(&request).await?;
+    upstream.write_all(&request.raw).await?;
     let mut response = Vec::new();
     upstream.read_to_end(&mut response).await?;
     if fault == Some(Fault::DropResponse) {
@@ -391,48 +412,168 @@ async fn relay(
     client.shutdown().await
 }
 
-/// Reads one HTTP request (headers and a Content-Length body).
-async fn read_request(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
+/// EC2's answer to a request over the account's API request rate: HTTP 503
+/// and the query API's XML error document, as EC2 sends them.
+fn throttling_response() -> Vec<u8> {
+    let request_id = format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        fastrand::u32(..),
+        fastrand::u16(..),
+        fastrand::u16(..),
+        fastrand::u16(..),
+        fastrand::u64(..) & 0xffff_ffff_ffff
+    );
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>\
+         <Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message>\
+         </Error></Errors><RequestID>{request_id}</RequestID></Response>"
+    );
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/xml;charset=UTF-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\nServer: AmazonEC2\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// One HTTP request as read off the connection.
+#[derive(Debug, Default)]
+struct HttpRequest {
+    /// The bytes as they came (relayed unchanged).
+    raw: Vec<u8>,
+    /// The request line and headers, without the blank line.
+    head: String,
+    /// The body, de-chunked when it came chunked.
+    body: Vec<u8>,
+}
+
+/// Reads more of the connection into `buf`; false at its end.
+async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<bool> {
     let mut chunk = [0u8; 8192];
-    loop {
+    let n = stream.read(&mut chunk).await?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n > 0)
+}
+
+/// Reads one HTTP/1.x request: headers, then a body of `Content-Length`
+/// bytes or in `Transfer-Encoding: chunked` chunks. A connection that ends
+/// early yields what came.
+async fn read_request(stream: &mut TcpStream) -> std::io::Result<HttpRequest> {
+    let mut buf = Vec::new();
+    let end = loop {
         if let Some(end) = find(&buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            while buf.len() < end + 4 + length {
-                let n = stream.read(&mut chunk).await?;
-                if n == 0 {
+            break end;
+        }
+        if !fill(stream, &mut buf).await? {
+            return Ok(HttpRequest {
+                head: String::from_utf8_lossy(&buf).into_owned(),
+                raw: buf,
+                body: Vec::new(),
+            });
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let lower = head.to_ascii_lowercase();
+    let header = |name: &str| {
+        lower
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+    };
+    let mut at = end + 4;
+    let mut body = Vec::new();
+    if header("transfer-encoding:").is_some_and(|v| v.contains("chunked")) {
+        loop {
+            // The chunk's size line: hex digits, maybe `;extensions`.
+            let line_end = loop {
+                if let Some(i) = find(&buf[at..], b"\r\n") {
+                    break at + i;
+                }
+                if !fill(stream, &mut buf).await? {
+                    return Ok(HttpRequest {
+                        raw: buf,
+                        head,
+                        body,
+                    });
+                }
+            };
+            let line = String::from_utf8_lossy(&buf[at..line_end]).into_owned();
+            let digits = line.split(';').next().unwrap_or_default().trim();
+            let size = usize::from_str_radix(digits, 16).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("bad chunk size line {line:?}"),
+                )
+            })?;
+            at = line_end + 2;
+            if size == 0 {
+                // Trailer lines, up to a blank one.
+                loop {
+                    match find(&buf[at..], b"\r\n") {
+                        Some(0) => {
+                            at += 2;
+                            break;
+                        }
+                        Some(i) => at += i + 2,
+                        None if !fill(stream, &mut buf).await? => break,
+                        None => {}
+                    }
+                }
+                buf.truncate(at.min(buf.len()));
+                return Ok(HttpRequest {
+                    raw: buf,
+                    head,
+                    body,
+                });
+            }
+            while buf.len() < at + size + 2 {
+                if !fill(stream, &mut buf).await? {
                     break;
                 }
-                buf.extend_from_slice(&chunk[..n]);
             }
-            return Ok(buf);
+            let chunk_end = (at + size).min(buf.len());
+            body.extend_from_slice(&buf[at..chunk_end]);
+            at = (at + size + 2).min(buf.len());
         }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(buf);
-        }
-        buf.extend_from_slice(&chunk[..n]);
     }
+    let length: usize = header("content-length:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < at + length {
+        if !fill(stream, &mut buf).await? {
+            break;
+        }
+    }
+    body.extend_from_slice(&buf[at.min(buf.len())..(at + length).min(buf.len())]);
+    Ok(HttpRequest {
+        raw: buf,
+        head,
+        body,
+    })
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The `Action=` of an EC2 query request.
-fn action_of(request: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(request);
-    let start = text.find("Action=")? + "Action=".len();
-    let action: String = text[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric())
-        .collect();
-    (!action.is_empty()).then_some(action)
+/// The `Action` of an EC2 query request: a parameter of the form-encoded
+/// body (the SDK's POST), else of the request line's query string.
+fn action_of(request: &HttpRequest) -> Option<String> {
+    let body = String::from_utf8_lossy(&request.body);
+    let query = request
+        .head
+        .lines()
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|target| target.split_once('?'))
+        .map(|(_, q)| q.to_owned())
+        .unwrap_or_default();
+    [body.as_ref(), query.as_str()]
+        .into_iter()
+        .flat_map(|params| params.split('&'))
+        .find_map(|pair| pair.strip_prefix("Action="))
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 /// A small EC2 instance metadata service (IMDSv2) on 127.0.0.1: a session
@@ -467,7 +608,7 @@ impl MetadataStub {
                     let Ok(request) = read_request(&mut stream).await else {
                         return;
                     };
-                    let head = String::from_utf8_lossy(&request).into_owned();
+                    let head = request.head;
                     let mut first = head.lines().next().unwrap_or("").split_whitespace();
                     let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
                     let has_token = head
@@ -543,4 +684,79 @@ pub fn node_metadata(net: &TestNetwork) -> HashMap<String, String> {
             format!("0={}", net.key_name),
         ),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends `request` to the proxy and returns its whole answer.
+    async fn exchange(port: u16, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect to the proxy");
+        stream.write_all(request).await.expect("send the request");
+        let mut answer = Vec::new();
+        stream
+            .read_to_end(&mut answer)
+            .await
+            .expect("read the answer");
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn throttled_actions_get_ec2s_503_whether_the_body_is_chunked_or_not() {
+        // The upstream is a closed port: a throttled request never reaches it.
+        let proxy = Ec2Proxy::start(free_port()).await;
+        proxy.fault("RunInstances", Fault::Throttle, Some(2));
+        let chunked = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+            Content-Type: application/x-www-form-urlencoded\r\n\r\n\
+            7\r\nAction=\r\nd;ext=1\r\nRunInstances&\r\n10\r\nVersion=2016-11-\r\n3\r\n15&\r\n0\r\n\r\n";
+        let sized = b"POST / HTTP/1.1\r\nHost: x\r\ncontent-length: 38\r\n\r\n\
+            Version=2016-11-15&Action=RunInstances";
+        for request in [&chunked[..], &sized[..]] {
+            let answer = exchange(proxy.port, request).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+                "{answer}"
+            );
+            assert!(
+                answer.contains("<Code>RequestLimitExceeded</Code>")
+                    && answer.contains("<Message>Request limit exceeded.</Message>")
+                    && answer.contains("<RequestID>"),
+                "{answer}"
+            );
+        }
+        assert_eq!(proxy.faulted("RunInstances"), 2);
+        assert_eq!(
+            proxy.bodies("RunInstances")[0],
+            "Action=RunInstances&Version=2016-11-15&"
+        );
+        // The fault is spent: the third request is relayed (to a closed
+        // port, so the client sees the connection close unanswered).
+        assert_eq!(exchange(proxy.port, sized).await, "");
+        assert_eq!(proxy.calls().get("RunInstances"), Some(&3));
+        assert_eq!(proxy.faulted("RunInstances"), 2);
+    }
+
+    #[tokio::test]
+    async fn the_action_comes_from_the_form_body_or_the_query_string_only() {
+        let proxy = Ec2Proxy::start(free_port()).await;
+        // A parameter whose name ends in `Action` is not the action.
+        exchange(
+            proxy.port,
+            b"POST / HTTP/1.1\r\nContent-Length: 39\r\n\r\nShutdownAction=Stop&Action=DescribeTags",
+        )
+        .await;
+        exchange(
+            proxy.port,
+            b"GET /?Version=2016-11-15&Action=DescribeRegions HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await;
+        exchange(proxy.port, b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+        let calls = proxy.calls();
+        assert_eq!(calls.get("DescribeTags"), Some(&1), "{calls:?}");
+        assert_eq!(calls.get("DescribeRegions"), Some(&1), "{calls:?}");
+        assert_eq!(calls.get("?"), Some(&1), "{calls:?}");
+    }
 }
