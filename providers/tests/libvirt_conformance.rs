@@ -321,6 +321,40 @@ async fn another_sandboxs_domain_under_the_same_name_is_not_taken() {
     p.delete_instance(&made.id).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_of_one_token_leave_one_running_domain() {
+    // The end state only: the test driver serializes its calls, so the
+    // creates rarely interleave here. The claim that keeps them apart is
+    // proven by `one_create_per_instance_name_at_a_time` (provider.rs).
+    let conn = test_host();
+    let p = std::sync::Arc::new(LibvirtProvider::new(settings()));
+    let request = Fixture::new("node-i").request(1);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (p, r) = (p.clone(), request.clone());
+            tokio::spawn(async move { p.create_instance(&r).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(instance) => ids.push(instance.id),
+            Err(e) => assert_eq!(e.class, ErrorClass::Transient, "{e}"),
+        }
+    }
+    assert!(!ids.is_empty(), "at least one create succeeds");
+    ids.dedup();
+    assert_eq!(ids, [uuid_for_token(&request.token)]);
+    let dom = conn.lookup_domain_by_uuid_string(&ids[0]).unwrap();
+    assert!(dom.is_active().unwrap(), "the domain runs");
+    assert_eq!(
+        volumes_named(&conn, &request.instance_name).len(),
+        2,
+        "one root and one cidata volume"
+    );
+    p.delete_instance(&ids[0]).await.unwrap();
+}
+
 #[tokio::test]
 async fn verify_checks_the_connection_the_pool_the_base_volume_and_the_network() {
     let _conn = test_host();

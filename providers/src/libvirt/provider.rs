@@ -23,7 +23,7 @@ use crate::provider::{
 };
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -103,6 +103,23 @@ struct Host {
     settings: LibvirtSettings,
     /// The open connection, reopened when it dies.
     connection: Mutex<Option<Connect>>,
+    /// Instance names with a create under way here: a second create of the
+    /// same name meanwhile would replace the first one's volumes.
+    creating: Mutex<HashSet<String>>,
+}
+
+/// A create's claim on its instance name, released when dropped.
+struct Claim<'a> {
+    host: &'a Host,
+    name: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut names) = self.host.creating.lock() {
+            names.remove(&self.name);
+        }
+    }
 }
 
 /// The time now, in Unix milliseconds.
@@ -191,6 +208,7 @@ impl LibvirtProvider {
             host: Arc::new(Host {
                 settings,
                 connection: Mutex::new(None),
+                creating: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -243,6 +261,23 @@ impl Host {
             })?;
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Claims `name` for one create at a time.
+    fn claim(&self, name: &str) -> Result<Claim<'_>, ProviderError> {
+        let mut names = self
+            .creating
+            .lock()
+            .map_err(|_| ProviderError::transient("The create claim lock is poisoned"))?;
+        if !names.insert(name.to_owned()) {
+            return Err(ProviderError::transient(format!(
+                "A create of domain {name} is already under way"
+            )));
+        }
+        Ok(Claim {
+            host: self,
+            name: name.to_owned(),
+        })
     }
 
     /// Drops the connection (teardown).
@@ -414,8 +449,9 @@ impl Host {
         request: &CreateRequest,
         now: u64,
     ) -> Result<Defined, ProviderError> {
-        let conn = self.connect()?;
         let name = &request.instance_name;
+        let _claim = self.claim(name)?;
+        let conn = self.connect()?;
         match conn.lookup_domain_by_name(name) {
             Ok(dom) => return self.adopt(&conn, dom, request),
             Err(e) if e.code().is(ErrorNumber::NoDomain) => {}
@@ -938,6 +974,24 @@ mod tests {
         ] {
             assert!(!is_uuid(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn one_create_per_instance_name_at_a_time() {
+        let host = Host {
+            settings: LibvirtSettings::new("test:///default"),
+            connection: Mutex::new(None),
+            creating: Mutex::new(HashSet::new()),
+        };
+        let first = host.claim("podvm-a-1").unwrap();
+        let err = host.claim("podvm-a-1").err().unwrap();
+        assert_eq!(err.class, ErrorClass::Transient, "{err}");
+        assert!(err.message.contains("already under way"), "{err}");
+        let other = host.claim("podvm-b-2").unwrap();
+        drop(first);
+        host.claim("podvm-a-1")
+            .expect("released when the create ends");
+        drop(other);
     }
 
     #[test]
