@@ -321,6 +321,53 @@ async fn another_sandboxs_domain_under_the_same_name_is_not_taken() {
     p.delete_instance(&made.id).await.unwrap();
 }
 
+#[tokio::test]
+async fn a_running_domain_without_an_address_is_waited_for_then_reported_starting() {
+    let conn = test_host();
+    let p = LibvirtProvider::new(settings());
+    let request = Fixture::new("node-j").request(1);
+    // A podvisor domain with no NIC: it never gets an address (as a VM whose
+    // DHCP lease has not come yet).
+    let xml = format!(
+        "<domain type='test'><name>{}</name><uuid>{}</uuid><memory unit='MiB'>128</memory>\
+         <metadata><p:instance xmlns:p='{}'><p:token>{}</p:token><p:node>node-j</p:node>\
+         <p:sandbox>{}</p:sandbox></p:instance></metadata>\
+         <os><type arch='x86_64'>hvm</type></os></domain>",
+        request.instance_name,
+        uuid_for_token(&request.token),
+        podvisor_providers::libvirt::METADATA_NAMESPACE,
+        request.token,
+        request.sandbox_id
+    );
+    let dom = conn.define_domain_xml(&xml).unwrap();
+    dom.create().unwrap();
+
+    let t = Instant::now();
+    let found = p
+        .find_instance(&request.token, &request.instance_name)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        found.status,
+        InstanceStatus::Starting,
+        "not Running without an address"
+    );
+    assert!(found.ips.is_empty());
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "looked for the address 5 times, 50 ms apart: {:?}",
+        t.elapsed()
+    );
+    // The create adopts it, waits the same bounded time, and keeps it.
+    let err = p.create_instance(&request).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Transient, "{err}");
+    assert!(err.message.contains("no address"), "{err}");
+    assert!(dom.is_active().unwrap(), "kept for the retry");
+    p.delete_instance(&found.id).await.unwrap();
+    assert!(conn.lookup_domain_by_name(&request.instance_name).is_err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_creates_of_one_token_leave_one_running_domain() {
     // The end state only: the test driver serializes its calls, so the

@@ -213,6 +213,24 @@ impl LibvirtProvider {
         }
     }
 
+    /// The domain's addresses, looked for up to `address_attempts` times
+    /// (empty if it has none by then). Sleeps here, not on the blocking
+    /// pool, so a cancelled call stops waiting.
+    async fn wait_for_address(&self, uuid: &str) -> Result<Vec<IpAddr>, ProviderError> {
+        let settings = &self.host.settings;
+        for attempt in 0..settings.address_attempts.max(1) {
+            if attempt > 0 {
+                tokio::time::sleep(settings.address_interval).await;
+            }
+            let uuid = uuid.to_owned();
+            let ips = self.blocking(move |host| host.addresses_of(&uuid)).await?;
+            if !ips.is_empty() {
+                return Ok(ips);
+            }
+        }
+        Ok(Vec::new())
+    }
+
     /// Runs `f` against the host on the blocking pool.
     async fn blocking<T, F>(&self, f: F) -> Result<T, ProviderError>
     where
@@ -883,17 +901,7 @@ impl Provider for LibvirtProvider {
             .await?;
         let settings = &self.host.settings;
         let started = Instant::now();
-        let mut ips = Vec::new();
-        for attempt in 0..settings.address_attempts.max(1) {
-            if attempt > 0 {
-                tokio::time::sleep(settings.address_interval).await;
-            }
-            let uuid = defined.uuid.clone();
-            ips = self.blocking(move |host| host.addresses_of(&uuid)).await?;
-            if !ips.is_empty() {
-                break;
-            }
-        }
+        let ips = self.wait_for_address(&defined.uuid).await?;
         if ips.is_empty() {
             // Kept: the retried create finds it by name and token and waits again.
             return Err(ProviderError::transient(format!(
@@ -928,7 +936,19 @@ impl Provider for LibvirtProvider {
         name: &str,
     ) -> Result<Option<Instance>, ProviderError> {
         let (token, name) = (token.to_owned(), name.to_owned());
-        self.blocking(move |host| host.find(&token, &name)).await
+        let mut found = self.blocking(move |host| host.find(&token, &name)).await?;
+        if let Some(instance) = found.as_mut() {
+            // Running without an address yet (a create that gave up waiting
+            // for the lease, or a crash right after the start): wait as the
+            // create would, since the daemon adopts what it finds running.
+            if instance.status == InstanceStatus::Running && instance.ips.is_empty() {
+                instance.ips = self.wait_for_address(&instance.id).await?;
+                if instance.ips.is_empty() {
+                    instance.status = InstanceStatus::Starting;
+                }
+            }
+        }
+        Ok(found)
     }
 
     async fn list_instances(&self, key: &str, value: &str) -> Result<Vec<Instance>, ProviderError> {
