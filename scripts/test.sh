@@ -6,7 +6,12 @@ cd "$(dirname "$0")/.."
 
 # System packages the tests need (protoc comes from the protoc-bin-vendored
 # crate, so it is not one of them).
-need_apt=(prometheus) # promtool: checks the alert rules and the dashboard queries
+need_apt=(
+    prometheus            # promtool: checks the alert rules and the dashboard queries
+    libvirt-dev pkg-config # the libvirt provider links libvirt (the virt crate); its
+                           # tests run on libvirt's built-in test driver, no daemon
+    genisoimage           # isoinfo: reads back the cidata ISO the libvirt provider writes
+)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"

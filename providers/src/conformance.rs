@@ -24,11 +24,14 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    /// A fixture for `node_name` with a fresh sandbox id.
+    /// A fixture for `node_name` with a fresh sandbox id. The id is random
+    /// from its first character: the instance name takes its first 8, and
+    /// clouds whose names are unique (libvirt domains) need fixtures that
+    /// run at once to differ there.
     pub fn new(node_name: &str) -> Self {
         Self {
             node_name: node_name.to_owned(),
-            sandbox_id: format!("conformance{:016x}", fastrand::u64(..)),
+            sandbox_id: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
             spec: InstanceSpec::default(),
         }
     }

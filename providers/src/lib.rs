@@ -17,6 +17,8 @@ pub mod provider;
 pub mod aws;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 #[cfg(feature = "local")]
 pub mod local;
 

@@ -101,6 +101,8 @@ pub fn registry() -> Vec<&'static dyn CloudManager> {
         &crate::local::LocalManager,
         #[cfg(feature = "aws")]
         &crate::aws::AwsManager,
+        #[cfg(feature = "libvirt")]
+        &crate::libvirt::LibvirtManager,
     ]
 }
 
@@ -133,6 +135,14 @@ mod tests {
         }
         assert!(find_manager("local").is_some());
         assert!(find_manager("nope").is_none());
+    }
+
+    #[cfg(feature = "libvirt")]
+    #[test]
+    fn the_registry_lists_libvirt() {
+        let libvirt =
+            find_manager("libvirt").expect("the libvirt feature registers `podvisor libvirt`");
+        libvirt.command().debug_assert();
     }
 
     #[cfg(feature = "aws")]
