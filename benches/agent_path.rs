@@ -5,11 +5,14 @@
 //! loopback TCP, plain and with mutual TLS — the same code the daemon and
 //! the pod VM run, in one process.
 //!
-//! - `Health.Check` round trips: sequential (p50, p99, calls/s) and from 16
-//!   concurrent callers (calls/s) — the relay's cost on a call that costs
-//!   the agent nothing.
-//! - `ExecProcess` + `WaitProcess` of `true`: a call that does work.
-//! - stdout streaming: `ReadStdout` of a process writing N MiB.
+//! - `Health.Check` round trips: sequential (p50, p99, calls/s; the paths
+//!   interleaved in rounds) and from 16 concurrent callers on one
+//!   connection (calls/s) — the relay's cost on a call that costs the agent
+//!   nothing.
+//! - `ExecProcess` + `WaitProcess` of `true` (the paths interleaved call by
+//!   call): calls that do work.
+//! - stdout streaming: `ReadStdout` of a process writing N MiB (median of
+//!   three alternating runs).
 //!
 //! `cargo bench --bench agent_path` (`-- --quick` for a smaller sample).
 
@@ -17,7 +20,6 @@
 mod kata_agent;
 
 use kata_agent::{FakeAgent, Shim};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -25,23 +27,33 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// (p50, p99, calls per second) of `n` sequential Checks, and calls per
-/// second of `n` Checks from 16 concurrent callers.
-async fn measure(socket: &Path, n: usize) -> (Duration, Duration, f64, f64) {
-    let c = Shim::connect(socket).await.expect("connect");
-    for _ in 0..200 {
-        c.check().await.expect("warm-up");
+/// `n` sequential Checks on each path, interleaved in rounds so that the
+/// machine's drift falls on all paths alike: each path's sorted latencies.
+async fn check_latencies(shims: &[Shim], n: usize) -> Vec<Vec<Duration>> {
+    for c in shims {
+        for _ in 0..200 {
+            c.check().await.expect("warm-up");
+        }
     }
-    let mut samples = Vec::with_capacity(n);
-    let t = Instant::now();
-    for _ in 0..n {
-        let s = Instant::now();
-        c.check().await.expect("Check");
-        samples.push(s.elapsed());
+    let mut samples = vec![Vec::with_capacity(n); shims.len()];
+    let rounds = 20;
+    for _ in 0..rounds {
+        for (i, c) in shims.iter().enumerate() {
+            for _ in 0..n / rounds {
+                let s = Instant::now();
+                c.check().await.expect("Check");
+                samples[i].push(s.elapsed());
+            }
+        }
     }
-    let sequential = n as f64 / t.elapsed().as_secs_f64();
-    samples.sort();
+    for s in &mut samples {
+        s.sort();
+    }
+    samples
+}
 
+/// Checks per second from 16 concurrent callers on one connection.
+async fn concurrent_checks(c: &Shim, n: usize) -> f64 {
     let t = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..16 {
@@ -55,40 +67,44 @@ async fn measure(socket: &Path, n: usize) -> (Duration, Duration, f64, f64) {
     for t in tasks {
         t.await.expect("a caller");
     }
-    let concurrent = (n / 16 * 16) as f64 / t.elapsed().as_secs_f64();
-    (
-        percentile(&samples, 50.0),
-        percentile(&samples, 99.0),
-        sequential,
-        concurrent,
-    )
+    (n / 16 * 16) as f64 / t.elapsed().as_secs_f64()
 }
 
-/// (p50, p99) of `n` ExecProcess + WaitProcess of `true` in container `c`.
-async fn measure_exec(socket: &Path, n: usize, tag: &str) -> (Duration, Duration) {
-    let c = Shim::connect(socket).await.expect("connect");
-    let mut samples = Vec::with_capacity(n);
-    for i in 0..n {
-        let exec = format!("{tag}-{i}");
-        let s = Instant::now();
-        c.exec("c", &exec, &["true"]).await.expect("ExecProcess");
-        c.wait("c", &exec).await.expect("WaitProcess");
-        samples.push(s.elapsed());
+/// `n` ExecProcess + WaitProcess of `true` in container `c` on each path,
+/// interleaved: each path's sorted latencies.
+async fn exec_latencies(shims: &[Shim], n: usize) -> Vec<Vec<Duration>> {
+    let mut samples = vec![Vec::with_capacity(n); shims.len()];
+    for k in 0..n {
+        for (i, c) in shims.iter().enumerate() {
+            let exec = format!("e{i}-{k}");
+            let s = Instant::now();
+            c.exec("c", &exec, &["true"]).await.expect("ExecProcess");
+            c.wait("c", &exec).await.expect("WaitProcess");
+            samples[i].push(s.elapsed());
+        }
     }
-    samples.sort();
-    (percentile(&samples, 50.0), percentile(&samples, 99.0))
+    for s in &mut samples {
+        s.sort();
+    }
+    samples
 }
 
-/// MiB/s of reading `mib` MiB of a process's stdout.
-async fn measure_stdout(socket: &Path, mib: usize, tag: &str) -> f64 {
-    let c = Shim::connect(socket).await.expect("connect");
+/// MiB/s of reading `mib` MiB of a process's stdout (counted, not kept).
+async fn stdout_rate(c: &Shim, mib: usize, tag: &str) -> f64 {
     let bytes = (mib << 20).to_string();
     let t = Instant::now();
     c.exec("c", tag, &["head", "-c", &bytes, "/dev/zero"])
         .await
         .expect("ExecProcess");
-    let out = c.read_all_stdout("c", tag).await.expect("ReadStdout");
-    assert_eq!(out.len(), mib << 20);
+    let mut total = 0;
+    loop {
+        let chunk = c.read_stdout("c", tag, 1 << 20).await.expect("ReadStdout");
+        if chunk.is_empty() {
+            break;
+        }
+        total += chunk.len();
+    }
+    assert_eq!(total, mib << 20);
     c.wait("c", tag).await.expect("WaitProcess");
     mib as f64 / t.elapsed().as_secs_f64()
 }
@@ -170,14 +186,41 @@ fn main() {
             ("proxy + forwarder", paths[0].0.clone()),
             ("proxy + forwarder, mutual TLS", paths[1].0.clone()),
         ];
-        let mut checks = Vec::new();
-        let mut execs_ = Vec::new();
-        let mut streams = Vec::new();
-        for (i, (_, socket)) in sockets.iter().enumerate() {
-            checks.push(measure(socket, n).await);
-            execs_.push(measure_exec(socket, execs, &format!("e{i}")).await);
-            streams.push(measure_stdout(socket, mib, &format!("s{i}")).await);
+        let mut shims = Vec::new();
+        for (_, socket) in &sockets {
+            shims.push(Shim::connect(socket).await.expect("connect"));
         }
+        let check_samples = check_latencies(&shims, n).await;
+        let mut checks = Vec::new();
+        for (i, c) in shims.iter().enumerate() {
+            let s = &check_samples[i];
+            let total: Duration = s.iter().sum();
+            checks.push((
+                percentile(s, 50.0),
+                percentile(s, 99.0),
+                s.len() as f64 / total.as_secs_f64(),
+                concurrent_checks(c, n).await,
+            ));
+        }
+        let execs_: Vec<(Duration, Duration)> = exec_latencies(&shims, execs)
+            .await
+            .iter()
+            .map(|s| (percentile(s, 50.0), percentile(s, 99.0)))
+            .collect();
+        // Three alternating runs per path; the median.
+        let mut rates = vec![Vec::new(); shims.len()];
+        for run in 0..3 {
+            for (i, c) in shims.iter().enumerate() {
+                rates[i].push(stdout_rate(c, mib, &format!("s{i}-{run}")).await);
+            }
+        }
+        let streams: Vec<f64> = rates
+            .iter_mut()
+            .map(|r| {
+                r.sort_by(f64::total_cmp);
+                r[1]
+            })
+            .collect();
         let us = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
         println!(
             "| path | Check p50 µs | p99 µs | sequential calls/s | 16 callers calls/s | exec+wait p50 µs | p99 µs | stdout MiB/s |"
