@@ -369,14 +369,14 @@ async fn scenario(uri: String) -> Result<String, String> {
         ));
     }
     // The forwarder inside the VM answers on the guest's address (inside
-    // the namespace).
+    // the namespace), with the TLS identity its user data gave it: a
+    // handshake with the daemon's client certificate, checked against the
+    // daemon's CA and this instance's name.
     let ip = record["ips"][0].as_str().ok_or("no address")?.to_owned();
     if !ip.starts_with("192.168.150.") {
         return Err(format!("address {ip} is not on the test network"));
     }
-    tokio::net::TcpStream::connect((ip.as_str(), 15150))
-        .await
-        .map_err(|e| format!("the forwarder at {ip}:15150: {e}"))?;
+    mtls_handshake(&setup.state_dir().join("tls"), &ip, &name).await?;
 
     // kill -9 while Running, restart: still Running, the same domain.
     daemon.kill9();
@@ -433,4 +433,40 @@ async fn scenario(uri: String) -> Result<String, String> {
         secs(start_total - domain_running),
         secs(deleted)
     ))
+}
+
+/// A TLS handshake with the forwarder at `ip`, as the daemon's agent proxy
+/// makes it: the daemon's CA as the only root, its client certificate, the
+/// instance name as the server name.
+async fn mtls_handshake(tls_dir: &Path, ip: &str, instance_name: &str) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let read = |f: &str| std::fs::read(tls_dir.join(f)).map_err(|e| format!("{f}: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&read("ca.pem")?) {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let chain = CertificateDer::pem_slice_iter(&read("client.pem")?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_slice(&read("client.key")?).map_err(|e| e.to_string())?;
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect((ip, 15150))
+        .await
+        .map_err(|e| format!("the forwarder at {ip}:15150: {e}"))?;
+    let name = ServerName::try_from(instance_name.to_owned()).map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS with the forwarder at {ip}:15150: {e}"))?;
+    Ok(())
 }

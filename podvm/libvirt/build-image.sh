@@ -162,18 +162,28 @@ done
 [ -n "$nic" ] || log "no network interface"
 udhcpc -i "$nic" -s /etc/udhcpc.script -t 30 -T 1 -A 1 -n -q || log "no DHCP lease on $nic"
 log "network $(cut -d' ' -f1 /proc/uptime)s"
+# The cidata volume: an ISO 9660 whose primary volume descriptor (sector 16)
+# has the volume id "cidata" (read directly: busybox's findfs prefers the
+# Joliet label, which not every writer sets).
+iso_label() { dd if="$1" bs=8 skip=4101 count=4 2>/dev/null | tr -d ' \000' | tr 'A-Z' 'a-z'; }
 dev=""
 for _ in $(seq 50); do
-    dev="$(findfs LABEL=cidata 2>/dev/null)" && break
+    for d in /dev/sr* /dev/sd* /dev/vd*; do
+        [ -b "$d" ] && [ "$(iso_label "$d")" = cidata ] && { dev="$d"; break; }
+    done
+    [ -n "$dev" ] && break
     sleep 0.2
 done
-if [ -n "$dev" ]; then
-    mount -t iso9660 -o ro "$dev" /media/cidata || log "cannot mount $dev"
-else
-    log "no cidata volume among: $(ls /dev | grep -E '^(sr|sd|vd)' | tr '\n' ' ')"
+if [ -z "$dev" ] || ! mount -t iso9660 -o ro "$dev" /media/cidata; then
+    log "no cidata volume among: $(ls /dev | grep -E '^(sr|sd|vd)' | tr '\n' ' '); powering off"
+    poweroff -f
 fi
 log "user data $(cut -d' ' -f1 /proc/uptime)s"
-podvisor-userdata --source cidata --root / --timeout 60 || log "podvisor-userdata failed"
+# Without its user data the forwarder would serve without TLS: never.
+if ! podvisor-userdata --source cidata --root / --timeout 20; then
+    log "podvisor-userdata failed; powering off"
+    poweroff -f
+fi
 log "forwarder $(cut -d' ' -f1 /proc/uptime)s"
 podvisor-forwarder --config /run/peerpod/apf.json
 log "podvisor-forwarder exited ($?); powering off"
