@@ -27,9 +27,16 @@ const POOL: &str = "podvisor";
 const NETWORK: &str = "podvisor";
 const BASE_VOLUME: &str = "podvm-base.qcow2";
 
-/// Prints why the test does not run, where `cargo test` shows it.
+/// Writes to the test's stderr past libtest's capture, so that a skip or
+/// the measurements show in a plain `cargo test` too.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Says why the test does not run: a skip is never a silent pass.
 fn skip(reason: &str) {
-    eprintln!("SKIPPED libvirt_vm: {reason}");
+    say(&format!("SKIPPED libvirt_vm: {reason}"));
 }
 
 fn run(cmd: &mut Command) -> Result<String, String> {
@@ -265,11 +272,11 @@ fn a_pod_vm_boots_under_libvirt_answers_survives_a_daemon_kill_and_is_deleted() 
     });
     drop(runtime);
     match result {
-        Ok(times) => eprintln!(
+        Ok(times) => say(&format!(
             "libvirt_vm: image built in {}; {times}; whole test {}",
             secs(image_built),
             secs(began.elapsed())
-        ),
+        )),
         Err(e) => panic!("{e}\n{}", ns.logs()),
     }
 }
