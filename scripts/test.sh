@@ -11,13 +11,22 @@ need_apt=(
     libvirt-dev pkg-config # the libvirt provider links libvirt (the virt crate); its
                            # tests run on libvirt's built-in test driver, no daemon
     genisoimage           # isoinfo: reads back the cidata ISO the libvirt provider writes
+    # tests/libvirt_vm.rs, a real pod VM: libvirtd and QEMU (TCG) in the test's
+    # own namespaces, and what podvm/libvirt/build-image.sh needs installed
+    # (it apt-get downloads the kernel, busybox-static and isolinux itself).
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
+    dnsmasq-base iptables iproute2 util-linux xorriso
 )
+sudo=()
+[ "$(id -u)" = 0 ] || sudo=(sudo)
 if ((${#need_apt[@]})); then
-    if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
-    else
-        sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
-    fi
+    "${sudo[@]}" apt-get update -qq
+    # The image's qemu-utils (10.0, backports) conflicts with bookworm's
+    # qemu-system-x86 (7.2): pin qemu-utils to qemu-system-x86's version in
+    # the same install (see podvm/libvirt/README.md).
+    qemu_version="$(apt-cache policy qemu-system-x86 | sed -n 's/^ *Candidate: //p')"
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends --allow-downgrades \
+        "${need_apt[@]}" "qemu-utils=$qemu_version"
 fi
 
 # Python packages the tests need: moto's EC2 server, for the AWS provider's
