@@ -5,6 +5,10 @@
 #![cfg(feature = "aws")]
 
 use std::process::Command;
+#[path = "common/cli.rs"]
+mod cli;
+
+use cli::run;
 
 /// The variables `podvisor aws` reads; a test must not inherit them.
 const AWS_VARS: &[&str] = &[
@@ -28,20 +32,7 @@ const AWS_VARS: &[&str] = &[
 ];
 
 fn podvisor() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_podvisor"));
-    for k in AWS_VARS {
-        c.env_remove(k);
-    }
-    c
-}
-
-fn run(c: &mut Command) -> (i32, String, String) {
-    let out = c.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    cli::podvisor_without(AWS_VARS, &[])
 }
 
 #[test]

@@ -2,27 +2,16 @@
 //! fallbacks, and errors that name the flag.
 
 use std::process::Command;
+#[path = "common/cli.rs"]
+mod cli;
 
+use cli::run;
+
+/// Tests must not inherit a developer's configuration.
 fn podvisor() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_podvisor"));
-    // Tests must not inherit a developer's configuration.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PODVISOR_")
-            || k.starts_with("LOCAL_")
-            || ["NODE_NAME", "PROXY_TIMEOUT", "FORWARDER_PORT"].contains(&k.as_str())
-        {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-fn run(c: &mut Command) -> (i32, String, String) {
-    let out = c.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    cli::podvisor_without(
+        &["NODE_NAME", "PROXY_TIMEOUT", "FORWARDER_PORT"],
+        &["LOCAL_"],
     )
 }
 

@@ -6,6 +6,10 @@
 #![cfg(feature = "libvirt")]
 
 use std::process::Command;
+#[path = "common/cli.rs"]
+mod cli;
+
+use cli::run;
 
 /// The variables `podvisor libvirt` reads; a test must not inherit them.
 const LIBVIRT_VARS: &[&str] = &[
@@ -23,23 +27,9 @@ const LIBVIRT_VARS: &[&str] = &[
 ];
 
 fn podvisor() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_podvisor"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PODVISOR_") || LIBVIRT_VARS.contains(&k.as_str()) {
-            c.env_remove(k);
-        }
-    }
+    let mut c = cli::podvisor_without(LIBVIRT_VARS, &[]);
     c.env_remove("CLOUD_CONFIG_VERIFY");
     c
-}
-
-fn run(c: &mut Command) -> (i32, String, String) {
-    let out = c.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]
