@@ -409,20 +409,6 @@ fn kill_forwarder(setup: &Setup, instance: &str) {
     std::thread::sleep(Duration::from_millis(100));
 }
 
-/// A CA of someone else's, and a certificate from it for `name`.
-fn foreign_identity(name: &str, usage: rcgen::ExtendedKeyUsagePurpose) -> (String, String, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut leaf = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
-    leaf.extended_key_usages = vec![usage];
-    let cert = leaf.signed_by(&key, &issuer).unwrap();
-    (ca_cert.pem(), cert.pem(), key.serialize_pem())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarder_with_a_certificate_from_another_ca_is_refused() {
     let (setup, agent_socket) = setup_with_agent();
@@ -436,7 +422,7 @@ async fn a_forwarder_with_a_certificate_from_another_ca_is_refused() {
     kill_forwarder(&setup, &instance);
 
     // An impostor on the pod VM's address: the right name, the wrong CA.
-    let (_, cert, key) = foreign_identity(&name, rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+    let (_, cert, key) = identity_from_new_ca(&name, rcgen::ExtendedKeyUsagePurpose::ServerAuth);
     let our_ca = std::fs::read_to_string(setup.state_dir().join("tls/ca.pem")).unwrap();
     let settings = setup.root.path().join("impostor.json");
     std::fs::write(
@@ -490,7 +476,8 @@ async fn a_client_without_our_certificate_is_refused_by_the_forwarder() {
     for c in rustls::pki_types::CertificateDer::pem_slice_iter(our_ca.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    let (_, cert, key) = foreign_identity("intruder", rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    let (_, cert, key) =
+        identity_from_new_ca("intruder", rcgen::ExtendedKeyUsagePurpose::ClientAuth);
     let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -576,7 +563,8 @@ async fn tls_skip_verify_accepts_a_foreign_certificate_and_says_so_loudly() {
     kill_forwarder(&setup, &instance);
     // A forwarder with a certificate from another CA, for another name: the
     // proxy no longer checks (the forwarder still checks the proxy).
-    let (_, cert, key) = foreign_identity("elsewhere", rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+    let (_, cert, key) =
+        identity_from_new_ca("elsewhere", rcgen::ExtendedKeyUsagePurpose::ServerAuth);
     let our_ca = std::fs::read_to_string(setup.state_dir().join("tls/ca.pem")).unwrap();
     let settings = setup.root.path().join("foreign.json");
     std::fs::write(

@@ -28,16 +28,9 @@ struct Api {
 }
 
 async fn serve_api(objects: HashMap<String, serde_json::Value>) -> Api {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    use rustls::pki_types::pem::PemObject;
+    let (ca_pem, cert_pem, key_pem) =
+        identity_from_new_ca("127.0.0.1", rcgen::ExtendedKeyUsagePurpose::ServerAuth);
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -45,8 +38,8 @@ async fn serve_api(objects: HashMap<String, serde_json::Value>) -> Api {
     .unwrap()
     .with_no_client_auth()
     .with_single_cert(
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        vec![rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()],
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap(),
     )
     .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
@@ -119,11 +112,7 @@ async fn serve_api(objects: HashMap<String, serde_json::Value>) -> Api {
             }
         });
     }
-    Api {
-        port,
-        ca_pem: ca_cert.pem(),
-        seen,
-    }
+    Api { port, ca_pem, seen }
 }
 
 fn b64(s: &str) -> String {

@@ -510,3 +510,21 @@ impl Drop for Setup {
         kill_instances(&self.local_dir());
     }
 }
+
+/// A new CA, and a certificate from it for `name` (a DNS name or an IP
+/// address) with `usage`: (CA PEM, certificate PEM, key PEM).
+pub fn identity_from_new_ca(
+    name: &str,
+    usage: rcgen::ExtendedKeyUsagePurpose,
+) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+    leaf.extended_key_usages = vec![usage];
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
