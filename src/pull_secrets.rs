@@ -63,11 +63,11 @@ fn merge_secret(
     };
     let registries: BTreeMap<String, Auth> = if let Some(bytes) = decode(".dockerconfigjson") {
         serde_json::from_slice::<Auths>(&bytes?)
-            .map_err(|e| format!("secret {name}: .dockerconfigjson: {}", e.classify_str()))?
+            .map_err(|e| format!("secret {name}: .dockerconfigjson: {}", json_error(&e)))?
             .auths
     } else if let Some(bytes) = decode(".dockercfg") {
         serde_json::from_slice(&bytes?)
-            .map_err(|e| format!("secret {name}: .dockercfg: {}", e.classify_str()))?
+            .map_err(|e| format!("secret {name}: .dockercfg: {}", json_error(&e)))?
     } else {
         BTreeMap::new()
     };
@@ -90,20 +90,15 @@ fn merge_secret(
     Ok(())
 }
 
-/// A JSON error's kind, without the input it quotes (a secret's bytes).
-trait Classify {
-    fn classify_str(&self) -> String;
-}
-
-impl Classify for serde_json::Error {
-    fn classify_str(&self) -> String {
-        format!(
-            "malformed JSON ({:?} at line {} column {})",
-            self.classify(),
-            self.line(),
-            self.column()
-        )
-    }
+/// A JSON error's kind and place, without the input it quotes (a secret's
+/// bytes).
+fn json_error(e: &serde_json::Error) -> String {
+    format!(
+        "malformed JSON ({:?} at line {} column {})",
+        e.classify(),
+        e.line(),
+        e.column()
+    )
 }
 
 /// The Kubernetes objects' fields read here.
@@ -267,7 +262,7 @@ impl PullSecrets {
             .map_err(|e| format!("GET {url}: {e}"))?;
         serde_json::from_slice(&body)
             .map(Some)
-            .map_err(|e| format!("GET {url}: {}", e.classify_str()))
+            .map_err(|e| format!("GET {url}: {}", json_error(&e)))
     }
 
     /// `auth.json` for the pod, blocking: `None` when it has no pull
