@@ -59,6 +59,11 @@ fn err(code: ttrpc::Code, message: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
 }
 
+/// Kata's answer for a container it does not have.
+fn no_container(id: &str) -> ttrpc::Error {
+    err(ttrpc::Code::NOT_FOUND, format!("container {id} not found"))
+}
+
 impl FakeAgent {
     /// Serves `grpc.AgentService` and `grpc.Health` on the unix socket at
     /// `socket`.
@@ -92,12 +97,10 @@ impl FakeAgent {
 
     fn process(&self, container: &str, exec: &str) -> ttrpc::Result<Arc<Proc>> {
         let state = self.state.lock().expect("agent state");
-        let c = state.containers.get(container).ok_or_else(|| {
-            err(
-                ttrpc::Code::NOT_FOUND,
-                format!("container {container} not found"),
-            )
-        })?;
+        let c = state
+            .containers
+            .get(container)
+            .ok_or_else(|| no_container(container))?;
         c.processes.get(exec).cloned().ok_or_else(|| {
             err(
                 ttrpc::Code::NOT_FOUND,
@@ -198,12 +201,10 @@ impl agent_ttrpc::AgentService for FakeAgent {
     ) -> ttrpc::Result<Empty> {
         self.called("StartContainer");
         let mut state = self.state.lock().expect("agent state");
-        let c = state.containers.get_mut(&req.container_id).ok_or_else(|| {
-            err(
-                ttrpc::Code::NOT_FOUND,
-                format!("container {} not found", req.container_id),
-            )
-        })?;
+        let c = state
+            .containers
+            .get_mut(&req.container_id)
+            .ok_or_else(|| no_container(&req.container_id))?;
         if c.processes.contains_key("") {
             return Err(err(ttrpc::Code::FAILED_PRECONDITION, "started already"));
         }
@@ -222,12 +223,10 @@ impl agent_ttrpc::AgentService for FakeAgent {
             return Err(err(ttrpc::Code::INVALID_ARGUMENT, "empty exec id"));
         }
         let mut state = self.state.lock().expect("agent state");
-        let c = state.containers.get_mut(&req.container_id).ok_or_else(|| {
-            err(
-                ttrpc::Code::NOT_FOUND,
-                format!("container {} not found", req.container_id),
-            )
-        })?;
+        let c = state
+            .containers
+            .get_mut(&req.container_id)
+            .ok_or_else(|| no_container(&req.container_id))?;
         if c.processes.contains_key(&req.exec_id) {
             return Err(err(
                 ttrpc::Code::ALREADY_EXISTS,
@@ -350,12 +349,7 @@ impl agent_ttrpc::AgentService for FakeAgent {
             .containers
             .remove(&req.container_id)
             .map(|_| Empty::new())
-            .ok_or_else(|| {
-                err(
-                    ttrpc::Code::NOT_FOUND,
-                    format!("container {} not found", req.container_id),
-                )
-            })
+            .ok_or_else(|| no_container(&req.container_id))
     }
 
     async fn destroy_sandbox(
