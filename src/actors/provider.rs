@@ -120,18 +120,24 @@ impl ProviderCalls {
                     .find_instance(&request.token, &request.instance_name)
                     .await?
                 {
-                    // Made by an earlier try and not stopped: adopt it.
-                    Some(found) if found.status != InstanceStatus::Stopped => {
+                    // Made by an earlier try, not stopped, addressed:
+                    // adopt it.
+                    Some(found)
+                        if found.status != InstanceStatus::Stopped && !found.ips.is_empty() =>
+                    {
                         return Ok(Ensured {
                             instance: found.to_ref(),
                             adopted: true,
                         });
                     }
-                    // Made, but not running (a create torn by a crash): the
-                    // same idempotent create brings that instance up.
+                    // Made, but stopped (a create torn by a crash) or not
+                    // yet addressed: the same idempotent create brings that
+                    // instance up and waits for its address.
                     Some(found) => tracing::info!(
                         instance = %found.id,
-                        "found the instance stopped; the create with its token starts it"
+                        status = ?found.status,
+                        addressed = !found.ips.is_empty(),
+                        "found the instance; the create with its token completes it"
                     ),
                     None => {}
                 }
@@ -292,6 +298,8 @@ mod tests {
     struct Scripted {
         creates: Mutex<Vec<Result<(), ProviderError>>>,
         finds: Mutex<Vec<Option<&'static str>>>,
+        /// What it finds has no address yet.
+        unaddressed: bool,
         calls: Mutex<Vec<&'static str>>,
     }
 
@@ -325,7 +333,13 @@ mod tests {
         }
         async fn find_instance(&self, _: &str, _: &str) -> Result<Option<Instance>, ProviderError> {
             self.calls.lock().unwrap().push("find");
-            Ok(self.finds.lock().unwrap().remove(0).map(inst))
+            let found = self.finds.lock().unwrap().remove(0).map(inst);
+            Ok(found.map(|mut i| {
+                if self.unaddressed {
+                    i.ips.clear();
+                }
+                i
+            }))
         }
         async fn list_instances(&self, _: &str, _: &str) -> Result<Vec<Instance>, ProviderError> {
             Ok(vec![])
@@ -402,6 +416,21 @@ mod tests {
             !e.adopted,
             "a stopped instance is brought up, not adopted as is"
         );
+        assert_eq!(*p.calls.lock().unwrap(), ["find", "create"]);
+    }
+
+    #[tokio::test]
+    async fn an_instance_found_before_its_address_is_completed_by_the_create() {
+        let p = Arc::new(Scripted {
+            unaddressed: true,
+            ..Default::default()
+        });
+        p.finds.lock().unwrap().push(Some("i-booting"));
+        p.creates.lock().unwrap().push(Ok(()));
+        let calls = ProviderCalls::new(p.clone(), policy());
+        let e = calls.ensure(&request(), false).await.unwrap();
+        assert!(!e.adopted, "no address: the create waits for one");
+        assert!(!e.instance.ips.is_empty());
         assert_eq!(*p.calls.lock().unwrap(), ["find", "create"]);
     }
 

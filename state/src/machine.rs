@@ -579,6 +579,19 @@ impl PodVmMachine {
         self.provider_busy = false;
         self.first_attempt = false;
         self.target.attempts += 1;
+        // A create that names no address cannot be reached: retried as a
+        // failure, so that it is bounded by the create attempts.
+        let result = result.and_then(|ensured| {
+            if ensured.instance.ips.is_empty() {
+                Err(OpFailure {
+                    message: format!("Instance {} has no IP address", ensured.instance.id),
+                    retryable: true,
+                    retry_after: None,
+                })
+            } else {
+                Ok(ensured)
+            }
+        });
         match result {
             Ok(ensured) => {
                 if self.recovering {
@@ -848,13 +861,16 @@ impl PodVmMachine {
                     Some(_) if self.verify_pending => self.find(FindPurpose::Verify, out),
                     Some(instance) if durable.instance.as_ref() == Some(instance) => {
                         if !self.agent_ready {
+                            self.provider_busy = true;
                             if let Some(ip) = instance.ips.first() {
-                                self.provider_busy = true;
                                 out.push(Command::Probe { ip: *ip });
                             } else {
-                                let id = instance.id.clone();
-                                self.fail(format!("Instance {id} has no IP address"), now);
-                                self.sync_journal(out);
+                                // Found (after a restart) before it had an
+                                // address: the idempotent create adopts it
+                                // and waits for one, within the attempts.
+                                out.push(Command::Ensure {
+                                    first_attempt: false,
+                                });
                             }
                         }
                     }
@@ -874,17 +890,6 @@ impl PodVmMachine {
                     self.find(FindPurpose::Lookup, out);
                 }
             }
-        }
-    }
-
-    /// Starts a journal write if one is due (after a late target change).
-    fn sync_journal(&mut self, out: &mut Vec<Command>) {
-        if self.writing.is_none()
-            && !self.journal_blocked
-            && self.durable.as_ref() != Some(&self.target)
-        {
-            self.writing = Some(self.target.clone());
-            out.push(Command::Persist(Box::new(self.target.clone())));
         }
     }
 

@@ -593,6 +593,108 @@ fn recovery_of_creating_with_an_instance_verifies_it_then_probes() {
     );
 }
 
+/// `i-1` as a provider sees it before it has an address.
+fn unaddressed(id: &str) -> InstanceRef {
+    InstanceRef {
+        id: id.into(),
+        ips: Vec::new(),
+    }
+}
+
+#[test]
+fn recovery_of_creating_whose_instance_has_no_address_yet_adopts_it_through_the_create() {
+    let mut m = recovered(State::Creating, true);
+    assert_eq!(m.on_event(Event::Recover, T0), vec![Command::Find]);
+    // Found, but before its address (a libvirt domain before its lease).
+    let cmds = m.on_event(Event::Found(Ok(Some(unaddressed("i-1")))), T0);
+    assert!(cmds.contains(&Command::RecoveryDone(RecoveryAction::Adopted)));
+    assert_eq!(persisted(&cmds).unwrap().instance, Some(unaddressed("i-1")));
+    assert!(
+        !cmds
+            .iter()
+            .any(|c| matches!(c, Command::Ensure { .. } | Command::Probe { .. })),
+        "nothing before the journal has it: {cmds:?}"
+    );
+    let cmds = m.on_event(Event::Persisted(Ok(())), T0);
+    assert_eq!(
+        cmds,
+        vec![Command::Ensure {
+            first_attempt: false
+        }],
+        "the idempotent create waits for the address; nothing is failed"
+    );
+    let cmds = m.on_event(
+        Event::Ensured(Ok(Ensured {
+            instance: instance("i-1"),
+            adopted: true,
+        })),
+        T0,
+    );
+    assert_eq!(persisted(&cmds).unwrap().instance, Some(instance("i-1")));
+    let cmds = m.on_event(Event::Persisted(Ok(())), T0);
+    assert_eq!(
+        cmds,
+        vec![Command::Probe {
+            ip: "127.0.0.9".parse().unwrap()
+        }]
+    );
+}
+
+#[test]
+fn a_create_that_names_no_address_is_retried_then_failed_after_the_limit() {
+    let mut m = created();
+    m.on_event(Event::Start(1), T0);
+    m.on_event(Event::Persisted(Ok(())), T0);
+    let no_address = || {
+        Event::Ensured(Ok(Ensured {
+            instance: unaddressed("i-1"),
+            adopted: false,
+        }))
+    };
+    for attempt in 1..3 {
+        let cmds = m.on_event(no_address(), T0);
+        assert!(
+            cmds.contains(&Command::Retrying(Operation::Create)),
+            "{cmds:?}"
+        );
+        assert!(
+            !cmds.iter().any(|c| matches!(c, Command::Probe { .. })),
+            "{cmds:?}"
+        );
+        let epoch = cmds
+            .iter()
+            .find_map(|c| match c {
+                Command::Schedule {
+                    kind: TimerKind::Retry,
+                    epoch,
+                    ..
+                } => Some(*epoch),
+                _ => None,
+            })
+            .unwrap();
+        m.on_event(Event::Persisted(Ok(())), T0);
+        let cmds = m.on_event(Event::Timer(TimerKind::Retry, epoch), T0 + attempt);
+        assert_eq!(
+            cmds,
+            vec![Command::Ensure {
+                first_attempt: false
+            }]
+        );
+    }
+    let cmds = m.on_event(no_address(), T0);
+    let rec = persisted(&cmds).unwrap();
+    assert_eq!(rec.state, State::Failed);
+    assert_eq!(
+        rec.last_error.as_deref(),
+        Some("Instance i-1 has no IP address (after 3 attempt(s))")
+    );
+    let cmds = m.on_event(Event::Persisted(Ok(())), T0);
+    assert!(
+        cmds.contains(&Command::Find),
+        "the failed create is looked up by its token and deleted: {cmds:?}"
+    );
+}
+
 #[test]
 fn recovery_of_running_verifies_the_instance_without_writing() {
     let mut m = recovered(State::Running, true);
