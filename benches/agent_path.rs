@@ -3,7 +3,10 @@
 //! directly on its unix socket, and through the daemon's agent proxy
 //! (`podvisor::proxy`) and the pod-side forwarder (`podvisor_podvm`) over
 //! loopback TCP, plain and with mutual TLS — the same code the daemon and
-//! the pod VM run, in one process.
+//! the pod VM run, in one process. Beside them, the floor: the same two hops
+//! (unix → TCP or TLS → unix) relayed by bare `copy_bidirectional` — what
+//! two extra hops cost on this machine before any relay logic; podvisor's
+//! own cost is what its path adds beyond that.
 //!
 //! - `Health.Check` round trips: sequential (p50, p99, calls/s; the paths
 //!   interleaved in rounds) and from 16 concurrent callers on one
@@ -21,6 +24,73 @@ mod kata_agent;
 
 use kata_agent::{FakeAgent, Shim};
 use std::time::{Duration, Instant};
+
+/// The floor any two-hop relay stands on: the agent's unix socket relayed
+/// to TCP (with `tls`, TLS over TCP) and back to a unix socket by the least
+/// code there is — tokio's `copy_bidirectional` per hop, on the same runtime
+/// as the real relay; no framing, no bookkeeping, no re-dial. What this adds
+/// to a call is what two extra hops cost on this machine before any relay
+/// does anything.
+async fn bare_hops(
+    listen: &std::path::Path,
+    agent: &std::path::Path,
+    tls: Option<(
+        podvisor::proxy::ClientTls,
+        std::sync::Arc<rustls::ServerConfig>,
+    )>,
+) {
+    use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+    const BUF: usize = 64 << 10;
+    let (client_tls, server_tls) = match tls {
+        Some((c, s)) => (Some(c), Some(tokio_rustls::TlsAcceptor::from(s))),
+        None => (None, None),
+    };
+    let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let tcp_addr = tcp.local_addr().expect("address");
+    let agent = agent.to_owned();
+    tokio::spawn(async move {
+        while let Ok((c, _)) = tcp.accept().await {
+            let _ = c.set_nodelay(true);
+            let mut a = UnixStream::connect(&agent).await.expect("agent");
+            let server_tls = server_tls.clone();
+            tokio::spawn(async move {
+                let _ = match server_tls {
+                    Some(acceptor) => {
+                        let mut c = acceptor.accept(c).await.expect("TLS accept");
+                        tokio::io::copy_bidirectional_with_sizes(&mut c, &mut a, BUF, BUF).await
+                    }
+                    None => {
+                        let mut c = c;
+                        tokio::io::copy_bidirectional_with_sizes(&mut c, &mut a, BUF, BUF).await
+                    }
+                };
+            });
+        }
+    });
+    let unix = UnixListener::bind(listen).expect("bind");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = unix.accept().await {
+            let t = TcpStream::connect(tcp_addr).await.expect("connect");
+            let _ = t.set_nodelay(true);
+            let client_tls = client_tls.clone();
+            tokio::spawn(async move {
+                let _ = match client_tls {
+                    Some(tls) => {
+                        let mut t = tokio_rustls::TlsConnector::from(tls.config)
+                            .connect(tls.server_name, t)
+                            .await
+                            .expect("TLS connect");
+                        tokio::io::copy_bidirectional_with_sizes(&mut s, &mut t, BUF, BUF).await
+                    }
+                    None => {
+                        let mut t = t;
+                        tokio::io::copy_bidirectional_with_sizes(&mut s, &mut t, BUF, BUF).await
+                    }
+                };
+            });
+        }
+    });
+}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
@@ -181,8 +251,22 @@ fn main() {
             paths.push((path, proxy));
         }
 
+        let floor = dir.path().join("bare.sock");
+        bare_hops(&floor, &agent_socket, None).await;
+        let floor_tls = dir.path().join("bare-tls.sock");
+        let server_tls = podvisor_podvm::forwarder::tls_from_settings(&settings)
+            .expect("server TLS")
+            .expect("a certificate");
+        let client_tls = podvisor::proxy::ClientTls {
+            config: pki.client_config(),
+            server_name: pki.server_name("podvm-bench").expect("name"),
+        };
+        bare_hops(&floor_tls, &agent_socket, Some((client_tls, server_tls))).await;
+        // Indices below: 0 direct, 1–2 the floors, 3–4 podvisor's path.
         let sockets = [
             ("direct", agent_socket.clone()),
+            ("two bare hops (floor)", floor.clone()),
+            ("two bare hops, TLS (floor)", floor_tls.clone()),
             ("proxy + forwarder", paths[0].0.clone()),
             ("proxy + forwarder, mutual TLS", paths[1].0.clone()),
         ];
@@ -239,17 +323,41 @@ fn main() {
             );
         }
         let ratio = |a: Duration, b: Duration| (a.as_secs_f64() / b.as_secs_f64() - 1.0) * 100.0;
+        // What a path adds to direct, in per cent of direct.
+        let check_added = |i: usize| ratio(checks[i].0, checks[0].0);
+        let exec_added = |i: usize| ratio(execs_[i].0, execs_[0].0);
         println!(
-            "relay overhead at p50, Check: {:+.0} % (plain), {:+.0} % (TLS); exec+wait: {:+.0} % (plain), {:+.0} % (TLS)",
-            ratio(checks[1].0, checks[0].0),
-            ratio(checks[2].0, checks[0].0),
-            ratio(execs_[1].0, execs_[0].0),
-            ratio(execs_[2].0, execs_[0].0),
+            "added at p50, Check: path {:+.0} % (plain), {:+.0} % (TLS); floor {:+.0} % (plain), {:+.0} % (TLS)",
+            check_added(3),
+            check_added(4),
+            check_added(1),
+            check_added(2),
         );
         println!(
-            "stdout through the path: {:.0} % (plain), {:.0} % (TLS) of direct ({mib} MiB)",
+            "added at p50, exec+wait: path {:+.0} % (plain), {:+.0} % (TLS); floor {:+.0} % (plain), {:+.0} % (TLS)",
+            exec_added(3),
+            exec_added(4),
+            exec_added(1),
+            exec_added(2),
+        );
+        // The relay's own cost: what podvisor's path adds beyond its floor.
+        let own = |path: usize, floor: usize, s: &[(Duration, Duration)]| {
+            (s[path].0.as_secs_f64() - s[floor].0.as_secs_f64()) / s[0].0.as_secs_f64() * 100.0
+        };
+        let check_p50: Vec<(Duration, Duration)> = checks.iter().map(|c| (c.0, c.1)).collect();
+        println!(
+            "relay's own cost above the floor, in % of direct at p50: Check {:+.0} % (plain), {:+.0} % (TLS); exec+wait {:+.0} % (plain), {:+.0} % (TLS)",
+            own(3, 1, &check_p50),
+            own(4, 2, &check_p50),
+            own(3, 1, &execs_),
+            own(4, 2, &execs_),
+        );
+        println!(
+            "stdout: path {:.0} % (plain), {:.0} % (TLS) of direct; floor {:.0} % (plain), {:.0} % (TLS) ({mib} MiB)",
+            streams[3] / streams[0] * 100.0,
+            streams[4] / streams[0] * 100.0,
             streams[1] / streams[0] * 100.0,
-            streams[2] / streams[0] * 100.0
+            streams[2] / streams[0] * 100.0,
         );
     });
 }

@@ -196,9 +196,17 @@ fn unavailable(stream_id: u32, message: &str) -> Vec<u8> {
     frame
 }
 
-/// Something the relay can read and write: TCP, or TLS over TCP.
-trait Upstream: AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Upstream for T {}
+/// The two halves of a connection to the forwarder: TCP, or TLS over TCP.
+type Upstream = (
+    Box<dyn AsyncRead + Unpin + Send>,
+    Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+);
+
+/// Splits `stream` into boxed halves.
+fn halves<S: AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(stream: S) -> Upstream {
+    let (r, w) = tokio::io::split(stream);
+    (Box::new(r), Box::new(w))
+}
 
 /// Dials the forwarder and, with `tls`, completes the handshake: the pod
 /// VM must show a certificate for its name from our CA.
@@ -206,14 +214,18 @@ async fn connect(
     upstream: SocketAddr,
     limit: Duration,
     tls: Option<ClientTls>,
-) -> Result<Box<dyn Upstream>, String> {
+) -> Result<Upstream, String> {
     let tcp = dial(upstream, limit).await?;
     match tls {
-        None => Ok(Box::new(tcp)),
+        // TCP's own halves: no lock between the two directions.
+        None => {
+            let (r, w) = tcp.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
         Some(tls) => tokio_rustls::TlsConnector::from(tls.config)
             .connect(tls.server_name.clone(), tcp)
             .await
-            .map(|s| Box::new(s) as Box<dyn Upstream>)
+            .map(halves)
             .map_err(|e| {
                 format!(
                     "The TLS handshake with the pod VM's agent at {upstream} ({:?}) failed: {e}",
@@ -246,7 +258,7 @@ async fn relay(
             return;
         }
     };
-    let (agent_r, agent_w) = tokio::io::split(agent);
+    let (agent_r, agent_w) = agent;
     let mut agent_r = tokio::io::BufReader::with_capacity(64 << 10, agent_r);
     let mut agent_w = tokio::io::BufWriter::with_capacity(64 << 10, agent_w);
     let pending: Arc<Mutex<HashSet<u32>>> = Arc::default();
