@@ -273,6 +273,57 @@ async fn a_create_that_fails_after_its_volumes_exist_deletes_them() {
 }
 
 #[tokio::test]
+async fn volumes_left_by_a_create_cut_off_before_its_define_are_deleted_by_the_lookup() {
+    let conn = test_host();
+    let p = LibvirtProvider::new(settings());
+    let fixture = Fixture::new("node-k");
+    let request = fixture.request(1);
+    let name = request.instance_name.clone();
+    let pool = conn.lookup_storage_pool_by_name(POOL).unwrap();
+    let make = |volume: &str| {
+        let xml = format!(
+            "<volume><name>{volume}</name><capacity unit='bytes'>1048576</capacity></volume>"
+        );
+        StorageVol::create_xml(&pool, &xml, 0).unwrap();
+    };
+    // What a create killed between making its volumes and defining its
+    // domain leaves behind; and a volume of another instance, which stays.
+    make(&format!("{name}-root.qcow2"));
+    make(&format!("{name}-cloudinit.iso"));
+    let neighbour = format!("{name}x-root.qcow2");
+    make(&neighbour);
+    assert_eq!(volumes_named(&conn, &name).len(), 3);
+
+    // The daemon looks the token up before a retried create and when it
+    // stops a sandbox whose instance it never learned.
+    let found = p.find_instance(&request.token, &name).await.unwrap();
+    assert!(found.is_none());
+    assert_eq!(volumes_named(&conn, &name), vec![neighbour.clone()]);
+
+    // With a domain of that name, its volumes are its own: left alone.
+    let made = p.create_instance(&request).await.unwrap();
+    let next_generation = fixture.request(2);
+    assert_eq!(next_generation.instance_name, name);
+    assert!(
+        p.find_instance(&next_generation.token, &name)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        volumes_named(&conn, &name).len(),
+        3,
+        "the domain's two + the neighbour"
+    );
+    p.delete_instance(&made.id).await.unwrap();
+    pool.lookup_storage_vol_by_name(&neighbour)
+        .unwrap()
+        .delete(0)
+        .unwrap();
+    assert!(volumes_named(&conn, &name).is_empty());
+}
+
+#[tokio::test]
 async fn domains_that_are_not_podvisors_are_never_listed_adopted_or_deleted() {
     let conn = test_host();
     let p = LibvirtProvider::new(settings());

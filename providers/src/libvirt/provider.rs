@@ -122,6 +122,16 @@ impl Drop for Claim<'_> {
     }
 }
 
+/// The root disk (a qcow2 overlay on the base volume) of instance `name`.
+fn root_volume_name(name: &str) -> String {
+    format!("{name}-root.qcow2")
+}
+
+/// The cidata ISO (the user data) of instance `name`.
+fn cidata_volume_name(name: &str) -> String {
+    format!("{name}-cloudinit.iso")
+}
+
 /// The time now, in Unix milliseconds.
 fn now_millis() -> u64 {
     SystemTime::now()
@@ -418,13 +428,57 @@ impl Host {
         let conn = self.connect()?;
         let dom = match conn.lookup_domain_by_name(name) {
             Ok(dom) => dom,
-            Err(e) if e.code().is(ErrorNumber::NoDomain) => return Ok(None),
+            Err(e) if e.code().is(ErrorNumber::NoDomain) => {
+                self.delete_leftover_volumes(&conn, name)?;
+                return Ok(None);
+            }
             Err(e) => return Err(classify(format!("Looking up domain {name}"), &e)),
         };
         match Self::metadata(&dom)? {
             Some(m) if m.token == token => Self::describe(&dom, &m).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// Deletes the volumes a create of `name` makes, when no domain has that
+    /// name and no create of it is under way here: the remains of a create
+    /// cut off (a crash, a kill) between making its volumes and defining its
+    /// domain. Without this, a sandbox stopped after such a crash would be
+    /// looked up, found gone, and its volumes left in the pool for good.
+    fn delete_leftover_volumes(&self, conn: &Connect, name: &str) -> Result<(), ProviderError> {
+        // A create of this name holds the claim while it makes its volumes.
+        let Ok(_claim) = self.claim(name) else {
+            return Ok(());
+        };
+        // Looked up again under the claim: a create may have just finished.
+        match conn.lookup_domain_by_name(name) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.code().is(ErrorNumber::NoDomain) => {}
+            Err(e) => return Err(classify(format!("Looking up domain {name}"), &e)),
+        }
+        let pool = match conn.lookup_storage_pool_by_name(&self.settings.pool) {
+            Ok(pool) => pool,
+            Err(e) if e.code().is(ErrorNumber::NoStoragePool) => return Ok(()),
+            Err(e) => return Err(classify(format!("Storage pool {}", self.settings.pool), &e)),
+        };
+        for volume in [root_volume_name(name), cidata_volume_name(name)] {
+            match pool.lookup_storage_vol_by_name(&volume) {
+                Ok(vol) => match vol.delete(0) {
+                    Ok(()) => tracing::info!(
+                        domain = %name,
+                        volume = %volume,
+                        "deleted a volume left by a create that never defined its domain"
+                    ),
+                    Err(e) if e.code().is(ErrorNumber::NoStorageVolume) => {}
+                    Err(e) => {
+                        return Err(classify(format!("Deleting leftover volume {volume}"), &e));
+                    }
+                },
+                Err(e) if e.code().is(ErrorNumber::NoStorageVolume) => {}
+                Err(e) => return Err(classify(format!("Looking up volume {volume}"), &e)),
+            }
+        }
+        Ok(())
     }
 
     /// Every podvisor domain whose tag `key` is `value`.
@@ -550,8 +604,8 @@ impl Host {
             .unwrap_or_else(|| "qcow2".into());
 
         let uuid = uuid_for_token(&request.token);
-        let root_name = format!("{name}-root.qcow2");
-        let cidata_name = format!("{name}-cloudinit.iso");
+        let root_name = root_volume_name(name);
+        let cidata_name = cidata_volume_name(name);
         let metadata = InstanceMetadata {
             token: request.token.clone(),
             node: request.tags.get(TAG_NODE).cloned().unwrap_or_default(),
