@@ -694,6 +694,50 @@ async fn in_public_ip_mode_the_public_address_comes_first_once_running() {
 }
 
 #[tokio::test]
+async fn in_public_ip_mode_a_stopped_instance_of_the_token_is_started_and_waited_for() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let mut s = settings(&net);
+    s.use_public_ip = true;
+    let proxy = Ec2Proxy::start(moto.port).await;
+    let provider = direct(&proxy.endpoint(), s);
+    let request = Fixture::new("node-i").request(1);
+    let made = provider.create_instance(&request).await.unwrap();
+    // Stopped behind podvisor's back (or a create torn by a crash).
+    moto.client()
+        .stop_instances()
+        .instance_ids(&made.id)
+        .send()
+        .await
+        .unwrap();
+    proxy.reset_calls();
+    let again = provider.create_instance(&request).await.unwrap();
+    assert_eq!(again.id, made.id, "the token's instance, not another");
+    let calls = proxy.calls();
+    assert_eq!(calls.get("RunInstances"), None, "{calls:?}");
+    assert_eq!(calls.get("StartInstances"), Some(&1), "{calls:?}");
+    assert_eq!(
+        again.status,
+        podvisor_providers::InstanceStatus::Running,
+        "handed back once running, as a fresh create"
+    );
+    let out = moto
+        .client()
+        .describe_instances()
+        .instance_ids(&made.id)
+        .send()
+        .await
+        .unwrap();
+    let public: std::net::IpAddr = out.reservations()[0].instances()[0]
+        .public_ip_address()
+        .expect("a public IP")
+        .parse()
+        .unwrap();
+    assert_eq!(again.ips.first(), Some(&public), "{:?}", again.ips);
+    provider.delete_instance(&made.id).await.unwrap();
+}
+
+#[tokio::test]
 async fn lookups_of_many_sandboxes_at_once_share_one_describe_call() {
     let moto = Moto::start().await;
     let net = moto.network().await;

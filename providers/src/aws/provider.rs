@@ -526,7 +526,7 @@ impl Provider for AwsProvider {
             )));
         }
         // What this token already made, on a server that ignores ClientToken.
-        if let Some(found) = self.by_token(&request.token).await? {
+        let mut instance = if let Some(found) = self.by_token(&request.token).await? {
             if found.status == InstanceStatus::Stopped {
                 // A stopped pod VM of this token: bring it up, never make another.
                 self.client()?
@@ -537,26 +537,29 @@ impl Provider for AwsProvider {
                     .map_err(|e| from_sdk("StartInstances", e))?;
                 tracing::info!(instance = %found.id, "started the stopped instance of this token");
             }
-            return Ok(found);
-        }
-
-        let run = self.run_request(request).await?;
-        let out = run.send().await.map_err(|e| from_sdk("RunInstances", e))?;
-        let Some(made) = out.instances().first() else {
-            return Err(ProviderError::transient(
-                "EC2 RunInstances returned no instance",
-            ));
+            found
+        } else {
+            let run = self.run_request(request).await?;
+            let out = run.send().await.map_err(|e| from_sdk("RunInstances", e))?;
+            let Some(made) = out.instances().first() else {
+                return Err(ProviderError::transient(
+                    "EC2 RunInstances returned no instance",
+                ));
+            };
+            let Some(instance) = self.reader.to_instance(made) else {
+                // EC2 answered a repeated ClientToken with an instance that
+                // is already gone: this token cannot make a VM any more.
+                return Err(ProviderError::permanent(format!(
+                    "Instance {} of token {} was terminated",
+                    made.instance_id().unwrap_or("?"),
+                    request.token
+                )));
+            };
+            tracing::info!(instance = %instance.id, name = %request.instance_name, "EC2 instance created");
+            instance
         };
-        let Some(mut instance) = self.reader.to_instance(made) else {
-            // EC2 answered a repeated ClientToken with an instance that is
-            // already gone: this token cannot make a VM any more.
-            return Err(ProviderError::permanent(format!(
-                "Instance {} of token {} was terminated",
-                made.instance_id().unwrap_or("?"),
-                request.token
-            )));
-        };
-        tracing::info!(instance = %instance.id, name = %request.instance_name, "EC2 instance created");
+        // Made now or found (adopted, or started again): the same address
+        // rules. A stopped instance just started has lost its public IP.
         if self.settings.use_public_ip {
             // If this fails, the instance stays findable by its token tag.
             instance = self.wait_for_public_ip(&instance.id).await?;
