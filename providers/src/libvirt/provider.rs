@@ -132,6 +132,20 @@ fn cidata_volume_name(name: &str) -> String {
     format!("{name}-cloudinit.iso")
 }
 
+/// Deletes volume `name` of `pool` if it exists; whether it did.
+fn delete_volume(pool: &StoragePool, name: &str) -> Result<bool, ProviderError> {
+    let volume = match pool.lookup_storage_vol_by_name(name) {
+        Ok(volume) => volume,
+        Err(e) if e.code().is(ErrorNumber::NoStorageVolume) => return Ok(false),
+        Err(e) => return Err(classify(format!("Looking up volume {name}"), &e)),
+    };
+    match volume.delete(0) {
+        Ok(()) => Ok(true),
+        Err(e) if e.code().is(ErrorNumber::NoStorageVolume) => Ok(false),
+        Err(e) => Err(classify(format!("Deleting volume {name}"), &e)),
+    }
+}
+
 /// The time now, in Unix milliseconds.
 fn now_millis() -> u64 {
     SystemTime::now()
@@ -462,20 +476,12 @@ impl Host {
             Err(e) => return Err(classify(format!("Storage pool {}", self.settings.pool), &e)),
         };
         for volume in [root_volume_name(name), cidata_volume_name(name)] {
-            match pool.lookup_storage_vol_by_name(&volume) {
-                Ok(vol) => match vol.delete(0) {
-                    Ok(()) => tracing::info!(
-                        domain = %name,
-                        volume = %volume,
-                        "deleted a volume left by a create that never defined its domain"
-                    ),
-                    Err(e) if e.code().is(ErrorNumber::NoStorageVolume) => {}
-                    Err(e) => {
-                        return Err(classify(format!("Deleting leftover volume {volume}"), &e));
-                    }
-                },
-                Err(e) if e.code().is(ErrorNumber::NoStorageVolume) => {}
-                Err(e) => return Err(classify(format!("Looking up volume {volume}"), &e)),
+            if delete_volume(&pool, &volume)? {
+                tracing::info!(
+                    domain = %name,
+                    volume = %volume,
+                    "deleted a volume left by a create that never defined its domain"
+                );
             }
         }
         Ok(())
@@ -748,14 +754,7 @@ impl Host {
         name: &str,
         xml: &str,
     ) -> Result<StorageVol, ProviderError> {
-        match pool.lookup_storage_vol_by_name(name) {
-            Ok(old) => {
-                old.delete(0)
-                    .map_err(|e| classify(format!("Replacing leftover volume {name}"), &e))?;
-            }
-            Err(e) if e.code().is(ErrorNumber::NoStorageVolume) => {}
-            Err(e) => return Err(classify(format!("Looking up volume {name}"), &e)),
-        }
+        delete_volume(pool, name)?;
         StorageVol::create_xml(pool, xml, 0)
             .map_err(|e| classify(format!("Creating volume {name}"), &e))
     }
@@ -858,15 +857,7 @@ impl Host {
                 Err(e) if e.code().is(ErrorNumber::NoStoragePool) => continue,
                 Err(e) => return Err(classify(format!("Storage pool {}", v.pool), &e)),
             };
-            match pool.lookup_storage_vol_by_name(&v.name) {
-                Ok(vol) => match vol.delete(0) {
-                    Ok(()) => {}
-                    Err(e) if e.code().is(ErrorNumber::NoStorageVolume) => {}
-                    Err(e) => return Err(classify(format!("Deleting volume {}", v.name), &e)),
-                },
-                Err(e) if e.code().is(ErrorNumber::NoStorageVolume) => {}
-                Err(e) => return Err(classify(format!("Looking up volume {}", v.name), &e)),
-            }
+            delete_volume(&pool, &v.name)?;
         }
         Self::undefine(dom, name)
     }
