@@ -658,14 +658,37 @@ async fn a_launch_template_decides_image_type_and_network() {
     provider.delete_instance(&made.id).await.unwrap();
 }
 
-#[tokio::test]
-async fn in_public_ip_mode_the_public_address_comes_first_once_running() {
+/// moto, a proxy in front of it and a provider in public-IP mode.
+async fn public_ip_mode() -> (Moto, Ec2Proxy, AwsProvider) {
     let moto = Moto::start().await;
     let net = moto.network().await;
     let mut s = settings(&net);
     s.use_public_ip = true;
     let proxy = Ec2Proxy::start(moto.port).await;
     let provider = direct(&proxy.endpoint(), s);
+    (moto, proxy, provider)
+}
+
+/// The public and private addresses EC2 holds for instance `id`.
+async fn addresses_of(moto: &Moto, id: &str) -> (std::net::IpAddr, std::net::IpAddr) {
+    let out = moto
+        .client()
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .unwrap();
+    let instance = &out.reservations()[0].instances()[0];
+    let parse = |a: Option<&str>| a.expect("an address").parse().unwrap();
+    (
+        parse(instance.public_ip_address()),
+        parse(instance.private_ip_address()),
+    )
+}
+
+#[tokio::test]
+async fn in_public_ip_mode_the_public_address_comes_first_once_running() {
+    let (moto, proxy, provider) = public_ip_mode().await;
     let request = Fixture::new("node-i").request(1);
     // Nothing here connects to the public address: it is only read back.
     let made = provider.create_instance(&request).await.unwrap();
@@ -674,20 +697,7 @@ async fn in_public_ip_mode_the_public_address_comes_first_once_running() {
         body.contains("NetworkInterface.1.AssociatePublicIpAddress=true"),
         "{body}"
     );
-    let out = moto
-        .client()
-        .describe_instances()
-        .instance_ids(&made.id)
-        .send()
-        .await
-        .unwrap();
-    let instance = &out.reservations()[0].instances()[0];
-    let public: std::net::IpAddr = instance
-        .public_ip_address()
-        .expect("a public IP")
-        .parse()
-        .unwrap();
-    let private: std::net::IpAddr = instance.private_ip_address().unwrap().parse().unwrap();
+    let (public, private) = addresses_of(&moto, &made.id).await;
     assert_eq!(made.ips, [public, private]);
     assert_eq!(made.status, podvisor_providers::InstanceStatus::Running);
     provider.delete_instance(&made.id).await.unwrap();
@@ -695,12 +705,7 @@ async fn in_public_ip_mode_the_public_address_comes_first_once_running() {
 
 #[tokio::test]
 async fn in_public_ip_mode_a_stopped_instance_of_the_token_is_started_and_waited_for() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let mut s = settings(&net);
-    s.use_public_ip = true;
-    let proxy = Ec2Proxy::start(moto.port).await;
-    let provider = direct(&proxy.endpoint(), s);
+    let (moto, proxy, provider) = public_ip_mode().await;
     let request = Fixture::new("node-i").request(1);
     let made = provider.create_instance(&request).await.unwrap();
     // Stopped behind podvisor's back (or a create torn by a crash).
@@ -721,18 +726,7 @@ async fn in_public_ip_mode_a_stopped_instance_of_the_token_is_started_and_waited
         podvisor_providers::InstanceStatus::Running,
         "handed back once running, as a fresh create"
     );
-    let out = moto
-        .client()
-        .describe_instances()
-        .instance_ids(&made.id)
-        .send()
-        .await
-        .unwrap();
-    let public: std::net::IpAddr = out.reservations()[0].instances()[0]
-        .public_ip_address()
-        .expect("a public IP")
-        .parse()
-        .unwrap();
+    let (public, _) = addresses_of(&moto, &made.id).await;
     assert_eq!(again.ips.first(), Some(&public), "{:?}", again.ips);
     provider.delete_instance(&made.id).await.unwrap();
 }

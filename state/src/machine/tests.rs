@@ -43,6 +43,16 @@ fn persisted(cmds: &[Command]) -> Option<&InstanceRecord> {
     })
 }
 
+/// The epoch of the timer of `kind` that `cmds` schedule.
+fn scheduled(cmds: &[Command], kind: TimerKind) -> u64 {
+    cmds.iter()
+        .find_map(|c| match c {
+            Command::Schedule { kind: k, epoch, .. } if *k == kind => Some(*epoch),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no {kind:?} timer in {cmds:?}"))
+}
+
 fn without_timers(cmds: Vec<Command>) -> Vec<Command> {
     cmds.into_iter()
         .filter(|c| !matches!(c, Command::Schedule { .. }))
@@ -313,17 +323,7 @@ fn a_retryable_create_failure_retries_with_a_lookup_then_fails_after_the_limit()
             cmds.contains(&Command::Retrying(Operation::Create)),
             "{cmds:?}"
         );
-        let epoch = cmds
-            .iter()
-            .find_map(|c| match c {
-                Command::Schedule {
-                    kind: TimerKind::Retry,
-                    epoch,
-                    ..
-                } => Some(*epoch),
-                _ => None,
-            })
-            .unwrap();
+        let epoch = scheduled(&cmds, TimerKind::Retry);
         m.on_event(Event::Persisted(Ok(())), T0); // last_error, attempts
         let cmds = m.on_event(Event::Timer(TimerKind::Retry, epoch), T0 + attempt);
         assert_eq!(
@@ -500,17 +500,7 @@ fn a_failed_internal_write_is_retried() {
     );
     let cmds = m.on_event(Event::Persisted(Err("io".into())), T0);
     assert!(cmds.contains(&Command::Retrying(Operation::Journal)));
-    let epoch = cmds
-        .iter()
-        .find_map(|c| match c {
-            Command::Schedule {
-                kind: TimerKind::JournalRetry,
-                epoch,
-                ..
-            } => Some(*epoch),
-            _ => None,
-        })
-        .unwrap();
+    let epoch = scheduled(&cmds, TimerKind::JournalRetry);
     assert!(
         !cmds.iter().any(|c| matches!(c, Command::Probe { .. })),
         "no probe before the id is durable"
@@ -661,17 +651,7 @@ fn a_create_that_names_no_address_is_retried_then_failed_after_the_limit() {
             !cmds.iter().any(|c| matches!(c, Command::Probe { .. })),
             "{cmds:?}"
         );
-        let epoch = cmds
-            .iter()
-            .find_map(|c| match c {
-                Command::Schedule {
-                    kind: TimerKind::Retry,
-                    epoch,
-                    ..
-                } => Some(*epoch),
-                _ => None,
-            })
-            .unwrap();
+        let epoch = scheduled(&cmds, TimerKind::Retry);
         m.on_event(Event::Persisted(Ok(())), T0);
         let cmds = m.on_event(Event::Timer(TimerKind::Retry, epoch), T0 + attempt);
         assert_eq!(
