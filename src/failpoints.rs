@@ -7,6 +7,8 @@
 //! itself with SIGKILL the first time it gets there — exactly what a crash
 //! or an OOM kill at that step would do. `1*return` fires once, `20%return`
 //! at random; any other `fail` action (`sleep(100)`, `pause`) works too.
+//! The same variable arms the crash points inside providers
+//! (`podvisor_providers::failpoints`, enabled by this feature).
 
 /// After `Creating` is journaled, before the cloud create is sent.
 pub const CREATING_BEFORE_CREATE: &str = "creating-before-create";

@@ -283,7 +283,7 @@ fn a_pod_vm_boots_under_libvirt_answers_survives_a_daemon_kill_and_is_deleted() 
 
 /// CreateVM → StartVM → Running with the forwarder answering; kill -9 and
 /// restart, still Running with the same UUID; StopVM → domain and volumes
-/// gone. Returns the measured times.
+/// gone; then [`cut_off_create`]. Returns the measured times.
 async fn scenario(uri: String) -> Result<String, String> {
     let ns_virsh = |args: &[&str]| -> Result<String, String> {
         run(Command::new("virsh")
@@ -387,7 +387,7 @@ async fn scenario(uri: String) -> Result<String, String> {
 
     // kill -9 while Running, restart: still Running, the same domain.
     daemon.kill9();
-    let daemon = setup.start().await;
+    let mut daemon = setup.start().await;
     let record = daemon
         .instance(&id)
         .await
@@ -423,15 +423,12 @@ async fn scenario(uri: String) -> Result<String, String> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let deleted = stopping.elapsed();
-    let volumes = ns_virsh(&["vol-list", POOL])?;
-    let left: Vec<&str> = volumes
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|v| *v != BASE_VOLUME)
-        .collect();
+    let left = pod_volumes(&ns_virsh)?;
     if !left.is_empty() {
         return Err(format!("volumes left in the pool: {left:?}"));
     }
+    daemon.kill9();
+    cut_off_create(&mut setup, &ns_virsh).await?;
     Ok(format!(
         "domain running {} after StartVM; StartVM (define, start, boot, forwarder ready) {}; \
          boot to forwarder ready {}; delete {}",
@@ -440,6 +437,98 @@ async fn scenario(uri: String) -> Result<String, String> {
         secs(start_total - domain_running),
         secs(deleted)
     ))
+}
+
+/// The volumes in the pool besides the base volume.
+fn pod_volumes(virsh: &impl Fn(&[&str]) -> Result<String, String>) -> Result<Vec<String>, String> {
+    Ok(virsh(&["vol-list", POOL])?
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|v| *v != BASE_VOLUME)
+        .map(str::to_owned)
+        .collect())
+}
+
+/// A create killed between making its volumes and defining its domain,
+/// after a StopVM was acknowledged: the restarted daemon's lookup finds no
+/// domain, and the volumes do not stay behind.
+async fn cut_off_create(
+    setup: &mut Setup,
+    virsh: &impl Fn(&[&str]) -> Result<String, String>,
+) -> Result<(), String> {
+    setup.env.push((
+        "FAILPOINTS".into(),
+        "libvirt-volumes-before-define=return(8000)".into(),
+    ));
+    let mut daemon = setup.start().await;
+    setup.env.clear();
+    let id = sandbox_id();
+    let client = daemon.client().await;
+    client
+        .create(&id, pod_annotations("cut", "ns"))
+        .await
+        .map_err(|e| format!("CreateVM: {e:?}"))?;
+    let name = daemon
+        .instance(&id)
+        .await
+        .ok_or("no record after CreateVM")?["instance_name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let starting = {
+        let id = id.clone();
+        tokio::spawn(async move { client.start(&id).await })
+    };
+    // The create waits at the crash point with both volumes made.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pod_volumes(virsh)?.len() < 2 {
+        if Instant::now() > deadline {
+            return Err(format!("no volumes in 30 s\n{}", daemon.log_text()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The pod goes away meanwhile: StopVM is acknowledged at once.
+    daemon
+        .client()
+        .await
+        .stop(&id)
+        .await
+        .map_err(|e| format!("StopVM during the create: {e:?}"))?;
+    if daemon
+        .exited_within(Duration::from_secs(30))
+        .await
+        .is_none()
+    {
+        return Err(format!(
+            "the crash point did not fire\n{}",
+            daemon.log_text()
+        ));
+    }
+    let _ = starting.await;
+    let left = pod_volumes(virsh)?;
+    if left.len() != 2 || virsh(&["list", "--all", "--name"])?.contains(&name) {
+        return Err(format!(
+            "expected two volumes and no domain after the crash, got {left:?}"
+        ));
+    }
+
+    // Restarted: the record is Deleting, the token lookup finds no domain.
+    let daemon = setup.start().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = pod_volumes(virsh)?;
+        if daemon.instance(&id).await.is_none() && left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "after the restart, in 60 s: record {:?}, volumes {left:?}\n{}",
+                daemon.instance(&id).await,
+                daemon.log_text()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A TLS handshake with the forwarder at `ip`, as the daemon's agent proxy

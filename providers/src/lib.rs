@@ -10,6 +10,7 @@
 
 pub mod duration;
 pub mod error;
+pub mod failpoints;
 pub mod manager;
 pub mod provider;
 

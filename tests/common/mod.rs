@@ -332,6 +332,22 @@ impl Daemon {
         }
     }
 
+    /// Waits up to `limit` for the daemon to exit by itself (a crash
+    /// point): its exit status, or `None` if it still runs.
+    pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.as_mut()?.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn kill9(&mut self) {
         let mut child = self.child.take().unwrap();
         child.kill().unwrap();

@@ -647,6 +647,7 @@ impl Host {
             let iso_volume = Self::fresh_volume(&pool, &cidata_name, &iso_xml)?;
             made.push(iso_volume.clone());
             Self::upload(&conn, &iso_volume, &cidata_name, &iso)?;
+            crate::failpoints::hit(crate::failpoints::LIBVIRT_VOLUMES_BEFORE_DEFINE);
 
             let spec = DomainSpec {
                 name: name.clone(),
