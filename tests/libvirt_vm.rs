@@ -322,19 +322,7 @@ async fn scenario(uri: String) -> Result<String, String> {
     let mut daemon = setup.start().await;
     let log = |d: &Daemon| d.log_text();
 
-    let id = sandbox_id();
-    let client = daemon.client().await;
-    client
-        .create(&id, pod_annotations("vm", "ns"))
-        .await
-        .map_err(|e| format!("CreateVM: {e:?}"))?;
-    let name = daemon
-        .instance(&id)
-        .await
-        .ok_or("no record after CreateVM")?["instance_name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let (id, name, client) = create_vm(&daemon, "vm").await?;
 
     // StartVM, timing the domain's start (define+start) apart from the boot.
     let started = Instant::now();
@@ -439,6 +427,25 @@ async fn scenario(uri: String) -> Result<String, String> {
     ))
 }
 
+/// CreateVM of a new sandbox for pod `pod`: its id, its instance name and
+/// the client that made it.
+async fn create_vm(daemon: &Daemon, pod: &str) -> Result<(String, String, Client), String> {
+    let id = sandbox_id();
+    let client = daemon.client().await;
+    client
+        .create(&id, pod_annotations(pod, "ns"))
+        .await
+        .map_err(|e| format!("CreateVM: {e:?}"))?;
+    let name = daemon
+        .instance(&id)
+        .await
+        .ok_or("no record after CreateVM")?["instance_name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    Ok((id, name, client))
+}
+
 /// The volumes in the pool besides the base volume.
 fn pod_volumes(virsh: &impl Fn(&[&str]) -> Result<String, String>) -> Result<Vec<String>, String> {
     Ok(virsh(&["vol-list", POOL])?
@@ -462,19 +469,7 @@ async fn cut_off_create(
     ));
     let mut daemon = setup.start().await;
     setup.env.clear();
-    let id = sandbox_id();
-    let client = daemon.client().await;
-    client
-        .create(&id, pod_annotations("cut", "ns"))
-        .await
-        .map_err(|e| format!("CreateVM: {e:?}"))?;
-    let name = daemon
-        .instance(&id)
-        .await
-        .ok_or("no record after CreateVM")?["instance_name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let (id, name, client) = create_vm(&daemon, "cut").await?;
     let starting = {
         let id = id.clone();
         tokio::spawn(async move { client.start(&id).await })
