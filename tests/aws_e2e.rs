@@ -134,6 +134,17 @@ impl PodVmSide {
         Self { forwarders, task }
     }
 
+    /// The pod VMs' side of the daemon `setup` on `moto`: forwarders on the
+    /// daemon's forwarder port, relaying to an agent socket in its root.
+    fn for_setup(moto: &Moto, setup: &Setup) -> Self {
+        Self::start(
+            &moto.endpoint(),
+            &setup.node,
+            setup.forwarder_port,
+            setup.root.path().join("agent.sock"),
+        )
+    }
+
     /// Instances with a forwarder now.
     fn instances(&self) -> Vec<String> {
         self.forwarders.lock().unwrap().keys().cloned().collect()
@@ -148,6 +159,37 @@ impl Drop for PodVmSide {
             let _ = child.wait();
         }
     }
+}
+
+/// The server's word after the sandboxes' StopVM: each had exactly one
+/// instance ever, now terminated, and no instance of `node` is alive.
+async fn assert_one_instance_each_and_none_alive(moto: &Moto, node: &str, sandboxes: &[&str]) {
+    for id in sandboxes {
+        let states = instances_of(moto, id).await;
+        assert_eq!(states.len(), 1, "one instance per sandbox: {states:?}");
+        assert!(
+            matches!(states[0].1.as_str(), "terminated" | "shutting-down"),
+            "{states:?}"
+        );
+    }
+    assert!(
+        moto.live_instances(Some((TAG_NODE, node))).await.is_empty(),
+        "nothing leaked"
+    );
+}
+
+/// The daemon paces its mutating EC2 calls at `rate`/s with `burst`, and
+/// reports the AWS provider's own default (2/s, burst 20) beside them.
+async fn assert_call_limits(daemon: &Daemon, rate: f64, burst: u64) {
+    let (_, status) = daemon.get("/v1/status").await.unwrap();
+    let limits = &status["provider_call_limits"];
+    assert_eq!(limits["rate_per_second"], rate, "{status}");
+    assert_eq!(limits["burst"], burst, "{status}");
+    assert_eq!(
+        limits["provider_default"]["rate_per_second"], 2.0,
+        "{status}"
+    );
+    assert_eq!(limits["provider_default"]["burst"], 20, "{status}");
 }
 
 /// Every instance of `sandbox` the server has ever had, live or not, with
@@ -194,22 +236,10 @@ async fn a_pod_vm_lifecycle_on_ec2_creates_runs_and_terminates_one_instance() {
     // Through a proxy that counts the daemon's EC2 calls.
     let proxy = Ec2Proxy::start(moto.port).await;
     let setup = aws_setup(&proxy.endpoint(), &net);
-    let side = PodVmSide::start(
-        &moto.endpoint(),
-        &setup.node,
-        setup.forwarder_port,
-        setup.root.path().join("agent.sock"),
-    );
+    let side = PodVmSide::for_setup(&moto, &setup);
     let daemon = setup.start().await;
     // No --provider-rate or --provider-burst: the AWS provider's defaults.
-    let (_, status) = daemon.get("/v1/status").await.unwrap();
-    let limits = &status["provider_call_limits"];
-    assert_eq!(limits["rate_per_second"], 2.0, "{status}");
-    assert_eq!(limits["burst"], 20, "{status}");
-    assert_eq!(
-        limits["provider_default"]["rate_per_second"], 2.0,
-        "{status}"
-    );
+    assert_call_limits(&daemon, 2.0, 20).await;
     let at_start = proxy.calls();
     eprintln!("EC2 calls at start-up (verify, recovery, GC): {at_start:?}");
     assert_eq!(at_start.get("DescribeImages"), Some(&1), "{at_start:?}");
@@ -255,17 +285,7 @@ async fn a_pod_vm_lifecycle_on_ec2_creates_runs_and_terminates_one_instance() {
     eprintln!("EC2 calls of one pod lifecycle: {calls:?}");
     assert_eq!(calls.get("RunInstances"), Some(&1), "{calls:?}");
     assert_eq!(calls.get("TerminateInstances"), Some(&1), "{calls:?}");
-    let states = instances_of(&moto, &id).await;
-    assert_eq!(states.len(), 1, "{states:?}");
-    assert!(
-        matches!(states[0].1.as_str(), "terminated" | "shutting-down"),
-        "{states:?}"
-    );
-    assert!(
-        moto.live_instances(Some((TAG_NODE, &setup.node)))
-            .await
-            .is_empty()
-    );
+    assert_one_instance_each_and_none_alive(&moto, &setup.node, &[&id]).await;
     assert_no_secret_in(&daemon.log_text());
 }
 
@@ -276,12 +296,7 @@ async fn sigkill_with_running_and_deleting_sandboxes_on_ec2_leaks_and_duplicates
     // The daemon talks through a proxy that can hang EC2's deletes.
     let proxy = Ec2Proxy::start(moto.port).await;
     let mut setup = aws_setup(&proxy.endpoint(), &net);
-    let side = PodVmSide::start(
-        &moto.endpoint(),
-        &setup.node,
-        setup.forwarder_port,
-        setup.root.path().join("agent.sock"),
-    );
+    let side = PodVmSide::for_setup(&moto, &setup);
     let mut daemon = setup.start().await;
     let client = daemon.client().await;
     let (running, deleting) = (sandbox_id(), sandbox_id());
@@ -366,20 +381,7 @@ async fn sigkill_with_running_and_deleting_sandboxes_on_ec2_leaks_and_duplicates
     .await;
 
     // The server's word: one instance per sandbox ever, none left alive.
-    for id in [&running, &deleting] {
-        let states = instances_of(&moto, id).await;
-        assert_eq!(states.len(), 1, "one instance per sandbox: {states:?}");
-        assert!(
-            matches!(states[0].1.as_str(), "terminated" | "shutting-down"),
-            "{states:?}"
-        );
-    }
-    assert!(
-        moto.live_instances(Some((TAG_NODE, &setup.node)))
-            .await
-            .is_empty(),
-        "nothing leaked"
-    );
+    assert_one_instance_each_and_none_alive(&moto, &setup.node, &[&running, &deleting]).await;
     eventually(
         "the pod side to follow",
         Duration::from_secs(5),
@@ -395,12 +397,7 @@ async fn a_create_whose_answer_is_lost_is_retried_into_the_same_instance() {
     let net = moto.network().await;
     let proxy = Ec2Proxy::start(moto.port).await;
     let setup = aws_setup(&proxy.endpoint(), &net);
-    let _side = PodVmSide::start(
-        &moto.endpoint(),
-        &setup.node,
-        setup.forwarder_port,
-        setup.root.path().join("agent.sock"),
-    );
+    let _side = PodVmSide::for_setup(&moto, &setup);
     let daemon = setup.start().await;
     let client = daemon.client().await;
     // EC2 makes the instance; the answer never arrives (a timeout, a reset).
@@ -445,22 +442,9 @@ async fn throttled_run_and_terminate_instances_are_retried_by_the_daemon_into_on
     setup
         .env
         .push(("PODVISOR_PROVIDER_RATE".into(), "4".into()));
-    let _side = PodVmSide::start(
-        &moto.endpoint(),
-        &setup.node,
-        setup.forwarder_port,
-        setup.root.path().join("agent.sock"),
-    );
+    let _side = PodVmSide::for_setup(&moto, &setup);
     let daemon = setup.start().await;
-    let (_, status) = daemon.get("/v1/status").await.unwrap();
-    let limits = &status["provider_call_limits"];
-    assert_eq!(limits["rate_per_second"], 4.0, "{status}");
-    assert_eq!(limits["burst"], 20, "{status}");
-    assert_eq!(
-        limits["provider_default"]["rate_per_second"], 2.0,
-        "{status}"
-    );
-    assert_eq!(limits["provider_default"]["burst"], 20, "{status}");
+    assert_call_limits(&daemon, 4.0, 20).await;
 
     // EC2 is over the account's request rate for the first two launches
     // and the first two terminations.
@@ -565,18 +549,7 @@ async fn throttled_run_and_terminate_instances_are_retried_by_the_daemon_into_on
     );
 
     // The server's word: one instance ever, terminated; none left alive.
-    let states = instances_of(&moto, &id).await;
-    assert_eq!(states.len(), 1, "{states:?}");
-    assert!(
-        matches!(states[0].1.as_str(), "terminated" | "shutting-down"),
-        "{states:?}"
-    );
-    assert!(
-        moto.live_instances(Some((TAG_NODE, &setup.node)))
-            .await
-            .is_empty(),
-        "nothing leaked"
-    );
+    assert_one_instance_each_and_none_alive(&moto, &setup.node, &[&id]).await;
     assert_no_secret_in(&log);
 }
 
@@ -614,12 +587,7 @@ async fn region_subnet_groups_and_key_come_from_the_metadata_service_when_not_gi
     ]
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .to_vec();
-    let _side = PodVmSide::start(
-        &moto.endpoint(),
-        &setup.node,
-        setup.forwarder_port,
-        setup.root.path().join("agent.sock"),
-    );
+    let _side = PodVmSide::for_setup(&moto, &setup);
     let daemon = setup.start().await;
     let asked = stub.requests();
     assert!(
@@ -700,12 +668,7 @@ async fn measure_concurrent_lifecycles_on_moto() {
             .map(String::from),
         );
     }
-    let _side = PodVmSide::start(
-        &moto.endpoint(),
-        &setup.node,
-        setup.forwarder_port,
-        setup.root.path().join("agent.sock"),
-    );
+    let _side = PodVmSide::for_setup(&moto, &setup);
     let daemon = setup.start().await;
     proxy.reset_calls();
     let client = Arc::new(daemon.client().await);
