@@ -347,30 +347,14 @@ async fn sigkill_with_running_and_deleting_sandboxes_on_ec2_leaks_and_duplicates
         .start(&running)
         .await
         .expect("StartVM of the recovered sandbox succeeds");
-    assert_eq!(
-        daemon
-            .metric(
-                "podvisor_recovered_instances_total",
-                &[("action", "verified")]
-            )
-            .await,
-        1.0
-    );
+    assert_eq!(daemon.recovered("verified").await, 1.0);
     eventually(
         "the Deleting sandbox to finish",
         Duration::from_secs(30),
         async || daemon.instance(&deleting).await.is_none().then_some(()),
     )
     .await;
-    assert_eq!(
-        daemon
-            .metric(
-                "podvisor_recovered_instances_total",
-                &[("action", "resumed_delete")]
-            )
-            .await,
-        1.0
-    );
+    assert_eq!(daemon.recovered("resumed_delete").await, 1.0);
 
     client.stop(&running).await.unwrap();
     eventually(

@@ -79,15 +79,7 @@ async fn restart_with_running_and_deleting(kill: bool) {
         .start(&running)
         .await
         .expect("StartVM of the recovered sandbox succeeds");
-    assert_eq!(
-        daemon
-            .metric(
-                "podvisor_recovered_instances_total",
-                &[("action", "verified")]
-            )
-            .await,
-        1.0
-    );
+    assert_eq!(daemon.recovered("verified").await, 1.0);
 
     // Deleting finishes.
     eventually(
@@ -97,15 +89,7 @@ async fn restart_with_running_and_deleting(kill: bool) {
     )
     .await;
     assert!(!alive(gone_pid));
-    assert_eq!(
-        daemon
-            .metric(
-                "podvisor_recovered_instances_total",
-                &[("action", "resumed_delete")]
-            )
-            .await,
-        1.0
-    );
+    assert_eq!(daemon.recovered("resumed_delete").await, 1.0);
 
     // And the survivor still stops cleanly.
     client.stop(&running).await.unwrap();
@@ -159,15 +143,7 @@ async fn a_creating_sandbox_killed_mid_create_is_adopted_not_duplicated() {
         .unwrap()
         .count();
     assert_eq!(n, 1, "exactly one instance for the sandbox");
-    assert_eq!(
-        daemon
-            .metric(
-                "podvisor_recovered_instances_total",
-                &[("action", "recreated")]
-            )
-            .await,
-        1.0
-    );
+    assert_eq!(daemon.recovered("recreated").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -416,15 +392,7 @@ async fn sigterm_lets_a_create_under_way_finish_and_journal_it() {
     let daemon = setup.start().await;
     let record = daemon.instance(&id).await.unwrap();
     assert_eq!(record["state"], "running", "{record}");
-    assert_eq!(
-        daemon
-            .metric(
-                "podvisor_recovered_instances_total",
-                &[("action", "verified")]
-            )
-            .await,
-        1.0
-    );
+    assert_eq!(daemon.recovered("verified").await, 1.0);
     client_stop_and_wait(&daemon, &id).await;
 }
 

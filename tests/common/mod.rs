@@ -348,6 +348,13 @@ impl Daemon {
         }
     }
 
+    /// `podvisor_recovered_instances_total{action}`: sandboxes the last
+    /// start-up recovery handled that way.
+    pub async fn recovered(&self, action: &str) -> f64 {
+        self.metric("podvisor_recovered_instances_total", &[("action", action)])
+            .await
+    }
+
     pub fn kill9(&mut self) {
         let mut child = self.child.take().unwrap();
         child.kill().unwrap();
