@@ -236,39 +236,24 @@ async fn every_bad_input_gets_its_own_error() {
         &["pod's name and namespace are required"],
     )
     .await;
-    let mut bad = pod_annotations("p", "n");
-    bad.insert(
-        "io.katacontainers.config.hypervisor.default_vcpus".into(),
-        "lots".into(),
-    );
-    expect(
-        c.create("s1", bad).await,
-        Code::INVALID_ARGUMENT,
-        &["default_vcpus", "'lots'"],
-    )
-    .await;
-    let mut bad = pod_annotations("p", "n");
-    bad.insert(
-        "io.katacontainers.config.hypervisor.default_memory".into(),
-        "4Gi".into(),
-    );
-    expect(
-        c.create("s1", bad).await,
-        Code::INVALID_ARGUMENT,
-        &["default_memory", "'4Gi'"],
-    )
-    .await;
-    let mut bad = pod_annotations("p", "n");
-    bad.insert(
-        "io.katacontainers.config.hypervisor.cc_init_data".into(),
-        "%%%".into(),
-    );
-    expect(
-        c.create("s1", bad).await,
-        Code::INVALID_ARGUMENT,
-        &["cc_init_data", "base64"],
-    )
-    .await;
+    // A malformed hypervisor annotation: its value, and what the error names.
+    for (key, value, named) in [
+        ("default_vcpus", "lots", "'lots'"),
+        ("default_memory", "4Gi", "'4Gi'"),
+        ("cc_init_data", "%%%", "base64"),
+    ] {
+        let mut bad = pod_annotations("p", "n");
+        bad.insert(
+            format!("io.katacontainers.config.hypervisor.{key}"),
+            value.into(),
+        );
+        expect(
+            c.create("s1", bad).await,
+            Code::INVALID_ARGUMENT,
+            &[key, named],
+        )
+        .await;
+    }
     assert!(
         daemon.instance("s1").await.is_none(),
         "nothing recorded for bad input"
