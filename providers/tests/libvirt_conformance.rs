@@ -487,6 +487,28 @@ async fn verify_checks_the_connection_the_pool_the_base_volume_and_the_network()
 }
 
 #[tokio::test]
+async fn a_password_in_the_uri_is_in_no_error_and_no_debug_output() {
+    // Nothing listens on port 1 of loopback: the connection is refused.
+    let mut s = settings();
+    s.uri = "qemu+tcp://admin:s3cret@127.0.0.1:1/system".into();
+    assert!(!format!("{s:?}").contains("s3cret"), "{s:?}");
+    let p = LibvirtProvider::new(s);
+    let verify = p.verify_config().await.unwrap_err();
+    let create = p
+        .create_instance(&Fixture::new("node-p").request(1))
+        .await
+        .unwrap_err();
+    let find = p.find_instance("t", "n").await.unwrap_err();
+    for err in [verify, create, find] {
+        assert!(!err.message.contains("s3cret"), "{err}");
+        assert!(
+            err.message.contains("admin:<redacted>@127.0.0.1:1"),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn timings_of_create_and_delete_on_the_test_driver() {
     let _conn = test_host();
     let p = LibvirtProvider::new(settings());

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 /// Flags of `podvisor libvirt`, each with the reference's environment variable.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Clone)]
 pub struct LibvirtConfig {
     /// libvirt connection URI (qemu:///system, qemu+ssh://user@host/system, test:///default)
     #[arg(
@@ -120,6 +120,26 @@ pub struct LibvirtConfig {
         default_value = "/var/lib/libvirt/images"
     )]
     pub data_dir: PathBuf,
+}
+
+/// Shows the URI without a password.
+impl std::fmt::Debug for LibvirtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibvirtConfig")
+            .field("uri", &super::provider::redacted_uri(&self.uri))
+            .field("pool", &self.pool)
+            .field("network", &self.network)
+            .field("base_volume", &self.base_volume)
+            .field("vcpus", &self.vcpus)
+            .field("memory_mib", &self.memory_mib)
+            .field("cpuset", &self.cpuset)
+            .field("root_disk_gib", &self.root_disk_gib)
+            .field("firmware", &self.firmware)
+            .field("launch_security", &self.launch_security)
+            .field("disable_cvm", &self.disable_cvm)
+            .field("data_dir", &self.data_dir)
+            .finish()
+    }
 }
 
 /// The reference's `LIBVIRT_LAUNCH_SECURITY`.

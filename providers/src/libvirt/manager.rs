@@ -1,7 +1,7 @@
 //! The libvirt provider's cloud manager: flags, validation, and `NewProvider`.
 
 use super::config::{LaunchSecurity, LibvirtConfig};
-use super::provider::{LibvirtProvider, LibvirtSettings};
+use super::provider::{LibvirtProvider, LibvirtSettings, redacted_uri};
 use crate::error::ProviderError;
 use crate::manager::{CloudManager, ConfigError, ProviderConfig, ProviderContext};
 use crate::provider::Provider;
@@ -148,20 +148,6 @@ impl LibvirtConfig {
         s.launch_security = self.launch_security;
         s.disable_cvm = self.disable_cvm;
         s
-    }
-}
-
-/// The URI without a password, should one be written into it.
-fn redacted_uri(uri: &str) -> String {
-    match uri.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((userinfo, host)) if userinfo.contains(':') => {
-                let user = userinfo.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:<redacted>@{host}")
-            }
-            _ => uri.to_owned(),
-        },
-        None => uri.to_owned(),
     }
 }
 
@@ -312,5 +298,10 @@ mod tests {
             redacted_uri("qemu+ssh://root@192.168.122.1/system"),
             "qemu+ssh://root@192.168.122.1/system"
         );
+        let config = configure(&["--uri", "qemu+tcp://admin:s3cret@host/system"]).unwrap();
+        for shown in [format!("{config:?}"), config.summary().to_string()] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("admin:<redacted>@host"), "{shown}");
+        }
     }
 }

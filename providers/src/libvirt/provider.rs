@@ -38,8 +38,9 @@ use virt::sys;
 /// The largest user data accepted (the ISO is built in memory and uploaded).
 const MAX_USER_DATA: usize = 16 << 20;
 
-/// What the provider needs from the configuration.
-#[derive(Debug, Clone)]
+/// What the provider needs from the configuration. Its `Debug` shows the
+/// URI without a password.
+#[derive(Clone)]
 pub struct LibvirtSettings {
     /// The connection URI.
     pub uri: String,
@@ -68,6 +69,41 @@ pub struct LibvirtSettings {
     pub address_attempts: u32,
     /// See `address_attempts`.
     pub address_interval: Duration,
+}
+
+impl std::fmt::Debug for LibvirtSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibvirtSettings")
+            .field("uri", &redacted_uri(&self.uri))
+            .field("pool", &self.pool)
+            .field("network", &self.network)
+            .field("base_volume", &self.base_volume)
+            .field("vcpus", &self.vcpus)
+            .field("memory_mib", &self.memory_mib)
+            .field("cpuset", &self.cpuset)
+            .field("root_disk_bytes", &self.root_disk_bytes)
+            .field("firmware", &self.firmware)
+            .field("launch_security", &self.launch_security)
+            .field("disable_cvm", &self.disable_cvm)
+            .field("address_attempts", &self.address_attempts)
+            .field("address_interval", &self.address_interval)
+            .finish()
+    }
+}
+
+/// `uri` without a password, should one be written into it
+/// (`qemu+tcp://user:secret@host/system`).
+pub(crate) fn redacted_uri(uri: &str) -> String {
+    match uri.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((userinfo, host)) if userinfo.contains(':') => {
+                let user = userinfo.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}:<redacted>@{host}")
+            }
+            _ => uri.to_owned(),
+        },
+        None => uri.to_owned(),
+    }
 }
 
 impl LibvirtSettings {
@@ -101,6 +137,8 @@ pub struct LibvirtProvider {
 struct Host {
     /// The configuration.
     settings: LibvirtSettings,
+    /// The URI as messages show it: without a password.
+    shown_uri: String,
     /// The open connection, reopened when it dies.
     connection: Mutex<Option<Connect>>,
     /// Instance names with a create under way here: a second create of the
@@ -229,11 +267,7 @@ impl LibvirtProvider {
         // libvirt prints every error to stderr by default; ours are returned.
         QUIET.call_once(virt::error::clear_error_callback);
         Self {
-            host: Arc::new(Host {
-                settings,
-                connection: Mutex::new(None),
-                creating: Mutex::new(HashSet::new()),
-            }),
+            host: Arc::new(Host::new(settings)),
         }
     }
 
@@ -276,6 +310,15 @@ struct Defined {
 }
 
 impl Host {
+    fn new(settings: LibvirtSettings) -> Self {
+        Self {
+            shown_uri: redacted_uri(&settings.uri),
+            settings,
+            connection: Mutex::new(None),
+            creating: Mutex::new(HashSet::new()),
+        }
+    }
+
     /// The shared connection, opened (again) if needed.
     fn connect(&self) -> Result<Connect, ProviderError> {
         let mut slot = self
@@ -290,7 +333,7 @@ impl Host {
         let conn = Connect::open(Some(&self.settings.uri))
             .map_err(|e| {
                 classify(
-                    format!("Cannot connect to libvirt at {}", self.settings.uri),
+                    format!("Cannot connect to libvirt at {}", self.shown_uri),
                     &e,
                 )
             })
@@ -336,7 +379,7 @@ impl Host {
                 if err.class == ErrorClass::NotFound {
                     err = ProviderError::config(format!(
                         "--pool-name (LIBVIRT_POOL): storage pool {} does not exist on {}",
-                        self.settings.pool, self.settings.uri
+                        self.settings.pool, self.shown_uri
                     ));
                 }
                 err
@@ -542,13 +585,13 @@ impl Host {
         let facts = host_facts(&caps).map_err(|why| {
             ProviderError::permanent(format!(
                 "Cannot read {}'s capabilities: {why}",
-                self.settings.uri
+                self.shown_uri
             ))
         })?;
         let arch = Arch::for_host(&facts.host_arch).ok_or_else(|| {
             ProviderError::permanent(format!(
                 "Host arch {} of {} is not one podvisor makes pod VMs for (x86_64, aarch64, s390x)",
-                facts.host_arch, self.settings.uri
+                facts.host_arch, self.shown_uri
             ))
         })?;
         let s390_pv = match (self.settings.launch_security, self.settings.disable_cvm) {
@@ -567,7 +610,7 @@ impl Host {
                 if arch != Arch::S390x {
                     return Err(ProviderError::config(format!(
                         "--launch-security (LIBVIRT_LAUNCH_SECURITY): s390-pv needs an s390x host; {} is {}",
-                        self.settings.uri, facts.host_arch
+                        self.shown_uri, facts.host_arch
                     )));
                 }
                 true
@@ -708,7 +751,7 @@ impl Host {
         let Some(metadata) = Self::metadata(&dom)? else {
             return Err(ProviderError::permanent(format!(
                 "A domain named {name} exists on {} and is not podvisor's",
-                self.settings.uri
+                self.shown_uri
             )));
         };
         if metadata.token != request.token {
@@ -920,7 +963,7 @@ impl Host {
             Ok(_) => Ok(()),
             Err(e) if e.code().is(ErrorNumber::NoNetwork) => Err(ProviderError::config(format!(
                 "--network-name (LIBVIRT_NET): network {} does not exist on {}",
-                self.settings.network, self.settings.uri
+                self.settings.network, self.shown_uri
             ))),
             Err(e) => Err(classify("Looking up the network", &e)),
         }
@@ -1044,11 +1087,7 @@ mod tests {
 
     #[test]
     fn one_create_per_instance_name_at_a_time() {
-        let host = Host {
-            settings: LibvirtSettings::new("test:///default"),
-            connection: Mutex::new(None),
-            creating: Mutex::new(HashSet::new()),
-        };
+        let host = Host::new(LibvirtSettings::new("test:///default"));
         let first = host.claim("podvm-a-1").unwrap();
         let err = host.claim("podvm-a-1").err().unwrap();
         assert_eq!(err.class, ErrorClass::Transient, "{err}");
