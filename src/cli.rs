@@ -277,7 +277,7 @@ pub struct GlobalArgs {
           default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub provider_max_inflight: u32,
 
-    /// Sustained rate of mutating provider calls (creates, deletes) per second [default: the provider's; aws 2, local 5]
+    /// Sustained rate of mutating provider calls (creates, deletes) per second [default: the provider's; aws 2, local and libvirt 5]
     #[arg(
         long = "provider-rate",
         env = "PODVISOR_PROVIDER_RATE",
@@ -286,7 +286,7 @@ pub struct GlobalArgs {
     )]
     pub provider_rate: Option<f64>,
 
-    /// Burst of mutating provider calls above the rate [default: the provider's; aws 20, local 10]
+    /// Burst of mutating provider calls above the rate [default: the provider's; aws 20, local and libvirt 10]
     #[arg(long = "provider-burst", env = "PODVISOR_PROVIDER_BURST", value_name = "N",
           allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
     pub provider_burst: Option<u32>,
