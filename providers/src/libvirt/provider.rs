@@ -154,10 +154,15 @@ struct Claim<'a> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        if let Ok(mut names) = self.host.creating.lock() {
-            names.remove(&self.name);
-        }
+        lock(&self.host.creating).remove(&self.name);
     }
+}
+
+/// Locks `m`, also after a panic elsewhere held it: what it guards (the
+/// connection slot, the names being created) stays usable, and a poisoned
+/// lock must not wedge every later create or leave a name claimed forever.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The root disk (a qcow2 overlay on the base volume) of instance `name`.
@@ -321,10 +326,7 @@ impl Host {
 
     /// The shared connection, opened (again) if needed.
     fn connect(&self) -> Result<Connect, ProviderError> {
-        let mut slot = self
-            .connection
-            .lock()
-            .map_err(|_| ProviderError::transient("The libvirt connection lock is poisoned"))?;
+        let mut slot = lock(&self.connection);
         if let Some(conn) = slot.as_ref() {
             if conn.is_alive().unwrap_or(false) {
                 return Ok(conn.clone());
@@ -350,10 +352,7 @@ impl Host {
 
     /// Claims `name` for one create at a time.
     fn claim(&self, name: &str) -> Result<Claim<'_>, ProviderError> {
-        let mut names = self
-            .creating
-            .lock()
-            .map_err(|_| ProviderError::transient("The create claim lock is poisoned"))?;
+        let mut names = lock(&self.creating);
         if !names.insert(name.to_owned()) {
             return Err(ProviderError::transient(format!(
                 "A create of domain {name} is already under way"
@@ -367,9 +366,7 @@ impl Host {
 
     /// Drops the connection (teardown).
     fn disconnect(&self) {
-        if let Ok(mut slot) = self.connection.lock() {
-            slot.take();
-        }
+        lock(&self.connection).take();
     }
 
     fn pool(&self, conn: &Connect) -> Result<StoragePool, ProviderError> {
@@ -1083,6 +1080,28 @@ mod tests {
         ] {
             assert!(!is_uuid(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_panic_while_a_lock_is_held_wedges_no_later_create() {
+        let host = Arc::new(Host::new(LibvirtSettings::new("test:///default")));
+        let h = host.clone();
+        let crashed = std::thread::spawn(move || {
+            let _claim = h.claim("podvm-a-1").unwrap();
+            let _names = h.creating.lock().unwrap();
+            panic!("a libvirt call panicked with the lock held");
+        })
+        .join();
+        assert!(crashed.is_err());
+        assert!(host.creating.is_poisoned());
+        // The claim was released on the way out, and the name is free again.
+        let again = host.claim("podvm-a-1").unwrap();
+        assert!(
+            host.claim("podvm-a-1").is_err(),
+            "still one create at a time"
+        );
+        drop(again);
+        host.claim("podvm-a-1").unwrap();
     }
 
     #[test]
