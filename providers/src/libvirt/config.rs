@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 /// Flags of `podvisor libvirt`, each with the reference's environment variable.
-#[derive(clap::Args, Clone)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct LibvirtConfig {
     /// libvirt connection URI (qemu:///system, qemu+ssh://user@host/system, test:///default)
     #[arg(
@@ -16,7 +16,7 @@ pub struct LibvirtConfig {
         value_name = "URI",
         default_value = "qemu+ssh://root@192.168.122.1/system?no_verify=1"
     )]
-    pub uri: String,
+    pub uri: LibvirtUri,
 
     /// Storage pool of the base volume and of each pod VM's volumes
     #[arg(
@@ -122,23 +122,56 @@ pub struct LibvirtConfig {
     pub data_dir: PathBuf,
 }
 
-/// Shows the URI without a password.
-impl std::fmt::Debug for LibvirtConfig {
+/// A libvirt connection URI. `Display` and `Debug` show it without a
+/// password, should one be written into it (`qemu+tcp://user:secret@host/…`):
+/// messages, logs and the admin summary use those; only the connection
+/// itself reads [`LibvirtUri::as_str`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct LibvirtUri(String);
+
+impl LibvirtUri {
+    /// The URI as given, password and all: for opening the connection.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for LibvirtUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LibvirtConfig")
-            .field("uri", &super::provider::redacted_uri(&self.uri))
-            .field("pool", &self.pool)
-            .field("network", &self.network)
-            .field("base_volume", &self.base_volume)
-            .field("vcpus", &self.vcpus)
-            .field("memory_mib", &self.memory_mib)
-            .field("cpuset", &self.cpuset)
-            .field("root_disk_gib", &self.root_disk_gib)
-            .field("firmware", &self.firmware)
-            .field("launch_security", &self.launch_security)
-            .field("disable_cvm", &self.disable_cvm)
-            .field("data_dir", &self.data_dir)
-            .finish()
+        let uri = self.0.as_str();
+        if let Some((scheme, rest)) = uri.split_once("://") {
+            if let Some((userinfo, host)) = rest.split_once('@') {
+                if let Some((user, _password)) = userinfo.split_once(':') {
+                    return write!(f, "{scheme}://{user}:<redacted>@{host}");
+                }
+            }
+        }
+        f.write_str(uri)
+    }
+}
+
+impl std::fmt::Debug for LibvirtUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
+}
+
+impl FromStr for LibvirtUri {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl From<&str> for LibvirtUri {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl From<String> for LibvirtUri {
+    fn from(s: String) -> Self {
+        Self(s)
     }
 }
 

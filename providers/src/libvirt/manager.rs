@@ -1,7 +1,7 @@
 //! The libvirt provider's cloud manager: flags, validation, and `NewProvider`.
 
 use super::config::{LaunchSecurity, LibvirtConfig};
-use super::provider::{LibvirtProvider, LibvirtSettings, redacted_uri};
+use super::provider::{LibvirtProvider, LibvirtSettings};
 use crate::error::ProviderError;
 use crate::manager::{CloudManager, ConfigError, ProviderConfig, ProviderContext};
 use crate::provider::Provider;
@@ -49,13 +49,17 @@ fn is_object_name(name: &str) -> bool {
 
 /// Everything that can be checked without libvirt.
 fn validate(c: &LibvirtConfig) -> Result<(), ConfigError> {
-    let scheme_ok = c.uri.split_once(':').is_some_and(|(scheme, rest)| {
-        !scheme.is_empty()
-            && scheme
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'+')
-            && !rest.is_empty()
-    });
+    let scheme_ok = c
+        .uri
+        .as_str()
+        .split_once(':')
+        .is_some_and(|(scheme, rest)| {
+            !scheme.is_empty()
+                && scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'+')
+                && !rest.is_empty()
+        });
     if !scheme_ok {
         return Err(ConfigError::flag(
             "uri",
@@ -155,7 +159,7 @@ impl LibvirtConfig {
 impl ProviderConfig for LibvirtConfig {
     fn summary(&self) -> serde_json::Value {
         serde_json::json!({
-            "uri": redacted_uri(&self.uri),
+            "uri": self.uri.to_string(),
             "pool": self.pool,
             "network": self.network,
             "base_volume": self.base_volume,
@@ -179,6 +183,7 @@ impl ProviderConfig for LibvirtConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::libvirt::LibvirtUri;
 
     fn configure(args: &[&str]) -> Result<Box<dyn ProviderConfig>, ConfigError> {
         let m = LibvirtManager
@@ -235,7 +240,7 @@ mod tests {
             .unwrap();
         let c = LibvirtConfig::from_arg_matches(&m).unwrap();
         let s = c.settings();
-        assert_eq!(s.uri, "test:///default");
+        assert_eq!(s.uri.as_str(), "test:///default");
         assert_eq!(s.root_disk_bytes, 20 << 30);
         assert_eq!(s.firmware, None, "an empty firmware means BIOS");
         assert_eq!(s.cpuset.as_deref(), Some("0-1"));
@@ -289,13 +294,14 @@ mod tests {
 
     #[test]
     fn passwords_in_the_uri_stay_out_of_the_summary() {
+        let shown = |uri: &str| LibvirtUri::from(uri).to_string();
         assert_eq!(
-            redacted_uri("qemu+tcp://admin:s3cret@host/system"),
+            shown("qemu+tcp://admin:s3cret@host/system"),
             "qemu+tcp://admin:<redacted>@host/system"
         );
-        assert_eq!(redacted_uri("qemu:///system"), "qemu:///system");
+        assert_eq!(shown("qemu:///system"), "qemu:///system");
         assert_eq!(
-            redacted_uri("qemu+ssh://root@192.168.122.1/system"),
+            shown("qemu+ssh://root@192.168.122.1/system"),
             "qemu+ssh://root@192.168.122.1/system"
         );
         let config = configure(&["--uri", "qemu+tcp://admin:s3cret@host/system"]).unwrap();

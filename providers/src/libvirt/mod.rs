@@ -14,7 +14,7 @@ mod provider;
 mod xml;
 
 pub use cidata::{cidata_image, meta_data};
-pub use config::{CpuSet, LaunchSecurity, LibvirtConfig};
+pub use config::{CpuSet, LaunchSecurity, LibvirtConfig, LibvirtUri};
 pub use manager::LibvirtManager;
 pub use provider::{LibvirtProvider, LibvirtSettings, uuid_for_token};
 pub use xml::{METADATA_NAMESPACE, domain_xml};

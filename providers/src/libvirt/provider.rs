@@ -12,7 +12,7 @@
 //! cancelled create stops waiting.
 
 use super::cidata;
-use super::config::LaunchSecurity;
+use super::config::{LaunchSecurity, LibvirtUri};
 use super::xml::{
     Arch, DomainSpec, InstanceMetadata, METADATA_NAMESPACE, OwnedVolume, domain_facts, domain_xml,
     host_facts, volume_format, volume_xml,
@@ -38,12 +38,11 @@ use virt::sys;
 /// The largest user data accepted (the ISO is built in memory and uploaded).
 const MAX_USER_DATA: usize = 16 << 20;
 
-/// What the provider needs from the configuration. Its `Debug` shows the
-/// URI without a password.
-#[derive(Clone)]
+/// What the provider needs from the configuration.
+#[derive(Debug, Clone)]
 pub struct LibvirtSettings {
-    /// The connection URI.
-    pub uri: String,
+    /// The connection URI (shown without a password).
+    pub uri: LibvirtUri,
     /// The pool of the base volume and of the pod VMs' volumes.
     pub pool: String,
     /// The network of the pod VMs' NIC.
@@ -71,44 +70,9 @@ pub struct LibvirtSettings {
     pub address_interval: Duration,
 }
 
-impl std::fmt::Debug for LibvirtSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LibvirtSettings")
-            .field("uri", &redacted_uri(&self.uri))
-            .field("pool", &self.pool)
-            .field("network", &self.network)
-            .field("base_volume", &self.base_volume)
-            .field("vcpus", &self.vcpus)
-            .field("memory_mib", &self.memory_mib)
-            .field("cpuset", &self.cpuset)
-            .field("root_disk_bytes", &self.root_disk_bytes)
-            .field("firmware", &self.firmware)
-            .field("launch_security", &self.launch_security)
-            .field("disable_cvm", &self.disable_cvm)
-            .field("address_attempts", &self.address_attempts)
-            .field("address_interval", &self.address_interval)
-            .finish()
-    }
-}
-
-/// `uri` without a password, should one be written into it
-/// (`qemu+tcp://user:secret@host/system`).
-pub(crate) fn redacted_uri(uri: &str) -> String {
-    match uri.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((userinfo, host)) if userinfo.contains(':') => {
-                let user = userinfo.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:<redacted>@{host}")
-            }
-            _ => uri.to_owned(),
-        },
-        None => uri.to_owned(),
-    }
-}
-
 impl LibvirtSettings {
     /// Settings with the reference's defaults for `uri`.
-    pub fn new(uri: impl Into<String>) -> Self {
+    pub fn new(uri: impl Into<LibvirtUri>) -> Self {
         Self {
             uri: uri.into(),
             pool: "default".into(),
@@ -137,8 +101,6 @@ pub struct LibvirtProvider {
 struct Host {
     /// The configuration.
     settings: LibvirtSettings,
-    /// The URI as messages show it: without a password.
-    shown_uri: String,
     /// The open connection, reopened when it dies.
     connection: Mutex<Option<Connect>>,
     /// Instance names with a create under way here: a second create of the
@@ -317,7 +279,6 @@ struct Defined {
 impl Host {
     fn new(settings: LibvirtSettings) -> Self {
         Self {
-            shown_uri: redacted_uri(&settings.uri),
             settings,
             connection: Mutex::new(None),
             creating: Mutex::new(HashSet::new()),
@@ -332,10 +293,10 @@ impl Host {
                 return Ok(conn.clone());
             }
         }
-        let conn = Connect::open(Some(&self.settings.uri))
+        let conn = Connect::open(Some(self.settings.uri.as_str()))
             .map_err(|e| {
                 classify(
-                    format!("Cannot connect to libvirt at {}", self.shown_uri),
+                    format!("Cannot connect to libvirt at {}", self.settings.uri),
                     &e,
                 )
             })
@@ -376,7 +337,7 @@ impl Host {
                 if err.class == ErrorClass::NotFound {
                     err = ProviderError::config(format!(
                         "--pool-name (LIBVIRT_POOL): storage pool {} does not exist on {}",
-                        self.settings.pool, self.shown_uri
+                        self.settings.pool, self.settings.uri
                     ));
                 }
                 err
@@ -582,13 +543,13 @@ impl Host {
         let facts = host_facts(&caps).map_err(|why| {
             ProviderError::permanent(format!(
                 "Cannot read {}'s capabilities: {why}",
-                self.shown_uri
+                self.settings.uri
             ))
         })?;
         let arch = Arch::for_host(&facts.host_arch).ok_or_else(|| {
             ProviderError::permanent(format!(
                 "Host arch {} of {} is not one podvisor makes pod VMs for (x86_64, aarch64, s390x)",
-                facts.host_arch, self.shown_uri
+                facts.host_arch, self.settings.uri
             ))
         })?;
         let s390_pv = match (self.settings.launch_security, self.settings.disable_cvm) {
@@ -607,7 +568,7 @@ impl Host {
                 if arch != Arch::S390x {
                     return Err(ProviderError::config(format!(
                         "--launch-security (LIBVIRT_LAUNCH_SECURITY): s390-pv needs an s390x host; {} is {}",
-                        self.shown_uri, facts.host_arch
+                        self.settings.uri, facts.host_arch
                     )));
                 }
                 true
@@ -748,7 +709,7 @@ impl Host {
         let Some(metadata) = Self::metadata(&dom)? else {
             return Err(ProviderError::permanent(format!(
                 "A domain named {name} exists on {} and is not podvisor's",
-                self.shown_uri
+                self.settings.uri
             )));
         };
         if metadata.token != request.token {
@@ -960,7 +921,7 @@ impl Host {
             Ok(_) => Ok(()),
             Err(e) if e.code().is(ErrorNumber::NoNetwork) => Err(ProviderError::config(format!(
                 "--network-name (LIBVIRT_NET): network {} does not exist on {}",
-                self.settings.network, self.shown_uri
+                self.settings.network, self.settings.uri
             ))),
             Err(e) => Err(classify("Looking up the network", &e)),
         }
