@@ -6,11 +6,14 @@
 //! - [`userdata`]: provisioning from user data (`podvisor-userdata`): find
 //!   it, parse it strictly, write the allow-listed `/run/peerpod` files and
 //!   the initdata digest.
+//! - [`initdata`]: the initdata document in its three forms (raw TOML,
+//!   gzip + base64, parsed with its digest).
 //! - [`tls`]: the TLS policy (least version, cipher suites) both ends of
 //!   the agent path share.
 //! - [`testing`]: finding these binaries from other crates' tests.
 
 pub mod forwarder;
+pub mod initdata;
 pub mod testing;
 pub mod tls;
 pub mod userdata;

@@ -8,11 +8,8 @@
 //! else — another key, another field, a path outside the allow-list, a file
 //! above its size limit — is an error, and then nothing is written.
 
-use base64::Engine as _;
+use crate::initdata::{Initdata, InitdataError};
 use serde::Deserialize;
-use sha2::Digest as _;
-use std::collections::BTreeMap;
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -32,10 +29,6 @@ pub const ALLOWED: &[&str] = &[
 pub const MAX_USER_DATA: usize = 256 << 10;
 /// The largest `auth.json` (the reference omits larger ones).
 pub const MAX_AUTH_JSON: usize = 12288;
-/// The largest initdata, encoded (as the daemon's annotation limit).
-pub const MAX_INITDATA: usize = 64 << 10;
-/// The largest initdata document once decompressed.
-const MAX_INITDATA_DECODED: u64 = 1 << 20;
 /// The initdata files derived from its `[data]` table.
 const INITDATA_DATA_FILES: &[&str] = &["aa.toml", "cdh.toml", "policy.rego"];
 
@@ -74,7 +67,7 @@ pub enum UserDataError {
     },
     /// The initdata does not decode.
     #[error("The initdata is malformed: {0}")]
-    Initdata(String),
+    Initdata(#[from] InitdataError),
     /// A file could not be written.
     #[error("Cannot write {path}: {message}")]
     Io {
@@ -140,7 +133,7 @@ pub fn parse(text: &str) -> Result<Vec<File>, UserDataError> {
         }
         let limit = match *name {
             "auth.json" => MAX_AUTH_JSON,
-            "initdata" => MAX_INITDATA,
+            "initdata" => crate::initdata::MAX_ENCODED,
             _ => MAX_USER_DATA,
         };
         if entry.content.len() > limit {
@@ -158,73 +151,6 @@ pub fn parse(text: &str) -> Result<Vec<File>, UserDataError> {
     Ok(files)
 }
 
-/// Decoded initdata: the TOML document, its digest, and its `[data]` files.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Initdata {
-    /// The TOML document, as decoded.
-    pub document: String,
-    /// `algorithm` of the document: sha256, sha384 or sha512.
-    pub algorithm: String,
-    /// The digest of the document with that algorithm, lower-case hex.
-    pub digest: String,
-    /// The `[data]` entries.
-    pub data: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct InitdataToml {
-    algorithm: String,
-    version: String,
-    #[serde(default)]
-    data: BTreeMap<String, String>,
-}
-
-/// Decodes initdata: base64 of a gzip stream or of plain TOML with
-/// `algorithm`, `version` and `[data]`.
-pub fn decode_initdata(encoded: &str) -> Result<Initdata, UserDataError> {
-    let bad = |why: String| UserDataError::Initdata(why);
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .map_err(|e| bad(format!("not base64: {e}")))?;
-    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .take(MAX_INITDATA_DECODED + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| bad(format!("not a gzip stream: {e}")))?;
-        if out.len() as u64 > MAX_INITDATA_DECODED {
-            return Err(bad(format!(
-                "above {MAX_INITDATA_DECODED} bytes once decompressed"
-            )));
-        }
-        out
-    } else {
-        raw
-    };
-    let document = String::from_utf8(bytes).map_err(|_| bad("not UTF-8".into()))?;
-    let parsed: InitdataToml =
-        toml::from_str(&document).map_err(|e| bad(format!("not initdata TOML: {e}")))?;
-    let digest = match parsed.algorithm.as_str() {
-        "sha256" => hex::encode(sha2::Sha256::digest(document.as_bytes())),
-        "sha384" => hex::encode(sha2::Sha384::digest(document.as_bytes())),
-        "sha512" => hex::encode(sha2::Sha512::digest(document.as_bytes())),
-        other => {
-            return Err(bad(format!(
-                "algorithm '{other}' is not sha256, sha384 or sha512"
-            )));
-        }
-    };
-    if parsed.version.trim().is_empty() {
-        return Err(bad("its version is empty".into()));
-    }
-    Ok(Initdata {
-        document,
-        algorithm: parsed.algorithm,
-        digest,
-        data: parsed.data,
-    })
-}
-
 /// Checks everything, then writes the files under `<root>/run/peerpod/`
 /// (owner-only), the initdata digest, and the initdata's `[data]` files
 /// that user data did not write itself. Returns the paths written.
@@ -235,7 +161,7 @@ pub fn apply(files: &[File], root: &Path) -> Result<Vec<PathBuf>, UserDataError>
         .map(|f| (f.name.to_owned(), f.content.clone()))
         .collect();
     if let Some(initdata) = files.iter().find(|f| f.name == "initdata") {
-        let decoded = decode_initdata(&initdata.content)?;
+        let decoded = Initdata::decode(&initdata.content)?;
         out.push(("initdata.digest".into(), decoded.digest.clone()));
         for (name, content) in decoded.data {
             if INITDATA_DATA_FILES.contains(&name.as_str()) && !files.iter().any(|f| f.name == name)
@@ -391,6 +317,7 @@ pub fn fetch(source: &Source) -> Result<Option<String>, String> {
             if encoded.trim().is_empty() {
                 return Ok(None);
             }
+            use base64::Engine as _;
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(encoded.trim())
                 .map_err(|e| format!("userData is not base64: {e}"))?;
