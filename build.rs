@@ -76,6 +76,7 @@ fn generate_ttrpc(dir: &Path, inputs: &[&str], include: &str, names: &[&str]) {
         .rust_protobuf_customize(ttrpc_codegen::ProtobufCustomize::default().gen_mod_rs(false))
         .run()
         .expect("ttrpc code generation failed");
+    restore_service_names(dir, inputs);
     // The generated files open with inner attributes, which `include!`
     // refuses: move them onto wrapper modules.
     let mut modules = String::new();
@@ -100,6 +101,58 @@ fn generate_ttrpc(dir: &Path, inputs: &[&str], include: &str, names: &[&str]) {
         ));
     }
     fs::write(dir.join("mod.rs"), modules).expect("write the ttrpc module index");
+}
+
+/// ttrpc-codegen camel-cases service names (`PodVMInfo` becomes
+/// `PodVmInfo`), but a ttrpc method path is `/<package>.<service as in the
+/// .proto>/<method>` — what Go's generated clients call. Put each service's
+/// own name back into the generated servers and clients.
+fn restore_service_names(dir: &Path, inputs: &[&str]) {
+    for proto in inputs {
+        let text = fs::read_to_string(proto).expect("read a .proto");
+        let words = |prefix: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix(prefix))
+                .filter_map(|rest| {
+                    rest.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+                        .find(|w| !w.is_empty())
+                        .map(str::to_owned)
+                })
+                .collect()
+        };
+        let Some(package) = words("package ").into_iter().next() else {
+            continue;
+        };
+        let stem = Path::new(proto)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("a .proto file name");
+        let generated = dir.join(format!("{stem}_ttrpc.rs"));
+        let Ok(mut code) = fs::read_to_string(&generated) else {
+            continue; // no services in this file
+        };
+        for service in words("service ") {
+            let wire = format!("\"{package}.{service}\"");
+            let mut fixed = String::with_capacity(code.len());
+            let mut rest = code.as_str();
+            let opening = format!("\"{package}.");
+            while let Some(at) = rest.find(&opening) {
+                fixed.push_str(&rest[..at]);
+                let after = &rest[at + opening.len()..];
+                let end = after.find('"').map_or(after.len(), |e| e + 1);
+                let quoted = &rest[at..at + opening.len() + end];
+                if quoted.eq_ignore_ascii_case(&wire) {
+                    fixed.push_str(&wire);
+                } else {
+                    fixed.push_str(quoted);
+                }
+                rest = &rest[at + quoted.len()..];
+            }
+            fixed.push_str(rest);
+            code = fixed;
+        }
+        fs::write(&generated, code).expect("write generated code");
+    }
 }
 
 /// tonic + prost; protoc comes from protoc-bin-vendored.

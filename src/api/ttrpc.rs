@@ -10,6 +10,17 @@ use std::time::Duration;
 use ttrpc::Code;
 use ttrpc::r#async::{Server, TtrpcContext};
 
+/// The Hypervisor service's wire name (`proto/hypervisor.proto`; Kata's
+/// shims call `/hypervisor.Hypervisor/<method>`).
+pub const HYPERVISOR: &str = "hypervisor.Hypervisor";
+/// The PodVMInfo service's wire name (`proto/podvminfo.proto`; the
+/// reference's Go clients call `/podvminfo.PodVMInfo/GetInfo`). build.rs
+/// restores it in the generated code, where ttrpc-codegen camel-cases it.
+pub const POD_VM_INFO: &str = "podvminfo.PodVMInfo";
+/// The camel-cased name ttrpc-codegen makes of [`POD_VM_INFO`], still
+/// answered as an alias.
+pub const POD_VM_INFO_CAMEL_CASED: &str = "podvminfo.PodVmInfo";
+
 fn status(e: ApiError) -> ttrpc::Error {
     let code = match &e {
         ApiError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
@@ -135,11 +146,18 @@ pub async fn serve(path: &Path, api: HypervisorApi) -> Result<Server, String> {
         Err(e) => return Err(fail(format!("cannot remove the old socket: {e}"))),
     }
     let service = Arc::new(Service { api });
+    // Earlier podvisor builds answered under the name Rust's codegen made up;
+    // a client built against them keeps working.
+    let mut camel_cased = podvminfo_ttrpc::create_pod_vm_info(service.clone());
+    if let Some(info) = camel_cased.remove(POD_VM_INFO) {
+        camel_cased.insert(POD_VM_INFO_CAMEL_CASED.to_owned(), info);
+    }
     let mut server = Server::new()
         .bind(&format!("unix://{}", path.display()))
         .map_err(|e| fail(e.to_string()))?
         .register_service(hypervisor_ttrpc::create_hypervisor(service.clone()))
-        .register_service(podvminfo_ttrpc::create_pod_vm_info(service));
+        .register_service(podvminfo_ttrpc::create_pod_vm_info(service))
+        .register_service(camel_cased);
     server.start().await.map_err(|e| fail(e.to_string()))?;
     Ok(server)
 }
