@@ -43,6 +43,9 @@ pub struct InstanceView1 {
     pub instance_name: String,
     /// The instance's addresses.
     pub ips: Vec<String>,
+    /// What the pod asked for (instance type, vCPUs rounded up to whole
+    /// ones, memory in MiB, GPUs, image), from CreateVM's annotations.
+    pub spec: podvisor_state::InstanceSpec,
     /// Attempts of the current operation.
     pub attempts: u32,
     /// The last error an operation met.
@@ -75,6 +78,7 @@ impl From<&InstanceRecord> for InstanceView1 {
                 .as_ref()
                 .map(|i| i.ips.iter().map(|ip| ip.to_string()).collect())
                 .unwrap_or_default(),
+            spec: r.spec.clone(),
             attempts: r.attempts,
             last_error: r.last_error.clone(),
             generation: r.generation,

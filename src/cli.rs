@@ -154,7 +154,7 @@ pub struct GlobalArgs {
     #[arg(long = "host-interface", value_name = "NAME")]
     pub host_interface: Option<String>,
 
-    /// Default initdata for pod VMs (base64 of a gzip-compressed or plain TOML)
+    /// Default initdata for pod VMs without their own: the TOML, gzip-compressed and base64-encoded (`gzip | base64`; line breaks are ignored)
     #[arg(long, env = "INITDATA", value_name = "BASE64")]
     pub initdata: Option<String>,
 
@@ -450,7 +450,7 @@ fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
         ));
     }
     if let Some(data) = &g.initdata {
-        crate::api::annotations::validate_initdata(data)
+        crate::api::annotations::initdata_setting(data)
             .map_err(|why| ConfigError::flag("initdata", Some("INITDATA"), why))?;
     }
     if let Some(node) = &g.node_name {
@@ -559,9 +559,12 @@ fn name_env(err: clap::Error, cmd: &clap::Command, args: &[OsString]) -> clap::E
                 && !on_cli
                 && std::env::var_os(env).is_some()
             {
+                // `raw` errors get clap's "error: " prefix again when
+                // printed: keep it once.
+                let rendered = err.render().to_string();
                 let message = format!(
                     "{}(from the environment variable {})\n",
-                    err.render(),
+                    rendered.strip_prefix("error: ").unwrap_or(&rendered),
                     env.to_string_lossy()
                 );
                 return clap::Error::raw(ErrorKind::ValueValidation, message).with_cmd(cmd);

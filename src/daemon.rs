@@ -211,8 +211,13 @@ pub async fn serve(
         },
     };
     let calls = Arc::new(ProviderCalls::new(provider, policy));
-    match calls.verify().await {
-        Ok(()) => tracing::info!(provider = provider_name, "provider configuration verified"),
+    // Without --cloud-config-verify a failed check is a warning, kept for
+    // /v1/status so an operator sees it after the start-up log has scrolled.
+    let config_problem = match calls.verify().await {
+        Ok(()) => {
+            tracing::info!(provider = provider_name, "provider configuration verified");
+            None
+        }
         Err(e) if global.cloud_config_verify => {
             return Err(format!(
                 "provider {} configuration does not verify (--cloud-config-verify): {e}",
@@ -220,9 +225,10 @@ pub async fn serve(
             ));
         }
         Err(e) => {
-            tracing::warn!(provider = provider_name, error = %e, "provider configuration does not verify")
+            tracing::warn!(provider = provider_name, error = %e, "provider configuration does not verify");
+            Some(e.to_string())
         }
-    }
+    };
 
     // TLS to the pod VMs: the keys are kept in the state dir, so a restarted
     // daemon still reaches the pod VMs it made.
@@ -308,7 +314,13 @@ pub async fn serve(
         forwarder_port: global.forwarder_port,
         proxy_timeout: global.proxy_timeout,
         pods_dir: global.pods_dir.clone(),
-        default_initdata: global.initdata.clone(),
+        // Validated by the CLI; here only put into the pod VMs' form.
+        default_initdata: global
+            .initdata
+            .as_deref()
+            .map(crate::api::annotations::initdata_setting)
+            .transpose()
+            .map_err(|why| format!("--initdata (INITDATA): {why}"))?,
         scratch_space: global.enable_scratch_space,
         pki,
         tls_min_version: global.tls_min_version.clone(),
@@ -346,6 +358,7 @@ pub async fn serve(
         "node": node,
         "provider": provider_name,
         "provider_config": provider_config.summary(),
+        "provider_config_problem": config_problem,
         "socket": global.socket,
         "pods_dir": global.pods_dir,
         "state_dir": global.state_dir,

@@ -1,39 +1,65 @@
 //! CreateVM's annotations: the pod's identity and what it asks of its VM.
 //!
-//! Every malformed value is an error that names the annotation and the value;
-//! nothing is silently dropped.
+//! Both Kata shims always send the same nine keys, an unset one as `""`
+//! (text) or `"0"` (numbers) (Kata `src/runtime/virtcontainers/remote.go`,
+//! `CreateVM`; runtime-rs `crates/hypervisor/src/remote/inner.rs`,
+//! `prepare_vm`). Every malformed value is an error that names the
+//! annotation and the value; nothing is silently dropped.
 
+use podvisor_podvm::initdata::{self, Initdata};
 use podvisor_state::InstanceSpec;
 use std::collections::HashMap;
 
-/// Pod name (containerd).
+/// Pod name: containerd's key, which both shims fill. Under CRI-O the Go
+/// shim copies CRI-O's sandbox name into it, `k8s_<pod>_<namespace>_<uid>_<attempt>`
+/// (Kata `sandbox.go`, `setHypervisorConfigAnnotations`), and the pod name
+/// is cut out of it, as the reference's `GetPodName` does; runtime-rs copies
+/// CRI-O's plain `KubeName`.
 pub const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
-/// Pod namespace (containerd).
+/// Pod namespace (containerd's key; both shims copy CRI-O's into it).
 pub const SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
-/// CRI-O's sandbox name, `k8s_<pod>_<namespace>_<uid>_<attempt>`.
+/// CRI-O's own sandbox name, `k8s_<pod>_<namespace>_<uid>_<attempt>`, read
+/// when a client sends CRI-O's annotations instead of containerd's.
 pub const CRIO_SANDBOX_NAME: &str = "io.kubernetes.cri-o.SandboxName";
 const HV: &str = "io.katacontainers.config.hypervisor.";
 /// Explicit instance type.
 pub const MACHINE_TYPE: &str = "io.katacontainers.config.hypervisor.machine_type";
+/// vCPUs, a decimal: the Go shim sends whole vCPUs, runtime-rs its `f32`
+/// sandbox size as written by Rust (`"1.5"`, `"0.5"`). Rounded up to whole
 /// vCPUs.
 pub const DEFAULT_VCPUS: &str = "io.katacontainers.config.hypervisor.default_vcpus";
-/// Memory in MiB.
+/// Memory in MiB, a decimal (rounded up to whole MiB).
 pub const DEFAULT_MEMORY: &str = "io.katacontainers.config.hypervisor.default_memory";
-/// GPU count.
+/// GPU count, a whole number.
 pub const DEFAULT_GPUS: &str = "io.katacontainers.config.hypervisor.default_gpus";
 /// GPU model.
 pub const DEFAULT_GPU_MODEL: &str = "io.katacontainers.config.hypervisor.default_gpu_model";
 /// Image override.
 pub const IMAGE: &str = "io.katacontainers.config.hypervisor.image";
-/// Initdata (base64 of gzip-compressed or plain TOML).
+/// Initdata as the runtime sends it: raw TOML text (the runtime decodes the
+/// pod's gzip + base64 annotation first). The encoded form is accepted too.
 pub const CC_INIT_DATA: &str = "io.katacontainers.config.hypervisor.cc_init_data";
 
-/// Longest vCPU count accepted (no cloud sells more).
-const MAX_VCPUS: u32 = 4096;
+/// Every annotation [`parse`] reads.
+pub const KNOWN: [&str; 10] = [
+    SANDBOX_NAME,
+    SANDBOX_NAMESPACE,
+    CRIO_SANDBOX_NAME,
+    MACHINE_TYPE,
+    DEFAULT_VCPUS,
+    DEFAULT_MEMORY,
+    DEFAULT_GPUS,
+    DEFAULT_GPU_MODEL,
+    IMAGE,
+    CC_INIT_DATA,
+];
+
+/// Most vCPUs accepted (no cloud sells more).
+const MAX_VCPUS: u64 = 4096;
 /// Largest memory accepted, in MiB (64 TiB).
 const MAX_MEMORY_MIB: u64 = 64 * 1024 * 1024;
-/// Longest initdata annotation accepted (the reference caps user data near 64 KiB).
-const MAX_INITDATA: usize = 64 * 1024;
+/// Most GPUs accepted.
+const MAX_GPUS: u64 = 1024;
 
 /// What CreateVM's annotations say.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +70,8 @@ pub struct SandboxRequest {
     pub pod_namespace: String,
     /// What the pod asks of its VM.
     pub spec: InstanceSpec,
-    /// The initdata annotation, validated.
+    /// The pod's initdata, validated, in the form the pod VM receives
+    /// (gzip + base64, see [`Initdata::encode`]).
     pub initdata: Option<String>,
 }
 
@@ -62,33 +89,23 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<SandboxRequest, St
     };
     let spec = InstanceSpec {
         instance_type: text(MACHINE_TYPE)?,
-        vcpus: number(annotations, DEFAULT_VCPUS, 1, u64::from(MAX_VCPUS))?.map(|v| v as u32),
-        memory_mib: number(annotations, DEFAULT_MEMORY, 1, MAX_MEMORY_MIB)?,
-        gpus: number(annotations, DEFAULT_GPUS, 0, 1024)?.map(|v| v as u32),
+        vcpus: number(annotations, DEFAULT_VCPUS, Rounding::Up, MAX_VCPUS)?.map(|v| v as u32),
+        memory_mib: number(annotations, DEFAULT_MEMORY, Rounding::Up, MAX_MEMORY_MIB)?,
+        gpus: number(annotations, DEFAULT_GPUS, Rounding::WholeOnly, MAX_GPUS)?.map(|v| v as u32),
         gpu_model: text(DEFAULT_GPU_MODEL)?,
         image: text(IMAGE)?,
     };
-    let initdata = match text(CC_INIT_DATA)? {
-        Some(data) => {
-            validate_initdata(&data).map_err(|why| format!("annotation {CC_INIT_DATA}: {why}"))?;
-            Some(data)
-        }
-        None => None,
+    let initdata = match annotations.get(CC_INIT_DATA) {
+        Some(value) if !value.trim().is_empty() => Some(
+            initdata_for_pod_vm(value)
+                .map_err(|why| format!("annotation {CC_INIT_DATA}: {why}"))?,
+        ),
+        _ => None,
     };
     // Unknown hypervisor annotations are not errors (Kata passes many), but
     // they are worth a debug line for someone wondering why one had no effect.
     for key in annotations.keys().filter(|k| k.starts_with(HV)) {
-        if ![
-            MACHINE_TYPE,
-            DEFAULT_VCPUS,
-            DEFAULT_MEMORY,
-            DEFAULT_GPUS,
-            DEFAULT_GPU_MODEL,
-            IMAGE,
-            CC_INIT_DATA,
-        ]
-        .contains(&key.as_str())
-        {
+        if !KNOWN.contains(&key.as_str()) {
             tracing::debug!(annotation = %key, "hypervisor annotation not used by podvisor");
         }
     }
@@ -100,8 +117,9 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<SandboxRequest, St
     })
 }
 
-/// The pod's name and namespace: containerd's annotations, else CRI-O's
-/// `k8s_<pod>_<namespace>_<uid>_<attempt>` sandbox name.
+/// The pod's name and namespace: containerd's annotations (with the pod
+/// name cut out of a CRI-O sandbox name in them), else CRI-O's own
+/// sandbox name.
 fn pod_identity(annotations: &HashMap<String, String>) -> Result<(String, String), String> {
     let get = |k: &str| {
         annotations
@@ -110,7 +128,13 @@ fn pod_identity(annotations: &HashMap<String, String>) -> Result<(String, String
             .filter(|v| !v.is_empty())
     };
     match (get(SANDBOX_NAME), get(SANDBOX_NAMESPACE)) {
-        (Some(name), Some(ns)) => return Ok((name.to_owned(), ns.to_owned())),
+        (Some(name), Some(ns)) => {
+            let pod = match crio_sandbox_name(name) {
+                Some((pod, crio_ns)) if crio_ns == ns => pod,
+                _ => name,
+            };
+            return Ok((pod.to_owned(), ns.to_owned()));
+        }
         (Some(_), None) => {
             return Err(format!(
                 "annotation {SANDBOX_NAMESPACE} is missing or empty"
@@ -120,25 +144,57 @@ fn pod_identity(annotations: &HashMap<String, String>) -> Result<(String, String
         (None, None) => {}
     }
     if let Some(crio) = get(CRIO_SANDBOX_NAME) {
-        let parts: Vec<&str> = crio.split('_').collect();
-        if parts.len() == 5 && parts[0] == "k8s" && !parts[1].is_empty() && !parts[2].is_empty() {
-            return Ok((parts[1].to_owned(), parts[2].to_owned()));
-        }
-        return Err(format!(
-            "annotation {CRIO_SANDBOX_NAME} is '{crio}', not k8s_<pod>_<namespace>_<uid>_<attempt>"
-        ));
+        return crio_sandbox_name(crio)
+            .map(|(pod, ns)| (pod.to_owned(), ns.to_owned()))
+            .ok_or_else(|| {
+                format!(
+                    "annotation {CRIO_SANDBOX_NAME} is '{crio}', not k8s_<pod>_<namespace>_<uid>_<attempt>"
+                )
+            });
     }
     Err(format!(
         "annotations {SANDBOX_NAME} and {SANDBOX_NAMESPACE} are missing: the pod's name and namespace are required"
     ))
 }
 
-/// A whole number in `[min, max]`; Kata writes some as floats (`"2.0"`), which
-/// are accepted when whole.
+/// The pod name and namespace of a CRI-O sandbox name: exactly
+/// `k8s_<pod>_<namespace>_<uid>_<attempt>` (CRI-O's `GenerateNameAndID`)
+/// with every part non-empty and the attempt a number. Pod names,
+/// namespaces and UIDs never hold `_`, so the split is unambiguous — and a
+/// containerd pod name can never have this shape.
+pub fn crio_sandbox_name(value: &str) -> Option<(&str, &str)> {
+    let parts: Vec<&str> = value.split('_').collect();
+    match parts.as_slice() {
+        ["k8s", pod, ns, uid, attempt]
+            if !pod.is_empty()
+                && !ns.is_empty()
+                && !uid.is_empty()
+                && !attempt.is_empty()
+                && attempt.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            Some((pod, ns))
+        }
+        _ => None,
+    }
+}
+
+/// How a number annotation treats a fraction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rounding {
+    /// Rounded up to the next whole number (vCPUs, MiB).
+    Up,
+    /// A fraction is an error (GPUs).
+    WholeOnly,
+}
+
+/// A non-negative decimal (as Rust's `f64` parser reads it: `"2"`, `"1.5"`,
+/// `"2.0"`, `"1e3"`), made whole as `rounding` says, at most `max`. Absent,
+/// empty and `0` (Kata's "unset") are `None` — except for GPUs, where 0 is
+/// a count.
 fn number(
     annotations: &HashMap<String, String>,
     key: &str,
-    min: u64,
+    rounding: Rounding,
     max: u64,
 ) -> Result<Option<u64>, String> {
     let Some(raw) = annotations
@@ -148,61 +204,68 @@ fn number(
     else {
         return Ok(None);
     };
-    let value = match raw.parse::<u64>() {
-        Ok(v) => v,
-        // "2.0" (Kata writes floats for vCPUs), or a whole number too big
-        // for u64: still a whole number, maybe out of range.
-        Err(_) => match raw.parse::<f64>() {
-            Ok(f) if f.is_finite() && f >= 0.0 && f.fract() == 0.0 => {
-                if f > max as f64 {
-                    return Err(format!("annotation {key} is {raw}, outside {min}..={max}"));
-                }
-                f as u64
-            }
-            _ => return Err(format!("annotation {key} is '{raw}', not a whole number")),
-        },
+    let value = match raw.parse::<f64>() {
+        Ok(f) if f.is_finite() && f >= 0.0 => f,
+        _ => {
+            let kind = match rounding {
+                Rounding::Up => "not a non-negative number",
+                Rounding::WholeOnly => "not a whole number",
+            };
+            return Err(format!("annotation {key} is '{raw}', {kind}"));
+        }
     };
-    if value == 0 && min == 1 {
-        // Kata's own default for "unset"; leave it to the provider.
-        return Ok(None);
+    if rounding == Rounding::WholeOnly && value.fract() != 0.0 {
+        return Err(format!("annotation {key} is '{raw}', not a whole number"));
     }
-    if value < min || value > max {
-        return Err(format!(
-            "annotation {key} is {value}, outside {min}..={max}"
-        ));
+    let whole = value.ceil();
+    if whole > max as f64 {
+        // 0 means "unset" where rounding up: the least real value is 1.
+        let min = u8::from(rounding == Rounding::Up);
+        return Err(format!("annotation {key} is {raw}, outside {min}..={max}"));
     }
-    Ok(Some(value))
+    let whole = whole as u64;
+    match (whole, rounding) {
+        (0, Rounding::Up) => Ok(None),
+        _ => Ok(Some(whole)),
+    }
 }
 
-/// Checks an initdata value: base64 (standard alphabet) of a gzip stream or
-/// of plain TOML, within the size limit.
-pub fn validate_initdata(data: &str) -> Result<(), String> {
-    if data.len() > MAX_INITDATA {
+/// The pod's `cc_init_data` in the form its pod VM receives: the raw TOML
+/// (or an already encoded value) checked as initdata, then gzip + base64
+/// encoded as the reference does. The digest the pod VM computes covers the
+/// exact TOML bytes, so nothing is trimmed or rewritten.
+pub fn initdata_for_pod_vm(value: &str) -> Result<String, String> {
+    if value.len() > initdata::MAX_ENCODED {
         return Err(format!(
-            "{} bytes, above the limit of {MAX_INITDATA}",
-            data.len()
+            "{} bytes, above the limit of {}",
+            value.len(),
+            initdata::MAX_ENCODED
         ));
     }
-    let decoded = base64_decode(data.trim()).ok_or("not valid base64")?;
-    if decoded.is_empty() {
-        return Err("empty after base64 decoding".into());
+    let encoded = Initdata::from_annotation(value)
+        .map_err(|e| e.to_string())?
+        .encode();
+    if encoded.len() > initdata::MAX_ENCODED {
+        return Err(format!(
+            "{} bytes once gzip + base64 encoded for the pod VM, above the limit of {}",
+            encoded.len(),
+            initdata::MAX_ENCODED
+        ));
     }
-    let gzip = decoded.starts_with(&[0x1f, 0x8b]);
-    if !gzip && std::str::from_utf8(&decoded).is_err() {
-        return Err("neither gzip nor UTF-8 text after base64 decoding".into());
-    }
-    Ok(())
+    Ok(encoded)
 }
 
-/// Standard base64, padding optional (Kata and kubectl users write both).
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    use base64::Engine;
-    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-    const LENIENT: GeneralPurpose = GeneralPurpose::new(
-        &base64::alphabet::STANDARD,
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-    );
-    LENIENT.decode(s).ok()
+/// The daemon's `INITDATA` setting in the form pod VMs receive: it must be
+/// gzip + base64 (as the reference requires; line-wrapped base64 is read as
+/// Go's decoder reads it) and hold valid initdata.
+pub fn initdata_setting(value: &str) -> Result<String, String> {
+    let document = Initdata::decode(value).map_err(|e| match e {
+        initdata::InitdataError::NotBase64(_) if value.contains(['"', '\'']) => format!(
+            "{e} (INITDATA takes initdata gzip-compressed and base64-encoded, as `gzip | base64` writes it)"
+        ),
+        e => e.to_string(),
+    })?;
+    Ok(document.encode())
 }
 
 #[cfg(test)]
@@ -220,11 +283,15 @@ mod tests {
         vec![(SANDBOX_NAME, "web"), (SANDBOX_NAMESPACE, "default")]
     }
 
-    fn with(extra: (&'static str, &'static str)) -> Result<SandboxRequest, String> {
-        let mut p = base();
+    fn with(extra: (&str, &str)) -> Result<SandboxRequest, String> {
+        let mut p: Vec<(&str, &str)> = base();
         p.push(extra);
         parse(&ann(&p))
     }
+
+    /// Initdata TOML as Kata's runtime sends it (decoded from the pod's
+    /// annotation), with a multi-line string.
+    const INITDATA_TOML: &str = "algorithm = \"sha256\"\nversion = \"0.1.0\"\n\n[data]\n\"aa.toml\" = '''\n[token_configs]\n'''\n";
 
     #[test]
     fn identity_and_resources_are_read() {
@@ -236,7 +303,7 @@ mod tests {
             (DEFAULT_GPUS, "1"),
             (DEFAULT_GPU_MODEL, "a100"),
             (IMAGE, "ami-123"),
-            (CC_INIT_DATA, "YWxnb3JpdGhtID0gInNoYTI1NiIK"),
+            (CC_INIT_DATA, INITDATA_TOML),
         ]);
         let r = parse(&ann(&p)).unwrap();
         assert_eq!(
@@ -249,7 +316,8 @@ mod tests {
         assert_eq!(r.spec.gpus, Some(1));
         assert_eq!(r.spec.gpu_model.as_deref(), Some("a100"));
         assert_eq!(r.spec.image.as_deref(), Some("ami-123"));
-        assert!(r.initdata.is_some());
+        let sent = Initdata::decode(r.initdata.as_deref().unwrap()).unwrap();
+        assert_eq!(sent.document, INITDATA_TOML);
     }
 
     #[test]
@@ -264,6 +332,35 @@ mod tests {
             e.contains("not k8s_<pod>_<namespace>_<uid>_<attempt>"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_crio_sandbox_name_in_containerds_key_is_cut_to_the_pod_name() {
+        // The Go shim under CRI-O.
+        let name = "k8s_nginx_default_3f2a9c1b-5d7e-4c1a-9b8e-0a1b2c3d4e5f_0";
+        let r = parse(&ann(&[
+            (SANDBOX_NAME, name),
+            (SANDBOX_NAMESPACE, "default"),
+        ]))
+        .unwrap();
+        assert_eq!(r.pod_name, "nginx");
+        // Only that exact shape, and only when its namespace is the pod's.
+        for kept in [
+            "k8s_nginx_other_3f2a_0",
+            "k8s_nginx_default_3f2a_x",
+            "k8s_nginx_default_3f2a",
+            "k8s_nginx_default__0",
+            "k8s__default_3f2a_0",
+            "k8s_nginx_default_3f2a_0_1",
+            "K8S_nginx_default_3f2a_0",
+        ] {
+            let r = parse(&ann(&[
+                (SANDBOX_NAME, kept),
+                (SANDBOX_NAMESPACE, "default"),
+            ]))
+            .unwrap();
+            assert_eq!(r.pod_name, kept);
+        }
     }
 
     #[test]
@@ -284,13 +381,19 @@ mod tests {
     #[test]
     fn malformed_values_name_the_annotation_and_value() {
         for (key, value, why) in [
-            (DEFAULT_VCPUS, "two", "not a whole number"),
-            (DEFAULT_VCPUS, "1.5", "not a whole number"),
-            (DEFAULT_VCPUS, "-1", "not a whole number"),
-            (DEFAULT_VCPUS, "99999", "outside"),
-            (DEFAULT_MEMORY, "8Gi", "not a whole number"),
+            (DEFAULT_VCPUS, "two", "not a non-negative number"),
+            (DEFAULT_VCPUS, "-1", "not a non-negative number"),
+            (DEFAULT_VCPUS, "-0.5", "not a non-negative number"),
+            (DEFAULT_VCPUS, "inf", "not a non-negative number"),
+            (DEFAULT_VCPUS, "99999", "outside 1..=4096"),
+            (DEFAULT_VCPUS, "4096.5", "outside 1..=4096"),
+            (DEFAULT_MEMORY, "8Gi", "not a non-negative number"),
             (DEFAULT_GPUS, "NaN", "not a whole number"),
-            (CC_INIT_DATA, "!!!", "not valid base64"),
+            (DEFAULT_GPUS, "1.5", "not a whole number"),
+            (DEFAULT_GPUS, "1025", "outside 0..=1024"),
+            (CC_INIT_DATA, "!!!", "not initdata TOML"),
+            (CC_INIT_DATA, "YWJj", "not initdata TOML"),
+            (CC_INIT_DATA, "a", "not base64"),
             (MACHINE_TYPE, "m6a\nlarge", "control characters"),
         ] {
             let e = with((key, value)).unwrap_err();
@@ -299,25 +402,75 @@ mod tests {
     }
 
     #[test]
-    fn zero_and_whole_floats_follow_katas_conventions() {
-        assert_eq!(with((DEFAULT_VCPUS, "0")).unwrap().spec.vcpus, None);
-        assert_eq!(with((DEFAULT_VCPUS, "2.0")).unwrap().spec.vcpus, Some(2));
-        assert_eq!(with((DEFAULT_GPUS, "0")).unwrap().spec.gpus, Some(0));
-        assert_eq!(with((DEFAULT_MEMORY, "")).unwrap().spec.memory_mib, None);
+    fn fractional_vcpus_round_up_to_whole_ones() {
+        for (sent, vcpus) in [
+            ("1.5", Some(2)),
+            ("0.5", Some(1)),
+            ("1", Some(1)),
+            ("2.0", Some(2)),
+            ("0.25", Some(1)),
+            ("4095.01", Some(4096)),
+            ("0", None),
+            ("0.0", None),
+            ("", None),
+        ] {
+            assert_eq!(
+                with((DEFAULT_VCPUS, sent)).unwrap().spec.vcpus,
+                vcpus,
+                "{sent}"
+            );
+        }
+        assert_eq!(
+            with((DEFAULT_MEMORY, "1536.5")).unwrap().spec.memory_mib,
+            Some(1537)
+        );
     }
 
     #[test]
-    fn base64_decoding_matches_known_vectors() {
-        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(base64_decode("aGVsbG8").unwrap(), b"hello");
-        assert_eq!(base64_decode("H4sI").unwrap(), [0x1f, 0x8b, 0x08]);
-        assert!(base64_decode("a").is_none());
-        assert!(base64_decode("a-b_").is_none());
-        assert!(validate_initdata("H4sIAAAAAAAA").is_ok());
-        assert!(
-            validate_initdata("/w==")
-                .unwrap_err()
-                .contains("neither gzip nor UTF-8")
+    fn unset_values_as_the_shims_send_them_mean_not_set() {
+        let mut p = base();
+        p.extend([
+            (MACHINE_TYPE, ""),
+            (IMAGE, ""),
+            (DEFAULT_VCPUS, "0"),
+            (DEFAULT_MEMORY, "0"),
+            (DEFAULT_GPUS, "0"),
+            (DEFAULT_GPU_MODEL, ""),
+            (CC_INIT_DATA, ""),
+        ]);
+        let r = parse(&ann(&p)).unwrap();
+        assert_eq!(
+            r.spec,
+            InstanceSpec {
+                gpus: Some(0),
+                ..InstanceSpec::default()
+            }
         );
+        assert_eq!(r.initdata, None);
+    }
+
+    #[test]
+    fn initdata_keeps_its_exact_bytes_and_an_encoded_value_is_still_read() {
+        // Leading blank lines and trailing spaces are part of the digest.
+        let toml = format!("\n{INITDATA_TOML}  ");
+        let r = with((CC_INIT_DATA, &toml)).unwrap();
+        let sent = Initdata::decode(r.initdata.as_deref().unwrap()).unwrap();
+        assert_eq!(sent.document, toml);
+        let encoded = Initdata::parse(INITDATA_TOML.to_owned()).unwrap().encode();
+        let r = with((CC_INIT_DATA, &encoded)).unwrap();
+        assert_eq!(r.initdata.as_deref(), Some(encoded.as_str()));
+    }
+
+    #[test]
+    fn the_initdata_setting_is_gzip_base64_and_may_be_line_wrapped() {
+        let encoded = Initdata::parse(INITDATA_TOML.to_owned()).unwrap().encode();
+        let wrapped: String = encoded
+            .as_bytes()
+            .chunks(76)
+            .map(|c| format!("{}\n", String::from_utf8_lossy(c)))
+            .collect();
+        assert_eq!(initdata_setting(&wrapped).unwrap(), encoded);
+        let e = initdata_setting(INITDATA_TOML).unwrap_err();
+        assert!(e.contains("gzip | base64"), "{e}");
     }
 }
