@@ -468,3 +468,69 @@ async fn a_stopvm_during_a_create_cancels_cleanly_and_the_instance_is_deleted() 
         "the create did run"
     );
 }
+
+/// Readiness is a completed mutual-TLS handshake with the pod VM's
+/// forwarder, not an open port: a plain TCP listener on the instance's
+/// address (not our forwarder) never makes StartVM succeed, and the
+/// failure names the handshake. The instance is then deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_port_that_is_not_the_forwarder_never_makes_startvm_succeed() {
+    let mut setup = Setup::new();
+    // Whatever the local provider starts as the "forwarder": a listener on
+    // the instance's address that answers every connection with an HTTP
+    // response, as an unrelated host on a reused address would.
+    let impostor = setup.root.path().join("impostor.py");
+    std::fs::write(
+        &impostor,
+        r#"#!/usr/bin/env python3
+import socket, sys
+listen = sys.argv[sys.argv.index("--listen") + 1]
+host, port = listen.rsplit(":", 1)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, int(port)))
+s.listen(64)
+while True:
+    c, _ = s.accept()
+    try:
+        c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    except OSError:
+        pass
+    c.close()
+"#,
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&impostor, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    setup.forwarder_bin = Some(impostor);
+    setup.global.extend(
+        ["--proxy-timeout", "2s", "--create-attempts", "1"]
+            .map(String::from)
+            .to_vec(),
+    );
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("impostor", "ns"))
+        .await
+        .unwrap();
+    let (code, message) = rpc_error(client.start(&id).await.unwrap_err());
+    assert_ne!(code, ttrpc::Code::OK);
+    assert!(
+        message.contains("did not complete a TLS handshake") && message.contains("podvm-impostor-"),
+        "{message}"
+    );
+    // Failed creations are cleaned up: the impostor's instance goes.
+    eventually(
+        "the failed instance deleted",
+        Duration::from_secs(30),
+        async || {
+            let view = daemon.instance(&id).await?;
+            (view["state"] == "failed" && view["instance_id"].is_null()).then_some(())
+        },
+    )
+    .await;
+}

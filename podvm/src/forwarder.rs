@@ -107,6 +107,12 @@ pub async fn serve(listener: TcpListener, config: ForwarderConfig) -> io::Result
             let result = match acceptor {
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(tls) => relay(tls, &config).await,
+                    // A connection closed before its first byte is a port
+                    // check, not an attack: not worth a warning each time.
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!(%peer, error = %e, "connection closed before a TLS handshake");
+                        return;
+                    }
                     Err(e) => {
                         tracing::warn!(%peer, error = %e, "TLS handshake refused");
                         return;

@@ -170,18 +170,12 @@ impl PodVm {
                     .pods_dir
                     .join(self.sandbox_id())
                     .join("agent.ttrpc");
-                let tls = match &self.deps.pki {
-                    None => None,
-                    Some(pki) => match pki.server_name(&instance_name) {
-                        Ok(server_name) => Some(ClientTls {
-                            config: pki.client_config(),
-                            server_name,
-                        }),
-                        Err(e) => {
-                            tracing::error!(sandbox = %self.sandbox_id(), error = %e, "cannot open the agent socket");
-                            return;
-                        }
-                    },
+                let tls = match self.client_tls(&instance_name) {
+                    Ok(tls) => tls,
+                    Err(e) => {
+                        tracing::error!(sandbox = %self.sandbox_id(), error = %e, "cannot open the agent socket");
+                        return;
+                    }
                 };
                 match AgentProxy::open(
                     &path,
@@ -205,6 +199,18 @@ impl PodVm {
             (None, Some(_)) => self.proxy = None,
             _ => {}
         }
+    }
+
+    /// How the proxy and the readiness probe talk TLS to this sandbox's
+    /// pod VM named `instance_name` (`None`: `--disable-tls`).
+    fn client_tls(&self, instance_name: &str) -> Result<Option<ClientTls>, String> {
+        let Some(pki) = &self.deps.pki else {
+            return Ok(None);
+        };
+        Ok(Some(ClientTls {
+            config: pki.client_config(),
+            server_name: pki.server_name(instance_name)?,
+        }))
     }
 
     fn perform(&mut self, commands: Vec<Command>, ctx: &mut Context<Self>) {
@@ -345,9 +351,10 @@ impl PodVm {
             Command::Probe { ip } => {
                 let addr = SocketAddr::new(ip, self.deps.forwarder_port);
                 let limit = self.deps.proxy_timeout;
+                let tls = self.client_tls(&self.machine.target().instance_name);
                 let probe = async move {
                     failpoints::hit(failpoints::DURING_READINESS);
-                    crate::probe::wait_for_agent(addr, limit).await
+                    crate::probe::wait_for_agent(addr, limit, tls?.as_ref()).await
                 };
                 ctx.spawn(probe.into_actor(self).map(|result, act, ctx| {
                     let event = match result {

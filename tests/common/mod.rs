@@ -97,6 +97,9 @@ pub struct Setup {
     pub shared_state: Option<PathBuf>,
     /// Another daemon's Kata socket, to try to take it over.
     pub shared_socket: Option<PathBuf>,
+    /// What the local provider runs as each pod VM's forwarder, instead of
+    /// `podvisor-forwarder`.
+    pub forwarder_bin: Option<PathBuf>,
 }
 
 impl Setup {
@@ -116,6 +119,7 @@ impl Setup {
             env: Vec::new(),
             shared_state: None,
             shared_socket: None,
+            forwarder_bin: None,
         }
     }
     pub fn socket(&self) -> PathBuf {
@@ -157,8 +161,11 @@ impl Setup {
         }
         cmd.arg("local");
         cmd.arg("--local-dir").arg(self.local_dir());
-        cmd.arg("--forwarder-bin")
-            .arg(podvisor_podvm::testing::forwarder_binary().unwrap());
+        cmd.arg("--forwarder-bin").arg(
+            self.forwarder_bin
+                .clone()
+                .unwrap_or_else(|| podvisor_podvm::testing::forwarder_binary().unwrap()),
+        );
         cmd.args(&self.local);
         cmd
     }
