@@ -743,3 +743,65 @@ async fn measure_concurrent_lifecycles_on_moto() {
         proxy.calls()
     );
 }
+
+/// With `CLOUD_CONFIG_VERIFY=true`, no subnet given and none from the
+/// metadata service, start-up fails naming `AWS_SUBNET_ID`/`AWS_SG_IDS`;
+/// without it the daemon starts, warns, and `/v1/status` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_subnet_anywhere_verify_refuses_to_start_and_otherwise_status_says_so() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    // A node whose metadata names its region but no network interface.
+    let mut metadata = node_metadata(&net);
+    metadata.retain(|path, _| path.ends_with("/placement/region"));
+    let stub = MetadataStub::start(metadata).await;
+    let mut setup = aws_setup(&moto.endpoint(), &net);
+    setup.provider = Some(
+        [
+            "aws",
+            "--aws-endpoint",
+            &moto.endpoint(),
+            "--aws-access-key-id",
+            ACCESS_KEY_ID,
+            "--aws-secret-key",
+            SECRET_ACCESS_KEY,
+            "--imageid",
+            &net.image_id,
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    setup.env = [
+        (
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+            stub.endpoint().as_str(),
+        ),
+        ("AWS_REGION", ""),
+        ("AWS_SUBNET_ID", ""),
+        ("AWS_SG_IDS", ""),
+        ("SSH_KP_NAME", ""),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .to_vec();
+
+    let out = setup.command().output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started blind:\n{stderr}");
+    assert!(
+        stderr.contains("--subnetid (AWS_SUBNET_ID)") && stderr.contains("AWS_SG_IDS"),
+        "{stderr}"
+    );
+
+    setup.global.retain(|flag| flag != "--cloud-config-verify");
+    let daemon = setup.start().await;
+    let (_, status) = daemon.get("/v1/status").await.unwrap();
+    let problem = status["provider_config_problem"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(problem.contains("AWS_SUBNET_ID"), "{status}");
+    assert!(
+        daemon.log_text().contains("does not verify"),
+        "{}",
+        daemon.log_text()
+    );
+}

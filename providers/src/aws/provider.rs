@@ -625,6 +625,13 @@ impl Provider for AwsProvider {
                 }
             })?;
         }
+        // Without a subnet EC2 launches into the account's default subnet
+        // (if there is one), where the node rarely reaches its pod VMs.
+        if !template && self.settings.subnet_id.is_none() {
+            return Err(ProviderError::config(
+                "--subnetid (AWS_SUBNET_ID) and --securitygroupids (AWS_SG_IDS): no subnet was given and the instance metadata service named none; pod VMs would start in the account's default subnet, which the node may not reach",
+            ));
+        }
         // With a template, the types matter only for what pods ask for.
         if !template || !self.settings.instance_types.is_empty() {
             self.sizes().await?;
