@@ -84,6 +84,8 @@ fn bad_values_fail_at_start_naming_the_flag_and_variable() {
         err.contains("--proxy-timeout") && err.contains("PROXY_TIMEOUT"),
         "{err}"
     );
+    // Said once, not "error: error: ...".
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
 
     let (code, _, err) = run(podvisor()
         .env("TLS_MIN_VERSION", "VersionTLS10")
