@@ -31,9 +31,14 @@ use ttrpc::proto::{
     FLAG_REMOTE_CLOSED, MESSAGE_HEADER_LENGTH, MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE,
 };
 
-/// The largest frame relayed (ttrpc's own limit is 4 MiB; some peers send
-/// more). Larger is a protocol error and ends the connection.
-const MAX_FRAME: usize = 64 << 20;
+/// The largest frame relayed: ttrpc's own limit (4 MiB in ttrpc-rust's
+/// `MESSAGE_LENGTH_MAX` and Go's `messageLengthMax`), which neither Kata's
+/// shims nor its agent exceed. Larger is a protocol error and ends the
+/// connection.
+const MAX_FRAME: usize = ttrpc::proto::MESSAGE_LENGTH_MAX;
+/// What a frame's buffer starts at: it grows only as the payload arrives, so
+/// a peer that announces a large frame and sends nothing costs this much.
+const FRAME_BUFFER_START: usize = 64 << 10;
 /// The longest pause between two dials.
 const DIAL_BACKOFF_CAP: Duration = Duration::from_secs(5);
 
@@ -175,10 +180,17 @@ async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Frame
             format!("a ttrpc frame of {length} bytes is above the relay's limit of {MAX_FRAME}"),
         ));
     }
-    let mut bytes = Vec::with_capacity(MESSAGE_HEADER_LENGTH + length);
+    // Never allocate what was only announced: read into a buffer that
+    // grows with the bytes that actually came.
+    let mut bytes = Vec::with_capacity(MESSAGE_HEADER_LENGTH + length.min(FRAME_BUFFER_START));
     bytes.extend_from_slice(&header);
-    bytes.resize(MESSAGE_HEADER_LENGTH + length, 0);
-    r.read_exact(&mut bytes[MESSAGE_HEADER_LENGTH..]).await?;
+    let read = r.take(length as u64).read_to_end(&mut bytes).await?;
+    if read < length {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the stream ended {read} bytes into a ttrpc frame of {length}"),
+        ));
+    }
     Ok(Some(Frame { bytes }))
 }
 
@@ -394,6 +406,99 @@ mod tests {
 
         drop(a);
         assert!(read_frame(&mut b).await.unwrap().is_none(), "clean EOF");
+    }
+
+    #[tokio::test]
+    async fn a_frame_cut_short_is_an_error_and_the_largest_allowed_one_passes() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let writer = tokio::spawn(async move {
+            let mut frame = Vec::with_capacity(MESSAGE_HEADER_LENGTH + MAX_FRAME);
+            frame.extend_from_slice(&(MAX_FRAME as u32).to_be_bytes());
+            frame.extend_from_slice(&[0, 0, 0, 1, MESSAGE_TYPE_REQUEST, 0]);
+            frame.resize(MESSAGE_HEADER_LENGTH + MAX_FRAME, 0x5a);
+            write_all(&mut a, &frame).await;
+            // Announced, never sent in full.
+            write_all(&mut a, &(MAX_FRAME as u32).to_be_bytes()).await;
+            write_all(&mut a, &[0, 0, 0, 3, MESSAGE_TYPE_REQUEST, 0]).await;
+            write_all(&mut a, &[1; 100]).await;
+        });
+        let whole = read_frame(&mut b).await.unwrap().unwrap();
+        assert_eq!(whole.bytes.len(), MESSAGE_HEADER_LENGTH + MAX_FRAME);
+        writer.await.unwrap();
+        let err = read_frame(&mut b).await.err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(err.to_string().contains("100 bytes into"), "{err}");
+    }
+
+    /// Reads `input` as a peer would send it (in pieces of `chunk` bytes)
+    /// until the reader stops: the frames read, and how it stopped.
+    fn read_all(input: &[u8], chunk: usize) -> (Vec<Vec<u8>>, Option<io::ErrorKind>) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let (mut a, mut b) = tokio::io::duplex(chunk.max(1));
+            let owned = input.to_vec();
+            let writer = tokio::spawn(async move {
+                for piece in owned.chunks(chunk.max(1)) {
+                    if a.write_all(piece).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut frames = Vec::new();
+            let end = loop {
+                match read_frame(&mut b).await {
+                    Ok(Some(f)) => frames.push(f.bytes),
+                    Ok(None) => break None,
+                    Err(e) => break Some(e.kind()),
+                }
+            };
+            drop(b);
+            let _ = writer.await;
+            (frames, end)
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// The relay's frame reader on anything a shim or a pod VM may send:
+        /// it never panics, returns the input's own bytes as whole frames
+        /// in order, ends cleanly only where no whole header is left, and refuses a
+        /// frame above the limit or cut short.
+        #[test]
+        fn the_frame_reader_takes_any_bytes_apart_exactly(
+            frames in proptest::collection::vec(
+                (proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), 0u32..8, 0u8..4),
+                0..6,
+            ),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            chunk in 1usize..64,
+        ) {
+            let mut input = Vec::new();
+            for (payload, stream, kind) in &frames {
+                input.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                input.extend_from_slice(&stream.to_be_bytes());
+                input.extend_from_slice(&[*kind, 0]);
+                input.extend_from_slice(payload);
+            }
+            let valid = input.len();
+            input.extend_from_slice(&tail);
+            let (read, end) = read_all(&input, chunk);
+            let joined: Vec<u8> = read.concat();
+            proptest::prop_assert!(input.starts_with(&joined));
+            proptest::prop_assert!(read.len() >= frames.len());
+            proptest::prop_assert!(joined.len() >= valid);
+            match end {
+                // A clean end: nothing left but a partial header.
+                None => proptest::prop_assert!(input.len() - joined.len() < MESSAGE_HEADER_LENGTH),
+                Some(kind) => proptest::prop_assert!(
+                    kind == io::ErrorKind::InvalidData || kind == io::ErrorKind::UnexpectedEof,
+                    "{kind:?}"
+                ),
+            }
+        }
     }
 
     #[test]
