@@ -154,6 +154,14 @@ pub struct GlobalArgs {
     #[arg(long = "host-interface", value_name = "NAME")]
     pub host_interface: Option<String>,
 
+    /// Group that may connect to the Kata socket (name or number); the socket is mode 0660 [default: the daemon's own group]
+    #[arg(
+        long = "socket-group",
+        env = "PODVISOR_SOCKET_GROUP",
+        value_name = "GROUP"
+    )]
+    pub socket_group: Option<String>,
+
     /// Default initdata for pod VMs without their own: the TOML, gzip-compressed and base64-encoded (`gzip | base64`; line breaks are ignored)
     #[arg(long, env = "INITDATA", value_name = "BASE64")]
     pub initdata: Option<String>,

@@ -32,6 +32,11 @@ pub fn run(
     provider: Box<dyn ProviderConfig>,
 ) -> ExitCode {
     crate::failpoints::arm();
+    // Nothing the daemon makes may be readable or writable beyond its
+    // owner unless it says so (sockets, below): a umask of 000 and a
+    // hostPath /run/peerpod of 0755 would otherwise leave the Kata socket
+    // and every agent socket open to any local user.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     if let Err(e) = init_logging(&global) {
         eprintln!("podvisor: {e}");
         return ExitCode::from(2);
@@ -418,7 +423,13 @@ pub async fn serve(
         .await
     });
 
-    let mut ttrpc_server = crate::api::ttrpc::serve(&global.socket, api).await?;
+    let socket_group = global
+        .socket_group
+        .as_deref()
+        .map(crate::api::ttrpc::resolve_group)
+        .transpose()
+        .map_err(|why| format!("--socket-group (PODVISOR_SOCKET_GROUP): {why}"))?;
+    let mut ttrpc_server = crate::api::ttrpc::serve(&global.socket, socket_group, api).await?;
     tracing::info!(
         socket = %global.socket.display(),
         admin = %global.admin_addr,

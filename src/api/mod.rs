@@ -144,7 +144,10 @@ impl HypervisorApi {
         let request = annotations::parse(annotations)
             .map_err(|why| ApiError::InvalidArgument(format!("Sandbox {sandbox_id}: {why}")))?;
         let pod_dir = self.pods_dir.join(sandbox_id);
-        tokio::fs::create_dir_all(&pod_dir).await.map_err(|e| {
+        // Owner-only whatever the umask: it holds the agent socket.
+        let mut dirs = tokio::fs::DirBuilder::new();
+        dirs.recursive(true).mode(0o700);
+        dirs.create(&pod_dir).await.map_err(|e| {
             ApiError::Unavailable(format!(
                 "Cannot create the pod directory {}: {e}",
                 pod_dir.display()

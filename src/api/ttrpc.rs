@@ -121,8 +121,30 @@ impl podvminfo_ttrpc::PodVmInfo for Service {
     }
 }
 
-/// Binds the socket (replacing a stale file) and starts serving.
-pub async fn serve(path: &Path, api: HypervisorApi) -> Result<Server, String> {
+/// The Kata socket's mode: owner and group may connect, as containerd's
+/// own socket (`0660`); who is in the group is the operator's choice
+/// (`--socket-group`).
+pub const SOCKET_MODE: u32 = 0o660;
+
+/// A group by name or number, for `--socket-group`.
+pub fn resolve_group(group: &str) -> Result<nix::unistd::Gid, String> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(nix::unistd::Gid::from_raw(gid));
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid),
+        Ok(None) => Err(format!("no group is called '{group}'")),
+        Err(e) => Err(format!("cannot look up group '{group}': {e}")),
+    }
+}
+
+/// Binds the socket (replacing a stale file), gives it [`SOCKET_MODE`] and
+/// `group`, and starts serving.
+pub async fn serve(
+    path: &Path,
+    group: Option<nix::unistd::Gid>,
+    api: HypervisorApi,
+) -> Result<Server, String> {
     let fail = |why: String| {
         format!(
             "--socket (REMOTE_HYPERVISOR_ENDPOINT) {}: {why}",
@@ -158,6 +180,16 @@ pub async fn serve(path: &Path, api: HypervisorApi) -> Result<Server, String> {
         .register_service(hypervisor_ttrpc::create_hypervisor(service.clone()))
         .register_service(podvminfo_ttrpc::create_pod_vm_info(service))
         .register_service(camel_cased);
+    // Bound under the daemon's umask (077): owner-only until widened here.
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(gid))
+            .map_err(|e| fail(format!("cannot give it group {gid}: {e}")))?;
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+            .map_err(|e| fail(format!("cannot set its mode: {e}")))?;
+    }
     server.start().await.map_err(|e| fail(e.to_string()))?;
     Ok(server)
 }

@@ -82,6 +82,12 @@ impl AgentProxy {
             Err(e) => return Err(e),
         }
         let listener = UnixListener::bind(path)?;
+        {
+            // Owner and group, as the Kata socket; its pod directory is
+            // owner-only in any case.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        }
         let accept = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
