@@ -522,6 +522,67 @@ async fn a_client_without_our_certificate_is_refused_by_the_forwarder() {
     daemon.client().await.stop(&id).await.unwrap();
 }
 
+/// A clock stopped at one moment: the day a daemon last made its keys.
+#[derive(Debug)]
+struct StoppedClock(std::time::SystemTime);
+
+impl podvisor::tls::Clock for StoppedClock {
+    fn now(&self) -> std::time::SystemTime {
+        self.0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_client_certificate_is_renewed_at_start_and_its_expiry_exported() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let (setup, agent_socket) = setup_with_agent();
+    let (_agent, _server) = serve_agent(&agent_socket).await;
+    // Keys made a year and a month ago, by a daemon that has not run since:
+    // the client certificate expired a month ago.
+    let made =
+        SystemTime::now() - podvisor::tls::CLIENT_LIFETIME - Duration::from_secs(30 * 86_400);
+    let policy = podvisor::tls::ClientPolicy {
+        tls: podvisor_podvm::tls::TlsPolicy::new(None, None).unwrap(),
+        skip_verify: false,
+    };
+    let tls = setup.state_dir().join("tls");
+    let old = podvisor::tls::Pki::load_or_create_at(
+        &tls,
+        &policy,
+        std::sync::Arc::new(StoppedClock(made)),
+    )
+    .unwrap();
+    assert!(old.client_not_after() < SystemTime::now());
+    let ca_expiry = old.ca_not_after();
+    drop(old);
+    let expired = std::fs::read_to_string(tls.join("client.pem")).unwrap();
+
+    let daemon = setup.start().await;
+    assert!(
+        daemon.log_text().contains("renewed the client certificate"),
+        "{}",
+        daemon.log_text()
+    );
+    assert_ne!(
+        std::fs::read_to_string(tls.join("client.pem")).unwrap(),
+        expired
+    );
+    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+    let expiry = "podvisor_tls_certificate_expiry_timestamp_seconds";
+    let client = daemon.metric(expiry, &[("certificate", "client")]).await;
+    let soonest = secs(SystemTime::now() + podvisor::tls::CLIENT_LIFETIME) - 3600.0;
+    assert!(client > soonest, "client certificate expiry {client}");
+    assert_eq!(
+        daemon.metric(expiry, &[("certificate", "ca")]).await,
+        secs(ca_expiry)
+    );
+    // The forwarder accepts the renewed certificate: StartVM waits for a
+    // completed handshake, and the agent answers through the proxy.
+    let (id, path, _) = running_sandbox(&daemon).await;
+    assert!(check(&path).await.unwrap());
+    daemon.client().await.stop(&id).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disable_tls_works_and_says_so_loudly() {
     let (mut setup, agent_socket) = setup_with_agent();
