@@ -1,5 +1,7 @@
 //! The gRPC endpoint: the same hypervisor semantics, and the admin API with
-//! its watch stream.
+//! its watch stream; and who may reach which: `hypervisor.Hypervisor` on
+//! the unix socket (mode 0660, as the Kata socket) and, only with the
+//! bearer token, on TCP; the read-only Admin on both.
 
 mod common;
 
@@ -8,16 +10,106 @@ use podvisor::protocols::grpc::admin::admin_client::AdminClient;
 use podvisor::protocols::grpc::admin::{self, instance_event::Kind};
 use podvisor::protocols::grpc::hypervisor as hv;
 use podvisor::protocols::grpc::hypervisor::hypervisor_client::HypervisorClient;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+/// `hypervisor.Hypervisor` on the daemon's gRPC unix socket.
+async fn unix_hypervisor(setup: &Setup) -> HypervisorClient<Channel> {
+    HypervisorClient::connect(format!("unix://{}", setup.grpc_socket().display()))
+        .await
+        .unwrap()
+}
+
+fn tcp_endpoint(setup: &Setup) -> String {
+    format!("http://127.0.0.1:{}", setup.grpc_port)
+}
+
+/// Writes `token` (with the newline `echo` adds) to a file the daemon is
+/// pointed at with `--grpc-token-file`.
+fn with_token_file(setup: &mut Setup, token: &str) -> PathBuf {
+    let path = setup.root.path().join("grpc-token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    setup
+        .global
+        .extend(["--grpc-token-file".to_owned(), path.display().to_string()]);
+    path
+}
+
+/// A Running sandbox, made through the Kata socket.
+async fn running_sandbox(daemon: &Daemon, pod: &str) -> String {
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations(pod, "ns"))
+        .await
+        .unwrap();
+    client
+        .start(&id)
+        .await
+        .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    assert_eq!(daemon.instance(&id).await.unwrap()["state"], "running");
+    id
+}
+
+/// What a TCP client sends as `authorization`, if anything.
+#[derive(Clone)]
+struct Authorization(Option<String>);
+
+impl tonic::service::Interceptor for Authorization {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            req.metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+        }
+        Ok(req)
+    }
+}
+
+type TcpHypervisor =
+    HypervisorClient<tonic::service::interceptor::InterceptedService<Channel, Authorization>>;
+
+/// `hypervisor.Hypervisor` on the daemon's TCP endpoint, sending
+/// `authorization` as given.
+async fn tcp_hypervisor(setup: &Setup, authorization: Option<String>) -> TcpHypervisor {
+    let channel = Channel::from_shared(tcp_endpoint(setup))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    HypervisorClient::with_interceptor(channel, Authorization(authorization))
+}
+
+/// StopVM of `id` and CreateVM of `new_id`, both expected to fail: their
+/// statuses.
+async fn stop_and_create(
+    hv: &mut TcpHypervisor,
+    id: &str,
+    new_id: &str,
+) -> (tonic::Status, tonic::Status) {
+    let stop = hv
+        .stop_vm(hv::StopVmRequest { id: id.to_owned() })
+        .await
+        .unwrap_err();
+    let create = hv
+        .create_vm(hv::CreateVmRequest {
+            id: new_id.to_owned(),
+            annotations: pod_annotations("intruder", "ns"),
+            network_namespace_path: String::new(),
+        })
+        .await
+        .unwrap_err();
+    (stop, create)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_drives_a_pod_vm_and_the_admin_api_watches_it() {
     let setup = Setup::new();
     let daemon = setup.start().await;
-    let endpoint = format!("http://127.0.0.1:{}", setup.grpc_port);
-    let mut hv = HypervisorClient::connect(endpoint.clone()).await.unwrap();
-    let mut admin = AdminClient::connect(endpoint).await.unwrap();
+    let mut hv = unix_hypervisor(&setup).await;
+    let mut admin = AdminClient::connect(tcp_endpoint(&setup)).await.unwrap();
 
     let mut watch = admin
         .watch_instances(admin::WatchInstancesRequest {
@@ -77,6 +169,16 @@ async fn grpc_drives_a_pod_vm_and_the_admin_api_watches_it() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
+    // The unix socket serves the admin API too.
+    let mut unix_admin = AdminClient::connect(format!("unix://{}", setup.grpc_socket().display()))
+        .await
+        .unwrap();
+    let listed = unix_admin
+        .list_instances(admin::ListInstancesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.instances.len(), 1);
 
     let bad = hv
         .start_vm(hv::StartVmRequest { id: String::new() })
@@ -110,4 +212,220 @@ async fn grpc_drives_a_pod_vm_and_the_admin_api_watches_it() {
         ["pending", "creating", "running", "deleting", "removed"]
     );
     drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hypervisor_is_not_served_over_tcp_without_a_token() {
+    let setup = Setup::new();
+    let daemon = setup.start().await;
+    let id = running_sandbox(&daemon, "tcp-target").await;
+
+    let mut hv = tcp_hypervisor(&setup, None).await;
+    let intruder = sandbox_id();
+    let (stop, create) = stop_and_create(&mut hv, &id, &intruder).await;
+    assert_eq!(stop.code(), tonic::Code::Unimplemented, "{stop:?}");
+    assert_eq!(create.code(), tonic::Code::Unimplemented, "{create:?}");
+
+    // Nothing happened: the sandbox still runs, no VM was made.
+    assert_eq!(daemon.instance(&id).await.unwrap()["state"], "running");
+    assert!(daemon.instance(&intruder).await.is_none());
+    // The read-only admin API is still there.
+    let mut admin = AdminClient::connect(tcp_endpoint(&setup)).await.unwrap();
+    let one = admin
+        .get_instance(admin::GetInstanceRequest {
+            sandbox_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.state, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hypervisor_over_tcp_needs_the_configured_bearer_token() {
+    let mut setup = Setup::new();
+    let token = format!("tok-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    with_token_file(&mut setup, &token);
+    let daemon = setup.start().await;
+    let id = running_sandbox(&daemon, "token-target").await;
+    let intruder = sandbox_id();
+    // No token, a wrong one, the right one under another scheme.
+    for authorization in [
+        None,
+        Some(format!("Bearer {token}x")),
+        Some(format!("Bearer {}", &token[1..])),
+        Some(format!("Basic {token}")),
+    ] {
+        let mut hv = tcp_hypervisor(&setup, authorization).await;
+        let (stop, create) = stop_and_create(&mut hv, &id, &intruder).await;
+        for status in [stop, create] {
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+            assert!(
+                status.message().contains("authorization: Bearer")
+                    && status.message().contains("--grpc-token-file"),
+                "{status:?}"
+            );
+            assert!(!status.message().contains(&token), "{status:?}");
+        }
+    }
+    assert_eq!(daemon.instance(&id).await.unwrap()["state"], "running");
+    assert!(daemon.instance(&intruder).await.is_none());
+
+    // With the token, it drives pod VMs.
+    let mut hv = tcp_hypervisor(&setup, Some(format!("Bearer {token}"))).await;
+    hv.stop_vm(hv::StopVmRequest { id: id.clone() })
+        .await
+        .unwrap();
+    eventually(
+        "the stopped sandbox to be gone",
+        Duration::from_secs(10),
+        async || daemon.instance(&id).await.is_none().then_some(()),
+    )
+    .await;
+    let log = daemon.log_text();
+    assert!(log.contains("refused"), "{log}");
+    assert!(!log.contains(&token), "the token is in the log:\n{log}");
+}
+
+/// Tries, as uid and gid 1001 (no other groups), to connect to each unix
+/// socket: "connected", "EACCES" or the error.
+fn connect_as_unprivileged_user(sockets: &[&Path]) -> Vec<String> {
+    use std::os::unix::process::CommandExt;
+    const SCRIPT: &str = "
+import socket, sys
+for path in sys.argv[1:]:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        print('connected')
+    except PermissionError:
+        print('EACCES')
+    except OSError as e:
+        print('error', e)
+";
+    // The system's python: a per-user install under /root is out of the
+    // unprivileged user's reach.
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args(["-I", "-c", SCRIPT])
+        .args(sockets)
+        .env_clear()
+        .current_dir("/")
+        .uid(1001)
+        .gid(1001)
+        .output()
+        .expect("/usr/bin/python3 runs");
+    assert!(
+        out.status.success(),
+        "python3 as uid 1001: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_socket_admits_only_owner_and_group_and_drives_pod_vms() {
+    let mut setup = Setup::new();
+    // A group besides root's and the unprivileged user's, so "set" shows.
+    let group = nix::unistd::Group::from_name("daemon")
+        .ok()
+        .flatten()
+        .or_else(|| {
+            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(1))
+                .ok()
+                .flatten()
+        })
+        .expect("a group besides root's");
+    setup
+        .global
+        .extend(["--socket-group".to_owned(), group.name.clone()]);
+    // Others may pass through the test's directory, so only the socket's own
+    // mode stands between them and the socket.
+    std::fs::set_permissions(setup.root.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let daemon = setup.start().await;
+
+    let socket = setup.grpc_socket();
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o660, "the gRPC socket");
+    assert_eq!(meta.gid(), group.gid.as_raw(), "the gRPC socket's group");
+
+    // A socket open to all in the same directory: the unprivileged user
+    // does reach it, so what stops them below is the gRPC socket's mode.
+    let control = setup.root.path().join("control.sock");
+    let _control = std::os::unix::net::UnixListener::bind(&control).unwrap();
+    std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert_eq!(
+        connect_as_unprivileged_user(&[&control, &socket]),
+        ["connected", "EACCES"]
+    );
+
+    // Root, the owner, stops a pod's VM over it.
+    let id = running_sandbox(&daemon, "unix-target").await;
+    unix_hypervisor(&setup)
+        .await
+        .stop_vm(hv::StopVmRequest { id: id.clone() })
+        .await
+        .unwrap();
+    eventually(
+        "the stopped sandbox to be gone",
+        Duration::from_secs(10),
+        async || daemon.instance(&id).await.is_none().then_some(()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_bound_beyond_loopback_start_with_a_warning() {
+    let mut setup = Setup::new();
+    setup.listen_ip = std::net::Ipv4Addr::UNSPECIFIED.into();
+    let daemon = setup.start().await;
+    let log = daemon.log_text();
+    for warning in [
+        "--admin-addr (PODVISOR_ADMIN_ADDR) is not a loopback address",
+        "--grpc-addr (PODVISOR_GRPC_ADDR) is not a loopback address",
+        "pod name, namespace, IP addresses, instance id",
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("WARN") && l.contains(warning)),
+            "no warning {warning:?}:\n{log}"
+        );
+    }
+    // Still no mutating service on TCP.
+    let mut hv = tcp_hypervisor(&setup, None).await;
+    let stop = hv
+        .stop_vm(hv::StopVmRequest { id: sandbox_id() })
+        .await
+        .unwrap_err();
+    assert_eq!(stop.code(), tonic::Code::Unimplemented, "{stop:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_that_guards_nothing_stops_start_up_naming_the_flag() {
+    for (content, why) in [
+        (Some(" \n"), "is empty"),
+        (Some("short\n"), "at least 16"),
+        (None, "cannot read it"),
+    ] {
+        let mut setup = Setup::new();
+        setup.listen_ip = std::net::Ipv4Addr::UNSPECIFIED.into();
+        let path = with_token_file(&mut setup, "placeholder");
+        match content {
+            Some(c) => std::fs::write(&path, c).unwrap(),
+            None => std::fs::remove_file(&path).unwrap(),
+        }
+        let out = setup.command().output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("--grpc-token-file (PODVISOR_GRPC_TOKEN_FILE)") && err.contains(why),
+            "{why}: {err}"
+        );
+        assert!(
+            !setup.socket().exists() && !setup.grpc_socket().exists(),
+            "{err}"
+        );
+    }
 }

@@ -1,8 +1,8 @@
 //! Who may reach the daemon's sockets does not depend on the umask it was
-//! started with: the Kata socket and every agent socket are `0660` (group:
-//! `--socket-group`), pod directories `0700`. Alone in its test binary,
-//! because it sets the umask of the whole test process (which the daemon
-//! inherits).
+//! started with: the Kata socket, the gRPC socket and every agent socket
+//! are `0660` (group: `--socket-group`), pod directories `0700`. Alone in
+//! its test binary, because it sets the umask of the whole test process
+//! (which the daemon inherits).
 
 mod common;
 
@@ -50,6 +50,15 @@ async fn sockets_and_pod_dirs_get_their_modes_whatever_the_umask() {
         std::fs::metadata(&socket).unwrap().gid(),
         group.gid.as_raw(),
         "the Kata socket's group"
+    );
+    // The gRPC socket drives pod VMs as the Kata socket does: the same
+    // mode and group.
+    let grpc_socket = setup.grpc_socket();
+    assert_eq!(mode(&grpc_socket), 0o660, "the gRPC socket");
+    assert_eq!(
+        std::fs::metadata(&grpc_socket).unwrap().gid(),
+        group.gid.as_raw(),
+        "the gRPC socket's group"
     );
 
     let client = daemon.client().await;

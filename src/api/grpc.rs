@@ -1,15 +1,175 @@
 //! The gRPC endpoint (tonic): `hypervisor.Hypervisor`, with the same
 //! semantics as the ttrpc socket, and `podvisor.admin.v1.Admin`.
+//!
+//! Who may call what: on the unix socket (`--grpc-socket`, mode 0660 and
+//! `--socket-group`, as the Kata socket) both services; on TCP
+//! (`--grpc-addr`) the read-only Admin, and `hypervisor.Hypervisor` only
+//! with a bearer token (`--grpc-token-file`) — any local user and any
+//! hostNetwork pod can reach a loopback port, and StopVM of another pod's
+//! sandbox must not be theirs to send.
 
 use super::{API_VERSION, ApiError, HypervisorApi};
 use crate::protocols::grpc::admin::{self, admin_server};
 use crate::protocols::grpc::hypervisor::{self as hv, hypervisor_server};
 use crate::view::{InstanceView, ViewEvent};
 use podvisor_state::InstanceRecord;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+
+/// Shortest bearer token accepted: anything shorter can be guessed by a
+/// local user with time on their hands.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// The bearer token that `hypervisor.Hypervisor` over TCP requires
+/// (`--grpc-token-file`). It is a secret: `Debug` redacts it and nothing
+/// else shows it, so it cannot reach a log line or an error.
+#[derive(Clone)]
+pub struct BearerToken(Arc<[u8]>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
+}
+
+impl BearerToken {
+    /// Reads the token: the content of the file at `path` without the
+    /// whitespace around it (a trailing newline from `echo` is not part of
+    /// it). The error names the path and the cause, never the content.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
+        Self::from_bytes(&bytes).map_err(|why| format!("{}: {why}", path.display()))
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        let token = bytes.trim_ascii();
+        if token.is_empty() {
+            return Err(
+                "is empty; put a random token in it (e.g. `head -c 32 /dev/urandom | base64`)"
+                    .into(),
+            );
+        }
+        // It travels in an HTTP/2 header, which holds visible ASCII only: a
+        // token no client can send would lock everyone out in silence.
+        if !token.iter().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "holds characters other than visible ASCII (a header cannot carry them); use e.g. base64"
+                    .into(),
+            );
+        }
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "holds a token of {} characters; at least {MIN_TOKEN_LEN} are needed",
+                token.len()
+            ));
+        }
+        Ok(Self(token.into()))
+    }
+
+    /// True if `presented` is the token. Constant time in the content, so
+    /// timing does not tell a caller how many leading bytes were right.
+    fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_ref().ct_eq(presented).into()
+    }
+}
+
+/// Lets a call through only with `authorization: Bearer <token>`; anything
+/// else is `UNAUTHENTICATED`, with a message that says what is missing and
+/// never echoes what was sent.
+#[derive(Clone, Debug)]
+pub struct RequireBearer {
+    token: BearerToken,
+}
+
+impl RequireBearer {
+    /// Requires `token`.
+    pub fn new(token: BearerToken) -> Self {
+        Self { token }
+    }
+}
+
+impl tonic::service::Interceptor for RequireBearer {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let refuse = |why: &str| {
+            tracing::warn!(
+                reason = why,
+                "gRPC call to hypervisor.Hypervisor over TCP refused"
+            );
+            Err(Status::unauthenticated(format!(
+                "hypervisor.Hypervisor over TCP needs the header `authorization: Bearer <token>` with the token of the daemon's --grpc-token-file: {why}"
+            )))
+        };
+        let Some(value) = req.metadata().get("authorization") else {
+            return refuse("the call has no authorization header");
+        };
+        let value = value.as_bytes();
+        // The scheme is case-insensitive (RFC 9110); the token is not.
+        let token = match value.split_at_checked(7) {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case(b"bearer ") => rest.trim_ascii(),
+            _ => return refuse("the authorization header is not `Bearer <token>`"),
+        };
+        if !self.token.matches(token) {
+            return refuse("the bearer token is not the daemon's");
+        }
+        Ok(req)
+    }
+}
+
+/// True if `addr` is reachable only from this host.
+pub fn is_loopback(addr: &std::net::SocketAddr) -> bool {
+    addr.ip().to_canonical().is_loopback()
+}
+
+/// Binds the gRPC unix socket at `path` for [`tonic`]'s
+/// `serve_with_incoming`: a stale file is replaced, a socket something
+/// still answers on is refused; the socket gets the Kata socket's mode
+/// ([`super::ttrpc::SOCKET_MODE`]) and `group`, so exactly who may drive
+/// pod VMs through Kata may drive them here. Must run inside Tokio.
+pub fn bind_unix(
+    path: &Path,
+    group: Option<nix::unistd::Gid>,
+) -> Result<tokio::net::UnixListener, String> {
+    let fail = |why: String| {
+        format!(
+            "--grpc-socket (PODVISOR_GRPC_SOCKET) {}: {why}",
+            path.display()
+        )
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(fail(
+            "another process is serving on it (is another podvisor running?)".into(),
+        ));
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::debug!(socket = %path.display(), "removed a stale gRPC socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(format!("cannot remove the old socket: {e}"))),
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
+    // Bound under the daemon's umask (077): owner-only until widened here.
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(gid))
+            .map_err(|e| fail(format!("cannot give it group {gid}: {e}")))?;
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            path,
+            std::fs::Permissions::from_mode(super::ttrpc::SOCKET_MODE),
+        )
+        .map_err(|e| fail(format!("cannot set its mode: {e}")))?;
+    }
+    Ok(listener)
+}
 
 fn status(e: ApiError) -> Status {
     let message = e.to_string();
@@ -169,5 +329,86 @@ impl admin_server::Admin for GrpcAdmin {
         Ok(Response::new(Box::pin(
             tokio_stream::iter(existing).chain(live),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    const TOKEN: &str = "s3cr3t-t0ken-0123456789";
+
+    fn call(auth: Option<&str>) -> Result<(), Status> {
+        let token = BearerToken::from_bytes(format!("{TOKEN}\n").as_bytes()).unwrap();
+        let mut req = Request::new(());
+        if let Some(value) = auth {
+            req.metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+        }
+        RequireBearer::new(token).call(req).map(drop)
+    }
+
+    #[test]
+    fn only_the_configured_bearer_token_is_let_through() {
+        assert!(call(Some(&format!("Bearer {TOKEN}"))).is_ok());
+        assert!(call(Some(&format!("bearer {TOKEN}"))).is_ok());
+        for bad in [
+            None,
+            Some(TOKEN.to_owned()),
+            Some(format!("Basic {TOKEN}")),
+            Some(format!("Bearer {TOKEN}x")),
+            Some(format!("Bearer {}", &TOKEN[1..])),
+            Some("Bearer".to_owned()),
+            Some(String::new()),
+        ] {
+            let status = call(bad.as_deref()).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{bad:?}");
+            assert!(status.message().contains("--grpc-token-file"), "{status:?}");
+            assert!(!status.message().contains(TOKEN), "{status:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_file_that_no_client_could_use_is_refused() {
+        assert!(
+            BearerToken::from_bytes(b" \n")
+                .unwrap_err()
+                .contains("empty")
+        );
+        assert!(
+            BearerToken::from_bytes(b"short")
+                .unwrap_err()
+                .contains("at least")
+        );
+        assert!(
+            BearerToken::from_bytes("ünïcode-token-0123456789".as_bytes())
+                .unwrap_err()
+                .contains("visible ASCII")
+        );
+        let err = BearerToken::from_file(Path::new("/nonexistent/token")).unwrap_err();
+        assert!(err.contains("/nonexistent/token"), "{err}");
+    }
+
+    #[test]
+    fn the_token_is_never_shown() {
+        let token = BearerToken::from_bytes(TOKEN.as_bytes()).unwrap();
+        assert!(!format!("{token:?}").contains(TOKEN));
+        assert!(!format!("{:?}", RequireBearer::new(token)).contains(TOKEN));
+    }
+
+    #[test]
+    fn only_loopback_addresses_count_as_loopback() {
+        for addr in [
+            "127.0.0.1:1",
+            "127.9.9.9:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(is_loopback(&addr.parse().unwrap()), "{addr}");
+        }
+        for addr in ["0.0.0.0:1", "[::]:1", "10.0.0.1:1", "[::ffff:10.0.0.1]:1"] {
+            assert!(!is_loopback(&addr.parse().unwrap()), "{addr}");
+        }
     }
 }
