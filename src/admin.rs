@@ -123,12 +123,21 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
+    // The journal's integrity rides along: a journal in doubt does not stop
+    // the daemon serving pods, but an operator looking here must see it.
+    let journal = s.status.get("journal").cloned().unwrap_or(Value::Null);
     if s.view.is_ready() {
-        (StatusCode::OK, axum::Json(json!({ "ready": true }))).into_response()
+        (
+            StatusCode::OK,
+            axum::Json(json!({ "ready": true, "journal": journal })),
+        )
+            .into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({ "ready": false, "error": "Start-up recovery is still running" })),
+            axum::Json(
+                json!({ "ready": false, "error": "Start-up recovery is still running", "journal": journal }),
+            ),
         )
             .into_response()
     }

@@ -1,6 +1,13 @@
-//! The orphan GC's decision: which node-tagged instances no record owns.
+//! The orphan GC's decision: which node-tagged instances no record owns,
+//! and which of those it may delete.
+//!
+//! An instance is deleted only when this daemon's own journal, found intact
+//! at start-up, says nobody owns it: it carries this journal's id
+//! (`podvisor.io/journal`), no record holds its token or id, and it is older
+//! than the grace period. Everything else unowned is left alone and
+//! reported, with the reason, for an operator to decide.
 
-use podvisor_providers::{Instance, TAG_SANDBOX, TAG_TOKEN};
+use podvisor_providers::{Instance, TAG_JOURNAL, TAG_SANDBOX, TAG_TOKEN};
 use podvisor_state::{InstanceRecord, UnixMillis};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -12,19 +19,67 @@ pub struct Ownership<'a> {
     /// Sandbox ids whose records sit in quarantine: their instances are
     /// never collected (the record may be readable by a newer podvisor).
     pub quarantined: &'a HashSet<String>,
+    /// This daemon's journal id.
+    pub journal_id: &'a str,
+    /// Whether the journal was found intact (or fresh) at start-up; a
+    /// journal in doubt never drives a delete.
+    pub journal_trusted: bool,
 }
 
-/// The instances to delete: tagged for this node, owned by no record (by
-/// token or instance id), not belonging to a quarantined record, and older
-/// than `grace` — by their creation time, or, when the provider does not
-/// report one, by when the GC first saw them (`first_seen`, updated here).
+/// Why an unowned instance was left alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Spared {
+    /// The journal may have lost the record that owns it.
+    JournalInDoubt,
+    /// Another journal answers for it: a daemon whose state directory was
+    /// wiped, or a second daemon with this node's name.
+    OtherJournal,
+    /// It names no journal (made before journals had identities, or by
+    /// hand): nobody can say it is an orphan.
+    Untagged,
+    /// An orphan, but younger than the grace period.
+    WithinGrace,
+}
+
+impl Spared {
+    /// Every reason, for metrics.
+    pub const ALL: [Spared; 4] = [
+        Spared::JournalInDoubt,
+        Spared::OtherJournal,
+        Spared::Untagged,
+        Spared::WithinGrace,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Spared::JournalInDoubt => "journal_in_doubt",
+            Spared::OtherJournal => "other_journal",
+            Spared::Untagged => "untagged",
+            Spared::WithinGrace => "within_grace",
+        }
+    }
+}
+
+/// One GC pass's decision.
+#[derive(Debug, Default)]
+pub struct Decision {
+    /// Orphans of this journal, past the grace period: to delete.
+    pub orphans: Vec<Instance>,
+    /// Unowned instances left alone, and why.
+    pub spared: Vec<(Instance, Spared)>,
+}
+
+/// Decides one pass: see the module documentation. `first_seen` remembers
+/// when the GC first saw each unowned instance that reports no creation
+/// time (the grace counts from then); it is updated here.
 pub fn select_orphans(
     instances: &[Instance],
     owners: &Ownership<'_>,
     first_seen: &mut HashMap<String, UnixMillis>,
     now: UnixMillis,
     grace: Duration,
-) -> Vec<Instance> {
+) -> Decision {
     let tokens: HashSet<&str> = owners
         .records
         .iter()
@@ -36,7 +91,7 @@ pub fn select_orphans(
         .filter_map(|r| r.instance.as_ref().map(|i| i.id.as_str()))
         .collect();
     let grace_ms = grace.as_millis() as u64;
-    let mut orphans = Vec::new();
+    let mut decision = Decision::default();
     let mut seen_now = HashSet::new();
     for instance in instances {
         let owned = ids.contains(instance.id.as_str())
@@ -51,18 +106,32 @@ pub fn select_orphans(
         if owned {
             continue;
         }
+        let spared = match instance.tags.get(TAG_JOURNAL) {
+            None => Some(Spared::Untagged),
+            Some(j) if j != owners.journal_id => Some(Spared::OtherJournal),
+            Some(_) if !owners.journal_trusted => Some(Spared::JournalInDoubt),
+            Some(_) => None,
+        };
+        if let Some(reason) = spared {
+            decision.spared.push((instance.clone(), reason));
+            continue;
+        }
         seen_now.insert(instance.id.clone());
         let since = match instance.created_at {
             Some(t) => t,
             None => *first_seen.entry(instance.id.clone()).or_insert(now),
         };
         if now.saturating_sub(since) >= grace_ms {
-            orphans.push(instance.clone());
+            decision.orphans.push(instance.clone());
+        } else {
+            decision
+                .spared
+                .push((instance.clone(), Spared::WithinGrace));
         }
     }
     // Forget instances that are gone or owned now.
     first_seen.retain(|id, _| seen_now.contains(id));
-    orphans
+    decision
 }
 
 #[cfg(test)]
@@ -72,6 +141,8 @@ mod tests {
     use podvisor_state::{InstanceRef, InstanceSpec};
     use std::collections::BTreeMap;
 
+    const JOURNAL: &str = "0123456789abcdef0123456789abcdef";
+
     fn instance(id: &str, token: &str, sandbox: &str, created_at: Option<u64>) -> Instance {
         Instance {
             id: id.into(),
@@ -80,6 +151,7 @@ mod tests {
             tags: BTreeMap::from([
                 (TAG_TOKEN.into(), token.into()),
                 (TAG_SANDBOX.into(), sandbox.into()),
+                (TAG_JOURNAL.into(), JOURNAL.into()),
             ]),
             created_at,
             status: InstanceStatus::Running,
@@ -115,11 +187,56 @@ mod tests {
         let owners = Ownership {
             records: &records,
             quarantined: &quarantined,
+            journal_id: JOURNAL,
+            journal_trusted: true,
         };
         let mut first_seen = HashMap::new();
-        let orphans = select_orphans(&instances, &owners, &mut first_seen, now, grace);
-        let ids: Vec<_> = orphans.iter().map(|i| i.id.as_str()).collect();
+        let decision = select_orphans(&instances, &owners, &mut first_seen, now, grace);
+        let ids: Vec<_> = decision.orphans.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(ids, ["i-orphan"]);
+        let spared: Vec<_> = decision
+            .spared
+            .iter()
+            .map(|(i, why)| (i.id.as_str(), *why))
+            .collect();
+        assert_eq!(spared, [("i-young", Spared::WithinGrace)]);
+    }
+
+    #[test]
+    fn only_this_intact_journal_s_instances_are_ever_deleted() {
+        let grace = Duration::from_secs(60);
+        let quarantined = HashSet::new();
+        let mut foreign = instance("i-foreign", "t1", "s1", Some(0));
+        foreign.tags.insert(TAG_JOURNAL.into(), "f".repeat(32));
+        let mut untagged = instance("i-untagged", "t2", "s2", Some(0));
+        untagged.tags.remove(TAG_JOURNAL);
+        let ours = instance("i-ours", "t3", "s3", Some(0));
+        let instances = vec![foreign, untagged, ours];
+        for (trusted, deleted, ours_spared) in [
+            (true, vec!["i-ours"], None),
+            (false, vec![], Some(Spared::JournalInDoubt)),
+        ] {
+            let owners = Ownership {
+                records: &[],
+                quarantined: &quarantined,
+                journal_id: JOURNAL,
+                journal_trusted: trusted,
+            };
+            let d = select_orphans(&instances, &owners, &mut HashMap::new(), 1_000_000, grace);
+            let ids: Vec<_> = d.orphans.iter().map(|i| i.id.as_str()).collect();
+            assert_eq!(ids, deleted, "trusted: {trusted}");
+            let mut spared: Vec<_> = d.spared.iter().map(|(i, w)| (i.id.as_str(), *w)).collect();
+            spared.sort();
+            let mut want = vec![
+                ("i-foreign", Spared::OtherJournal),
+                ("i-untagged", Spared::Untagged),
+            ];
+            if let Some(why) = ours_spared {
+                want.push(("i-ours", why));
+            }
+            want.sort();
+            assert_eq!(spared, want, "trusted: {trusted}");
+        }
     }
 
     #[test]
@@ -129,15 +246,15 @@ mod tests {
         let owners = Ownership {
             records: &[],
             quarantined: &quarantined,
+            journal_id: JOURNAL,
+            journal_trusted: true,
         };
         let mut first_seen = HashMap::new();
         let instances = vec![instance("i-x", "t", "s", None)];
-        assert!(select_orphans(&instances, &owners, &mut first_seen, 1_000, grace).is_empty());
-        assert!(select_orphans(&instances, &owners, &mut first_seen, 50_000, grace).is_empty());
-        assert_eq!(
-            select_orphans(&instances, &owners, &mut first_seen, 61_000, grace).len(),
-            1
-        );
+        let mut pass = |now| select_orphans(&instances, &owners, &mut first_seen, now, grace);
+        assert!(pass(1_000).orphans.is_empty());
+        assert!(pass(50_000).orphans.is_empty());
+        assert_eq!(pass(61_000).orphans.len(), 1);
         // Gone from the listing: forgotten.
         select_orphans(&[], &owners, &mut first_seen, 62_000, grace);
         assert!(first_seen.is_empty());

@@ -9,6 +9,9 @@ fn main() -> ExitCode {
             println!("podvisor {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Ok(Invocation::Journal { action, state_dir }) => {
+            podvisor::daemon::journal_command(action, &state_dir)
+        }
         Ok(Invocation::Run {
             global,
             manager,

@@ -155,17 +155,31 @@ async fn the_gc_deletes_orphans_tagged_with_this_node_and_spares_others() {
         "--gc-grace-period".into(),
         "0s".into(),
     ]);
-    // Instances made behind the daemon's back: one for this node, one for another.
+    // Instances made behind the daemon's back: an orphan of this node's
+    // journal, one for another node, and one of this node that names no
+    // journal (nobody can say it is an orphan).
     let provider = LocalProvider::new(
         setup.local_dir(),
         podvisor_podvm::testing::forwarder_binary().unwrap(),
         setup.forwarder_port,
     )
     .unwrap();
-    let ours = podvisor_providers::conformance::Fixture::new(&setup.node).request(1);
-    let theirs = podvisor_providers::conformance::Fixture::new("another-node").request(1);
+    let journal_id = journal_id_of(&setup);
+    let mut ours = podvisor_providers::conformance::Fixture::new(&setup.node).request(1);
+    ours.tags
+        .insert(podvisor_providers::TAG_JOURNAL.into(), journal_id.clone());
+    let mut theirs = podvisor_providers::conformance::Fixture::new("another-node").request(1);
+    theirs
+        .tags
+        .insert(podvisor_providers::TAG_JOURNAL.into(), journal_id);
+    let mut untagged_fixture = podvisor_providers::conformance::Fixture::new(&setup.node);
+    untagged_fixture.sandbox_id = "untagged-sandbox".into();
     let orphan = provider.create_instance(&ours).await.unwrap();
     let foreign = provider.create_instance(&theirs).await.unwrap();
+    let untagged = provider
+        .create_instance(&untagged_fixture.request(1))
+        .await
+        .unwrap();
     let orphan_pid = instance_pid(&setup.local_dir(), &orphan.id).unwrap();
 
     let daemon = setup.start().await;
@@ -210,12 +224,36 @@ async fn the_gc_deletes_orphans_tagged_with_this_node_and_spares_others() {
             .exists(),
         "another node's instance is not ours to delete"
     );
+    assert!(
+        setup
+            .local_dir()
+            .join("instances")
+            .join(&untagged.id)
+            .exists(),
+        "an instance that names no journal is never taken for an orphan"
+    );
+    assert_eq!(
+        daemon
+            .metric("podvisor_unowned_instances", &[("reason", "untagged")])
+            .await,
+        1.0
+    );
     assert_eq!(daemon.instance(&id).await.unwrap()["state"], "running");
     assert_eq!(
         daemon.metric("podvisor_orphans_deleted_total", &[]).await,
         1.0
     );
     provider.delete_instance(&foreign.id).await.unwrap();
+    provider.delete_instance(&untagged.id).await.unwrap();
+}
+
+/// The id of the journal in `setup`'s state directory, made now if new.
+fn journal_id_of(setup: &Setup) -> String {
+    use podvisor_state::Journal;
+    podvisor_state::SledJournal::open(&setup.state_dir().join("journal"))
+        .unwrap()
+        .identity()
+        .id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,7 +361,13 @@ async fn a_quarantined_records_instance_is_spared_by_the_gc_across_restarts() {
         setup.forwarder_port,
     )
     .unwrap();
-    let instance = provider.create_instance(&fixture.request(1)).await.unwrap();
+    // Tagged with this node's journal: only the quarantine spares it.
+    let mut request = fixture.request(1);
+    request.tags.insert(
+        podvisor_providers::TAG_JOURNAL.into(),
+        journal_id_of(&setup),
+    );
+    let instance = provider.create_instance(&request).await.unwrap();
     {
         let journal =
             podvisor_state::SledJournal::open(&setup.state_dir().join("journal")).unwrap();

@@ -12,6 +12,10 @@ pub const TAG_NODE: &str = "podvisor.io/node";
 pub const TAG_SANDBOX: &str = "podvisor.io/sandbox";
 /// Tag key: the idempotency token the instance was created with.
 pub const TAG_TOKEN: &str = "podvisor.io/token";
+/// Tag key: the id of the journal whose records answer for the instance
+/// (podvisor_state::JournalIdentity). The orphan GC deletes only instances
+/// of its own, intact journal.
+pub const TAG_JOURNAL: &str = "podvisor.io/journal";
 
 /// Everything a provider needs to create one pod VM. Its `Debug` leaves the
 /// user data out: it holds the pod VM's TLS key and the pod's secrets.

@@ -7,7 +7,7 @@ use super::provider::{DeleteInstance, ListInstances};
 use crate::api::ApiError;
 use crate::api::annotations::SandboxRequest;
 use crate::failpoints;
-use crate::gc::{Ownership, select_orphans};
+use crate::gc::{Ownership, Spared, select_orphans};
 use crate::metrics;
 use actix::prelude::*;
 use podvisor_providers::TAG_NODE;
@@ -46,6 +46,8 @@ pub struct Supervisor {
     first_seen: HashMap<String, UnixMillis>,
     /// A GC pass is running.
     gc_running: bool,
+    /// Unowned instances already reported, so each is logged once.
+    reported_spared: HashSet<String>,
 }
 
 impl Supervisor {
@@ -61,6 +63,7 @@ impl Supervisor {
             gc,
             first_seen: HashMap::new(),
             gc_running: false,
+            reported_spared: HashSet::new(),
         }
     }
 
@@ -377,6 +380,45 @@ impl Handler<PodVmReport> for Supervisor {
     }
 }
 
+impl Supervisor {
+    /// Counts the unowned instances the GC left alone, by reason, and says
+    /// once per instance why it was left (an operator decides: `podvisor
+    /// journal accept-loss`, or delete or keep it by hand).
+    fn report_spared(&mut self, spared: &[(podvisor_providers::Instance, Spared)]) {
+        for reason in Spared::ALL {
+            let n = spared.iter().filter(|(_, why)| *why == reason).count();
+            metrics::gauge!(metrics::UNOWNED_INSTANCES, "reason" => reason.as_str()).set(n as f64);
+        }
+        let now: HashSet<String> = spared.iter().map(|(i, _)| i.id.clone()).collect();
+        self.reported_spared.retain(|id| now.contains(id));
+        for (instance, why) in spared {
+            if *why == Spared::WithinGrace || !self.reported_spared.insert(instance.id.clone()) {
+                continue;
+            }
+            let journal = instance
+                .tags
+                .get(podvisor_providers::TAG_JOURNAL)
+                .map(String::as_str)
+                .unwrap_or("none");
+            match why {
+                Spared::OtherJournal => tracing::error!(
+                    instance = %instance.id, name = %instance.name, journal,
+                    node = %self.deps.node_name,
+                    "an instance tagged with this node belongs to another journal: a daemon whose state directory was lost, or a second daemon with the same --node-name; it is left alone"
+                ),
+                Spared::JournalInDoubt => tracing::error!(
+                    instance = %instance.id, name = %instance.name,
+                    "no record owns this instance, but the journal may have lost records: it is left alone until an operator decides"
+                ),
+                _ => tracing::warn!(
+                    instance = %instance.id, name = %instance.name,
+                    "no record owns this instance and it names no journal: it is left alone"
+                ),
+            }
+        }
+    }
+}
+
 /// Runs one orphan GC pass.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -403,8 +445,16 @@ impl Handler<RunGc> for Supervisor {
                             // Ownership is read after the listing, so a record
                             // made meanwhile protects its instance.
                             let records = act.deps.view.list();
-                            let owners = Ownership { records: &records, quarantined: &act.quarantined };
-                            select_orphans(&instances, &owners, &mut act.first_seen, now_millis(), act.gc.grace)
+                            let journal_id = act.deps.journal.identity().id;
+                            let owners = Ownership {
+                                records: &records,
+                                quarantined: &act.quarantined,
+                                journal_id: &journal_id,
+                                journal_trusted: act.deps.journal.verdict().is_trusted(),
+                            };
+                            let decision = select_orphans(&instances, &owners, &mut act.first_seen, now_millis(), act.gc.grace);
+                            act.report_spared(&decision.spared);
+                            decision.orphans
                         }
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "orphan GC cannot list instances");

@@ -4,9 +4,12 @@
 //! sled 0.34.7. A value that does not decode is moved to a quarantine tree,
 //! reported, and never crashes the daemon or vanishes silently.
 
+use crate::integrity::{IntegrityFiles, IntegrityIoError, JournalIdentity, Mark, Verdict, judge};
 use crate::record::{InstanceRecord, UnixMillis};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A journal operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +31,10 @@ pub enum JournalError {
         #[source]
         source: sled::Error,
     },
+    /// The identity, the high-water mark or the doubt marker could not be
+    /// read or written.
+    #[error("Journal integrity file {0}")]
+    Integrity(#[from] IntegrityIoError),
 }
 
 /// A value that did not decode, kept aside for an operator.
@@ -69,6 +76,10 @@ pub trait Journal: Send + Sync + 'static {
     fn load(&self) -> Result<LoadReport, JournalError>;
     /// Everything ever quarantined and not yet cleared by an operator.
     fn quarantined(&self) -> Result<Vec<QuarantinedRecord>, JournalError>;
+    /// Who this journal is: instances the daemon creates carry its id.
+    fn identity(&self) -> JournalIdentity;
+    /// What opening found about the journal's integrity; fixed for the run.
+    fn verdict(&self) -> Verdict;
 }
 
 /// The sled-backed journal.
@@ -79,7 +90,27 @@ pub struct SledJournal {
     records: sled::Tree,
     /// `<key>@<millis>` → encoded [`QuarantinedRecord`].
     quarantine: sled::Tree,
+    /// The journal id and write sequence, as sled holds them.
+    meta: sled::Tree,
+    /// The identity and the mark, beside sled's files.
+    files: IntegrityFiles,
+    /// This journal's identity.
+    identity: JournalIdentity,
+    /// What opening found.
+    verdict: Verdict,
+    /// Writes made so far (puts and removes), durable or not.
+    seq: AtomicU64,
+    /// The sequence the mark last recorded; held across a flush so marks
+    /// are written in order.
+    marked: Mutex<u64>,
 }
+
+/// `meta` keys.
+const META_ID: &[u8] = b"journal_id";
+const META_SEQ: &[u8] = b"seq";
+/// Marks a journal found in doubt until an operator accepts the loss
+/// (`podvisor journal accept-loss`); its content says why.
+pub const DOUBT_FILE: &str = "podvisor-doubt.json";
 
 impl SledJournal {
     /// Opens (or creates) the journal in `dir`.
@@ -108,11 +139,115 @@ impl SledJournal {
         let quarantine = db
             .open_tree("quarantine")
             .map_err(|e| open_err(e.to_string()))?;
-        Ok(Self {
+        let meta = db.open_tree("meta").map_err(|e| open_err(e.to_string()))?;
+        let stored_id = meta
+            .get(META_ID)
+            .map_err(|e| open_err(e.to_string()))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        let stored_seq = meta
+            .get(META_SEQ)
+            .map_err(|e| open_err(e.to_string()))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let files = IntegrityFiles::in_dir(dir);
+        let integrity_err = |e: IntegrityIoError| open_err(e.to_string());
+        let identity_file = files.read_identity().map_err(integrity_err)?;
+        let mark = files.read_mark().map_err(integrity_err)?;
+        let doubt_file = dir.join(DOUBT_FILE);
+        let verdict = match std::fs::read_to_string(&doubt_file) {
+            // An earlier start found the loss; it stands until accepted.
+            Ok(text) => Verdict::InDoubt {
+                reason: serde_json::from_str::<Verdict>(&text)
+                    .ok()
+                    .and_then(|v| match v {
+                        Verdict::InDoubt { reason } => Some(reason),
+                        _ => None,
+                    })
+                    .unwrap_or(text),
+            },
+            Err(_) => judge(
+                identity_file.as_ref(),
+                mark.as_ref(),
+                stored_id.as_deref(),
+                stored_seq,
+                records.len(),
+            ),
+        };
+        let identity = match (&identity_file, &stored_id) {
+            (Some(Ok(identity)), _) => identity.clone(),
+            (_, Some(id)) => JournalIdentity {
+                id: id.clone(),
+                created_at: now_millis(),
+            },
+            _ => JournalIdentity::generate(now_millis()),
+        };
+        if let Verdict::InDoubt { .. } = &verdict {
+            // Keep the doubt across restarts: later writes would otherwise
+            // carry the sequence past the mark and hide the loss.
+            write_synced(
+                &doubt_file,
+                &serde_json::to_vec(&verdict).unwrap_or_default(),
+            )
+            .map_err(|e| open_err(format!("{}: {e}", doubt_file.display())))?;
+        }
+        if !matches!(identity_file, Some(Ok(_))) {
+            files.write_identity(&identity).map_err(integrity_err)?;
+        }
+        let start = match &mark {
+            Some(Ok(m)) => m.seq.max(stored_seq),
+            _ => stored_seq,
+        };
+        let journal = Self {
             db,
             records,
             quarantine,
-        })
+            meta,
+            files,
+            identity,
+            verdict,
+            seq: AtomicU64::new(start),
+            marked: Mutex::new(0),
+        };
+        journal
+            .meta
+            .insert(META_ID, journal.identity.id.as_bytes())
+            .map_err(|e| open_err(e.to_string()))?;
+        journal.flush().map_err(|e| open_err(e.to_string()))?;
+        Ok(journal)
+    }
+
+    /// Records that the operator accepts the loss of the journal in `dir`:
+    /// the doubt marker goes, the mark is set to what the database holds,
+    /// and from the next start the orphan GC may delete this journal's
+    /// instances that no record owns. The daemon must not be running (sled
+    /// locks the directory).
+    pub fn accept_loss(dir: &Path) -> Result<Verdict, JournalError> {
+        let before = {
+            let journal = Self::open(dir)?;
+            let verdict = journal.verdict.clone();
+            let seq = journal.seq.load(Ordering::SeqCst);
+            journal
+                .meta
+                .insert(META_SEQ, &seq.to_be_bytes())
+                .map_err(|source| JournalError::Io {
+                    operation: "write",
+                    source,
+                })?;
+            journal.flush()?;
+            journal.files.write_mark(Mark { seq })?;
+            verdict
+        };
+        match std::fs::remove_file(dir.join(DOUBT_FILE)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(JournalError::Integrity(IntegrityIoError {
+                    path: dir.join(DOUBT_FILE).display().to_string(),
+                    source,
+                }));
+            }
+        }
+        Ok(before)
     }
 
     /// Moves one undecodable value aside and deletes it from `records`.
@@ -150,6 +285,20 @@ impl SledJournal {
     }
 }
 
+/// Writes `bytes` to `path` atomically and durably.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Now, for quarantine timestamps.
 fn now_millis() -> UnixMillis {
     std::time::SystemTime::now()
@@ -160,6 +309,7 @@ fn now_millis() -> UnixMillis {
 
 impl Journal for SledJournal {
     fn put(&self, record: &InstanceRecord) -> Result<(), JournalError> {
+        self.seq.fetch_add(1, Ordering::SeqCst);
         self.records
             .insert(record.sandbox_id.as_bytes(), record.encode())
             .map(drop)
@@ -170,6 +320,7 @@ impl Journal for SledJournal {
     }
 
     fn remove(&self, sandbox_id: &str) -> Result<(), JournalError> {
+        self.seq.fetch_add(1, Ordering::SeqCst);
         self.records
             .remove(sandbox_id.as_bytes())
             .map(drop)
@@ -180,13 +331,20 @@ impl Journal for SledJournal {
     }
 
     fn flush(&self) -> Result<(), JournalError> {
-        self.db
-            .flush()
-            .map(drop)
-            .map_err(|source| JournalError::Io {
-                operation: "flush",
-                source,
-            })
+        // One flush at a time: the mark must only move forward, and only
+        // after sled holds what it counts.
+        let mut marked = self.marked.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = self.seq.load(Ordering::SeqCst);
+        let io = |operation| move |source| JournalError::Io { operation, source };
+        self.meta
+            .insert(META_SEQ, &seq.to_be_bytes())
+            .map_err(io("write"))?;
+        self.db.flush().map(drop).map_err(io("flush"))?;
+        if seq > *marked || *marked == 0 {
+            self.files.write_mark(Mark { seq })?;
+            *marked = seq;
+        }
+        Ok(())
     }
 
     fn get(&self, sandbox_id: &str) -> Result<Option<InstanceRecord>, JournalError> {
@@ -236,6 +394,14 @@ impl Journal for SledJournal {
                 .push(self.quarantine_value(&key, &value, reason)?);
         }
         Ok(report)
+    }
+
+    fn identity(&self) -> JournalIdentity {
+        self.identity.clone()
+    }
+
+    fn verdict(&self) -> Verdict {
+        self.verdict.clone()
     }
 
     fn quarantined(&self) -> Result<Vec<QuarantinedRecord>, JournalError> {
@@ -346,6 +512,101 @@ mod tests {
         j.put_raw("x", b"not json").unwrap();
         assert!(j.get("x").unwrap().is_none());
         assert_eq!(j.quarantined().unwrap()[0].key, "x");
+    }
+
+    /// A journal with `n` records, closed.
+    fn written(dir: &Path, n: usize) -> JournalIdentity {
+        let j = SledJournal::open(dir).unwrap();
+        assert_eq!(j.verdict(), Verdict::Fresh);
+        for i in 0..n {
+            j.put(&record(&format!("s{i}"))).unwrap();
+            j.flush().unwrap();
+        }
+        j.identity()
+    }
+
+    #[test]
+    fn a_reopened_journal_is_intact_and_keeps_its_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = written(dir.path(), 3);
+        let j = SledJournal::open(dir.path()).unwrap();
+        assert_eq!(j.verdict(), Verdict::Intact);
+        assert_eq!(j.identity(), identity);
+        assert_eq!(j.load().unwrap().records.len(), 3);
+    }
+
+    #[test]
+    fn a_deleted_database_is_in_doubt_not_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        written(dir.path(), 3);
+        std::fs::remove_file(dir.path().join("db")).unwrap();
+        let j = SledJournal::open(dir.path()).unwrap();
+        assert!(j.load().unwrap().records.is_empty());
+        match j.verdict() {
+            Verdict::InDoubt { reason } => assert!(reason.contains("came back empty"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_truncated_database_is_in_doubt() {
+        let dir = tempfile::tempdir().unwrap();
+        written(dir.path(), 20);
+        let db = dir.path().join("db");
+        let len = std::fs::metadata(&db).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+        file.set_len(len / 3).unwrap();
+        drop(file);
+        // sled may refuse the damaged file: that too deletes nothing.
+        if let Ok(j) = SledJournal::open(dir.path()) {
+            let kept = j.load().map(|r| r.records.len()).unwrap_or(0);
+            assert!(
+                !j.verdict().is_trusted() || kept == 20,
+                "{kept} records kept, verdict {:?}",
+                j.verdict()
+            );
+        }
+    }
+
+    #[test]
+    fn the_doubt_stays_after_more_writes_until_the_loss_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        written(dir.path(), 2);
+        std::fs::remove_file(dir.path().join("db")).unwrap();
+        {
+            let j = SledJournal::open(dir.path()).unwrap();
+            assert!(!j.verdict().is_trusted());
+            for i in 0..10 {
+                j.put(&record(&format!("new{i}"))).unwrap();
+                j.flush().unwrap();
+            }
+        }
+        let j = SledJournal::open(dir.path()).unwrap();
+        assert!(!j.verdict().is_trusted(), "{:?}", j.verdict());
+        drop(j);
+        let before = SledJournal::accept_loss(dir.path()).unwrap();
+        assert!(!before.is_trusted());
+        let j = SledJournal::open(dir.path()).unwrap();
+        assert_eq!(j.verdict(), Verdict::Intact);
+        assert_eq!(j.load().unwrap().records.len(), 10);
+    }
+
+    #[test]
+    fn a_database_from_another_journal_is_in_doubt() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        written(a.path(), 2);
+        let other = written(b.path(), 2);
+        std::fs::copy(b.path().join("db"), a.path().join("db")).unwrap();
+        let j = SledJournal::open(a.path()).unwrap();
+        match j.verdict() {
+            Verdict::InDoubt { reason } => {
+                assert!(
+                    reason.contains(&format!("belongs to journal {}", other.id)),
+                    "{reason}"
+                )
+            }
+            verdict => panic!("{verdict:?}"),
+        }
     }
 
     #[test]

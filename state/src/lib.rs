@@ -3,12 +3,14 @@
 //! Pure except for [`journal::SledJournal`]: the state machine
 //! ([`machine::PodVmMachine`]) does no I/O and reads no clock.
 
+pub mod integrity;
 pub mod journal;
 pub mod lifecycle;
 pub mod machine;
 pub mod naming;
 pub mod record;
 
+pub use integrity::{JournalIdentity, Verdict};
 pub use journal::{Journal, JournalError, LoadReport, QuarantinedRecord, SledJournal};
 pub use lifecycle::{IllegalTransition, State, check_transition, valid_transition};
 pub use machine::{

@@ -1,0 +1,294 @@
+//! A journal that lost records never deletes a VM.
+//!
+//! Five pod VMs run; the daemon stops; the disk under its journal is
+//! damaged — bytes flipped, the database truncated or deleted, the whole
+//! state directory wiped — and a daemon starts on what is left with a GC
+//! that would delete an orphan after one second. Not one pod VM may go, and
+//! the loss must be reported (log, `podvisor_journal_in_doubt`, `/readyz`).
+//! Then the operator's way out: `podvisor journal accept-loss`. And two
+//! daemons that share a node name never delete each other's VMs.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::time::Duration;
+
+/// GC settings that would delete any orphan within about two seconds.
+fn eager_gc(setup: &mut Setup) {
+    setup.global.extend(
+        ["--gc-interval", "1s", "--gc-grace-period", "1s"]
+            .map(String::from)
+            .to_vec(),
+    );
+}
+
+/// Starts `n` Running sandboxes; their instance ids.
+async fn run_sandboxes(daemon: &Daemon, n: usize) -> Vec<String> {
+    let client = daemon.client().await;
+    let mut instances = Vec::new();
+    for i in 0..n {
+        let id = sandbox_id();
+        client
+            .create(&id, pod_annotations(&format!("web-{i}"), "shop"))
+            .await
+            .unwrap();
+        client
+            .start(&id)
+            .await
+            .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+        let view = daemon.instance(&id).await.unwrap();
+        instances.push(view["instance_id"].as_str().unwrap().to_owned());
+    }
+    instances
+}
+
+/// The instances of `ids` whose forwarder still runs.
+fn alive_instances(local_dir: &Path, ids: &[String]) -> Vec<String> {
+    ids.iter()
+        .filter(|id| instance_pid(local_dir, id).is_some_and(alive))
+        .cloned()
+        .collect()
+}
+
+/// Waits for `passes` more GC passes.
+async fn gc_passes(daemon: &Daemon, passes: f64) {
+    let start = daemon.metric("podvisor_gc_runs_total", &[]).await;
+    eventually("GC passes", Duration::from_secs(30), async || {
+        (daemon.metric("podvisor_gc_runs_total", &[]).await >= start + passes).then_some(())
+    })
+    .await;
+}
+
+/// How the disk under the journal is damaged.
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    /// 64 random bytes of `journal/db` flipped (seeded, printed).
+    FlipBytes(u64),
+    /// `journal/db` cut to half its length.
+    Truncate,
+    /// `journal/db` deleted.
+    DeleteDb,
+}
+
+fn damage(state_dir: &Path, how: Damage) {
+    let db = state_dir.join("journal/db");
+    match how {
+        Damage::FlipBytes(seed) => {
+            let mut bytes = std::fs::read(&db).unwrap();
+            let mut rng = fastrand::Rng::with_seed(seed);
+            for _ in 0..64 {
+                let at = rng.usize(..bytes.len());
+                bytes[at] ^= rng.u8(1..);
+            }
+            std::fs::write(&db, bytes).unwrap();
+        }
+        Damage::Truncate => {
+            let len = std::fs::metadata(&db).unwrap().len();
+            let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+            f.set_len(len / 2).unwrap();
+        }
+        Damage::DeleteDb => std::fs::remove_file(&db).unwrap(),
+    }
+}
+
+/// Five VMs, SIGTERM, `how`, restart: none deleted, the loss reported.
+async fn no_vm_is_deleted_after(how: Damage) {
+    let mut setup = Setup::new();
+    eager_gc(&mut setup);
+    let mut daemon = setup.start().await;
+    let instances = run_sandboxes(&daemon, 5).await;
+    assert!(daemon.sigterm().success());
+    damage(&setup.state_dir(), how);
+    eprintln!("{how:?}: restarting on the damaged journal");
+
+    match setup.try_start().await {
+        Ok(daemon) => {
+            gc_passes(&daemon, 4.0).await;
+            let (_, ready) = daemon.get("/readyz").await.unwrap();
+            let (_, all) = daemon.get("/v1/instances").await.unwrap();
+            let records = all["instances"].as_array().map_or(0, Vec::len);
+            eprintln!("{how:?}: {records} records left, /readyz {ready}");
+            if records < instances.len() {
+                // Records were lost: that must be known and said.
+                assert_eq!(
+                    ready["journal"]["integrity"]["verdict"],
+                    "in_doubt",
+                    "{how:?}: {ready}\n{}",
+                    daemon.log_text()
+                );
+                assert_eq!(daemon.metric("podvisor_journal_in_doubt", &[]).await, 1.0);
+                assert!(daemon.log_text().contains("may have lost records"));
+            }
+            assert_eq!(
+                daemon.metric("podvisor_orphans_deleted_total", &[]).await,
+                0.0,
+                "{how:?}"
+            );
+        }
+        // sled refused the damaged file: the daemon did not start, and so
+        // deleted nothing; it said why.
+        Err(log) => {
+            eprintln!("{how:?}: the daemon refused the journal");
+            assert!(log.contains("journal"), "{log}");
+        }
+    }
+    assert_eq!(
+        alive_instances(&setup.local_dir(), &instances),
+        instances,
+        "{how:?}: every pod VM still runs"
+    );
+    kill_instances(&setup.local_dir());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_bytes_in_the_journal_delete_no_vm() {
+    for seed in [1, 2, 3] {
+        no_vm_is_deleted_after(Damage::FlipBytes(seed)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_journal_deletes_no_vm() {
+    no_vm_is_deleted_after(Damage::Truncate).await;
+}
+
+/// The deleted database is the case sled turns into a fresh, empty journal
+/// without a word: proven in full, then the operator's way out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_journal_deletes_no_vm_until_the_operator_accepts_the_loss() {
+    let mut setup = Setup::new();
+    eager_gc(&mut setup);
+    let mut daemon = setup.start().await;
+    let instances = run_sandboxes(&daemon, 5).await;
+    assert!(daemon.sigterm().success());
+    damage(&setup.state_dir(), Damage::DeleteDb);
+
+    let mut daemon = setup.start().await;
+    gc_passes(&daemon, 4.0).await;
+    assert_eq!(alive_instances(&setup.local_dir(), &instances), instances);
+    let (_, ready) = daemon.get("/readyz").await.unwrap();
+    assert_eq!(
+        ready["journal"]["integrity"]["verdict"], "in_doubt",
+        "{ready}"
+    );
+    assert!(
+        ready["journal"]["integrity"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("came back empty"),
+        "{ready}"
+    );
+    assert_eq!(daemon.metric("podvisor_journal_in_doubt", &[]).await, 1.0);
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_unowned_instances",
+                &[("reason", "journal_in_doubt")]
+            )
+            .await,
+        5.0
+    );
+    // The doubt outlives a restart with new records written meanwhile.
+    run_sandboxes(&daemon, 1).await;
+    assert!(daemon.sigterm().success());
+    let mut daemon = setup.start().await;
+    gc_passes(&daemon, 3.0).await;
+    assert_eq!(alive_instances(&setup.local_dir(), &instances), instances);
+    assert!(daemon.sigterm().success());
+
+    // The operator decides: the loss is accepted, the orphans go.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .arg("--state-dir")
+        .arg(setup.state_dir())
+        .args(["journal", "accept-loss"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let daemon = setup.start().await;
+    eventually(
+        "the orphans deleted after the loss was accepted",
+        Duration::from_secs(30),
+        async || {
+            alive_instances(&setup.local_dir(), &instances)
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    // Counted once the pass that deleted them ends.
+    eventually("the deletes counted", Duration::from_secs(10), async || {
+        (daemon.metric("podvisor_orphans_deleted_total", &[]).await == 5.0).then_some(())
+    })
+    .await;
+}
+
+/// A wiped state directory: the new journal is another journal, so the old
+/// one's VMs are never its orphans; they are reported instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_state_directory_deletes_no_vm_and_reports_them() {
+    let mut setup = Setup::new();
+    eager_gc(&mut setup);
+    let mut daemon = setup.start().await;
+    let instances = run_sandboxes(&daemon, 5).await;
+    assert!(daemon.sigterm().success());
+    std::fs::remove_dir_all(setup.state_dir()).unwrap();
+
+    let daemon = setup.start().await;
+    gc_passes(&daemon, 4.0).await;
+    assert_eq!(alive_instances(&setup.local_dir(), &instances), instances);
+    assert_eq!(
+        daemon
+            .metric("podvisor_unowned_instances", &[("reason", "other_journal")])
+            .await,
+        5.0
+    );
+    assert!(daemon.log_text().contains("belongs to another journal"));
+    kill_instances(&setup.local_dir());
+}
+
+/// Two daemons with the same node name, seeing the same instances: neither
+/// deletes the other's running VM, and the clash is said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_with_one_node_name_never_delete_each_others_vms() {
+    let mut first = Setup::new();
+    eager_gc(&mut first);
+    let mut second = Setup::new();
+    eager_gc(&mut second);
+    second.node = first.node.clone();
+    // One "cloud" account: the same local instances directory.
+    second.shared_local = Some(first.local_dir());
+    second.forwarder_port = first.forwarder_port;
+    let a = first.start().await;
+    let a_vms = run_sandboxes(&a, 2).await;
+    let b = match second.try_start().await {
+        Ok(b) => b,
+        Err(log) => panic!("{log}"),
+    };
+    let b_vms = run_sandboxes(&b, 2).await;
+    gc_passes(&a, 4.0).await;
+    gc_passes(&b, 4.0).await;
+    let all: Vec<String> = a_vms.iter().chain(&b_vms).cloned().collect();
+    assert_eq!(alive_instances(&first.local_dir(), &all), all);
+    for d in [&a, &b] {
+        assert_eq!(d.metric("podvisor_orphans_deleted_total", &[]).await, 0.0);
+        assert_eq!(
+            d.metric("podvisor_unowned_instances", &[("reason", "other_journal")])
+                .await,
+            2.0
+        );
+        assert!(
+            d.log_text()
+                .contains("a second daemon with the same --node-name")
+        );
+    }
+    for d in [&a, &b] {
+        let (_, st) = d.get("/v1/instances").await.unwrap();
+        assert_eq!(st["instances"].as_array().map_or(0, Vec::len), 2);
+    }
+    kill_instances(&first.local_dir());
+}
