@@ -214,7 +214,7 @@ pub struct GlobalArgs {
     )]
     pub admin_addr: SocketAddr,
 
-    /// gRPC endpoint (hypervisor.Hypervisor and podvisor.admin.v1.Admin)
+    /// gRPC endpoint over TCP: podvisor.admin.v1.Admin (read-only, no authentication); hypervisor.Hypervisor as well only with --grpc-token-file
     #[arg(
         long = "grpc-addr",
         env = "PODVISOR_GRPC_ADDR",
@@ -222,6 +222,22 @@ pub struct GlobalArgs {
         default_value = "127.0.0.1:9798"
     )]
     pub grpc_addr: SocketAddr,
+
+    /// Unix socket of the gRPC endpoint with hypervisor.Hypervisor and podvisor.admin.v1.Admin; mode 0660, group --socket-group, as the Kata socket [default: podvisor-grpc.sock next to --socket]
+    #[arg(
+        long = "grpc-socket",
+        env = "PODVISOR_GRPC_SOCKET",
+        value_name = "PATH"
+    )]
+    pub grpc_socket: Option<PathBuf>,
+
+    /// File with a bearer token (its content, trimmed): hypervisor.Hypervisor is then served on --grpc-addr too, to calls with `authorization: Bearer <token>`
+    #[arg(
+        long = "grpc-token-file",
+        env = "PODVISOR_GRPC_TOKEN_FILE",
+        value_name = "PATH"
+    )]
+    pub grpc_token_file: Option<PathBuf>,
 
     /// This node's name; pod VMs are tagged with it [default: the host name]
     #[arg(long = "node-name", env = "NODE_NAME", value_name = "NAME")]
@@ -315,7 +331,20 @@ pub struct GlobalArgs {
     pub shutdown_grace: Duration,
 }
 
+/// The gRPC socket's file name when `--grpc-socket` is not given: it sits
+/// next to the Kata socket, in the directory the operator already keeps
+/// for whoever may drive pod VMs.
+pub const GRPC_SOCKET_NAME: &str = "podvisor-grpc.sock";
+
 impl GlobalArgs {
+    /// The gRPC unix socket: `--grpc-socket` (flag, else environment), else
+    /// [`GRPC_SOCKET_NAME`] in the directory of `--socket`.
+    pub fn grpc_socket_path(&self) -> PathBuf {
+        self.grpc_socket
+            .clone()
+            .unwrap_or_else(|| self.socket.with_file_name(GRPC_SOCKET_NAME))
+    }
+
     /// The token bucket of mutating provider calls: each of
     /// `--provider-rate` and `--provider-burst` (flag, else environment)
     /// when given, else the provider's default.
@@ -340,6 +369,24 @@ pub enum Invocation {
     },
     /// `podvisor version`.
     Version,
+    /// `podvisor journal status|accept-loss`: the journal in `state_dir`,
+    /// with the daemon stopped.
+    Journal {
+        /// What to do.
+        action: JournalAction,
+        /// `--state-dir`.
+        state_dir: std::path::PathBuf,
+    },
+}
+
+/// What `podvisor journal` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalAction {
+    /// Print the journal's identity and integrity verdict.
+    Status,
+    /// Accept that the journal lost records: its orphan GC may delete this
+    /// journal's unowned instances again.
+    AcceptLoss,
 }
 
 /// The whole command, with one subcommand per compiled-in provider.
@@ -349,6 +396,18 @@ pub fn command() -> clap::Command {
         cmd = cmd.subcommand(manager.command());
     }
     cmd.subcommand(clap::Command::new("version").about("Print the version"))
+        .subcommand(
+            clap::Command::new("journal")
+                .about("Inspect the journal in --state-dir, with the daemon stopped")
+                .subcommand_required(true)
+                .subcommand(
+                    clap::Command::new("status")
+                        .about("Print the journal's id and whether it may have lost records"),
+                )
+                .subcommand(clap::Command::new("accept-loss").about(
+                    "Accept that the journal lost records: from the next start the orphan GC deletes this journal's instances that no record owns (after --gc-grace-period)",
+                )),
+        )
 }
 
 /// A command line that cannot run.
@@ -386,6 +445,16 @@ where
         return Ok(Invocation::Version);
     }
     let global = GlobalArgs::from_arg_matches(&matches).map_err(CliError::Clap)?;
+    if name == "journal" {
+        let action = match sub.subcommand_name() {
+            Some("accept-loss") => JournalAction::AcceptLoss,
+            _ => JournalAction::Status,
+        };
+        return Ok(Invocation::Journal {
+            action,
+            state_dir: global.state_dir,
+        });
+    }
     validate(&global).map_err(CliError::Config)?;
     let manager = registry()
         .into_iter()
@@ -469,6 +538,16 @@ fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
                 "is empty",
             ));
         }
+    }
+    if g.grpc_socket_path() == g.socket {
+        return Err(ConfigError::flag(
+            "grpc-socket",
+            Some("PODVISOR_GRPC_SOCKET"),
+            format!(
+                "{} is the Kata socket (--socket); the gRPC socket needs a path of its own",
+                g.socket.display()
+            ),
+        ));
     }
     if (g.cert_file.is_some() || g.cert_key.is_some() || g.ca_cert_file.is_some())
         && !(g.cert_file.is_some() && g.cert_key.is_some() && g.ca_cert_file.is_some())
@@ -595,7 +674,7 @@ mod tests {
     fn global(extra: &[&str]) -> GlobalArgs {
         match run_args(extra) {
             Ok(Invocation::Run { global, .. }) => *global,
-            Ok(Invocation::Version) => panic!("version"),
+            Ok(Invocation::Version | Invocation::Journal { .. }) => panic!("not a run"),
             Err(e) => panic!("{e}"),
         }
     }
@@ -623,6 +702,23 @@ mod tests {
         assert_eq!(g.vxlan_port, 4789);
         assert_eq!(g.admin_addr, "127.0.0.1:9797".parse().unwrap());
         assert_eq!(g.grpc_addr, "127.0.0.1:9798".parse().unwrap());
+    }
+
+    #[test]
+    fn the_grpc_socket_sits_next_to_the_kata_socket_unless_given() {
+        let g = global(&["local"]);
+        assert_eq!(
+            g.grpc_socket_path(),
+            PathBuf::from("/run/peerpod/podvisor-grpc.sock")
+        );
+        assert_eq!(g.grpc_token_file, None);
+        let g = global(&["--socket", "/tmp/x/hv.sock", "local"]);
+        assert_eq!(
+            g.grpc_socket_path(),
+            PathBuf::from("/tmp/x/podvisor-grpc.sock")
+        );
+        let g = global(&["--grpc-socket", "/tmp/y.sock", "local"]);
+        assert_eq!(g.grpc_socket_path(), PathBuf::from("/tmp/y.sock"));
     }
 
     #[test]
@@ -660,6 +756,16 @@ mod tests {
         assert!(err(&["--initdata", "%%%", "local"]).contains("--initdata (INITDATA)"));
         assert!(err(&["--cert-file", "/x", "local"]).contains("go together"));
         assert!(err(&["--node-name", " ", "local"]).contains("--node-name (NODE_NAME)"));
+        assert!(
+            err(&[
+                "--socket",
+                "/tmp/a.sock",
+                "--grpc-socket",
+                "/tmp/a.sock",
+                "local"
+            ])
+            .contains("--grpc-socket (PODVISOR_GRPC_SOCKET)")
+        );
         assert!(err(&["nosuchcloud"]).contains("nosuchcloud"));
         assert!(err(&["local", "--create-delay", "x"]).contains("--create-delay"));
     }

@@ -9,7 +9,7 @@ use crate::actors::provider::{CallPolicy, ProviderActor, ProviderCalls};
 use crate::actors::supervisor::{Drain, GcPolicy, Recover, Supervisor};
 use crate::admin::{self, AdminState};
 use crate::api::HypervisorApi;
-use crate::api::grpc::{GrpcAdmin, GrpcHypervisor};
+use crate::api::grpc::{BearerToken, GrpcAdmin, GrpcHypervisor, RequireBearer};
 use crate::cli::{GlobalArgs, LogFormat};
 use crate::metered::Metered;
 use crate::metrics;
@@ -60,6 +60,33 @@ pub fn run(
             }
         }
     })
+}
+
+/// `podvisor journal status|accept-loss`: prints the journal's identity and
+/// integrity as JSON (after accepting, what it was before). Exit 0, or 1
+/// with the reason (a running daemon holds the journal's lock).
+pub fn journal_command(action: crate::cli::JournalAction, state_dir: &std::path::Path) -> ExitCode {
+    let dir = state_dir.join("journal");
+    if !dir.is_dir() {
+        eprintln!("podvisor: there is no journal at {}", dir.display());
+        return ExitCode::FAILURE;
+    }
+    let result = match action {
+        crate::cli::JournalAction::Status => SledJournal::open(&dir)
+            .map(|j| serde_json::json!({ "journal": j.identity().id, "integrity": j.verdict() })),
+        crate::cli::JournalAction::AcceptLoss => SledJournal::accept_loss(&dir)
+            .map(|before| serde_json::json!({ "accepted": true, "integrity_before": before })),
+    };
+    match result {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("podvisor: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(global: &GlobalArgs) -> Result<(), String> {
@@ -123,6 +150,14 @@ pub async fn serve(
         }
     });
     let node = node_name(&global)?;
+    // Read before anything slow starts, so a bad token file stops start-up
+    // at once.
+    let grpc_token = global
+        .grpc_token_file
+        .as_deref()
+        .map(BearerToken::from_file)
+        .transpose()
+        .map_err(|why| format!("--grpc-token-file (PODVISOR_GRPC_TOKEN_FILE) {why}"))?;
     for (flag, dir) in [
         ("state-dir", &global.state_dir),
         ("pods-dir", &global.pods_dir),
@@ -148,6 +183,18 @@ pub async fn serve(
                 .map_err(|e| e.to_string())?,
         )
     };
+    let identity = journal.identity();
+    match journal.verdict() {
+        podvisor_state::Verdict::InDoubt { reason } => {
+            metrics::gauge!(metrics::JOURNAL_IN_DOUBT).set(1.0);
+            tracing::error!(
+                journal = %identity.id,
+                %reason,
+                "the journal may have lost records: the orphan GC deletes nothing until an operator decides (podvisor journal accept-loss --state-dir …, see docs/operations.md)"
+            );
+        }
+        verdict => tracing::info!(journal = %identity.id, ?verdict, "journal opened"),
+    }
     let loaded = {
         let j = journal.clone();
         tokio::task::spawn_blocking(move || j.load())
@@ -271,8 +318,17 @@ pub async fn serve(
                 "--tls-skip-verify (TLS_SKIP_VERIFY): the pod VMs' certificates are NOT verified; anyone who can reach a pod VM's address can pose as its agent"
             );
         }
+        // Sets the expiry gauges and warns about an operator's certificate
+        // near expiry; podvisor's own was renewed by the load if it was due.
+        pki.check()
+            .map_err(|e| format!("TLS client certificate: {e}"))?;
         Some(Arc::new(pki))
     };
+    // The client certificate is renewed while the daemon runs, without a
+    // restart: a daemon up for a year would otherwise reach no pod VM.
+    let tls_renewal = pki
+        .clone()
+        .map(|pki| pki.spawn_renewal(crate::tls::RENEWAL_CHECK_INTERVAL));
 
     // The pods' image pull secrets, from the Kubernetes API when there is one.
     let pull_secrets = match crate::pull_secrets::KubeApiConfig::resolve(
@@ -356,7 +412,10 @@ pub async fn serve(
         .await
         .map_err(|e| format!("recovery could not start: {e}"))?;
 
-    // 4. The endpoints: admin, gRPC, then the Kata socket.
+    // 4. The endpoints: admin, gRPC over TCP, the Kata socket, then the gRPC
+    // socket (after the Kata socket, whose check tells this daemon from a
+    // second one pointed at the same directory).
+    warn_if_exposed(&global, grpc_token.is_some());
     let (stop_tx, stop_rx) = watch::channel(false);
     let status = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -364,6 +423,10 @@ pub async fn serve(
         "provider": provider_name,
         "provider_config": provider_config.summary(),
         "provider_config_problem": config_problem,
+        "journal": {
+            "id": journal.identity().id,
+            "integrity": journal.verdict(),
+        },
         "socket": global.socket,
         "pods_dir": global.pods_dir,
         "state_dir": global.state_dir,
@@ -406,13 +469,27 @@ pub async fn serve(
         global.pods_dir.clone(),
         global.proxy_timeout,
     );
+    let socket_group = global
+        .socket_group
+        .as_deref()
+        .map(crate::api::ttrpc::resolve_group)
+        .transpose()
+        .map_err(|why| format!("--socket-group (PODVISOR_SOCKET_GROUP): {why}"))?;
     let grpc_listener = tokio::net::TcpListener::bind(global.grpc_addr)
         .await
         .map_err(|e| format!("--grpc-addr (PODVISOR_GRPC_ADDR) {}: {e}", global.grpc_addr))?;
     let mut grpc_stop = stop_rx.clone();
+    // Over TCP, the mutating service only behind the token: a loopback port
+    // is open to every local user and hostNetwork pod.
+    let grpc_tcp_hypervisor = grpc_token.is_some();
     let grpc = tonic::transport::Server::builder()
-        .add_service(HypervisorServer::new(GrpcHypervisor { api: api.clone() }))
-        .add_service(AdminServer::new(GrpcAdmin { view: view.clone() }));
+        .add_service(AdminServer::new(GrpcAdmin { view: view.clone() }))
+        .add_optional_service(grpc_token.map(|token| {
+            HypervisorServer::with_interceptor(
+                GrpcHypervisor { api: api.clone() },
+                RequireBearer::new(token),
+            )
+        }));
     let grpc_task = tokio::spawn(async move {
         grpc.serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
@@ -423,17 +500,39 @@ pub async fn serve(
         .await
     });
 
-    let socket_group = global
-        .socket_group
-        .as_deref()
-        .map(crate::api::ttrpc::resolve_group)
-        .transpose()
-        .map_err(|why| format!("--socket-group (PODVISOR_SOCKET_GROUP): {why}"))?;
-    let mut ttrpc_server = crate::api::ttrpc::serve(&global.socket, socket_group, api).await?;
+    let mut ttrpc_server =
+        crate::api::ttrpc::serve(&global.socket, socket_group, api.clone()).await?;
+    let grpc_socket = global.grpc_socket_path();
+    let grpc_unix_listener = match crate::api::grpc::bind_unix(&grpc_socket, socket_group) {
+        Ok(listener) => listener,
+        Err(e) => {
+            // The Kata socket is this daemon's now: leave no live socket
+            // behind for a daemon that is not running.
+            let _ = ttrpc_server.shutdown().await;
+            let _ = std::fs::remove_file(&global.socket);
+            return Err(e);
+        }
+    };
+    let mut grpc_unix_stop = stop_rx.clone();
+    let grpc_unix = tonic::transport::Server::builder()
+        .add_service(HypervisorServer::new(GrpcHypervisor { api }))
+        .add_service(AdminServer::new(GrpcAdmin { view: view.clone() }));
+    let grpc_unix_task = tokio::spawn(async move {
+        grpc_unix
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(grpc_unix_listener),
+                async move {
+                    let _ = grpc_unix_stop.wait_for(|s| *s).await;
+                },
+            )
+            .await
+    });
     tracing::info!(
         socket = %global.socket.display(),
         admin = %global.admin_addr,
         grpc = %global.grpc_addr,
+        grpc_tcp_hypervisor,
+        grpc_socket = %grpc_socket.display(),
         provider = provider_name,
         node = %context.node_name,
         "podvisor serving"
@@ -442,6 +541,9 @@ pub async fn serve(
     // 5. Until asked to stop.
     shutdown.await;
     tracing::info!("shutting down: no new requests; pod VMs stay as they are");
+    if let Some(task) = &tls_renewal {
+        task.abort();
+    }
     ttrpc_server
         .shutdown()
         .await
@@ -463,6 +565,8 @@ pub async fn serve(
     );
     let _ = std::fs::remove_file(&global.socket);
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), grpc_unix_task).await;
+    let _ = std::fs::remove_file(&grpc_socket);
     let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
     let j = journal.clone();
     tokio::task::spawn_blocking(move || j.flush())
@@ -474,6 +578,32 @@ pub async fn serve(
         tracing::warn!(error = %e, "provider teardown failed");
     }
     Ok(())
+}
+
+/// Warns, at every start, about each endpoint bound beyond loopback: they
+/// have no TLS and, but for the token of `hypervisor.Hypervisor` over
+/// TCP, no authentication, so whoever can reach the address reads what
+/// they reveal.
+fn warn_if_exposed(global: &GlobalArgs, grpc_tcp_hypervisor: bool) {
+    use crate::api::grpc::is_loopback;
+    if !is_loopback(&global.admin_addr) {
+        tracing::warn!(
+            addr = %global.admin_addr,
+            "--admin-addr (PODVISOR_ADMIN_ADDR) is not a loopback address: anyone who can reach it reads, without authentication, every pod VM's pod name, namespace, IP addresses, instance id and last error (/v1/instances), the provider's configuration (/v1/status) and the metrics"
+        );
+    }
+    if !is_loopback(&global.grpc_addr) {
+        tracing::warn!(
+            addr = %global.grpc_addr,
+            "--grpc-addr (PODVISOR_GRPC_ADDR) is not a loopback address: anyone who can reach it reads, without authentication, every pod VM's pod name, namespace, IP addresses, instance id, idempotency token and last error (podvisor.admin.v1.Admin)"
+        );
+        if grpc_tcp_hypervisor {
+            tracing::warn!(
+                addr = %global.grpc_addr,
+                "--grpc-addr (PODVISOR_GRPC_ADDR) is not a loopback address and serves hypervisor.Hypervisor behind the --grpc-token-file token, in plain text (no TLS): anyone who can see the traffic can take the token and create or stop pod VMs"
+            );
+        }
+    }
 }
 
 async fn wait_for_signal() {

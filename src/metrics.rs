@@ -37,8 +37,18 @@ pub const OPERATION_RETRIES: &str = "podvisor_operation_retries_total";
 pub const API_REQUESTS: &str = "podvisor_api_requests_total";
 /// Gauge: 1 once start-up recovery has finished.
 pub const READY: &str = "podvisor_ready";
+/// Gauge: 1 while the journal may have lost records (the orphan GC then
+/// deletes nothing), else 0.
+pub const JOURNAL_IN_DOUBT: &str = "podvisor_journal_in_doubt";
+/// Gauge: instances tagged with this node that no record owns and that the
+/// GC left alone at its last pass (`reason`: `journal_in_doubt`,
+/// `other_journal`, `untagged`, `within_grace`).
+pub const UNOWNED_INSTANCES: &str = "podvisor_unowned_instances";
 /// Gauge: always 1, labelled with the build's `version`.
 pub const BUILD_INFO: &str = "podvisor_build_info";
+/// Gauge: when each TLS certificate of the agent proxy expires (its
+/// notAfter), Unix seconds (`certificate`: `ca`, `client`).
+pub const TLS_CERTIFICATE_EXPIRY: &str = "podvisor_tls_certificate_expiry_timestamp_seconds";
 
 /// Latency buckets for cloud calls and VM starts: 10 ms to 20 min.
 const SLOW_BUCKETS: &[f64] = &[
@@ -142,12 +152,28 @@ fn describe() {
         "1 once start-up recovery has finished, else 0."
     );
     describe_gauge!(
+        JOURNAL_IN_DOUBT,
+        Unit::Count,
+        "1 while the journal may have lost records (the orphan GC deletes nothing), else 0."
+    );
+    describe_gauge!(
+        UNOWNED_INSTANCES,
+        Unit::Count,
+        "Instances tagged with this node that no record owns and the GC left alone at its last pass, by reason."
+    );
+    describe_gauge!(
         BUILD_INFO,
         Unit::Count,
         "Always 1; the version label names the build."
     );
+    describe_gauge!(
+        TLS_CERTIFICATE_EXPIRY,
+        Unit::Seconds,
+        "When each TLS certificate of the agent proxy expires (notAfter), in Unix seconds, by certificate: ca or client."
+    );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     gauge!(READY).set(0.0);
+    gauge!(JOURNAL_IN_DOUBT).set(0.0);
     for s in podvisor_state::State::STORED {
         gauge!(INSTANCES, "state" => s.as_str()).set(0.0);
     }

@@ -105,27 +105,43 @@ impl PodVmSide {
                             }
                         }
                     }
-                    let mut forwarders = shared.lock().unwrap();
-                    forwarders.retain(|id, child: &mut Child| {
-                        let keep = live.contains_key(id);
-                        if !keep {
-                            let _ = child.kill();
-                            let _ = child.wait();
-                        }
-                        keep
-                    });
-                    for (id, ip) in live {
-                        forwarders.entry(id.clone()).or_insert_with(|| {
-                            Command::new(&binary)
-                                .args(["--listen", &format!("{ip}:{port}")])
-                                .arg("--agent-socket")
-                                .arg(&agent_socket)
-                                .args(["--instance-id", &id])
-                                .stdout(Stdio::null())
-                                .stderr(Stdio::null())
-                                .spawn()
-                                .unwrap()
+                    let new: Vec<(String, std::net::Ipv4Addr)> = {
+                        let mut forwarders = shared.lock().unwrap();
+                        forwarders.retain(|id, child: &mut Child| {
+                            let keep = live.contains_key(id);
+                            if !keep {
+                                let _ = child.kill();
+                                let _ = child.wait();
+                            }
+                            keep
                         });
+                        live.into_iter()
+                            .filter(|(id, _)| !forwarders.contains_key(id))
+                            .collect()
+                    };
+                    for (id, ip) in new {
+                        // As a pod VM boots: its forwarder's settings (the
+                        // TLS identity among them) come from its user data.
+                        let config = apf_json_of(&ec2, &id).await.map(|apf| {
+                            let path = agent_socket.with_file_name(format!("apf-{id}.json"));
+                            std::fs::write(&path, apf).unwrap();
+                            path
+                        });
+                        let mut command = Command::new(&binary);
+                        command
+                            .args(["--listen", &format!("{ip}:{port}")])
+                            .arg("--agent-socket")
+                            .arg(&agent_socket)
+                            .args(["--instance-id", &id]);
+                        if let Some(config) = config {
+                            command.arg("--config").arg(config);
+                        }
+                        let child = command
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .spawn()
+                            .unwrap();
+                        shared.lock().unwrap().insert(id, child);
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -149,6 +165,27 @@ impl PodVmSide {
     fn instances(&self) -> Vec<String> {
         self.forwarders.lock().unwrap().keys().cloned().collect()
     }
+}
+
+/// The `apf.json` in instance `id`'s user data, as the server holds it.
+async fn apf_json_of(ec2: &ec2::Client, id: &str) -> Option<String> {
+    use base64::Engine as _;
+    let out = ec2
+        .describe_instance_attribute()
+        .instance_id(id)
+        .attribute(ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .ok()?;
+    let encoded = out.user_data()?.value()?;
+    let text = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let files = podvisor_podvm::userdata::parse(&String::from_utf8(text).ok()?).ok()?;
+    files
+        .into_iter()
+        .find(|f| f.name == "apf.json")
+        .map(|f| f.content)
 }
 
 impl Drop for PodVmSide {
@@ -803,5 +840,70 @@ async fn without_a_subnet_anywhere_verify_refuses_to_start_and_otherwise_status_
         daemon.log_text().contains("does not verify"),
         "{}",
         daemon.log_text()
+    );
+}
+
+/// On EC2 too, a journal that lost records deletes no instance: three pod
+/// VMs run, the daemon stops, its database is deleted (what sled turns into
+/// a fresh journal), and a daemon whose GC would delete an orphan after one
+/// second runs several passes: every instance is still running at the
+/// server, and the loss is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_journal_on_ec2_deletes_no_instance() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
+    let mut setup = aws_setup(&moto.endpoint(), &net);
+    setup.global.extend(
+        ["--gc-interval", "1s", "--gc-grace-period", "1s"]
+            .map(String::from)
+            .to_vec(),
+    );
+    let _side = PodVmSide::for_setup(&moto, &setup);
+    let mut daemon = setup.start().await;
+    let client = daemon.client().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id = sandbox_id();
+        client
+            .create(&id, pod_annotations(&format!("web-{i}"), "shop"))
+            .await
+            .unwrap();
+        client
+            .start(&id)
+            .await
+            .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+        ids.push(id);
+    }
+    drop(client);
+    assert!(daemon.sigterm().success());
+    std::fs::remove_file(setup.state_dir().join("journal/db")).unwrap();
+
+    let daemon = setup.start().await;
+    let runs = daemon.metric("podvisor_gc_runs_total", &[]).await;
+    eventually("four GC passes", Duration::from_secs(30), async || {
+        (daemon.metric("podvisor_gc_runs_total", &[]).await >= runs + 4.0).then_some(())
+    })
+    .await;
+    for id in &ids {
+        let states: Vec<String> = instances_of(&moto, id)
+            .await
+            .into_iter()
+            .map(|(_, state)| state)
+            .collect();
+        assert_eq!(states, ["running"], "sandbox {id}");
+    }
+    assert_eq!(daemon.metric("podvisor_journal_in_doubt", &[]).await, 1.0);
+    assert_eq!(
+        daemon
+            .metric(
+                "podvisor_unowned_instances",
+                &[("reason", "journal_in_doubt")]
+            )
+            .await,
+        3.0
+    );
+    assert_eq!(
+        daemon.metric("podvisor_orphans_deleted_total", &[]).await,
+        0.0
     );
 }

@@ -240,7 +240,13 @@ async fn every_bad_input_gets_its_own_error() {
     for (key, value, named) in [
         ("default_vcpus", "lots", "'lots'"),
         ("default_memory", "4Gi", "'4Gi'"),
-        ("cc_init_data", "%%%", "base64"),
+        ("cc_init_data", "%%%", "not initdata TOML"),
+        ("cc_init_data", "a", "not base64"),
+        (
+            "cc_init_data",
+            "algorithm = \"md5\"\nversion = \"0.1.0\"\n[data]\n",
+            "'md5' is not sha256, sha384 or sha512",
+        ),
     ] {
         let mut bad = pod_annotations("p", "n");
         bad.insert(

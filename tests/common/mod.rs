@@ -83,6 +83,9 @@ pub struct Setup {
     pub admin_port: u16,
     pub grpc_port: u16,
     pub forwarder_port: u16,
+    /// Where the admin and gRPC TCP endpoints listen; tests connect to
+    /// them on 127.0.0.1 whatever this is.
+    pub listen_ip: std::net::IpAddr,
     pub node: String,
     /// Extra global flags (before the provider).
     pub global: Vec<String>,
@@ -97,6 +100,8 @@ pub struct Setup {
     pub shared_state: Option<PathBuf>,
     /// Another daemon's Kata socket, to try to take it over.
     pub shared_socket: Option<PathBuf>,
+    /// Another daemon's local provider directory, to share its instances.
+    pub shared_local: Option<PathBuf>,
     /// What the local provider runs as each pod VM's forwarder, instead of
     /// `podvisor-forwarder`.
     pub forwarder_bin: Option<PathBuf>,
@@ -112,6 +117,7 @@ impl Setup {
             admin_port: free_port(),
             grpc_port: free_port(),
             forwarder_port: free_port(),
+            listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             node: format!("node-{:08x}", fastrand::u32(..)),
             global: Vec::new(),
             local: Vec::new(),
@@ -120,6 +126,7 @@ impl Setup {
             shared_state: None,
             shared_socket: None,
             forwarder_bin: None,
+            shared_local: None,
         }
     }
     pub fn socket(&self) -> PathBuf {
@@ -130,13 +137,20 @@ impl Setup {
     pub fn pods_dir(&self) -> PathBuf {
         self.root.path().join("pods")
     }
+    /// The gRPC unix socket where the daemon puts it by default: next to
+    /// the Kata socket.
+    pub fn grpc_socket(&self) -> PathBuf {
+        self.socket().with_file_name("podvisor-grpc.sock")
+    }
     pub fn state_dir(&self) -> PathBuf {
         self.shared_state
             .clone()
             .unwrap_or_else(|| self.root.path().join("state"))
     }
     pub fn local_dir(&self) -> PathBuf {
-        self.root.path().join("local")
+        self.shared_local
+            .clone()
+            .unwrap_or_else(|| self.root.path().join("local"))
     }
 
     /// The command line of the daemon.
@@ -148,8 +162,9 @@ impl Setup {
         cmd.arg("--socket").arg(self.socket());
         cmd.arg("--pods-dir").arg(self.pods_dir());
         cmd.arg("--state-dir").arg(self.state_dir());
-        cmd.args(["--admin-addr", &format!("127.0.0.1:{}", self.admin_port)]);
-        cmd.args(["--grpc-addr", &format!("127.0.0.1:{}", self.grpc_port)]);
+        let ip = self.listen_ip;
+        cmd.args(["--admin-addr", &format!("{ip}:{}", self.admin_port)]);
+        cmd.args(["--grpc-addr", &format!("{ip}:{}", self.grpc_port)]);
         cmd.args(["--forwarder-port", &self.forwarder_port.to_string()]);
         cmd.args(["--node-name", &self.node]);
         cmd.args(["--log-level", "info,podvisor=debug"]);
@@ -168,6 +183,28 @@ impl Setup {
         );
         cmd.args(&self.local);
         cmd
+    }
+
+    /// Starts the daemon: ready, or `Err` with its log if it exited first.
+    pub async fn try_start(&self) -> Result<Daemon, String> {
+        let log = self
+            .root
+            .path()
+            .join(format!("daemon-{}.log", fastrand::u32(..)));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = self
+            .command()
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let mut d = Daemon {
+            child: Some(child),
+            log,
+            admin: format!("http://127.0.0.1:{}", self.admin_port),
+            socket: self.socket(),
+        };
+        d.ready_or_exit().await.map(|()| d)
     }
 
     /// Starts the daemon and waits until it is ready.
@@ -225,17 +262,25 @@ pub struct Daemon {
 
 impl Daemon {
     async fn wait_ready(&mut self) {
+        if let Err(why) = self.ready_or_exit().await {
+            panic!("{why}");
+        }
+    }
+
+    /// Waits until the daemon is ready; `Err` with its log if it exits first.
+    async fn ready_or_exit(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
+                self.child = None;
+                return Err(format!(
                     "podvisor exited ({status}) before ready:\n{}",
                     self.log_text()
-                );
+                ));
             }
             if self.socket.exists() {
                 if let Ok((200, _)) = self.get("/readyz").await {
-                    return;
+                    return Ok(());
                 }
             }
             assert!(
