@@ -23,6 +23,9 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use flate2::Compression;
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
 use podvisor::api::annotations::{
     CC_INIT_DATA, CRIO_SANDBOX_NAME, DEFAULT_GPU_MODEL, DEFAULT_GPUS, DEFAULT_MEMORY,
     DEFAULT_VCPUS, IMAGE, MACHINE_TYPE, SANDBOX_NAME, SANDBOX_NAMESPACE, SandboxRequest, parse,
@@ -36,6 +39,7 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use serde_json::{Value, json};
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -91,6 +95,9 @@ fn number_text() -> impl Strategy<Value = String> {
         (0u64..(80 * 1024 * 1024)).prop_map(|n| n.to_string()),
         any::<i64>().prop_map(|n| n.to_string()),
         (0u32..5000).prop_map(|n| format!("{n}.0")),
+        // Fractions, as runtime-rs writes its f32 sandbox size.
+        (0u32..5000, 1u32..1000).prop_map(|(n, f)| format!("{n}.{f}")),
+        (0u32..5000).prop_map(|n| (n as f32 / 4.0).to_string()),
         any::<f64>().prop_map(|f| f.to_string()),
         any::<f64>().prop_map(|f| format!("{f:e}")),
         any::<f32>().prop_map(|f| f.to_string()),
@@ -103,6 +110,8 @@ fn number_text() -> impl Strategy<Value = String> {
             "+4",
             "-0",
             "-0.0",
+            "-0.5",
+            "-1e-300",
             "0x10",
             "1e3",
             "1E3",
@@ -114,17 +123,26 @@ fn number_text() -> impl Strategy<Value = String> {
             "08",
             "0",
             "0.0",
+            "0.5",
             "1.5",
             "2.50",
+            "1e-300",
+            "5e-324",
             "4Gi",
             "8G",
             "18446744073709551615",
             "18446744073709551616",
             "1e308",
             "1e309",
+            "4095.5",
             "4096.0000000000001",
+            "4096.001",
             "4097.0",
             "5000.0",
+            "1023.5",
+            "1024.5",
+            "67108863.5",
+            "67108864.5",
             "+",
             "-",
             "",
@@ -136,7 +154,215 @@ fn number_text() -> impl Strategy<Value = String> {
     ]
 }
 
-/// Base64 of content the initdata check accepts or refuses.
+/// The digest algorithms initdata may name.
+const ALGORITHMS: [&str; 3] = ["sha256", "sha384", "sha512"];
+/// The most bytes `cc_init_data` may hold, and its canonical encoding.
+const INITDATA_LIMIT: usize = 64 * 1024;
+/// The most bytes an encoded `cc_init_data` may decode to.
+const INITDATA_DOCUMENT_LIMIT: usize = 1 << 20;
+
+/// `s` (no control characters but `\n`) as a TOML string in the form
+/// `form` picks: basic, literal, multi-line literal or multi-line basic.
+/// A form that cannot hold `s` falls back to a basic string.
+fn toml_string(s: &str, form: u8) -> String {
+    match form % 4 {
+        1 if !s.contains(['\'', '\n']) => format!("'{s}'"),
+        2 if !s.contains('\'') => format!("'''\n{s}'''"),
+        3 if !s.contains(['"', '\\']) => format!("\"\"\"\n{s}\"\"\""),
+        _ => {
+            let escaped = s
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("\"{escaped}\"")
+        }
+    }
+}
+
+/// A `[data]` key: bare when it can be, else quoted (`"aa.toml"`).
+fn toml_key(k: &str, quote: bool) -> String {
+    let bare = k
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare && !quote {
+        k.to_owned()
+    } else {
+        toml_string(k, 0)
+    }
+}
+
+/// The entries of a `[data]` table of strings (file name → content, some
+/// of them multi-line), each key once, one entry a line.
+fn initdata_entries() -> impl Strategy<Value = String> {
+    vec(
+        (
+            "[A-Za-z0-9_.-]{1,16}",
+            any::<bool>(),
+            "(\\PC{0,20}\n){0,3}\\PC{0,20}",
+            any::<u8>(),
+        ),
+        0..5,
+    )
+    .prop_map(|entries| {
+        let mut seen = std::collections::HashSet::new();
+        entries
+            .into_iter()
+            .filter(|(k, ..)| seen.insert(k.clone()))
+            .map(|(k, quote, v, form)| {
+                format!("{} = {}\n", toml_key(&k, quote), toml_string(&v, form))
+            })
+            .collect()
+    })
+}
+
+/// An initdata-like TOML document: `algorithm` and `version` (given as
+/// TOML values, in either order), then the `[data]` section (none when
+/// `None`), with leading blank lines, a comment, CRLF line ends or
+/// trailing spaces now and then — all of them part of the exact bytes.
+fn initdata_with(
+    algorithm: impl Strategy<Value = String>,
+    version: impl Strategy<Value = String>,
+    data: impl Strategy<Value = Option<String>>,
+) -> impl Strategy<Value = String> {
+    (
+        (algorithm, version, data),
+        any::<bool>(),
+        select(vec!["", "\n", "\n\n", " \n", "\r\n", "# initdata\n"]),
+        select(vec!["\n", "\n", "\r\n"]),
+        select(vec!["", "", "\n", "  ", "  \n", "\n\n", "# end"]),
+    )
+        .prop_map(
+            |((algorithm, version, data), version_first, leading, eol, trailing)| {
+                let algorithm = format!("algorithm = {algorithm}{eol}");
+                let version = format!("version = {version}{eol}");
+                let (first, second) = if version_first {
+                    (version, algorithm)
+                } else {
+                    (algorithm, version)
+                };
+                let data = data.map_or(String::new(), |entries| {
+                    format!("{eol}[data]{eol}{entries}")
+                });
+                format!("{leading}{first}{second}{data}{trailing}")
+            },
+        )
+}
+
+/// A valid initdata document.
+fn initdata_document() -> impl Strategy<Value = String> {
+    initdata_with(
+        (select(ALGORITHMS.to_vec()), any::<u8>()).prop_map(|(a, form)| toml_string(a, form)),
+        ("[0-9][0-9a-z.+ -]{0,10}", any::<u8>()).prop_map(|(v, form)| toml_string(&v, form)),
+        initdata_entries().prop_map(Some),
+    )
+}
+
+/// Documents that are valid initdata, or just miss: another algorithm, an
+/// empty version, no or a bad `[data]` table, values of the wrong type,
+/// cut short, or with a stray byte.
+fn initdata_near_miss() -> impl Strategy<Value = String> {
+    let algorithm = prop_oneof![
+        3 => select(ALGORITHMS.to_vec()).prop_map(|a| toml_string(a, 0)),
+        1 => select(vec!["md5", "SHA256", "sha256 ", "sha-256", ""]).prop_map(|a| toml_string(a, 0)),
+        1 => select(vec!["256", "true", "[\"sha256\"]", "sha256"]).prop_map(String::from),
+    ];
+    let version = prop_oneof![
+        3 => "[0-9][0-9a-z.]{0,6}".prop_map(|v| toml_string(&v, 0)),
+        1 => select(vec!["\"\"", "\" \"", "'\t'", "0.1", "1", "1979-05-27", "\"\"\"\n\"\"\""])
+            .prop_map(String::from),
+    ];
+    let data = prop_oneof![
+        4 => initdata_entries().prop_map(Some),
+        1 => Just(None),
+        1 => select(vec!["x = 1\n", "[data.sub]\nx = \"y\"\n", "x = [\"y\"]\n", "x = \"a\"\nx = \"b\"\n"])
+            .prop_map(|s| Some(s.to_owned())),
+    ];
+    let document = initdata_with(algorithm, version, data).boxed();
+    prop_oneof![
+        4 => document.clone(),
+        1 => (document.clone(), any::<prop::sample::Index>()).prop_map(|(d, at)| {
+            let mut cut = at.index(d.len() + 1);
+            while !d.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            d[..cut].to_owned()
+        }),
+        1 => (document, any::<prop::sample::Index>(), any::<char>()).prop_map(|(mut d, at, c)| {
+            let mut i = at.index(d.len() + 1);
+            while !d.is_char_boundary(i) {
+                i -= 1;
+            }
+            d.insert(i, c);
+            d
+        }),
+    ]
+}
+
+/// How a document is put into `cc_init_data`.
+#[derive(Debug, Clone)]
+enum InitdataForm {
+    /// As Kata's runtime sends it: the raw TOML, byte for byte.
+    Raw,
+    /// Encoded: base64 (padded or not) of the document, or of its gzip at
+    /// `gzip` level; wrapped at 76 columns with `wrap`, as `base64` writes
+    /// it; `around` before and after.
+    Encoded {
+        gzip: Option<u32>,
+        pad: bool,
+        wrap: Option<&'static str>,
+        around: &'static str,
+    },
+}
+
+fn initdata_form() -> impl Strategy<Value = InitdataForm> {
+    prop_oneof![
+        2 => Just(InitdataForm::Raw),
+        3 => (
+            option::of(0u32..=9),
+            any::<bool>(),
+            option::of(select(vec!["\n", "\r\n"])),
+            select(vec!["", "", " ", "\n", " \n\t"]),
+        )
+            .prop_map(|(gzip, pad, wrap, around)| InitdataForm::Encoded { gzip, pad, wrap, around }),
+    ]
+}
+
+/// `document` as `cc_init_data` in `form`.
+fn initdata_value(document: &str, form: &InitdataForm) -> String {
+    let InitdataForm::Encoded {
+        gzip,
+        pad,
+        wrap,
+        around,
+    } = form
+    else {
+        return document.to_owned();
+    };
+    let bytes = match gzip {
+        Some(level) => {
+            let mut gz = GzEncoder::new(Vec::new(), Compression::new(*level));
+            gz.write_all(document.as_bytes()).unwrap();
+            gz.finish().unwrap()
+        }
+        None => document.as_bytes().to_vec(),
+    };
+    let b64 = if *pad {
+        STANDARD.encode(bytes)
+    } else {
+        STANDARD_NO_PAD.encode(bytes)
+    };
+    let body = match wrap {
+        Some(eol) => b64
+            .as_bytes()
+            .chunks(76)
+            .map(|line| format!("{}{eol}", std::str::from_utf8(line).unwrap()))
+            .collect(),
+        None => b64,
+    };
+    format!("{around}{body}{around}")
+}
+
+/// `cc_init_data` values the initdata check accepts or refuses.
 fn initdata_text() -> impl Strategy<Value = String> {
     let content = prop_oneof![
         "\\PC{0,60}".prop_map(String::into_bytes),
@@ -147,14 +373,15 @@ fn initdata_text() -> impl Strategy<Value = String> {
         vec(any::<u8>(), 0..60),
     ];
     prop_oneof![
-        4 => (content, 0usize..3, "[ \t\n]{0,2}").prop_map(|(c, pads, ws)| {
+        4 => (initdata_near_miss(), initdata_form()).prop_map(|(d, form)| initdata_value(&d, &form)),
+        3 => (content, 0usize..3, "[ \t\n]{0,2}").prop_map(|(c, pads, ws)| {
             // Unpadded, then with up to two of the padding characters.
             let b64 = STANDARD_NO_PAD.encode(&c);
             let padding = STANDARD.encode(&c).len() - b64.len();
             format!("{ws}{b64}{}{ws}", "=".repeat(pads.min(padding)))
         }),
         1 => "[A-Za-z0-9+/=_ -]{0,40}",
-        1 => select(vec!["=", "==", "====", "A", "AA", "AA==", "AA=", "YQ", "YR", "H4sI", "/w=="])
+        1 => select(vec!["=", "==", "====", "A", "AA", "AA==", "AA=", "YQ", "YR", "H4sI", "/w==", "a\nb", "\"\"\"", "[data]"])
             .prop_map(String::from),
     ]
 }
@@ -165,7 +392,7 @@ fn annotation_value() -> impl Strategy<Value = String> {
         4 => number_text(),
         3 => any::<String>(),
         2 => "\\PC{0,30}",
-        2 => initdata_text(),
+        3 => initdata_text(),
         1 => "[a-z0-9]{1,8}[\u{0}-\u{1f}\u{7f}\u{85}][a-z]{0,4}",
         1 => select(vec!["", " ", "\t", "\u{a0}", "\u{2028}", "\u{feff}", "é", "m6a.large"])
             .prop_map(String::from),
@@ -186,11 +413,29 @@ fn annotation_key() -> impl Strategy<Value = String> {
     ]
 }
 
-/// Arbitrary annotation maps; most carry a valid identity, so the parser
-/// gets past it to the resource annotations.
-fn annotation_map() -> impl Strategy<Value = HashMap<String, String>> {
+/// A CRI-O sandbox name's parts: pod, namespace, uid, attempt.
+fn crio_parts() -> impl Strategy<Value = (String, String, String, String)> {
     (
-        option::weighted(0.7, ("[a-z0-9-]{1,20}", "[a-z0-9-]{1,20}")),
+        "[a-z0-9][a-z0-9.-]{0,30}",
+        "[a-z0-9][a-z0-9-]{0,30}",
+        "[0-9a-f-]{1,36}",
+        "[0-9]{1,2}",
+    )
+}
+
+/// Arbitrary annotation maps; most carry a valid identity (some of them a
+/// CRI-O sandbox name in containerd's key, as the Go shim sends under
+/// CRI-O), so the parser gets past it to the resource annotations.
+fn annotation_map() -> impl Strategy<Value = HashMap<String, String>> {
+    let identity = prop_oneof![
+        3 => ("[a-z0-9-]{1,20}", "[a-z0-9-]{1,20}"),
+        1 => (crio_parts(), "[a-z0-9-]{1,3}", any::<bool>()).prop_map(|((pod, ns, uid, attempt), other, same)| {
+            let namespace = if same { ns.clone() } else { other };
+            (format!("k8s_{pod}_{ns}_{uid}_{attempt}"), namespace)
+        }),
+    ];
+    (
+        option::weighted(0.7, identity),
         hash_map(annotation_key(), annotation_value(), 0..10),
     )
         .prop_map(|(identity, extra)| {
@@ -207,42 +452,65 @@ fn annotation_map() -> impl Strategy<Value = HashMap<String, String>> {
 /// What the model says about a number annotation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum NumberVerdict {
-    /// Absent, empty, or Kata's 0 meaning "unset".
+    /// Absent, empty, or (vCPUs, memory) 0 after rounding: Kata's "unset".
     Unset,
-    /// Accepted.
+    /// Accepted as this whole number.
     Value(u64),
-    /// A whole, non-negative number outside the accepted range.
+    /// A non-negative number that (rounded) is above the maximum.
     OutOfRange,
-    /// Negative, fractional, not finite, or not a number.
-    NotWhole,
+    /// Negative, not finite or not a number — or, for GPUs, a fraction.
+    Invalid,
 }
 
-/// The model of a number annotation, from the parser's docs: a whole number
-/// in `[min, max]`, written as an integer or as a whole float (`"2.0"`); 0
-/// means unset where the minimum is 1.
-fn model_number(m: &HashMap<String, String>, key: &str, min: u64, max: u64) -> NumberVerdict {
+/// How a number annotation is made whole.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Whole {
+    /// vCPUs and memory: rounded up; 0 means unset; at least 1.
+    RoundUp,
+    /// GPUs: a fraction is invalid; 0 is a count.
+    Only,
+}
+
+/// The model of a number annotation, from the parser's docs: a finite,
+/// non-negative decimal as Rust's `f64` parser reads it (after trimming),
+/// made whole as `whole` says, at most `max`. Alongside, the exact error
+/// message the docs give for an invalid one.
+fn model_number(
+    m: &HashMap<String, String>,
+    key: &str,
+    whole: Whole,
+    max: u64,
+) -> (NumberVerdict, Option<String>) {
     let Some(raw) = m.get(key).map(|v| v.trim()).filter(|v| !v.is_empty()) else {
-        return NumberVerdict::Unset;
+        return (NumberVerdict::Unset, None);
     };
-    let value = if let Ok(v) = raw.parse::<u64>() {
-        v
-    } else {
-        match raw.parse::<f64>() {
-            Ok(f) if f.is_finite() && f.fract() == 0.0 && f >= 0.0 => {
-                if f > max as f64 {
-                    return NumberVerdict::OutOfRange;
-                }
-                f as u64
-            }
-            _ => return NumberVerdict::NotWhole,
-        }
+    let invalid = |why: &str| {
+        (
+            NumberVerdict::Invalid,
+            Some(format!("annotation {key} is '{raw}', {why}")),
+        )
     };
-    if value == 0 && min == 1 {
-        NumberVerdict::Unset
-    } else if value < min || value > max {
-        NumberVerdict::OutOfRange
-    } else {
-        NumberVerdict::Value(value)
+    let f = match raw.parse::<f64>() {
+        // `-0` is not below 0: it reads as 0.
+        Ok(f) if f.is_finite() && f >= 0.0 => f,
+        _ if whole == Whole::Only => return invalid("not a whole number"),
+        _ => return invalid("not a non-negative number"),
+    };
+    if whole == Whole::Only && f.fract() != 0.0 {
+        return invalid("not a whole number");
+    }
+    let n = f.ceil();
+    let min = match whole {
+        Whole::RoundUp => 1,
+        Whole::Only => 0,
+    };
+    if n > max as f64 {
+        let msg = format!("annotation {key} is {raw}, outside {min}..={max}");
+        return (NumberVerdict::OutOfRange, Some(msg));
+    }
+    match n as u64 {
+        0 if whole == Whole::RoundUp => (NumberVerdict::Unset, None),
+        n => (NumberVerdict::Value(n), None),
     }
 }
 
@@ -256,22 +524,170 @@ fn model_text(m: &HashMap<String, String>, key: &str) -> Result<Option<String>, 
     }
 }
 
-/// The model of initdata: at most 64 KiB of standard base64 that decodes
-/// to a gzip stream or to UTF-8 text. Padding is optional, and so is part
-/// of it: up to the canonical number of `=` may follow (`AA`, `AA=` and
-/// `AA==` are the same byte).
-fn model_initdata_ok(data: &str) -> bool {
-    if data.len() > 64 * 1024 {
-        return false;
-    }
+/// The model of standard base64 with optional padding: up to the
+/// canonical number of `=` may follow (`AA`, `AA=` and `AA==` are the same
+/// byte), and unused bits must be zero.
+fn model_base64(data: &str) -> Option<Vec<u8>> {
     let unpadded = data.trim_end_matches('=');
     if data.len() - unpadded.len() > (4 - unpadded.len() % 4) % 4 {
-        return false;
+        return None;
     }
-    let Ok(bytes) = STANDARD_NO_PAD.decode(unpadded) else {
+    STANDARD_NO_PAD.decode(unpadded).ok()
+}
+
+/// Whether `document` is valid initdata, judged with the `toml` crate's
+/// own table: `algorithm` a string naming sha256, sha384 or sha512,
+/// `version` a string that is not blank, and a `data` table whose values
+/// are strings. Other keys are allowed.
+fn model_initdata_toml(document: &str) -> bool {
+    let Ok(table) = document.parse::<toml::Table>() else {
         return false;
     };
-    !bytes.is_empty() && (bytes.starts_with(&[0x1f, 0x8b]) || std::str::from_utf8(&bytes).is_ok())
+    let algorithm = matches!(
+        table.get("algorithm"),
+        Some(toml::Value::String(a)) if ALGORITHMS.contains(&a.as_str())
+    );
+    let version = matches!(
+        table.get("version"),
+        Some(toml::Value::String(v)) if !v.trim().is_empty()
+    );
+    let data = matches!(
+        table.get("data"),
+        Some(toml::Value::Table(d)) if d.values().all(toml::Value::is_str)
+    );
+    algorithm && version && data
+}
+
+/// The length of the canonical encoding the pod VM receives: gzip (at
+/// the default level), then padded standard base64.
+fn canonical_encoded_len(document: &str) -> usize {
+    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+    gz.write_all(document.as_bytes()).unwrap();
+    gz.finish().unwrap().len().div_ceil(3) * 4
+}
+
+/// The model of `cc_init_data`: `Ok(None)` when absent or blank,
+/// `Ok(Some(document))` with the exact TOML the pod VM must receive, or
+/// `Err` with the exact message when the docs give one.
+///
+/// The value holds at most 64 KiB. Trimmed, if it is nothing but base64
+/// characters and line breaks it is the encoded form: without its line
+/// breaks, standard base64 (padding optional) of gzip (when it starts
+/// 1f 8b) or of the plain document, which is UTF-8 and at most 1 MiB.
+/// Otherwise the value itself, untrimmed, is the document. Either way the
+/// document is valid initdata, and its canonical encoding fits in 64 KiB.
+fn model_initdata(m: &HashMap<String, String>) -> Result<Option<String>, Option<String>> {
+    let Some(value) = m.get(CC_INIT_DATA) else {
+        return Ok(None);
+    };
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Ok(None);
+    }
+    if value.len() > INITDATA_LIMIT {
+        return Err(Some(format!(
+            "annotation {CC_INIT_DATA}: {} bytes, above the limit of {INITDATA_LIMIT}",
+            value.len()
+        )));
+    }
+    let encoded = trimmed
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"+/=\r\n".contains(&b));
+    let document = if encoded {
+        let joined: String = trimmed
+            .chars()
+            .filter(|c| !matches!(c, '\r' | '\n'))
+            .collect();
+        let bytes = model_base64(&joined).ok_or(None)?;
+        let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
+            let mut out = Vec::new();
+            GzDecoder::new(bytes.as_slice())
+                .take(INITDATA_DOCUMENT_LIMIT as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|_| None)?;
+            out
+        } else {
+            bytes
+        };
+        if bytes.len() > INITDATA_DOCUMENT_LIMIT {
+            return Err(None);
+        }
+        String::from_utf8(bytes).map_err(|_| None)?
+    } else {
+        value.clone()
+    };
+    if !model_initdata_toml(&document) || canonical_encoded_len(&document) > INITDATA_LIMIT {
+        return Err(None);
+    }
+    Ok(Some(document))
+}
+
+/// The reasons the docs give for an invalid `cc_init_data`, each the start
+/// of what follows `annotation <key>: `.
+const INITDATA_REASONS: [&str; 8] = [
+    "it is not base64: ",
+    "it is not initdata TOML: ",
+    "its algorithm '",
+    "it has no [data] table",
+    "its version is empty",
+    "it is not UTF-8 text",
+    "it is not a gzip stream",
+    "it is empty",
+];
+
+/// A request as the model sees it: the initdata is the TOML document
+/// itself, not its encoding.
+#[derive(Debug, Clone, PartialEq)]
+struct Expected {
+    pod_name: String,
+    pod_namespace: String,
+    spec: InstanceSpec,
+    initdata: Option<String>,
+}
+
+/// What a parsed request holds, its initdata decoded: the pod VM receives
+/// initdata as the canonical encoding — gzip, then padded standard base64
+/// on one line, at most 64 KiB — of the exact document the pod sent.
+fn received(r: &SandboxRequest) -> Result<Expected, String> {
+    let initdata = match r.initdata.as_deref() {
+        None => None,
+        Some(encoded) => {
+            if encoded.len() > INITDATA_LIMIT {
+                return Err(format!("initdata is {} bytes encoded", encoded.len()));
+            }
+            let gzip = STANDARD
+                .decode(encoded)
+                .map_err(|e| format!("initdata {encoded:.60} is not padded base64: {e}"))?;
+            if !gzip.starts_with(&[0x1f, 0x8b]) {
+                return Err(format!("initdata {encoded:.60} is not gzip"));
+            }
+            let mut document = String::new();
+            GzDecoder::new(gzip.as_slice())
+                .read_to_string(&mut document)
+                .map_err(|e| format!("initdata {encoded:.60} does not gunzip to text: {e}"))?;
+            Some(document)
+        }
+    };
+    Ok(Expected {
+        pod_name: r.pod_name.clone(),
+        pod_namespace: r.pod_namespace.clone(),
+        spec: r.spec.clone(),
+        initdata,
+    })
+}
+
+/// The model of a CRI-O sandbox name: exactly
+/// `k8s_<pod>_<namespace>_<uid>_<attempt>`, every part non-empty, the
+/// attempt ASCII digits. Its pod and namespace.
+fn model_crio_name(name: &str) -> Option<(&str, &str)> {
+    let parts: Vec<&str> = name.split('_').collect();
+    let [k8s, pod, ns, uid, attempt] = parts.as_slice() else {
+        return None;
+    };
+    let ok = *k8s == "k8s"
+        && [pod, ns, uid, attempt].iter().all(|p| !p.is_empty())
+        && attempt.bytes().all(|b| b.is_ascii_digit());
+    ok.then_some((*pod, *ns))
 }
 
 /// The model's verdict on a whole annotation map.
@@ -280,18 +696,26 @@ struct Model {
     /// Annotations with an invalid (or missing required) value: an error
     /// must name one of them; none means the map must parse.
     bad: Vec<&'static str>,
-    /// Number annotations holding a whole number out of range.
+    /// Number annotations holding a number out of range.
     out_of_range: Vec<&'static str>,
+    /// The exact error message for a bad annotation, where the docs give one.
+    messages: HashMap<&'static str, String>,
     /// What the parser must return when `bad` is empty.
-    expected: Option<SandboxRequest>,
+    expected: Option<Expected>,
 }
 
 fn model(m: &HashMap<String, String>) -> Model {
     let mut bad = Vec::new();
     let mut out_of_range = Vec::new();
+    let mut messages = HashMap::new();
     let get = |k: &str| m.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
     let identity = match (get(SANDBOX_NAME), get(SANDBOX_NAMESPACE)) {
-        (Some(n), Some(ns)) => Some((n.to_owned(), ns.to_owned())),
+        // The Go shim under CRI-O puts CRI-O's sandbox name here: the pod
+        // name is cut out of it when its namespace is the pod's.
+        (Some(n), Some(ns)) => match model_crio_name(n) {
+            Some((pod, crio_ns)) if crio_ns == ns => Some((pod.to_owned(), ns.to_owned())),
+            _ => Some((n.to_owned(), ns.to_owned())),
+        },
         (Some(_), None) => {
             bad.push(SANDBOX_NAMESPACE);
             None
@@ -301,41 +725,41 @@ fn model(m: &HashMap<String, String>) -> Model {
             None
         }
         (None, None) => match get(CRIO_SANDBOX_NAME) {
-            Some(crio) => {
-                let parts: Vec<&str> = crio.split('_').collect();
-                if parts.len() == 5
-                    && parts[0] == "k8s"
-                    && !parts[1].is_empty()
-                    && !parts[2].is_empty()
-                {
-                    Some((parts[1].to_owned(), parts[2].to_owned()))
-                } else {
+            Some(crio) => match model_crio_name(crio) {
+                Some((pod, ns)) => Some((pod.to_owned(), ns.to_owned())),
+                None => {
                     bad.push(CRIO_SANDBOX_NAME);
                     None
                 }
-            }
+            },
             None => {
                 bad.extend([SANDBOX_NAME, SANDBOX_NAMESPACE]);
                 None
             }
         },
     };
-    let mut number = |key: &'static str, min: u64, max: u64| match model_number(m, key, min, max) {
-        NumberVerdict::Unset => None,
-        NumberVerdict::Value(v) => Some(v),
-        NumberVerdict::OutOfRange => {
-            bad.push(key);
-            out_of_range.push(key);
-            None
+    let mut number = |key: &'static str, whole: Whole, max: u64| {
+        let (verdict, message) = model_number(m, key, whole, max);
+        if let Some(message) = message {
+            messages.insert(key, message);
         }
-        NumberVerdict::NotWhole => {
-            bad.push(key);
-            None
+        match verdict {
+            NumberVerdict::Unset => None,
+            NumberVerdict::Value(v) => Some(v),
+            NumberVerdict::OutOfRange => {
+                bad.push(key);
+                out_of_range.push(key);
+                None
+            }
+            NumberVerdict::Invalid => {
+                bad.push(key);
+                None
+            }
         }
     };
-    let vcpus = number(DEFAULT_VCPUS, 1, 4096).map(|v| v as u32);
-    let memory_mib = number(DEFAULT_MEMORY, 1, 64 * 1024 * 1024);
-    let gpus = number(DEFAULT_GPUS, 0, 1024).map(|v| v as u32);
+    let vcpus = number(DEFAULT_VCPUS, Whole::RoundUp, 4096).map(|v| v as u32);
+    let memory_mib = number(DEFAULT_MEMORY, Whole::RoundUp, 64 * 1024 * 1024);
+    let gpus = number(DEFAULT_GPUS, Whole::Only, 1024).map(|v| v as u32);
     let mut text = |key: &'static str| {
         model_text(m, key).unwrap_or_else(|()| {
             bad.push(key);
@@ -350,14 +774,15 @@ fn model(m: &HashMap<String, String>) -> Model {
         gpu_model: text(DEFAULT_GPU_MODEL),
         image: text(IMAGE),
     };
-    let initdata = text(CC_INIT_DATA);
-    if let Some(data) = &initdata {
-        if !model_initdata_ok(data) {
-            bad.push(CC_INIT_DATA);
+    let initdata = model_initdata(m).unwrap_or_else(|message| {
+        bad.push(CC_INIT_DATA);
+        if let Some(message) = message {
+            messages.insert(CC_INIT_DATA, message);
         }
-    }
+        None
+    });
     let expected = match identity {
-        Some((pod_name, pod_namespace)) if bad.is_empty() => Some(SandboxRequest {
+        Some((pod_name, pod_namespace)) if bad.is_empty() => Some(Expected {
             pod_name,
             pod_namespace,
             spec,
@@ -368,6 +793,7 @@ fn model(m: &HashMap<String, String>) -> Model {
     Model {
         bad,
         out_of_range,
+        messages,
         expected,
     }
 }
@@ -398,7 +824,8 @@ fn check_parse(m: &HashMap<String, String>) -> Result<(), TestCaseError> {
                 "accepted, but the model finds {:?} invalid: {request:?}",
                 model.bad
             );
-            prop_assert_eq!(Some(request), model.expected);
+            let got = received(&request).map_err(TestCaseError::fail)?;
+            prop_assert_eq!(Some(got), model.expected);
         }
         Err(msg) => {
             prop_assert!(
@@ -412,12 +839,24 @@ fn check_parse(m: &HashMap<String, String>) -> Result<(), TestCaseError> {
                 "the error names {key:?}, not one of the invalid {:?}: {msg}",
                 model.bad
             );
+            let key = key.unwrap();
+            if let Some(want) = model.messages.get(key) {
+                prop_assert_eq!(&msg, want);
+            } else if key == CC_INIT_DATA {
+                let why = msg.strip_prefix(&format!("annotation {CC_INIT_DATA}: "));
+                prop_assert!(
+                    why.is_some_and(|why| INITDATA_REASONS.iter().any(|r| why.starts_with(r))
+                        || why.ends_with(" bytes, above the limit of 1048576")
+                        || why.ends_with(&format!(" bytes once gzip + base64 encoded for the pod VM, above the limit of {INITDATA_LIMIT}"))),
+                    "not a documented initdata error: {msg}"
+                );
+            }
         }
     }
     Ok(())
 }
 
-/// A value rendered in one of the ways Kata and people write numbers.
+/// A whole value rendered in one of the ways Kata and people write numbers.
 fn render_number(n: u64, style: u8, pad: &str) -> String {
     let s = match style % 8 {
         0 => n.to_string(),
@@ -432,36 +871,89 @@ fn render_number(n: u64, style: u8, pad: &str) -> String {
     format!("{pad}{s}{pad}")
 }
 
-/// A valid annotation set and the request it must parse to.
-fn valid_annotations() -> impl Strategy<Value = (HashMap<String, String>, SandboxRequest)> {
-    let identity = prop_oneof![
+/// `n` plus a fraction of `micros` millionths (1..1_000_000), written in
+/// one of the ways Kata, runtime-rs and people write fractions. It rounds
+/// up to `n + 1` (a millionth is far above `f64`'s resolution here).
+fn render_fraction(n: u64, micros: u32, style: u8, pad: &str) -> String {
+    let digits = format!("{micros:06}");
+    let digits = digits.trim_end_matches('0');
+    let s = match style % 4 {
+        0 => format!("{n}.{digits}"),
+        1 => format!("{n}.{digits}00"),
+        2 => format!("{n}{digits}e-{}", digits.len()),
+        // runtime-rs's f32 sandbox size, in quarters (exact in f32).
+        _ if n < 1 << 20 => format!("{}", n as f32 + (1 + micros % 3) as f32 / 4.0),
+        _ => format!("+{n}.{digits}"),
+    };
+    format!("{pad}{s}{pad}")
+}
+
+/// A vCPU or memory annotation up to `max`, and what it must read as:
+/// whole values as they are (0: unset), fractions rounded up.
+fn rounded_number(max: u64) -> impl Strategy<Value = (String, Option<u64>)> {
+    let pad = || select(vec!["", " ", "\t", "\n"]);
+    prop_oneof![
+        (0..=max, any::<u8>(), pad())
+            .prop_map(|(n, style, pad)| (render_number(n, style, pad), Some(n).filter(|n| *n > 0))),
+        (0..max, 1u32..1_000_000, any::<u8>(), pad()).prop_map(|(n, micros, style, pad)| (
+            render_fraction(n, micros, style, pad),
+            Some(n + 1)
+        )),
+    ]
+}
+
+/// The pod identity annotations, and the pod name and namespace they
+/// must read as.
+fn identity_annotations() -> impl Strategy<Value = (Vec<(&'static str, String)>, String, String)> {
+    let pad = || select(vec!["", " ", "\t", "\n "]);
+    prop_oneof![
         // containerd: any text, trimmed.
-        ("\\PC{0,3}[^\\s_]\\PC{0,20}", "\\PC{0,3}[^\\s_]\\PC{0,20}")
-            .prop_map(|(n, ns)| (n, ns, None)),
-        // CRI-O: k8s_<pod>_<ns>_<uid>_<attempt>.
-        (
-            "[a-z0-9][a-z0-9.-]{0,30}",
-            "[a-z0-9][a-z0-9-]{0,30}",
-            "[0-9a-f-]{0,36}",
-            "[0-9]{1,2}"
-        )
-            .prop_map(|(n, ns, uid, attempt)| {
-                let crio = format!("k8s_{n}_{ns}_{uid}_{attempt}");
-                (n, ns, Some(crio))
+        2 => ("\\PC{0,3}[^\\s_]\\PC{0,20}", "\\PC{0,3}[^\\s_]\\PC{0,20}")
+            .prop_filter("not a CRI-O sandbox name", |(n, _)| !n.trim().starts_with("k8s_"))
+            .prop_map(|(n, ns)| {
+                let (pod, namespace) = (n.trim().to_owned(), ns.trim().to_owned());
+                (vec![(SANDBOX_NAME, n), (SANDBOX_NAMESPACE, ns)], pod, namespace)
             }),
-    ];
-    let num = |max: u64| option::of((0..=max, any::<u8>(), select(vec!["", " ", "\t"])));
+        // CRI-O's own key: k8s_<pod>_<ns>_<uid>_<attempt>.
+        1 => (crio_parts(), pad()).prop_map(|((pod, ns, uid, attempt), pad)| {
+            let crio = format!("{pad}k8s_{pod}_{ns}_{uid}_{attempt}{pad}");
+            (vec![(CRIO_SANDBOX_NAME, crio)], pod, ns)
+        }),
+        // The Go shim under CRI-O: CRI-O's sandbox name in containerd's
+        // key, cut to the pod name when its namespace is the pod's; kept
+        // whole when the namespace differs or the shape is not exact.
+        2 => (crio_parts(), "[a-z0-9-]{1,12}", 0u8..8, pad(), pad()).prop_map(
+            |((pod, ns, uid, attempt), other, shape, pad, ns_pad)| {
+                let (name, cut) = match shape {
+                    0..=2 => (format!("k8s_{pod}_{ns}_{uid}_{attempt}"), true),
+                    3 => (format!("K8s_{pod}_{ns}_{uid}_{attempt}"), false),
+                    4 => (format!("k8s_{pod}_{ns}_{uid}_{attempt}x"), false),
+                    5 => (format!("k8s_{pod}_{ns}__{attempt}"), false),
+                    6 => (format!("k8s_{pod}_{ns}_{uid}_{attempt}_1"), false),
+                    _ => (format!("k8s_{pod}_{ns}_{uid}"), false),
+                };
+                // Half of the exact ones under another namespace.
+                let namespace = if shape == 2 {
+                    if other == ns { format!("{other}x") } else { other }
+                } else {
+                    ns
+                };
+                let expected = if cut && shape != 2 { pod } else { name.clone() };
+                let entries = vec![
+                    (SANDBOX_NAME, format!("{pad}{name}{pad}")),
+                    (SANDBOX_NAMESPACE, format!("{ns_pad}{namespace}{ns_pad}")),
+                ];
+                (entries, expected, namespace)
+            },
+        ),
+    ]
+}
+
+/// A valid annotation set and the request it must parse to.
+fn valid_annotations() -> impl Strategy<Value = (HashMap<String, String>, Expected)> {
+    let gpus = option::of((0..=1024u64, any::<u8>(), select(vec!["", " ", "\t"])));
     let text = || option::of("[ ]{0,2}[^\\p{Cc}\\s][^\\p{Cc}]{0,40}");
-    let initdata = option::of((
-        prop_oneof![
-            "\\PC{1,200}".prop_map(String::into_bytes),
-            vec(any::<u8>(), 0..200).prop_map(|mut b| {
-                b.splice(0..0, [0x1f, 0x8b, 0x08]);
-                b
-            }),
-        ],
-        any::<bool>(),
-    ));
+    let initdata = option::of((initdata_document(), initdata_form()));
     let noise = hash_map(
         prop_oneof![
             select(NOISE_KEYS.to_vec()).prop_map(String::from),
@@ -475,67 +967,86 @@ fn valid_annotations() -> impl Strategy<Value = (HashMap<String, String>, Sandbo
         0..6,
     );
     (
-        identity,
-        (num(4096), num(64 * 1024 * 1024), num(1024)),
+        identity_annotations(),
+        (
+            option::of(rounded_number(4096)),
+            option::of(rounded_number(64 * 1024 * 1024)),
+            gpus,
+        ),
         (text(), text(), text()),
         initdata,
         noise,
+        // The Go shim sends all nine keys, an unset one as "" or "0".
+        any::<bool>(),
     )
         .prop_map(
             |(
-                (name, ns, crio),
+                (identity, pod_name, pod_namespace),
                 (vcpus, memory, gpus),
                 (machine, gpu_model, image),
                 init,
                 noise,
+                all_keys,
             )| {
                 let mut m: HashMap<String, String> = noise;
-                match crio {
-                    Some(crio) => {
-                        m.insert(CRIO_SANDBOX_NAME.into(), crio);
-                    }
-                    None => {
-                        m.insert(SANDBOX_NAME.into(), name.clone());
-                        m.insert(SANDBOX_NAMESPACE.into(), ns.clone());
-                    }
+                for (key, value) in identity {
+                    m.insert(key.into(), value);
                 }
-                let mut number = |key: &str, v: Option<(u64, u8, &str)>| {
-                    let (n, style, pad) = v?;
-                    m.insert(key.into(), render_number(n, style, pad));
-                    Some(n)
+                let mut rounded = |key: &str, v: Option<(String, Option<u64>)>| {
+                    let (raw, n) = v?;
+                    m.insert(key.into(), raw);
+                    n
                 };
-                let vcpus = number(DEFAULT_VCPUS, vcpus).filter(|n| *n > 0);
-                let memory_mib = number(DEFAULT_MEMORY, memory).filter(|n| *n > 0);
-                let gpus = number(DEFAULT_GPUS, gpus);
+                let vcpus = rounded(DEFAULT_VCPUS, vcpus);
+                let memory_mib = rounded(DEFAULT_MEMORY, memory);
+                let gpus = gpus.map(|(n, style, pad)| {
+                    m.insert(DEFAULT_GPUS.into(), render_number(n, style, pad));
+                    n
+                });
                 let mut text = |key: &str, v: Option<String>| {
                     let v = v?;
                     m.insert(key.into(), v.clone());
                     Some(v.trim().to_owned())
                 };
+                let instance_type = text(MACHINE_TYPE, machine);
+                let gpu_model = text(DEFAULT_GPU_MODEL, gpu_model);
+                let image = text(IMAGE, image);
+                let initdata = init.map(|(document, form)| {
+                    m.insert(CC_INIT_DATA.into(), initdata_value(&document, &form));
+                    document
+                });
+                let gpus = if all_keys {
+                    for (key, unset) in [
+                        (MACHINE_TYPE, ""),
+                        (IMAGE, ""),
+                        (DEFAULT_VCPUS, "0"),
+                        (DEFAULT_MEMORY, "0"),
+                        (CC_INIT_DATA, ""),
+                        (DEFAULT_GPUS, "0"),
+                        (DEFAULT_GPU_MODEL, ""),
+                    ] {
+                        m.entry(key.into()).or_insert_with(|| unset.into());
+                    }
+                    // "0" GPUs is a count.
+                    gpus.or(Some(0))
+                } else {
+                    gpus
+                };
                 let spec = InstanceSpec {
-                    instance_type: text(MACHINE_TYPE, machine),
+                    instance_type,
                     vcpus: vcpus.map(|n| n as u32),
                     memory_mib,
                     gpus: gpus.map(|n| n as u32),
-                    gpu_model: text(DEFAULT_GPU_MODEL, gpu_model),
-                    image: text(IMAGE, image),
+                    gpu_model,
+                    image,
                 };
-                let initdata = init.map(|(content, pad)| {
-                    let b64 = if pad {
-                        STANDARD.encode(content)
-                    } else {
-                        STANDARD_NO_PAD.encode(content)
-                    };
-                    m.insert(CC_INIT_DATA.into(), format!(" {b64}\n"));
-                    b64
-                });
-                let request = SandboxRequest {
-                    pod_name: name.trim().to_owned(),
-                    pod_namespace: ns.trim().to_owned(),
+                let expected = Expected {
+                    pod_name,
+                    pod_namespace,
                     spec,
                     initdata,
                 };
-                (m, request)
+                (m, expected)
             },
         )
 }
@@ -565,15 +1076,20 @@ proptest! {
         check_parse(&m)?;
     }
 
-    /// Valid annotation sets, however their numbers are written, parse to
-    /// exactly the values they hold.
+    /// Valid annotation sets — however their numbers are written (fractions
+    /// rounded up), with a CRI-O sandbox name in either key, and initdata
+    /// as raw TOML or encoded — parse to exactly the values they hold, the
+    /// initdata encoded for the pod VM from the exact document sent.
     #[test]
     fn valid_annotations_round_trip((m, expected) in valid_annotations()) {
-        prop_assert_eq!(parse(&m), Ok(expected));
+        let request = parse(&m).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(received(&request).map_err(TestCaseError::fail)?, expected);
+        check_parse(&m)?;
     }
 
     /// One number annotation at a time, over the whole range and past it:
-    /// accepted exactly when whole and in range, and then as that value.
+    /// accepted exactly when a non-negative number in range (vCPUs and
+    /// memory rounded up, GPUs whole), and then as that value.
     #[test]
     fn numbers_are_read_as_documented(
         which in 0usize..3,
@@ -587,16 +1103,29 @@ proptest! {
         ]);
         check_parse(&m)?;
     }
+
+    /// Initdata alone, valid or nearly: accepted exactly when the model
+    /// says, as the exact document sent.
+    #[test]
+    fn initdata_is_read_as_documented(raw in initdata_text()) {
+        let m = HashMap::from([
+            (SANDBOX_NAME.to_owned(), "web".to_owned()),
+            (SANDBOX_NAMESPACE.to_owned(), "default".to_owned()),
+            (CC_INIT_DATA.to_owned(), raw),
+        ]);
+        check_parse(&m)?;
+    }
 }
 
 proptest! {
     #![proptest_config(config(1024))]
 
-    /// An error about a whole number out of range says so ("outside
-    /// min..=max"), as it does for integers, rather than calling it "not a
-    /// whole number".
+    /// An error about a number out of range says so ("outside
+    /// min..=max"), whether it is written as an integer, a whole float or
+    /// a fraction that rounds up past the maximum, rather than calling it
+    /// not a number.
     #[test]
-    fn out_of_range_whole_numbers_are_called_out_of_range(
+    fn out_of_range_numbers_are_called_out_of_range(
         which in 0usize..3,
         raw in number_text(),
     ) {
@@ -626,6 +1155,18 @@ fn whole_float_out_of_range_is_called_out_of_range() {
     assert!(msg.contains("outside 1..=4096"), "{msg}");
 }
 
+/// A valid initdata document padded with a TOML comment to exactly `len`
+/// bytes.
+fn initdata_padded_to(len: usize) -> String {
+    let mut document = String::from(
+        "algorithm = \"sha256\"\nversion = \"0.1.0\"\n\n[data]\n\"aa.toml\" = '''\n[token_configs]\n'''\n# ",
+    );
+    document.push_str(&"x".repeat(len - document.len() - 1));
+    document.push('\n');
+    assert_eq!(document.len(), len);
+    document
+}
+
 /// The boundaries the generators rarely hit exactly.
 #[test]
 fn annotation_boundaries() {
@@ -641,21 +1182,77 @@ fn annotation_boundaries() {
         (DEFAULT_MEMORY, 64 * 1024 * 1024),
         (DEFAULT_GPUS, 1024),
     ] {
-        for raw in [max.to_string(), format!("{max}.0"), (max + 1).to_string()] {
+        for raw in [
+            max.to_string(),
+            format!("{max}.0"),
+            format!("{}.5", max - 1),
+            format!("{max}.000001"),
+            (max + 1).to_string(),
+            "0.000001".to_owned(),
+            "-0.000001".to_owned(),
+        ] {
             check_parse(&base(key, raw)).unwrap();
         }
     }
-    // Initdata: exactly at the 64 KiB limit, and one byte past it.
-    let at_limit = STANDARD.encode(vec![b'a'; 64 * 1024 / 4 * 3]);
-    assert_eq!(at_limit.len(), 64 * 1024);
-    let r = parse(&base(CC_INIT_DATA, at_limit.clone())).unwrap();
-    assert_eq!(r.initdata.as_deref(), Some(at_limit.as_str()));
-    let past = format!("{at_limit}A");
-    let e = parse(&base(CC_INIT_DATA, past)).unwrap_err();
-    assert!(
-        e.starts_with(&format!("annotation {CC_INIT_DATA}: 65537 bytes")),
-        "{e}"
+    // Fractions round up to the maximum, and no further.
+    let spec = |k: &str, v: &str| parse(&base(k, v.to_owned())).map(|r| r.spec);
+    assert_eq!(spec(DEFAULT_VCPUS, "4095.5").unwrap().vcpus, Some(4096));
+    assert_eq!(spec(DEFAULT_VCPUS, "0.000001").unwrap().vcpus, Some(1));
+    assert_eq!(
+        spec(DEFAULT_MEMORY, "67108863.5").unwrap().memory_mib,
+        Some(64 * 1024 * 1024)
     );
+    assert_eq!(
+        spec(DEFAULT_VCPUS, "4096.5").unwrap_err(),
+        format!("annotation {DEFAULT_VCPUS} is 4096.5, outside 1..=4096")
+    );
+    assert_eq!(
+        spec(DEFAULT_GPUS, "1023.5").unwrap_err(),
+        format!("annotation {DEFAULT_GPUS} is '1023.5', not a whole number")
+    );
+    // Initdata: raw TOML of exactly the 64 KiB limit, and one byte past it.
+    let at_limit = initdata_padded_to(INITDATA_LIMIT);
+    let r = parse(&base(CC_INIT_DATA, at_limit.clone())).unwrap();
+    assert_eq!(received(&r).unwrap().initdata, Some(at_limit));
+    let e = parse(&base(CC_INIT_DATA, initdata_padded_to(INITDATA_LIMIT + 1))).unwrap_err();
+    assert_eq!(
+        e,
+        format!("annotation {CC_INIT_DATA}: 65537 bytes, above the limit of 65536")
+    );
+    // The encoded form at the limit, and one byte (a line break) past it.
+    let document = initdata_padded_to(INITDATA_LIMIT / 4 * 3);
+    let encoded = STANDARD.encode(&document);
+    assert_eq!(encoded.len(), INITDATA_LIMIT);
+    let r = parse(&base(CC_INIT_DATA, encoded.clone())).unwrap();
+    assert_eq!(received(&r).unwrap().initdata, Some(document));
+    let e = parse(&base(CC_INIT_DATA, format!("{encoded}\n"))).unwrap_err();
+    assert_eq!(
+        e,
+        format!("annotation {CC_INIT_DATA}: 65537 bytes, above the limit of 65536")
+    );
+    // A gzip-compressed document of exactly 1 MiB, and one byte more.
+    for (len, ok) in [
+        (INITDATA_DOCUMENT_LIMIT, true),
+        (INITDATA_DOCUMENT_LIMIT + 1, false),
+    ] {
+        let document = initdata_padded_to(len);
+        let form = InitdataForm::Encoded {
+            gzip: Some(9),
+            pad: true,
+            wrap: Some("\n"),
+            around: "",
+        };
+        let m = base(CC_INIT_DATA, initdata_value(&document, &form));
+        check_parse(&m).unwrap();
+        match parse(&m) {
+            Ok(r) if ok => assert_eq!(received(&r).unwrap().initdata, Some(document)),
+            Err(e) if !ok => assert!(
+                e.ends_with("1048577 bytes, above the limit of 1048576"),
+                "{e}"
+            ),
+            other => panic!("{len} bytes: {other:?}"),
+        }
+    }
     // A megabyte of anything, in every field.
     for key in REAL_KEYS {
         for fill in ["9", "A", "\u{e9}", " "] {
@@ -1173,9 +1770,12 @@ fn sidecar(path: &Path) -> Option<String> {
 ///
 /// `tests/corpus/annotations/*.json` are annotation maps: `ok-*` must parse
 /// (to the request in the sidecar `ok-*.expect`, as JSON, when there is
-/// one); `err-*` must be refused, with an error that starts
+/// one: `pod_name`, `pod_namespace`, `spec`, and `initdata` — `true` or
+/// `false` for whether there is initdata, or the exact TOML document the
+/// pod VM must receive); `err-*` must be refused, with an error that starts
 /// `annotation <key>` for a key of the map (and contains the text of the
-/// sidecar `err-*.expect`, when there is one).
+/// sidecar `err-*.expect`, when there is one). Every file must also agree
+/// with the model, as generated maps must.
 ///
 /// `tests/corpus/records/*` are journal values: `ok-*` decode (and round
 /// trip), `malformed-*` are Malformed, `newer-*` are NewerSchema.
@@ -1199,11 +1799,18 @@ fn corpus_replay() {
             ("ok", Ok(r)) => {
                 if let Some(expect) = sidecar(path) {
                     let want: Value = serde_json::from_str(&expect).unwrap();
+                    let document = received(&r)
+                        .unwrap_or_else(|e| panic!("{file}: {e}"))
+                        .initdata;
+                    let initdata = match want["initdata"] {
+                        Value::String(_) => json!(document),
+                        _ => json!(document.is_some()),
+                    };
                     let got = json!({
                         "pod_name": r.pod_name,
                         "pod_namespace": r.pod_namespace,
                         "spec": r.spec,
-                        "initdata": r.initdata.is_some(),
+                        "initdata": initdata,
                     });
                     assert_eq!(got, want, "{file}");
                 }
