@@ -416,11 +416,21 @@ fn annotation_key() -> impl Strategy<Value = String> {
 /// A CRI-O sandbox name's parts: pod, namespace, uid, attempt.
 fn crio_parts() -> impl Strategy<Value = (String, String, String, String)> {
     (
-        "[a-z0-9][a-z0-9.-]{0,30}",
-        "[a-z0-9][a-z0-9-]{0,30}",
+        pod_name_text(),
+        namespace_text(),
         "[0-9a-f-]{1,36}",
         "[0-9]{1,2}",
     )
+}
+
+/// A valid pod name: one to three RFC 1123 labels joined by dots.
+fn pod_name_text() -> impl Strategy<Value = String> {
+    proptest::collection::vec("[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", 1..4).prop_map(|l| l.join("."))
+}
+
+/// A valid namespace: an RFC 1123 label.
+fn namespace_text() -> impl Strategy<Value = String> {
+    "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?"
 }
 
 /// Arbitrary annotation maps; most carry a valid identity (some of them a
@@ -432,6 +442,27 @@ fn annotation_map() -> impl Strategy<Value = HashMap<String, String>> {
         1 => (crio_parts(), "[a-z0-9-]{1,3}", any::<bool>()).prop_map(|((pod, ns, uid, attempt), other, same)| {
             let namespace = if same { ns.clone() } else { other };
             (format!("k8s_{pod}_{ns}_{uid}_{attempt}"), namespace)
+        }),
+        // Near misses of CRI-O's shape in containerd's key: not cut, and
+        // no pod name.
+        1 => (crio_parts(), 0u8..5).prop_map(|((pod, ns, uid, attempt), shape)| {
+            let name = match shape {
+                0 => format!("K8s_{pod}_{ns}_{uid}_{attempt}"),
+                1 => format!("k8s_{pod}_{ns}_{uid}_{attempt}x"),
+                2 => format!("k8s_{pod}_{ns}__{attempt}"),
+                3 => format!("k8s_{pod}_{ns}_{uid}_{attempt}_1"),
+                _ => format!("k8s_{pod}_{ns}_{uid}"),
+            };
+            (name, ns)
+        }),
+        // Kubernetes-shaped and not: upper case, dots, long, unicode.
+        1 => (pod_name_text(), namespace_text(), 0u8..6).prop_map(|(pod, ns, how)| match how {
+            0 => (pod.to_uppercase(), ns),
+            1 => (pod, format!("{ns}.x")),
+            2 => (format!("{pod}-"), ns),
+            3 => ("a".repeat(254), ns),
+            4 => (pod, "n".repeat(64)),
+            _ => (format!("{pod}\u{e9}"), ns),
         }),
     ];
     (
@@ -690,6 +721,22 @@ fn model_crio_name(name: &str) -> Option<(&str, &str)> {
     ok.then_some((*pod, *ns))
 }
 
+/// Kubernetes' RFC 1123 label, written from its documentation: 1 to 63
+/// characters of `[a-z0-9-]`, starting and ending with `[a-z0-9]`.
+fn model_dns_label(s: &str, max: usize) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    (1..=max).contains(&s.len())
+        && s.chars().all(|c| alnum(c) || c == '-')
+        && s.starts_with(alnum)
+        && s.ends_with(alnum)
+}
+
+/// A pod name: an RFC 1123 subdomain, at most 253 characters of labels
+/// joined by dots.
+fn model_pod_name(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(|label| model_dns_label(label, 63))
+}
+
 /// The model's verdict on a whole annotation map.
 #[derive(Debug)]
 struct Model {
@@ -709,12 +756,26 @@ fn model(m: &HashMap<String, String>) -> Model {
     let mut out_of_range = Vec::new();
     let mut messages = HashMap::new();
     let get = |k: &str| m.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+    // Names Kubernetes would refuse are refused, naming the key they came in.
+    let mut valid = |pod: &str, ns: &str, pod_key, ns_key, bad: &mut Vec<&'static str>| {
+        let ok_pod = model_pod_name(pod);
+        let ok_ns = model_dns_label(ns, 63);
+        if !ok_pod {
+            bad.push(pod_key);
+        }
+        if !ok_ns {
+            bad.push(ns_key);
+        }
+        (ok_pod && ok_ns).then(|| (pod.to_owned(), ns.to_owned()))
+    };
     let identity = match (get(SANDBOX_NAME), get(SANDBOX_NAMESPACE)) {
         // The Go shim under CRI-O puts CRI-O's sandbox name here: the pod
         // name is cut out of it when its namespace is the pod's.
         (Some(n), Some(ns)) => match model_crio_name(n) {
-            Some((pod, crio_ns)) if crio_ns == ns => Some((pod.to_owned(), ns.to_owned())),
-            _ => Some((n.to_owned(), ns.to_owned())),
+            Some((pod, crio_ns)) if crio_ns == ns => {
+                valid(pod, ns, SANDBOX_NAME, SANDBOX_NAMESPACE, &mut bad)
+            }
+            _ => valid(n, ns, SANDBOX_NAME, SANDBOX_NAMESPACE, &mut bad),
         },
         (Some(_), None) => {
             bad.push(SANDBOX_NAMESPACE);
@@ -726,7 +787,7 @@ fn model(m: &HashMap<String, String>) -> Model {
         }
         (None, None) => match get(CRIO_SANDBOX_NAME) {
             Some(crio) => match model_crio_name(crio) {
-                Some((pod, ns)) => Some((pod.to_owned(), ns.to_owned())),
+                Some((pod, ns)) => valid(pod, ns, CRIO_SANDBOX_NAME, CRIO_SANDBOX_NAME, &mut bad),
                 None => {
                     bad.push(CRIO_SANDBOX_NAME);
                     None
@@ -907,12 +968,14 @@ fn rounded_number(max: u64) -> impl Strategy<Value = (String, Option<u64>)> {
 fn identity_annotations() -> impl Strategy<Value = (Vec<(&'static str, String)>, String, String)> {
     let pad = || select(vec!["", " ", "\t", "\n "]);
     prop_oneof![
-        // containerd: any text, trimmed.
-        2 => ("\\PC{0,3}[^\\s_]\\PC{0,20}", "\\PC{0,3}[^\\s_]\\PC{0,20}")
-            .prop_filter("not a CRI-O sandbox name", |(n, _)| !n.trim().starts_with("k8s_"))
-            .prop_map(|(n, ns)| {
-                let (pod, namespace) = (n.trim().to_owned(), ns.trim().to_owned());
-                (vec![(SANDBOX_NAME, n), (SANDBOX_NAMESPACE, ns)], pod, namespace)
+        // containerd: a Kubernetes pod name and namespace, trimmed.
+        2 => (pod_name_text(), namespace_text(), pad(), pad())
+            .prop_map(|(pod, namespace, p1, p2)| {
+                let entries = vec![
+                    (SANDBOX_NAME, format!("{p1}{pod}{p2}")),
+                    (SANDBOX_NAMESPACE, format!("{p2}{namespace}{p1}")),
+                ];
+                (entries, pod, namespace)
             }),
         // CRI-O's own key: k8s_<pod>_<ns>_<uid>_<attempt>.
         1 => (crio_parts(), pad()).prop_map(|((pod, ns, uid, attempt), pad)| {
@@ -920,30 +983,16 @@ fn identity_annotations() -> impl Strategy<Value = (Vec<(&'static str, String)>,
             (vec![(CRIO_SANDBOX_NAME, crio)], pod, ns)
         }),
         // The Go shim under CRI-O: CRI-O's sandbox name in containerd's
-        // key, cut to the pod name when its namespace is the pod's; kept
-        // whole when the namespace differs or the shape is not exact.
-        2 => (crio_parts(), "[a-z0-9-]{1,12}", 0u8..8, pad(), pad()).prop_map(
-            |((pod, ns, uid, attempt), other, shape, pad, ns_pad)| {
-                let (name, cut) = match shape {
-                    0..=2 => (format!("k8s_{pod}_{ns}_{uid}_{attempt}"), true),
-                    3 => (format!("K8s_{pod}_{ns}_{uid}_{attempt}"), false),
-                    4 => (format!("k8s_{pod}_{ns}_{uid}_{attempt}x"), false),
-                    5 => (format!("k8s_{pod}_{ns}__{attempt}"), false),
-                    6 => (format!("k8s_{pod}_{ns}_{uid}_{attempt}_1"), false),
-                    _ => (format!("k8s_{pod}_{ns}_{uid}"), false),
-                };
-                // Half of the exact ones under another namespace.
-                let namespace = if shape == 2 {
-                    if other == ns { format!("{other}x") } else { other }
-                } else {
-                    ns
-                };
-                let expected = if cut && shape != 2 { pod } else { name.clone() };
+        // key, cut to the pod name (its namespace is the pod's). Near
+        // misses are no pod names at all: `annotation_map` covers them.
+        2 => (crio_parts(), pad(), pad()).prop_map(
+            |((pod, ns, uid, attempt), pad, ns_pad)| {
+                let name = format!("k8s_{pod}_{ns}_{uid}_{attempt}");
                 let entries = vec![
                     (SANDBOX_NAME, format!("{pad}{name}{pad}")),
-                    (SANDBOX_NAMESPACE, format!("{ns_pad}{namespace}{ns_pad}")),
+                    (SANDBOX_NAMESPACE, format!("{ns_pad}{ns}{ns_pad}")),
                 ];
-                (entries, expected, namespace)
+                (entries, pod, ns)
             },
         ),
     ]

@@ -133,6 +133,8 @@ fn pod_identity(annotations: &HashMap<String, String>) -> Result<(String, String
                 Some((pod, crio_ns)) if crio_ns == ns => pod,
                 _ => name,
             };
+            check_pod_name(SANDBOX_NAME, pod)?;
+            check_namespace(SANDBOX_NAMESPACE, ns)?;
             return Ok((pod.to_owned(), ns.to_owned()));
         }
         (Some(_), None) => {
@@ -144,16 +146,76 @@ fn pod_identity(annotations: &HashMap<String, String>) -> Result<(String, String
         (None, None) => {}
     }
     if let Some(crio) = get(CRIO_SANDBOX_NAME) {
-        return crio_sandbox_name(crio)
-            .map(|(pod, ns)| (pod.to_owned(), ns.to_owned()))
-            .ok_or_else(|| {
-                format!(
-                    "annotation {CRIO_SANDBOX_NAME} is '{crio}', not k8s_<pod>_<namespace>_<uid>_<attempt>"
-                )
-            });
+        let (pod, ns) = crio_sandbox_name(crio).ok_or_else(|| {
+            format!(
+                "annotation {CRIO_SANDBOX_NAME} is {}, not k8s_<pod>_<namespace>_<uid>_<attempt>",
+                shown(crio)
+            )
+        })?;
+        check_pod_name(CRIO_SANDBOX_NAME, pod)?;
+        check_namespace(CRIO_SANDBOX_NAME, ns)?;
+        return Ok((pod.to_owned(), ns.to_owned()));
     }
     Err(format!(
         "annotations {SANDBOX_NAME} and {SANDBOX_NAMESPACE} are missing: the pod's name and namespace are required"
+    ))
+}
+
+/// Longest pod name Kubernetes accepts (a DNS subdomain, RFC 1123).
+const MAX_POD_NAME: usize = 253;
+/// Longest namespace Kubernetes accepts (a DNS label, RFC 1123).
+const MAX_NAMESPACE: usize = 63;
+
+/// A value for an error message: quoted with its control characters
+/// escaped (a newline in a pod name must not forge a log line) and cut to
+/// 80 characters.
+fn shown(value: &str) -> String {
+    let cut: String = value.chars().take(80).collect();
+    if cut.len() < value.len() {
+        format!("{cut:?}… ({} bytes)", value.len())
+    } else {
+        format!("{cut:?}")
+    }
+}
+
+/// An RFC 1123 label: lower-case letters, digits and `-`, starting and
+/// ending with a letter or digit.
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// Whether `pod` and `namespace` could name a Kubernetes pod (see
+/// [`check_pod_name`] and [`check_namespace`]).
+pub fn is_pod_identity(pod: &str, namespace: &str) -> bool {
+    check_pod_name("", pod).is_ok() && check_namespace("", namespace).is_ok()
+}
+
+/// A pod name as Kubernetes validates it (`metadata.name` of a Pod: a DNS
+/// subdomain, RFC 1123: dot-separated labels, at most 253 characters).
+fn check_pod_name(key: &str, pod: &str) -> Result<(), String> {
+    if pod.len() <= MAX_POD_NAME && pod.split('.').all(is_dns_label) {
+        return Ok(());
+    }
+    Err(format!(
+        "annotation {key} names the pod {}, which is not a Kubernetes pod name (at most {MAX_POD_NAME} lower-case letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit)",
+        shown(pod)
+    ))
+}
+
+/// A namespace as Kubernetes validates it (a DNS label, RFC 1123, at most
+/// 63 characters).
+fn check_namespace(key: &str, ns: &str) -> Result<(), String> {
+    if ns.len() <= MAX_NAMESPACE && is_dns_label(ns) {
+        return Ok(());
+    }
+    Err(format!(
+        "annotation {key} names the namespace {}, which is not a Kubernetes namespace (at most {MAX_NAMESPACE} lower-case letters, digits and '-', starting and ending with a letter or digit)",
+        shown(ns)
     ))
 }
 
@@ -344,7 +406,8 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(r.pod_name, "nginx");
-        // Only that exact shape, and only when its namespace is the pod's.
+        // Only that exact shape, and only when its namespace is the pod's;
+        // anything else is not cut — and, holding '_', is no pod name.
         for kept in [
             "k8s_nginx_other_3f2a_0",
             "k8s_nginx_default_3f2a_x",
@@ -354,13 +417,58 @@ mod tests {
             "k8s_nginx_default_3f2a_0_1",
             "K8S_nginx_default_3f2a_0",
         ] {
-            let r = parse(&ann(&[
+            let e = parse(&ann(&[
                 (SANDBOX_NAME, kept),
                 (SANDBOX_NAMESPACE, "default"),
             ]))
-            .unwrap();
-            assert_eq!(r.pod_name, kept);
+            .unwrap_err();
+            assert!(
+                e.contains(&format!("{kept:?}")) && e.contains("not a Kubernetes pod name"),
+                "{e}"
+            );
         }
+    }
+
+    #[test]
+    fn names_no_pod_can_have_are_refused_with_the_value_escaped() {
+        for (name, ns, key) in [
+            ("web\nINFO forged", "default", SANDBOX_NAME),
+            ("Web", "default", SANDBOX_NAME),
+            ("web_1", "default", SANDBOX_NAME),
+            ("-web", "default", SANDBOX_NAME),
+            ("web.", "default", SANDBOX_NAME),
+            ("a..b", "default", SANDBOX_NAME),
+            ("web", "de.fault", SANDBOX_NAMESPACE),
+            ("web", "default-", SANDBOX_NAMESPACE),
+        ] {
+            let e = parse(&ann(&[(SANDBOX_NAME, name), (SANDBOX_NAMESPACE, ns)])).unwrap_err();
+            assert!(e.starts_with(&format!("annotation {key} names the")), "{e}");
+            assert!(!e.contains('\n'), "a raw newline in {e:?}");
+        }
+        let long = "a".repeat(1 << 20);
+        let e = parse(&ann(&[(SANDBOX_NAME, &long), (SANDBOX_NAMESPACE, "ns")])).unwrap_err();
+        assert!(e.len() < 500 && e.contains("1048576 bytes"), "{e:.200}");
+        // The longest a pod name and a namespace may be.
+        let longest = format!("{}.{}", "a".repeat(126), "b".repeat(126));
+        assert_eq!(longest.len(), 253);
+        let ns = "n".repeat(63);
+        assert!(parse(&ann(&[(SANDBOX_NAME, &longest), (SANDBOX_NAMESPACE, &ns)])).is_ok());
+        let too_long = format!("{longest}c");
+        assert!(
+            parse(&ann(&[
+                (SANDBOX_NAME, &too_long),
+                (SANDBOX_NAMESPACE, "ns")
+            ]))
+            .is_err()
+        );
+        let ns_too_long = format!("{ns}n");
+        assert!(
+            parse(&ann(&[
+                (SANDBOX_NAME, "web"),
+                (SANDBOX_NAMESPACE, &ns_too_long)
+            ]))
+            .is_err()
+        );
     }
 
     #[test]

@@ -199,6 +199,14 @@ impl HypervisorApi {
                 "GetInfo needs PodName and PodNamespace".into(),
             ));
         }
+        // Names that no pod can have are refused before they reach a log
+        // line or an error message.
+        if !annotations::is_pod_identity(pod_name, pod_namespace) {
+            return Err(ApiError::InvalidArgument(format!(
+                "GetInfo's PodName {:.80?} and PodNamespace {:.80?} are not a Kubernetes pod name and namespace",
+                pod_name, pod_namespace
+            )));
+        }
         let instance_of =
             |r: &podvisor_state::InstanceRecord| r.instance.as_ref().map(|i| i.id.clone());
         // Subscribe before looking, so a change in between is not missed.
