@@ -757,7 +757,7 @@ fn model(m: &HashMap<String, String>) -> Model {
     let mut messages = HashMap::new();
     let get = |k: &str| m.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
     // Names Kubernetes would refuse are refused, naming the key they came in.
-    let mut valid = |pod: &str, ns: &str, pod_key, ns_key, bad: &mut Vec<&'static str>| {
+    let valid = |pod: &str, ns: &str, pod_key, ns_key, bad: &mut Vec<&'static str>| {
         let ok_pod = model_pod_name(pod);
         let ok_ns = model_dns_label(ns, 63);
         if !ok_pod {
