@@ -540,3 +540,27 @@ while True:
     )
     .await;
 }
+
+/// An agent socket path longer than a unix socket may be is refused at
+/// CreateVM with the reason, instead of a socket that is never bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_dir_too_long_for_a_unix_socket_is_refused_at_create_vm() {
+    let mut setup = Setup::new();
+    let long = setup.root.path().join("p".repeat(40));
+    setup.pods_dir_override = Some(long);
+    let daemon = setup.start().await;
+    let (code, message) = rpc_error(
+        daemon
+            .client()
+            .await
+            .create(&sandbox_id(), pod_annotations("long", "ns"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, Code::FAILED_PRECONDITION);
+    assert!(
+        message.contains("above the 107 a unix socket path may have")
+            && message.contains("--pods-dir"),
+        "{message}"
+    );
+}

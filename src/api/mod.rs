@@ -17,6 +17,10 @@ use std::time::Duration;
 /// The version string Version answers, as the reference does.
 pub const API_VERSION: &str = "0.0.0";
 
+/// Longest unix socket path the kernel binds (`sun_path` holds 108 bytes
+/// with the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 /// Longest sandbox id accepted (containerd's are 64 hex characters).
 const MAX_SANDBOX_ID: usize = 128;
 
@@ -144,6 +148,16 @@ impl HypervisorApi {
         let request = annotations::parse(annotations)
             .map_err(|why| ApiError::InvalidArgument(format!("Sandbox {sandbox_id}: {why}")))?;
         let pod_dir = self.pods_dir.join(sandbox_id);
+        // A unix socket path holds at most 107 bytes (sun_path): a longer
+        // one could never be bound, and the shim would wait for nothing.
+        let socket_path = pod_dir.join("agent.ttrpc");
+        let length = socket_path.as_os_str().len();
+        if length > MAX_SOCKET_PATH {
+            return Err(ApiError::FailedPrecondition(format!(
+                "Sandbox {sandbox_id}: its agent socket {} would be {length} bytes, above the {MAX_SOCKET_PATH} a unix socket path may have: shorten --pods-dir (PODS_DIR)",
+                socket_path.display()
+            )));
+        }
         // Owner-only whatever the umask: it holds the agent socket.
         let mut dirs = tokio::fs::DirBuilder::new();
         dirs.recursive(true).mode(0o700);
@@ -163,7 +177,7 @@ impl HypervisorApi {
             .await
             .map_err(mailbox)??;
         tracing::info!(sandbox = %sandbox_id, pod = %format!("{ns}/{pod}"), "sandbox created");
-        Ok(pod_dir.join("agent.ttrpc").to_string_lossy().into_owned())
+        Ok(socket_path.to_string_lossy().into_owned())
     }
 
     /// StartVM: returns once the pod VM runs and its agent endpoint answers.
