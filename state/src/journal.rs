@@ -76,6 +76,11 @@ pub trait Journal: Send + Sync + 'static {
     fn load(&self) -> Result<LoadReport, JournalError>;
     /// Everything ever quarantined and not yet cleared by an operator.
     fn quarantined(&self) -> Result<Vec<QuarantinedRecord>, JournalError>;
+    /// Writes something harmless and flushes it: whether writes work now
+    /// (after a failure, to learn whether the journal healed).
+    fn probe(&self) -> Result<(), JournalError> {
+        self.flush()
+    }
     /// Who this journal is: instances the daemon creates carry its id.
     fn identity(&self) -> JournalIdentity;
     /// What opening found about the journal's integrity; fixed for the run.
@@ -394,6 +399,18 @@ impl Journal for SledJournal {
                 .push(self.quarantine_value(&key, &value, reason)?);
         }
         Ok(report)
+    }
+
+    fn probe(&self) -> Result<(), JournalError> {
+        // A flush with nothing dirty may succeed on a database that fails
+        // every write: write first.
+        self.meta
+            .insert(b"probe", &now_millis().to_be_bytes())
+            .map_err(|source| JournalError::Io {
+                operation: "write",
+                source,
+            })?;
+        self.flush()
     }
 
     fn identity(&self) -> JournalIdentity {

@@ -555,6 +555,17 @@ impl PodVmMachine {
                     }
                 } else {
                     // An internal transition: it must land; retry the write.
+                    // StartVM callers are not kept waiting on a journal that
+                    // may never heal: they get the error now (StartVM is
+                    // idempotent, so a retry finds the pod VM as it is then).
+                    for w in self.start_waiters.drain(..) {
+                        out.push(Command::ReplyStart(
+                            w,
+                            Err(StartError::Journal(format!(
+                                "{e} (the pod VM's state is retried in the background; StartVM may be retried)"
+                            ))),
+                        ));
+                    }
                     self.journal_failures += 1;
                     self.journal_blocked = true;
                     let after = self

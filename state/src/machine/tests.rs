@@ -500,6 +500,14 @@ fn a_failed_internal_write_is_retried() {
     );
     let cmds = m.on_event(Event::Persisted(Err("io".into())), T0);
     assert!(cmds.contains(&Command::Retrying(Operation::Journal)));
+    // The waiting StartVM is answered, not left hanging on the journal.
+    assert!(
+        cmds.iter().any(|c| matches!(
+            c,
+            Command::ReplyStart(1, Err(StartError::Journal(why))) if why.starts_with("io")
+        )),
+        "{cmds:?}"
+    );
     let epoch = scheduled(&cmds, TimerKind::JournalRetry);
     assert!(
         !cmds.iter().any(|c| matches!(c, Command::Probe { .. })),
