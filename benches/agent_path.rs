@@ -246,6 +246,7 @@ fn main() {
                 Duration::from_secs(5),
                 client_tls,
                 Default::default(),
+                podvisor::connections::DEFAULT_MAX_CONNECTIONS,
             )
             .expect("proxy");
             paths.push((path, proxy));

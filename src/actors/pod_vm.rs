@@ -56,6 +56,9 @@ pub struct PodVmDeps {
     /// Where the pods' image pull secrets are read (`None`: no Kubernetes
     /// API configured).
     pub pull_secrets: Option<Arc<crate::pull_secrets::PullSecrets>>,
+    /// Most connections open at once on each agent socket
+    /// (`--max-connections-per-endpoint`).
+    pub proxy_max_connections: u32,
 }
 
 /// Milliseconds since the epoch.
@@ -183,6 +186,7 @@ impl PodVm {
                     self.deps.proxy_timeout,
                     tls,
                     self.deps.proxy_hook.clone(),
+                    self.deps.proxy_max_connections,
                 ) {
                     Ok(proxy) => {
                         tracing::debug!(sandbox = %self.sandbox_id(), socket = %path.display(), %upstream, "agent proxy open");

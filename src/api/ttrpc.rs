@@ -2,12 +2,14 @@
 //! over ttrpc, byte-compatible with Kata's shims.
 
 use super::{API_VERSION, ApiError, HypervisorApi};
+use crate::connections::{Gate, Gated};
 use crate::protocols::ttrpc::{hypervisor, hypervisor_ttrpc, podvminfo, podvminfo_ttrpc};
 use async_trait::async_trait;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use ttrpc::Code;
+use ttrpc::r#async::transport::Listener;
 use ttrpc::r#async::{Server, TtrpcContext};
 
 /// The Hypervisor service's wire name (`proto/hypervisor.proto`; Kata's
@@ -139,11 +141,13 @@ pub fn resolve_group(group: &str) -> Result<nix::unistd::Gid, String> {
 }
 
 /// Binds the socket (replacing a stale file), gives it [`SOCKET_MODE`] and
-/// `group`, and starts serving.
+/// `group`, and starts serving at most `max_connections` connections at
+/// once.
 pub async fn serve(
     path: &Path,
     group: Option<nix::unistd::Gid>,
     api: HypervisorApi,
+    max_connections: u32,
 ) -> Result<Server, String> {
     let fail = |why: String| {
         format!(
@@ -174,9 +178,19 @@ pub async fn serve(
     if let Some(info) = camel_cased.remove(POD_VM_INFO) {
         camel_cased.insert(POD_VM_INFO_CAMEL_CASED.to_owned(), info);
     }
+    // Accepted here, not by ttrpc's own loop: that one retries a failed
+    // accept at once and logs each failure, so out of file descriptors it
+    // spins a core and floods the log. The gate pauses, logs sparingly and
+    // caps the connections; ttrpc serves what it admits.
+    let listener =
+        tokio::net::UnixListener::bind(path).map_err(|e| fail(format!("cannot bind it: {e}")))?;
+    let gate = Gate::new(
+        crate::connections::TTRPC,
+        path.display().to_string(),
+        max_connections,
+    );
     let mut server = Server::new()
-        .bind(&format!("unix://{}", path.display()))
-        .map_err(|e| fail(e.to_string()))?
+        .add_listener(Listener::new(Gated::new(gate, listener)))
         .register_service(hypervisor_ttrpc::create_hypervisor(service.clone()))
         .register_service(podvminfo_ttrpc::create_pod_vm_info(service))
         .register_service(camel_cased);

@@ -17,6 +17,7 @@
 
 pub mod hook;
 
+use crate::connections::Gate;
 use protobuf::Message as _;
 use std::collections::HashSet;
 use std::io;
@@ -68,13 +69,14 @@ pub struct AgentProxy {
 impl AgentProxy {
     /// Binds `path` (replacing a stale socket file) and relays every
     /// connection to `upstream` (over TLS when `tls` is given), dialling for
-    /// at most `dial_limit`.
+    /// at most `dial_limit`; at most `max_connections` at once.
     pub fn open(
         path: &Path,
         upstream: SocketAddr,
         dial_limit: Duration,
         tls: Option<ClientTls>,
         hook: Arc<hook::Hook>,
+        max_connections: u32,
     ) -> io::Result<Self> {
         match std::fs::remove_file(path) {
             Ok(()) => {}
@@ -88,17 +90,22 @@ impl AgentProxy {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
         }
+        // Each shim connection costs two descriptors (and a pod VM
+        // connection): capped like every endpoint, with the same pauses
+        // and sparing log when accepts fail.
+        let gate = Gate::new(
+            crate::connections::AGENT_PROXY,
+            path.display().to_string(),
+            max_connections,
+        );
         let accept = tokio::spawn(async move {
             loop {
-                match listener.accept().await {
-                    Ok((shim, _)) => {
-                        tokio::spawn(relay(shim, upstream, dial_limit, tls.clone(), hook.clone()));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "agent proxy cannot accept; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
+                let (shim, _) = gate.admit(&listener).await;
+                let (tls, hook) = (tls.clone(), hook.clone());
+                tokio::spawn(async move {
+                    let (shim, _slot) = shim.into_parts();
+                    relay(shim, upstream, dial_limit, tls, hook).await;
+                });
             }
         });
         Ok(Self {
