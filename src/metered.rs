@@ -50,6 +50,14 @@ fn record(
     started: Instant,
     outcome: &'static str,
 ) {
+    // At trace only: one line per cloud call is too many for debug.
+    tracing::trace!(
+        provider,
+        operation,
+        outcome,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "provider call"
+    );
     metrics::histogram!(metrics::PROVIDER_REQUEST_DURATION, "provider" => provider, "operation" => operation)
         .record(started.elapsed().as_secs_f64());
     metrics::counter!(metrics::PROVIDER_REQUESTS, "provider" => provider, "operation" => operation, "outcome" => outcome)
