@@ -1,6 +1,9 @@
 //! The admin HTTP endpoint: `/metrics`, `/livez`, `/readyz`,
 //! `/v1/instances`, `/v1/instances/{sandbox_id}` and `/v1/status`; JSON,
-//! with errors as `{"error": ...}`.
+//! with errors as `{"error": ...}`. [`server`] serves it, with time limits
+//! on every connection.
+
+pub mod server;
 
 use crate::view::InstanceView;
 use axum::Router;
@@ -24,6 +27,8 @@ pub struct AdminState {
     pub metrics: PrometheusHandle,
     /// `/v1/status`: version, node, provider and its redacted configuration.
     pub status: Arc<Value>,
+    /// Whether journal writes work: `/livez` fails while they do not.
+    pub journal_health: Arc<crate::journal_health::JournalHealth>,
 }
 
 /// One pod VM, as the admin API shows it.
@@ -97,7 +102,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/livez", get(|| async { "ok\n" }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
         .route("/v1/instances", get(list))
@@ -120,6 +125,22 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         s.metrics.render(),
     )
         .into_response()
+}
+
+/// `200 ok` while the daemon can do its job; `503` with the reason while
+/// journal writes fail (a restart reopens the journal, which sled needs
+/// after an I/O error).
+async fn livez(State(s): State<AdminState>) -> Response {
+    match s.journal_health.failing() {
+        None => "ok\n".into_response(),
+        Some((for_how_long, why)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "Journal writes have failed for {}s: {why}",
+                for_how_long.as_secs()
+            ),
+        ),
+    }
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {

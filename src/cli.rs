@@ -214,6 +214,16 @@ pub struct GlobalArgs {
     )]
     pub admin_addr: SocketAddr,
 
+    /// Admin HTTP: longest wait for a request's headers, from a connection's opening or a later request's first byte (hidden: for tests)
+    #[arg(long = "admin-header-timeout", value_name = "DURATION", hide = true,
+          default_value = "10s", value_parser = parse_duration)]
+    pub admin_header_timeout: Duration,
+
+    /// Admin HTTP: longest wait of a kept-alive connection for its next request, and of an answer the client does not read (hidden: for tests)
+    #[arg(long = "admin-idle-timeout", value_name = "DURATION", hide = true,
+          default_value = "1m", value_parser = parse_duration)]
+    pub admin_idle_timeout: Duration,
+
     /// gRPC endpoint over TCP: podvisor.admin.v1.Admin (read-only, no authentication); hypervisor.Hypervisor as well only with --grpc-token-file
     #[arg(
         long = "grpc-addr",
@@ -329,6 +339,12 @@ pub struct GlobalArgs {
     #[arg(long = "shutdown-grace", env = "PODVISOR_SHUTDOWN_GRACE", value_name = "DURATION",
           default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Most connections open at once on each endpoint (the Kata socket, each gRPC endpoint, the admin endpoint, each agent socket); more are closed as soon as they are accepted
+    #[arg(long = "max-connections-per-endpoint", env = "PODVISOR_MAX_CONNECTIONS", value_name = "N",
+          default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_endpoint: u32,
 }
 
 /// The gRPC socket's file name when `--grpc-socket` is not given: it sits
@@ -526,6 +542,14 @@ fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
             "must be above zero",
         ));
     }
+    for (flag, timeout) in [
+        ("admin-header-timeout", g.admin_header_timeout),
+        ("admin-idle-timeout", g.admin_idle_timeout),
+    ] {
+        if timeout.is_zero() {
+            return Err(ConfigError::flag(flag, None, "must be above zero"));
+        }
+    }
     if let Some(data) = &g.initdata {
         crate::api::annotations::initdata_setting(data)
             .map_err(|why| ConfigError::flag("initdata", Some("INITDATA"), why))?;
@@ -702,6 +726,36 @@ mod tests {
         assert_eq!(g.vxlan_port, 4789);
         assert_eq!(g.admin_addr, "127.0.0.1:9797".parse().unwrap());
         assert_eq!(g.grpc_addr, "127.0.0.1:9798".parse().unwrap());
+    }
+
+    #[test]
+    fn the_connection_cap_defaults_to_512_per_endpoint_and_is_at_least_one() {
+        assert_eq!(global(&["local"]).max_connections_per_endpoint, 512);
+        let g = global(&["--max-connections-per-endpoint", "64", "local"]);
+        assert_eq!(g.max_connections_per_endpoint, 64);
+        let e = err(&["--max-connections-per-endpoint", "0", "local"]);
+        assert!(e.contains("--max-connections-per-endpoint"), "{e}");
+    }
+
+    #[test]
+    fn admin_connection_limits_default_to_10s_and_a_minute_and_must_be_above_zero() {
+        let g = global(&["local"]);
+        let defaults = crate::admin::server::ConnectionTimeouts::default();
+        assert_eq!(g.admin_header_timeout, defaults.header);
+        assert_eq!(g.admin_idle_timeout, defaults.idle);
+        let g = global(&[
+            "--admin-header-timeout",
+            "2s",
+            "--admin-idle-timeout",
+            "5s",
+            "local",
+        ]);
+        assert_eq!(g.admin_header_timeout, Duration::from_secs(2));
+        assert_eq!(g.admin_idle_timeout, Duration::from_secs(5));
+        for flag in ["--admin-header-timeout", "--admin-idle-timeout"] {
+            let e = err(&[flag, "0s", "local"]);
+            assert!(e.contains(flag) && e.contains("above zero"), "{e}");
+        }
     }
 
     #[test]

@@ -10,7 +10,8 @@ use crate::actors::supervisor::{Drain, GcPolicy, Recover, Supervisor};
 use crate::admin::{self, AdminState};
 use crate::api::HypervisorApi;
 use crate::api::grpc::{BearerToken, GrpcAdmin, GrpcHypervisor, RequireBearer};
-use crate::cli::{GlobalArgs, LogFormat};
+use crate::cli::GlobalArgs;
+use crate::connections::{self, Gate, Gated};
 use crate::metered::Metered;
 use crate::metrics;
 use crate::protocols::grpc::admin::admin_server::AdminServer;
@@ -41,6 +42,9 @@ pub fn run(
         eprintln!("podvisor: {e}");
         return ExitCode::from(2);
     }
+    // Before any socket opens: under systemd the soft limit is 1024, which
+    // a few idle connections would use up for every endpoint at once.
+    crate::connections::raise_nofile_limit(global.max_connections_per_endpoint);
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -89,19 +93,10 @@ pub fn journal_command(action: crate::cli::JournalAction, state_dir: &std::path:
     }
 }
 
+/// Logging as `--log-level` and `--log-format` ask, under the caps of
+/// [`crate::logging::CAPS`]: no level prints a credential.
 fn init_logging(global: &GlobalArgs) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&global.log_level)
-        .map_err(|e| format!("--log-level (PODVISOR_LOG) '{}': {e}", global.log_level))?;
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let result = match global.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-    result.map_err(|e| format!("cannot set up logging: {e}"))
+    crate::logging::init(&global.log_level, global.log_format)
 }
 
 /// Creates `dir` and its missing parents, readable by the owner only (an
@@ -174,14 +169,20 @@ pub async fn serve(
             std::fs::set_permissions(&journal_dir, std::fs::Permissions::from_mode(0o700))
         })
         .map_err(|e| format!("--state-dir {}: {e}", journal_dir.display()))?;
+    let journal_health = crate::journal_health::JournalHealth::new();
     let journal: Arc<dyn Journal> = {
         let dir = journal_dir.clone();
-        Arc::new(
+        let sled: Arc<dyn Journal> = Arc::new(
             tokio::task::spawn_blocking(move || SledJournal::open(&dir))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?,
-        )
+        );
+        // Every write reports to the health /livez reads.
+        Arc::new(crate::journal_health::HealthJournal::new(
+            sled,
+            journal_health.clone(),
+        ))
     };
     let identity = journal.identity();
     match journal.verdict() {
@@ -390,6 +391,7 @@ pub async fn serve(
             direct_volumes_dir: global.kata_direct_volumes_dir.clone(),
         }),
         pull_secrets,
+        proxy_max_connections: global.max_connections_per_endpoint,
     });
     let limit = usize::try_from(global.peerpods_limit_per_node)
         .ok()
@@ -431,6 +433,7 @@ pub async fn serve(
         "pods_dir": global.pods_dir,
         "state_dir": global.state_dir,
         "peerpods_limit_per_node": limit,
+        "max_connections_per_endpoint": global.max_connections_per_endpoint,
         "provider_call_limits": {
             "rate_per_second": limits.rate,
             "burst": limits.burst,
@@ -453,15 +456,36 @@ pub async fn serve(
         view: view.clone(),
         metrics: metrics_handle,
         status: Arc::new(status),
+        journal_health: journal_health.clone(),
     });
+    let journal_probe = tokio::spawn(crate::journal_health::probe_while_failing(
+        journal.clone(),
+        journal_health.clone(),
+        stop_rx.clone(),
+    ));
+    let admin_listener = Gated::new(
+        Gate::new(
+            connections::ADMIN,
+            global.admin_addr.to_string(),
+            global.max_connections_per_endpoint,
+        ),
+        admin_listener,
+    );
     let mut admin_stop = stop_rx.clone();
-    let admin_task = tokio::spawn(async move {
-        axum::serve(admin_listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = admin_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    // Time limits on every connection: a client that sends nothing, or
+    // dribbles, must not hold a connection (and a slot under the cap).
+    let admin_timeouts = admin::server::ConnectionTimeouts {
+        header: global.admin_header_timeout,
+        idle: global.admin_idle_timeout,
+    };
+    let admin_task = tokio::spawn(admin::server::serve(
+        admin_listener,
+        router,
+        admin_timeouts,
+        async move {
+            let _ = admin_stop.wait_for(|s| *s).await;
+        },
+    ));
 
     let api = HypervisorApi::new(
         supervisor.clone(),
@@ -478,6 +502,14 @@ pub async fn serve(
     let grpc_listener = tokio::net::TcpListener::bind(global.grpc_addr)
         .await
         .map_err(|e| format!("--grpc-addr (PODVISOR_GRPC_ADDR) {}: {e}", global.grpc_addr))?;
+    let grpc_listener = Gated::new(
+        Gate::new(
+            connections::GRPC_TCP,
+            global.grpc_addr.to_string(),
+            global.max_connections_per_endpoint,
+        ),
+        grpc_listener,
+    );
     let mut grpc_stop = stop_rx.clone();
     // Over TCP, the mutating service only behind the token: a loopback port
     // is open to every local user and hostNetwork pod.
@@ -491,17 +523,19 @@ pub async fn serve(
             )
         }));
     let grpc_task = tokio::spawn(async move {
-        grpc.serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            async move {
-                let _ = grpc_stop.wait_for(|s| *s).await;
-            },
-        )
+        grpc.serve_with_incoming_shutdown(grpc_listener, async move {
+            let _ = grpc_stop.wait_for(|s| *s).await;
+        })
         .await
     });
 
-    let mut ttrpc_server =
-        crate::api::ttrpc::serve(&global.socket, socket_group, api.clone()).await?;
+    let mut ttrpc_server = crate::api::ttrpc::serve(
+        &global.socket,
+        socket_group,
+        api.clone(),
+        global.max_connections_per_endpoint,
+    )
+    .await?;
     let grpc_socket = global.grpc_socket_path();
     let grpc_unix_listener = match crate::api::grpc::bind_unix(&grpc_socket, socket_group) {
         Ok(listener) => listener,
@@ -517,14 +551,19 @@ pub async fn serve(
     let grpc_unix = tonic::transport::Server::builder()
         .add_service(HypervisorServer::new(GrpcHypervisor { api }))
         .add_service(AdminServer::new(GrpcAdmin { view: view.clone() }));
+    let grpc_unix_listener = Gated::new(
+        Gate::new(
+            connections::GRPC_UNIX,
+            grpc_socket.display().to_string(),
+            global.max_connections_per_endpoint,
+        ),
+        grpc_unix_listener,
+    );
     let grpc_unix_task = tokio::spawn(async move {
         grpc_unix
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::UnixListenerStream::new(grpc_unix_listener),
-                async move {
-                    let _ = grpc_unix_stop.wait_for(|s| *s).await;
-                },
-            )
+            .serve_with_incoming_shutdown(grpc_unix_listener, async move {
+                let _ = grpc_unix_stop.wait_for(|s| *s).await;
+            })
             .await
     });
     tracing::info!(
@@ -568,6 +607,7 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(5), grpc_unix_task).await;
     let _ = std::fs::remove_file(&grpc_socket);
     let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
+    journal_probe.abort();
     let j = journal.clone();
     tokio::task::spawn_blocking(move || j.flush())
         .await

@@ -49,6 +49,17 @@ pub const BUILD_INFO: &str = "podvisor_build_info";
 /// Gauge: when each TLS certificate of the agent proxy expires (its
 /// notAfter), Unix seconds (`certificate`: `ca`, `client`).
 pub const TLS_CERTIFICATE_EXPIRY: &str = "podvisor_tls_certificate_expiry_timestamp_seconds";
+/// Counter: connections closed as soon as they were accepted because their
+/// endpoint already had `--max-connections-per-endpoint` open (`endpoint`:
+/// `ttrpc`, `grpc_tcp`, `grpc_unix`, `admin`, `agent_proxy`).
+pub const CONNECTIONS_REFUSED: &str = "podvisor_connections_refused_total";
+/// Counter: accepts that failed on an endpoint (`endpoint`), e.g. with
+/// `EMFILE` when the daemon is out of file descriptors; each is followed by
+/// a pause.
+pub const CONNECTION_ACCEPT_ERRORS: &str = "podvisor_connection_accept_errors_total";
+/// Gauge: connections open on each endpoint (`endpoint`; the agent sockets
+/// summed).
+pub const CONNECTIONS_OPEN: &str = "podvisor_connections_open";
 
 /// Latency buckets for cloud calls and VM starts: 10 ms to 20 min.
 const SLOW_BUCKETS: &[f64] = &[
@@ -170,6 +181,21 @@ fn describe() {
         TLS_CERTIFICATE_EXPIRY,
         Unit::Seconds,
         "When each TLS certificate of the agent proxy expires (notAfter), in Unix seconds, by certificate: ca or client."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        Unit::Count,
+        "Connections closed at once because their endpoint already had --max-connections-per-endpoint open, by endpoint."
+    );
+    describe_counter!(
+        CONNECTION_ACCEPT_ERRORS,
+        Unit::Count,
+        "Failed accepts (e.g. EMFILE: out of file descriptors), each followed by a pause, by endpoint."
+    );
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        Unit::Count,
+        "Connections open, by endpoint (the agent sockets summed)."
     );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     gauge!(READY).set(0.0);

@@ -844,66 +844,172 @@ async fn without_a_subnet_anywhere_verify_refuses_to_start_and_otherwise_status_
 }
 
 /// On EC2 too, a journal that lost records deletes no instance: three pod
-/// VMs run, the daemon stops, its database is deleted (what sled turns into
-/// a fresh journal), and a daemon whose GC would delete an orphan after one
-/// second runs several passes: every instance is still running at the
-/// server, and the loss is reported.
+/// VMs run, the daemon stops, its database is damaged (deleted — what sled
+/// turns into a fresh journal —, 64 bytes flipped, or cut in half), and a
+/// daemon whose GC would delete an orphan after one second runs several
+/// passes: every instance is still running at the server, and a loss is
+/// reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_journal_on_ec2_deletes_no_instance() {
     let moto = Moto::start().await;
     let net = moto.network().await;
+    for how in [Damage::DeleteDb, Damage::FlipBytes(7), Damage::Truncate] {
+        let mut setup = aws_setup(&moto.endpoint(), &net);
+        setup.global.extend(
+            ["--gc-interval", "1s", "--gc-grace-period", "1s"]
+                .map(String::from)
+                .to_vec(),
+        );
+        let _side = PodVmSide::for_setup(&moto, &setup);
+        let mut daemon = setup.start().await;
+        let client = daemon.client().await;
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let id = sandbox_id();
+            client
+                .create(&id, pod_annotations(&format!("web-{i}"), "shop"))
+                .await
+                .unwrap();
+            client
+                .start(&id)
+                .await
+                .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+            ids.push(id);
+        }
+        drop(client);
+        assert!(daemon.sigterm().success());
+        damage(&setup.state_dir(), how);
+
+        match setup.try_start().await {
+            Ok(daemon) => {
+                let runs = daemon.metric("podvisor_gc_runs_total", &[]).await;
+                eventually("four GC passes", Duration::from_secs(30), async || {
+                    (daemon.metric("podvisor_gc_runs_total", &[]).await >= runs + 4.0).then_some(())
+                })
+                .await;
+                let (_, all) = daemon.get("/v1/instances").await.unwrap();
+                if all["instances"].as_array().map_or(0, Vec::len) < ids.len() {
+                    assert_eq!(
+                        daemon.metric("podvisor_journal_in_doubt", &[]).await,
+                        1.0,
+                        "{how:?}: records lost, and nobody was told"
+                    );
+                }
+                assert_eq!(
+                    daemon.metric("podvisor_orphans_deleted_total", &[]).await,
+                    0.0,
+                    "{how:?}"
+                );
+            }
+            Err(log) => assert!(log.contains("journal"), "{how:?}: {log}"),
+        }
+        for id in &ids {
+            let states: Vec<String> = instances_of(&moto, id)
+                .await
+                .into_iter()
+                .map(|(_, state)| state)
+                .collect();
+            assert_eq!(states, ["running"], "{how:?}: sandbox {id}");
+        }
+    }
+}
+
+/// The first line of `log` that holds `secret`, cut short, with the secret
+/// replaced: enough to tell which target printed it, without printing it.
+fn line_with(log: &str, secret: &str) -> Option<String> {
+    log.lines()
+        .find(|l| l.contains(secret))
+        .map(|l| l.replace(secret, "<SECRET>").chars().take(400).collect())
+}
+
+/// The first line of `log` with a SigV4 signature (`Signature=` and 64 hex
+/// digits), the signature replaced.
+fn line_with_signature(log: &str) -> Option<String> {
+    log.lines().find_map(|l| {
+        l.match_indices("Signature=").find_map(|(at, _)| {
+            let sig = l.get(at + 10..at + 74)?;
+            sig.bytes()
+                .all(|b| b.is_ascii_hexdigit())
+                .then(|| line_with(l, sig).unwrap_or_default())
+        })
+    })
+}
+
+/// No log level prints a credential: at `--log-level trace` — with the
+/// signing and HTTP crates named at trace too — through a whole pod VM
+/// lifecycle on temporary static credentials, the daemon's log holds neither
+/// the session token (the `x-amz-security-token` header's value), nor the
+/// secret key, nor a request's signature, nor the user data (the pod VM's TLS
+/// key and registry credentials travel in it); while podvisor's own trace
+/// lines are there, so trace was on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logging_prints_no_aws_credential_through_a_pod_vm_lifecycle() {
+    let moto = Moto::start().await;
+    let net = moto.network().await;
     let mut setup = aws_setup(&moto.endpoint(), &net);
+    // Distinctive, so that any copy of it in the log is found.
+    let session_token = format!(
+        "PodvisorTestSessionToken{:016x}{:016x}",
+        fastrand::u64(..),
+        fastrand::u64(..)
+    );
+    if let Some(provider) = setup.provider.as_mut() {
+        provider.extend(["--aws-session-token".to_owned(), session_token.clone()]);
+    }
     setup.global.extend(
-        ["--gc-interval", "1s", "--gc-grace-period", "1s"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "--log-level",
+            "trace,aws_sigv4=trace,aws_smithy_runtime::client::orchestrator=trace,ureq_proto=trace",
+        ]
+        .map(String::from),
     );
     let _side = PodVmSide::for_setup(&moto, &setup);
     let mut daemon = setup.start().await;
     let client = daemon.client().await;
-    let mut ids = Vec::new();
-    for i in 0..3 {
-        let id = sandbox_id();
-        client
-            .create(&id, pod_annotations(&format!("web-{i}"), "shop"))
-            .await
-            .unwrap();
-        client
-            .start(&id)
-            .await
-            .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
-        ids.push(id);
-    }
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("web", "shop"))
+        .await
+        .unwrap();
+    client
+        .start(&id)
+        .await
+        .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    client.stop(&id).await.unwrap();
+    eventually(
+        "the sandbox to be deleted",
+        Duration::from_secs(30),
+        async || daemon.instance(&id).await.is_none().then_some(()),
+    )
+    .await;
     drop(client);
     assert!(daemon.sigterm().success());
-    std::fs::remove_file(setup.state_dir().join("journal/db")).unwrap();
 
-    let daemon = setup.start().await;
-    let runs = daemon.metric("podvisor_gc_runs_total", &[]).await;
-    eventually("four GC passes", Duration::from_secs(30), async || {
-        (daemon.metric("podvisor_gc_runs_total", &[]).await >= runs + 4.0).then_some(())
-    })
-    .await;
-    for id in &ids {
-        let states: Vec<String> = instances_of(&moto, id)
-            .await
-            .into_iter()
-            .map(|(_, state)| state)
-            .collect();
-        assert_eq!(states, ["running"], "sandbox {id}");
+    let log = daemon.log_text();
+    for (what, secret) in [
+        ("the session token", session_token.as_str()),
+        ("the secret access key", SECRET_ACCESS_KEY),
+        ("RunInstances' user data", "UserData="),
+    ] {
+        if let Some(line) = line_with(&log, secret) {
+            panic!("{what} is in the daemon's log: {line}");
+        }
     }
-    assert_eq!(daemon.metric("podvisor_journal_in_doubt", &[]).await, 1.0);
-    assert_eq!(
-        daemon
-            .metric(
-                "podvisor_unowned_instances",
-                &[("reason", "journal_in_doubt")]
-            )
-            .await,
-        3.0
+    if let Some(line) = line_with_signature(&log) {
+        panic!("a request signature is in the daemon's log: {line}");
+    }
+    // A line is `<time> <LEVEL> <spans>: <target>: …`.
+    let any_line = |level: &str, target: &str| {
+        log.lines()
+            .any(|l| l.contains(&format!(" {level} ")) && l.contains(&format!(" {target}::")))
+    };
+    assert!(
+        any_line("TRACE", "podvisor"),
+        "no trace line from podvisor: was trace on?"
     );
-    assert_eq!(
-        daemon.metric("podvisor_orphans_deleted_total", &[]).await,
-        0.0
+    // The SDK's own lines down to the cap still come through.
+    assert!(
+        any_line("DEBUG", "aws_smithy_runtime"),
+        "no debug line from the AWS SDK"
     );
 }

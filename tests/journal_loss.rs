@@ -60,38 +60,6 @@ async fn gc_passes(daemon: &Daemon, passes: f64) {
     .await;
 }
 
-/// How the disk under the journal is damaged.
-#[derive(Debug, Clone, Copy)]
-enum Damage {
-    /// 64 random bytes of `journal/db` flipped (seeded, printed).
-    FlipBytes(u64),
-    /// `journal/db` cut to half its length.
-    Truncate,
-    /// `journal/db` deleted.
-    DeleteDb,
-}
-
-fn damage(state_dir: &Path, how: Damage) {
-    let db = state_dir.join("journal/db");
-    match how {
-        Damage::FlipBytes(seed) => {
-            let mut bytes = std::fs::read(&db).unwrap();
-            let mut rng = fastrand::Rng::with_seed(seed);
-            for _ in 0..64 {
-                let at = rng.usize(..bytes.len());
-                bytes[at] ^= rng.u8(1..);
-            }
-            std::fs::write(&db, bytes).unwrap();
-        }
-        Damage::Truncate => {
-            let len = std::fs::metadata(&db).unwrap().len();
-            let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
-            f.set_len(len / 2).unwrap();
-        }
-        Damage::DeleteDb => std::fs::remove_file(&db).unwrap(),
-    }
-}
-
 /// Five VMs, SIGTERM, `how`, restart: none deleted, the loss reported.
 async fn no_vm_is_deleted_after(how: Damage) {
     let mut setup = Setup::new();

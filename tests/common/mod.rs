@@ -100,11 +100,15 @@ pub struct Setup {
     pub shared_state: Option<PathBuf>,
     /// Another daemon's Kata socket, to try to take it over.
     pub shared_socket: Option<PathBuf>,
+    /// Another pods directory than `<root>/pods`.
+    pub pods_dir_override: Option<PathBuf>,
     /// Another daemon's local provider directory, to share its instances.
     pub shared_local: Option<PathBuf>,
     /// What the local provider runs as each pod VM's forwarder, instead of
     /// `podvisor-forwarder`.
     pub forwarder_bin: Option<PathBuf>,
+    /// The daemon's open-file limit (soft, hard), instead of the test's.
+    pub nofile: Option<(u64, u64)>,
 }
 
 impl Setup {
@@ -127,6 +131,8 @@ impl Setup {
             shared_socket: None,
             forwarder_bin: None,
             shared_local: None,
+            nofile: None,
+            pods_dir_override: None,
         }
     }
     pub fn socket(&self) -> PathBuf {
@@ -135,7 +141,9 @@ impl Setup {
             .unwrap_or_else(|| self.root.path().join("hypervisor.sock"))
     }
     pub fn pods_dir(&self) -> PathBuf {
-        self.root.path().join("pods")
+        self.pods_dir_override
+            .clone()
+            .unwrap_or_else(|| self.root.path().join("pods"))
     }
     /// The gRPC unix socket where the daemon puts it by default: next to
     /// the Kata socket.
@@ -167,9 +175,27 @@ impl Setup {
         cmd.args(["--grpc-addr", &format!("{ip}:{}", self.grpc_port)]);
         cmd.args(["--forwarder-port", &self.forwarder_port.to_string()]);
         cmd.args(["--node-name", &self.node]);
-        cmd.args(["--log-level", "info,podvisor=debug"]);
+        // A test that sets its own --log-level (clap refuses two) keeps it.
+        if !self.global.iter().any(|a| a == "--log-level") {
+            cmd.args(["--log-level", "info,podvisor=debug"]);
+        }
         cmd.args(&self.global);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some((soft, hard)) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec only setrlimit runs, a system
+            // call that allocates nothing and takes no lock.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        soft,
+                        hard,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
         if let Some(provider) = &self.provider {
             cmd.args(provider);
             return cmd;
@@ -602,4 +628,36 @@ pub fn identity_from_new_ca(
     leaf.extended_key_usages = vec![usage];
     let cert = leaf.signed_by(&key, &issuer).unwrap();
     (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// How the disk under the journal is damaged.
+#[derive(Debug, Clone, Copy)]
+pub enum Damage {
+    /// 64 random bytes of `journal/db` flipped (seeded, printed).
+    FlipBytes(u64),
+    /// `journal/db` cut to half its length.
+    Truncate,
+    /// `journal/db` deleted.
+    DeleteDb,
+}
+
+pub fn damage(state_dir: &Path, how: Damage) {
+    let db = state_dir.join("journal/db");
+    match how {
+        Damage::FlipBytes(seed) => {
+            let mut bytes = std::fs::read(&db).unwrap();
+            let mut rng = fastrand::Rng::with_seed(seed);
+            for _ in 0..64 {
+                let at = rng.usize(..bytes.len());
+                bytes[at] ^= rng.u8(1..);
+            }
+            std::fs::write(&db, bytes).unwrap();
+        }
+        Damage::Truncate => {
+            let len = std::fs::metadata(&db).unwrap().len();
+            let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+            f.set_len(len / 2).unwrap();
+        }
+        Damage::DeleteDb => std::fs::remove_file(&db).unwrap(),
+    }
 }
