@@ -396,13 +396,24 @@ pub enum Invocation {
 }
 
 /// What `podvisor journal` does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JournalAction {
     /// Print the journal's identity and integrity verdict.
     Status,
     /// Accept that the journal lost records: its orphan GC may delete this
     /// journal's unowned instances again.
     AcceptLoss,
+    /// Take an instance the journal lost back under a record, so that it is
+    /// recovered (found by its token) at the next start and deleted by its
+    /// pod's StopVM like any other.
+    Adopt {
+        /// The instance's `podvisor.io/sandbox` tag.
+        sandbox: String,
+        /// Its `podvisor.io/token` tag.
+        token: String,
+        /// Its pod, `<namespace>/<name>`.
+        pod: String,
+    },
 }
 
 /// The whole command, with one subcommand per compiled-in provider.
@@ -422,7 +433,14 @@ pub fn command() -> clap::Command {
                 )
                 .subcommand(clap::Command::new("accept-loss").about(
                     "Accept that the journal lost records: from the next start the orphan GC deletes this journal's instances that no record owns (after --gc-grace-period)",
-                )),
+                ))
+                .subcommand(
+                    clap::Command::new("adopt")
+                        .about("Keep an instance the journal lost: record it again, from the tags the log names, so the next start recovers it and its pod's StopVM deletes it")
+                        .arg(clap::Arg::new("sandbox").long("sandbox").required(true).value_name("ID").help("The instance's podvisor.io/sandbox tag"))
+                        .arg(clap::Arg::new("token").long("token").required(true).value_name("TOKEN").help("The instance's podvisor.io/token tag"))
+                        .arg(clap::Arg::new("pod").long("pod").required(true).value_name("NAMESPACE/NAME").help("The pod the instance serves")),
+                ),
         )
 }
 
@@ -462,8 +480,16 @@ where
     }
     let global = GlobalArgs::from_arg_matches(&matches).map_err(CliError::Clap)?;
     if name == "journal" {
-        let action = match sub.subcommand_name() {
-            Some("accept-loss") => JournalAction::AcceptLoss,
+        let action = match sub.subcommand() {
+            Some(("accept-loss", _)) => JournalAction::AcceptLoss,
+            Some(("adopt", args)) => {
+                let arg = |name: &str| args.get_one::<String>(name).cloned().unwrap_or_default();
+                JournalAction::Adopt {
+                    sandbox: arg("sandbox"),
+                    token: arg("token"),
+                    pod: arg("pod"),
+                }
+            }
             _ => JournalAction::Status,
         };
         return Ok(Invocation::Journal {

@@ -25,8 +25,18 @@ fn eager_gc(setup: &mut Setup) {
 
 /// Starts `n` Running sandboxes; their instance ids.
 async fn run_sandboxes(daemon: &Daemon, n: usize) -> Vec<String> {
+    run_pods(daemon, n)
+        .await
+        .into_iter()
+        .map(|(_, instance)| instance)
+        .collect()
+}
+
+/// Starts `n` Running sandboxes of pods `shop/web-<i>`; their (sandbox id,
+/// instance id) pairs.
+async fn run_pods(daemon: &Daemon, n: usize) -> Vec<(String, String)> {
     let client = daemon.client().await;
-    let mut instances = Vec::new();
+    let mut started = Vec::new();
     for i in 0..n {
         let id = sandbox_id();
         client
@@ -38,9 +48,9 @@ async fn run_sandboxes(daemon: &Daemon, n: usize) -> Vec<String> {
             .await
             .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
         let view = daemon.instance(&id).await.unwrap();
-        instances.push(view["instance_id"].as_str().unwrap().to_owned());
+        started.push((id, view["instance_id"].as_str().unwrap().to_owned()));
     }
-    instances
+    started
 }
 
 /// The instances of `ids` whose forwarder still runs.
@@ -128,7 +138,8 @@ async fn a_deleted_journal_deletes_no_vm_until_the_operator_accepts_the_loss() {
     let mut setup = Setup::new();
     eager_gc(&mut setup);
     let mut daemon = setup.start().await;
-    let instances = run_sandboxes(&daemon, 5).await;
+    let pods = run_pods(&daemon, 5).await;
+    let instances: Vec<String> = pods.iter().map(|(_, i)| i.clone()).collect();
     assert!(daemon.sigterm().success());
     damage(&setup.state_dir(), Damage::DeleteDb);
 
@@ -165,24 +176,53 @@ async fn a_deleted_journal_deletes_no_vm_until_the_operator_accepts_the_loss() {
     assert_eq!(alive_instances(&setup.local_dir(), &instances), instances);
     assert!(daemon.sigterm().success());
 
-    // The operator decides: the loss is accepted, the orphans go.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_podvisor"))
-        .arg("--state-dir")
-        .arg(setup.state_dir())
-        .args(["journal", "accept-loss"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The operator decides: the pods of two VMs still run, so those are
+    // adopted (from the sandbox and token the log names); the loss is
+    // accepted, and the other orphans go.
+    let journal = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_podvisor"))
+            .arg("--state-dir")
+            .arg(setup.state_dir())
+            .arg("journal")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "journal {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let log = daemon.log_text();
+    for (i, (sandbox, _)) in pods.iter().enumerate().take(2) {
+        let token = podvisor_state::idempotency_token(sandbox, 1);
+        assert!(
+            log.lines().any(|l| l.contains("left alone")
+                && l.contains(sandbox.as_str())
+                && l.contains(&token)),
+            "the log names what adoption needs:\n{log}"
+        );
+        let pod = format!("shop/web-{i}");
+        let said = journal(&[
+            "adopt",
+            "--sandbox",
+            sandbox,
+            "--token",
+            &token,
+            "--pod",
+            &pod,
+        ]);
+        assert!(said.contains("\"adopted\":true"), "{said}");
+    }
+    journal(&["accept-loss"]);
     let daemon = setup.start().await;
+    let (kept, gone) = instances.split_at(2);
     eventually(
         "the orphans deleted after the loss was accepted",
         Duration::from_secs(30),
         async || {
-            alive_instances(&setup.local_dir(), &instances)
+            alive_instances(&setup.local_dir(), gone)
                 .is_empty()
                 .then_some(())
         },
@@ -190,9 +230,20 @@ async fn a_deleted_journal_deletes_no_vm_until_the_operator_accepts_the_loss() {
     .await;
     // Counted once the pass that deleted them ends.
     eventually("the deletes counted", Duration::from_secs(10), async || {
-        (daemon.metric("podvisor_orphans_deleted_total", &[]).await == 5.0).then_some(())
+        (daemon.metric("podvisor_orphans_deleted_total", &[]).await == 3.0).then_some(())
     })
     .await;
+    // The adopted ones were recovered into Running, with their agent
+    // sockets, and are this journal's again.
+    for (sandbox, instance) in &pods[..2] {
+        let view = daemon.instance(sandbox).await.unwrap();
+        assert_eq!(view["state"], "running", "{view}");
+        assert_eq!(view["instance_id"], instance.as_str());
+        assert!(setup.pods_dir().join(sandbox).join("agent.ttrpc").exists());
+    }
+    assert_eq!(alive_instances(&setup.local_dir(), kept), kept);
+    assert_eq!(daemon.recovered("adopted").await, 2.0);
+    kill_instances(&setup.local_dir());
 }
 
 /// A wiped state directory: the new journal is another journal, so the old

@@ -395,11 +395,11 @@ impl Supervisor {
             if *why == Spared::WithinGrace || !self.reported_spared.insert(instance.id.clone()) {
                 continue;
             }
-            let journal = instance
-                .tags
-                .get(podvisor_providers::TAG_JOURNAL)
-                .map(String::as_str)
-                .unwrap_or("none");
+            let tag = |key: &str| instance.tags.get(key).map(String::as_str).unwrap_or("none");
+            let journal = tag(podvisor_providers::TAG_JOURNAL);
+            // What `podvisor journal adopt` needs to keep it.
+            let sandbox = tag(podvisor_providers::TAG_SANDBOX);
+            let token = tag(podvisor_providers::TAG_TOKEN);
             match why {
                 Spared::OtherJournal => tracing::error!(
                     instance = %instance.id, name = %instance.name, journal,
@@ -407,8 +407,8 @@ impl Supervisor {
                     "an instance tagged with this node belongs to another journal: a daemon whose state directory was lost, or a second daemon with the same --node-name; it is left alone"
                 ),
                 Spared::JournalInDoubt => tracing::error!(
-                    instance = %instance.id, name = %instance.name,
-                    "no record owns this instance, but the journal may have lost records: it is left alone until an operator decides"
+                    instance = %instance.id, name = %instance.name, sandbox, token,
+                    "no record owns this instance, but the journal may have lost records: it is left alone until an operator decides (podvisor journal adopt, or accept-loss)"
                 ),
                 _ => tracing::warn!(
                     instance = %instance.id, name = %instance.name,
