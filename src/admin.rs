@@ -29,6 +29,14 @@ pub struct AdminState {
     pub status: Arc<Value>,
     /// Whether journal writes work: `/livez` fails while they do not.
     pub journal_health: Arc<crate::journal_health::JournalHealth>,
+    /// The journal, for its identity and integrity (a doubt may be
+    /// declared while the daemon runs).
+    pub journal: Arc<dyn podvisor_state::Journal>,
+}
+
+/// The journal's id and integrity, as `/readyz` and `/v1/status` show them.
+fn journal_json(journal: &dyn podvisor_state::Journal) -> Value {
+    json!({ "id": journal.identity().id, "integrity": journal.verdict() })
 }
 
 /// One pod VM, as the admin API shows it.
@@ -146,7 +154,7 @@ async fn livez(State(s): State<AdminState>) -> Response {
 async fn readyz(State(s): State<AdminState>) -> Response {
     // The journal's integrity rides along: a journal in doubt does not stop
     // the daemon serving pods, but an operator looking here must see it.
-    let journal = s.status.get("journal").cloned().unwrap_or(Value::Null);
+    let journal = journal_json(s.journal.as_ref());
     if s.view.is_ready() {
         (
             StatusCode::OK,
@@ -166,6 +174,7 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 
 async fn status(State(s): State<AdminState>) -> Response {
     let mut status = (*s.status).clone();
+    status["journal"] = journal_json(s.journal.as_ref());
     status["ready"] = json!(s.view.is_ready());
     let mut counts = serde_json::Map::new();
     for r in s.view.list() {

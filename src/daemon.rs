@@ -70,6 +70,8 @@ pub fn run(
 /// integrity as JSON (after accepting, what it was before). Exit 0, or 1
 /// with the reason (a running daemon holds the journal's lock).
 pub fn journal_command(action: crate::cli::JournalAction, state_dir: &std::path::Path) -> ExitCode {
+    // As the daemon: nothing it writes is readable beyond its owner.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let dir = state_dir.join("journal");
     if !dir.is_dir() {
         eprintln!("podvisor: there is no journal at {}", dir.display());
@@ -132,14 +134,20 @@ fn adoption_record(
     let (namespace, name) = pod
         .split_once('/')
         .filter(|(ns, name)| crate::api::annotations::is_pod_identity(name, ns))
-        .ok_or_else(|| format!("--pod {pod:.80?} is not <namespace>/<name> of a Kubernetes pod"))?;
+        .ok_or_else(|| {
+            format!(
+                "--pod {} is not <namespace>/<name> of a Kubernetes pod",
+                crate::api::annotations::shown(pod)
+            )
+        })?;
     let generation = token
         .rsplit_once("-g")
         .and_then(|(_, g)| g.parse::<u64>().ok())
         .filter(|g| podvisor_state::idempotency_token(sandbox, *g) == token)
         .ok_or_else(|| {
             format!(
-                "--token {token:.80?} is not an idempotency token of sandbox {sandbox} (pv-<hash of the sandbox id>-g<generation>)"
+                "--token {} is not an idempotency token of sandbox {sandbox} (pv-<hash of the sandbox id>-g<generation>)",
+                crate::api::annotations::shown(token)
             )
         })?;
     let now = crate::actors::pod_vm::now_millis();
@@ -520,6 +528,7 @@ pub async fn serve(
         metrics: metrics_handle,
         status: Arc::new(status),
         journal_health: journal_health.clone(),
+        journal: journal.clone(),
     });
     let journal_probe = tokio::spawn(crate::journal_health::probe_while_failing(
         journal.clone(),

@@ -7,7 +7,7 @@
 //! than the grace period. Everything else unowned is left alone and
 //! reported, with the reason, for an operator to decide.
 
-use podvisor_providers::{Instance, TAG_JOURNAL, TAG_SANDBOX, TAG_TOKEN};
+use podvisor_providers::{Instance, TAG_JOURNAL, TAG_JOURNAL_SEQ, TAG_SANDBOX, TAG_TOKEN};
 use podvisor_state::{InstanceRecord, UnixMillis};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -24,6 +24,11 @@ pub struct Ownership<'a> {
     /// Whether the journal was found intact (or fresh) at start-up; a
     /// journal in doubt never drives a delete.
     pub journal_trusted: bool,
+    /// The journal's durable write sequence when it was opened.
+    pub journal_seq_at_open: u64,
+    /// Sandboxes this run of the daemon has known (created or recovered):
+    /// their instances' sequence tags may be above `journal_seq_at_open`.
+    pub known_sandboxes: &'a HashSet<String>,
 }
 
 /// Why an unowned instance was left alone.
@@ -68,6 +73,10 @@ pub struct Decision {
     pub orphans: Vec<Instance>,
     /// Unowned instances left alone, and why.
     pub spared: Vec<(Instance, Spared)>,
+    /// Set when an instance of this journal was created at a write the
+    /// journal, as opened, does not hold: the journal is older than its
+    /// instances (restored from a copy) and must be declared in doubt.
+    pub journal_older_than: Option<(Instance, u64)>,
 }
 
 /// Decides one pass: see the module documentation. `first_seen` remembers
@@ -106,10 +115,30 @@ pub fn select_orphans(
         if owned {
             continue;
         }
+        // Made at a write this journal did not hold when it was opened, by
+        // a sandbox this run never knew: the journal is older than it.
+        let made_after_open = instance
+            .tags
+            .get(TAG_JOURNAL_SEQ)
+            .and_then(|s| s.parse::<u64>().ok())
+            .filter(|seq| *seq > owners.journal_seq_at_open)
+            .filter(|_| {
+                !instance
+                    .tags
+                    .get(TAG_SANDBOX)
+                    .is_some_and(|s| owners.known_sandboxes.contains(s))
+            });
         let spared = match instance.tags.get(TAG_JOURNAL) {
             None => Some(Spared::Untagged),
             Some(j) if j != owners.journal_id => Some(Spared::OtherJournal),
             Some(_) if !owners.journal_trusted => Some(Spared::JournalInDoubt),
+            Some(_) if made_after_open.is_some() => {
+                if decision.journal_older_than.is_none() {
+                    decision.journal_older_than =
+                        made_after_open.map(|seq| (instance.clone(), seq));
+                }
+                Some(Spared::JournalInDoubt)
+            }
             Some(_) => None,
         };
         if let Some(reason) = spared {
@@ -189,6 +218,8 @@ mod tests {
             quarantined: &quarantined,
             journal_id: JOURNAL,
             journal_trusted: true,
+            journal_seq_at_open: 100,
+            known_sandboxes: &HashSet::new(),
         };
         let mut first_seen = HashMap::new();
         let decision = select_orphans(&instances, &owners, &mut first_seen, now, grace);
@@ -221,6 +252,8 @@ mod tests {
                 quarantined: &quarantined,
                 journal_id: JOURNAL,
                 journal_trusted: trusted,
+                journal_seq_at_open: 100,
+                known_sandboxes: &HashSet::new(),
             };
             let d = select_orphans(&instances, &owners, &mut HashMap::new(), 1_000_000, grace);
             let ids: Vec<_> = d.orphans.iter().map(|i| i.id.as_str()).collect();
@@ -240,6 +273,50 @@ mod tests {
     }
 
     #[test]
+    fn an_instance_made_after_what_the_journal_holds_puts_the_journal_in_doubt() {
+        let quarantined = HashSet::new();
+        let tagged = |id: &str, sandbox: &str, seq: &str| {
+            let mut i = instance(id, &format!("t-{id}"), sandbox, Some(0));
+            i.tags.insert(TAG_JOURNAL_SEQ.into(), seq.into());
+            i
+        };
+        let instances = vec![
+            tagged("i-old", "s-old", "90"),
+            tagged("i-restored-away", "s-lost", "101"),
+            tagged("i-this-run", "s-known", "150"),
+        ];
+        let known = HashSet::from(["s-known".to_owned()]);
+        let owners = Ownership {
+            records: &[],
+            quarantined: &quarantined,
+            journal_id: JOURNAL,
+            journal_trusted: true,
+            journal_seq_at_open: 100,
+            known_sandboxes: &known,
+        };
+        let d = select_orphans(
+            &instances,
+            &owners,
+            &mut HashMap::new(),
+            1_000_000,
+            Duration::from_secs(60),
+        );
+        let deleted: Vec<_> = d.orphans.iter().map(|i| i.id.as_str()).collect();
+        // The old orphan and this run's are ordinary orphans; the one made
+        // after the journal's last write is left, and condemns the journal.
+        assert_eq!(deleted, ["i-old", "i-this-run"]);
+        assert_eq!(
+            d.spared
+                .iter()
+                .map(|(i, w)| (i.id.as_str(), *w))
+                .collect::<Vec<_>>(),
+            [("i-restored-away", Spared::JournalInDoubt)]
+        );
+        let (instance, seq) = d.journal_older_than.unwrap();
+        assert_eq!((instance.id.as_str(), seq), ("i-restored-away", 101));
+    }
+
+    #[test]
     fn without_a_creation_time_the_grace_counts_from_first_sight() {
         let grace = Duration::from_secs(60);
         let quarantined = HashSet::new();
@@ -248,6 +325,8 @@ mod tests {
             quarantined: &quarantined,
             journal_id: JOURNAL,
             journal_trusted: true,
+            journal_seq_at_open: 100,
+            known_sandboxes: &HashSet::new(),
         };
         let mut first_seen = HashMap::new();
         let instances = vec![instance("i-x", "t", "s", None)];

@@ -29,9 +29,13 @@ impl JournalHealth {
         Arc::new(Self::default())
     }
 
-    fn record<T>(&self, result: &Result<T, JournalError>) {
+    /// Records a write's outcome. Only a completed flush (or probe) proves
+    /// writes work again: a `put` may succeed in memory while every flush
+    /// fails.
+    fn record<T>(&self, result: &Result<T, JournalError>, durable: bool) {
         let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
         match result {
+            Ok(_) if !durable => {}
             Ok(_) => {
                 if failing.take().is_some() {
                     tracing::info!("journal writes work again");
@@ -72,22 +76,22 @@ impl HealthJournal {
 impl Journal for HealthJournal {
     fn put(&self, record: &InstanceRecord) -> Result<(), JournalError> {
         let r = self.inner.put(record);
-        self.health.record(&r);
+        self.health.record(&r, false);
         r
     }
     fn remove(&self, sandbox_id: &str) -> Result<(), JournalError> {
         let r = self.inner.remove(sandbox_id);
-        self.health.record(&r);
+        self.health.record(&r, false);
         r
     }
     fn flush(&self) -> Result<(), JournalError> {
         let r = self.inner.flush();
-        self.health.record(&r);
+        self.health.record(&r, true);
         r
     }
     fn probe(&self) -> Result<(), JournalError> {
         let r = self.inner.probe();
-        self.health.record(&r);
+        self.health.record(&r, true);
         r
     }
     fn get(&self, sandbox_id: &str) -> Result<Option<InstanceRecord>, JournalError> {
@@ -104,6 +108,12 @@ impl Journal for HealthJournal {
     }
     fn verdict(&self) -> Verdict {
         self.inner.verdict()
+    }
+    fn durable_sequence(&self) -> u64 {
+        self.inner.durable_sequence()
+    }
+    fn declare_doubt(&self, reason: &str) -> Result<(), JournalError> {
+        self.inner.declare_doubt(reason)
     }
 }
 
@@ -141,16 +151,18 @@ mod tests {
                 reason: "No space left on device".into(),
             })
         };
-        h.record(&err());
+        h.record(&err(), false);
         std::thread::sleep(Duration::from_millis(20));
-        h.record(&err());
+        h.record(&err(), true);
+        // A put that works in memory proves nothing while flushes fail.
+        h.record(&Ok::<(), JournalError>(()), false);
         let (for_how_long, why) = h.failing().unwrap();
         assert!(
             for_how_long >= Duration::from_millis(20),
             "counted from the first failure"
         );
         assert!(why.contains("No space left"), "{why}");
-        h.record(&Ok::<(), JournalError>(()));
+        h.record(&Ok::<(), JournalError>(()), true);
         assert!(h.failing().is_none());
     }
 }

@@ -246,6 +246,71 @@ async fn a_deleted_journal_deletes_no_vm_until_the_operator_accepts_the_loss() {
     kill_instances(&setup.local_dir());
 }
 
+/// A state directory restored from an older copy is intact by its own
+/// account — the identity, the mark and the database all agree — but the
+/// instances made after the copy carry write sequences it never held: they
+/// are left alone and the journal is declared in doubt, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_directory_restored_from_an_older_copy_deletes_no_vm() {
+    let mut setup = Setup::new();
+    eager_gc(&mut setup);
+    let mut daemon = setup.start().await;
+    let before = run_sandboxes(&daemon, 2).await;
+    assert!(daemon.sigterm().success());
+    let copy = setup.root.path().join("state-copy");
+    copy_dir(&setup.state_dir(), &copy);
+
+    let mut daemon = setup.start().await;
+    let after = run_sandboxes(&daemon, 2).await;
+    assert!(daemon.sigterm().success());
+    std::fs::remove_dir_all(setup.state_dir()).unwrap();
+    copy_dir(&copy, &setup.state_dir());
+
+    let mut daemon = setup.start().await;
+    gc_passes(&daemon, 4.0).await;
+    let all: Vec<String> = before.iter().chain(&after).cloned().collect();
+    assert_eq!(alive_instances(&setup.local_dir(), &all), all);
+    assert_eq!(
+        daemon.metric("podvisor_orphans_deleted_total", &[]).await,
+        0.0
+    );
+    assert_eq!(daemon.metric("podvisor_journal_in_doubt", &[]).await, 1.0);
+    let (_, ready) = daemon.get("/readyz").await.unwrap();
+    assert_eq!(
+        ready["journal"]["integrity"]["verdict"], "in_doubt",
+        "{ready}"
+    );
+    assert!(
+        ready["journal"]["integrity"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("older than its instances"),
+        "{ready}"
+    );
+    // For good: the next start is in doubt from the outset.
+    assert!(daemon.sigterm().success());
+    let daemon = setup.start().await;
+    let (_, ready) = daemon.get("/readyz").await.unwrap();
+    assert_eq!(
+        ready["journal"]["integrity"]["verdict"], "in_doubt",
+        "{ready}"
+    );
+    gc_passes(&daemon, 2.0).await;
+    assert_eq!(alive_instances(&setup.local_dir(), &all), all);
+    kill_instances(&setup.local_dir());
+}
+
+/// `cp -a` of a directory tree.
+fn copy_dir(from: &Path, to: &Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 /// A wiped state directory: the new journal is another journal, so the old
 /// one's VMs are never its orphans; they are reported instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

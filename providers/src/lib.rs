@@ -28,6 +28,6 @@ pub use manager::{
     CallLimits, CloudManager, ConfigError, ProviderConfig, ProviderContext, find_manager, registry,
 };
 pub use provider::{
-    CreateRequest, Instance, InstanceStatus, Provider, TAG_JOURNAL, TAG_NODE, TAG_SANDBOX,
-    TAG_TOKEN,
+    CreateRequest, Instance, InstanceStatus, Provider, TAG_JOURNAL, TAG_JOURNAL_SEQ, TAG_NODE,
+    TAG_SANDBOX, TAG_TOKEN,
 };

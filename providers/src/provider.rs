@@ -16,6 +16,11 @@ pub const TAG_TOKEN: &str = "podvisor.io/token";
 /// (podvisor_state::JournalIdentity). The orphan GC deletes only instances
 /// of its own, intact journal.
 pub const TAG_JOURNAL: &str = "podvisor.io/journal";
+/// Tag key: the journal's durable write sequence when the instance was
+/// created (after its `Creating` record was flushed). An instance whose
+/// sequence is above what its journal holds proves the journal older than
+/// the instance: a state directory restored from a copy.
+pub const TAG_JOURNAL_SEQ: &str = "podvisor.io/journal-seq";
 
 /// Everything a provider needs to create one pod VM. Its `Debug` leaves the
 /// user data out: it holds the pod VM's TLS key and the pod's secrets.

@@ -11,7 +11,9 @@ use crate::proxy::{AgentProxy, ClientTls};
 use crate::userdata::{UserDataInputs, render};
 use crate::view::InstanceView;
 use actix::prelude::*;
-use podvisor_providers::{CreateRequest, TAG_JOURNAL, TAG_NODE, TAG_SANDBOX, TAG_TOKEN};
+use podvisor_providers::{
+    CreateRequest, TAG_JOURNAL, TAG_JOURNAL_SEQ, TAG_NODE, TAG_SANDBOX, TAG_TOKEN,
+};
 use podvisor_state::{
     Command, Event, InstanceRecord, Journal, MachineConfig, OpFailure, PodVmMachine, StartError,
     UnixMillis, Waiter,
@@ -477,6 +479,10 @@ impl PodVm {
             (TAG_SANDBOX.to_owned(), target.sandbox_id.clone()),
             (TAG_TOKEN.to_owned(), token.clone()),
             (TAG_JOURNAL.to_owned(), self.deps.journal.identity().id),
+            (
+                TAG_JOURNAL_SEQ.to_owned(),
+                self.deps.journal.durable_sequence().to_string(),
+            ),
         ]);
         Ok(CreateRequest {
             sandbox_id: target.sandbox_id.clone(),

@@ -48,13 +48,16 @@ pub struct Supervisor {
     gc_running: bool,
     /// Unowned instances already reported, so each is logged once.
     reported_spared: HashSet<String>,
+    /// The journal's durable write sequence when this run began.
+    journal_seq_at_open: u64,
+    /// Every sandbox this run has known (created or recovered).
+    known_sandboxes: HashSet<String>,
 }
 
 impl Supervisor {
     /// A supervisor for pod VMs sharing `deps`.
     pub fn new(deps: Arc<PodVmDeps>, limit: Option<usize>, gc: GcPolicy) -> Self {
         Self {
-            deps,
             pods: HashMap::new(),
             limit,
             recovering: HashSet::new(),
@@ -64,6 +67,9 @@ impl Supervisor {
             first_seen: HashMap::new(),
             gc_running: false,
             reported_spared: HashSet::new(),
+            journal_seq_at_open: deps.journal.durable_sequence(),
+            known_sandboxes: HashSet::new(),
+            deps,
         }
     }
 
@@ -96,6 +102,7 @@ impl Supervisor {
     /// previous actor died).
     fn spawn_recovered(&mut self, record: InstanceRecord, ctx: &mut Context<Self>) -> Addr<PodVm> {
         let id = record.sandbox_id.clone();
+        self.known_sandboxes.insert(id.clone());
         let addr = PodVm::recover(record, self.deps.clone(), ctx.address()).start();
         self.pods.insert(id, addr.clone());
         addr
@@ -165,6 +172,7 @@ impl Handler<CreateVm> for Supervisor {
         record.initdata = msg.request.initdata;
         let (tx, rx) = oneshot::channel();
         let addr = PodVm::create(record, self.deps.clone(), ctx.address(), tx).start();
+        self.known_sandboxes.insert(id.clone());
         self.pods.insert(id.clone(), addr);
         Box::pin(async move {
             match rx.await {
@@ -381,6 +389,29 @@ impl Handler<PodVmReport> for Supervisor {
 }
 
 impl Supervisor {
+    /// An instance of this journal was made at a write the journal did not
+    /// hold when it was opened: the state directory is older than its
+    /// instances (restored from a copy). The journal is declared in doubt,
+    /// durably, and the GC deletes nothing from now on.
+    fn journal_older_than(&self, instance: &podvisor_providers::Instance, seq: u64) {
+        if !self.deps.journal.verdict().is_trusted() {
+            return;
+        }
+        let reason = format!(
+            "instance {} ({}) was created at journal write {seq}, but the journal held only {} writes when it was opened: the state directory is older than its instances (restored from a copy?), records may be missing",
+            instance.id, instance.name, self.journal_seq_at_open
+        );
+        tracing::error!(%reason, "the journal may have lost records: the orphan GC deletes nothing until an operator decides");
+        metrics::gauge!(metrics::JOURNAL_IN_DOUBT).set(1.0);
+        let journal = self.deps.journal.clone();
+        // A small synced file write: off the actor's thread.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = journal.declare_doubt(&reason) {
+                tracing::error!(error = %e, "cannot record the journal's doubt; it holds for this run only");
+            }
+        });
+    }
+
     /// Counts the unowned instances the GC left alone, by reason, and says
     /// once per instance why it was left (an operator decides: `podvisor
     /// journal accept-loss`, or delete or keep it by hand).
@@ -451,8 +482,13 @@ impl Handler<RunGc> for Supervisor {
                                 quarantined: &act.quarantined,
                                 journal_id: &journal_id,
                                 journal_trusted: act.deps.journal.verdict().is_trusted(),
+                                journal_seq_at_open: act.journal_seq_at_open,
+                                known_sandboxes: &act.known_sandboxes,
                             };
                             let decision = select_orphans(&instances, &owners, &mut act.first_seen, now_millis(), act.gc.grace);
+                            if let Some((instance, seq)) = &decision.journal_older_than {
+                                act.journal_older_than(instance, *seq);
+                            }
                             act.report_spared(&decision.spared);
                             decision.orphans
                         }

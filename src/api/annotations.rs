@@ -169,7 +169,7 @@ const MAX_NAMESPACE: usize = 63;
 /// A value for an error message: quoted with its control characters
 /// escaped (a newline in a pod name must not forge a log line) and cut to
 /// 80 characters.
-fn shown(value: &str) -> String {
+pub fn shown(value: &str) -> String {
     let cut: String = value.chars().take(80).collect();
     if cut.len() < value.len() {
         format!("{cut:?}… ({} bytes)", value.len())

@@ -217,8 +217,9 @@ impl HypervisorApi {
         // line or an error message.
         if !annotations::is_pod_identity(pod_name, pod_namespace) {
             return Err(ApiError::InvalidArgument(format!(
-                "GetInfo's PodName {:.80?} and PodNamespace {:.80?} are not a Kubernetes pod name and namespace",
-                pod_name, pod_namespace
+                "GetInfo's PodName {} and PodNamespace {} are not a Kubernetes pod name and namespace",
+                annotations::shown(pod_name),
+                annotations::shown(pod_namespace)
             )));
         }
         let instance_of =

@@ -215,6 +215,16 @@ pub fn judge(
             "the journal's identity file {IDENTITY_FILE} is missing, but the journal has been written to before"
         )),
         Some(Err(why)) => doubt(why.clone()),
+        // The identity was made, but the first open crashed before sled
+        // held it: no flush of this journal ever completed (the mark comes
+        // after sled's flush), so nothing can have been lost.
+        Some(Ok(_)) if stored_id.is_none() && mark.is_none() && stored_seq == 0 => {
+            if records == 0 {
+                Verdict::Fresh
+            } else {
+                Verdict::Intact
+            }
+        }
         Some(Ok(identity)) => {
             if stored_id != Some(identity.id.as_str()) {
                 return doubt(match stored_id {
@@ -267,6 +277,8 @@ mod tests {
             judge(Some(&id("a")), Some(&mark(5)), Some("a"), 7, 2),
             Verdict::Intact
         );
+        // A first open that crashed between the identity file and sled.
+        assert_eq!(judge(Some(&id("a")), None, None, 0, 0), Verdict::Fresh);
         for (identity, m, stored, seq, words) in [
             (
                 Some(id("a")),

@@ -83,8 +83,18 @@ pub trait Journal: Send + Sync + 'static {
     }
     /// Who this journal is: instances the daemon creates carry its id.
     fn identity(&self) -> JournalIdentity;
-    /// What opening found about the journal's integrity; fixed for the run.
+    /// What opening found about the journal's integrity, or a doubt
+    /// declared since ([`Journal::declare_doubt`]).
     fn verdict(&self) -> Verdict;
+    /// The writes made durable by the last completed flush. An instance is
+    /// tagged with it when created, after its `Creating` record was flushed:
+    /// an instance whose tag is above the journal's sequence proves the
+    /// journal older than the instance (a state directory restored from a
+    /// copy).
+    fn durable_sequence(&self) -> u64;
+    /// Records that the journal may have lost records, found after opening
+    /// (by the GC): durable across restarts until the loss is accepted.
+    fn declare_doubt(&self, reason: &str) -> Result<(), JournalError>;
 }
 
 /// The sled-backed journal.
@@ -101,8 +111,10 @@ pub struct SledJournal {
     files: IntegrityFiles,
     /// This journal's identity.
     identity: JournalIdentity,
-    /// What opening found.
-    verdict: Verdict,
+    /// What opening found, or a doubt declared since.
+    verdict: Mutex<Verdict>,
+    /// The doubt marker's path.
+    doubt_file: std::path::PathBuf,
     /// Writes made so far (puts and removes), durable or not.
     seq: AtomicU64,
     /// The sequence the mark last recorded; held across a flush so marks
@@ -170,6 +182,10 @@ impl SledJournal {
                     })
                     .unwrap_or(text),
             },
+            // A marker that exists but cannot be read is no proof of health.
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Verdict::InDoubt {
+                reason: format!("{}: {e}", doubt_file.display()),
+            },
             Err(_) => judge(
                 identity_file.as_ref(),
                 mark.as_ref(),
@@ -209,7 +225,8 @@ impl SledJournal {
             meta,
             files,
             identity,
-            verdict,
+            verdict: Mutex::new(verdict),
+            doubt_file,
             seq: AtomicU64::new(start),
             marked: Mutex::new(0),
         };
@@ -229,7 +246,7 @@ impl SledJournal {
     pub fn accept_loss(dir: &Path) -> Result<Verdict, JournalError> {
         let before = {
             let journal = Self::open(dir)?;
-            let verdict = journal.verdict.clone();
+            let verdict = journal.verdict();
             let seq = journal.seq.load(Ordering::SeqCst);
             journal
                 .meta
@@ -418,7 +435,32 @@ impl Journal for SledJournal {
     }
 
     fn verdict(&self) -> Verdict {
-        self.verdict.clone()
+        self.verdict
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn durable_sequence(&self) -> u64 {
+        *self.marked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn declare_doubt(&self, reason: &str) -> Result<(), JournalError> {
+        let verdict = Verdict::InDoubt {
+            reason: reason.to_owned(),
+        };
+        write_synced(
+            &self.doubt_file,
+            &serde_json::to_vec(&verdict).unwrap_or_default(),
+        )
+        .map_err(|source| {
+            JournalError::Integrity(IntegrityIoError {
+                path: self.doubt_file.display().to_string(),
+                source,
+            })
+        })?;
+        *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = verdict;
+        Ok(())
     }
 
     fn quarantined(&self) -> Result<Vec<QuarantinedRecord>, JournalError> {
