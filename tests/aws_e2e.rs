@@ -66,6 +66,41 @@ fn aws_setup(endpoint: &str, net: &TestNetwork) -> Setup {
     setup
 }
 
+/// A daemon setup on AWS given only its credentials and image: region,
+/// subnet, groups and key are left to the metadata service `stub`.
+fn metadata_setup(moto: &Moto, net: &TestNetwork, stub: &MetadataStub) -> Setup {
+    let mut setup = aws_setup(&moto.endpoint(), net);
+    setup.provider = Some(
+        [
+            "aws",
+            "--aws-endpoint",
+            &moto.endpoint(),
+            "--aws-access-key-id",
+            ACCESS_KEY_ID,
+            "--aws-secret-key",
+            SECRET_ACCESS_KEY,
+            "--imageid",
+            &net.image_id,
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    // Empty variables count as unset: nothing inherited may fill these.
+    setup.env = [
+        (
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+            stub.endpoint().as_str(),
+        ),
+        ("AWS_REGION", ""),
+        ("AWS_SUBNET_ID", ""),
+        ("AWS_SG_IDS", ""),
+        ("SSH_KP_NAME", ""),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .to_vec();
+    setup
+}
+
 /// The pod VMs' side: a forwarder on every live instance's address of one
 /// node, stopped when its instance goes.
 struct PodVmSide {
@@ -579,35 +614,7 @@ async fn region_subnet_groups_and_key_come_from_the_metadata_service_when_not_gi
     let moto = Moto::start().await;
     let net = moto.network().await;
     let stub = MetadataStub::start(node_metadata(&net)).await;
-    let mut setup = aws_setup(&moto.endpoint(), &net);
-    setup.provider = Some(
-        [
-            "aws",
-            "--aws-endpoint",
-            &moto.endpoint(),
-            "--aws-access-key-id",
-            ACCESS_KEY_ID,
-            "--aws-secret-key",
-            SECRET_ACCESS_KEY,
-            "--imageid",
-            &net.image_id,
-        ]
-        .map(String::from)
-        .to_vec(),
-    );
-    // Empty variables count as unset: nothing inherited may fill these.
-    setup.env = [
-        (
-            "AWS_EC2_METADATA_SERVICE_ENDPOINT",
-            stub.endpoint().as_str(),
-        ),
-        ("AWS_REGION", ""),
-        ("AWS_SUBNET_ID", ""),
-        ("AWS_SG_IDS", ""),
-        ("SSH_KP_NAME", ""),
-    ]
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .to_vec();
+    let setup = metadata_setup(&moto, &net, &stub);
     let _side = PodVmSide::for_setup(&moto, &setup);
     let daemon = setup.start().await;
     let asked = stub.requests();
@@ -792,34 +799,7 @@ async fn without_a_subnet_anywhere_verify_refuses_to_start_and_otherwise_status_
     let mut metadata = node_metadata(&net);
     metadata.retain(|path, _| path.ends_with("/placement/region"));
     let stub = MetadataStub::start(metadata).await;
-    let mut setup = aws_setup(&moto.endpoint(), &net);
-    setup.provider = Some(
-        [
-            "aws",
-            "--aws-endpoint",
-            &moto.endpoint(),
-            "--aws-access-key-id",
-            ACCESS_KEY_ID,
-            "--aws-secret-key",
-            SECRET_ACCESS_KEY,
-            "--imageid",
-            &net.image_id,
-        ]
-        .map(String::from)
-        .to_vec(),
-    );
-    setup.env = [
-        (
-            "AWS_EC2_METADATA_SERVICE_ENDPOINT",
-            stub.endpoint().as_str(),
-        ),
-        ("AWS_REGION", ""),
-        ("AWS_SUBNET_ID", ""),
-        ("AWS_SG_IDS", ""),
-        ("SSH_KP_NAME", ""),
-    ]
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .to_vec();
+    let mut setup = metadata_setup(&moto, &net, &stub);
 
     let out = setup.command().output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -855,11 +835,7 @@ async fn a_lost_journal_on_ec2_deletes_no_instance() {
     let net = moto.network().await;
     for how in [Damage::DeleteDb, Damage::FlipBytes(7), Damage::Truncate] {
         let mut setup = aws_setup(&moto.endpoint(), &net);
-        setup.global.extend(
-            ["--gc-interval", "1s", "--gc-grace-period", "1s"]
-                .map(String::from)
-                .to_vec(),
-        );
+        eager_gc(&mut setup);
         let _side = PodVmSide::for_setup(&moto, &setup);
         let mut daemon = setup.start().await;
         let client = daemon.client().await;

@@ -58,18 +58,7 @@ fn config(ci_cases: u32) -> ProptestConfig {
 // ---------------------------------------------------------------------------
 
 /// Every annotation the parser reads.
-const REAL_KEYS: [&str; 10] = [
-    SANDBOX_NAME,
-    SANDBOX_NAMESPACE,
-    CRIO_SANDBOX_NAME,
-    MACHINE_TYPE,
-    DEFAULT_VCPUS,
-    DEFAULT_MEMORY,
-    DEFAULT_GPUS,
-    DEFAULT_GPU_MODEL,
-    IMAGE,
-    CC_INIT_DATA,
-];
+const REAL_KEYS: [&str; 10] = podvisor::api::annotations::KNOWN;
 
 /// Annotations containerd, CRI-O and Kata send that the parser ignores.
 const NOISE_KEYS: [&str; 12] = [

@@ -22,10 +22,7 @@
 mod common;
 
 use common::*;
-use podvisor::api::annotations::{
-    CC_INIT_DATA, CRIO_SANDBOX_NAME, DEFAULT_GPU_MODEL, DEFAULT_GPUS, DEFAULT_MEMORY,
-    DEFAULT_VCPUS, IMAGE, MACHINE_TYPE, SANDBOX_NAME, SANDBOX_NAMESPACE,
-};
+use podvisor::api::annotations::{DEFAULT_MEMORY, DEFAULT_VCPUS, MACHINE_TYPE};
 use podvisor::api::{annotations, validate_sandbox_id};
 use podvisor::protocols::ttrpc::{
     hypervisor, hypervisor_ttrpc::HypervisorClient, podvminfo, podvminfo_ttrpc::PodVmInfoClient,
@@ -41,18 +38,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use ttrpc::Code;
 
-const KEYS: [&str; 10] = [
-    SANDBOX_NAME,
-    SANDBOX_NAMESPACE,
-    CRIO_SANDBOX_NAME,
-    MACHINE_TYPE,
-    DEFAULT_VCPUS,
-    DEFAULT_MEMORY,
-    DEFAULT_GPUS,
-    DEFAULT_GPU_MODEL,
-    IMAGE,
-    CC_INIT_DATA,
-];
+/// Every annotation the parser reads.
+const KEYS: [&str; 10] = annotations::KNOWN;
 const PODS: [&str; 3] = ["web", "db", "cache"];
 const NAMESPACES: [&str; 2] = ["shop", "default"];
 

@@ -14,15 +14,6 @@ use common::*;
 use std::path::Path;
 use std::time::Duration;
 
-/// GC settings that would delete any orphan within about two seconds.
-fn eager_gc(setup: &mut Setup) {
-    setup.global.extend(
-        ["--gc-interval", "1s", "--gc-grace-period", "1s"]
-            .map(String::from)
-            .to_vec(),
-    );
-}
-
 /// Starts `n` Running sandboxes; their instance ids.
 async fn run_sandboxes(daemon: &Daemon, n: usize) -> Vec<String> {
     run_pods(daemon, n)
@@ -68,6 +59,20 @@ async fn gc_passes(daemon: &Daemon, passes: f64) {
         (daemon.metric("podvisor_gc_runs_total", &[]).await >= start + passes).then_some(())
     })
     .await;
+}
+
+/// `/readyz` says the journal is in doubt, for a reason that mentions `why`.
+async fn assert_in_doubt(daemon: &Daemon, why: &str) {
+    let (_, ready) = daemon.get("/readyz").await.unwrap();
+    let integrity = &ready["journal"]["integrity"];
+    assert_eq!(integrity["verdict"], "in_doubt", "{ready}");
+    assert!(
+        integrity["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(why),
+        "{ready}"
+    );
 }
 
 /// Five VMs, SIGTERM, `how`, restart: none deleted, the loss reported.
@@ -146,18 +151,7 @@ async fn a_deleted_journal_deletes_no_vm_until_the_operator_accepts_the_loss() {
     let mut daemon = setup.start().await;
     gc_passes(&daemon, 4.0).await;
     assert_eq!(alive_instances(&setup.local_dir(), &instances), instances);
-    let (_, ready) = daemon.get("/readyz").await.unwrap();
-    assert_eq!(
-        ready["journal"]["integrity"]["verdict"], "in_doubt",
-        "{ready}"
-    );
-    assert!(
-        ready["journal"]["integrity"]["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("came back empty"),
-        "{ready}"
-    );
+    assert_in_doubt(&daemon, "came back empty").await;
     assert_eq!(daemon.metric("podvisor_journal_in_doubt", &[]).await, 1.0);
     assert_eq!(
         daemon
@@ -275,18 +269,7 @@ async fn a_state_directory_restored_from_an_older_copy_deletes_no_vm() {
         0.0
     );
     assert_eq!(daemon.metric("podvisor_journal_in_doubt", &[]).await, 1.0);
-    let (_, ready) = daemon.get("/readyz").await.unwrap();
-    assert_eq!(
-        ready["journal"]["integrity"]["verdict"], "in_doubt",
-        "{ready}"
-    );
-    assert!(
-        ready["journal"]["integrity"]["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("older than its instances"),
-        "{ready}"
-    );
+    assert_in_doubt(&daemon, "older than its instances").await;
     // For good: the next start is in doubt from the outset.
     assert!(daemon.sigterm().success());
     let daemon = setup.start().await;

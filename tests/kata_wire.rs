@@ -278,6 +278,26 @@ impl Connections {
     }
 }
 
+impl Connections {
+    /// CreateVM as `sandbox`'s sender makes it: no deadline.
+    async fn create_vm(&self, sandbox: &Sandbox, id: &str, netns: &str) -> ttrpc::Result<Vec<u8>> {
+        let request = sandbox.create_vm_request(id, netns);
+        self.call(HYPERVISOR, "CreateVM", request, None).await
+    }
+    /// StartVM with the sender's deadline.
+    async fn start_vm(&self, shim: Shim, id: &str) -> ttrpc::Result<Vec<u8>> {
+        let request = Message::default().string(1, id).0;
+        self.call(HYPERVISOR, "StartVM", request, Some(shim.start_deadline()))
+            .await
+    }
+    /// StopVM with the sender's deadline.
+    async fn stop_vm(&self, shim: Shim, id: &str) -> ttrpc::Result<Vec<u8>> {
+        let request = Message::default().string(1, id).0;
+        self.call(HYPERVISOR, "StopVM", request, shim.stop_deadline())
+            .await
+    }
+}
+
 /// The files a pod VM's provisioning wrote, on the local provider.
 fn peerpod_dir(setup: &Setup, instance_id: &str) -> PathBuf {
     setup
@@ -287,25 +307,27 @@ fn peerpod_dir(setup: &Setup, instance_id: &str) -> PathBuf {
         .join("run/peerpod")
 }
 
-/// `base64 -d | gzip -d` of `encoded`, by the system's own tools.
-fn gunzip_base64(encoded: &str) -> String {
+/// What the shell pipeline `script` prints for `input`, by the system's
+/// own tools (no podvisor code).
+fn pipe(script: &str, input: &[u8]) -> Vec<u8> {
     let out = Command::new("sh")
-        .args(["-c", "base64 -d | gzip -d"])
+        .args(["-c", script])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .and_then(|mut child| {
             use std::io::Write as _;
-            child
-                .stdin
-                .take()
-                .expect("piped stdin")
-                .write_all(encoded.as_bytes())?;
+            child.stdin.take().expect("piped stdin").write_all(input)?;
             child.wait_with_output()
         })
-        .expect("run base64 and gzip");
-    assert!(out.status.success(), "not gzip + base64: {encoded:.80}");
-    String::from_utf8(out.stdout).expect("UTF-8 TOML")
+        .unwrap_or_else(|e| panic!("{script}: {e}"));
+    assert!(out.status.success(), "{script} failed");
+    out.stdout
+}
+
+/// `base64 -d | gzip -d` of `encoded`.
+fn gunzip_base64(encoded: &str) -> String {
+    String::from_utf8(pipe("base64 -d | gzip -d", encoded.as_bytes())).expect("UTF-8 TOML")
 }
 
 /// `sha256sum` of `text`.
@@ -330,12 +352,7 @@ async fn drive(setup: &Setup, daemon: &Daemon, sandbox: &Sandbox) {
     let netns = format!("/var/run/netns/cni-{}", &id[..8]);
 
     let reply = conns
-        .call(
-            HYPERVISOR,
-            "CreateVM",
-            sandbox.create_vm_request(&id, &netns),
-            None,
-        )
+        .create_vm(sandbox, &id, &netns)
         .await
         .unwrap_or_else(|e| panic!("{what}: CreateVM: {e:?}\n{}", daemon.log_text()));
     // The Go shim refuses an empty path; runtime-rs prefixes "remote://".
@@ -350,12 +367,7 @@ async fn drive(setup: &Setup, daemon: &Daemon, sandbox: &Sandbox) {
     );
 
     conns
-        .call(
-            HYPERVISOR,
-            "StartVM",
-            Message::default().string(1, &id).0,
-            Some(sandbox.shim.start_deadline()),
-        )
+        .start_vm(sandbox.shim, &id)
         .await
         .unwrap_or_else(|e| panic!("{what}: StartVM: {e:?}\n{}", daemon.log_text()));
 
@@ -415,12 +427,7 @@ async fn drive(setup: &Setup, daemon: &Daemon, sandbox: &Sandbox) {
 
     let asked = Instant::now();
     conns
-        .call(
-            HYPERVISOR,
-            "StopVM",
-            Message::default().string(1, &id).0,
-            sandbox.shim.stop_deadline(),
-        )
+        .stop_vm(sandbox.shim, &id)
         .await
         .unwrap_or_else(|e| panic!("{what}: StopVM: {e:?}\n{}", daemon.log_text()));
     eprintln!("{what}: StopVM answered in {:?}", asked.elapsed());
@@ -515,24 +522,7 @@ async fn each_real_sender_gets_a_running_pod_vm_with_its_user_data() {
 /// a pod without its own initdata in the reference's form.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_line_wrapped_initdata_setting_reaches_pods_without_their_own() {
-    let wrapped = {
-        let out = Command::new("sh")
-            .args(["-c", "gzip -n | base64"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                use std::io::Write as _;
-                child
-                    .stdin
-                    .take()
-                    .expect("piped stdin")
-                    .write_all(INITDATA_TOML.as_bytes())?;
-                child.wait_with_output()
-            })
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let wrapped = String::from_utf8(pipe("gzip -n | base64", INITDATA_TOML.as_bytes())).unwrap();
     assert!(wrapped.trim_end().contains('\n'), "wrapped: {wrapped}");
     let mut setup = Setup::new();
     setup.env.push(("INITDATA".into(), wrapped));
@@ -547,22 +537,9 @@ async fn a_line_wrapped_initdata_setting_reaches_pods_without_their_own() {
     };
     let conns = Connections::new(sandbox.shim, &setup.socket()).await;
     let id = sandbox_id();
+    conns.create_vm(&sandbox, &id, "").await.unwrap();
     conns
-        .call(
-            HYPERVISOR,
-            "CreateVM",
-            sandbox.create_vm_request(&id, ""),
-            None,
-        )
-        .await
-        .unwrap();
-    conns
-        .call(
-            HYPERVISOR,
-            "StartVM",
-            Message::default().string(1, &id).0,
-            Some(sandbox.shim.start_deadline()),
-        )
+        .start_vm(sandbox.shim, &id)
         .await
         .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
     let view = daemon.instance(&id).await.unwrap();
@@ -628,23 +605,10 @@ async fn get_info_answers_under_its_wire_name_with_and_without_wait() {
     };
     let conns = Connections::new(sandbox.shim, &setup.socket()).await;
     let id = sandbox_id();
-    conns
-        .call(
-            HYPERVISOR,
-            "CreateVM",
-            sandbox.create_vm_request(&id, ""),
-            None,
-        )
-        .await
-        .unwrap();
+    conns.create_vm(&sandbox, &id, "").await.unwrap();
     assert!(!waiting.is_finished(), "Wait returned before StartVM");
     conns
-        .call(
-            HYPERVISOR,
-            "StartVM",
-            Message::default().string(1, &id).0,
-            Some(sandbox.shim.start_deadline()),
-        )
+        .start_vm(sandbox.shim, &id)
         .await
         .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
     let instance_id = daemon.instance(&id).await.unwrap()["instance_id"]

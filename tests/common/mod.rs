@@ -235,25 +235,7 @@ impl Setup {
 
     /// Starts the daemon and waits until it is ready.
     pub async fn start(&self) -> Daemon {
-        let log = self
-            .root
-            .path()
-            .join(format!("daemon-{}.log", fastrand::u32(..)));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = self
-            .command()
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        let mut d = Daemon {
-            child: Some(child),
-            log,
-            admin: format!("http://127.0.0.1:{}", self.admin_port),
-            socket: self.socket(),
-        };
-        d.wait_ready().await;
-        d
+        self.try_start().await.unwrap_or_else(|why| panic!("{why}"))
     }
 }
 
@@ -287,12 +269,6 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    async fn wait_ready(&mut self) {
-        if let Err(why) = self.ready_or_exit().await {
-            panic!("{why}");
-        }
-    }
-
     /// Waits until the daemon is ready; `Err` with its log if it exits first.
     async fn ready_or_exit(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -660,4 +636,14 @@ pub fn damage(state_dir: &Path, how: Damage) {
         }
         Damage::DeleteDb => std::fs::remove_file(&db).unwrap(),
     }
+}
+
+/// GC settings that delete any orphan within about two seconds: a test that
+/// must prove nothing is deleted gives the GC every chance.
+pub fn eager_gc(setup: &mut Setup) {
+    setup.global.extend(
+        ["--gc-interval", "1s", "--gc-grace-period", "1s"]
+            .map(String::from)
+            .to_vec(),
+    );
 }
