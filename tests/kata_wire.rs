@@ -387,6 +387,21 @@ async fn drive(setup: &Setup, daemon: &Daemon, sandbox: &Sandbox) {
     let instance_id = view["instance_id"].as_str().unwrap().to_owned();
 
     // The pod VM's provisioned files.
+    // Readiness completed a TLS handshake and closed it cleanly: the pod
+    // VM's forwarder had nothing to warn about (a bare TCP probe used to
+    // leave "TLS handshake refused" for every StartVM).
+    let forwarder_log = std::fs::read_to_string(
+        setup
+            .local_dir()
+            .join("instances")
+            .join(&instance_id)
+            .join("forwarder.log"),
+    )
+    .unwrap_or_default();
+    assert!(
+        forwarder_log.contains("INFO") && !forwarder_log.contains("WARN"),
+        "{what}: the forwarder warned:\n{forwarder_log}"
+    );
     let dir = peerpod_dir(setup, &instance_id);
     let apf: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("apf.json")).unwrap()).unwrap();
