@@ -41,8 +41,11 @@ mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts
 ln -s pts/ptmx /dev/ptmx
 mount -t tmpfs -o mode=1777 shm /dev/shm
 
-# libvirt's directories, from the tempdir.
+# libvirt's directories, from the tempdir. The mount points themselves may
+# not exist on a fresh machine (the packages that create /var/lib/libvirt
+# are not all installed): make them, empty, before binding onto them.
 for d in etc run lib log cache; do mkdir -p "$t/libvirt/$d"; done
+mkdir -p /etc/libvirt /var/lib/libvirt
 mount --bind "$t/libvirt/etc" /etc/libvirt
 mount --bind "$t/libvirt/run" /run/libvirt 2>/dev/null || { mkdir -p /run/libvirt; mount --bind "$t/libvirt/run" /run/libvirt; }
 mount --bind "$t/libvirt/lib" /var/lib/libvirt
