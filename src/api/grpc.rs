@@ -126,49 +126,14 @@ pub fn is_loopback(addr: &std::net::SocketAddr) -> bool {
 }
 
 /// Binds the gRPC unix socket at `path` for [`tonic`]'s
-/// `serve_with_incoming`: a stale file is replaced, a socket something
-/// still answers on is refused; the socket gets the Kata socket's mode
-/// ([`super::ttrpc::SOCKET_MODE`]) and `group`, so exactly who may drive
-/// pod VMs through Kata may drive them here. Must run inside Tokio.
+/// `serve_with_incoming`, as [`super::bind_control_socket`] binds every
+/// control socket: exactly who may drive pod VMs through Kata may drive
+/// them here. Must run inside Tokio.
 pub fn bind_unix(
     path: &Path,
     group: Option<nix::unistd::Gid>,
 ) -> Result<tokio::net::UnixListener, String> {
-    let fail = |why: String| {
-        format!(
-            "--grpc-socket (PODVISOR_GRPC_SOCKET) {}: {why}",
-            path.display()
-        )
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
-    }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(fail(
-            "another process is serving on it (is another podvisor running?)".into(),
-        ));
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => tracing::debug!(socket = %path.display(), "removed a stale gRPC socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(format!("cannot remove the old socket: {e}"))),
-    }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
-    // Bound under the daemon's umask (077): owner-only until widened here.
-    if let Some(gid) = group {
-        nix::unistd::chown(path, None, Some(gid))
-            .map_err(|e| fail(format!("cannot give it group {gid}: {e}")))?;
-    }
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            path,
-            std::fs::Permissions::from_mode(super::ttrpc::SOCKET_MODE),
-        )
-        .map_err(|e| fail(format!("cannot set its mode: {e}")))?;
-    }
-    Ok(listener)
+    super::bind_control_socket(path, group, "--grpc-socket (PODVISOR_GRPC_SOCKET)")
 }
 
 fn status(e: ApiError) -> Status {

@@ -97,6 +97,47 @@ pub fn validate_sandbox_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Binds a control socket (the Kata socket, the gRPC socket) at `path`:
+/// its directory is made, a stale file is replaced, a socket something
+/// still answers on is refused (taking it over would cut its clients off
+/// from a running daemon), and the socket gets [`ttrpc::SOCKET_MODE`] and
+/// `group`, whatever the umask. Errors start with `flag` (`--socket
+/// (REMOTE_HYPERVISOR_ENDPOINT)`) and the path. Must run inside Tokio.
+pub fn bind_control_socket(
+    path: &std::path::Path,
+    group: Option<nix::unistd::Gid>,
+    flag: &str,
+) -> Result<tokio::net::UnixListener, String> {
+    let fail = |why: String| format!("{flag} {}: {why}", path.display());
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(fail(
+            "another process is serving on it (is another podvisor running?)".into(),
+        ));
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::debug!(socket = %path.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(format!("cannot remove the old socket: {e}"))),
+    }
+    let listener =
+        tokio::net::UnixListener::bind(path).map_err(|e| fail(format!("cannot bind it: {e}")))?;
+    // Bound under the daemon's umask (077): owner-only until widened here.
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(gid))
+            .map_err(|e| fail(format!("cannot give it group {gid}: {e}")))?;
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(ttrpc::SOCKET_MODE))
+            .map_err(|e| fail(format!("cannot set its mode: {e}")))?;
+    }
+    Ok(listener)
+}
+
 /// The hypervisor API.
 #[derive(Clone)]
 pub struct HypervisorApi {

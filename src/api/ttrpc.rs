@@ -149,28 +149,9 @@ pub async fn serve(
     api: HypervisorApi,
     max_connections: u32,
 ) -> Result<Server, String> {
-    let fail = |why: String| {
-        format!(
-            "--socket (REMOTE_HYPERVISOR_ENDPOINT) {}: {why}",
-            path.display()
-        )
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
-    }
-    // A socket something still answers on belongs to a running daemon:
-    // taking it over would cut Kata off from that daemon's pod VMs.
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(fail(
-            "another process is serving on it (is another podvisor running?)".into(),
-        ));
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => tracing::debug!(socket = %path.display(), "removed a stale socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(format!("cannot remove the old socket: {e}"))),
-    }
+    const FLAG: &str = "--socket (REMOTE_HYPERVISOR_ENDPOINT)";
+    let fail = |why: String| format!("{FLAG} {}: {why}", path.display());
+    let listener = super::bind_control_socket(path, group, FLAG)?;
     let service = Arc::new(Service { api });
     // Earlier podvisor builds answered under the name Rust's codegen made up;
     // a client built against them keeps working.
@@ -182,8 +163,6 @@ pub async fn serve(
     // accept at once and logs each failure, so out of file descriptors it
     // spins a core and floods the log. The gate pauses, logs sparingly and
     // caps the connections; ttrpc serves what it admits.
-    let listener =
-        tokio::net::UnixListener::bind(path).map_err(|e| fail(format!("cannot bind it: {e}")))?;
     let gate = Gate::new(
         crate::connections::TTRPC,
         path.display().to_string(),
@@ -194,16 +173,6 @@ pub async fn serve(
         .register_service(hypervisor_ttrpc::create_hypervisor(service.clone()))
         .register_service(podvminfo_ttrpc::create_pod_vm_info(service))
         .register_service(camel_cased);
-    // Bound under the daemon's umask (077): owner-only until widened here.
-    if let Some(gid) = group {
-        nix::unistd::chown(path, None, Some(gid))
-            .map_err(|e| fail(format!("cannot give it group {gid}: {e}")))?;
-    }
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
-            .map_err(|e| fail(format!("cannot set its mode: {e}")))?;
-    }
     server.start().await.map_err(|e| fail(e.to_string()))?;
     Ok(server)
 }
