@@ -838,21 +838,11 @@ async fn a_lost_journal_on_ec2_deletes_no_instance() {
         eager_gc(&mut setup);
         let _side = PodVmSide::for_setup(&moto, &setup);
         let mut daemon = setup.start().await;
-        let client = daemon.client().await;
-        let mut ids = Vec::new();
-        for i in 0..3 {
-            let id = sandbox_id();
-            client
-                .create(&id, pod_annotations(&format!("web-{i}"), "shop"))
-                .await
-                .unwrap();
-            client
-                .start(&id)
-                .await
-                .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
-            ids.push(id);
-        }
-        drop(client);
+        let ids: Vec<String> = run_pods(&daemon, 3)
+            .await
+            .into_iter()
+            .map(|(sandbox, _)| sandbox)
+            .collect();
         assert!(daemon.sigterm().success());
         damage(&setup.state_dir(), how);
 

@@ -329,15 +329,7 @@ for path in sys.argv[1:]:
 async fn the_grpc_socket_admits_only_owner_and_group_and_drives_pod_vms() {
     let mut setup = Setup::new();
     // A group besides root's and the unprivileged user's, so "set" shows.
-    let group = nix::unistd::Group::from_name("daemon")
-        .ok()
-        .flatten()
-        .or_else(|| {
-            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(1))
-                .ok()
-                .flatten()
-        })
-        .expect("a group besides root's");
+    let group = another_group();
     setup
         .global
         .extend(["--socket-group".to_owned(), group.name.clone()]);

@@ -23,27 +23,6 @@ async fn run_sandboxes(daemon: &Daemon, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Starts `n` Running sandboxes of pods `shop/web-<i>`; their (sandbox id,
-/// instance id) pairs.
-async fn run_pods(daemon: &Daemon, n: usize) -> Vec<(String, String)> {
-    let client = daemon.client().await;
-    let mut started = Vec::new();
-    for i in 0..n {
-        let id = sandbox_id();
-        client
-            .create(&id, pod_annotations(&format!("web-{i}"), "shop"))
-            .await
-            .unwrap();
-        client
-            .start(&id)
-            .await
-            .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
-        let view = daemon.instance(&id).await.unwrap();
-        started.push((id, view["instance_id"].as_str().unwrap().to_owned()));
-    }
-    started
-}
-
 /// The instances of `ids` whose forwarder still runs.
 fn alive_instances(local_dir: &Path, ids: &[String]) -> Vec<String> {
     ids.iter()

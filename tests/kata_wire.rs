@@ -189,6 +189,18 @@ struct Sandbox {
 }
 
 impl Sandbox {
+    /// A pod `name` in `default` under containerd, one vCPU, no initdata.
+    fn plain(shim: Shim, pod: &'static str) -> Self {
+        Self {
+            shim,
+            cri: Cri::Containerd,
+            pod,
+            namespace: "default",
+            vcpus: ("1", 1),
+            initdata: None,
+        }
+    }
+
     /// The annotation map, in the senders' own words.
     fn annotations(&self) -> Vec<(&'static str, String)> {
         let uid = "3f2a9c1b-5d7e-4c1a-9b8e-0a1b2c3d4e5f";
@@ -542,14 +554,7 @@ async fn a_line_wrapped_initdata_setting_reaches_pods_without_their_own() {
     let mut setup = Setup::new();
     setup.env.push(("INITDATA".into(), wrapped));
     let daemon = setup.start().await;
-    let sandbox = Sandbox {
-        shim: Shim::Go,
-        cri: Cri::Containerd,
-        pod: "defaulted",
-        namespace: "default",
-        vcpus: ("1", 1),
-        initdata: None,
-    };
+    let sandbox = Sandbox::plain(Shim::Go, "defaulted");
     let conns = Connections::new(sandbox.shim, &setup.socket()).await;
     let id = sandbox_id();
     conns.create_vm(&sandbox, &id, "").await.unwrap();
@@ -610,14 +615,7 @@ async fn get_info_answers_under_its_wire_name_with_and_without_wait() {
     // A waiting call made before CreateVM returns once StartVM set the VM.
     let waiting = tokio::spawn(get_info("waited", true, POD_VM_INFO));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let sandbox = Sandbox {
-        shim: Shim::RuntimeRs,
-        cri: Cri::Containerd,
-        pod: "waited",
-        namespace: "default",
-        vcpus: ("1", 1),
-        initdata: None,
-    };
+    let sandbox = Sandbox::plain(Shim::RuntimeRs, "waited");
     let conns = Connections::new(sandbox.shim, &setup.socket()).await;
     let id = sandbox_id();
     conns.create_vm(&sandbox, &id, "").await.unwrap();

@@ -30,15 +30,7 @@ async fn sockets_and_pod_dirs_get_their_modes_whatever_the_umask() {
     setup.shared_socket = Some(run_peerpod.join("hypervisor.sock"));
     // A group the node has: the test's own primary group is not enough to
     // tell "set" from "left alone", so take another one.
-    let group = nix::unistd::Group::from_name("daemon")
-        .ok()
-        .flatten()
-        .or_else(|| {
-            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(1))
-                .ok()
-                .flatten()
-        })
-        .expect("a group besides root's");
+    let group = another_group();
     setup
         .global
         .extend(["--socket-group".to_owned(), group.name.clone()]);

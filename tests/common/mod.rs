@@ -647,3 +647,38 @@ pub fn eager_gc(setup: &mut Setup) {
             .to_vec(),
     );
 }
+
+/// A group the node has besides root's (and an unprivileged test user's),
+/// so that a socket's group shows whether it was set.
+pub fn another_group() -> nix::unistd::Group {
+    nix::unistd::Group::from_name("daemon")
+        .ok()
+        .flatten()
+        .or_else(|| {
+            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(1))
+                .ok()
+                .flatten()
+        })
+        .expect("a group besides root's")
+}
+
+/// Starts `n` Running sandboxes of pods `shop/web-<i>`; their (sandbox id,
+/// instance id) pairs.
+pub async fn run_pods(daemon: &Daemon, n: usize) -> Vec<(String, String)> {
+    let client = daemon.client().await;
+    let mut started = Vec::new();
+    for i in 0..n {
+        let id = sandbox_id();
+        client
+            .create(&id, pod_annotations(&format!("web-{i}"), "shop"))
+            .await
+            .unwrap();
+        client
+            .start(&id)
+            .await
+            .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+        let view = daemon.instance(&id).await.unwrap();
+        started.push((id, view["instance_id"].as_str().unwrap().to_owned()));
+    }
+    started
+}
