@@ -43,7 +43,7 @@ impl JournalHealth {
             }
             Err(e) => {
                 let since = failing.as_ref().map_or_else(Instant::now, |(t, _)| *t);
-                *failing = Some((since, e.to_string()));
+                *failing = Some((since, podvisor_state::report(e)));
             }
         }
     }

@@ -6,6 +6,25 @@
 //! `podvisor_state` and calls the cloud through the
 //! [`actors::provider::ProviderActor`]. Operators watch it through the admin
 //! endpoint ([`admin`]), gRPC ([`api::grpc`]) and Prometheus ([`metrics`]).
+//!
+//! # Errors
+//!
+//! One rule across the workspace: **a typed error where a caller branches on
+//! it; a `String` only where a message is just reported.**
+//!
+//! - Typed: one `thiserror` enum per module, each variant a sentence that
+//!   names the thing and the cause, with the fields a caller needs to
+//!   decide — [`actors::supervisor::SupervisorError`], which `api` maps to
+//!   the wire's status codes; [`podvisor_state::JournalError`];
+//!   [`podvisor_providers::ProviderError`], which keeps the cloud's own error
+//!   code beside its class. An error that wraps a cause keeps it as its
+//!   [`source`](std::error::Error::source) and does not repeat it in its
+//!   message.
+//! - Reported: a message that is only logged, stored as a record's last
+//!   error or sent back as a status text may be a `String`.
+//!   [`podvisor_state::report`] turns a typed error and its causes into one
+//!   line for it.
+//! - Nothing matches on an error's text.
 
 pub mod actors;
 pub mod admin;
@@ -16,6 +35,7 @@ pub mod daemon;
 pub mod failpoints;
 pub mod gc;
 pub mod journal_health;
+pub mod kata_annotations;
 pub mod limits;
 pub mod logging;
 pub mod metered;

@@ -11,6 +11,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const INSTANCES: &str = "podvisor_instances";
 /// Counter: lifecycle transitions (`from`, `to`).
 pub const STATE_TRANSITIONS: &str = "podvisor_state_transitions_total";
+/// Counter: lifecycle transitions the table forbids, refused (`from`, `to`).
+/// Always 0 unless the state machine has a bug.
+pub const ILLEGAL_TRANSITIONS: &str = "podvisor_illegal_transitions_total";
 /// Counter: provider calls (`provider`, `operation`, `outcome`: `ok`, an
 /// error class, or `cancelled` when the call's time limit cut it off).
 pub const PROVIDER_REQUESTS: &str = "podvisor_provider_requests_total";
@@ -109,6 +112,11 @@ fn describe() {
         STATE_TRANSITIONS,
         Unit::Count,
         "Journaled lifecycle transitions, by from and to state."
+    );
+    describe_counter!(
+        ILLEGAL_TRANSITIONS,
+        Unit::Count,
+        "Lifecycle transitions the table forbids, refused and logged as errors, by from and to state (a bug if ever above 0)."
     );
     describe_counter!(
         PROVIDER_REQUESTS,

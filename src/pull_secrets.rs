@@ -320,6 +320,23 @@ impl PullSecrets {
             .map_err(|e| e.to_string())
     }
 
+    /// Adds the pod's registry credentials to `request`'s user data as
+    /// [`crate::userdata::AUTH_JSON_PATH`], read now (they may have changed
+    /// since CreateVM). Without any (see [`PullSecrets::auth_json`]) the
+    /// request is left as it was and the pod VM pulls anonymously.
+    pub async fn add_auth_json(self: &Arc<Self>, request: &mut podvisor_providers::CreateRequest) {
+        if let Some(auth) = self
+            .auth_json(&request.pod_name, &request.pod_namespace)
+            .await
+        {
+            crate::userdata::add_file(
+                &mut request.user_data,
+                crate::userdata::AUTH_JSON_PATH,
+                &auth,
+            );
+        }
+    }
+
     /// `auth.json` for the pod, or `None`: no pull secrets, a failed lookup
     /// (logged), or too large for user data (logged).
     pub async fn auth_json(self: &Arc<Self>, pod: &str, namespace: &str) -> Option<String> {

@@ -353,23 +353,11 @@ fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Writes a file only its owner can read, atomically: a crash leaves the
-/// old content or the new, never a part.
+/// Writes a file only its owner can read, atomically and durably: a crash
+/// leaves the old content or the new, never a part.
 fn write_private(path: &Path, content: &str) -> Result<(), String> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    f.write_all(content.as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    podvisor_state::write_atomically(path, content.as_bytes(), Some(0o600))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn read(path: &Path) -> Result<String, String> {

@@ -1,7 +1,14 @@
 //! The cloud-config a pod VM reads at boot: `write_files` only, as the
-//! reference's `process-user-data` expects.
+//! reference's `process-user-data` expects; and the create request that
+//! carries it to the provider, with the tags that tie the instance to its
+//! node, sandbox, token and journal.
 
+use podvisor_providers::{
+    CreateRequest, TAG_JOURNAL, TAG_JOURNAL_SEQ, TAG_NODE, TAG_SANDBOX, TAG_TOKEN,
+};
+use podvisor_state::{InstanceRecord, Journal};
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// What goes into one pod VM's user data.
 #[derive(Debug, Clone)]
@@ -79,9 +86,137 @@ pub fn add_file(user_data: &mut String, path: &str, content: &str) {
 /// Where the registry credentials go in the pod VM.
 pub const AUTH_JSON_PATH: &str = "/run/peerpod/auth.json";
 
+/// What the daemon adds to every create request besides the pod VM's own
+/// record: its flags, its TLS authority and its journal.
+#[derive(Clone, Copy)]
+pub struct RequestInputs<'a> {
+    /// This node's name, for the node tag.
+    pub node_name: &'a str,
+    /// `--initdata`, for pods without their own.
+    pub default_initdata: Option<&'a str>,
+    /// `--enable-scratch-space`.
+    pub scratch_space: bool,
+    /// Issues the pod VM's server certificate (`None`: `--disable-tls`).
+    pub pki: Option<&'a crate::tls::Pki>,
+    /// `--tls-min-version`, passed on to the forwarder.
+    pub tls_min_version: Option<&'a str>,
+    /// `--tls-cipher-suites`, passed on to the forwarder.
+    pub tls_cipher_suites: Option<&'a str>,
+    /// The journal whose id and durable write sequence the instance is
+    /// tagged with.
+    pub journal: &'a dyn Journal,
+}
+
+impl std::fmt::Debug for RequestInputs<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The initdata may hold secrets: only whether there is one.
+        f.debug_struct("RequestInputs")
+            .field("node_name", &self.node_name)
+            .field("default_initdata", &self.default_initdata.is_some())
+            .field("scratch_space", &self.scratch_space)
+            .field("tls", &self.pki.is_some())
+            .field("tls_min_version", &self.tls_min_version)
+            .field("tls_cipher_suites", &self.tls_cipher_suites)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The create request of the pod VM whose record is `record` (its token,
+/// names, spec and initdata): user data with the forwarder's settings and,
+/// with TLS, a fresh server certificate for the instance name; tags naming
+/// the node, sandbox, token, journal and journal sequence. Registry
+/// credentials are added later, at call time
+/// ([`crate::pull_secrets::PullSecrets::add_auth_json`]).
+///
+/// # Errors
+///
+/// The pod VM's TLS certificate cannot be issued; the message says why.
+/// Nothing can be created without it, so the caller reports it as a
+/// permanent failure.
+pub fn create_request(
+    record: &InstanceRecord,
+    inputs: &RequestInputs<'_>,
+) -> Result<CreateRequest, String> {
+    let token = record.token.clone().unwrap_or_default();
+    let identity = match inputs.pki {
+        Some(pki) => pki
+            .server_identity(&record.instance_name)
+            .map_err(|e| format!("Cannot issue the pod VM's TLS certificate: {e}"))?,
+        None => None,
+    };
+    let user_data = render(&UserDataInputs {
+        pod_name: &record.pod_name,
+        pod_namespace: &record.pod_namespace,
+        initdata: record.initdata.as_deref().or(inputs.default_initdata),
+        scratch_space: inputs.scratch_space,
+        tls: identity.as_ref(),
+        tls_min_version: inputs.tls_min_version,
+        tls_cipher_suites: inputs.tls_cipher_suites,
+    });
+    let tags = BTreeMap::from([
+        (TAG_NODE.to_owned(), inputs.node_name.to_owned()),
+        (TAG_SANDBOX.to_owned(), record.sandbox_id.clone()),
+        (TAG_TOKEN.to_owned(), token.clone()),
+        (TAG_JOURNAL.to_owned(), inputs.journal.identity().id),
+        (
+            TAG_JOURNAL_SEQ.to_owned(),
+            inputs.journal.durable_sequence().to_string(),
+        ),
+    ]);
+    Ok(CreateRequest {
+        sandbox_id: record.sandbox_id.clone(),
+        pod_name: record.pod_name.clone(),
+        pod_namespace: record.pod_namespace.clone(),
+        instance_name: record.instance_name.clone(),
+        token,
+        spec: record.spec.clone(),
+        user_data,
+        tags,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use podvisor_state::{InstanceSpec, SledJournal};
+
+    #[test]
+    fn a_create_request_carries_the_record_its_user_data_and_its_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = SledJournal::open(dir.path()).unwrap();
+        let mut record =
+            InstanceRecord::pending("sb1", "web", "default", InstanceSpec::default(), 1);
+        record.token = Some("tok-1".into());
+        let inputs = RequestInputs {
+            node_name: "node-a",
+            default_initdata: Some("H4sIdefault"),
+            scratch_space: false,
+            pki: None,
+            tls_min_version: None,
+            tls_cipher_suites: None,
+            journal: &journal,
+        };
+        let request = create_request(&record, &inputs).unwrap();
+        assert_eq!(request.sandbox_id, "sb1");
+        assert_eq!(request.instance_name, record.instance_name);
+        assert_eq!(request.token, "tok-1");
+        // The pod's own initdata wins over the daemon's.
+        assert!(
+            request.user_data.contains("H4sIdefault"),
+            "{}",
+            request.user_data
+        );
+        record.initdata = Some("H4sIpod".into());
+        let own = create_request(&record, &inputs).unwrap();
+        assert!(own.user_data.contains("H4sIpod") && !own.user_data.contains("H4sIdefault"));
+        let tag = |key: &str| request.tags.get(key).map(String::as_str);
+        assert_eq!(tag(TAG_NODE), Some("node-a"));
+        assert_eq!(tag(TAG_SANDBOX), Some("sb1"));
+        assert_eq!(tag(TAG_TOKEN), Some("tok-1"));
+        assert_eq!(tag(TAG_JOURNAL), Some(journal.identity().id.as_str()));
+        let seq = journal.durable_sequence().to_string();
+        assert_eq!(tag(TAG_JOURNAL_SEQ), Some(seq.as_str()));
+    }
 
     #[test]
     fn renders_write_files_with_escaped_content() {

@@ -7,22 +7,21 @@ use super::provider::{DeleteInstance, EnsureInstance, FindInstance, ProviderActo
 use super::supervisor::{PodVmReport, Supervisor};
 use crate::failpoints;
 use crate::metrics;
-use crate::proxy::{AgentProxy, ClientTls};
-use crate::userdata::{UserDataInputs, render};
+use crate::proxy::socket::{AgentSocket, Relay, client_tls};
+use crate::userdata::{RequestInputs, create_request};
 use crate::view::InstanceView;
 use actix::prelude::*;
-use podvisor_providers::{
-    CreateRequest, TAG_JOURNAL, TAG_JOURNAL_SEQ, TAG_NODE, TAG_SANDBOX, TAG_TOKEN,
-};
+use podvisor_providers::ProviderError;
+use podvisor_state::now_millis;
 use podvisor_state::{
-    Command, Event, InstanceRecord, Journal, MachineConfig, OpFailure, PodVmMachine, StartError,
-    UnixMillis, Waiter,
+    Command, Event, IllegalTransition, InstanceRecord, Journal, MachineConfig, OpFailure,
+    Operation, PodVmMachine, RecoveryAction, StartError, State, Waiter, report,
 };
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// What every pod VM actor shares.
@@ -63,12 +62,31 @@ pub struct PodVmDeps {
     pub proxy_max_connections: u32,
 }
 
-/// Milliseconds since the epoch.
-pub fn now_millis() -> UnixMillis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+impl PodVmDeps {
+    /// What every create request gets from the daemon.
+    fn request_inputs(&self) -> RequestInputs<'_> {
+        RequestInputs {
+            node_name: &self.node_name,
+            default_initdata: self.default_initdata.as_deref(),
+            scratch_space: self.scratch_space,
+            pki: self.pki.as_deref(),
+            tls_min_version: self.tls_min_version.as_deref(),
+            tls_cipher_suites: self.tls_cipher_suites.as_deref(),
+            journal: self.journal.as_ref(),
+        }
+    }
+
+    /// How every agent socket relays.
+    fn relay(&self) -> Relay<'_> {
+        Relay {
+            pods_dir: &self.pods_dir,
+            forwarder_port: self.forwarder_port,
+            dial_limit: self.proxy_timeout,
+            pki: self.pki.as_deref(),
+            hook: &self.proxy_hook,
+            max_connections: self.proxy_max_connections,
+        }
+    }
 }
 
 /// One sandbox's actor.
@@ -83,23 +101,23 @@ pub struct PodVm {
     initial: Vec<Command>,
     /// Next waiter id.
     next_waiter: Waiter,
-    /// CreateVM's answer channel.
+    /// CreateVM's answer channel; the error is the journal's, reported.
     create_reply: Option<oneshot::Sender<Result<(), String>>>,
     /// StartVM callers.
     start_replies: HashMap<Waiter, oneshot::Sender<Result<(), StartError>>>,
-    /// StopVM callers.
+    /// StopVM callers; the error is the journal's, reported.
     stop_replies: HashMap<Waiter, oneshot::Sender<Result<(), String>>>,
     /// When the first StartVM of this sandbox arrived, for the start histogram.
     start_began: Option<Instant>,
     /// Whether the machine must be sent `Recover` when the actor starts.
     recover_on_start: bool,
     /// The agent socket, open while the durable record is Running.
-    proxy: Option<AgentProxy>,
+    agent_socket: AgentSocket,
 }
 
 impl PodVm {
     /// The actor for a sandbox CreateVM just made; answers on `reply` once
-    /// its record is durable.
+    /// its record is durable (or with the journal's error).
     pub fn create(
         record: InstanceRecord,
         deps: Arc<PodVmDeps>,
@@ -140,7 +158,7 @@ impl PodVm {
             stop_replies: HashMap::new(),
             start_began: None,
             recover_on_start,
-            proxy: None,
+            agent_socket: AgentSocket::new(),
         }
     }
 
@@ -151,72 +169,18 @@ impl PodVm {
     fn feed(&mut self, event: Event, ctx: &mut Context<Self>) {
         let commands = self.machine.on_event(event, now_millis());
         // Before the commands: StartVM's answer must find the socket open.
-        self.sync_proxy();
+        self.follow_agent_socket();
         self.perform(commands, ctx);
     }
 
-    /// Opens the agent socket once the durable record is Running (also a
-    /// recovered one: the shim's next call works after a restart), and
-    /// closes it when the record leaves Running.
-    fn sync_proxy(&mut self) {
-        let running = self
-            .machine
-            .durable()
-            .filter(|r| r.state == podvisor_state::State::Running);
-        let upstream = running
-            .and_then(|r| r.instance.as_ref())
-            .and_then(|i| i.ips.first())
-            .map(|ip| SocketAddr::new(*ip, self.deps.forwarder_port));
-        let instance_name = running.map(|r| r.instance_name.clone()).unwrap_or_default();
-        match (upstream, &self.proxy) {
-            (Some(upstream), None) => {
-                let path = self
-                    .deps
-                    .pods_dir
-                    .join(self.sandbox_id())
-                    .join("agent.ttrpc");
-                let tls = match self.client_tls(&instance_name) {
-                    Ok(tls) => tls,
-                    Err(e) => {
-                        tracing::error!(sandbox = %self.sandbox_id(), error = %e, "cannot open the agent socket");
-                        return;
-                    }
-                };
-                match AgentProxy::open(
-                    &path,
-                    upstream,
-                    self.deps.proxy_timeout,
-                    tls,
-                    self.deps.proxy_hook.clone(),
-                    self.deps.proxy_max_connections,
-                ) {
-                    Ok(proxy) => {
-                        tracing::debug!(sandbox = %self.sandbox_id(), socket = %path.display(), %upstream, "agent proxy open");
-                        self.proxy = Some(proxy);
-                    }
-                    Err(e) => tracing::warn!(
-                        sandbox = %self.sandbox_id(),
-                        socket = %path.display(),
-                        error = %e,
-                        "cannot open the agent socket; retried at the next step"
-                    ),
-                }
-            }
-            (None, Some(_)) => self.proxy = None,
-            _ => {}
-        }
-    }
-
-    /// How the proxy and the readiness probe talk TLS to this sandbox's
-    /// pod VM named `instance_name` (`None`: `--disable-tls`).
-    fn client_tls(&self, instance_name: &str) -> Result<Option<ClientTls>, String> {
-        let Some(pki) = &self.deps.pki else {
-            return Ok(None);
-        };
-        Ok(Some(ClientTls {
-            config: pki.client_config(),
-            server_name: pki.server_name(instance_name)?,
-        }))
+    /// Opens or closes the agent socket to match the durable record.
+    fn follow_agent_socket(&mut self) {
+        let target = self.machine.target();
+        self.agent_socket.follow(
+            &target.sandbox_id,
+            self.machine.durable(),
+            self.deps.relay(),
+        );
     }
 
     fn perform(&mut self, commands: Vec<Command>, ctx: &mut Context<Self>) {
@@ -227,172 +191,17 @@ impl PodVm {
 
     fn perform_one(&mut self, command: Command, ctx: &mut Context<Self>) {
         match command {
-            Command::Persist(record) => {
-                let journal = self.deps.journal.clone();
-                let written = record.clone();
-                let write = async move {
-                    tokio::task::spawn_blocking(move || {
-                        journal.put(&written)?;
-                        let t = Instant::now();
-                        journal.flush()?;
-                        metrics::histogram!(metrics::JOURNAL_FLUSH_DURATION)
-                            .record(t.elapsed().as_secs_f64());
-                        Ok::<_, podvisor_state::JournalError>(())
-                    })
-                    .await
-                    .map_err(|e| format!("journal task failed: {e}"))
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-                };
-                ctx.spawn(write.into_actor(self).map(move |result, act, ctx| {
-                    match &result {
-                        Ok(()) => {
-                            if record.state == podvisor_state::State::Failed
-                                && act.deps.view.get(&record.sandbox_id).map(|r| r.state)
-                                    != Some(podvisor_state::State::Failed)
-                            {
-                                tracing::warn!(
-                                    sandbox = %record.sandbox_id,
-                                    pod = %record.pod_name,
-                                    namespace = %record.pod_namespace,
-                                    error = record.last_error.as_deref().unwrap_or("unknown"),
-                                    "pod VM failed"
-                                );
-                            }
-                            act.deps.view.update(*record)
-                        }
-                        Err(e) => {
-                            metrics::counter!(metrics::JOURNAL_ERRORS).increment(1);
-                            tracing::error!(sandbox = %act.sandbox_id(), error = %e, "journal write failed");
-                        }
-                    }
-                    act.feed(Event::Persisted(result), ctx);
-                }));
-            }
-            Command::Ensure { first_attempt } => {
-                failpoints::hit(failpoints::CREATING_BEFORE_CREATE);
-                let request = match self.create_request() {
-                    Ok(r) => r,
-                    Err(message) => {
-                        let failure = OpFailure {
-                            message,
-                            retryable: false,
-                            retry_after: None,
-                        };
-                        // Answered as an event, after this step's commands.
-                        ctx.notify(Failed(failure));
-                        return;
-                    }
-                };
-                let provider = self.deps.provider.clone();
-                let pull_secrets = self.deps.pull_secrets.clone();
-                let call = async move {
-                    let mut request = request;
-                    // Registry credentials, read now (they may have changed
-                    // since CreateVM); a failed lookup is logged and the
-                    // pod VM starts without them.
-                    if let Some(secrets) = pull_secrets {
-                        if let Some(auth) = secrets
-                            .auth_json(&request.pod_name, &request.pod_namespace)
-                            .await
-                        {
-                            crate::userdata::add_file(
-                                &mut request.user_data,
-                                crate::userdata::AUTH_JSON_PATH,
-                                &auth,
-                            );
-                        }
-                    }
-                    provider
-                        .send(EnsureInstance {
-                            request,
-                            first_attempt,
-                        })
-                        .await
-                };
-                ctx.spawn(call.into_actor(self).map(|result, act, ctx| {
-                    let event = match result {
-                        Ok(r) => {
-                            if r.is_ok() {
-                                failpoints::hit(failpoints::CREATED_BEFORE_RUNNING);
-                            }
-                            Event::Ensured(r.map_err(OpFailure::from))
-                        }
-                        Err(e) => Event::Ensured(Err(mailbox_failure(e))),
-                    };
-                    act.feed(event, ctx);
-                }));
-            }
-            Command::Find => {
-                let target = self.machine.target();
-                let call = self.deps.provider.send(FindInstance {
-                    token: target.token.clone().unwrap_or_default(),
-                    name: target.instance_name.clone(),
-                });
-                ctx.spawn(call.into_actor(self).map(|result, act, ctx| {
-                    let event = match result {
-                        Ok(r) => {
-                            Event::Found(r.map(|o| o.map(|i| i.to_ref())).map_err(OpFailure::from))
-                        }
-                        Err(e) => Event::Found(Err(mailbox_failure(e))),
-                    };
-                    act.feed(event, ctx);
-                }));
-            }
-            Command::Delete { instance_id } => {
-                failpoints::hit(failpoints::DELETING_BEFORE_DELETE);
-                let call = self.deps.provider.send(DeleteInstance(instance_id));
-                ctx.spawn(call.into_actor(self).map(|result, act, ctx| {
-                    let event = match result {
-                        Ok(r) => {
-                            if r.is_ok() {
-                                failpoints::hit(failpoints::DELETED_BEFORE_REMOVE);
-                            }
-                            Event::Deleted(r.map_err(OpFailure::from))
-                        }
-                        Err(e) => Event::Deleted(Err(mailbox_failure(e))),
-                    };
-                    act.feed(event, ctx);
-                }));
-            }
-            Command::Probe { ip } => {
-                let addr = SocketAddr::new(ip, self.deps.forwarder_port);
-                let limit = self.deps.proxy_timeout;
-                let tls = self.client_tls(&self.machine.target().instance_name);
-                let probe = async move {
-                    failpoints::hit(failpoints::DURING_READINESS);
-                    crate::probe::wait_for_agent(addr, limit, tls?.as_ref()).await
-                };
-                ctx.spawn(probe.into_actor(self).map(|result, act, ctx| {
-                    let event = match result {
-                        Ok(()) => Event::AgentReady,
-                        Err(why) => Event::AgentUnreachable(why),
-                    };
-                    act.feed(event, ctx);
-                }));
-            }
+            Command::Persist(record) => self.persist(*record, ctx),
+            Command::Ensure { first_attempt } => self.ensure(first_attempt, ctx),
+            Command::Find => self.find(ctx),
+            Command::Delete { instance_id } => self.delete(instance_id, ctx),
+            Command::Probe { ip } => self.probe(ip, ctx),
             Command::ReplyCreate(result) => {
                 if let Some(tx) = self.create_reply.take() {
                     let _ = tx.send(result);
                 }
             }
-            Command::ReplyStart(waiter, result) => {
-                if result.is_ok() {
-                    if let Some(t) = self.start_began.take() {
-                        metrics::histogram!(metrics::VM_START_DURATION)
-                            .record(t.elapsed().as_secs_f64());
-                        let target = self.machine.target();
-                        tracing::info!(
-                            sandbox = %target.sandbox_id,
-                            instance = target.instance.as_ref().map(|i| i.id.as_str()).unwrap_or("-"),
-                            elapsed_ms = t.elapsed().as_millis() as u64,
-                            "pod VM running"
-                        );
-                    }
-                }
-                if let Some(tx) = self.start_replies.remove(&waiter) {
-                    let _ = tx.send(result);
-                }
-            }
+            Command::ReplyStart(waiter, result) => self.reply_start(waiter, result),
             Command::ReplyStop(waiter, result) => {
                 if let Some(tx) = self.stop_replies.remove(&waiter) {
                     let _ = tx.send(result);
@@ -403,19 +212,174 @@ impl PodVm {
                     act.feed(Event::Timer(kind, epoch), ctx)
                 });
             }
-            Command::RecoveryDone(action) => {
-                metrics::counter!(metrics::RECOVERED_INSTANCES, "action" => action.as_str())
-                    .increment(1);
-                tracing::info!(sandbox = %self.sandbox_id(), action = action.as_str(), "recovered");
-                self.supervisor
-                    .do_send(PodVmReport::Recovered(self.sandbox_id().to_owned()));
-            }
-            Command::Retrying(op) => {
-                metrics::counter!(metrics::OPERATION_RETRIES, "operation" => op.as_str())
-                    .increment(1);
-            }
+            Command::RecoveryDone(action) => self.recovery_done(action),
+            Command::Retrying(op) => count_retry(op),
+            Command::Refused(illegal) => report_refused(self.sandbox_id(), illegal),
             Command::Forget => self.forget(ctx),
         }
+    }
+
+    /// Writes `record` to the journal and flushes it, off the actor's
+    /// thread; answers [`Event::Persisted`].
+    fn persist(&mut self, record: InstanceRecord, ctx: &mut Context<Self>) {
+        let journal = self.deps.journal.clone();
+        let written = record.clone();
+        let write = async move {
+            tokio::task::spawn_blocking(move || {
+                journal.put(&written)?;
+                let t = Instant::now();
+                journal.flush()?;
+                metrics::histogram!(metrics::JOURNAL_FLUSH_DURATION)
+                    .record(t.elapsed().as_secs_f64());
+                Ok::<_, podvisor_state::JournalError>(())
+            })
+            .await
+            .map_err(|e| format!("journal task failed: {e}"))
+            .and_then(|r| r.map_err(|e| report(&e)))
+        };
+        ctx.spawn(write.into_actor(self).map(move |result, act, ctx| {
+            match &result {
+                Ok(()) => act.persisted(record),
+                Err(e) => {
+                    metrics::counter!(metrics::JOURNAL_ERRORS).increment(1);
+                    tracing::error!(sandbox = %act.sandbox_id(), error = %e, "journal write failed");
+                }
+            }
+            act.feed(Event::Persisted(result), ctx);
+        }));
+    }
+
+    /// `record` is durable: the view shows it, and a new failure is logged
+    /// once.
+    fn persisted(&self, record: InstanceRecord) {
+        if record.state == State::Failed
+            && self.deps.view.get(&record.sandbox_id).map(|r| r.state) != Some(State::Failed)
+        {
+            tracing::warn!(
+                sandbox = %record.sandbox_id,
+                pod = %record.pod_name,
+                namespace = %record.pod_namespace,
+                error = record.last_error.as_deref().unwrap_or("unknown"),
+                "pod VM failed"
+            );
+        }
+        self.deps.view.update(record)
+    }
+
+    /// Creates (or adopts) the instance of the durable record; answers
+    /// [`Event::Ensured`].
+    fn ensure(&mut self, first_attempt: bool, ctx: &mut Context<Self>) {
+        failpoints::hit(failpoints::CREATING_BEFORE_CREATE);
+        let request = match create_request(self.machine.target(), &self.deps.request_inputs()) {
+            Ok(r) => r,
+            Err(message) => {
+                let failure = OpFailure {
+                    message,
+                    retryable: false,
+                    retry_after: None,
+                };
+                // Answered as an event, after this step's commands.
+                ctx.notify(Failed(failure));
+                return;
+            }
+        };
+        let provider = self.deps.provider.clone();
+        let pull_secrets = self.deps.pull_secrets.clone();
+        let call = async move {
+            let mut request = request;
+            if let Some(secrets) = pull_secrets {
+                secrets.add_auth_json(&mut request).await;
+            }
+            provider
+                .send(EnsureInstance {
+                    request,
+                    first_attempt,
+                })
+                .await
+        };
+        ctx.spawn(call.into_actor(self).map(|result, act, ctx| {
+            let result = answered(result);
+            if result.is_ok() {
+                failpoints::hit(failpoints::CREATED_BEFORE_RUNNING);
+            }
+            act.feed(Event::Ensured(result), ctx);
+        }));
+    }
+
+    /// Looks the instance up by the record's token and name; answers
+    /// [`Event::Found`].
+    fn find(&mut self, ctx: &mut Context<Self>) {
+        let target = self.machine.target();
+        let call = self.deps.provider.send(FindInstance {
+            token: target.token.clone().unwrap_or_default(),
+            name: target.instance_name.clone(),
+        });
+        ctx.spawn(call.into_actor(self).map(|result, act, ctx| {
+            let found = answered(result).map(|o| o.map(|i| i.to_ref()));
+            act.feed(Event::Found(found), ctx);
+        }));
+    }
+
+    /// Deletes the instance; answers [`Event::Deleted`].
+    fn delete(&mut self, instance_id: String, ctx: &mut Context<Self>) {
+        failpoints::hit(failpoints::DELETING_BEFORE_DELETE);
+        let call = self.deps.provider.send(DeleteInstance(instance_id));
+        ctx.spawn(call.into_actor(self).map(|result, act, ctx| {
+            let result = answered(result);
+            if result.is_ok() {
+                failpoints::hit(failpoints::DELETED_BEFORE_REMOVE);
+            }
+            act.feed(Event::Deleted(result), ctx);
+        }));
+    }
+
+    /// Waits for the agent endpoint of the instance at `ip`; answers
+    /// [`Event::AgentReady`] or [`Event::AgentUnreachable`].
+    fn probe(&mut self, ip: IpAddr, ctx: &mut Context<Self>) {
+        let addr = SocketAddr::new(ip, self.deps.forwarder_port);
+        let limit = self.deps.proxy_timeout;
+        let tls = client_tls(
+            self.deps.pki.as_deref(),
+            &self.machine.target().instance_name,
+        );
+        let probe = async move {
+            failpoints::hit(failpoints::DURING_READINESS);
+            crate::probe::wait_for_agent(addr, limit, tls?.as_ref()).await
+        };
+        ctx.spawn(probe.into_actor(self).map(|result, act, ctx| {
+            let event = match result {
+                Ok(()) => Event::AgentReady,
+                Err(why) => Event::AgentUnreachable(why),
+            };
+            act.feed(event, ctx);
+        }));
+    }
+
+    /// Answers one StartVM; the first success is timed and logged.
+    fn reply_start(&mut self, waiter: Waiter, result: Result<(), StartError>) {
+        if result.is_ok() {
+            if let Some(t) = self.start_began.take() {
+                metrics::histogram!(metrics::VM_START_DURATION).record(t.elapsed().as_secs_f64());
+                let target = self.machine.target();
+                tracing::info!(
+                    sandbox = %target.sandbox_id,
+                    instance = target.instance.as_ref().map(|i| i.id.as_str()).unwrap_or("-"),
+                    elapsed_ms = t.elapsed().as_millis() as u64,
+                    "pod VM running"
+                );
+            }
+        }
+        if let Some(tx) = self.start_replies.remove(&waiter) {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// Counts the recovery of this record and tells the supervisor.
+    fn recovery_done(&self, action: RecoveryAction) {
+        metrics::counter!(metrics::RECOVERED_INSTANCES, "action" => action.as_str()).increment(1);
+        tracing::info!(sandbox = %self.sandbox_id(), action = action.as_str(), "recovered");
+        self.supervisor
+            .do_send(PodVmReport::Recovered(self.sandbox_id().to_owned()));
     }
 
     /// Deletes the record and the pods dir, then stops.
@@ -426,7 +390,7 @@ impl PodVm {
         let removed_id = id.clone();
         let work = async move {
             tokio::task::spawn_blocking(move || {
-                let r = journal.remove(&removed_id).map_err(|e| e.to_string());
+                let r = journal.remove(&removed_id).map_err(|e| report(&e));
                 match std::fs::remove_dir_all(&pod_dir) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -452,62 +416,46 @@ impl PodVm {
         }));
     }
 
-    fn create_request(&self) -> Result<CreateRequest, String> {
-        let target = self.machine.target();
-        let token = target.token.clone().unwrap_or_default();
-        let initdata = target
-            .initdata
-            .as_deref()
-            .or(self.deps.default_initdata.as_deref());
-        let identity = match &self.deps.pki {
-            Some(pki) => pki
-                .server_identity(&target.instance_name)
-                .map_err(|e| format!("Cannot issue the pod VM's TLS certificate: {e}"))?,
-            None => None,
-        };
-        let user_data = render(&UserDataInputs {
-            pod_name: &target.pod_name,
-            pod_namespace: &target.pod_namespace,
-            initdata,
-            scratch_space: self.deps.scratch_space,
-            tls: identity.as_ref(),
-            tls_min_version: self.deps.tls_min_version.as_deref(),
-            tls_cipher_suites: self.deps.tls_cipher_suites.as_deref(),
-        });
-        let tags = BTreeMap::from([
-            (TAG_NODE.to_owned(), self.deps.node_name.clone()),
-            (TAG_SANDBOX.to_owned(), target.sandbox_id.clone()),
-            (TAG_TOKEN.to_owned(), token.clone()),
-            (TAG_JOURNAL.to_owned(), self.deps.journal.identity().id),
-            (
-                TAG_JOURNAL_SEQ.to_owned(),
-                self.deps.journal.durable_sequence().to_string(),
-            ),
-        ]);
-        Ok(CreateRequest {
-            sandbox_id: target.sandbox_id.clone(),
-            pod_name: target.pod_name.clone(),
-            pod_namespace: target.pod_namespace.clone(),
-            instance_name: target.instance_name.clone(),
-            token,
-            spec: target.spec.clone(),
-            user_data,
-            tags,
-        })
-    }
-
     fn waiter(&mut self) -> Waiter {
         self.next_waiter += 1;
         self.next_waiter
     }
 }
 
-fn mailbox_failure(e: MailboxError) -> OpFailure {
-    OpFailure {
-        message: format!("The provider actor did not answer: {e}"),
-        retryable: true,
-        retry_after: None,
+/// A provider call's answer as the machine sees it: the provider's error
+/// classified, or the provider actor's silence as a retryable failure.
+fn answered<T>(result: Result<Result<T, ProviderError>, MailboxError>) -> Result<T, OpFailure> {
+    match result {
+        Ok(answer) => answer.map_err(OpFailure::from),
+        Err(e) => Err(OpFailure {
+            message: format!("The provider actor did not answer: {e}"),
+            retryable: true,
+            retry_after: None,
+        }),
     }
+}
+
+/// Counts a lifecycle-level retry of `op`.
+fn count_retry(op: Operation) {
+    metrics::counter!(metrics::OPERATION_RETRIES, "operation" => op.as_str()).increment(1);
+}
+
+/// The machine refused a move the lifecycle table forbids (in any build):
+/// an error in the log and in [`metrics::ILLEGAL_TRANSITIONS`]. The state did
+/// not change.
+fn report_refused(sandbox_id: &str, illegal: IllegalTransition) {
+    metrics::counter!(
+        metrics::ILLEGAL_TRANSITIONS,
+        "from" => illegal.from.as_str(),
+        "to" => illegal.to.as_str()
+    )
+    .increment(1);
+    tracing::error!(
+        sandbox = %sandbox_id,
+        from = illegal.from.as_str(),
+        to = illegal.to.as_str(),
+        "illegal lifecycle transition refused: {illegal}"
+    );
 }
 
 impl Actor for PodVm {
@@ -519,10 +467,9 @@ impl Actor for PodVm {
         if self.recover_on_start {
             self.feed(Event::Recover, ctx);
         }
-        self.sync_proxy();
+        self.follow_agent_socket();
     }
 }
-
 /// StartVM for this sandbox.
 #[derive(Message)]
 #[rtype(result = "Result<(), StartError>")]
@@ -534,9 +481,7 @@ impl Handler<Start> for PodVm {
         let w = self.waiter();
         let (tx, rx) = oneshot::channel();
         self.start_replies.insert(w, tx);
-        if self.start_began.is_none()
-            && self.machine.target().state == podvisor_state::State::Pending
-        {
+        if self.start_began.is_none() && self.machine.target().state == State::Pending {
             self.start_began = Some(Instant::now());
         }
         self.feed(Event::Start(w), ctx);
@@ -569,7 +514,8 @@ impl Handler<IsSettled> for PodVm {
     }
 }
 
-/// StopVM for this sandbox.
+/// StopVM for this sandbox. The error (the stop could not be journaled) is
+/// only reported.
 #[derive(Message)]
 #[rtype(result = "Result<(), String>")]
 pub struct Stop;
@@ -584,5 +530,62 @@ impl Handler<Stop> for PodVm {
         // A stopped actor dropped the sender: the sandbox is gone, which is
         // what StopVM wanted.
         Box::pin(async move { rx.await.unwrap_or(Ok(())) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A log sink the test reads back.
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Log {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The release-build path: no debug assertion is involved, so this runs
+    /// the same in a debug and a release build.
+    #[test]
+    fn a_refused_transition_is_logged_as_an_error_and_counted() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let illegal = IllegalTransition {
+            from: State::Running,
+            to: State::Creating,
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            ::metrics::with_local_recorder(&recorder, || {
+                report_refused("sb1", illegal);
+                report_refused("sb1", illegal);
+            })
+        });
+        let text = handle.render();
+        let line = r#"podvisor_illegal_transitions_total{from="running",to="creating"} 2"#;
+        assert!(text.contains(line), "missing {line} in\n{text}");
+        let log = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
+        assert!(log.contains("ERROR"), "{log}");
+        assert!(
+            log.contains("A pod VM cannot move from running to creating"),
+            "{log}"
+        );
+        assert!(log.contains("sandbox=sb1"), "{log}");
     }
 }

@@ -2,20 +2,123 @@
 //! start-up recovery and the periodic orphan GC, and brings back a pod VM
 //! actor that died (from its journal record).
 
-use super::pod_vm::{IsSettled, PodVm, PodVmDeps, Start, Stop, now_millis};
+use super::pod_vm::{IsSettled, PodVm, PodVmDeps, Start, Stop};
 use super::provider::{DeleteInstance, ListInstances};
-use crate::api::ApiError;
-use crate::api::annotations::SandboxRequest;
 use crate::failpoints;
 use crate::gc::{Ownership, Spared, select_orphans};
 use crate::metrics;
 use actix::prelude::*;
 use podvisor_providers::TAG_NODE;
-use podvisor_state::{InstanceRecord, StartError, State, UnixMillis};
+use podvisor_state::{InstanceRecord, InstanceSpec, StartError, State, UnixMillis, now_millis};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
+
+/// Why the supervisor refused an API call or could not finish it. Each
+/// variant is a domain fact; `src/api` maps it to the wire's status code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SupervisorError {
+    /// CreateVM named a sandbox that exists for another pod, or that has
+    /// left `Pending`.
+    #[error("Sandbox {sandbox_id} already exists (pod {pod_namespace}/{pod_name}, state {state})")]
+    AlreadyExists {
+        /// The sandbox id.
+        sandbox_id: String,
+        /// The namespace of the pod it belongs to.
+        pod_namespace: String,
+        /// The name of the pod it belongs to.
+        pod_name: String,
+        /// Its state.
+        state: State,
+    },
+    /// CreateVM named a sandbox whose first journal write is in flight.
+    #[error("Sandbox {sandbox_id} is already being created")]
+    BeingCreated {
+        /// The sandbox id.
+        sandbox_id: String,
+    },
+    /// `--peerpods-limit-per-node` pod VMs hold (or may soon hold) an
+    /// instance.
+    #[error(
+        "The peer pods limit of this node is reached: {live} of {limit} pod VMs are live \
+         (--peerpods-limit-per-node)"
+    )]
+    LimitReached {
+        /// Pod VMs live now.
+        live: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The sandbox has no actor: CreateVM was not called, or it was stopped.
+    #[error("Sandbox {sandbox_id} is not known: CreateVM was not called, or it was stopped")]
+    NotKnown {
+        /// The sandbox id.
+        sandbox_id: String,
+    },
+    /// The sandbox's actor died and its record could not be read back.
+    #[error("Sandbox {sandbox_id} is not known")]
+    Lost {
+        /// The sandbox id.
+        sandbox_id: String,
+    },
+    /// CreateVM's `Pending` record could not be journaled.
+    #[error("Cannot journal sandbox {sandbox_id}: {reason}")]
+    CreateNotJournaled {
+        /// The sandbox id.
+        sandbox_id: String,
+        /// The journal's error.
+        reason: String,
+    },
+    /// The sandbox's actor stopped before it answered CreateVM.
+    #[error("The actor of sandbox {sandbox_id} stopped unexpectedly")]
+    ActorStopped {
+        /// The sandbox id.
+        sandbox_id: String,
+    },
+    /// StartVM: creating the pod VM gave up.
+    #[error("Sandbox {sandbox_id}: pod VM creation failed: {reason}")]
+    CreationFailed {
+        /// The sandbox id.
+        sandbox_id: String,
+        /// The last error, with the attempts made.
+        reason: String,
+    },
+    /// StartVM: StopVM (or an expiry) came first.
+    #[error("Sandbox {sandbox_id} is being stopped")]
+    Stopping {
+        /// The sandbox id.
+        sandbox_id: String,
+    },
+    /// StartVM: the `Creating` record could not be journaled, so nothing
+    /// was created.
+    #[error("Sandbox {sandbox_id}: cannot journal the start: {reason}")]
+    StartNotJournaled {
+        /// The sandbox id.
+        sandbox_id: String,
+        /// The journal's error.
+        reason: String,
+    },
+    /// StopVM: the `Deleting` record could not be journaled.
+    #[error("Sandbox {sandbox_id}: {reason}")]
+    StopNotJournaled {
+        /// The sandbox id.
+        sandbox_id: String,
+        /// What the pod VM said.
+        reason: String,
+    },
+}
+
+impl SupervisorError {
+    /// The StartVM error of sandbox `sandbox_id` for the machine's answer.
+    fn start(sandbox_id: String, error: StartError) -> Self {
+        match error {
+            StartError::Failed(reason) => Self::CreationFailed { sandbox_id, reason },
+            StartError::Stopping => Self::Stopping { sandbox_id },
+            StartError::Journal(reason) => Self::StartNotJournaled { sandbox_id, reason },
+        }
+    }
+}
 
 /// Orphan GC settings.
 #[derive(Debug, Clone)]
@@ -115,18 +218,24 @@ impl Actor for Supervisor {
 
 /// CreateVM, validated.
 #[derive(Message)]
-#[rtype(result = "Result<(), ApiError>")]
+#[rtype(result = "Result<(), SupervisorError>")]
 pub struct CreateVm {
     /// The sandbox id.
     pub sandbox_id: String,
-    /// What the annotations said.
-    pub request: SandboxRequest,
+    /// The pod's name.
+    pub pod_name: String,
+    /// The pod's namespace.
+    pub pod_namespace: String,
+    /// What the pod asks of its VM.
+    pub spec: InstanceSpec,
+    /// The pod's initdata, in the form the pod VM receives (gzip + base64).
+    pub initdata: Option<String>,
     /// The network namespace path.
     pub netns: String,
 }
 
 impl Handler<CreateVm> for Supervisor {
-    type Result = ResponseFuture<Result<(), ApiError>>;
+    type Result = ResponseFuture<Result<(), SupervisorError>>;
 
     fn handle(&mut self, msg: CreateVm, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.sandbox_id;
@@ -135,41 +244,36 @@ impl Handler<CreateVm> for Supervisor {
                 // A retried CreateVM of the same pod: same answer.
                 Some(r)
                     if r.state == State::Pending
-                        && r.pod_name == msg.request.pod_name
-                        && r.pod_namespace == msg.request.pod_namespace =>
+                        && r.pod_name == msg.pod_name
+                        && r.pod_namespace == msg.pod_namespace =>
                 {
                     Ok(())
                 }
-                Some(r) => Err(ApiError::AlreadyExists(format!(
-                    "Sandbox {id} already exists (pod {}/{}, state {})",
-                    r.pod_namespace, r.pod_name, r.state
-                ))),
-                None => Err(ApiError::AlreadyExists(format!(
-                    "Sandbox {id} is already being created"
-                ))),
+                Some(r) => Err(SupervisorError::AlreadyExists {
+                    sandbox_id: id,
+                    pod_namespace: r.pod_namespace,
+                    pod_name: r.pod_name,
+                    state: r.state,
+                }),
+                None => Err(SupervisorError::BeingCreated { sandbox_id: id }),
             };
             return Box::pin(async move { result });
         }
         if let Some(limit) = self.limit {
             let live = self.live_count();
             if live >= limit {
-                return Box::pin(async move {
-                    Err(ApiError::ResourceExhausted(format!(
-                        "The peer pods limit of this node is reached: {live} of {limit} pod VMs are live \
-                         (--peerpods-limit-per-node)"
-                    )))
-                });
+                return Box::pin(async move { Err(SupervisorError::LimitReached { live, limit }) });
             }
         }
         let mut record = InstanceRecord::pending(
             &id,
-            &msg.request.pod_name,
-            &msg.request.pod_namespace,
-            msg.request.spec,
+            &msg.pod_name,
+            &msg.pod_namespace,
+            msg.spec,
             now_millis(),
         );
         record.network_namespace_path = msg.netns;
-        record.initdata = msg.request.initdata;
+        record.initdata = msg.initdata;
         let (tx, rx) = oneshot::channel();
         let addr = PodVm::create(record, self.deps.clone(), ctx.address(), tx).start();
         self.known_sandboxes.insert(id.clone());
@@ -177,12 +281,11 @@ impl Handler<CreateVm> for Supervisor {
         Box::pin(async move {
             match rx.await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(ApiError::Unavailable(format!(
-                    "Cannot journal sandbox {id}: {e}"
-                ))),
-                Err(_) => Err(ApiError::Internal(format!(
-                    "The actor of sandbox {id} stopped unexpectedly"
-                ))),
+                Ok(Err(reason)) => Err(SupervisorError::CreateNotJournaled {
+                    sandbox_id: id,
+                    reason,
+                }),
+                Err(_) => Err(SupervisorError::ActorStopped { sandbox_id: id }),
             }
         })
     }
@@ -190,20 +293,16 @@ impl Handler<CreateVm> for Supervisor {
 
 /// StartVM.
 #[derive(Message)]
-#[rtype(result = "Result<(), ApiError>")]
+#[rtype(result = "Result<(), SupervisorError>")]
 pub struct StartVm(pub String);
 
 impl Handler<StartVm> for Supervisor {
-    type Result = ResponseFuture<Result<(), ApiError>>;
+    type Result = ResponseFuture<Result<(), SupervisorError>>;
 
     fn handle(&mut self, msg: StartVm, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
         let Some(addr) = self.pods.get(&id).cloned() else {
-            return Box::pin(async move {
-                Err(ApiError::NotFound(format!(
-                    "Sandbox {id} is not known: CreateVM was not called, or it was stopped"
-                )))
-            });
+            return Box::pin(async move { Err(SupervisorError::NotKnown { sandbox_id: id }) });
         };
         let me = ctx.address();
         Box::pin(async move {
@@ -211,31 +310,21 @@ impl Handler<StartVm> for Supervisor {
                 Ok(r) => r,
                 Err(_) => match me.send(Revive(id.clone())).await.ok().flatten() {
                     Some(addr) => addr.send(Start).await.unwrap_or(Err(StartError::Stopping)),
-                    None => return Err(ApiError::NotFound(format!("Sandbox {id} is not known"))),
+                    None => return Err(SupervisorError::Lost { sandbox_id: id }),
                 },
             };
-            answer.map_err(|e| match e {
-                StartError::Failed(why) => {
-                    ApiError::Unavailable(format!("Sandbox {id}: pod VM creation failed: {why}"))
-                }
-                StartError::Stopping => {
-                    ApiError::FailedPrecondition(format!("Sandbox {id} is being stopped"))
-                }
-                StartError::Journal(why) => {
-                    ApiError::Unavailable(format!("Sandbox {id}: cannot journal the start: {why}"))
-                }
-            })
+            answer.map_err(|e| SupervisorError::start(id, e))
         })
     }
 }
 
 /// StopVM.
 #[derive(Message)]
-#[rtype(result = "Result<(), ApiError>")]
+#[rtype(result = "Result<(), SupervisorError>")]
 pub struct StopVm(pub String);
 
 impl Handler<StopVm> for Supervisor {
-    type Result = ResponseFuture<Result<(), ApiError>>;
+    type Result = ResponseFuture<Result<(), SupervisorError>>;
 
     fn handle(&mut self, msg: StopVm, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
@@ -252,7 +341,10 @@ impl Handler<StopVm> for Supervisor {
                     None => Ok(()),
                 },
             };
-            answer.map_err(|why| ApiError::Unavailable(format!("Sandbox {id}: {why}")))
+            answer.map_err(|reason| SupervisorError::StopNotJournaled {
+                sandbox_id: id,
+                reason,
+            })
         })
     }
 }
@@ -407,7 +499,7 @@ impl Supervisor {
         // A small synced file write: off the actor's thread.
         tokio::task::spawn_blocking(move || {
             if let Err(e) = journal.declare_doubt(&reason) {
-                tracing::error!(error = %e, "cannot record the journal's doubt; it holds for this run only");
+                tracing::error!(error = %podvisor_state::report(&e), "cannot record the journal's doubt; it holds for this run only");
             }
         });
     }

@@ -10,49 +10,7 @@ use podvisor_podvm::initdata::{self, Initdata};
 use podvisor_state::InstanceSpec;
 use std::collections::HashMap;
 
-/// Pod name: containerd's key, which both shims fill. Under CRI-O the Go
-/// shim copies CRI-O's sandbox name into it, `k8s_<pod>_<namespace>_<uid>_<attempt>`
-/// (Kata `sandbox.go`, `setHypervisorConfigAnnotations`), and the pod name
-/// is cut out of it, as the reference's `GetPodName` does; runtime-rs copies
-/// CRI-O's plain `KubeName`.
-pub const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
-/// Pod namespace (containerd's key; both shims copy CRI-O's into it).
-pub const SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
-/// CRI-O's own sandbox name, `k8s_<pod>_<namespace>_<uid>_<attempt>`, read
-/// when a client sends CRI-O's annotations instead of containerd's.
-pub const CRIO_SANDBOX_NAME: &str = "io.kubernetes.cri-o.SandboxName";
-const HV: &str = "io.katacontainers.config.hypervisor.";
-/// Explicit instance type.
-pub const MACHINE_TYPE: &str = "io.katacontainers.config.hypervisor.machine_type";
-/// vCPUs, a decimal: the Go shim sends whole vCPUs, runtime-rs its `f32`
-/// sandbox size as written by Rust (`"1.5"`, `"0.5"`). Rounded up to whole
-/// vCPUs.
-pub const DEFAULT_VCPUS: &str = "io.katacontainers.config.hypervisor.default_vcpus";
-/// Memory in MiB, a decimal (rounded up to whole MiB).
-pub const DEFAULT_MEMORY: &str = "io.katacontainers.config.hypervisor.default_memory";
-/// GPU count, a whole number.
-pub const DEFAULT_GPUS: &str = "io.katacontainers.config.hypervisor.default_gpus";
-/// GPU model.
-pub const DEFAULT_GPU_MODEL: &str = "io.katacontainers.config.hypervisor.default_gpu_model";
-/// Image override.
-pub const IMAGE: &str = "io.katacontainers.config.hypervisor.image";
-/// Initdata as the runtime sends it: raw TOML text (the runtime decodes the
-/// pod's gzip + base64 annotation first). The encoded form is accepted too.
-pub const CC_INIT_DATA: &str = "io.katacontainers.config.hypervisor.cc_init_data";
-
-/// Every annotation [`parse`] reads.
-pub const KNOWN: [&str; 10] = [
-    SANDBOX_NAME,
-    SANDBOX_NAMESPACE,
-    CRIO_SANDBOX_NAME,
-    MACHINE_TYPE,
-    DEFAULT_VCPUS,
-    DEFAULT_MEMORY,
-    DEFAULT_GPUS,
-    DEFAULT_GPU_MODEL,
-    IMAGE,
-    CC_INIT_DATA,
-];
+pub use crate::kata_annotations::*;
 
 /// Most vCPUs accepted (no cloud sells more).
 const MAX_VCPUS: u64 = 4096;
@@ -104,7 +62,10 @@ pub fn parse(annotations: &HashMap<String, String>) -> Result<SandboxRequest, St
     };
     // Unknown hypervisor annotations are not errors (Kata passes many), but
     // they are worth a debug line for someone wondering why one had no effect.
-    for key in annotations.keys().filter(|k| k.starts_with(HV)) {
+    for key in annotations
+        .keys()
+        .filter(|k| k.starts_with(HYPERVISOR_PREFIX))
+    {
         if !KNOWN.contains(&key.as_str()) {
             tracing::debug!(annotation = %key, "hypervisor annotation not used by podvisor");
         }

@@ -5,7 +5,7 @@ pub mod annotations;
 pub mod grpc;
 pub mod ttrpc;
 
-use crate::actors::supervisor::{CreateVm, StartVm, StopVm, Supervisor};
+use crate::actors::supervisor::{CreateVm, StartVm, StopVm, Supervisor, SupervisorError};
 use crate::metrics;
 use crate::view::{InstanceView, ViewEvent};
 use actix::Addr;
@@ -65,6 +65,28 @@ impl ApiError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::DeadlineExceeded(_) => "deadline_exceeded",
             ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<SupervisorError> for ApiError {
+    /// The wire code of each domain error; the message is the error's own.
+    fn from(e: SupervisorError) -> Self {
+        let message = e.to_string();
+        match e {
+            SupervisorError::AlreadyExists { .. } | SupervisorError::BeingCreated { .. } => {
+                ApiError::AlreadyExists(message)
+            }
+            SupervisorError::LimitReached { .. } => ApiError::ResourceExhausted(message),
+            SupervisorError::NotKnown { .. } | SupervisorError::Lost { .. } => {
+                ApiError::NotFound(message)
+            }
+            SupervisorError::Stopping { .. } => ApiError::FailedPrecondition(message),
+            SupervisorError::CreateNotJournaled { .. }
+            | SupervisorError::CreationFailed { .. }
+            | SupervisorError::StartNotJournaled { .. }
+            | SupervisorError::StopNotJournaled { .. } => ApiError::Unavailable(message),
+            SupervisorError::ActorStopped { .. } => ApiError::Internal(message),
         }
     }
 }
@@ -212,7 +234,10 @@ impl HypervisorApi {
         self.supervisor
             .send(CreateVm {
                 sandbox_id: sandbox_id.to_owned(),
-                request,
+                pod_name: request.pod_name,
+                pod_namespace: request.pod_namespace,
+                spec: request.spec,
+                initdata: request.initdata,
                 netns: netns.to_owned(),
             })
             .await
@@ -228,6 +253,7 @@ impl HypervisorApi {
             .send(StartVm(sandbox_id.to_owned()))
             .await
             .map_err(mailbox)?
+            .map_err(ApiError::from)
     }
 
     /// StopVM: acknowledges once the stop is journaled; deletion continues
@@ -238,6 +264,7 @@ impl HypervisorApi {
             .send(StopVm(sandbox_id.to_owned()))
             .await
             .map_err(mailbox)?
+            .map_err(ApiError::from)
     }
 
     /// The pod's instance id; with `wait`, waits until StartVM has one (up
@@ -322,6 +349,77 @@ impl HypervisorApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_supervisor_error_keeps_its_message_and_gets_its_wire_code() {
+        let id = || "sb1".to_owned();
+        for (error, code) in [
+            (
+                SupervisorError::AlreadyExists {
+                    sandbox_id: id(),
+                    pod_namespace: "default".into(),
+                    pod_name: "web".into(),
+                    state: podvisor_state::State::Running,
+                },
+                "already_exists",
+            ),
+            (
+                SupervisorError::BeingCreated { sandbox_id: id() },
+                "already_exists",
+            ),
+            (
+                SupervisorError::LimitReached { live: 2, limit: 2 },
+                "resource_exhausted",
+            ),
+            (SupervisorError::NotKnown { sandbox_id: id() }, "not_found"),
+            (SupervisorError::Lost { sandbox_id: id() }, "not_found"),
+            (
+                SupervisorError::CreateNotJournaled {
+                    sandbox_id: id(),
+                    reason: "disk full".into(),
+                },
+                "unavailable",
+            ),
+            (
+                SupervisorError::ActorStopped { sandbox_id: id() },
+                "internal",
+            ),
+            (
+                SupervisorError::CreationFailed {
+                    sandbox_id: id(),
+                    reason: "no capacity".into(),
+                },
+                "unavailable",
+            ),
+            (
+                SupervisorError::Stopping { sandbox_id: id() },
+                "failed_precondition",
+            ),
+            (
+                SupervisorError::StartNotJournaled {
+                    sandbox_id: id(),
+                    reason: "disk full".into(),
+                },
+                "unavailable",
+            ),
+            (
+                SupervisorError::StopNotJournaled {
+                    sandbox_id: id(),
+                    reason: "Could not journal the stop: disk full".into(),
+                },
+                "unavailable",
+            ),
+        ] {
+            let message = error.to_string();
+            assert!(
+                message.contains("sb1") || code == "resource_exhausted",
+                "{message}"
+            );
+            let api = ApiError::from(error);
+            assert_eq!(api.code(), code, "{message}");
+            assert_eq!(api.to_string(), message);
+        }
+    }
 
     #[test]
     fn sandbox_ids_are_checked_with_reasons() {

@@ -31,7 +31,7 @@ const CSI_VOLUMES: &str = "/volumes/kubernetes.io~csi/";
 /// The annotation listing a container's direct-assigned CSI volume paths.
 pub const VOLUME_TARGET_PATH: &str = "io.confidentialcontainers.org.peerpodvolumes.target_path";
 /// The annotation a GPU request sets.
-pub const GPUS: &str = "io.katacontainers.config.hypervisor.default_gpus";
+pub const GPUS: &str = crate::kata_annotations::DEFAULT_GPUS;
 /// The CDI annotation the pod VM's agent reads.
 pub const CDI: &str = "cdi.k8s.io/peer-pods";
 /// The CDI device of a GPU request.

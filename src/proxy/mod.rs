@@ -13,9 +13,11 @@
 //! hang; then the shim's connection is closed.
 //!
 //! One call is decoded on the way: `CreateContainer`, which gets the
-//! annotations the reference's proxy adds ([`hook`]).
+//! annotations the reference's proxy adds ([`hook`]). When a sandbox's
+//! socket opens and closes follows its journal record ([`socket`]).
 
 pub mod hook;
+pub mod socket;
 
 use crate::connections::Gate;
 use protobuf::Message as _;

@@ -20,9 +20,9 @@
 //! [`Verdict`] is what opening found. Only an [`Verdict::Intact`] (or
 //! [`Verdict::Fresh`]) journal may let the orphan GC delete anything.
 
+use crate::atomic_file::{sync_parent, write_atomically};
 use crate::record::UnixMillis;
 use serde::{Deserialize, Serialize};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// The identity file, in the journal directory.
@@ -84,7 +84,7 @@ impl Verdict {
 
 /// Why the identity or the mark could not be read or written.
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: {source}")]
+#[error("{path}")]
 pub struct IntegrityIoError {
     /// The file.
     pub path: String,
@@ -125,15 +125,8 @@ impl IntegrityFiles {
     /// Writes the identity (once, at creation), synced with its directory.
     pub fn write_identity(&self, identity: &JournalIdentity) -> Result<(), IntegrityIoError> {
         let bytes = serde_json::to_vec_pretty(identity).unwrap_or_default();
-        let tmp = self.identity.with_extension("tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.identity)?;
-            sync_dir(&self.identity)
-        };
-        write().map_err(|source| self.io(&self.identity, source))
+        write_atomically(&self.identity, &bytes, None)
+            .map_err(|source| self.io(&self.identity, source))
     }
 
     /// The mark, if the file exists; an unreadable one reads as `Err`.
@@ -168,7 +161,7 @@ impl IntegrityFiles {
             f.write_all_at(&bytes, 0)?;
             f.sync_data()?;
             if created {
-                sync_dir(&self.mark)?;
+                sync_parent(&self.mark)?;
             }
             Ok(())
         };
@@ -180,14 +173,6 @@ impl IntegrityFiles {
             path: path.display().to_string(),
             source,
         }
-    }
-}
-
-/// Syncs the directory holding `file`, so a new name in it is durable.
-fn sync_dir(file: &Path) -> std::io::Result<()> {
-    match file.parent() {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
     }
 }
 

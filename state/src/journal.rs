@@ -4,8 +4,10 @@
 //! sled 0.34.7. A value that does not decode is moved to a quarantine tree,
 //! reported, and never crashes the daemon or vanishes silently.
 
+use crate::atomic_file::write_atomically;
 use crate::integrity::{IntegrityFiles, IntegrityIoError, JournalIdentity, Mark, Verdict, judge};
-use crate::record::{InstanceRecord, UnixMillis};
+use crate::record::{InstanceRecord, UnixMillis, now_millis};
+use crate::report::report;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Mutex;
@@ -22,8 +24,9 @@ pub enum JournalError {
         /// What went wrong, in words an operator can act on.
         reason: String,
     },
-    /// A read, write or flush failed.
-    #[error("Journal {operation} failed: {source}")]
+    /// A read, write or flush failed; the storage error is the
+    /// [`source`](std::error::Error::source) (see [`crate::report`]).
+    #[error("Journal {operation} failed")]
     Io {
         /// What the journal was doing.
         operation: &'static str,
@@ -122,6 +125,26 @@ pub struct SledJournal {
     marked: Mutex<u64>,
 }
 
+/// sled's database file in the journal directory: the file it locks.
+const SLED_DB_FILE: &str = "db";
+
+/// Whether another open file holds the lock on sled's database file `db`
+/// (sled takes an exclusive `flock` on it and reports a held one only in
+/// the words of an `ErrorKind::Other` error). Asked after sled refused to
+/// open: if the holder let go in between, the refusal is reported as it is.
+fn locked_by_another(db: &Path) -> bool {
+    use nix::errno::Errno;
+    use nix::fcntl::{Flock, FlockArg};
+    let Ok(file) = std::fs::File::open(db) else {
+        return false;
+    };
+    // Taken and at once let go (the `Flock` unlocks on drop).
+    matches!(
+        Flock::lock(file, FlockArg::LockExclusiveNonblock),
+        Err((_, Errno::EWOULDBLOCK))
+    )
+}
+
 /// `meta` keys.
 const META_ID: &[u8] = b"journal_id";
 const META_SEQ: &[u8] = b"seq";
@@ -141,13 +164,12 @@ impl SledJournal {
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         let db = sled::Config::new().path(dir).open().map_err(|e| {
-            let text = e.to_string();
-            if text.contains("WouldBlock") || text.contains("lock") {
+            if locked_by_another(&dir.join(SLED_DB_FILE)) {
                 open_err(format!(
-                    "it is locked, most likely by another running podvisor ({text})"
+                    "it is locked, most likely by another running podvisor ({e})"
                 ))
             } else {
-                open_err(text)
+                open_err(e.to_string())
             }
         })?;
         let records = db
@@ -167,7 +189,7 @@ impl SledJournal {
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map_or(0, u64::from_be_bytes);
         let files = IntegrityFiles::in_dir(dir);
-        let integrity_err = |e: IntegrityIoError| open_err(e.to_string());
+        let integrity_err = |e: IntegrityIoError| open_err(crate::report(&e));
         let identity_file = files.read_identity().map_err(integrity_err)?;
         let mark = files.read_mark().map_err(integrity_err)?;
         let doubt_file = dir.join(DOUBT_FILE);
@@ -205,9 +227,10 @@ impl SledJournal {
         if let Verdict::InDoubt { .. } = &verdict {
             // Keep the doubt across restarts: later writes would otherwise
             // carry the sequence past the mark and hide the loss.
-            write_synced(
+            write_atomically(
                 &doubt_file,
                 &serde_json::to_vec(&verdict).unwrap_or_default(),
+                None,
             )
             .map_err(|e| open_err(format!("{}: {e}", doubt_file.display())))?;
         }
@@ -234,7 +257,7 @@ impl SledJournal {
             .meta
             .insert(META_ID, journal.identity.id.as_bytes())
             .map_err(|e| open_err(e.to_string()))?;
-        journal.flush().map_err(|e| open_err(e.to_string()))?;
+        journal.flush().map_err(|e| open_err(report(&e)))?;
         Ok(journal)
     }
 
@@ -305,28 +328,6 @@ impl SledJournal {
         self.flush()?;
         Ok(entry)
     }
-}
-
-/// Writes `bytes` to `path` atomically and durably.
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-/// Now, for quarantine timestamps.
-fn now_millis() -> UnixMillis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Journal for SledJournal {
@@ -449,9 +450,10 @@ impl Journal for SledJournal {
         let verdict = Verdict::InDoubt {
             reason: reason.to_owned(),
         };
-        write_synced(
+        write_atomically(
             &self.doubt_file,
             &serde_json::to_vec(&verdict).unwrap_or_default(),
+            None,
         )
         .map_err(|source| {
             JournalError::Integrity(IntegrityIoError {
@@ -666,6 +668,41 @@ mod tests {
             }
             verdict => panic!("{verdict:?}"),
         }
+    }
+
+    #[test]
+    fn an_io_error_names_the_operation_and_keeps_its_cause_as_the_source() {
+        use std::error::Error as _;
+        let e = JournalError::Io {
+            operation: "flush",
+            source: sled::Error::Io(std::io::Error::from_raw_os_error(28)),
+        };
+        assert_eq!(e.to_string(), "Journal flush failed");
+        let cause = e.source().expect("the storage error").to_string();
+        assert!(cause.contains("No space left"), "{cause}");
+        let line = report(&e);
+        assert!(line.starts_with("Journal flush failed: "), "{line}");
+        assert_eq!(line.matches("No space left").count(), 1, "{line}");
+    }
+
+    #[test]
+    fn a_journal_whose_lock_another_holder_has_is_refused_as_locked() {
+        use nix::fcntl::{Flock, FlockArg};
+        let dir = tempfile::tempdir().unwrap();
+        drop(SledJournal::open(dir.path()).unwrap());
+        let db = std::fs::File::open(dir.path().join(SLED_DB_FILE)).unwrap();
+        let held = Flock::lock(db, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| e)
+            .unwrap();
+        let err = SledJournal::open(dir.path()).err().expect("it is locked");
+        let text = err.to_string();
+        assert!(text.starts_with("Cannot open the journal at"), "{text}");
+        assert!(
+            text.contains("locked, most likely by another running podvisor"),
+            "{text}"
+        );
+        drop(held);
+        SledJournal::open(dir.path()).expect("free again");
     }
 
     #[test]

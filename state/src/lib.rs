@@ -1,15 +1,19 @@
 //! The pod VM lifecycle, its records and its journal.
 //!
-//! Pure except for [`journal::SledJournal`]: the state machine
-//! ([`machine::PodVmMachine`]) does no I/O and reads no clock.
+//! The state machine ([`machine::PodVmMachine`]) and the lifecycle table
+//! ([`lifecycle`]) do no I/O and read no clock; the journal
+//! ([`journal::SledJournal`]), [`write_atomically`] and [`now_millis`] do.
 
+pub mod atomic_file;
 pub mod integrity;
 pub mod journal;
 pub mod lifecycle;
 pub mod machine;
 pub mod naming;
 pub mod record;
+pub mod report;
 
+pub use atomic_file::write_atomically;
 pub use integrity::{JournalIdentity, Verdict};
 pub use journal::{Journal, JournalError, LoadReport, QuarantinedRecord, SledJournal};
 pub use lifecycle::{IllegalTransition, State, check_transition, valid_transition};
@@ -18,4 +22,7 @@ pub use machine::{
     RecoveryAction, StartError, TimerKind, Waiter,
 };
 pub use naming::{idempotency_token, instance_name};
-pub use record::{InstanceRecord, InstanceRef, InstanceSpec, SCHEMA_VERSION, UnixMillis};
+pub use record::{
+    InstanceRecord, InstanceRef, InstanceSpec, SCHEMA_VERSION, UnixMillis, now_millis,
+};
+pub use report::report;

@@ -28,24 +28,37 @@ pub enum State {
 }
 
 impl State {
-    /// Every state, in lifecycle order (for tables, metrics and tests).
-    pub const ALL: [State; 6] = [
-        State::Pending,
-        State::Creating,
-        State::Running,
-        State::Deleting,
-        State::Failed,
-        State::Removed,
-    ];
+    /// Every state, in lifecycle order (for tables, metrics and tests):
+    /// `Pending` and every state the table reaches from it, in declaration
+    /// order. Derived from [`State::next_states`], so it cannot miss a state
+    /// a transition names.
+    pub const ALL: [State; STATE_COUNT] = all();
 
-    /// The states a stored record can be in.
-    pub const STORED: [State; 5] = [
-        State::Pending,
-        State::Creating,
-        State::Running,
-        State::Deleting,
-        State::Failed,
-    ];
+    /// The states a stored record can be in: all but `Removed`.
+    pub const STORED: [State; STATE_COUNT - 1] = stored();
+
+    /// The lifecycle table, one row per state: the states this one may move
+    /// to, and nothing else. The `match` is exhaustive, so a new state does
+    /// not compile without its row; [`State::ALL`], [`valid_transition`] and
+    /// [`check_transition`] all read this one table.
+    ///
+    /// - `Pending → Creating` (StartVM), `Pending → Deleting` (StopVM, expiry)
+    /// - `Creating → Running` (agent answered), `→ Failed` (gave up),
+    ///   `→ Deleting` (StopVM during creation)
+    /// - `Running → Deleting` (StopVM), `→ Failed` (the instance vanished)
+    /// - `Failed → Deleting` (StopVM, expiry)
+    /// - `Deleting → Removed` (the provider says the instance is gone)
+    pub const fn next_states(self) -> &'static [State] {
+        use State::*;
+        match self {
+            Pending => &[Creating, Deleting],
+            Creating => &[Running, Failed, Deleting],
+            Running => &[Deleting, Failed],
+            Deleting => &[Removed],
+            Failed => &[Deleting],
+            Removed => &[],
+        }
+    }
 
     /// The lower-case name used in the admin API, logs and metric labels.
     pub fn as_str(self) -> &'static str {
@@ -66,29 +79,95 @@ impl fmt::Display for State {
     }
 }
 
-/// The legal transitions, and nothing else.
-///
-/// - `Pending → Creating` (StartVM), `Pending → Deleting` (StopVM, expiry)
-/// - `Creating → Running` (agent answered), `→ Failed` (gave up),
-///   `→ Deleting` (StopVM during creation)
-/// - `Running → Deleting` (StopVM), `→ Failed` (the instance vanished)
-/// - `Failed → Deleting` (StopVM, expiry)
-/// - `Deleting → Removed` (the provider says the instance is gone)
-const TRANSITIONS: &[(State, State)] = &[
-    (State::Pending, State::Creating),
-    (State::Pending, State::Deleting),
-    (State::Creating, State::Running),
-    (State::Creating, State::Failed),
-    (State::Creating, State::Deleting),
-    (State::Running, State::Deleting),
-    (State::Running, State::Failed),
-    (State::Failed, State::Deleting),
-    (State::Deleting, State::Removed),
-];
+/// How many states [`State::ALL`] holds: those the table reaches from
+/// `Pending`.
+const STATE_COUNT: usize = reachable().1;
 
-/// Whether `from → to` is a legal transition.
-pub fn valid_transition(from: State, to: State) -> bool {
-    TRANSITIONS.contains(&(from, to))
+/// More states than the lifecycle will ever have: the scratch space of
+/// [`reachable`] (checked there at compile time).
+const MAX_STATES: usize = 32;
+
+/// `Pending` and every state the table reaches from it, sorted in
+/// declaration order, and how many there are. Runs at compile time.
+const fn reachable() -> ([State; MAX_STATES], usize) {
+    let mut found = [State::Pending; MAX_STATES];
+    let mut count = 1;
+    // Breadth first: `found[..count]` grows as rows name new states.
+    let mut next = 0;
+    while next < count {
+        let row = found[next].next_states();
+        let mut i = 0;
+        while i < row.len() {
+            if !contains(&found, count, row[i]) {
+                assert!(count < MAX_STATES, "raise MAX_STATES");
+                found[count] = row[i];
+                count += 1;
+            }
+            i += 1;
+        }
+        next += 1;
+    }
+    // Insertion sort into declaration (lifecycle) order.
+    let mut i = 1;
+    while i < count {
+        let mut j = i;
+        while j > 0 && (found[j - 1] as u8) > (found[j] as u8) {
+            let swap = found[j - 1];
+            found[j - 1] = found[j];
+            found[j] = swap;
+            j -= 1;
+        }
+        i += 1;
+    }
+    (found, count)
+}
+
+/// Whether `states[..count]` holds `state`.
+const fn contains(states: &[State], count: usize, state: State) -> bool {
+    let mut i = 0;
+    while i < count {
+        if states[i] as u8 == state as u8 {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The first [`STATE_COUNT`] of [`reachable`]: [`State::ALL`].
+const fn all() -> [State; STATE_COUNT] {
+    let (found, _) = reachable();
+    let mut out = [State::Pending; STATE_COUNT];
+    let mut i = 0;
+    while i < STATE_COUNT {
+        out[i] = found[i];
+        i += 1;
+    }
+    out
+}
+
+/// [`State::ALL`] but the states without a stored record (`Removed`).
+const fn stored() -> [State; STATE_COUNT - 1] {
+    let mut out = [State::Pending; STATE_COUNT - 1];
+    let mut n = 0;
+    let mut i = 0;
+    while i < STATE_COUNT {
+        let state = State::ALL[i];
+        if !matches!(state, State::Removed) {
+            out[n] = state;
+            n += 1;
+        }
+        i += 1;
+    }
+    assert!(n == STATE_COUNT - 1, "Removed is reachable");
+    out
+}
+
+/// Whether `from → to` is a legal transition (a row of
+/// [`State::next_states`]).
+pub const fn valid_transition(from: State, to: State) -> bool {
+    let row = from.next_states();
+    contains(row, row.len(), to)
 }
 
 /// A transition the lifecycle table forbids.
@@ -141,6 +220,19 @@ mod tests {
             }
         }
         assert_eq!(checked, 36);
+    }
+
+    #[test]
+    fn all_and_stored_list_every_state_once_in_lifecycle_order() {
+        use State::*;
+        assert_eq!(
+            State::ALL,
+            [Pending, Creating, Running, Deleting, Failed, Removed]
+        );
+        assert_eq!(
+            State::STORED,
+            [Pending, Creating, Running, Deleting, Failed]
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! provider call are in flight. Provider calls follow only *durable* states:
 //! nothing touches the cloud before the journal says why.
 
-use crate::lifecycle::{State, check_transition};
+use crate::lifecycle::{IllegalTransition, State, check_transition};
 use crate::naming::idempotency_token;
 use crate::record::{InstanceRecord, InstanceRef, UnixMillis};
 use std::net::IpAddr;
@@ -251,6 +251,10 @@ pub enum Command {
     Retrying(Operation),
     /// The pod VM is gone: delete the record and stop.
     Forget,
+    /// The machine asked for a move the lifecycle table forbids and refused
+    /// it (the state did not change): a bug in the machine, in any build.
+    /// Log it as an error and count it.
+    Refused(IllegalTransition),
 }
 
 /// What an outstanding [`Command::Find`] is for.
@@ -309,6 +313,9 @@ pub struct PodVmMachine {
     recovering: bool,
     /// The record was deleted; nothing more happens.
     forgotten: bool,
+    /// Moves the table refused since the last event, reported as
+    /// [`Command::Refused`] at its end.
+    refused: Vec<IllegalTransition>,
 }
 
 impl PodVmMachine {
@@ -323,6 +330,7 @@ impl PodVmMachine {
         m.create_waiting = true;
         let mut out = Vec::new();
         m.advance(0, &mut out);
+        m.report_refused(&mut out);
         (m, out)
     }
 
@@ -361,6 +369,7 @@ impl PodVmMachine {
             lookup_done: false,
             recovering: false,
             forgotten: false,
+            refused: Vec::new(),
         }
     }
 
@@ -435,6 +444,7 @@ impl PodVmMachine {
             }
         }
         self.advance(now, &mut out);
+        self.report_refused(&mut out);
         out
     }
 
@@ -537,7 +547,7 @@ impl PodVmMachine {
                 };
                 if written.state == State::Creating && durable.state == State::Pending {
                     // Nothing was created: give StartVM the error, stay Pending.
-                    self.target.state = State::Pending;
+                    self.roll_back(&durable);
                     self.target.generation = durable.generation;
                     self.target.token = durable.token.clone();
                     self.start_requested = false;
@@ -545,7 +555,7 @@ impl PodVmMachine {
                         out.push(Command::ReplyStart(w, Err(StartError::Journal(e.clone()))));
                     }
                 } else if written.state == State::Deleting && durable.state != State::Deleting {
-                    self.target.state = durable.state;
+                    self.roll_back(&durable);
                     self.stop_requested = false;
                     for w in self.stop_waiters.drain(..) {
                         out.push(Command::ReplyStop(
@@ -929,19 +939,33 @@ impl PodVmMachine {
         self.lookup_done = false;
     }
 
+    /// Moves the target to `to` if the lifecycle table allows it. The table
+    /// is the only judge, in every build: an illegal move leaves the state
+    /// as it is and is reported as [`Command::Refused`].
     fn transition(&mut self, to: State, now: UnixMillis) {
-        // The table is the only judge; the machine only asks for legal moves,
-        // and the test suite drives every path.
-        debug_assert!(
-            check_transition(self.target.state, to).is_ok(),
-            "{} -> {}",
-            self.target.state,
-            to
-        );
-        if check_transition(self.target.state, to).is_ok() {
-            self.target.state = to;
-            self.touch(now);
+        match check_transition(self.target.state, to) {
+            Ok(()) => {
+                self.target.state = to;
+                self.touch(now);
+            }
+            Err(illegal) => self.refused.push(illegal),
         }
+    }
+
+    /// Undoes a move of the target that the journal did not take: the
+    /// target goes back to the `durable` state. Only a move the table allows
+    /// (`durable → target`) is undone, so a rollback never makes a path the
+    /// table lacks; anything else is refused like an illegal transition.
+    fn roll_back(&mut self, durable: &InstanceRecord) {
+        match check_transition(durable.state, self.target.state) {
+            Ok(()) => self.target.state = durable.state,
+            Err(illegal) => self.refused.push(illegal),
+        }
+    }
+
+    /// Turns the moves refused during this event into commands.
+    fn report_refused(&mut self, out: &mut Vec<Command>) {
+        out.extend(self.refused.drain(..).map(Command::Refused));
     }
 
     fn touch(&mut self, now: UnixMillis) {

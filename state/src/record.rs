@@ -13,6 +13,18 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// Milliseconds since the Unix epoch: timestamps in records and events.
 pub type UnixMillis = u64;
 
+/// The wall clock now, in milliseconds since the Unix epoch.
+///
+/// A clock set before 1970 reads as 0; one past the year 584 million
+/// saturates at `u64::MAX`. The state machine never calls this: its callers
+/// pass `now` in, so it stays pure.
+pub fn now_millis() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// What the pod asked for, from its annotations. Every field is optional:
 /// the provider fills in its defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use crate::provider::{CreateRequest, Instance, InstanceStatus, Provider};
 use async_trait::async_trait;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use podvisor_state::UnixMillis;
+use podvisor_state::{UnixMillis, now_millis};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,7 +21,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 /// How long a new forwarder gets to bind its address.
@@ -43,6 +43,7 @@ struct InstanceFile {
 }
 
 /// Pod VMs as local forwarder processes.
+#[derive(Debug)]
 pub struct LocalProvider {
     /// The local directory; instances live in `instances/` under it.
     dir: PathBuf,
@@ -75,15 +76,20 @@ fn is_instance_id(id: &str) -> bool {
         .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-fn now_millis() -> UnixMillis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// A failed file or process call of the local "cloud": transient, with the
+/// OS error's name as the code.
+fn io_error(what: impl std::fmt::Display, e: io::Error) -> ProviderError {
+    with_os_code(ProviderError::transient(format!("{what}: {e}")), &e)
 }
 
-fn io_error(what: impl std::fmt::Display, e: io::Error) -> ProviderError {
-    ProviderError::transient(format!("{what}: {e}"))
+/// `error`, carrying the name of the OS error behind `cause` (`ENOENT`,
+/// `EACCES`) as its code, the local provider's equivalent of a cloud's
+/// error code; unchanged when no OS call failed.
+fn with_os_code(error: ProviderError, cause: &io::Error) -> ProviderError {
+    match cause.raw_os_error() {
+        Some(raw) => error.with_code(format!("{:?}", nix::errno::Errno::from_raw(raw))),
+        None => error,
+    }
 }
 
 impl LocalProvider {
@@ -170,15 +176,13 @@ impl LocalProvider {
     }
 
     async fn write_instance(&self, file: &InstanceFile) -> Result<(), ProviderError> {
-        let dir = self.instances_dir().join(&file.id);
-        let tmp = dir.join("instance.json.tmp");
+        let path = self.instances_dir().join(&file.id).join("instance.json");
         let bytes = serde_json::to_vec_pretty(file).expect("an InstanceFile always serializes");
-        tokio::fs::write(&tmp, bytes)
+        let target = path.clone();
+        tokio::task::spawn_blocking(move || podvisor_state::write_atomically(&target, &bytes, None))
             .await
-            .map_err(|e| io_error(format!("Cannot write {}", tmp.display()), e))?;
-        tokio::fs::rename(&tmp, dir.join("instance.json"))
-            .await
-            .map_err(|e| io_error(format!("Cannot write {}", dir.display()), e))
+            .map_err(|e| ProviderError::transient(format!("Instance write panicked: {e}")))?
+            .map_err(|e| io_error(format!("Cannot write {}", path.display()), e))
     }
 
     fn to_instance(file: &InstanceFile) -> Instance {
@@ -263,7 +267,13 @@ impl LocalProvider {
             .kill_on_drop(false)
             .spawn()
             .map_err(|e| {
-                ProviderError::permanent(format!("Cannot run {}: {e}", self.forwarder.display()))
+                with_os_code(
+                    ProviderError::permanent(format!(
+                        "Cannot run {}: {e}",
+                        self.forwarder.display()
+                    )),
+                    &e,
+                )
             })?;
         file.pid = child.id();
         self.write_instance(file).await?;
@@ -374,7 +384,8 @@ async fn stop_process(pid: u32, id: &str) -> Result<(), ProviderError> {
         Err(e) => {
             return Err(ProviderError::transient(format!(
                 "Cannot stop process {pid} of {id}: {e}"
-            )));
+            ))
+            .with_code(format!("{e:?}")));
         }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -533,7 +544,10 @@ impl Provider for LocalProvider {
 
     async fn verify_config(&self) -> Result<(), ProviderError> {
         let meta = std::fs::metadata(&self.forwarder).map_err(|e| {
-            ProviderError::config(format!("Forwarder {}: {e}", self.forwarder.display()))
+            with_os_code(
+                ProviderError::config(format!("Forwarder {}: {e}", self.forwarder.display())),
+                &e,
+            )
         })?;
         use std::os::unix::fs::PermissionsExt;
         if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
@@ -546,10 +560,13 @@ impl Provider for LocalProvider {
         std::fs::write(&probe, b"")
             .and_then(|_| std::fs::remove_file(&probe))
             .map_err(|e| {
-                ProviderError::config(format!(
-                    "Local dir {} is not writable: {e}",
-                    self.dir.display()
-                ))
+                with_os_code(
+                    ProviderError::config(format!(
+                        "Local dir {} is not writable: {e}",
+                        self.dir.display()
+                    )),
+                    &e,
+                )
             })
     }
 

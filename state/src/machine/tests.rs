@@ -517,6 +517,60 @@ fn a_failed_internal_write_is_retried() {
     assert_eq!(persisted(&cmds).unwrap().instance, Some(instance("i-1")));
 }
 
+#[test]
+fn a_failed_deleting_write_fails_stop_and_rolls_back_to_running() {
+    let mut m = running();
+    let cmds = m.on_event(Event::Stop(2), T0);
+    assert_eq!(persisted(&cmds).unwrap().state, State::Deleting);
+    let cmds = m.on_event(Event::Persisted(Err("disk full".into())), T0);
+    assert!(
+        cmds.contains(&Command::ReplyStop(
+            2,
+            Err("Could not journal the stop: disk full".into())
+        )),
+        "{cmds:?}"
+    );
+    assert_eq!(m.target().state, State::Running);
+    assert!(
+        !cmds.iter().any(|c| matches!(c, Command::Refused(_))),
+        "{cmds:?}"
+    );
+}
+
+/// Not a debug assertion: the refusal runs in release builds too.
+#[test]
+fn an_illegal_move_is_refused_and_reported_in_every_build() {
+    let mut m = running();
+    let before = m.target().clone();
+    m.transition(State::Creating, T0 + 5);
+    assert_eq!(m.target(), &before, "the state and its time are unchanged");
+    let cmds = m.on_event(Event::AgentReady, T0);
+    let refused = IllegalTransition {
+        from: State::Running,
+        to: State::Creating,
+    };
+    assert_eq!(cmds, vec![Command::Refused(refused)]);
+    // Reported once.
+    assert!(m.on_event(Event::AgentReady, T0).is_empty());
+}
+
+#[test]
+fn a_rollback_the_table_does_not_allow_is_refused() {
+    let mut m = created();
+    m.on_event(Event::Start(1), T0);
+    // Pretend the target had moved where the table cannot take Pending.
+    m.target.state = State::Running;
+    let cmds = m.on_event(Event::Persisted(Err("disk full".into())), T0);
+    assert!(
+        cmds.contains(&Command::Refused(IllegalTransition {
+            from: State::Pending,
+            to: State::Running,
+        })),
+        "{cmds:?}"
+    );
+    assert_eq!(m.target().state, State::Running);
+}
+
 fn recovered(state: State, with_instance: bool) -> PodVmMachine {
     let mut r = pending();
     r.state = state;
@@ -856,6 +910,7 @@ fn run_simulation(seed: u64) {
                     assert!(m.durable().is_some());
                     inflight.provider = Some(c.clone());
                 }
+                Command::Refused(illegal) => panic!("seed {seed}: {illegal}"),
                 Command::ReplyStop(_, Ok(())) => stop_acked = true,
                 Command::ReplyCreate(Err(_)) => create_failed = true,
                 // A StopVM that could not be journaled fails; the caller retries.
@@ -1027,6 +1082,7 @@ fn run_simulation(seed: u64) {
                 Command::ReplyStop(_, Ok(())) => stop_acked = true,
                 Command::ReplyStop(_, Err(_)) => next.push(Event::Stop(102)),
                 Command::Forget => journal = None,
+                Command::Refused(illegal) => panic!("seed {seed}: {illegal}"),
                 _ => {}
             }
         }
