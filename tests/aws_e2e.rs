@@ -15,8 +15,8 @@ mod common;
 
 use common::*;
 use podvisor_providers::aws::testing::{
-    ACCESS_KEY_ID, Ec2Proxy, Fault, MetadataStub, Moto, REGION, SECRET_ACCESS_KEY, TestNetwork,
-    client_for, ec2, node_metadata, private_ip,
+    AwsBed, Fault, MetadataStub, Moto, SECRET_ACCESS_KEY, client_for, ec2, node_metadata,
+    private_ip,
 };
 use podvisor_providers::{TAG_NODE, TAG_SANDBOX};
 use std::collections::HashMap;
@@ -25,36 +25,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The daemon's `aws` flags for the server at `endpoint`.
-fn aws_args(endpoint: &str, net: &TestNetwork) -> Vec<String> {
-    [
-        "aws",
-        "--aws-endpoint",
-        endpoint,
-        "--aws-region",
-        REGION,
-        "--aws-access-key-id",
-        ACCESS_KEY_ID,
-        "--aws-secret-key",
-        SECRET_ACCESS_KEY,
-        "--imageid",
-        &net.image_id,
-        "--subnetid",
-        &net.subnet_id,
-        "--securitygroupids",
-        &net.security_group_id,
-        "--keyname",
-        &net.key_name,
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-/// A daemon setup on AWS: every value given (no metadata service lookup),
-/// and the metadata service pointed at a closed loopback port regardless.
-fn aws_setup(endpoint: &str, net: &TestNetwork) -> Setup {
+/// A daemon setup on the bed's server, reached at `endpoint` (the server's
+/// or a proxy's): every value given (no metadata service lookup), and the
+/// metadata service pointed at a closed loopback port regardless.
+fn aws_setup(bed: &AwsBed, endpoint: &str) -> Setup {
     let mut setup = Setup::new();
-    setup.provider = Some(aws_args(endpoint, net));
+    setup.provider = Some(bed.flags(endpoint));
     setup.env = vec![
         ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
         (
@@ -68,23 +44,9 @@ fn aws_setup(endpoint: &str, net: &TestNetwork) -> Setup {
 
 /// A daemon setup on AWS given only its credentials and image: region,
 /// subnet, groups and key are left to the metadata service `stub`.
-fn metadata_setup(moto: &Moto, net: &TestNetwork, stub: &MetadataStub) -> Setup {
-    let mut setup = aws_setup(&moto.endpoint(), net);
-    setup.provider = Some(
-        [
-            "aws",
-            "--aws-endpoint",
-            &moto.endpoint(),
-            "--aws-access-key-id",
-            ACCESS_KEY_ID,
-            "--aws-secret-key",
-            SECRET_ACCESS_KEY,
-            "--imageid",
-            &net.image_id,
-        ]
-        .map(String::from)
-        .to_vec(),
-    );
+fn metadata_setup(bed: &AwsBed, stub: &MetadataStub) -> Setup {
+    let mut setup = aws_setup(bed, &bed.moto.endpoint());
+    setup.provider = Some(bed.flags_without_network(&bed.moto.endpoint()));
     // Empty variables count as unset: nothing inherited may fill these.
     setup.env = [
         (
@@ -303,12 +265,11 @@ fn assert_no_secret_in(log: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_vm_lifecycle_on_ec2_creates_runs_and_terminates_one_instance() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
+    let bed = AwsBed::start().await;
     // Through a proxy that counts the daemon's EC2 calls.
-    let proxy = Ec2Proxy::start(moto.port).await;
-    let setup = aws_setup(&proxy.endpoint(), &net);
-    let side = PodVmSide::for_setup(&moto, &setup);
+    let proxy = bed.proxy().await;
+    let setup = aws_setup(&bed, &proxy.endpoint());
+    let side = PodVmSide::for_setup(&bed.moto, &setup);
     let daemon = setup.start().await;
     // No --provider-rate or --provider-burst: the AWS provider's defaults.
     assert_call_limits(&daemon, 2.0, 20).await;
@@ -335,7 +296,7 @@ async fn a_pod_vm_lifecycle_on_ec2_creates_runs_and_terminates_one_instance() {
     let ip: std::net::IpAddr = record["ips"][0].as_str().unwrap().parse().unwrap();
     assert!(ip.is_loopback(), "{record}");
     assert_eq!(
-        instances_of(&moto, &id).await,
+        instances_of(&bed.moto, &id).await,
         [(instance_id.clone(), "running".to_owned())]
     );
     assert_eq!(side.instances(), std::slice::from_ref(&instance_id));
@@ -357,18 +318,17 @@ async fn a_pod_vm_lifecycle_on_ec2_creates_runs_and_terminates_one_instance() {
     eprintln!("EC2 calls of one pod lifecycle: {calls:?}");
     assert_eq!(calls.get("RunInstances"), Some(&1), "{calls:?}");
     assert_eq!(calls.get("TerminateInstances"), Some(&1), "{calls:?}");
-    assert_one_instance_each_and_none_alive(&moto, &setup.node, &[&id]).await;
+    assert_one_instance_each_and_none_alive(&bed.moto, &setup.node, &[&id]).await;
     assert_no_secret_in(&daemon.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_with_running_and_deleting_sandboxes_on_ec2_leaks_and_duplicates_nothing() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
+    let bed = AwsBed::start().await;
     // The daemon talks through a proxy that can hang EC2's deletes.
-    let proxy = Ec2Proxy::start(moto.port).await;
-    let mut setup = aws_setup(&proxy.endpoint(), &net);
-    let side = PodVmSide::for_setup(&moto, &setup);
+    let proxy = bed.proxy().await;
+    let mut setup = aws_setup(&bed, &proxy.endpoint());
+    let side = PodVmSide::for_setup(&bed.moto, &setup);
     let mut daemon = setup.start().await;
     let client = daemon.client().await;
     let (running, deleting) = (sandbox_id(), sandbox_id());
@@ -408,7 +368,7 @@ async fn sigkill_with_running_and_deleting_sandboxes_on_ec2_leaks_and_duplicates
 
     // The cloud is well again; the daemon comes back on the same journal.
     proxy.clear_faults();
-    setup.provider = Some(aws_args(&proxy.endpoint(), &net));
+    setup.provider = Some(bed.flags(&proxy.endpoint()));
     let daemon = setup.start().await;
     let client = daemon.client().await;
 
@@ -437,7 +397,7 @@ async fn sigkill_with_running_and_deleting_sandboxes_on_ec2_leaks_and_duplicates
     .await;
 
     // The server's word: one instance per sandbox ever, none left alive.
-    assert_one_instance_each_and_none_alive(&moto, &setup.node, &[&running, &deleting]).await;
+    assert_one_instance_each_and_none_alive(&bed.moto, &setup.node, &[&running, &deleting]).await;
     eventually(
         "the pod side to follow",
         Duration::from_secs(5),
@@ -449,11 +409,10 @@ async fn sigkill_with_running_and_deleting_sandboxes_on_ec2_leaks_and_duplicates
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_whose_answer_is_lost_is_retried_into_the_same_instance() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let proxy = Ec2Proxy::start(moto.port).await;
-    let setup = aws_setup(&proxy.endpoint(), &net);
-    let _side = PodVmSide::for_setup(&moto, &setup);
+    let bed = AwsBed::start().await;
+    let proxy = bed.proxy().await;
+    let setup = aws_setup(&bed, &proxy.endpoint());
+    let _side = PodVmSide::for_setup(&bed.moto, &setup);
     let daemon = setup.start().await;
     let client = daemon.client().await;
     // EC2 makes the instance; the answer never arrives (a timeout, a reset).
@@ -467,7 +426,7 @@ async fn a_create_whose_answer_is_lost_is_retried_into_the_same_instance() {
         .start(&id)
         .await
         .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
-    let states = instances_of(&moto, &id).await;
+    let states = instances_of(&bed.moto, &id).await;
     assert_eq!(
         states.len(),
         1,
@@ -485,20 +444,19 @@ async fn a_create_whose_answer_is_lost_is_retried_into_the_same_instance() {
         async || daemon.instance(&id).await.is_none().then_some(()),
     )
     .await;
-    assert!(moto.live_instances(None).await.is_empty());
+    assert!(bed.moto.live_instances(None).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttled_run_and_terminate_instances_are_retried_by_the_daemon_into_one_instance() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let proxy = Ec2Proxy::start(moto.port).await;
-    let mut setup = aws_setup(&proxy.endpoint(), &net);
+    let bed = AwsBed::start().await;
+    let proxy = bed.proxy().await;
+    let mut setup = aws_setup(&bed, &proxy.endpoint());
     // The rate from the environment; the burst stays the provider's.
     setup
         .env
         .push(("PODVISOR_PROVIDER_RATE".into(), "4".into()));
-    let _side = PodVmSide::for_setup(&moto, &setup);
+    let _side = PodVmSide::for_setup(&bed.moto, &setup);
     let daemon = setup.start().await;
     assert_call_limits(&daemon, 4.0, 20).await;
 
@@ -529,7 +487,7 @@ async fn throttled_run_and_terminate_instances_are_retried_by_the_daemon_into_on
     assert_eq!(record["state"], "running", "{record}");
     let instance_id = record["instance_id"].as_str().unwrap().to_owned();
     assert_eq!(
-        instances_of(&moto, &id).await,
+        instances_of(&bed.moto, &id).await,
         [(instance_id.clone(), "running".to_owned())],
         "exactly one instance"
     );
@@ -605,17 +563,16 @@ async fn throttled_run_and_terminate_instances_are_retried_by_the_daemon_into_on
     );
 
     // The server's word: one instance ever, terminated; none left alive.
-    assert_one_instance_each_and_none_alive(&moto, &setup.node, &[&id]).await;
+    assert_one_instance_each_and_none_alive(&bed.moto, &setup.node, &[&id]).await;
     assert_no_secret_in(&log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn region_subnet_groups_and_key_come_from_the_metadata_service_when_not_given() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let stub = MetadataStub::start(node_metadata(&net)).await;
-    let setup = metadata_setup(&moto, &net, &stub);
-    let _side = PodVmSide::for_setup(&moto, &setup);
+    let bed = AwsBed::start().await;
+    let stub = MetadataStub::start(node_metadata(&bed.net)).await;
+    let setup = metadata_setup(&bed, &stub);
+    let _side = PodVmSide::for_setup(&bed.moto, &setup);
     let daemon = setup.start().await;
     let asked = stub.requests();
     assert!(
@@ -632,15 +589,15 @@ async fn region_subnet_groups_and_key_come_from_the_metadata_service_when_not_gi
         .start(&id)
         .await
         .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
-    let live = moto.live_instances(Some((TAG_SANDBOX, &id))).await;
+    let live = bed.moto.live_instances(Some((TAG_SANDBOX, &id))).await;
     assert_eq!(live.len(), 1);
-    assert_eq!(live[0].subnet_id(), Some(net.subnet_id.as_str()));
-    assert_eq!(live[0].key_name(), Some(net.key_name.as_str()));
+    assert_eq!(live[0].subnet_id(), Some(bed.net.subnet_id.as_str()));
+    assert_eq!(live[0].key_name(), Some(bed.net.key_name.as_str()));
     assert!(
         live[0]
             .security_groups()
             .iter()
-            .any(|g| g.group_id() == Some(net.security_group_id.as_str())),
+            .any(|g| g.group_id() == Some(bed.net.security_group_id.as_str())),
         "{:?}",
         live[0].security_groups()
     );
@@ -676,10 +633,9 @@ async fn measure_concurrent_lifecycles_on_moto() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     let paced = std::env::var("PODVISOR_AWS_BENCH_PACED").is_ok_and(|v| v == "1");
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let proxy = Ec2Proxy::start(moto.port).await;
-    let mut setup = aws_setup(&proxy.endpoint(), &net);
+    let bed = AwsBed::start().await;
+    let proxy = bed.proxy().await;
+    let mut setup = aws_setup(&bed, &proxy.endpoint());
     setup
         .global
         .extend(["--peerpods-limit-per-node".into(), "0".into()]);
@@ -696,7 +652,7 @@ async fn measure_concurrent_lifecycles_on_moto() {
             .map(String::from),
         );
     }
-    let _side = PodVmSide::for_setup(&moto, &setup);
+    let _side = PodVmSide::for_setup(&bed.moto, &setup);
     let daemon = setup.start().await;
     proxy.reset_calls();
     let client = Arc::new(daemon.client().await);
@@ -720,7 +676,7 @@ async fn measure_concurrent_lifecycles_on_moto() {
         running.push(t.await.unwrap());
     }
     let all_running = begun.elapsed();
-    assert_eq!(moto.live_instances(None).await.len(), n);
+    assert_eq!(bed.moto.live_instances(None).await.len(), n);
 
     let stopping = Instant::now();
     let mut tasks = Vec::new();
@@ -758,7 +714,7 @@ async fn measure_concurrent_lifecycles_on_moto() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(moto.live_instances(None).await.is_empty());
+    assert!(bed.moto.live_instances(None).await.is_empty());
     let log = daemon.log_text();
     let retries: Vec<&str> = log
         .lines()
@@ -793,13 +749,12 @@ async fn measure_concurrent_lifecycles_on_moto() {
 /// without it the daemon starts, warns, and `/v1/status` says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_subnet_anywhere_verify_refuses_to_start_and_otherwise_status_says_so() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
+    let bed = AwsBed::start().await;
     // A node whose metadata names its region but no network interface.
-    let mut metadata = node_metadata(&net);
+    let mut metadata = node_metadata(&bed.net);
     metadata.retain(|path, _| path.ends_with("/placement/region"));
     let stub = MetadataStub::start(metadata).await;
-    let mut setup = metadata_setup(&moto, &net, &stub);
+    let mut setup = metadata_setup(&bed, &stub);
 
     let out = setup.command().output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -831,12 +786,11 @@ async fn without_a_subnet_anywhere_verify_refuses_to_start_and_otherwise_status_
 /// reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_journal_on_ec2_deletes_no_instance() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
+    let bed = AwsBed::start().await;
     for how in [Damage::DeleteDb, Damage::FlipBytes(7), Damage::Truncate] {
-        let mut setup = aws_setup(&moto.endpoint(), &net);
+        let mut setup = aws_setup(&bed, &bed.moto.endpoint());
         eager_gc(&mut setup);
-        let _side = PodVmSide::for_setup(&moto, &setup);
+        let _side = PodVmSide::for_setup(&bed.moto, &setup);
         let mut daemon = setup.start().await;
         let ids: Vec<String> = run_pods(&daemon, 3)
             .await
@@ -870,7 +824,7 @@ async fn a_lost_journal_on_ec2_deletes_no_instance() {
             Err(log) => assert!(log.contains("journal"), "{how:?}: {log}"),
         }
         for id in &ids {
-            let states: Vec<String> = instances_of(&moto, id)
+            let states: Vec<String> = instances_of(&bed.moto, id)
                 .await
                 .into_iter()
                 .map(|(_, state)| state)
@@ -910,9 +864,8 @@ fn line_with_signature(log: &str) -> Option<String> {
 /// lines are there, so trace was on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_logging_prints_no_aws_credential_through_a_pod_vm_lifecycle() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let mut setup = aws_setup(&moto.endpoint(), &net);
+    let bed = AwsBed::start().await;
+    let mut setup = aws_setup(&bed, &bed.moto.endpoint());
     // Distinctive, so that any copy of it in the log is found.
     let session_token = format!(
         "PodvisorTestSessionToken{:016x}{:016x}",
@@ -929,7 +882,7 @@ async fn trace_logging_prints_no_aws_credential_through_a_pod_vm_lifecycle() {
         ]
         .map(String::from),
     );
-    let _side = PodVmSide::for_setup(&moto, &setup);
+    let _side = PodVmSide::for_setup(&bed.moto, &setup);
     let mut daemon = setup.start().await;
     let client = daemon.client().await;
     let id = sandbox_id();

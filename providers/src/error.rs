@@ -31,11 +31,21 @@ impl ErrorClass {
     }
 }
 
-/// A failed provider call.
+/// A failed provider call: its class (what the daemon does about it), the
+/// cloud's own error code when there is one, and a message for people.
+///
+/// Code that decides something from an error reads [`class`](Self::class)
+/// or [`code`](Self::code), never the message: the message is only reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderError {
     /// How to handle it.
     pub class: ErrorClass,
+    /// The cloud's own name for the failure, as the cloud spells it: EC2's
+    /// API error code (`InvalidInstanceID.NotFound`, `InvalidInstanceType`),
+    /// libvirt's error number name (`VIR_ERR_NO_DOMAIN`), the OS error of a
+    /// local call (`ENOENT`). `None` when the failure is podvisor's own
+    /// (a refused input, a timeout) or the cloud gave no code.
+    pub code: Option<String>,
     /// What went wrong, naming the thing and the cause; never a secret.
     pub message: String,
     /// For `Throttled`: the least delay before the next try.
@@ -46,6 +56,7 @@ impl ProviderError {
     fn new(class: ErrorClass, message: impl Into<String>) -> Self {
         Self {
             class,
+            code: None,
             message: message.into(),
             retry_after: None,
         }
@@ -72,6 +83,19 @@ impl ProviderError {
     /// Wrong configuration.
     pub fn config(message: impl Into<String>) -> Self {
         Self::new(ErrorClass::Config, message)
+    }
+
+    /// The same error, carrying the cloud's own error `code`.
+    #[must_use]
+    pub fn with_code(mut self, code: impl Into<String>) -> Self {
+        self.code = Some(code.into());
+        self
+    }
+
+    /// The cloud's own error code, if it gave one: the `code` field,
+    /// borrowed, for matching (`e.code() == Some("InvalidInstanceType")`).
+    pub fn code(&self) -> Option<&str> {
+        self.code.as_deref()
     }
 
     /// Whether trying again may help.
@@ -133,6 +157,21 @@ mod tests {
             }
         );
         let f: OpFailure = ProviderError::permanent("InvalidAMIID.Malformed").into();
+        assert!(!f.retryable);
+    }
+
+    #[test]
+    fn the_cloud_code_rides_beside_the_class_and_stays_out_of_the_message() {
+        let e = ProviderError::not_found("Instance i-0123 does not exist")
+            .with_code("InvalidInstanceID.NotFound");
+        assert_eq!(e.class, ErrorClass::NotFound);
+        assert_eq!(e.code(), Some("InvalidInstanceID.NotFound"));
+        assert_eq!(e.to_string(), "Instance i-0123 does not exist");
+        assert_eq!(ProviderError::transient("timed out").code(), None);
+        // The machine's failure keeps what it acts on; the code is the
+        // provider's business.
+        let f: OpFailure = e.into();
+        assert_eq!(f.message, "Instance i-0123 does not exist");
         assert!(!f.retryable);
     }
 

@@ -7,113 +7,55 @@
 
 use aws_sdk_ec2::types::{Filter, InstanceAttributeName};
 use base64::Engine;
+use podvisor_providers::aws::AwsProvider;
 use podvisor_providers::aws::testing::{
-    ACCESS_KEY_ID, Ec2Proxy, Fault, Moto, REGION, SECRET_ACCESS_KEY, TestNetwork, client_for,
+    AwsBed, Ec2Proxy, Fault, Moto, SECRET_ACCESS_KEY, TestNetwork, client_for,
 };
-use podvisor_providers::aws::{AwsManager, AwsProvider, AwsSettings};
 use podvisor_providers::conformance::{Fixture, run};
-use podvisor_providers::{
-    CloudManager, ErrorClass, Provider, ProviderContext, TAG_NODE, TAG_SANDBOX, TAG_TOKEN,
-};
+use podvisor_providers::{ErrorClass, Provider, TAG_NODE, TAG_SANDBOX, TAG_TOKEN};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The provider as `podvisor aws` builds it from flags.
-async fn from_flags(endpoint: &str, net: &TestNetwork, extra: &[&str]) -> Arc<dyn Provider> {
-    let mut args = vec![
-        "aws".to_owned(),
-        "--aws-endpoint".into(),
-        endpoint.into(),
-        "--aws-region".into(),
-        REGION.into(),
-        "--aws-access-key-id".into(),
-        ACCESS_KEY_ID.into(),
-        "--aws-secret-key".into(),
-        SECRET_ACCESS_KEY.into(),
-        "--imageid".into(),
-        net.image_id.clone(),
-        "--subnetid".into(),
-        net.subnet_id.clone(),
-        "--securitygroupids".into(),
-        net.security_group_id.clone(),
-        "--keyname".into(),
-        net.key_name.clone(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let matches = AwsManager.command().try_get_matches_from(args).unwrap();
-    let config = AwsManager.configure(&matches).unwrap();
-    let context = ProviderContext {
-        node_name: "node-a".into(),
-        forwarder_port: 15150,
-        state_dir: std::env::temp_dir(),
-    };
-    config.build(&context).await.unwrap()
-}
-
-fn settings(net: &TestNetwork) -> AwsSettings {
-    AwsSettings {
-        region: REGION.into(),
-        image_id: Some(net.image_id.clone()),
-        instance_type: "m6a.large".into(),
-        instance_types: Vec::new(),
-        subnet_id: Some(net.subnet_id.clone()),
-        security_group_ids: vec![net.security_group_id.clone()],
-        key_name: Some(net.key_name.clone()),
-        launch_template: None,
-        use_public_ip: false,
-        root_volume_gib: 30,
-        disable_cvm: false,
-        tags: Vec::new(),
-    }
-}
-
-/// The provider built directly, talking to `endpoint`.
-fn direct(endpoint: &str, settings: AwsSettings) -> AwsProvider {
-    AwsProvider::new(client_for(endpoint), settings)
-}
-
 #[tokio::test]
 async fn aws_provider_passes_the_conformance_suite() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let provider = from_flags(&moto.endpoint(), &net, &[]).await;
+    let bed = AwsBed::start().await;
+    let provider = bed.provider_from_flags(&bed.moto.endpoint(), &[]).await;
     provider.verify_config().await.unwrap();
     run(provider.as_ref(), &Fixture::new("node-a")).await;
     assert!(
-        moto.live_instances(None).await.is_empty(),
+        bed.moto.live_instances(None).await.is_empty(),
         "the suite leaves nothing behind"
     );
 }
 
 #[tokio::test]
 async fn the_same_token_twice_makes_one_instance() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let provider = direct(&moto.endpoint(), settings(&net));
+    let bed = AwsBed::start().await;
+    let provider = bed.provider(&bed.moto.endpoint(), bed.settings());
     let request = Fixture::new("node-a").request(1);
     let first = provider.create_instance(&request).await.unwrap();
     let second = provider.create_instance(&request).await.unwrap();
     assert_eq!(first.id, second.id);
-    let live = moto
+    let live = bed
+        .moto
         .live_instances(Some((TAG_TOKEN, request.token.as_str())))
         .await;
     assert_eq!(live.len(), 1, "one instance per token on the server");
-    assert_eq!(moto.live_instances(None).await.len(), 1);
+    assert_eq!(bed.moto.live_instances(None).await.len(), 1);
 }
 
 #[tokio::test]
 async fn a_create_whose_response_is_lost_is_adopted_on_retry_not_duplicated() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let proxy = Ec2Proxy::start(moto.port).await;
-    let provider = direct(&proxy.endpoint(), settings(&net));
+    let bed = AwsBed::start().await;
+    let proxy = bed.proxy().await;
+    let provider = bed.provider(&proxy.endpoint(), bed.settings());
     let request = Fixture::new("node-a").request(1);
 
     proxy.fault("RunInstances", Fault::DropResponse, Some(1));
     let lost = provider.create_instance(&request).await.unwrap_err();
     assert_eq!(lost.class, ErrorClass::Transient, "{lost:?}");
     assert_eq!(
-        moto.live_instances(None).await.len(),
+        bed.moto.live_instances(None).await.len(),
         1,
         "the server made the instance although the answer was lost"
     );
@@ -127,7 +69,7 @@ async fn a_create_whose_response_is_lost_is_adopted_on_retry_not_duplicated() {
     // And a plain repeated create returns that same instance.
     let again = provider.create_instance(&request).await.unwrap();
     assert_eq!(again.id, found.id);
-    assert_eq!(moto.live_instances(None).await.len(), 1, "no duplicate");
+    assert_eq!(bed.moto.live_instances(None).await.len(), 1, "no duplicate");
     assert_eq!(proxy.calls().get("RunInstances"), Some(&1));
 }
 
@@ -163,11 +105,10 @@ where
 
 #[tokio::test]
 async fn throttled_creates_and_deletes_are_classified_throttled_and_retries_make_one_instance() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let proxy = Ec2Proxy::start(moto.port).await;
+    let bed = AwsBed::start().await;
+    let proxy = bed.proxy().await;
     // The provider as `podvisor aws` builds it, SDK retry settings included.
-    let provider = from_flags(&proxy.endpoint(), &net, &[]).await;
+    let provider = bed.provider_from_flags(&proxy.endpoint(), &[]).await;
     let request = Fixture::new("node-t").request(1);
 
     proxy.fault("RunInstances", Fault::Throttle, Some(2));
@@ -180,11 +121,12 @@ async fn throttled_creates_and_deletes_are_classified_throttled_and_retries_make
     assert_eq!(tries, 3);
     assert_eq!(calls.get("RunInstances"), Some(&3), "{calls:?}");
     assert_eq!(proxy.faulted("RunInstances"), 2);
-    let live = moto.live_instances(None).await;
+    let live = bed.moto.live_instances(None).await;
     assert_eq!(live.len(), 1, "exactly one instance on the server");
     assert_eq!(live[0].instance_id(), Some(made.id.as_str()));
     assert_eq!(
-        moto.live_instances(Some((TAG_TOKEN, request.token.as_str())))
+        bed.moto
+            .live_instances(Some((TAG_TOKEN, request.token.as_str())))
             .await
             .len(),
         1
@@ -202,21 +144,17 @@ async fn throttled_creates_and_deletes_are_classified_throttled_and_retries_make
     assert_eq!(calls.get("TerminateInstances"), Some(&3), "{calls:?}");
     assert_eq!(proxy.faulted("TerminateInstances"), 2);
     assert!(
-        moto.live_instances(None).await.is_empty(),
+        bed.moto.live_instances(None).await.is_empty(),
         "the instance is terminated"
     );
 }
 
 #[tokio::test]
 async fn tags_user_data_and_launch_settings_are_what_the_server_stores() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let provider = from_flags(
-        &moto.endpoint(),
-        &net,
-        &["--tags", "team=peerpods,env=test"],
-    )
-    .await;
+    let bed = AwsBed::start().await;
+    let provider = bed
+        .provider_from_flags(&bed.moto.endpoint(), &["--tags", "team=peerpods,env=test"])
+        .await;
     let mut request = Fixture::new("node-t").request(1);
     request.user_data =
         "#cloud-config\nwrite_files:\n- path: /run/peerpod/apf.json\n  content: '{}'\n".into();
@@ -227,7 +165,7 @@ async fn tags_user_data_and_launch_settings_are_what_the_server_stores() {
         made.ips
     );
 
-    let ec2 = moto.client();
+    let ec2 = bed.moto.client();
     let out = ec2
         .describe_instances()
         .instance_ids(&made.id)
@@ -250,14 +188,14 @@ async fn tags_user_data_and_launch_settings_are_what_the_server_stores() {
         instance.instance_type().map(|t| t.as_str()),
         Some("m6a.large")
     );
-    assert_eq!(instance.image_id(), Some(net.image_id.as_str()));
-    assert_eq!(instance.subnet_id(), Some(net.subnet_id.as_str()));
-    assert_eq!(instance.key_name(), Some(net.key_name.as_str()));
+    assert_eq!(instance.image_id(), Some(bed.net.image_id.as_str()));
+    assert_eq!(instance.subnet_id(), Some(bed.net.subnet_id.as_str()));
+    assert_eq!(instance.key_name(), Some(bed.net.key_name.as_str()));
     assert!(
         instance
             .security_groups()
             .iter()
-            .any(|g| g.group_id() == Some(net.security_group_id.as_str())),
+            .any(|g| g.group_id() == Some(bed.net.security_group_id.as_str())),
         "{:?}",
         instance.security_groups()
     );
@@ -305,10 +243,11 @@ async fn tags_user_data_and_launch_settings_are_what_the_server_stores() {
 
 #[tokio::test]
 async fn listing_pages_through_the_server_and_filters_by_tag_there() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let proxy = Ec2Proxy::start(moto.port).await;
-    let provider = direct(&proxy.endpoint(), settings(&net)).with_page_size(5);
+    let bed = AwsBed::start().await;
+    let proxy = bed.proxy().await;
+    let provider = bed
+        .provider(&proxy.endpoint(), bed.settings())
+        .with_page_size(5);
     let mut mine = Vec::new();
     for _ in 0..12 {
         mine.push(
@@ -345,17 +284,16 @@ async fn listing_pages_through_the_server_and_filters_by_tag_there() {
 
 #[tokio::test]
 async fn instances_outlive_the_provider_object_and_are_found_by_a_new_one() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
+    let bed = AwsBed::start().await;
     let request = Fixture::new("node-b").request(1);
-    let first = direct(&moto.endpoint(), settings(&net));
+    let first = bed.provider(&bed.moto.endpoint(), bed.settings());
     let made = first.create_instance(&request).await.unwrap();
     first.teardown().await.unwrap();
     let err = first.create_instance(&request).await.unwrap_err();
     assert!(err.message.contains("torn down"), "{err:?}");
     drop(first);
 
-    let second = direct(&moto.endpoint(), settings(&net));
+    let second = bed.provider(&bed.moto.endpoint(), bed.settings());
     let found = second
         .find_instance(&request.token, &request.instance_name)
         .await
@@ -370,12 +308,12 @@ async fn instances_outlive_the_provider_object_and_are_found_by_a_new_one() {
 
 #[tokio::test]
 async fn terminated_instances_count_as_gone_and_deleting_them_is_fine() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let provider = direct(&moto.endpoint(), settings(&net));
+    let bed = AwsBed::start().await;
+    let provider = bed.provider(&bed.moto.endpoint(), bed.settings());
     let request = Fixture::new("node-g").request(1);
     let made = provider.create_instance(&request).await.unwrap();
-    moto.client()
+    bed.moto
+        .client()
         .terminate_instances()
         .instance_ids(&made.id)
         .send()
@@ -408,14 +346,13 @@ async fn terminated_instances_count_as_gone_and_deleting_them_is_fine() {
 
 #[tokio::test]
 async fn delete_releases_the_elastic_ips_of_the_instance() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let provider = direct(&moto.endpoint(), settings(&net));
+    let bed = AwsBed::start().await;
+    let provider = bed.provider(&bed.moto.endpoint(), bed.settings());
     let made = provider
         .create_instance(&Fixture::new("node-e").request(1))
         .await
         .unwrap();
-    let ec2 = moto.client();
+    let ec2 = bed.moto.client();
     let address = ec2.allocate_address().send().await.unwrap();
     let allocation = address.allocation_id().unwrap().to_owned();
     ec2.associate_address()
@@ -433,24 +370,24 @@ async fn delete_releases_the_elastic_ips_of_the_instance() {
         "the Elastic IP is released: {:?}",
         left.addresses()
     );
-    assert!(moto.live_instances(None).await.is_empty());
+    assert!(bed.moto.live_instances(None).await.is_empty());
 }
 
 #[tokio::test]
 async fn verification_names_the_flag_of_a_missing_image_or_type() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let good = from_flags(
-        &moto.endpoint(),
-        &net,
-        &["--instance-types", "m6a.large,m6a.xlarge"],
-    )
-    .await;
+    let bed = AwsBed::start().await;
+    let good = bed
+        .provider_from_flags(
+            &bed.moto.endpoint(),
+            &["--instance-types", "m6a.large,m6a.xlarge"],
+        )
+        .await;
     good.verify_config().await.unwrap();
 
-    let mut bad_image = net.clone();
+    let mut bad_image = bed.net.clone();
     bad_image.image_id = "ami-0123456789abcdef0".into();
-    let e = from_flags(&moto.endpoint(), &bad_image, &[])
+    let e = bad_image
+        .provider_from_flags(&bed.moto.endpoint(), &[])
         .await
         .verify_config()
         .await
@@ -463,15 +400,15 @@ async fn verification_names_the_flag_of_a_missing_image_or_type() {
         e.message
     );
 
-    let e = from_flags(
-        &moto.endpoint(),
-        &net,
-        &["--instance-types", "m6a.large,m6a.notatype"],
-    )
-    .await
-    .verify_config()
-    .await
-    .unwrap_err();
+    let e = bed
+        .provider_from_flags(
+            &bed.moto.endpoint(),
+            &["--instance-types", "m6a.large,m6a.notatype"],
+        )
+        .await
+        .verify_config()
+        .await
+        .unwrap_err();
     assert_eq!(e.class, ErrorClass::Config);
     assert!(
         e.message
@@ -484,14 +421,13 @@ async fn verification_names_the_flag_of_a_missing_image_or_type() {
 
 #[tokio::test]
 async fn a_sized_request_gets_the_smallest_allowed_type_that_fits() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let mut s = settings(&net);
+    let bed = AwsBed::start().await;
+    let mut s = bed.settings();
     s.instance_types = ["m6a.large", "m6a.xlarge", "m6a.2xlarge", "g4dn.xlarge"]
         .map(String::from)
         .to_vec();
-    let provider = direct(&moto.endpoint(), s);
-    let ec2 = moto.client();
+    let provider = bed.provider(&bed.moto.endpoint(), s);
+    let ec2 = bed.moto.client();
     let type_of = async |id: &str| {
         let out = ec2
             .describe_instances()
@@ -532,10 +468,9 @@ async fn a_sized_request_gets_the_smallest_allowed_type_that_fits() {
 
 #[tokio::test]
 async fn ec2_calls_per_lifecycle_are_few() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let proxy = Ec2Proxy::start(moto.port).await;
-    let provider = direct(&proxy.endpoint(), settings(&net));
+    let bed = AwsBed::start().await;
+    let proxy = bed.proxy().await;
+    let provider = bed.provider(&proxy.endpoint(), bed.settings());
     provider.verify_config().await.unwrap();
     proxy.reset_calls();
     let request = Fixture::new("node-c").request(1);
@@ -551,10 +486,9 @@ async fn ec2_calls_per_lifecycle_are_few() {
 
 #[tokio::test]
 async fn amd_sev_snp_is_asked_for_unless_disabled_and_the_client_token_is_sent() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let proxy = Ec2Proxy::start(moto.port).await;
-    let cvm = direct(&proxy.endpoint(), settings(&net));
+    let bed = AwsBed::start().await;
+    let proxy = bed.proxy().await;
+    let cvm = bed.provider(&proxy.endpoint(), bed.settings());
     let request = Fixture::new("node-v").request(1);
     cvm.create_instance(&request).await.unwrap();
     let body = proxy.bodies("RunInstances").pop().unwrap();
@@ -568,9 +502,9 @@ async fn amd_sev_snp_is_asked_for_unless_disabled_and_the_client_token_is_sent()
         "{body}"
     );
 
-    let mut s = settings(&net);
+    let mut s = bed.settings();
     s.disable_cvm = true;
-    let plain = direct(&proxy.endpoint(), s);
+    let plain = bed.provider(&proxy.endpoint(), s);
     plain
         .create_instance(&Fixture::new("node-v").request(1))
         .await
@@ -582,26 +516,25 @@ async fn amd_sev_snp_is_asked_for_unless_disabled_and_the_client_token_is_sent()
 #[tokio::test]
 async fn a_launch_template_decides_image_type_and_network() {
     use aws_sdk_ec2::types::{InstanceType, RequestLaunchTemplateData};
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let ec2 = moto.client();
+    let bed = AwsBed::start().await;
+    let ec2 = bed.moto.client();
     ec2.create_launch_template()
         .launch_template_name("kata")
         .launch_template_data(
             RequestLaunchTemplateData::builder()
-                .image_id(&net.image_id)
+                .image_id(&bed.net.image_id)
                 .instance_type(InstanceType::T3Micro)
                 .build(),
         )
         .send()
         .await
         .unwrap();
-    let mut s = settings(&net);
+    let mut s = bed.settings();
     s.launch_template = Some("kata".into());
     s.image_id = None;
     s.instance_types = vec!["m6a.large".into()];
-    let proxy = Ec2Proxy::start(moto.port).await;
-    let provider = direct(&proxy.endpoint(), s);
+    let proxy = bed.proxy().await;
+    let provider = bed.provider(&proxy.endpoint(), s);
     provider.verify_config().await.unwrap();
     let request = Fixture::new("node-l").request(1);
     let made = provider.create_instance(&request).await.unwrap();
@@ -658,15 +591,14 @@ async fn a_launch_template_decides_image_type_and_network() {
     provider.delete_instance(&made.id).await.unwrap();
 }
 
-/// moto, a proxy in front of it and a provider in public-IP mode.
-async fn public_ip_mode() -> (Moto, Ec2Proxy, AwsProvider) {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let mut s = settings(&net);
+/// The bed, a proxy in front of it and a provider in public-IP mode.
+async fn public_ip_mode() -> (AwsBed, Ec2Proxy, AwsProvider) {
+    let bed = AwsBed::start().await;
+    let mut s = bed.settings();
     s.use_public_ip = true;
-    let proxy = Ec2Proxy::start(moto.port).await;
-    let provider = direct(&proxy.endpoint(), s);
-    (moto, proxy, provider)
+    let proxy = bed.proxy().await;
+    let provider = bed.provider(&proxy.endpoint(), s);
+    (bed, proxy, provider)
 }
 
 /// The public and private addresses EC2 holds for instance `id`.
@@ -688,7 +620,7 @@ async fn addresses_of(moto: &Moto, id: &str) -> (std::net::IpAddr, std::net::IpA
 
 #[tokio::test]
 async fn in_public_ip_mode_the_public_address_comes_first_once_running() {
-    let (moto, proxy, provider) = public_ip_mode().await;
+    let (bed, proxy, provider) = public_ip_mode().await;
     let request = Fixture::new("node-i").request(1);
     // Nothing here connects to the public address: it is only read back.
     let made = provider.create_instance(&request).await.unwrap();
@@ -697,7 +629,7 @@ async fn in_public_ip_mode_the_public_address_comes_first_once_running() {
         body.contains("NetworkInterface.1.AssociatePublicIpAddress=true"),
         "{body}"
     );
-    let (public, private) = addresses_of(&moto, &made.id).await;
+    let (public, private) = addresses_of(&bed.moto, &made.id).await;
     assert_eq!(made.ips, [public, private]);
     assert_eq!(made.status, podvisor_providers::InstanceStatus::Running);
     provider.delete_instance(&made.id).await.unwrap();
@@ -705,11 +637,12 @@ async fn in_public_ip_mode_the_public_address_comes_first_once_running() {
 
 #[tokio::test]
 async fn in_public_ip_mode_a_stopped_instance_of_the_token_is_started_and_waited_for() {
-    let (moto, proxy, provider) = public_ip_mode().await;
+    let (bed, proxy, provider) = public_ip_mode().await;
     let request = Fixture::new("node-i").request(1);
     let made = provider.create_instance(&request).await.unwrap();
     // Stopped behind podvisor's back (or a create torn by a crash).
-    moto.client()
+    bed.moto
+        .client()
         .stop_instances()
         .instance_ids(&made.id)
         .send()
@@ -726,19 +659,19 @@ async fn in_public_ip_mode_a_stopped_instance_of_the_token_is_started_and_waited
         podvisor_providers::InstanceStatus::Running,
         "handed back once running, as a fresh create"
     );
-    let (public, _) = addresses_of(&moto, &made.id).await;
+    let (public, _) = addresses_of(&bed.moto, &made.id).await;
     assert_eq!(again.ips.first(), Some(&public), "{:?}", again.ips);
     provider.delete_instance(&made.id).await.unwrap();
 }
 
 #[tokio::test]
 async fn lookups_of_many_sandboxes_at_once_share_one_describe_call() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let proxy = Ec2Proxy::start(moto.port).await;
+    let bed = AwsBed::start().await;
+    let proxy = bed.proxy().await;
     // A window wide enough for 20 tasks to queue even on a loaded machine.
     let provider = Arc::new(
-        direct(&proxy.endpoint(), settings(&net)).with_lookup_window(Duration::from_millis(300)),
+        bed.provider(&proxy.endpoint(), bed.settings())
+            .with_lookup_window(Duration::from_millis(300)),
     );
     let requests: Vec<_> = (0..20).map(|_| Fixture::new("node-k").request(1)).collect();
     let mut made = Vec::new();
@@ -772,12 +705,11 @@ async fn lookups_of_many_sandboxes_at_once_share_one_describe_call() {
 
 #[tokio::test]
 async fn a_root_volume_smaller_than_the_image_is_raised_to_the_image_size() {
-    let moto = Moto::start().await;
-    let net = moto.network().await;
-    let ec2 = moto.client();
+    let bed = AwsBed::start().await;
+    let ec2 = bed.moto.client();
     let image = ec2
         .describe_images()
-        .image_ids(&net.image_id)
+        .image_ids(&bed.net.image_id)
         .send()
         .await
         .unwrap();
@@ -791,10 +723,10 @@ async fn a_root_volume_smaller_than_the_image_is_raised_to_the_image_size() {
         .and_then(|e| e.volume_size())
         .expect("moto's image has a root snapshot size");
     assert!(image_gib > 1);
-    let mut s = settings(&net);
+    let mut s = bed.settings();
     s.root_volume_gib = 1;
-    let proxy = Ec2Proxy::start(moto.port).await;
-    let provider = direct(&proxy.endpoint(), s);
+    let proxy = bed.proxy().await;
+    let provider = bed.provider(&proxy.endpoint(), s);
     provider
         .create_instance(&Fixture::new("node-r").request(1))
         .await
@@ -822,7 +754,7 @@ async fn an_unreachable_endpoint_is_transient_not_a_configuration_error() {
         key_name: "k".into(),
         image_id: "ami-01234567".into(),
     };
-    let provider = direct(&closed, settings(&net));
+    let provider = AwsProvider::new(client_for(&closed), net.settings());
     let e = provider.verify_config().await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Transient, "{e:?}");
     assert!(e.message.contains("cannot reach the endpoint"), "{e:?}");
@@ -832,4 +764,26 @@ async fn an_unreachable_endpoint_is_transient_not_a_configuration_error() {
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Transient, "{e:?}");
     assert!(!e.message.contains(SECRET_ACCESS_KEY));
+}
+
+#[tokio::test]
+async fn ec2s_error_codes_reach_the_caller_beside_the_class() {
+    let bed = AwsBed::start().await;
+    let provider = bed.provider(&bed.moto.endpoint(), bed.settings());
+    let mut request = Fixture::new("node-x").request(1);
+    request.spec.image = Some("ami-0123456789abcdef0".into());
+    let e = provider.create_instance(&request).await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Permanent, "{e}");
+    assert_eq!(e.code(), Some("InvalidAMIID.NotFound"), "{e}");
+
+    // Made a configuration error naming the flag, it keeps EC2's code.
+    let mut s = bed.settings();
+    s.instance_types = vec!["m6a.large".into(), "m6a.notatype".into()];
+    let e = bed
+        .provider(&bed.moto.endpoint(), s)
+        .verify_config()
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Config, "{e}");
+    assert_eq!(e.code(), Some("InvalidInstanceType"), "{e}");
 }

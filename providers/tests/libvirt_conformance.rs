@@ -487,6 +487,36 @@ async fn verify_checks_the_connection_the_pool_the_base_volume_and_the_network()
 }
 
 #[tokio::test]
+async fn provider_errors_carry_libvirts_error_number_name_as_their_code() {
+    let _conn = test_host();
+    for (change, code) in [
+        (
+            (|s: &mut LibvirtSettings| s.pool = "nope".into()) as fn(&mut LibvirtSettings),
+            "VIR_ERR_NO_STORAGE_POOL",
+        ),
+        (
+            |s| s.base_volume = "nope.qcow2".into(),
+            "VIR_ERR_NO_STORAGE_VOL",
+        ),
+        (|s| s.network = "nope".into(), "VIR_ERR_NO_NETWORK"),
+    ] {
+        let mut s = settings();
+        change(&mut s);
+        let err = LibvirtProvider::new(s).verify_config().await.unwrap_err();
+        assert_eq!(err.code(), Some(code), "{err}");
+    }
+    // A create from a base volume the pool lacks fails with libvirt's code.
+    let mut request = Fixture::new("node-e").request(1);
+    request.spec.image = Some("no-such-base.qcow2".into());
+    let err = LibvirtProvider::new(settings())
+        .create_instance(&request)
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    assert_eq!(err.code(), Some("VIR_ERR_NO_STORAGE_VOL"), "{err}");
+}
+
+#[tokio::test]
 async fn a_password_in_the_uri_is_in_no_error_and_no_debug_output() {
     // Nothing listens on port 1 of loopback: the connection is refused.
     let mut s = settings();

@@ -3,15 +3,10 @@
 
 use podvisor_providers::conformance::{Fixture, run};
 use podvisor_providers::local::LocalProvider;
-use podvisor_providers::{InstanceStatus, Provider, TAG_NODE};
-use std::net::TcpListener;
+use podvisor_providers::{ErrorClass, InstanceStatus, Provider, TAG_NODE};
 
 fn provider(dir: &std::path::Path) -> LocalProvider {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = podvisor_podvm::testing::free_port();
     let bin = podvisor_podvm::testing::forwarder_binary().unwrap();
     LocalProvider::new(dir.to_path_buf(), bin, port).unwrap()
 }
@@ -192,4 +187,22 @@ async fn a_forwarder_whose_pid_a_crash_never_recorded_is_not_leaked() {
         processes_of(&made.id).is_empty(),
         "the delete left the process running"
     );
+}
+
+#[tokio::test]
+async fn errors_of_failed_os_calls_carry_the_os_error_name_as_their_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = podvisor_podvm::testing::free_port();
+    let missing = dir.path().join("no-such-forwarder");
+    let provider = LocalProvider::new(dir.path().to_path_buf(), missing, port).unwrap();
+    let e = provider.verify_config().await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Config, "{e}");
+    assert_eq!(e.code(), Some("ENOENT"), "{e}");
+
+    // podvisor's own refusal has no OS error behind it, so no code.
+    let mut request = Fixture::new("node-c").request(1);
+    request.token.clear();
+    let e = provider.create_instance(&request).await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Permanent, "{e}");
+    assert_eq!(e.code(), None, "{e}");
 }

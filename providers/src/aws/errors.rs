@@ -59,6 +59,19 @@ const ACCESS: &[&str] = &[
     "RequestExpired",
 ];
 
+/// EC2's code for an instance it does not have (or no longer lists).
+pub(crate) const INSTANCE_NOT_FOUND: &str = "InvalidInstanceID.NotFound";
+
+/// EC2's code for an instance type it does not offer.
+pub(crate) const INVALID_INSTANCE_TYPE: &str = "InvalidInstanceType";
+
+/// Whether EC2 said the thing named does not exist: by EC2's convention,
+/// every such code ends in `.NotFound` (`InvalidAssociationID.NotFound`,
+/// `InvalidAllocationID.NotFound`, ...).
+pub(crate) fn names_a_missing_thing(e: &ProviderError) -> bool {
+    e.code().is_some_and(|code| code.ends_with(".NotFound"))
+}
+
 /// The class of an EC2 error response, from its code and HTTP status.
 pub fn classify(code: Option<&str>, status: Option<u16>) -> ErrorClass {
     let code = code.unwrap_or("");
@@ -71,7 +84,7 @@ pub fn classify(code: Option<&str>, status: Option<u16>) -> ErrorClass {
     if ACCESS.contains(&code) {
         return ErrorClass::Config;
     }
-    if code == "InvalidInstanceID.NotFound" {
+    if code == INSTANCE_NOT_FOUND {
         return ErrorClass::NotFound;
     }
     if !code.is_empty() && status.is_none_or(|s| s < 500) {
@@ -87,7 +100,8 @@ pub fn classify(code: Option<&str>, status: Option<u16>) -> ErrorClass {
 }
 
 /// A failed SDK call of operation `what` (`RunInstances`, ...), classified,
-/// with EC2's code and message kept.
+/// with EC2's error code kept as the error's [`code`](ProviderError::code)
+/// and, with EC2's message, in its message.
 pub fn from_sdk<E>(what: &str, err: SdkError<E, HttpResponse>) -> ProviderError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
@@ -112,12 +126,16 @@ where
                 ""
             };
             let message = format!("EC2 {what} failed: {reason}{hint}");
-            match class {
+            let error = match class {
                 ErrorClass::Throttled => ProviderError::throttled(message, Some(THROTTLE_BACKOFF)),
                 ErrorClass::Transient => ProviderError::transient(message),
                 ErrorClass::NotFound => ProviderError::not_found(message),
                 ErrorClass::Permanent => ProviderError::permanent(message),
                 ErrorClass::Config => ProviderError::config(message),
+            };
+            match code {
+                Some(code) => error.with_code(code),
+                None => error,
             }
         }
         SdkError::TimeoutError(_) => ProviderError::transient(format!("EC2 {what} timed out")),
@@ -198,12 +216,14 @@ mod tests {
             400,
         );
         assert_eq!(e.class, ErrorClass::Permanent);
+        assert_eq!(e.code(), Some("InvalidAMIID.NotFound"));
         assert_eq!(
             e.message,
             "EC2 RunInstances failed: InvalidAMIID.NotFound: The image id '[ami-12345678]' does not exist"
         );
         let e = service_error("RequestLimitExceeded", "Request limit exceeded.", 503);
         assert_eq!(e.class, ErrorClass::Throttled);
+        assert_eq!(e.code(), Some("RequestLimitExceeded"));
         assert!(e.retry_after.is_some());
         let e = service_error(
             "InsufficientInstanceCapacity",
@@ -217,11 +237,44 @@ mod tests {
     }
 
     #[test]
+    fn every_service_error_carries_ec2s_code_whatever_its_class() {
+        for (code, status, class) in [
+            (INSTANCE_NOT_FOUND, 400, ErrorClass::NotFound),
+            ("InvalidAllocationID.NotFound", 400, ErrorClass::Permanent),
+            (INVALID_INSTANCE_TYPE, 400, ErrorClass::Permanent),
+            ("InsufficientInstanceCapacity", 500, ErrorClass::Transient),
+            ("AuthFailure", 401, ErrorClass::Config),
+        ] {
+            let e = service_error(code, "whatever EC2 says", status);
+            assert_eq!((e.class, e.code()), (class, Some(code)), "{e}");
+        }
+        // A missing thing is told by its code alone, never by the message.
+        assert!(names_a_missing_thing(&service_error(
+            "InvalidAssociationID.NotFound",
+            "The association does not exist",
+            400
+        )));
+        assert!(!names_a_missing_thing(&service_error(
+            "InvalidParameterValue",
+            "Value InvalidAssociationID.NotFound is not valid",
+            400
+        )));
+        // A response without a code has none to keep.
+        let raw = HttpResponse::new(503.try_into().unwrap(), SdkBody::from("<Response/>"));
+        let err: SdkError<RunInstancesError, HttpResponse> = SdkError::service_error(
+            RunInstancesError::generic(ErrorMetadata::builder().build()),
+            raw,
+        );
+        assert_eq!(from_sdk("RunInstances", err).code(), None);
+    }
+
+    #[test]
     fn transport_failures_are_transient() {
         let err: SdkError<RunInstancesError, HttpResponse> =
             SdkError::timeout_error("read timed out");
         let e = from_sdk("RunInstances", err);
         assert_eq!(e.class, ErrorClass::Transient);
+        assert_eq!(e.code(), None, "no response, no EC2 code");
         assert_eq!(e.message, "EC2 RunInstances timed out");
         let raw = HttpResponse::new(502.try_into().unwrap(), SdkBody::from("garbage"));
         let err: SdkError<RunInstancesError, HttpResponse> =

@@ -7,7 +7,7 @@
 //! first (moto ignores `ClientToken` and has no `client-token` filter).
 
 use super::config::is_ec2_id;
-use super::errors::from_sdk;
+use super::errors::{INVALID_INSTANCE_TYPE, from_sdk, names_a_missing_thing};
 use super::instances::{InstanceReader, TokenLookups};
 use super::selection::{TypeSize, select_instance_type};
 use crate::error::ProviderError;
@@ -88,6 +88,14 @@ pub struct AwsProvider {
     sizes: OnceCell<Vec<TypeSize>>,
     /// Root devices of the AMIs used so far (`DescribeImages`, once per AMI).
     images: Mutex<HashMap<String, ImageRoot>>,
+}
+
+impl std::fmt::Debug for AwsProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsProvider")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AwsProvider {
@@ -401,7 +409,7 @@ impl AwsProvider {
                     Ok(_) => {}
                     Err(e) => {
                         let e = from_sdk("DisassociateAddress", e);
-                        if !e.message.contains(".NotFound") {
+                        if !names_a_missing_thing(&e) {
                             return Err(e);
                         }
                     }
@@ -419,7 +427,7 @@ impl AwsProvider {
                     }
                     Err(e) => {
                         let e = from_sdk("ReleaseAddress", e);
-                        if !e.message.contains(".NotFound") {
+                        if !names_a_missing_thing(&e) {
                             return Err(e);
                         }
                     }
@@ -459,11 +467,14 @@ pub(crate) async fn describe_types(
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| {
                 let e = from_sdk("DescribeInstanceTypes", e);
-                if e.message.contains("InvalidInstanceType") {
-                    ProviderError::config(format!(
-                        "--instance-types (PODVM_INSTANCE_TYPES) or --instance-type (PODVM_INSTANCE_TYPE): {}",
-                        e.message
-                    ))
+                if e.code() == Some(INVALID_INSTANCE_TYPE) {
+                    ProviderError {
+                        code: e.code.clone(),
+                        ..ProviderError::config(format!(
+                            "--instance-types (PODVM_INSTANCE_TYPES) or --instance-type (PODVM_INSTANCE_TYPE): {}",
+                            e.message
+                        ))
+                    }
                 } else {
                     e
                 }
@@ -621,7 +632,10 @@ impl Provider for AwsProvider {
                     // EC2 could not say; that is not a wrong flag.
                     e
                 } else {
-                    ProviderError::config(format!("--imageid (PODVM_AMI_ID): {}", e.message))
+                    ProviderError {
+                        code: e.code.clone(),
+                        ..ProviderError::config(format!("--imageid (PODVM_AMI_ID): {}", e.message))
+                    }
                 }
             })?;
         }

@@ -1,6 +1,8 @@
 //! Test support (feature `conformance`): moto's EC2 server on loopback, a
-//! test network whose addresses are loopback addresses, and a small HTTP
-//! proxy in front of the server that counts EC2 calls and injects faults.
+//! test network whose addresses are loopback addresses, the [`AwsBed`] every
+//! AWS test starts from (the two, and the provider settings and flags for
+//! them), and a small HTTP proxy in front of the server that counts EC2
+//! calls and injects faults.
 //!
 //! Nothing here connects outside 127.0.0.0/8: the server listens on
 //! 127.0.0.1, and the test VPC is 127.16.0.0/16, so instances' private IPs
@@ -9,11 +11,14 @@
 /// The SDK, for tests in other crates that read the server directly.
 pub use aws_sdk_ec2 as ec2;
 
+use super::{AwsManager, AwsProvider, AwsSettings};
+use crate::manager::{CloudManager, ProviderContext};
+use crate::provider::Provider;
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ec2::types::{Filter, Instance};
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,15 +32,10 @@ pub const SECRET_ACCESS_KEY: &str = "podvisor-test-secret-never-logged";
 /// The region of the tests.
 pub const REGION: &str = "us-east-1";
 
-/// A free port on 127.0.0.1 (bound and released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port on 127.0.0.1")
-}
+pub use podvisor_podvm::testing::free_port;
 
 /// One moto EC2 server, a child process on 127.0.0.1; killed on drop.
+#[derive(Debug)]
 pub struct Moto {
     /// The server process.
     child: Child,
@@ -205,6 +205,154 @@ pub struct TestNetwork {
     pub image_id: String,
 }
 
+/// The AWS test bed every AWS test starts from: a moto server on
+/// 127.0.0.1 with the test network in it ([`Moto::network`]), and the
+/// settings and `podvisor aws` flags that point a provider or a daemon at it.
+///
+/// ```no_run
+/// # async fn example() {
+/// use podvisor_providers::aws::testing::AwsBed;
+/// let bed = AwsBed::start().await;
+/// let proxy = bed.proxy().await;
+/// let provider = bed.provider(&proxy.endpoint(), bed.settings());
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct AwsBed {
+    /// The server (killed when the bed is dropped).
+    pub moto: Moto,
+    /// The VPC, subnet, security group, key pair and image made in it.
+    pub net: TestNetwork,
+}
+
+impl AwsBed {
+    /// Starts moto and makes the test network in it; panics, saying why,
+    /// when either fails.
+    pub async fn start() -> Self {
+        let moto = Moto::start().await;
+        let net = moto.network().await;
+        Self { moto, net }
+    }
+
+    /// A fault-injecting, call-counting proxy in front of the server.
+    pub async fn proxy(&self) -> Ec2Proxy {
+        Ec2Proxy::start(self.moto.port).await
+    }
+
+    /// The provider's settings for the test network: its image, subnet,
+    /// group and key, `m6a.large`, a 30 GiB root volume, AMD SEV-SNP on.
+    pub fn settings(&self) -> AwsSettings {
+        self.net.settings()
+    }
+
+    /// The provider built directly with `settings`, talking to `endpoint`
+    /// (the server's, or a proxy's).
+    pub fn provider(&self, endpoint: &str, settings: AwsSettings) -> AwsProvider {
+        AwsProvider::new(client_for(endpoint), settings)
+    }
+
+    /// The `podvisor aws` flags (subcommand first) for the server at
+    /// `endpoint`: region, credentials, and the test network's image,
+    /// subnet, group and key.
+    pub fn flags(&self, endpoint: &str) -> Vec<String> {
+        self.net.flags(endpoint)
+    }
+
+    /// The `podvisor aws` flags naming only the endpoint, the credentials
+    /// and the image: region, subnet, groups and key are left to the
+    /// instance metadata service.
+    pub fn flags_without_network(&self, endpoint: &str) -> Vec<String> {
+        [
+            "aws",
+            "--aws-endpoint",
+            endpoint,
+            "--aws-access-key-id",
+            ACCESS_KEY_ID,
+            "--aws-secret-key",
+            SECRET_ACCESS_KEY,
+            "--imageid",
+            &self.net.image_id,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// The provider as `podvisor aws` builds it from [`flags`](Self::flags)
+    /// plus `extra` (SDK settings included), for node `node-a`; panics when
+    /// the flags do not configure.
+    pub async fn provider_from_flags(&self, endpoint: &str, extra: &[&str]) -> Arc<dyn Provider> {
+        self.net.provider_from_flags(endpoint, extra).await
+    }
+}
+
+impl TestNetwork {
+    /// The provider's settings for this network (see [`AwsBed::settings`]).
+    pub fn settings(&self) -> AwsSettings {
+        AwsSettings {
+            region: REGION.into(),
+            image_id: Some(self.image_id.clone()),
+            instance_type: "m6a.large".into(),
+            instance_types: Vec::new(),
+            subnet_id: Some(self.subnet_id.clone()),
+            security_group_ids: vec![self.security_group_id.clone()],
+            key_name: Some(self.key_name.clone()),
+            launch_template: None,
+            use_public_ip: false,
+            root_volume_gib: 30,
+            disable_cvm: false,
+            tags: Vec::new(),
+        }
+    }
+
+    /// The `podvisor aws` flags for this network (see [`AwsBed::flags`]).
+    pub fn flags(&self, endpoint: &str) -> Vec<String> {
+        [
+            "aws",
+            "--aws-endpoint",
+            endpoint,
+            "--aws-region",
+            REGION,
+            "--aws-access-key-id",
+            ACCESS_KEY_ID,
+            "--aws-secret-key",
+            SECRET_ACCESS_KEY,
+            "--imageid",
+            &self.image_id,
+            "--subnetid",
+            &self.subnet_id,
+            "--securitygroupids",
+            &self.security_group_id,
+            "--keyname",
+            &self.key_name,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// The provider as `podvisor aws` builds it from this network's flags
+    /// (see [`AwsBed::provider_from_flags`]).
+    pub async fn provider_from_flags(&self, endpoint: &str, extra: &[&str]) -> Arc<dyn Provider> {
+        let mut args = self.flags(endpoint);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let matches = AwsManager
+            .command()
+            .try_get_matches_from(args)
+            .unwrap_or_else(|e| panic!("the test's aws flags do not parse: {e}"));
+        let config = AwsManager
+            .configure(&matches)
+            .unwrap_or_else(|e| panic!("the test's aws flags do not configure: {}", e.message));
+        let context = ProviderContext {
+            node_name: "node-a".into(),
+            forwarder_port: 15150,
+            state_dir: std::env::temp_dir(),
+        };
+        config
+            .build(&context)
+            .await
+            .unwrap_or_else(|e| panic!("the test's aws provider does not build: {e}"))
+    }
+}
+
 /// An SDK client for `endpoint` with the fake credentials, no retries.
 pub fn client_for(endpoint: &str) -> Client {
     let config = aws_sdk_ec2::Config::builder()
@@ -290,6 +438,14 @@ pub struct Ec2Proxy {
     state: Arc<Mutex<ProxyState>>,
     /// The accept loop.
     task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Ec2Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ec2Proxy")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Ec2Proxy {
@@ -589,6 +745,14 @@ pub struct MetadataStub {
 
 /// The session token the stub hands out and expects.
 const METADATA_TOKEN: &str = "podvisor-test-imds-token";
+
+impl std::fmt::Debug for MetadataStub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetadataStub")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
 
 impl MetadataStub {
     /// A stub answering `paths` (path → body); anything else is 404.

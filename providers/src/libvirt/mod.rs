@@ -9,12 +9,18 @@
 
 mod cidata;
 mod config;
+mod connection;
+mod errors;
+mod instances;
+mod lifecycle;
 mod manager;
 mod provider;
+mod volumes;
 mod xml;
 
 pub use cidata::{cidata_image, meta_data};
 pub use config::{CpuSet, LaunchSecurity, LibvirtConfig, LibvirtUri};
+pub use instances::uuid_for_token;
 pub use manager::LibvirtManager;
-pub use provider::{LibvirtProvider, LibvirtSettings, uuid_for_token};
+pub use provider::{LibvirtProvider, LibvirtSettings};
 pub use xml::{METADATA_NAMESPACE, domain_xml};

@@ -11,6 +11,9 @@ use std::time::Duration;
 pub struct LocalConfig {
     /// Directory holding each instance's state, user data and log
     /// [default: <state-dir>/local]
+    // The comment is clap's help text, shown as written: `<state-dir>` is a
+    // placeholder there, not HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     #[arg(long = "local-dir", env = "LOCAL_DIR", value_name = "DIR")]
     pub local_dir: Option<PathBuf>,
 
