@@ -10,17 +10,11 @@
 //! `-- --writes N` for another count. Prints p50/p99 per durable write and
 //! the journal's ratio to the floor.
 
+mod common;
+
+use common::arg;
 use podvisor_state::{InstanceRecord, InstanceSpec, Journal, SledJournal};
 use std::time::{Duration, Instant};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("a count"))
-        .unwrap_or(default)
-}
 
 fn percentile(samples: &mut [Duration], p: f64) -> f64 {
     samples.sort();

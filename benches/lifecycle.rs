@@ -4,8 +4,8 @@
 //! concurrent ones.
 //!
 //! Two providers:
-//! - `memory`: an in-process provider with zero latency, so the figures are
-//!   podvisor's own overhead;
+//! - `memory`: the in-process fake provider (`podvisor_providers::fake`),
+//!   with zero latency, so the figures are podvisor's own overhead;
 //! - `local`: the local provider, where every pod VM is a real forwarder
 //!   process on its own loopback address.
 //!
@@ -16,81 +16,17 @@
 
 use async_trait::async_trait;
 use podvisor::protocols::ttrpc::{hypervisor, hypervisor_ttrpc::HypervisorClient};
-use podvisor_providers::conformance::{Fixture, run as conformance};
-use podvisor_providers::{
-    CreateRequest, Instance, InstanceStatus, Provider, ProviderConfig, ProviderContext,
-    ProviderError,
-};
-use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use podvisor_podvm::testing::free_port;
+use podvisor_providers::fake::FakeProvider;
+use podvisor_providers::{Provider, ProviderConfig, ProviderContext, ProviderError};
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// An in-memory cloud that answers at once. Instances "run" at 127.0.0.1,
-/// where the benchmark keeps a listener on the forwarder port.
-#[derive(Debug, Default)]
-struct MemoryProvider {
-    instances: Mutex<BTreeMap<String, Instance>>,
-}
-
-impl MemoryProvider {
-    fn count(&self) -> usize {
-        self.instances.lock().map(|m| m.len()).unwrap_or(0)
-    }
-}
-
-#[async_trait]
-impl Provider for MemoryProvider {
-    fn name(&self) -> &'static str {
-        "memory"
-    }
-    async fn create_instance(&self, request: &CreateRequest) -> Result<Instance, ProviderError> {
-        let mut map = self.instances.lock().expect("lock");
-        let id = format!("mem-{}", request.token);
-        let instance = map.entry(id.clone()).or_insert_with(|| Instance {
-            id,
-            name: request.instance_name.clone(),
-            ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
-            tags: request.tags.clone(),
-            created_at: None,
-            status: InstanceStatus::Running,
-        });
-        Ok(instance.clone())
-    }
-    async fn delete_instance(&self, instance_id: &str) -> Result<(), ProviderError> {
-        self.instances.lock().expect("lock").remove(instance_id);
-        Ok(())
-    }
-    async fn find_instance(
-        &self,
-        token: &str,
-        _name: &str,
-    ) -> Result<Option<Instance>, ProviderError> {
-        let id = format!("mem-{token}");
-        Ok(self.instances.lock().expect("lock").get(&id).cloned())
-    }
-    async fn list_instances(&self, key: &str, value: &str) -> Result<Vec<Instance>, ProviderError> {
-        Ok(self
-            .instances
-            .lock()
-            .expect("lock")
-            .values()
-            .filter(|i| i.tags.get(key).map(String::as_str) == Some(value))
-            .cloned()
-            .collect())
-    }
-    async fn verify_config(&self) -> Result<(), ProviderError> {
-        Ok(())
-    }
-    async fn teardown(&self) -> Result<(), ProviderError> {
-        Ok(())
-    }
-}
-
-/// Hands the daemon the shared memory provider.
+/// Hands the daemon the shared in-memory provider.
 #[derive(Debug)]
-struct MemoryConfig(Arc<MemoryProvider>);
+struct MemoryConfig(Arc<FakeProvider>);
 
 #[async_trait]
 impl ProviderConfig for MemoryConfig {
@@ -100,13 +36,6 @@ impl ProviderConfig for MemoryConfig {
     async fn build(&self, _: &ProviderContext) -> Result<Arc<dyn Provider>, ProviderError> {
         Ok(self.0.clone())
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 fn ctx(secs: u64) -> ttrpc::context::Context {
@@ -258,7 +187,7 @@ fn global_args(
 async fn bench_provider(name: &'static str, quick: bool) {
     let root = tempfile::tempdir().expect("tempdir");
     let forwarder_port = free_port();
-    let memory = Arc::new(MemoryProvider::default());
+    let memory = Arc::new(FakeProvider::new());
     let local_dir = root.path().join("local");
     let forwarder = podvisor_podvm::testing::forwarder_binary().expect("the forwarder binary");
     let local_args = [
@@ -278,7 +207,7 @@ async fn bench_provider(name: &'static str, quick: bool) {
     else {
         unreachable!("a run invocation")
     };
-    let socket = global.socket.clone();
+    let socket = global.kata.socket.clone();
     let config: Box<dyn ProviderConfig> = if name == "memory" {
         Box::new(MemoryConfig(memory.clone()))
     } else {
@@ -310,7 +239,7 @@ async fn bench_provider(name: &'static str, quick: bool) {
 
     let instances = local_dir.join("instances");
     let settled = || match name {
-        "memory" => memory.count() == 0,
+        "memory" => memory.is_empty(),
         _ => std::fs::read_dir(&instances)
             .map(|d| d.count() == 0)
             .unwrap_or(true),
@@ -337,9 +266,6 @@ fn main() {
             .expect("a tokio runtime")
     });
     system.block_on(async move {
-        // The zero-latency provider is a provider like any other.
-        conformance(&MemoryProvider::default(), &Fixture::new("bench")).await;
-
         println!("| provider | concurrent | phase | samples | p50 ms | p99 ms | max ms |");
         println!("| --- | --- | --- | --- | --- | --- | --- |");
         bench_provider("memory", quick).await;

@@ -10,27 +10,15 @@
 //! `cargo bench --bench recovery` (defaults: 800 Running + 200 Pending);
 //! `-- --running N --pending M` for other sizes.
 
+mod common;
+
+use common::arg;
 use podvisor::protocols::ttrpc::{hypervisor, hypervisor_ttrpc::HypervisorClient};
+use podvisor_podvm::testing::free_port;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("a count"))
-        .unwrap_or(default)
-}
 
 struct Node {
     root: PathBuf,

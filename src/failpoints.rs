@@ -1,14 +1,14 @@
-//! Crash points for the crash-safety tests.
+//! The daemon's crash points, for the crash-safety tests.
 //!
-//! Compiled in only with the cargo feature `failpoints`; without it,
-//! [`hit`] is an empty inline function. With it, the `FAILPOINTS`
-//! environment variable arms them at start-up (the `fail` crate's syntax):
+//! Their mechanism is the providers' (`podvisor_providers::failpoints`):
+//! compiled in only with the cargo feature `failpoints` (which enables it
+//! there), a no-op without it. [`arm`] arms the daemon's points and the
+//! providers' from the `FAILPOINTS` environment variable at start-up:
 //! `FAILPOINTS='creating-before-create=return'` makes the daemon kill
 //! itself with SIGKILL the first time it gets there — exactly what a crash
-//! or an OOM kill at that step would do. `1*return` fires once, `20%return`
-//! at random; any other `fail` action (`sleep(100)`, `pause`) works too.
-//! The same variable arms the crash points inside providers
-//! (`podvisor_providers::failpoints`, enabled by this feature).
+//! or an OOM kill at that step would do.
+
+pub use podvisor_providers::failpoints::{arm, hit};
 
 /// After `Creating` is journaled, before the cloud create is sent.
 pub const CREATING_BEFORE_CREATE: &str = "creating-before-create";
@@ -35,29 +35,3 @@ pub const ALL: &[&str] = &[
     MID_RECOVERY,
     DURING_GC,
 ];
-
-/// Arms the crash points from `FAILPOINTS`. Call once at start-up.
-pub fn arm() {
-    #[cfg(feature = "failpoints")]
-    {
-        // The scenario's guard must live as long as the process.
-        std::mem::forget(fail::FailScenario::setup());
-    }
-}
-
-/// Passes the crash point `name`: kills the process if it is armed.
-#[inline]
-pub fn hit(name: &'static str) {
-    #[cfg(feature = "failpoints")]
-    fail::fail_point!(name, |_| crash(name));
-    #[cfg(not(feature = "failpoints"))]
-    let _ = name;
-}
-
-#[cfg(feature = "failpoints")]
-fn crash(name: &'static str) {
-    use nix::sys::signal::{Signal, kill};
-    eprintln!("podvisor: crash point {name}: SIGKILL");
-    let _ = kill(nix::unistd::Pid::this(), Signal::SIGKILL);
-    std::process::abort();
-}

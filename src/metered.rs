@@ -122,49 +122,9 @@ impl Provider for Metered {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use async_trait::async_trait;
     use metrics_exporter_prometheus::PrometheusBuilder;
-    use podvisor_providers::InstanceStatus;
+    use podvisor_providers::fake::{FakeProvider, Method};
     use std::time::Duration;
-
-    /// A cloud that never answers a create and finds nothing.
-    struct Hanging;
-
-    #[async_trait]
-    impl Provider for Hanging {
-        fn name(&self) -> &'static str {
-            "hanging"
-        }
-        async fn create_instance(&self, _: &CreateRequest) -> Result<Instance, ProviderError> {
-            std::future::pending().await
-        }
-        async fn delete_instance(&self, _: &str) -> Result<(), ProviderError> {
-            Err(ProviderError::not_found("gone"))
-        }
-        async fn find_instance(
-            &self,
-            _: &str,
-            name: &str,
-        ) -> Result<Option<Instance>, ProviderError> {
-            Ok(Some(Instance {
-                id: "i-1".into(),
-                name: name.into(),
-                ips: vec![],
-                tags: Default::default(),
-                created_at: None,
-                status: InstanceStatus::Running,
-            }))
-        }
-        async fn list_instances(&self, _: &str, _: &str) -> Result<Vec<Instance>, ProviderError> {
-            Ok(vec![])
-        }
-        async fn verify_config(&self) -> Result<(), ProviderError> {
-            Ok(())
-        }
-        async fn teardown(&self) -> Result<(), ProviderError> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn every_call_is_counted_by_outcome_including_calls_cut_off_by_a_time_limit() {
@@ -176,7 +136,11 @@ mod tests {
             .unwrap();
         ::metrics::with_local_recorder(&recorder, || {
             runtime.block_on(async {
-                let p = Metered::wrap(Arc::new(Hanging));
+                // A cloud that never answers a create.
+                let fake = FakeProvider::new();
+                fake.hold(Method::Create);
+                fake.fail_next(Method::Delete, ProviderError::not_found("gone"));
+                let p = Metered::wrap(Arc::new(fake));
                 let request = podvisor_providers::conformance::Fixture::new("n").request(1);
                 let cut =
                     tokio::time::timeout(Duration::from_millis(20), p.create_instance(&request))
@@ -188,9 +152,9 @@ mod tests {
         });
         let text = handle.render();
         for line in [
-            r#"podvisor_provider_requests_total{provider="hanging",operation="create",outcome="cancelled"} 1"#,
-            r#"podvisor_provider_requests_total{provider="hanging",operation="delete",outcome="not_found"} 1"#,
-            r#"podvisor_provider_requests_total{provider="hanging",operation="find",outcome="ok"} 1"#,
+            r#"podvisor_provider_requests_total{provider="fake",operation="create",outcome="cancelled"} 1"#,
+            r#"podvisor_provider_requests_total{provider="fake",operation="delete",outcome="not_found"} 1"#,
+            r#"podvisor_provider_requests_total{provider="fake",operation="find",outcome="ok"} 1"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

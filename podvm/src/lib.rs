@@ -10,10 +10,12 @@
 //!   gzip + base64, parsed with its digest).
 //! - [`tls`]: the TLS policy (least version, cipher suites) both ends of
 //!   the agent path share.
-//! - [`testing`]: finding these binaries from other crates' tests.
+//! - `testing` (feature `testing`): test support for other crates' tests:
+//!   finding these binaries, free loopback ports.
 
 pub mod forwarder;
 pub mod initdata;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;
 pub mod userdata;

@@ -1,13 +1,49 @@
-//! Locating this crate's binaries (`podvisor-forwarder`,
-//! `podvisor-userdata`) from tests in other crates.
+//! Test support (feature `testing`), for this crate's tests and other
+//! crates' tests and benchmarks:
 //!
-//! Cargo only exposes `CARGO_BIN_EXE_*` to a binary's own package, so tests
-//! elsewhere find it in the target directory beside their own executable,
-//! building it once if it is not there.
+//! - locating this crate's binaries (`podvisor-forwarder`,
+//!   `podvisor-userdata`): Cargo only exposes `CARGO_BIN_EXE_*` to a
+//!   binary's own package, so tests elsewhere find it in the target
+//!   directory beside their own executable, building it once if it is not
+//!   there;
+//! - [`free_port`]: a loopback port for a test to bind later.
 
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A free TCP port on 127.0.0.1, for a test to bind later (a daemon, a
+/// stand-in server, a forwarder) or to find closed.
+///
+/// The port is below the kernel's ephemeral range (32768 and up), so no
+/// outgoing connection can take it between now and then, and it is never
+/// handed out twice in one process: candidates in 20000..32000 are walked
+/// from a random start, each checked by binding it and letting it go.
+///
+/// # Panics
+///
+/// When no port in 20000..32000 can be bound.
+pub fn free_port() -> u16 {
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    // Random per process, so test processes running at once start apart.
+    let next = NEXT.get_or_init(|| {
+        let start = RandomState::new().hash_one(std::process::id()) % u64::from(SPAN);
+        AtomicU32::new(start as u32)
+    });
+    for _ in 0..SPAN {
+        let port = (LOW + next.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {LOW}..{}", LOW + SPAN)
+}
 
 /// The path of an up-to-date `podvisor-forwarder` (and `podvisor-userdata`
 /// beside it), built once per test process.

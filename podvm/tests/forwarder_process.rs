@@ -1,18 +1,11 @@
 //! The forwarder as a process: it listens where told and refuses a taken address.
 
+use podvisor_podvm::testing::free_port;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[test]
 fn the_binary_relays_a_connection_to_the_agent_socket() {

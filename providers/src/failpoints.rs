@@ -1,15 +1,31 @@
-//! Crash points inside providers, for the crash-safety tests.
+//! Crash points, for the crash-safety tests: the one mechanism behind the
+//! daemon's points (`src/failpoints.rs` in the podvisor crate, which names
+//! them) and the providers' own (below).
 //!
-//! As the daemon's own (`src/failpoints.rs` in the podvisor crate, which
-//! arms them all from `FAILPOINTS` at start-up): compiled in only with the
-//! cargo feature `failpoints`, and a no-op without it. An armed point kills
-//! the process with SIGKILL; `return(MS)` waits MS milliseconds first, so a
-//! test can act while a provider call hangs at that step, then see it die
-//! there — e.g. `FAILPOINTS='libvirt-volumes-before-define=return(8000)'`.
+//! Compiled in only with the cargo feature `failpoints`; without it,
+//! [`arm`] and [`hit`] are empty inline functions. With it, the `FAILPOINTS`
+//! environment variable arms them at start-up (the `fail` crate's syntax):
+//! `FAILPOINTS='creating-before-create=return'` makes the process kill
+//! itself with SIGKILL the first time it gets there — exactly what a crash
+//! or an OOM kill at that step would do. `1*return` fires once, `20%return`
+//! at random; `return(MS)` waits MS milliseconds first, so a test can act
+//! while a call hangs at that step, then see it die there — e.g.
+//! `FAILPOINTS='libvirt-volumes-before-define=return(8000)'`. Any other
+//! `fail` action (`sleep(100)`, `pause`) works too.
 
 /// In a libvirt create, after the instance's volumes are made, before its
 /// domain is defined.
 pub const LIBVIRT_VOLUMES_BEFORE_DEFINE: &str = "libvirt-volumes-before-define";
+
+/// Arms every crash point, the daemon's and the providers', from
+/// `FAILPOINTS`. Call once at start-up.
+pub fn arm() {
+    #[cfg(feature = "failpoints")]
+    {
+        // The scenario's guard must live as long as the process.
+        std::mem::forget(fail::FailScenario::setup());
+    }
+}
 
 /// Passes the crash point `name`: kills the process if it is armed.
 #[inline]

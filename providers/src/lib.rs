@@ -7,6 +7,8 @@
 //! - One module per provider, each behind a cargo feature, laid out as
 //!   `config.rs` / `manager.rs` / `provider.rs` (see `docs/adding-a-provider.md`).
 //! - [`conformance`] (feature `conformance`): the suite every provider passes.
+//! - [`fake`] (feature `conformance`): an in-memory provider for tests,
+//!   with scripted errors and a call log.
 
 pub mod duration;
 pub mod error;
@@ -18,6 +20,8 @@ pub mod provider;
 pub mod aws;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(feature = "conformance")]
+pub mod fake;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 #[cfg(feature = "local")]

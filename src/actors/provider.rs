@@ -289,68 +289,7 @@ impl Handler<ListInstances> for ProviderActor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use async_trait::async_trait;
-    use podvisor_providers::InstanceStatus;
-    use std::sync::Mutex;
-
-    /// A provider whose answers are scripted, counting calls.
-    #[derive(Default)]
-    struct Scripted {
-        creates: Mutex<Vec<Result<(), ProviderError>>>,
-        finds: Mutex<Vec<Option<&'static str>>>,
-        /// What it finds has no address yet.
-        unaddressed: bool,
-        calls: Mutex<Vec<&'static str>>,
-    }
-
-    fn inst(id: &str) -> Instance {
-        Instance {
-            id: id.into(),
-            name: "n".into(),
-            ips: vec!["127.0.0.1".parse().unwrap()],
-            tags: Default::default(),
-            created_at: None,
-            status: InstanceStatus::Running,
-        }
-    }
-
-    #[async_trait]
-    impl Provider for Scripted {
-        fn name(&self) -> &'static str {
-            "scripted"
-        }
-        async fn create_instance(&self, _: &CreateRequest) -> Result<Instance, ProviderError> {
-            self.calls.lock().unwrap().push("create");
-            self.creates
-                .lock()
-                .unwrap()
-                .remove(0)
-                .map(|()| inst("i-made"))
-        }
-        async fn delete_instance(&self, _: &str) -> Result<(), ProviderError> {
-            self.calls.lock().unwrap().push("delete");
-            Err(ProviderError::not_found("gone"))
-        }
-        async fn find_instance(&self, _: &str, _: &str) -> Result<Option<Instance>, ProviderError> {
-            self.calls.lock().unwrap().push("find");
-            let found = self.finds.lock().unwrap().remove(0).map(inst);
-            Ok(found.map(|mut i| {
-                if self.unaddressed {
-                    i.ips.clear();
-                }
-                i
-            }))
-        }
-        async fn list_instances(&self, _: &str, _: &str) -> Result<Vec<Instance>, ProviderError> {
-            Ok(vec![])
-        }
-        async fn verify_config(&self) -> Result<(), ProviderError> {
-            Ok(())
-        }
-        async fn teardown(&self) -> Result<(), ProviderError> {
-            Ok(())
-        }
-    }
+    use podvisor_providers::fake::{FakeProvider, Method};
 
     fn policy() -> CallPolicy {
         CallPolicy {
@@ -375,118 +314,75 @@ mod tests {
             token: "t".into(),
             spec: Default::default(),
             user_data: String::new(),
-            tags: Default::default(),
+            tags: [(podvisor_providers::TAG_TOKEN.to_owned(), "t".to_owned())].into(),
         }
     }
 
     #[tokio::test]
     async fn a_retried_create_looks_up_first_and_adopts() {
-        let p = Arc::new(Scripted::default());
-        p.creates.lock().unwrap().push(Err(ProviderError::transient(
-            "timeout after the VM was made",
-        )));
-        p.finds.lock().unwrap().push(Some("i-made-by-first-try"));
+        let p = Arc::new(FakeProvider::new());
+        p.seed(&request(), "i-made-by-first-try");
+        p.fail_next(
+            Method::Create,
+            ProviderError::transient("timeout after the VM was made"),
+        );
         let calls = ProviderCalls::new(p.clone(), policy());
         let e = calls.ensure(&request(), true).await.unwrap();
         assert_eq!(e.instance.id, "i-made-by-first-try");
         assert!(e.adopted);
-        assert_eq!(*p.calls.lock().unwrap(), ["create", "find"]);
+        assert_eq!(p.methods(), [Method::Create, Method::Find]);
     }
 
     #[tokio::test]
     async fn a_recovered_create_looks_up_before_creating() {
-        let p = Arc::new(Scripted::default());
-        p.finds.lock().unwrap().push(None);
-        p.creates.lock().unwrap().push(Ok(()));
+        let p = Arc::new(FakeProvider::new());
         let calls = ProviderCalls::new(p.clone(), policy());
         let e = calls.ensure(&request(), false).await.unwrap();
         assert!(!e.adopted);
-        assert_eq!(*p.calls.lock().unwrap(), ["find", "create"]);
+        assert_eq!(p.methods(), [Method::Find, Method::Create]);
     }
 
     #[tokio::test]
     async fn a_stopped_instance_is_not_adopted_but_created_again_with_its_token() {
-        let p = Arc::new(Scripted::default());
-        p.finds.lock().unwrap().push(Some("i-torn"));
-        p.creates.lock().unwrap().push(Ok(()));
-        let stopped = Arc::new(StoppedFinds(p.clone()));
-        let calls = ProviderCalls::new(stopped, policy());
+        let p = Arc::new(FakeProvider::new());
+        p.seed(&request(), "i-torn");
+        p.set_stopped(true);
+        let calls = ProviderCalls::new(p.clone(), policy());
         let e = calls.ensure(&request(), false).await.unwrap();
         assert!(
             !e.adopted,
             "a stopped instance is brought up, not adopted as is"
         );
-        assert_eq!(*p.calls.lock().unwrap(), ["find", "create"]);
+        assert_eq!(p.methods(), [Method::Find, Method::Create]);
     }
 
     #[tokio::test]
     async fn an_instance_found_before_its_address_is_completed_by_the_create() {
-        let p = Arc::new(Scripted {
-            unaddressed: true,
-            ..Default::default()
-        });
-        p.finds.lock().unwrap().push(Some("i-booting"));
-        p.creates.lock().unwrap().push(Ok(()));
+        let p = Arc::new(FakeProvider::new());
+        p.seed(&request(), "i-booting");
+        p.set_unaddressed(true);
         let calls = ProviderCalls::new(p.clone(), policy());
         let e = calls.ensure(&request(), false).await.unwrap();
         assert!(!e.adopted, "no address: the create waits for one");
         assert!(!e.instance.ips.is_empty());
-        assert_eq!(*p.calls.lock().unwrap(), ["find", "create"]);
-    }
-
-    /// [`Scripted`], but what it finds is stopped.
-    struct StoppedFinds(Arc<Scripted>);
-
-    #[async_trait]
-    impl Provider for StoppedFinds {
-        fn name(&self) -> &'static str {
-            "stopped"
-        }
-        async fn create_instance(&self, r: &CreateRequest) -> Result<Instance, ProviderError> {
-            self.0.create_instance(r).await
-        }
-        async fn delete_instance(&self, id: &str) -> Result<(), ProviderError> {
-            self.0.delete_instance(id).await
-        }
-        async fn find_instance(&self, t: &str, n: &str) -> Result<Option<Instance>, ProviderError> {
-            Ok(self.0.find_instance(t, n).await?.map(|i| Instance {
-                status: InstanceStatus::Stopped,
-                ..i
-            }))
-        }
-        async fn list_instances(&self, k: &str, v: &str) -> Result<Vec<Instance>, ProviderError> {
-            self.0.list_instances(k, v).await
-        }
-        async fn verify_config(&self) -> Result<(), ProviderError> {
-            Ok(())
-        }
-        async fn teardown(&self) -> Result<(), ProviderError> {
-            Ok(())
-        }
+        assert_eq!(p.methods(), [Method::Find, Method::Create]);
     }
 
     #[tokio::test]
     async fn permanent_errors_are_not_retried_and_attempts_are_bounded() {
-        let p = Arc::new(Scripted::default());
-        p.creates
-            .lock()
-            .unwrap()
-            .push(Err(ProviderError::permanent("bad AMI")));
+        let p = Arc::new(FakeProvider::new());
+        p.fail_next(Method::Create, ProviderError::permanent("bad AMI"));
         let calls = ProviderCalls::new(p.clone(), policy());
         assert_eq!(
             calls.ensure(&request(), true).await.unwrap_err().message,
             "bad AMI"
         );
-        assert_eq!(p.calls.lock().unwrap().len(), 1);
+        assert_eq!(p.calls().len(), 1);
 
-        let p = Arc::new(Scripted::default());
+        let p = Arc::new(FakeProvider::new());
         for _ in 0..3 {
-            p.creates
-                .lock()
-                .unwrap()
-                .push(Err(ProviderError::throttled("slow", None)));
+            p.fail_next(Method::Create, ProviderError::throttled("slow", None));
         }
-        p.finds.lock().unwrap().extend([None, None]);
         let calls = ProviderCalls::new(p.clone(), policy());
         assert!(
             calls
@@ -496,14 +392,22 @@ mod tests {
                 .is_retryable()
         );
         assert_eq!(
-            *p.calls.lock().unwrap(),
-            ["create", "find", "create", "find", "create"]
+            p.methods(),
+            [
+                Method::Create,
+                Method::Find,
+                Method::Create,
+                Method::Find,
+                Method::Create
+            ]
         );
     }
 
     #[tokio::test]
     async fn not_found_on_delete_is_success() {
-        let calls = ProviderCalls::new(Arc::new(Scripted::default()), policy());
+        let p = Arc::new(FakeProvider::new());
+        p.fail_next(Method::Delete, ProviderError::not_found("gone"));
+        let calls = ProviderCalls::new(p, policy());
         calls.delete("i-gone").await.unwrap();
     }
 }

@@ -7,34 +7,11 @@ use podvisor::protocols::ttrpc::{
     hypervisor, hypervisor_ttrpc::HypervisorClient, podvminfo, podvminfo_ttrpc::PodVmInfoClient,
 };
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free port on 127.0.0.1 for a daemon to bind later. Taken below the
-/// kernel's ephemeral range (32768 and up), so no outgoing connection can
-/// grab it between now and then, and handed out once per test process.
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    const LOW: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    let _ = NEXT.compare_exchange(
-        0,
-        LOW + (std::process::id() * 7919 + fastrand::u32(..1000)) % SPAN,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
-    for _ in 0..SPAN {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let port = (LOW + (n - LOW) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in {LOW}..{}", LOW + SPAN)
-}
+pub use podvisor_podvm::testing::free_port;
 
 /// Polls `f` until it returns `Some`, or panics after `limit` naming `what`.
 pub async fn eventually<T>(
