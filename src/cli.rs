@@ -4,9 +4,14 @@
 //! existing peer-pods ConfigMap works unchanged: a flag wins, then a
 //! non-empty environment variable, then the default. Go-style single-dash
 //! long flags (`-socket /x`) are accepted as the reference's users write them.
+//!
+//! [`GlobalArgs`] gathers the flags in groups ([`KataArgs`], [`TlsArgs`], …),
+//! flattened into one command; `--help` lists them in the order they are
+//! declared, the reference's flags first. Nothing here names a provider:
+//! each declares its own defaults ([`CloudManager::default_call_limits`]).
 
 use clap::builder::BoolishValueParser;
-use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use podvisor_providers::duration::parse_duration;
 use podvisor_providers::{CallLimits, CloudManager, ConfigError, ProviderConfig, registry};
 use std::ffi::OsString;
@@ -35,6 +40,84 @@ pub enum LogFormat {
     subcommand_help_heading = "Providers"
 )]
 pub struct GlobalArgs {
+    /// Kata's socket, the agent sockets and the forwarder they reach.
+    #[command(flatten)]
+    pub kata: KataArgs,
+
+    /// TLS to the pod VMs' forwarders.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    /// Where pods' CSI volumes and image pull secrets are found.
+    #[command(flatten)]
+    pub pod_inputs: PodInputArgs,
+
+    /// The node-to-pod-VM tunnel.
+    #[command(flatten)]
+    pub tunnel: TunnelArgs,
+
+    /// Group that may connect to the Kata socket (name or number); the socket is mode 0660 [default: the daemon's own group]
+    #[arg(
+        long = "socket-group",
+        env = "PODVISOR_SOCKET_GROUP",
+        value_name = "GROUP"
+    )]
+    pub socket_group: Option<String>,
+
+    /// What pod VMs get and how many may run.
+    #[command(flatten)]
+    pub pod_vms: PodVmArgs,
+
+    /// Directory of the journal and other durable state
+    #[arg(
+        long = "state-dir",
+        env = "PODVISOR_STATE_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/podvisor"
+    )]
+    pub state_dir: PathBuf,
+
+    /// The admin and gRPC endpoints.
+    #[command(flatten)]
+    pub endpoints: EndpointArgs,
+
+    /// This node's name; pod VMs are tagged with it [default: the host name]
+    #[arg(long = "node-name", env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// Logging.
+    #[command(flatten)]
+    pub logging: LogArgs,
+
+    /// The lifecycle's time limits and retries.
+    #[command(flatten)]
+    pub lifecycle: LifecycleArgs,
+
+    /// The orphan GC.
+    #[command(flatten)]
+    pub gc: GcArgs,
+
+    /// How hard the daemon drives the cloud.
+    #[command(flatten)]
+    pub provider_calls: ProviderCallArgs,
+
+    /// At SIGTERM: longest wait for operations under way to reach a journaled state
+    #[arg(long = "shutdown-grace", env = "PODVISOR_SHUTDOWN_GRACE", value_name = "DURATION",
+          default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Most connections open at once on each endpoint (the Kata socket, each gRPC endpoint, the admin endpoint, each agent socket); more are closed as soon as they are accepted
+    #[arg(long = "max-connections-per-endpoint", env = "PODVISOR_MAX_CONNECTIONS", value_name = "N",
+          default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_endpoint: u32,
+}
+
+/// Kata's side of the daemon: the socket the Kata runtime calls, the agent
+/// sockets its shims dial, and how the agent proxy behind each reaches the
+/// pod VM's forwarder.
+#[derive(Args, Debug, Clone)]
+pub struct KataArgs {
     /// Unix socket of the Kata remote hypervisor API (ttrpc)
     #[arg(
         long,
@@ -62,7 +145,13 @@ pub struct GlobalArgs {
     #[arg(long = "proxy-timeout", env = "PROXY_TIMEOUT", value_name = "DURATION", default_value = "5m",
           value_parser = parse_duration)]
     pub proxy_timeout: Duration,
+}
 
+/// TLS between the agent proxy and the pod VMs' forwarders: whose
+/// certificates (the operator's files, else the daemon's own), and which
+/// versions and cipher suites.
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
     /// CA certificate that signs the pod VMs' server certificates [default: auto]
     #[arg(long = "ca-cert-file", env = "CACERT_FILE", value_name = "PATH")]
     pub ca_cert_file: Option<PathBuf>,
@@ -98,7 +187,13 @@ pub struct GlobalArgs {
         value_name = "LIST"
     )]
     pub tls_cipher_suites: Option<String>,
+}
 
+/// Where the daemon finds what a pod brings beyond its spec: the CSI
+/// volumes Kata publishes, and the image pull secrets in the Kubernetes
+/// API.
+#[derive(Args, Debug, Clone)]
+pub struct PodInputArgs {
     /// Kata's direct-volumes directory: CSI volumes published there get the
     /// reference's target-path annotation on CreateContainer
     #[arg(
@@ -127,7 +222,12 @@ pub struct GlobalArgs {
     #[arg(long = "kube-ca-file", env = "PODVISOR_KUBE_CA_FILE", value_name = "PATH",
           default_value = crate::pull_secrets::IN_CLUSTER_CA)]
     pub kube_ca_file: PathBuf,
+}
 
+/// The network tunnel between the node and its pod VMs (accepted for the
+/// reference's ConfigMaps; not used yet).
+#[derive(Args, Debug, Clone)]
+pub struct TunnelArgs {
     /// Tunnel between the node and the pod VM (only vxlan)
     #[arg(
         long = "tunnel-type",
@@ -153,15 +253,13 @@ pub struct GlobalArgs {
     /// Node interface for the tunnel [default: the default route's]
     #[arg(long = "host-interface", value_name = "NAME")]
     pub host_interface: Option<String>,
+}
 
-    /// Group that may connect to the Kata socket (name or number); the socket is mode 0660 [default: the daemon's own group]
-    #[arg(
-        long = "socket-group",
-        env = "PODVISOR_SOCKET_GROUP",
-        value_name = "GROUP"
-    )]
-    pub socket_group: Option<String>,
-
+/// The reference's pod VM flags: what every pod VM gets, how many may run,
+/// and whether the provider's configuration must verify before any is
+/// made.
+#[derive(Args, Debug, Clone)]
+pub struct PodVmArgs {
     /// Default initdata for pod VMs without their own: the TOML, gzip-compressed and base64-encoded (`gzip | base64`; line breaks are ignored)
     #[arg(long, env = "INITDATA", value_name = "BASE64")]
     pub initdata: Option<String>,
@@ -195,16 +293,12 @@ pub struct GlobalArgs {
         value_name = "LIST"
     )]
     pub pod_subnet_cidrs: Option<String>,
+}
 
-    /// Directory of the journal and other durable state
-    #[arg(
-        long = "state-dir",
-        env = "PODVISOR_STATE_DIR",
-        value_name = "DIR",
-        default_value = "/var/lib/podvisor"
-    )]
-    pub state_dir: PathBuf,
-
+/// The operator's endpoints: admin HTTP, and gRPC over TCP and on a unix
+/// socket.
+#[derive(Args, Debug, Clone)]
+pub struct EndpointArgs {
     /// Admin HTTP endpoint (/metrics, /livez, /readyz, /v1/instances)
     #[arg(
         long = "admin-addr",
@@ -248,11 +342,11 @@ pub struct GlobalArgs {
         value_name = "PATH"
     )]
     pub grpc_token_file: Option<PathBuf>,
+}
 
-    /// This node's name; pod VMs are tagged with it [default: the host name]
-    #[arg(long = "node-name", env = "NODE_NAME", value_name = "NAME")]
-    pub node_name: Option<String>,
-
+/// What the daemon logs on stderr, and how.
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
     /// Log format
     #[arg(
         long = "log-format",
@@ -270,7 +364,11 @@ pub struct GlobalArgs {
         default_value = "info"
     )]
     pub log_level: String,
+}
 
+/// The pod VM lifecycle's time limits and retries.
+#[derive(Args, Debug, Clone)]
+pub struct LifecycleArgs {
     /// How long a sandbox may wait between CreateVM and StartVM
     #[arg(long = "pending-ttl", env = "PODVISOR_PENDING_TTL", value_name = "DURATION", default_value = "15m",
           value_parser = parse_duration)]
@@ -295,7 +393,11 @@ pub struct GlobalArgs {
     #[arg(long = "retry-cap", env = "PODVISOR_RETRY_CAP", value_name = "DURATION", default_value = "1m",
           value_parser = parse_duration)]
     pub retry_cap: Duration,
+}
 
+/// The orphan GC: how often, and how old an unowned instance must be.
+#[derive(Args, Debug, Clone)]
+pub struct GcArgs {
     /// How often the orphan GC runs
     #[arg(long = "gc-interval", env = "PODVISOR_GC_INTERVAL", value_name = "DURATION", default_value = "5m",
           value_parser = parse_duration)]
@@ -305,13 +407,18 @@ pub struct GlobalArgs {
     #[arg(long = "gc-grace-period", env = "PODVISOR_GC_GRACE_PERIOD", value_name = "DURATION", default_value = "10m",
           value_parser = parse_duration)]
     pub gc_grace_period: Duration,
+}
 
+/// How hard the daemon may drive the cloud: calls in flight, the token
+/// bucket of mutating calls, and each call's tries and time limit.
+#[derive(Args, Debug, Clone)]
+pub struct ProviderCallArgs {
     /// Most provider calls in flight at once
     #[arg(long = "provider-max-inflight", env = "PODVISOR_PROVIDER_MAX_INFLIGHT", value_name = "N",
           default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     pub provider_max_inflight: u32,
 
-    /// Sustained rate of mutating provider calls (creates, deletes) per second [default: the provider's; aws 2, local and libvirt 5]
+    /// Sustained rate of mutating provider calls (creates, deletes) per second
     #[arg(
         long = "provider-rate",
         env = "PODVISOR_PROVIDER_RATE",
@@ -320,7 +427,7 @@ pub struct GlobalArgs {
     )]
     pub provider_rate: Option<f64>,
 
-    /// Burst of mutating provider calls above the rate [default: the provider's; aws 20, local and libvirt 10]
+    /// Burst of mutating provider calls above the rate
     #[arg(long = "provider-burst", env = "PODVISOR_PROVIDER_BURST", value_name = "N",
           allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
     pub provider_burst: Option<u32>,
@@ -334,17 +441,6 @@ pub struct GlobalArgs {
     #[arg(long = "provider-call-timeout", env = "PODVISOR_PROVIDER_CALL_TIMEOUT", value_name = "DURATION",
           default_value = "10m", value_parser = parse_duration)]
     pub provider_call_timeout: Duration,
-
-    /// At SIGTERM: longest wait for operations under way to reach a journaled state
-    #[arg(long = "shutdown-grace", env = "PODVISOR_SHUTDOWN_GRACE", value_name = "DURATION",
-          default_value = "20s", value_parser = parse_duration)]
-    pub shutdown_grace: Duration,
-
-    /// Most connections open at once on each endpoint (the Kata socket, each gRPC endpoint, the admin endpoint, each agent socket); more are closed as soon as they are accepted
-    #[arg(long = "max-connections-per-endpoint", env = "PODVISOR_MAX_CONNECTIONS", value_name = "N",
-          default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_connections_per_endpoint: u32,
 }
 
 /// The gRPC socket's file name when `--grpc-socket` is not given: it sits
@@ -356,11 +452,14 @@ impl GlobalArgs {
     /// The gRPC unix socket: `--grpc-socket` (flag, else environment), else
     /// [`GRPC_SOCKET_NAME`] in the directory of `--socket`.
     pub fn grpc_socket_path(&self) -> PathBuf {
-        self.grpc_socket
+        self.endpoints
+            .grpc_socket
             .clone()
-            .unwrap_or_else(|| self.socket.with_file_name(GRPC_SOCKET_NAME))
+            .unwrap_or_else(|| self.kata.socket.with_file_name(GRPC_SOCKET_NAME))
     }
+}
 
+impl ProviderCallArgs {
     /// The token bucket of mutating provider calls: each of
     /// `--provider-rate` and `--provider-burst` (flag, else environment)
     /// when given, else the provider's default.
@@ -418,7 +517,7 @@ pub enum JournalAction {
 
 /// The whole command, with one subcommand per compiled-in provider.
 pub fn command() -> clap::Command {
-    let mut cmd = GlobalArgs::command();
+    let mut cmd = with_provider_defaults(GlobalArgs::command(), &registry());
     for manager in registry() {
         cmd = cmd.subcommand(manager.command());
     }
@@ -442,6 +541,54 @@ pub fn command() -> clap::Command {
                         .arg(clap::Arg::new("pod").long("pod").required(true).value_name("NAMESPACE/NAME").help("The pod the instance serves")),
                 ),
         )
+}
+
+/// Ends the help of `--provider-rate` and `--provider-burst` with each
+/// provider's default, as the providers declare them
+/// ([`CloudManager::default_call_limits`]).
+fn with_provider_defaults(cmd: clap::Command, managers: &[&dyn CloudManager]) -> clap::Command {
+    let rate = providers_defaults(managers, |l| l.rate.to_string());
+    let burst = providers_defaults(managers, |l| l.burst.to_string());
+    let append = |defaults: String| {
+        move |arg: clap::Arg| {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            arg.help(format!("{help} [default: the provider's; {defaults}]"))
+        }
+    };
+    cmd.mut_arg("provider_rate", append(rate))
+        .mut_arg("provider_burst", append(burst))
+}
+
+/// One call limit's default per provider, `aws 2, local and libvirt 5`:
+/// providers with the same value share it, and the values a provider
+/// declares for itself come before [`CallLimits::DEFAULT`]'s.
+fn providers_defaults(
+    managers: &[&dyn CloudManager],
+    value: impl Fn(CallLimits) -> String,
+) -> String {
+    let shared = value(CallLimits::DEFAULT);
+    let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+    for m in managers {
+        let v = value(m.default_call_limits());
+        match groups.iter_mut().find(|(g, _)| *g == v) {
+            Some((_, names)) => names.push(m.name()),
+            None => groups.push((v, vec![m.name()])),
+        }
+    }
+    // A stable sort: in registry order within "own" and "shared".
+    groups.sort_by_key(|(v, _)| *v == shared);
+    groups
+        .iter()
+        .map(|(v, names)| {
+            let names = match names.split_last() {
+                Some((last, [])) => (*last).to_owned(),
+                Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+                None => String::new(),
+            };
+            format!("{names} {v}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A command line that cannot run.
@@ -512,7 +659,7 @@ where
 
 /// Checks what clap's types cannot express.
 fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
-    if let Some(v) = &g.tls_min_version {
+    if let Some(v) = &g.tls.tls_min_version {
         if !matches!(v.as_str(), "VersionTLS12" | "VersionTLS13") {
             return Err(ConfigError::flag(
                 "tls-min-version",
@@ -521,21 +668,21 @@ fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
             ));
         }
     }
-    if let Some(list) = &g.tls_cipher_suites {
-        podvisor_podvm::tls::TlsPolicy::new(g.tls_min_version.as_deref(), Some(list))
+    if let Some(list) = &g.tls.tls_cipher_suites {
+        podvisor_podvm::tls::TlsPolicy::new(g.tls.tls_min_version.as_deref(), Some(list))
             .map_err(|e| ConfigError::flag("tls-cipher-suites", Some("TLS_CIPHER_SUITES"), e))?;
     }
-    if g.tunnel_type != "vxlan" {
+    if g.tunnel.tunnel_type != "vxlan" {
         return Err(ConfigError::flag(
             "tunnel-type",
             Some("TUNNEL_TYPE"),
             format!(
                 "'{}' is not supported; the only tunnel type is vxlan",
-                g.tunnel_type
+                g.tunnel.tunnel_type
             ),
         ));
     }
-    if let Some(rate) = g.provider_rate {
+    if let Some(rate) = g.provider_calls.provider_rate {
         if !(rate.is_finite() && rate > 0.0) {
             return Err(ConfigError::flag(
                 "provider-rate",
@@ -544,24 +691,24 @@ fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
             ));
         }
     }
-    if g.retry_base.is_zero() || g.retry_cap < g.retry_base {
+    if g.lifecycle.retry_base.is_zero() || g.lifecycle.retry_cap < g.lifecycle.retry_base {
         return Err(ConfigError::flag(
             "retry-cap",
             Some("PODVISOR_RETRY_CAP"),
             format!(
                 "must be at least --retry-base, and --retry-base above zero ({:?} / {:?})",
-                g.retry_cap, g.retry_base
+                g.lifecycle.retry_cap, g.lifecycle.retry_base
             ),
         ));
     }
-    if g.proxy_timeout.is_zero() {
+    if g.kata.proxy_timeout.is_zero() {
         return Err(ConfigError::flag(
             "proxy-timeout",
             Some("PROXY_TIMEOUT"),
             "must be above zero",
         ));
     }
-    if g.gc_interval.is_zero() {
+    if g.gc.gc_interval.is_zero() {
         return Err(ConfigError::flag(
             "gc-interval",
             Some("PODVISOR_GC_INTERVAL"),
@@ -569,14 +716,14 @@ fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
         ));
     }
     for (flag, timeout) in [
-        ("admin-header-timeout", g.admin_header_timeout),
-        ("admin-idle-timeout", g.admin_idle_timeout),
+        ("admin-header-timeout", g.endpoints.admin_header_timeout),
+        ("admin-idle-timeout", g.endpoints.admin_idle_timeout),
     ] {
         if timeout.is_zero() {
             return Err(ConfigError::flag(flag, None, "must be above zero"));
         }
     }
-    if let Some(data) = &g.initdata {
+    if let Some(data) = &g.pod_vms.initdata {
         crate::api::annotations::initdata_setting(data)
             .map_err(|why| ConfigError::flag("initdata", Some("INITDATA"), why))?;
     }
@@ -589,18 +736,19 @@ fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
             ));
         }
     }
-    if g.grpc_socket_path() == g.socket {
+    if g.grpc_socket_path() == g.kata.socket {
         return Err(ConfigError::flag(
             "grpc-socket",
             Some("PODVISOR_GRPC_SOCKET"),
             format!(
                 "{} is the Kata socket (--socket); the gRPC socket needs a path of its own",
-                g.socket.display()
+                g.kata.socket.display()
             ),
         ));
     }
-    if (g.cert_file.is_some() || g.cert_key.is_some() || g.ca_cert_file.is_some())
-        && !(g.cert_file.is_some() && g.cert_key.is_some() && g.ca_cert_file.is_some())
+    let tls = &g.tls;
+    if (tls.cert_file.is_some() || tls.cert_key.is_some() || tls.ca_cert_file.is_some())
+        && !(tls.cert_file.is_some() && tls.cert_key.is_some() && tls.ca_cert_file.is_some())
     {
         return Err(ConfigError::flag(
             "cert-file",
@@ -744,14 +892,14 @@ mod tests {
     #[test]
     fn defaults_match_the_reference() {
         let g = global(&["local"]);
-        assert_eq!(g.socket, PathBuf::from("/run/peerpod/hypervisor.sock"));
-        assert_eq!(g.pods_dir, PathBuf::from("/run/peerpod/pods"));
-        assert_eq!(g.forwarder_port, 15150);
-        assert_eq!(g.proxy_timeout, Duration::from_secs(300));
-        assert_eq!(g.peerpods_limit_per_node, 10);
-        assert_eq!(g.vxlan_port, 4789);
-        assert_eq!(g.admin_addr, "127.0.0.1:9797".parse().unwrap());
-        assert_eq!(g.grpc_addr, "127.0.0.1:9798".parse().unwrap());
+        assert_eq!(g.kata.socket, PathBuf::from("/run/peerpod/hypervisor.sock"));
+        assert_eq!(g.kata.pods_dir, PathBuf::from("/run/peerpod/pods"));
+        assert_eq!(g.kata.forwarder_port, 15150);
+        assert_eq!(g.kata.proxy_timeout, Duration::from_secs(300));
+        assert_eq!(g.pod_vms.peerpods_limit_per_node, 10);
+        assert_eq!(g.tunnel.vxlan_port, 4789);
+        assert_eq!(g.endpoints.admin_addr, "127.0.0.1:9797".parse().unwrap());
+        assert_eq!(g.endpoints.grpc_addr, "127.0.0.1:9798".parse().unwrap());
     }
 
     #[test]
@@ -767,8 +915,8 @@ mod tests {
     fn admin_connection_limits_default_to_10s_and_a_minute_and_must_be_above_zero() {
         let g = global(&["local"]);
         let defaults = crate::admin::server::ConnectionTimeouts::default();
-        assert_eq!(g.admin_header_timeout, defaults.header);
-        assert_eq!(g.admin_idle_timeout, defaults.idle);
+        assert_eq!(g.endpoints.admin_header_timeout, defaults.header);
+        assert_eq!(g.endpoints.admin_idle_timeout, defaults.idle);
         let g = global(&[
             "--admin-header-timeout",
             "2s",
@@ -776,8 +924,8 @@ mod tests {
             "5s",
             "local",
         ]);
-        assert_eq!(g.admin_header_timeout, Duration::from_secs(2));
-        assert_eq!(g.admin_idle_timeout, Duration::from_secs(5));
+        assert_eq!(g.endpoints.admin_header_timeout, Duration::from_secs(2));
+        assert_eq!(g.endpoints.admin_idle_timeout, Duration::from_secs(5));
         for flag in ["--admin-header-timeout", "--admin-idle-timeout"] {
             let e = err(&[flag, "0s", "local"]);
             assert!(e.contains(flag) && e.contains("above zero"), "{e}");
@@ -791,7 +939,7 @@ mod tests {
             g.grpc_socket_path(),
             PathBuf::from("/run/peerpod/podvisor-grpc.sock")
         );
-        assert_eq!(g.grpc_token_file, None);
+        assert_eq!(g.endpoints.grpc_token_file, None);
         let g = global(&["--socket", "/tmp/x/hv.sock", "local"]);
         assert_eq!(
             g.grpc_socket_path(),
@@ -811,11 +959,13 @@ mod tests {
             "-create-delay",
             "1s",
         ]);
-        assert_eq!(g.socket, PathBuf::from("/tmp/x.sock"));
-        assert_eq!(g.proxy_timeout, Duration::from_secs(30));
+        assert_eq!(g.kata.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(g.kata.proxy_timeout, Duration::from_secs(30));
         // A negative number is not mistaken for a flag.
         assert_eq!(
-            global(&["--peerpods-limit-per-node", "-1", "local"]).peerpods_limit_per_node,
+            global(&["--peerpods-limit-per-node", "-1", "local"])
+                .pod_vms
+                .peerpods_limit_per_node,
             -1
         );
     }
@@ -858,12 +1008,18 @@ mod tests {
         };
         // Neither flag (nor variable): the provider's default.
         let g = global(&["--provider-max-inflight", "3", "local"]);
-        assert_eq!((g.provider_rate, g.provider_burst), (None, None));
-        assert_eq!(g.call_limits(provider), provider);
+        assert_eq!(
+            (
+                g.provider_calls.provider_rate,
+                g.provider_calls.provider_burst
+            ),
+            (None, None)
+        );
+        assert_eq!(g.provider_calls.call_limits(provider), provider);
         // Each flag wins on its own; the other value stays the provider's.
         let g = global(&["--provider-rate", "0.5", "local"]);
         assert_eq!(
-            g.call_limits(provider),
+            g.provider_calls.call_limits(provider),
             CallLimits {
                 rate: 0.5,
                 burst: 20
@@ -871,7 +1027,7 @@ mod tests {
         );
         let g = global(&["-provider-burst=3", "local"]);
         assert_eq!(
-            g.call_limits(provider),
+            g.provider_calls.call_limits(provider),
             CallLimits {
                 rate: 2.0,
                 burst: 3
@@ -879,7 +1035,7 @@ mod tests {
         );
         let g = global(&["--provider-rate", "7", "--provider-burst", "70", "local"]);
         assert_eq!(
-            g.call_limits(provider),
+            g.provider_calls.call_limits(provider),
             CallLimits {
                 rate: 7.0,
                 burst: 70
@@ -910,6 +1066,72 @@ mod tests {
             assert!(help.contains(m.name()), "{help}");
         }
         assert!(help.contains("REMOTE_HYPERVISOR_ENDPOINT"));
+    }
+
+    /// A registered provider that declares `.1` as its call limits.
+    struct Declares(&'static str, CallLimits);
+
+    impl CloudManager for Declares {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+
+        fn command(&self) -> clap::Command {
+            clap::Command::new(self.0)
+        }
+
+        fn configure(
+            &self,
+            _matches: &clap::ArgMatches,
+        ) -> Result<Box<dyn ProviderConfig>, ConfigError> {
+            Err(ConfigError::flag("none", None, "a test's provider"))
+        }
+
+        fn default_call_limits(&self) -> CallLimits {
+            self.1
+        }
+    }
+
+    #[test]
+    fn help_gives_each_providers_own_call_limits_then_the_shared_default() {
+        let own = CallLimits {
+            rate: 2.0,
+            burst: 20,
+        };
+        let local = Declares("local", CallLimits::DEFAULT);
+        let aws = Declares("aws", own);
+        let libvirt = Declares("libvirt", CallLimits::DEFAULT);
+        let managers: [&dyn CloudManager; 3] = [&local, &aws, &libvirt];
+        let rate: fn(CallLimits) -> String = |l| l.rate.to_string();
+        let burst: fn(CallLimits) -> String = |l| l.burst.to_string();
+        assert_eq!(
+            providers_defaults(&managers, rate),
+            "aws 2, local and libvirt 5"
+        );
+        assert_eq!(
+            providers_defaults(&managers, burst),
+            "aws 20, local and libvirt 10"
+        );
+        assert_eq!(providers_defaults(&managers[..1], rate), "local 5");
+
+        // This build's help names every compiled-in provider.
+        let cmd = command();
+        for (id, value) in [("provider_rate", rate), ("provider_burst", burst)] {
+            let help = cmd
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_help())
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let defaults = providers_defaults(&registry(), value);
+            assert!(
+                help.ends_with(&format!("[default: the provider's; {defaults}]")),
+                "{help}"
+            );
+            for m in registry() {
+                assert!(defaults.contains(m.name()), "{id}: {help}");
+            }
+        }
     }
 
     #[test]

@@ -1,8 +1,32 @@
 //! Start-up, serving and shutdown of the daemon.
 //!
+//! [`serve`] runs six steps, each a function below, in this order:
+//!
+//! 1. `open_journal`: the journal, loaded, before anything else: it is the
+//!    truth.
+//! 2. `build_provider`: the provider, its call limits, its configuration
+//!    checked against the cloud.
+//! 3. `load_pki`: the TLS keys the agent proxy shows the pod VMs (then
+//!    `pull_secrets`: the Kubernetes API client for image pull secrets).
+//! 4. `start_actors`: the supervisor, which gives every record its actor
+//!    and recovers it.
+//! 5. `serve_endpoints`: the admin endpoint, gRPC over TCP, the Kata socket,
+//!    then the gRPC socket.
+//! 6. `shut_down`: at SIGTERM or SIGINT, no new requests, operations under
+//!    way drained, the journal flushed.
+//!
 //! Order matters: the journal is loaded and every record has its actor
 //! before the Kata socket opens; `/readyz` turns ready once each record's
 //! recovery is decided; then the orphan GC runs.
+//!
+//! A step that fails stops start-up with a [`StartupError`] naming the step
+//! and the flag to fix.
+
+mod error;
+mod journal_command;
+
+pub use error::{StartupError, report};
+pub use journal_command::journal_command;
 
 use crate::actors::pod_vm::PodVmDeps;
 use crate::actors::provider::{CallPolicy, ProviderActor, ProviderCalls};
@@ -12,21 +36,29 @@ use crate::api::HypervisorApi;
 use crate::api::grpc::{BearerToken, GrpcAdmin, GrpcHypervisor, RequireBearer};
 use crate::cli::GlobalArgs;
 use crate::connections::{self, Gate, Gated};
+use crate::journal_health::{HealthJournal, JournalHealth};
 use crate::metered::Metered;
 use crate::metrics;
 use crate::protocols::grpc::admin::admin_server::AdminServer;
 use crate::protocols::grpc::hypervisor::hypervisor_server::HypervisorServer;
 use crate::view::InstanceView;
-use actix::Actor;
-use podvisor_providers::{CloudManager, ProviderConfig, ProviderContext};
-use podvisor_state::{Backoff, Journal, MachineConfig, SledJournal};
+use actix::{Actor, Addr};
+use metrics_exporter_prometheus::PrometheusHandle;
+use podvisor_providers::{CallLimits, CloudManager, ProviderConfig, ProviderContext};
+use podvisor_state::{
+    Backoff, InstanceRecord, Journal, MachineConfig, QuarantinedRecord, SledJournal,
+};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-/// Runs the daemon until SIGTERM or SIGINT; returns the process exit code.
+/// Runs the daemon until SIGTERM or SIGINT; returns the process exit code:
+/// 0 after a clean shutdown, 1 if a step failed (said on stderr and in the
+/// log), 2 if logging cannot start.
 pub fn run(
     global: GlobalArgs,
     manager: &'static dyn CloudManager,
@@ -39,7 +71,7 @@ pub fn run(
     // and every agent socket open to any local user.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     if let Err(e) = init_logging(&global) {
-        eprintln!("podvisor: {e}");
+        eprintln!("podvisor: {}", report(&e));
         return ExitCode::from(2);
     }
     // Before any socket opens: under systemd the soft limit is 1024, which
@@ -58,141 +90,20 @@ pub fn run(
         match served {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!(error = %e, "podvisor cannot run");
-                eprintln!("podvisor: {e}");
+                let line = report(&e);
+                tracing::error!(error = %line, "podvisor cannot run");
+                eprintln!("podvisor: {line}");
                 ExitCode::FAILURE
             }
         }
     })
 }
 
-/// `podvisor journal status|accept-loss`: prints the journal's identity and
-/// integrity as JSON (after accepting, what it was before). Exit 0, or 1
-/// with the reason (a running daemon holds the journal's lock).
-pub fn journal_command(action: crate::cli::JournalAction, state_dir: &std::path::Path) -> ExitCode {
-    // As the daemon: nothing it writes is readable beyond its owner.
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let dir = state_dir.join("journal");
-    if !dir.is_dir() {
-        eprintln!("podvisor: there is no journal at {}", dir.display());
-        return ExitCode::FAILURE;
-    }
-    let result = match action {
-        crate::cli::JournalAction::Status => SledJournal::open(&dir)
-            .map(|j| serde_json::json!({ "journal": j.identity().id, "integrity": j.verdict() })),
-        crate::cli::JournalAction::AcceptLoss => SledJournal::accept_loss(&dir)
-            .map(|before| serde_json::json!({ "accepted": true, "integrity_before": before })),
-        crate::cli::JournalAction::Adopt {
-            sandbox,
-            token,
-            pod,
-        } => match adoption_record(&sandbox, &token, &pod) {
-            Err(why) => {
-                eprintln!("podvisor: {why}");
-                return ExitCode::from(2);
-            }
-            Ok(record) => SledJournal::open(&dir).and_then(|j| {
-                if j.get(&record.sandbox_id)?.is_some() {
-                    return Ok(serde_json::json!({
-                        "adopted": false,
-                        "why": format!("sandbox {} has a record already", record.sandbox_id),
-                    }));
-                }
-                j.put(&record)?;
-                j.flush()?;
-                Ok(serde_json::json!({
-                    "adopted": true,
-                    "sandbox": record.sandbox_id,
-                    "instance_name": record.instance_name,
-                }))
-            }),
-        },
-    };
-    match result {
-        Ok(report) => {
-            println!("{report}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("podvisor: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// The record that adopts a lost instance: `Creating` with the instance's
-/// token, which start-up recovery looks up at the provider, adopts, probes
-/// and brings to `Running` — exactly what it does for a create that was cut
-/// off by a crash. The token must be the sandbox's own (it is derived from
-/// the sandbox id), so a mistyped id or token is refused.
-fn adoption_record(
-    sandbox: &str,
-    token: &str,
-    pod: &str,
-) -> Result<podvisor_state::InstanceRecord, String> {
-    crate::api::validate_sandbox_id(sandbox).map_err(|e| format!("--sandbox: {e}"))?;
-    let (namespace, name) = pod
-        .split_once('/')
-        .filter(|(ns, name)| crate::api::annotations::is_pod_identity(name, ns))
-        .ok_or_else(|| {
-            format!(
-                "--pod {} is not <namespace>/<name> of a Kubernetes pod",
-                crate::api::annotations::shown(pod)
-            )
-        })?;
-    let generation = token
-        .rsplit_once("-g")
-        .and_then(|(_, g)| g.parse::<u64>().ok())
-        .filter(|g| podvisor_state::idempotency_token(sandbox, *g) == token)
-        .ok_or_else(|| {
-            format!(
-                "--token {} is not an idempotency token of sandbox {sandbox} (pv-<hash of the sandbox id>-g<generation>)",
-                crate::api::annotations::shown(token)
-            )
-        })?;
-    let now = crate::actors::pod_vm::now_millis();
-    let mut record = podvisor_state::InstanceRecord::pending(
-        sandbox,
-        name,
-        namespace,
-        podvisor_state::InstanceSpec::default(),
-        now,
-    );
-    record.state = podvisor_state::State::Creating;
-    record.generation = generation;
-    record.token = Some(token.to_owned());
-    Ok(record)
-}
-
 /// Logging as `--log-level` and `--log-format` ask, under the caps of
 /// [`crate::logging::CAPS`]: no level prints a credential.
-fn init_logging(global: &GlobalArgs) -> Result<(), String> {
-    crate::logging::init(&global.log_level, global.log_format)
-}
-
-/// Creates `dir` and its missing parents, readable by the owner only (an
-/// existing directory keeps its mode).
-fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
-
-/// This node's name: the flag, else the host name.
-fn node_name(global: &GlobalArgs) -> Result<String, String> {
-    match &global.node_name {
-        Some(n) => Ok(n.trim().to_owned()),
-        None => nix::unistd::gethostname()
-            .map_err(|e| {
-                format!("--node-name (NODE_NAME) is not set and the host name is unreadable: {e}")
-            })?
-            .into_string()
-            .map_err(|_| {
-                "--node-name (NODE_NAME) is not set and the host name is not UTF-8".to_owned()
-            }),
-    }
+fn init_logging(global: &GlobalArgs) -> Result<(), StartupError> {
+    crate::logging::init(&global.logging.log_level, global.logging.log_format)
+        .map_err(|reason| StartupError::Logging { reason })
 }
 
 /// Serves with the provider `provider_config` builds, until `shutdown`
@@ -200,14 +111,87 @@ fn node_name(global: &GlobalArgs) -> Result<String, String> {
 /// provider down. Pod VMs stay as they are. Must run inside an actix
 /// `System` on a multi-threaded Tokio runtime; [`run`] sets that up, and
 /// benchmarks call this directly with their own provider.
+///
+/// # Errors
+///
+/// The first step that fails, as a [`StartupError`] naming the step and
+/// the flag to fix; or a shutdown that could not stop the Kata socket or
+/// flush the journal.
 pub async fn serve(
     global: GlobalArgs,
     provider_name: &'static str,
     provider_config: Box<dyn ProviderConfig>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), String> {
-    let metrics_handle = metrics::install()?;
-    let upkeep = metrics_handle.clone();
+) -> Result<(), StartupError> {
+    let Inputs {
+        metrics: metrics_handle,
+        node,
+        grpc_token,
+    } = prepare(&global)?;
+    let (journal, records) = open_journal(&global.state_dir).await?;
+    let provider = build_provider(&global, provider_name, &*provider_config, &node).await?;
+    let pki = load_pki(&global).await?;
+    let pull_secrets = pull_secrets(&global)?;
+    let actors = start_actors(
+        &global,
+        &node,
+        &journal,
+        records,
+        &provider.calls,
+        pki.pki.clone(),
+        pull_secrets,
+    )
+    .await?;
+    let status = status_document(
+        &global,
+        &node,
+        provider_name,
+        &*provider_config,
+        &provider,
+        &journal,
+        actors.limit,
+    );
+    let endpoints = serve_endpoints(
+        &global,
+        metrics_handle,
+        grpc_token,
+        &journal,
+        &actors,
+        status,
+    )
+    .await?;
+    tracing::info!(
+        socket = %global.kata.socket.display(),
+        admin = %global.endpoints.admin_addr,
+        grpc = %global.endpoints.grpc_addr,
+        grpc_tcp_hypervisor = endpoints.grpc_tcp_hypervisor,
+        grpc_socket = %endpoints.grpc_socket.display(),
+        provider = provider_name,
+        node = %node,
+        "podvisor serving"
+    );
+
+    shutdown.await;
+    shut_down(&global, endpoints, actors, journal, provider, pki).await
+}
+
+/// What is read and made before the first step: checks that need nothing
+/// slow, so a bad flag stops start-up at once.
+struct Inputs {
+    /// Renders `/metrics`.
+    metrics: PrometheusHandle,
+    /// This node's name.
+    node: String,
+    /// `--grpc-token-file`'s token, if given.
+    grpc_token: Option<BearerToken>,
+}
+
+/// Before step 1: installs the metrics recorder (and its upkeep), reads
+/// the node's name and the gRPC token file, and creates `--state-dir` and
+/// `--pods-dir`.
+fn prepare(global: &GlobalArgs) -> Result<Inputs, StartupError> {
+    let metrics = metrics::install().map_err(|reason| StartupError::Metrics { reason })?;
+    let upkeep = metrics.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -215,46 +199,105 @@ pub async fn serve(
             upkeep.run_upkeep();
         }
     });
-    let node = node_name(&global)?;
-    // Read before anything slow starts, so a bad token file stops start-up
-    // at once.
+    let node = node_name(global)?;
     let grpc_token = global
+        .endpoints
         .grpc_token_file
         .as_deref()
         .map(BearerToken::from_file)
         .transpose()
-        .map_err(|why| format!("--grpc-token-file (PODVISOR_GRPC_TOKEN_FILE) {why}"))?;
+        .map_err(|reason| StartupError::GrpcToken { reason })?;
     for (flag, dir) in [
-        ("state-dir", &global.state_dir),
-        ("pods-dir", &global.pods_dir),
+        ("--state-dir", &global.state_dir),
+        ("--pods-dir", &global.kata.pods_dir),
     ] {
-        create_private_dir(dir).map_err(|e| format!("--{flag} {}: {e}", dir.display()))?;
+        create_private_dir(dir).map_err(|source| StartupError::Directory {
+            flag,
+            path: dir.clone(),
+            source,
+        })?;
     }
+    Ok(Inputs {
+        metrics,
+        node,
+        grpc_token,
+    })
+}
 
-    // 1. The journal, before anything else: it is the truth. It holds pods'
-    // initdata, so only root may read it.
-    let journal_dir = global.state_dir.join("journal");
+/// This node's name: the flag, else the host name.
+fn node_name(global: &GlobalArgs) -> Result<String, StartupError> {
+    match &global.node_name {
+        Some(n) => Ok(n.trim().to_owned()),
+        None => nix::unistd::gethostname()
+            .map_err(|source| StartupError::HostName { source })?
+            .into_string()
+            .map_err(|_| StartupError::HostNameNotUtf8),
+    }
+}
+
+/// Creates `dir` and its missing parents, readable by the owner only (an
+/// existing directory keeps its mode).
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Runs `job` on the blocking pool; a task that does not finish is
+/// [`StartupError::Interrupted`] while doing `task`.
+async fn blocking<T: Send + 'static>(
+    task: &'static str,
+    job: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StartupError> {
+    tokio::task::spawn_blocking(job)
+        .await
+        .map_err(|source| StartupError::Interrupted { task, source })
+}
+
+/// Step 1's result: the journal, open.
+struct OpenedJournal {
+    /// The journal, reporting every write to `health`.
+    journal: Arc<dyn Journal>,
+    /// Whether journal writes work, for `/livez`.
+    health: Arc<JournalHealth>,
+    /// Every record ever quarantined (this start's included): the GC spares
+    /// their instances across restarts until an operator decides.
+    quarantine: Vec<QuarantinedRecord>,
+}
+
+/// Step 1: opens the journal in `<state_dir>/journal` (only root may read
+/// it: it holds pods' initdata), says whether it may have lost records, and
+/// loads the quarantine and every record, which it returns for recovery.
+async fn open_journal(
+    state_dir: &Path,
+) -> Result<(OpenedJournal, Vec<InstanceRecord>), StartupError> {
+    let journal_error = |action, source| StartupError::Journal {
+        action,
+        state_dir: state_dir.to_path_buf(),
+        source,
+    };
+    let journal_dir = state_dir.join("journal");
     create_private_dir(&journal_dir)
         .and_then(|()| {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&journal_dir, std::fs::Permissions::from_mode(0o700))
         })
-        .map_err(|e| format!("--state-dir {}: {e}", journal_dir.display()))?;
-    let journal_health = crate::journal_health::JournalHealth::new();
-    let journal: Arc<dyn Journal> = {
+        .map_err(|source| StartupError::Directory {
+            flag: "--state-dir",
+            path: journal_dir.clone(),
+            source,
+        })?;
+    let health = JournalHealth::new();
+    let sled = {
         let dir = journal_dir.clone();
-        let sled: Arc<dyn Journal> = Arc::new(
-            tokio::task::spawn_blocking(move || SledJournal::open(&dir))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?,
-        );
-        // Every write reports to the health /livez reads.
-        Arc::new(crate::journal_health::HealthJournal::new(
-            sled,
-            journal_health.clone(),
-        ))
+        blocking("opening the journal", move || SledJournal::open(&dir))
+            .await?
+            .map_err(|e| journal_error("open", e))?
     };
+    // Every write reports to the health /livez reads.
+    let journal: Arc<dyn Journal> = Arc::new(HealthJournal::new(Arc::new(sled), health.clone()));
     let identity = journal.identity();
     match journal.verdict() {
         podvisor_state::Verdict::InDoubt { reason } => {
@@ -269,24 +312,20 @@ pub async fn serve(
     }
     let loaded = {
         let j = journal.clone();
-        tokio::task::spawn_blocking(move || j.load())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
+        blocking("loading the journal", move || j.load())
+            .await?
+            .map_err(|e| journal_error("load", e))?
     };
     for q in &loaded.quarantined {
         metrics::counter!(metrics::JOURNAL_QUARANTINED).increment(1);
         tracing::error!(key = %q.key, reason = %q.reason, "journal record quarantined: it could not be read and was moved aside");
     }
-    // Every record ever quarantined (this start's included), not only this
-    // start's: the GC keeps sparing their instances across restarts until an
-    // operator decides.
+    // Every record ever quarantined, not only this start's.
     let quarantine = {
         let j = journal.clone();
-        tokio::task::spawn_blocking(move || j.quarantined())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
+        blocking("reading the journal's quarantine", move || j.quarantined())
+            .await?
+            .map_err(|e| journal_error("read the quarantine of", e))?
     };
     if !quarantine.is_empty() {
         tracing::warn!(
@@ -300,21 +339,51 @@ pub async fn serve(
         journal = %journal_dir.display(),
         "journal loaded"
     );
+    let opened = OpenedJournal {
+        journal,
+        health,
+        quarantine,
+    };
+    Ok((opened, loaded.records))
+}
 
-    // 2. The provider.
+/// Step 2's result: the provider behind its call policy.
+struct BuiltProvider {
+    /// Every call to the provider goes through these limits.
+    calls: Arc<ProviderCalls>,
+    /// The token bucket of mutating calls in force.
+    limits: CallLimits,
+    /// The provider's own default, for `/v1/status`.
+    provider_default: CallLimits,
+    /// Why the configuration did not verify, without
+    /// `--cloud-config-verify` (kept for `/v1/status`).
+    config_problem: Option<String>,
+}
+
+/// Step 2: builds the provider, puts it behind the call limits
+/// (`--provider-*`, else the provider's defaults) and checks its
+/// configuration against the cloud: a failure stops start-up with
+/// `--cloud-config-verify`, and is a warning without.
+async fn build_provider(
+    global: &GlobalArgs,
+    provider_name: &'static str,
+    provider_config: &dyn ProviderConfig,
+    node: &str,
+) -> Result<BuiltProvider, StartupError> {
     let context = ProviderContext {
-        node_name: node.clone(),
-        forwarder_port: global.forwarder_port,
+        node_name: node.to_owned(),
+        forwarder_port: global.kata.forwarder_port,
         state_dir: global.state_dir.clone(),
     };
-    let provider = Metered::wrap(
-        provider_config
-            .build(&context)
-            .await
-            .map_err(|e| format!("provider {provider_name}: {e}"))?,
-    );
+    let provider = Metered::wrap(provider_config.build(&context).await.map_err(|source| {
+        StartupError::BuildProvider {
+            provider: provider_name,
+            source,
+        }
+    })?);
+    let calls_args = &global.provider_calls;
     let provider_default = provider_config.default_call_limits();
-    let limits = global.call_limits(provider_default);
+    let limits = calls_args.call_limits(provider_default);
     tracing::info!(
         provider = provider_name,
         rate_per_second = limits.rate,
@@ -324,14 +393,14 @@ pub async fn serve(
         "mutating provider calls limited (--provider-rate, --provider-burst; else the provider's default)"
     );
     let policy = CallPolicy {
-        max_inflight: global.provider_max_inflight,
+        max_inflight: calls_args.provider_max_inflight,
         rate: limits.rate,
         burst: limits.burst,
-        attempts: global.provider_call_attempts,
-        timeout: global.provider_call_timeout,
+        attempts: calls_args.provider_call_attempts,
+        timeout: calls_args.provider_call_timeout,
         backoff: Backoff {
-            base: global.retry_base,
-            cap: global.retry_cap,
+            base: global.lifecycle.retry_base,
+            cap: global.lifecycle.retry_cap,
         },
     };
     let calls = Arc::new(ProviderCalls::new(provider, policy));
@@ -342,328 +411,479 @@ pub async fn serve(
             tracing::info!(provider = provider_name, "provider configuration verified");
             None
         }
-        Err(e) if global.cloud_config_verify => {
-            return Err(format!(
-                "provider {} configuration does not verify (--cloud-config-verify): {e}",
-                provider_name
-            ));
+        Err(source) if global.pod_vms.cloud_config_verify => {
+            return Err(StartupError::ProviderUnverified {
+                provider: provider_name,
+                source,
+            });
         }
         Err(e) => {
             tracing::warn!(provider = provider_name, error = %e, "provider configuration does not verify");
             Some(e.to_string())
         }
     };
+    Ok(BuiltProvider {
+        calls,
+        limits,
+        provider_default,
+        config_problem,
+    })
+}
 
-    // TLS to the pod VMs: the keys are kept in the state dir, so a restarted
-    // daemon still reaches the pod VMs it made.
+/// Step 3's result: the agent proxy's TLS.
+struct LoadedPki {
+    /// The keys and certificates; `None` with `--disable-tls`.
+    pki: Option<Arc<crate::tls::Pki>>,
+    /// Renews the client certificate while the daemon runs.
+    renewal: Option<JoinHandle<()>>,
+}
+
+/// Step 3: the TLS the agent proxy speaks to the pod VMs' forwarders: the
+/// operator's files (`--ca-cert-file`, `--cert-file`, `--cert-key`), else
+/// the daemon's own keys in `<state-dir>/tls` (kept, so a restarted daemon
+/// still reaches the pod VMs it made), checked once and then renewed while
+/// the daemon runs. Nothing with `--disable-tls`.
+async fn load_pki(global: &GlobalArgs) -> Result<LoadedPki, StartupError> {
+    let tls = &global.tls;
     let tls_policy = crate::tls::ClientPolicy {
         tls: podvisor_podvm::tls::TlsPolicy::new(
-            global.tls_min_version.as_deref(),
-            global.tls_cipher_suites.as_deref(),
+            tls.tls_min_version.as_deref(),
+            tls.tls_cipher_suites.as_deref(),
         )
-        .map_err(|e| format!("--tls-min-version/--tls-cipher-suites: {e}"))?,
-        skip_verify: global.tls_skip_verify,
+        .map_err(|reason| StartupError::TlsPolicy { reason })?,
+        skip_verify: tls.tls_skip_verify,
     };
-    let pki = if global.disable_tls {
+    if tls.disable_tls {
         tracing::warn!(
             "--disable-tls: the agent protocol to the pod VMs travels WITHOUT TLS, unauthenticated"
         );
-        None
-    } else {
-        let pki = match (&global.ca_cert_file, &global.cert_file, &global.cert_key) {
-            (Some(ca), Some(cert), Some(key)) => {
-                crate::tls::Pki::from_files(ca, cert, key, &tls_policy)
-                    .map_err(|e| format!("--ca-cert-file/--cert-file/--cert-key: {e}"))?
-            }
-            _ => {
-                let dir = global.state_dir.join("tls");
-                tokio::task::spawn_blocking(move || {
-                    crate::tls::Pki::load_or_create(&dir, &tls_policy)
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("--state-dir: TLS keys: {e}"))?
-            }
-        };
-        if global.tls_skip_verify {
-            tracing::warn!(
-                "--tls-skip-verify (TLS_SKIP_VERIFY): the pod VMs' certificates are NOT verified; anyone who can reach a pod VM's address can pose as its agent"
-            );
+        return Ok(LoadedPki {
+            pki: None,
+            renewal: None,
+        });
+    }
+    let pki = match (&tls.ca_cert_file, &tls.cert_file, &tls.cert_key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            crate::tls::Pki::from_files(ca, cert, key, &tls_policy)
+                .map_err(|reason| StartupError::TlsFiles { reason })?
         }
-        // Sets the expiry gauges and warns about an operator's certificate
-        // near expiry; podvisor's own was renewed by the load if it was due.
-        pki.check()
-            .map_err(|e| format!("TLS client certificate: {e}"))?;
-        Some(Arc::new(pki))
+        _ => {
+            let dir = global.state_dir.join("tls");
+            let keys_dir = dir.clone();
+            blocking("loading the TLS keys", move || {
+                crate::tls::Pki::load_or_create(&keys_dir, &tls_policy)
+            })
+            .await?
+            .map_err(|reason| StartupError::TlsKeys { dir, reason })?
+        }
     };
-    // The client certificate is renewed while the daemon runs, without a
-    // restart: a daemon up for a year would otherwise reach no pod VM.
-    let tls_renewal = pki
+    if tls.tls_skip_verify {
+        tracing::warn!(
+            "--tls-skip-verify (TLS_SKIP_VERIFY): the pod VMs' certificates are NOT verified; anyone who can reach a pod VM's address can pose as its agent"
+        );
+    }
+    // Sets the expiry gauges and warns about an operator's certificate
+    // near expiry; podvisor's own was renewed by the load if it was due.
+    pki.check()
+        .map_err(|reason| StartupError::TlsCheck { reason })?;
+    let pki = Arc::new(pki);
+    // Renewed while the daemon runs, without a restart: a daemon up for a
+    // year would otherwise reach no pod VM.
+    let renewal = pki
         .clone()
-        .map(|pki| pki.spawn_renewal(crate::tls::RENEWAL_CHECK_INTERVAL));
+        .spawn_renewal(crate::tls::RENEWAL_CHECK_INTERVAL);
+    Ok(LoadedPki {
+        pki: Some(pki),
+        renewal: Some(renewal),
+    })
+}
 
-    // The pods' image pull secrets, from the Kubernetes API when there is one.
-    let pull_secrets = match crate::pull_secrets::KubeApiConfig::resolve(
-        global.kube_api_server.as_deref(),
+/// After step 3: the pods' image pull secrets, from the Kubernetes API
+/// when there is one (`--kube-api-server`, else in-cluster); `None`
+/// without one, and pod VMs then get no registry credentials.
+fn pull_secrets(
+    global: &GlobalArgs,
+) -> Result<Option<Arc<crate::pull_secrets::PullSecrets>>, StartupError> {
+    let kube = &global.pod_inputs;
+    match crate::pull_secrets::KubeApiConfig::resolve(
+        kube.kube_api_server.as_deref(),
         std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
         std::env::var("KUBERNETES_SERVICE_PORT").ok().as_deref(),
-        &global.kube_token_file,
-        &global.kube_ca_file,
+        &kube.kube_token_file,
+        &kube.kube_ca_file,
     ) {
         Some(config) => {
             let secrets = crate::pull_secrets::PullSecrets::new(config)
-                .map_err(|e| format!("--kube-api-server/--kube-ca-file: {e}"))?;
+                .map_err(|reason| StartupError::KubeApi { reason })?;
             tracing::info!(
                 api = secrets.server(),
                 "image pull secrets are read from the Kubernetes API"
             );
-            Some(Arc::new(secrets))
+            Ok(Some(Arc::new(secrets)))
         }
         None => {
             tracing::info!(
                 "no Kubernetes API (--kube-api-server, KUBERNETES_SERVICE_HOST): pod VMs get no registry credentials"
             );
-            None
+            Ok(None)
         }
-    };
+    }
+}
 
-    // 3. The actors, and recovery.
+/// Step 4's result: the actors that own the pod VMs.
+struct Actors {
+    /// Routes each sandbox to its pod-VM actor; drains them at shutdown.
+    supervisor: Addr<Supervisor>,
+    /// What every pod VM looks like, for the admin endpoint and gRPC.
+    view: Arc<InstanceView>,
+    /// `--peerpods-limit-per-node`, `None` for no limit.
+    limit: Option<usize>,
+}
+
+/// Step 4: starts the provider's actor and the supervisor, and hands the
+/// supervisor the journal's `records` for recovery (and the quarantined
+/// ones by key, so the GC spares their instances).
+async fn start_actors(
+    global: &GlobalArgs,
+    node: &str,
+    journal: &OpenedJournal,
+    records: Vec<InstanceRecord>,
+    calls: &Arc<ProviderCalls>,
+    pki: Option<Arc<crate::tls::Pki>>,
+    pull_secrets: Option<Arc<crate::pull_secrets::PullSecrets>>,
+) -> Result<Actors, StartupError> {
     let view = InstanceView::new();
     let provider_actor = ProviderActor::new(calls.clone()).start();
+    let lifecycle = &global.lifecycle;
     let deps = Arc::new(PodVmDeps {
-        journal: journal.clone(),
+        journal: journal.journal.clone(),
         provider: provider_actor,
         view: view.clone(),
         machine: MachineConfig {
-            max_create_attempts: global.create_attempts,
+            max_create_attempts: lifecycle.create_attempts,
             backoff: Backoff {
-                base: global.retry_base,
-                cap: global.retry_cap,
+                base: lifecycle.retry_base,
+                cap: lifecycle.retry_cap,
             },
-            pending_ttl: global.pending_ttl,
-            failed_ttl: global.failed_ttl,
+            pending_ttl: lifecycle.pending_ttl,
+            failed_ttl: lifecycle.failed_ttl,
         },
-        node_name: node.clone(),
-        forwarder_port: global.forwarder_port,
-        proxy_timeout: global.proxy_timeout,
-        pods_dir: global.pods_dir.clone(),
+        node_name: node.to_owned(),
+        forwarder_port: global.kata.forwarder_port,
+        proxy_timeout: global.kata.proxy_timeout,
+        pods_dir: global.kata.pods_dir.clone(),
         // Validated by the CLI; here only put into the pod VMs' form.
         default_initdata: global
+            .pod_vms
             .initdata
             .as_deref()
             .map(crate::api::annotations::initdata_setting)
             .transpose()
-            .map_err(|why| format!("--initdata (INITDATA): {why}"))?,
-        scratch_space: global.enable_scratch_space,
+            .map_err(|reason| StartupError::Initdata { reason })?,
+        scratch_space: global.pod_vms.enable_scratch_space,
         pki,
-        tls_min_version: global.tls_min_version.clone(),
-        tls_cipher_suites: global.tls_cipher_suites.clone(),
+        tls_min_version: global.tls.tls_min_version.clone(),
+        tls_cipher_suites: global.tls.tls_cipher_suites.clone(),
         proxy_hook: Arc::new(crate::proxy::hook::Hook {
-            direct_volumes_dir: global.kata_direct_volumes_dir.clone(),
+            direct_volumes_dir: global.pod_inputs.kata_direct_volumes_dir.clone(),
         }),
         pull_secrets,
         proxy_max_connections: global.max_connections_per_endpoint,
     });
-    let limit = usize::try_from(global.peerpods_limit_per_node)
+    let limit = usize::try_from(global.pod_vms.peerpods_limit_per_node)
         .ok()
         .filter(|n| *n > 0);
     let supervisor = Supervisor::new(
         deps,
         limit,
         GcPolicy {
-            interval: global.gc_interval,
-            grace: global.gc_grace_period,
+            interval: global.gc.gc_interval,
+            grace: global.gc.gc_grace_period,
         },
     )
     .start();
-    let quarantined = quarantine.iter().map(|q| q.key.clone()).collect();
+    let quarantined = journal.quarantine.iter().map(|q| q.key.clone()).collect();
     supervisor
         .send(Recover {
-            records: loaded.records,
+            records,
             quarantined,
         })
         .await
-        .map_err(|e| format!("recovery could not start: {e}"))?;
+        .map_err(|source| StartupError::Recovery { source })?;
+    Ok(Actors {
+        supervisor,
+        view,
+        limit,
+    })
+}
 
-    // 4. The endpoints: admin, gRPC over TCP, the Kata socket, then the gRPC
-    // socket (after the Kata socket, whose check tells this daemon from a
-    // second one pointed at the same directory).
-    warn_if_exposed(&global, grpc_token.is_some());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let status = serde_json::json!({
+/// `/v1/status`: what this daemon runs with, secrets left out (the
+/// provider's summary redacts its own).
+fn status_document(
+    global: &GlobalArgs,
+    node: &str,
+    provider_name: &str,
+    provider_config: &dyn ProviderConfig,
+    provider: &BuiltProvider,
+    journal: &OpenedJournal,
+    limit: Option<usize>,
+) -> serde_json::Value {
+    serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "node": node,
         "provider": provider_name,
         "provider_config": provider_config.summary(),
-        "provider_config_problem": config_problem,
+        "provider_config_problem": provider.config_problem,
         "journal": {
-            "id": journal.identity().id,
-            "integrity": journal.verdict(),
+            "id": journal.journal.identity().id,
+            "integrity": journal.journal.verdict(),
         },
-        "socket": global.socket,
-        "pods_dir": global.pods_dir,
+        "socket": global.kata.socket,
+        "pods_dir": global.kata.pods_dir,
         "state_dir": global.state_dir,
         "peerpods_limit_per_node": limit,
         "max_connections_per_endpoint": global.max_connections_per_endpoint,
         "provider_call_limits": {
-            "rate_per_second": limits.rate,
-            "burst": limits.burst,
-            "max_inflight": global.provider_max_inflight,
+            "rate_per_second": provider.limits.rate,
+            "burst": provider.limits.burst,
+            "max_inflight": global.provider_calls.provider_max_inflight,
             "provider_default": {
-                "rate_per_second": provider_default.rate,
-                "burst": provider_default.burst,
+                "rate_per_second": provider.provider_default.rate,
+                "burst": provider.provider_default.burst,
             },
         },
-    });
-    let admin_listener = tokio::net::TcpListener::bind(global.admin_addr)
-        .await
-        .map_err(|e| {
-            format!(
-                "--admin-addr (PODVISOR_ADMIN_ADDR) {}: {e}",
-                global.admin_addr
-            )
-        })?;
-    let router = admin::router(AdminState {
-        view: view.clone(),
+    })
+}
+
+/// A gRPC server's task; it ends once its `stop` turns `true`.
+type GrpcTask = JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Step 5's result: what shutdown stops.
+struct Endpoints {
+    /// Set to `true` to stop every endpoint's accept loop.
+    stop: watch::Sender<bool>,
+    /// Probes a failing journal until `stop`.
+    journal_probe: JoinHandle<()>,
+    /// The admin endpoint.
+    admin: JoinHandle<()>,
+    /// gRPC over TCP.
+    grpc_tcp: GrpcTask,
+    /// Whether gRPC over TCP serves `hypervisor.Hypervisor` (with a token).
+    grpc_tcp_hypervisor: bool,
+    /// The Kata socket's server.
+    kata: ttrpc::r#async::Server,
+    /// gRPC on the unix socket.
+    grpc_unix: GrpcTask,
+    /// The gRPC unix socket's path.
+    grpc_socket: PathBuf,
+}
+
+/// Step 5: serves the admin endpoint, gRPC over TCP, the Kata socket, then
+/// the gRPC socket (after the Kata socket, whose check tells this daemon
+/// from a second one pointed at the same directory). Warns about each
+/// endpoint bound beyond loopback.
+async fn serve_endpoints(
+    global: &GlobalArgs,
+    metrics_handle: PrometheusHandle,
+    grpc_token: Option<BearerToken>,
+    journal: &OpenedJournal,
+    actors: &Actors,
+    status: serde_json::Value,
+) -> Result<Endpoints, StartupError> {
+    warn_if_exposed(global, grpc_token.is_some());
+    let (stop, stop_rx) = watch::channel(false);
+    let admin_state = AdminState {
+        view: actors.view.clone(),
         metrics: metrics_handle,
         status: Arc::new(status),
-        journal_health: journal_health.clone(),
-        journal: journal.clone(),
-    });
+        journal_health: journal.health.clone(),
+        journal: journal.journal.clone(),
+    };
+    let admin = serve_admin(global, admin_state, stop_rx.clone()).await?;
     let journal_probe = tokio::spawn(crate::journal_health::probe_while_failing(
-        journal.clone(),
-        journal_health.clone(),
+        journal.journal.clone(),
+        journal.health.clone(),
         stop_rx.clone(),
     ));
-    let admin_listener = Gated::new(
-        Gate::new(
-            connections::ADMIN,
-            global.admin_addr.to_string(),
-            global.max_connections_per_endpoint,
-        ),
-        admin_listener,
-    );
-    let mut admin_stop = stop_rx.clone();
-    // Time limits on every connection: a client that sends nothing, or
-    // dribbles, must not hold a connection (and a slot under the cap).
-    let admin_timeouts = admin::server::ConnectionTimeouts {
-        header: global.admin_header_timeout,
-        idle: global.admin_idle_timeout,
-    };
-    let admin_task = tokio::spawn(admin::server::serve(
-        admin_listener,
-        router,
-        admin_timeouts,
-        async move {
-            let _ = admin_stop.wait_for(|s| *s).await;
-        },
-    ));
-
     let api = HypervisorApi::new(
-        supervisor.clone(),
-        view.clone(),
-        global.pods_dir.clone(),
-        global.proxy_timeout,
+        actors.supervisor.clone(),
+        actors.view.clone(),
+        global.kata.pods_dir.clone(),
+        global.kata.proxy_timeout,
     );
     let socket_group = global
         .socket_group
         .as_deref()
         .map(crate::api::ttrpc::resolve_group)
         .transpose()
-        .map_err(|why| format!("--socket-group (PODVISOR_SOCKET_GROUP): {why}"))?;
-    let grpc_listener = tokio::net::TcpListener::bind(global.grpc_addr)
+        .map_err(|reason| StartupError::SocketGroup { reason })?;
+    let grpc_tcp_hypervisor = grpc_token.is_some();
+    let grpc_tcp = serve_grpc_tcp(global, &api, &actors.view, grpc_token, stop_rx.clone()).await?;
+    let (kata, grpc_unix, grpc_socket) =
+        serve_control_sockets(global, socket_group, api, &actors.view, stop_rx).await?;
+    Ok(Endpoints {
+        stop,
+        journal_probe,
+        admin,
+        grpc_tcp,
+        grpc_tcp_hypervisor,
+        kata,
+        grpc_unix,
+        grpc_socket,
+    })
+}
+
+/// The admin endpoint (`--admin-addr`), until `stop`: at most
+/// `--max-connections-per-endpoint` connections, each under the header
+/// and idle time limits.
+async fn serve_admin(
+    global: &GlobalArgs,
+    state: AdminState,
+    stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, StartupError> {
+    let endpoints = &global.endpoints;
+    let listener = tokio::net::TcpListener::bind(endpoints.admin_addr)
         .await
-        .map_err(|e| format!("--grpc-addr (PODVISOR_GRPC_ADDR) {}: {e}", global.grpc_addr))?;
-    let grpc_listener = Gated::new(
+        .map_err(|source| StartupError::Listen {
+            flag: "--admin-addr (PODVISOR_ADMIN_ADDR)",
+            addr: endpoints.admin_addr,
+            source,
+        })?;
+    let router = admin::router(state);
+    let listener = Gated::new(
         Gate::new(
-            connections::GRPC_TCP,
-            global.grpc_addr.to_string(),
+            connections::ADMIN,
+            endpoints.admin_addr.to_string(),
             global.max_connections_per_endpoint,
         ),
-        grpc_listener,
+        listener,
     );
-    let mut grpc_stop = stop_rx.clone();
+    // Time limits on every connection: a client that sends nothing, or
+    // dribbles, must not hold a connection (and a slot under the cap).
+    let timeouts = admin::server::ConnectionTimeouts {
+        header: endpoints.admin_header_timeout,
+        idle: endpoints.admin_idle_timeout,
+    };
+    Ok(tokio::spawn(admin::server::serve(
+        listener,
+        router,
+        timeouts,
+        stopped(stop),
+    )))
+}
+
+/// gRPC over TCP (`--grpc-addr`), until `stop`: the read-only admin
+/// service, and `hypervisor.Hypervisor` only behind `token`.
+async fn serve_grpc_tcp(
+    global: &GlobalArgs,
+    api: &HypervisorApi,
+    view: &Arc<InstanceView>,
+    token: Option<BearerToken>,
+    stop: watch::Receiver<bool>,
+) -> Result<GrpcTask, StartupError> {
+    let addr = global.endpoints.grpc_addr;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Listen {
+            flag: "--grpc-addr (PODVISOR_GRPC_ADDR)",
+            addr,
+            source,
+        })?;
+    let listener = Gated::new(
+        Gate::new(
+            connections::GRPC_TCP,
+            addr.to_string(),
+            global.max_connections_per_endpoint,
+        ),
+        listener,
+    );
     // Over TCP, the mutating service only behind the token: a loopback port
     // is open to every local user and hostNetwork pod.
-    let grpc_tcp_hypervisor = grpc_token.is_some();
-    let grpc = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(AdminServer::new(GrpcAdmin { view: view.clone() }))
-        .add_optional_service(grpc_token.map(|token| {
+        .add_optional_service(token.map(|token| {
             HypervisorServer::with_interceptor(
                 GrpcHypervisor { api: api.clone() },
                 RequireBearer::new(token),
             )
         }));
-    let grpc_task = tokio::spawn(async move {
-        grpc.serve_with_incoming_shutdown(grpc_listener, async move {
-            let _ = grpc_stop.wait_for(|s| *s).await;
-        })
-        .await
-    });
+    Ok(tokio::spawn(
+        server.serve_with_incoming_shutdown(listener, stopped(stop)),
+    ))
+}
 
-    let mut ttrpc_server = crate::api::ttrpc::serve(
-        &global.socket,
-        socket_group,
-        api.clone(),
-        global.max_connections_per_endpoint,
-    )
-    .await?;
+/// The Kata socket (`--socket`), then the gRPC socket (`--grpc-socket`)
+/// until `stop`, both mode 0660 with `group`. If the gRPC socket cannot be
+/// bound, the Kata socket is closed and removed again: no live socket is
+/// left behind for a daemon that is not running.
+async fn serve_control_sockets(
+    global: &GlobalArgs,
+    group: Option<nix::unistd::Gid>,
+    api: HypervisorApi,
+    view: &Arc<InstanceView>,
+    stop: watch::Receiver<bool>,
+) -> Result<(ttrpc::r#async::Server, GrpcTask, PathBuf), StartupError> {
+    let max_connections = global.max_connections_per_endpoint;
+    let mut kata =
+        crate::api::ttrpc::serve(&global.kata.socket, group, api.clone(), max_connections)
+            .await
+            .map_err(|reason| StartupError::ControlSocket { reason })?;
     let grpc_socket = global.grpc_socket_path();
-    let grpc_unix_listener = match crate::api::grpc::bind_unix(&grpc_socket, socket_group) {
+    let listener = match crate::api::grpc::bind_unix(&grpc_socket, group) {
         Ok(listener) => listener,
-        Err(e) => {
-            // The Kata socket is this daemon's now: leave no live socket
-            // behind for a daemon that is not running.
-            let _ = ttrpc_server.shutdown().await;
-            let _ = std::fs::remove_file(&global.socket);
-            return Err(e);
+        Err(reason) => {
+            let _ = kata.shutdown().await;
+            let _ = std::fs::remove_file(&global.kata.socket);
+            return Err(StartupError::ControlSocket { reason });
         }
     };
-    let mut grpc_unix_stop = stop_rx.clone();
-    let grpc_unix = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(HypervisorServer::new(GrpcHypervisor { api }))
         .add_service(AdminServer::new(GrpcAdmin { view: view.clone() }));
-    let grpc_unix_listener = Gated::new(
+    let listener = Gated::new(
         Gate::new(
             connections::GRPC_UNIX,
             grpc_socket.display().to_string(),
-            global.max_connections_per_endpoint,
+            max_connections,
         ),
-        grpc_unix_listener,
+        listener,
     );
-    let grpc_unix_task = tokio::spawn(async move {
-        grpc_unix
-            .serve_with_incoming_shutdown(grpc_unix_listener, async move {
-                let _ = grpc_unix_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
-    tracing::info!(
-        socket = %global.socket.display(),
-        admin = %global.admin_addr,
-        grpc = %global.grpc_addr,
-        grpc_tcp_hypervisor,
-        grpc_socket = %grpc_socket.display(),
-        provider = provider_name,
-        node = %context.node_name,
-        "podvisor serving"
-    );
+    let grpc_unix = tokio::spawn(server.serve_with_incoming_shutdown(listener, stopped(stop)));
+    Ok((kata, grpc_unix, grpc_socket))
+}
 
-    // 5. Until asked to stop.
-    shutdown.await;
+/// Completes once `stop` turns `true` (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Step 6: stops accepting (the Kata socket first, then every other
+/// endpoint), lets operations under way finish their step and journal it
+/// (at most `--shutdown-grace`), removes the sockets, flushes the journal
+/// and tears the provider down. Pod VMs stay as they are.
+async fn shut_down(
+    global: &GlobalArgs,
+    mut endpoints: Endpoints,
+    actors: Actors,
+    journal: OpenedJournal,
+    provider: BuiltProvider,
+    pki: LoadedPki,
+) -> Result<(), StartupError> {
     tracing::info!("shutting down: no new requests; pod VMs stay as they are");
-    if let Some(task) = &tls_renewal {
+    if let Some(task) = &pki.renewal {
         task.abort();
     }
-    ttrpc_server
+    endpoints
+        .kata
         .shutdown()
         .await
-        .map_err(|e| format!("ttrpc shutdown: {e}"))?;
-    let _ = stop_tx.send(true);
+        .map_err(|source| StartupError::KataShutdown { source })?;
+    let _ = endpoints.stop.send(true);
     // Operations under way finish their step and journal it, so a restart
     // resumes from there instead of re-finding what they did.
     let started = std::time::Instant::now();
-    let settled = supervisor
+    let settled = actors
+        .supervisor
         .send(Drain {
             limit: global.shutdown_grace,
         })
@@ -674,19 +894,22 @@ pub async fn serve(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "shutdown: in-flight operations drained"
     );
-    let _ = std::fs::remove_file(&global.socket);
-    let _ = tokio::time::timeout(Duration::from_secs(5), grpc_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), grpc_unix_task).await;
-    let _ = std::fs::remove_file(&grpc_socket);
-    let _ = tokio::time::timeout(Duration::from_secs(5), admin_task).await;
-    journal_probe.abort();
-    let j = journal.clone();
-    tokio::task::spawn_blocking(move || j.flush())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&global.kata.socket);
+    let _ = tokio::time::timeout(Duration::from_secs(5), endpoints.grpc_tcp).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), endpoints.grpc_unix).await;
+    let _ = std::fs::remove_file(&endpoints.grpc_socket);
+    let _ = tokio::time::timeout(Duration::from_secs(5), endpoints.admin).await;
+    endpoints.journal_probe.abort();
+    let j = journal.journal.clone();
+    blocking("flushing the journal", move || j.flush())
+        .await?
+        .map_err(|source| StartupError::Journal {
+            action: "flush",
+            state_dir: global.state_dir.clone(),
+            source,
+        })?;
     tracing::info!("journal flushed");
-    if let Err(e) = calls.teardown().await {
+    if let Err(e) = provider.calls.teardown().await {
         tracing::warn!(error = %e, "provider teardown failed");
     }
     Ok(())
@@ -698,26 +921,29 @@ pub async fn serve(
 /// they reveal.
 fn warn_if_exposed(global: &GlobalArgs, grpc_tcp_hypervisor: bool) {
     use crate::api::grpc::is_loopback;
-    if !is_loopback(&global.admin_addr) {
+    let endpoints = &global.endpoints;
+    if !is_loopback(&endpoints.admin_addr) {
         tracing::warn!(
-            addr = %global.admin_addr,
+            addr = %endpoints.admin_addr,
             "--admin-addr (PODVISOR_ADMIN_ADDR) is not a loopback address: anyone who can reach it reads, without authentication, every pod VM's pod name, namespace, IP addresses, instance id and last error (/v1/instances), the provider's configuration (/v1/status) and the metrics"
         );
     }
-    if !is_loopback(&global.grpc_addr) {
+    if !is_loopback(&endpoints.grpc_addr) {
         tracing::warn!(
-            addr = %global.grpc_addr,
+            addr = %endpoints.grpc_addr,
             "--grpc-addr (PODVISOR_GRPC_ADDR) is not a loopback address: anyone who can reach it reads, without authentication, every pod VM's pod name, namespace, IP addresses, instance id, idempotency token and last error (podvisor.admin.v1.Admin)"
         );
         if grpc_tcp_hypervisor {
             tracing::warn!(
-                addr = %global.grpc_addr,
+                addr = %endpoints.grpc_addr,
                 "--grpc-addr (PODVISOR_GRPC_ADDR) is not a loopback address and serves hypervisor.Hypervisor behind the --grpc-token-file token, in plain text (no TLS): anyone who can see the traffic can take the token and create or stop pod VMs"
             );
         }
     }
 }
 
+/// Completes at the first SIGTERM or SIGINT; never, if the handlers cannot
+/// be installed (the daemon can then only be killed).
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -731,41 +957,5 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adoption_takes_only_the_sandbox_s_own_token_and_a_real_pod_name() {
-        let sandbox = "3f2a9c1b".repeat(8);
-        let token = podvisor_state::idempotency_token(&sandbox, 2);
-        let record = adoption_record(&sandbox, &token, "shop/web-1").unwrap();
-        assert_eq!(record.state, podvisor_state::State::Creating);
-        assert_eq!(record.generation, 2);
-        assert_eq!(record.token.as_deref(), Some(token.as_str()));
-        assert_eq!(record.instance_name, "podvm-web-1-3f2a9c1b");
-        assert_eq!(
-            (record.pod_namespace.as_str(), record.pod_name.as_str()),
-            ("shop", "web-1")
-        );
-
-        let other = podvisor_state::idempotency_token(&"0".repeat(64), 2);
-        for (token, pod, why) in [
-            (other.as_str(), "shop/web-1", "--token"),
-            ("pv-x-g1", "shop/web-1", "--token"),
-            (token.as_str(), "web-1", "--pod"),
-            (token.as_str(), "shop/Web", "--pod"),
-        ] {
-            let e = adoption_record(&sandbox, token, pod).unwrap_err();
-            assert!(e.starts_with(why), "{e}");
-        }
-        assert!(
-            adoption_record("a/b", &token, "shop/web-1")
-                .unwrap_err()
-                .starts_with("--sandbox")
-        );
     }
 }

@@ -70,7 +70,9 @@ pub trait ProviderConfig: Send + Sync + fmt::Debug {
 
     /// The token bucket this provider's mutating calls stay under when the
     /// operator sets none (`--provider-rate`, `--provider-burst`): below the
-    /// cloud's documented API limits, for this configuration.
+    /// cloud's documented API limits, for this configuration. Its manager's
+    /// [`CloudManager::default_call_limits`] (which `--help` shows) unless
+    /// this configuration needs lower ones.
     fn default_call_limits(&self) -> CallLimits {
         CallLimits::DEFAULT
     }
@@ -91,6 +93,16 @@ pub trait CloudManager: Send + Sync {
     /// Reads and validates the flags parsed by [`CloudManager::command`].
     fn configure(&self, matches: &clap::ArgMatches)
     -> Result<Box<dyn ProviderConfig>, ConfigError>;
+
+    /// The token bucket of mutating calls this provider stays under unless
+    /// the operator sets `--provider-rate` or `--provider-burst`, as
+    /// `podvisor --help` shows it; [`CallLimits::DEFAULT`] unless the
+    /// provider declares its own (below its cloud's documented API limits).
+    /// A configuration's own [`ProviderConfig::default_call_limits`] may be
+    /// lower.
+    fn default_call_limits(&self) -> CallLimits {
+        CallLimits::DEFAULT
+    }
 }
 
 /// Every provider compiled into this build, in CLI order.

@@ -64,6 +64,10 @@ impl CloudManager for AwsManager {
         validate(&config)?;
         Ok(Box::new(config))
     }
+
+    fn default_call_limits(&self) -> CallLimits {
+        EC2_CALL_LIMITS
+    }
 }
 
 /// Everything that can be checked without the cloud.
@@ -402,6 +406,8 @@ mod tests {
     #[test]
     fn the_default_call_limits_stay_below_ec2s_documented_buckets() {
         let limits = configure(&IMAGE).unwrap().default_call_limits();
+        // What `podvisor --help` says is what a configuration gets.
+        assert_eq!(AwsManager.default_call_limits(), limits);
         // Mutating actions: bucket 50, refill 5/s; RunInstances resources:
         // bucket 1000, refill 2/s (one instance per call).
         // One create or delete is one mutating request and launches at most
