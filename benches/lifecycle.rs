@@ -175,9 +175,9 @@ fn global_args(
         "local",
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(std::string::ToString::to_string)
     .collect();
-    args.extend(provider_args.iter().map(|s| s.to_string()));
+    args.extend(provider_args.iter().map(std::string::ToString::to_string));
     match podvisor::cli::parse(args) {
         Ok(i) => i,
         Err(e) => panic!("bench command line: {e}"),
@@ -240,9 +240,7 @@ async fn bench_provider(name: &'static str, quick: bool) {
     let instances = local_dir.join("instances");
     let settled = || match name {
         "memory" => memory.is_empty(),
-        _ => std::fs::read_dir(&instances)
-            .map(|d| d.count() == 0)
-            .unwrap_or(true),
+        _ => std::fs::read_dir(&instances).map_or(true, |d| d.count() == 0),
     };
     let (single, concurrent_rounds) = if quick { (20, 1) } else { (200, 3) };
     measure(name, &socket, 1, single, settled).await;

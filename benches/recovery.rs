@@ -91,8 +91,7 @@ impl Node {
         let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         v["instances"]
             .as_array()
-            .map(|a| a.iter().filter(|r| r["state"] == state).count())
-            .unwrap_or(0)
+            .map_or(0, |a| a.iter().filter(|r| r["state"] == state).count())
     }
 }
 
@@ -220,9 +219,8 @@ fn main() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let left = std::fs::read_dir(dir.path().join("local/instances"))
-        .map(|d| d.count())
-        .unwrap_or(0);
+    let left =
+        std::fs::read_dir(dir.path().join("local/instances")).map_or(0, std::iter::Iterator::count);
     assert_eq!(left, 0, "instances left behind");
     let _ = child.kill();
     let _ = child.wait();

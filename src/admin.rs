@@ -89,7 +89,7 @@ impl From<&InstanceRecord> for InstanceView1 {
             ips: r
                 .instance
                 .as_ref()
-                .map(|i| i.ips.iter().map(|ip| ip.to_string()).collect())
+                .map(|i| i.ips.iter().map(std::string::ToString::to_string).collect())
                 .unwrap_or_default(),
             spec: r.spec.clone(),
             attempts: r.attempts,

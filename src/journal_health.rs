@@ -33,7 +33,10 @@ impl JournalHealth {
     /// writes work again: a `put` may succeed in memory while every flush
     /// fails.
     fn record<T>(&self, result: &Result<T, JournalError>, durable: bool) {
-        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failing = self
+            .failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match result {
             Ok(_) if !durable => {}
             Ok(_) => {
@@ -52,7 +55,7 @@ impl JournalHealth {
     pub fn failing(&self) -> Option<(Duration, String)> {
         self.failing
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
             .map(|(since, why)| (since.elapsed(), why.clone()))
     }

@@ -148,7 +148,7 @@ mod tests {
                 assert!(cut.is_err(), "the create hangs");
                 p.delete_instance("i-1").await.unwrap_err();
                 p.find_instance("t", "n").await.unwrap();
-            })
+            });
         });
         let text = handle.render();
         for line in [

@@ -308,7 +308,7 @@ impl PullSecrets {
                 Ok(Some(s)) => merge_secret(&name, &s.data, &mut registries)?,
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::debug!(secret = %name, error = %e, "skipping an image pull secret")
+                    tracing::debug!(secret = %name, error = %e, "skipping an image pull secret");
                 }
             }
         }

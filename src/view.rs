@@ -49,11 +49,15 @@ impl InstanceView {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, InstanceRecord>> {
         // A panic while holding the lock cannot leave the map half-written
         // (each update is one insert or remove), so a poisoned lock is usable.
-        self.records.read().unwrap_or_else(|p| p.into_inner())
+        self.records
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, InstanceRecord>> {
-        self.records.write().unwrap_or_else(|p| p.into_inner())
+        self.records
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Adds a record read from the journal at start-up (not a transition).
@@ -71,7 +75,7 @@ impl InstanceView {
             .insert(record.sandbox_id.clone(), record.clone());
         let from = previous.as_ref().map(|p| p.state);
         if from != Some(record.state) {
-            let from_label = from.map(State::as_str).unwrap_or("new");
+            let from_label = from.map_or("new", State::as_str);
             metrics::counter!(metrics::STATE_TRANSITIONS, "from" => from_label, "to" => record.state.as_str())
                 .increment(1);
             if let Some(from) = from {

@@ -525,7 +525,13 @@ async fn kill9_at_random_moments_and_at_every_crash_point_loses_and_duplicates_n
         "every record to go",
         Duration::from_secs(60),
         async || match http_get(format!("{admin}/v1/instances")).await {
-            Ok((200, v)) if v["instances"].as_array().is_some_and(|a| a.is_empty()) => Some(()),
+            Ok((200, v))
+                if v["instances"]
+                    .as_array()
+                    .is_some_and(std::vec::Vec::is_empty) =>
+            {
+                Some(())
+            }
             _ => None,
         },
     )

@@ -398,7 +398,7 @@ fn annotation_key() -> impl Strategy<Value = String> {
         1 => any::<String>(),
         1 => (select(REAL_KEYS.to_vec()), select(vec![" ", "\n", "."]))
             .prop_map(|(k, s)| format!("{k}{s}")),
-        1 => select(REAL_KEYS.to_vec()).prop_map(|k| k.to_uppercase()),
+        1 => select(REAL_KEYS.to_vec()).prop_map(str::to_uppercase),
     ]
 }
 
@@ -1877,7 +1877,7 @@ fn corpus_replay() {
         match (file.split('-').next().unwrap(), &result) {
             ("ok", Ok(_)) | ("malformed", Err(DecodeError::Malformed(_))) => {}
             ("newer", Err(DecodeError::NewerSchema { known, .. })) => {
-                assert_eq!(*known, SCHEMA_VERSION)
+                assert_eq!(*known, SCHEMA_VERSION);
             }
             (kind, result) => panic!("{file}: expected {kind}, got {result:?}"),
         }

@@ -405,7 +405,7 @@ fn check(op: &Op, out: &Outcome, pods_dir: &Path) -> Result<(), TestCaseError> {
                 // The server's deadline is the client's: the client may
                 // give up first.
                 Outcome::Other(e) => {
-                    prop_assert!(*wait && e.contains("deadline"), "{op:?}: not a status: {e}")
+                    prop_assert!(*wait && e.contains("deadline"), "{op:?}: not a status: {e}");
                 }
             }
         }

@@ -644,7 +644,7 @@ async fn get_info_answers_under_its_wire_name_with_and_without_wait() {
     // A service nobody serves is still refused (by ttrpc-rust's router).
     match get_info("waited", false, "podvminfo.Nope").await {
         Err(ttrpc::Error::RpcStatus(s)) => {
-            assert!(s.message().contains("service does not exist"), "{s:?}")
+            assert!(s.message().contains("service does not exist"), "{s:?}");
         }
         other => panic!("an unknown service answered: {other:?}"),
     }

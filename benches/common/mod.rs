@@ -11,6 +11,5 @@ pub fn arg(name: &str, default: usize) -> usize {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("a count"))
-        .unwrap_or(default)
+        .map_or(default, |v| v.parse().expect("a count"))
 }

@@ -185,7 +185,9 @@ async fn tags_user_data_and_launch_settings_are_what_the_server_stores() {
     assert_eq!(tags["team"], "peerpods");
     assert_eq!(tags["env"], "test");
     assert_eq!(
-        instance.instance_type().map(|t| t.as_str()),
+        instance
+            .instance_type()
+            .map(aws_sdk_ec2::types::InstanceType::as_str),
         Some("m6a.large")
     );
     assert_eq!(instance.image_id(), Some(bed.net.image_id.as_str()));
@@ -720,7 +722,7 @@ async fn a_root_volume_smaller_than_the_image_is_raised_to_the_image_size() {
         .iter()
         .find(|m| m.device_name() == Some(root_device.as_str()))
         .and_then(|m| m.ebs())
-        .and_then(|e| e.volume_size())
+        .and_then(aws_sdk_ec2::types::EbsBlockDevice::volume_size)
         .expect("moto's image has a root snapshot size");
     assert!(image_gib > 1);
     let mut s = bed.settings();

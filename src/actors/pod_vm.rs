@@ -209,7 +209,7 @@ impl PodVm {
             }
             Command::Schedule { kind, epoch, after } => {
                 ctx.run_later(after, move |act, ctx| {
-                    act.feed(Event::Timer(kind, epoch), ctx)
+                    act.feed(Event::Timer(kind, epoch), ctx);
                 });
             }
             Command::RecoveryDone(action) => self.recovery_done(action),
@@ -263,7 +263,7 @@ impl PodVm {
                 "pod VM failed"
             );
         }
-        self.deps.view.update(record)
+        self.deps.view.update(record);
     }
 
     /// Creates (or adopts) the instance of the durable record; answers
@@ -363,7 +363,7 @@ impl PodVm {
                 let target = self.machine.target();
                 tracing::info!(
                     sandbox = %target.sandbox_id,
-                    instance = target.instance.as_ref().map(|i| i.id.as_str()).unwrap_or("-"),
+                    instance = target.instance.as_ref().map_or("-", |i| i.id.as_str()),
                     elapsed_ms = t.elapsed().as_millis() as u64,
                     "pod VM running"
                 );
@@ -546,7 +546,7 @@ mod tests {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
             self.0
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .extend_from_slice(bytes);
             Ok(bytes.len())
         }
@@ -575,7 +575,7 @@ mod tests {
             ::metrics::with_local_recorder(&recorder, || {
                 report_refused("sb1", illegal);
                 report_refused("sb1", illegal);
-            })
+            });
         });
         let text = handle.render();
         let line = r#"podvisor_illegal_transitions_total{from="running",to="creating"} 2"#;

@@ -518,7 +518,7 @@ impl Supervisor {
             if *why == Spared::WithinGrace || !self.reported_spared.insert(instance.id.clone()) {
                 continue;
             }
-            let tag = |key: &str| instance.tags.get(key).map(String::as_str).unwrap_or("none");
+            let tag = |key: &str| instance.tags.get(key).map_or("none", String::as_str);
             let journal = tag(podvisor_providers::TAG_JOURNAL);
             // What `podvisor journal adopt` needs to keep it.
             let sandbox = tag(podvisor_providers::TAG_SANDBOX);

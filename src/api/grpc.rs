@@ -55,7 +55,7 @@ impl BearerToken {
         }
         // It travels in an HTTP/2 header, which holds visible ASCII only: a
         // token no client can send would lock everyone out in silence.
-        if !token.iter().all(|b| b.is_ascii_graphic()) {
+        if !token.iter().all(u8::is_ascii_graphic) {
             return Err(
                 "holds characters other than visible ASCII (a header cannot carry them); use e.g. base64"
                     .into(),
@@ -219,7 +219,7 @@ pub fn instance_message(r: &InstanceRecord) -> admin::Instance {
         ips: r
             .instance
             .as_ref()
-            .map(|i| i.ips.iter().map(|ip| ip.to_string()).collect())
+            .map(|i| i.ips.iter().map(std::string::ToString::to_string).collect())
             .unwrap_or_default(),
         attempts: r.attempts,
         last_error: r.last_error.clone().unwrap_or_default(),

@@ -356,7 +356,10 @@ impl Journal for SledJournal {
     fn flush(&self) -> Result<(), JournalError> {
         // One flush at a time: the mark must only move forward, and only
         // after sled holds what it counts.
-        let mut marked = self.marked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut marked = self
+            .marked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let seq = self.seq.load(Ordering::SeqCst);
         let io = |operation| move |source| JournalError::Io { operation, source };
         self.meta
@@ -393,7 +396,7 @@ impl Journal for SledJournal {
     fn load(&self) -> Result<LoadReport, JournalError> {
         let mut report = LoadReport::default();
         let mut bad = Vec::new();
-        for entry in self.records.iter() {
+        for entry in &self.records {
             let (key, value) = entry.map_err(|source| JournalError::Io {
                 operation: "read",
                 source,
@@ -438,12 +441,15 @@ impl Journal for SledJournal {
     fn verdict(&self) -> Verdict {
         self.verdict
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 
     fn durable_sequence(&self) -> u64 {
-        *self.marked.lock().unwrap_or_else(|p| p.into_inner())
+        *self
+            .marked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn declare_doubt(&self, reason: &str) -> Result<(), JournalError> {
@@ -461,13 +467,16 @@ impl Journal for SledJournal {
                 source,
             })
         })?;
-        *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = verdict;
+        *self
+            .verdict
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = verdict;
         Ok(())
     }
 
     fn quarantined(&self) -> Result<Vec<QuarantinedRecord>, JournalError> {
         let mut out = Vec::new();
-        for entry in self.quarantine.iter() {
+        for entry in &self.quarantine {
             let (_, value) = entry.map_err(|source| JournalError::Io {
                 operation: "read",
                 source,
@@ -620,7 +629,7 @@ mod tests {
         drop(file);
         // sled may refuse the damaged file: that too deletes nothing.
         if let Ok(j) = SledJournal::open(dir.path()) {
-            let kept = j.load().map(|r| r.records.len()).unwrap_or(0);
+            let kept = j.load().map_or(0, |r| r.records.len());
             assert!(
                 !j.verdict().is_trusted() || kept == 20,
                 "{kept} records kept, verdict {:?}",
@@ -664,7 +673,7 @@ mod tests {
                 assert!(
                     reason.contains(&format!("belongs to journal {}", other.id)),
                     "{reason}"
-                )
+                );
             }
             verdict => panic!("{verdict:?}"),
         }

@@ -466,7 +466,7 @@ impl PodVmMachine {
                 )),
             )),
             State::Deleting | State::Removed => {
-                out.push(Command::ReplyStart(w, Err(StartError::Stopping)))
+                out.push(Command::ReplyStart(w, Err(StartError::Stopping)));
             }
         }
     }
@@ -527,10 +527,10 @@ impl PodVmMachine {
                 if before != Some(after) {
                     match after {
                         State::Pending => {
-                            self.schedule(TimerKind::Expiry, self.config.pending_ttl, out)
+                            self.schedule(TimerKind::Expiry, self.config.pending_ttl, out);
                         }
                         State::Failed => {
-                            self.schedule(TimerKind::Expiry, self.config.failed_ttl, out)
+                            self.schedule(TimerKind::Expiry, self.config.failed_ttl, out);
                         }
                         _ => {}
                     }

@@ -140,7 +140,19 @@ impl Setup {
 
     /// The command line of the daemon.
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
+        // A file-descriptor limit of the test's own is set by util-linux's
+        // prlimit, which execs the daemon (same process): no `unsafe`
+        // pre_exec hook in the test.
+        let mut cmd = match self.nofile {
+            Some((soft, hard)) => {
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={soft}:{hard}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_podvisor"));
+                cmd
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_podvisor")),
+        };
         // Tests reach nothing outside loopback: never the in-cluster
         // Kubernetes API of a CI pod.
         cmd.env_remove("KUBERNETES_SERVICE_HOST");
@@ -158,21 +170,6 @@ impl Setup {
         }
         cmd.args(&self.global);
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        if let Some((soft, hard)) = self.nofile {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: between fork and exec only setrlimit runs, a system
-            // call that allocates nothing and takes no lock.
-            unsafe {
-                cmd.pre_exec(move || {
-                    nix::sys::resource::setrlimit(
-                        nix::sys::resource::Resource::RLIMIT_NOFILE,
-                        soft,
-                        hard,
-                    )
-                    .map_err(std::io::Error::from)
-                });
-            }
-        }
         if let Some(provider) = &self.provider {
             cmd.args(provider);
             return cmd;
@@ -532,12 +529,10 @@ pub fn instance_pid(local_dir: &Path, instance_id: &str) -> Option<u32> {
 
 /// True if the process runs (not a zombie).
 pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
 }
 
 /// Kills every forwarder a test left under its local dir.

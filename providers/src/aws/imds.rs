@@ -51,7 +51,7 @@ pub async fn fill_from_metadata(
                             config.subnet_id = Some(subnet);
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "no subnet from the instance metadata service")
+                            tracing::warn!(error = %e, "no subnet from the instance metadata service");
                         }
                     }
                 }
@@ -63,13 +63,13 @@ pub async fn fill_from_metadata(
                             tracing::info!(groups = ?config.security_group_ids, "security groups from the instance metadata service");
                         }
                         Err(e) => {
-                            tracing::warn!(error = %e, "no security groups from the instance metadata service")
+                            tracing::warn!(error = %e, "no security groups from the instance metadata service");
                         }
                     }
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "no network interface from the instance metadata service")
+                tracing::warn!(error = %e, "no network interface from the instance metadata service");
             }
         }
     }
@@ -103,7 +103,7 @@ mod tests {
         async fn get(&self, path: &str) -> Result<String, String> {
             self.0
                 .get(path)
-                .map(|v| v.to_string())
+                .map(std::string::ToString::to_string)
                 .ok_or_else(|| format!("{path}: 404"))
         }
     }

@@ -70,7 +70,12 @@ impl InstanceReader {
         filters.push(
             Filter::builder()
                 .name("instance-state-name")
-                .set_values(Some(LIVE_STATES.iter().map(|s| s.to_string()).collect()))
+                .set_values(Some(
+                    LIVE_STATES
+                        .iter()
+                        .map(std::string::ToString::to_string)
+                        .collect(),
+                ))
                 .build(),
         );
         let mut pages = client
@@ -172,7 +177,10 @@ impl TokenLookups {
     pub(crate) async fn find(&self, token: &str) -> Result<Option<Instance>, ProviderError> {
         let (tx, rx) = oneshot::channel();
         let first = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pending = self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             pending.push((token.to_owned(), tx));
             pending.len() == 1
         };
@@ -183,7 +191,11 @@ impl TokenLookups {
                 (self.reader.clone(), self.pending.clone(), self.window);
             tokio::spawn(async move {
                 tokio::time::sleep(window).await;
-                let batch = std::mem::take(&mut *pending.lock().unwrap_or_else(|p| p.into_inner()));
+                let batch = std::mem::take(
+                    &mut *pending
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
                 answer(&reader, batch).await;
             });
         }

@@ -183,7 +183,7 @@ impl AwsProvider {
             .iter()
             .find(|m| m.device_name() == Some(device.as_str()))
             .and_then(|m| m.ebs())
-            .and_then(|e| e.volume_size())
+            .and_then(aws_sdk_ec2::types::EbsBlockDevice::volume_size)
             .and_then(|s| u32::try_from(s).ok());
         let root = ImageRoot { device, size_gib };
         images.insert(image.to_owned(), root.clone());
@@ -354,7 +354,7 @@ impl AwsProvider {
                     let instance = out
                         .reservations()
                         .iter()
-                        .flat_map(|r| r.instances())
+                        .flat_map(aws_sdk_ec2::types::Reservation::instances)
                         .find(|i| i.instance_id() == Some(id));
                     match instance.and_then(|i| self.reader.to_instance(i)) {
                         Some(i)
@@ -487,24 +487,21 @@ pub(crate) async fn describe_types(
                     name: name.as_str().to_owned(),
                     vcpus: info
                         .v_cpu_info()
-                        .and_then(|v| v.default_v_cpus())
+                        .and_then(aws_sdk_ec2::types::VCpuInfo::default_v_cpus)
                         .and_then(|v| u32::try_from(v).ok())
                         .unwrap_or(0),
                     memory_mib: info
                         .memory_info()
-                        .and_then(|m| m.size_in_mib())
+                        .and_then(aws_sdk_ec2::types::MemoryInfo::size_in_mib)
                         .and_then(|m| u64::try_from(m).ok())
                         .unwrap_or(0),
-                    gpus: info
-                        .gpu_info()
-                        .map(|g| {
-                            g.gpus()
-                                .iter()
-                                .filter_map(|d| d.count())
-                                .filter_map(|c| u32::try_from(c).ok())
-                                .sum()
-                        })
-                        .unwrap_or(0),
+                    gpus: info.gpu_info().map_or(0, |g| {
+                        g.gpus()
+                            .iter()
+                            .filter_map(aws_sdk_ec2::types::GpuDeviceInfo::count)
+                            .filter_map(|c| u32::try_from(c).ok())
+                            .sum()
+                    }),
                 });
             }
         }

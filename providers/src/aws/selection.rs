@@ -166,7 +166,12 @@ mod tests {
             size("x.mem", 2, 8, 0),
         ];
         let all: Vec<String> = sizes.iter().map(|s| s.name.clone()).collect();
-        let list = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let list = |names: &[&str]| {
+            names
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect::<Vec<_>>()
+        };
         let default = "m6a.large";
         /// What, the request, the allow-list, and the type (or a part of the error).
         type Case<'a> = (&'a str, InstanceSpec, Vec<String>, Result<&'a str, &'a str>);

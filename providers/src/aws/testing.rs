@@ -333,7 +333,7 @@ impl TestNetwork {
     /// (see [`AwsBed::provider_from_flags`]).
     pub async fn provider_from_flags(&self, endpoint: &str, extra: &[&str]) -> Arc<dyn Provider> {
         let mut args = self.flags(endpoint);
-        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(extra.iter().map(std::string::ToString::to_string));
         let matches = AwsManager
             .command()
             .try_get_matches_from(args)
@@ -509,7 +509,9 @@ impl Ec2Proxy {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ProxyState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -528,7 +530,9 @@ async fn relay(
     let request = read_request(&mut client).await?;
     let action = action_of(&request).unwrap_or_else(|| "?".into());
     let fault = {
-        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *s.calls.entry(action.clone()).or_default() += 1;
         let body = String::from_utf8_lossy(&request.body).replace("%2F", "/");
         s.bodies.entry(action.clone()).or_default().push(body);
@@ -779,7 +783,7 @@ impl MetadataStub {
                         .to_ascii_lowercase()
                         .contains(&format!("x-aws-ec2-metadata-token: {METADATA_TOKEN}"));
                     seen.lock()
-                        .unwrap_or_else(|p| p.into_inner())
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .push(format!("{method} {path}"));
                     let (status, extra, body) = match (method, path) {
                         ("PUT", "/latest/api/token") => (
@@ -819,7 +823,7 @@ impl MetadataStub {
     pub fn requests(&self) -> Vec<String> {
         self.requests
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
 }

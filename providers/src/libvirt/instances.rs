@@ -93,7 +93,7 @@ impl Host {
                 break;
             }
         }
-        found.sort_by_key(|ip| ip.is_ipv6());
+        found.sort_by_key(std::net::IpAddr::is_ipv6);
         found
     }
 

@@ -215,7 +215,7 @@ impl Provider for LibvirtProvider {
     }
 
     async fn verify_config(&self) -> Result<(), ProviderError> {
-        self.blocking(|host| host.verify()).await
+        self.blocking(super::connection::Host::verify).await
     }
 
     async fn teardown(&self) -> Result<(), ProviderError> {

@@ -123,7 +123,7 @@ impl InstanceMetadata {
         };
         let mut tags = BTreeMap::new();
         let mut volumes = Vec::new();
-        for n in root.children().filter(|n| n.is_element()) {
+        for n in root.children().filter(roxmltree::Node::is_element) {
             match n.tag_name().name() {
                 "tag" => {
                     let key = n.attribute("key").ok_or("a <tag> without a key")?;

@@ -1077,7 +1077,7 @@ fn run_simulation(seed: u64) {
                 Command::Probe { .. } => next.push(Event::AgentReady),
                 Command::Schedule { kind, epoch, .. } => {
                     expiry_fired |= kind == TimerKind::Expiry;
-                    next.push(Event::Timer(kind, epoch))
+                    next.push(Event::Timer(kind, epoch));
                 }
                 Command::ReplyStop(_, Ok(())) => stop_acked = true,
                 Command::ReplyStop(_, Err(_)) => next.push(Event::Stop(102)),
