@@ -34,6 +34,15 @@ pub struct AdminState {
     pub journal: Arc<dyn podvisor_state::Journal>,
 }
 
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("status", &self.status)
+            .field("journal", &self.journal.identity())
+            .finish_non_exhaustive()
+    }
+}
+
 /// The journal's id and integrity, as `/readyz` and `/v1/status` show them.
 fn journal_json(journal: &dyn podvisor_state::Journal) -> Value {
     json!({ "id": journal.identity().id, "integrity": journal.verdict() })

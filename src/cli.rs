@@ -128,6 +128,9 @@ pub struct KataArgs {
     pub socket: PathBuf,
 
     /// Directory of per-sandbox agent sockets (<pods-dir>/<id>/agent.ttrpc)
+    // The comment is also `--help` text, where the angle brackets are
+    // placeholders, not HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     #[arg(
         long = "pods-dir",
         env = "PODS_DIR",
@@ -494,6 +497,31 @@ pub enum Invocation {
     },
 }
 
+// By hand: a `CloudManager` is shown by its name. The provider
+// configuration's own `Debug` redacts its secrets.
+impl std::fmt::Debug for Invocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Invocation::Run {
+                global,
+                manager,
+                provider,
+            } => f
+                .debug_struct("Run")
+                .field("global", global)
+                .field("manager", &manager.name())
+                .field("provider", provider)
+                .finish(),
+            Invocation::Version => f.write_str("Version"),
+            Invocation::Journal { action, state_dir } => f
+                .debug_struct("Journal")
+                .field("action", action)
+                .field("state_dir", state_dir)
+                .finish(),
+        }
+    }
+}
+
 /// What `podvisor journal` does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JournalAction {
@@ -610,6 +638,13 @@ impl std::fmt::Display for CliError {
 }
 
 /// Parses a command line (the first item is the program name).
+///
+/// # Errors
+/// [`CliError::Clap`] for what clap refuses (an unknown or malformed flag,
+/// a missing subcommand) and for `--help`/`--version`, which it prints;
+/// [`CliError::Config`] naming the flag and its variable when a value
+/// parses but is not acceptable (a TLS version or cipher suite, the tunnel
+/// type, a call rate, retry timings, or the provider's own flags).
 pub fn parse<I, T>(args: I) -> Result<Invocation, CliError>
 where
     I: IntoIterator<Item = T>,

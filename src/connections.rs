@@ -445,6 +445,15 @@ pub struct Gated<L: Accept> {
     next: Option<Admission<L>>,
 }
 
+impl<L: Accept> std::fmt::Debug for Gated<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gated")
+            .field("gate", &self.gate)
+            .field("admitting", &self.next.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<L: Accept> Gated<L> {
     /// `listener` behind `gate`.
     pub fn new(gate: Arc<Gate>, listener: L) -> Self {

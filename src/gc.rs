@@ -31,6 +31,20 @@ pub struct Ownership<'a> {
     pub known_sandboxes: &'a HashSet<String>,
 }
 
+// By hand: the records carry pods' initdata; their count says enough.
+impl std::fmt::Debug for Ownership<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ownership")
+            .field("records", &self.records.len())
+            .field("quarantined", &self.quarantined)
+            .field("journal_id", &self.journal_id)
+            .field("journal_trusted", &self.journal_trusted)
+            .field("journal_seq_at_open", &self.journal_seq_at_open)
+            .field("known_sandboxes", &self.known_sandboxes)
+            .finish()
+    }
+}
+
 /// Why an unowned instance was left alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Spared {

@@ -69,6 +69,15 @@ pub struct HealthJournal {
     health: Arc<JournalHealth>,
 }
 
+impl std::fmt::Debug for HealthJournal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthJournal")
+            .field("journal", &self.inner.identity())
+            .field("health", &self.health)
+            .finish_non_exhaustive()
+    }
+}
+
 impl HealthJournal {
     /// Wraps `inner`.
     pub fn new(inner: Arc<dyn Journal>, health: Arc<JournalHealth>) -> Self {

@@ -22,7 +22,7 @@
 //!   message.
 //! - Reported: a message that is only logged, stored as a record's last
 //!   error or sent back as a status text may be a `String`.
-//!   [`podvisor_state::report`] turns a typed error and its causes into one
+//!   [`podvisor_state::report()`] turns a typed error and its causes into one
 //!   line for it.
 //! - Nothing matches on an error's text.
 

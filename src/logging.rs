@@ -68,6 +68,10 @@ pub fn secret_cap() -> Targets {
 }
 
 /// The operator's filter, parsed; the error names the flag and the cause.
+///
+/// # Errors
+/// A message naming `--log-level (PODVISOR_LOG)`, the filter and the
+/// parser's reason when `filter` is not valid `EnvFilter` syntax.
 pub fn operator_filter(filter: &str) -> Result<EnvFilter, String> {
     EnvFilter::try_new(filter).map_err(|e| format!("--log-level (PODVISOR_LOG) '{filter}': {e}"))
 }
@@ -75,6 +79,10 @@ pub fn operator_filter(filter: &str) -> Result<EnvFilter, String> {
 /// Sets up the process's logging on stderr: the operator's `filter` in
 /// `format`, under [`CAPS`]; `log` records (ttrpc, sled, ureq) go through
 /// the same filters. Says once, at info, which caps the filter runs into.
+///
+/// # Errors
+/// Those of [`operator_filter`]; "cannot set up logging" when a global
+/// subscriber or `log` logger is already installed.
 pub fn init(filter: &str, format: LogFormat) -> Result<(), String> {
     use std::io::IsTerminal;
     let operator = operator_filter(filter)?;
@@ -150,20 +158,21 @@ pub fn lifted_caps(filter: &str) -> Vec<Cap> {
     lifted
 }
 
+/// A log sink for unit tests: a `tracing_subscriber` writer whose text a
+/// test reads back.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::{Arc, Mutex};
+pub(crate) mod capture {
+    use std::sync::{Arc, Mutex, PoisonError};
 
-    /// Collects what the subscriber writes.
-    #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    /// Collects what a subscriber writes; clones share one buffer.
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct Buffer(Arc<Mutex<Vec<u8>>>);
 
     impl std::io::Write for Buffer {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
             self.0
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .unwrap_or_else(PoisonError::into_inner)
                 .extend_from_slice(bytes);
             Ok(bytes.len())
         }
@@ -173,16 +182,18 @@ mod tests {
     }
 
     impl Buffer {
-        fn text(&self) -> String {
-            String::from_utf8_lossy(
-                &self
-                    .0
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            )
-            .into_owned()
+        /// Everything written so far, as text.
+        pub(crate) fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner))
+                .into_owned()
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::capture::Buffer;
+    use super::*;
 
     /// What the daemon's subscriber writes for events from a few targets,
     /// under the operator's `filter`.

@@ -13,6 +13,14 @@ pub struct Metered {
     inner: Arc<dyn Provider>,
 }
 
+impl std::fmt::Debug for Metered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metered")
+            .field("provider", &self.inner.name())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Metered {
     /// Wraps `inner`.
     pub fn wrap(inner: Arc<dyn Provider>) -> Arc<dyn Provider> {

@@ -79,6 +79,10 @@ static INSTALLED: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::n
 
 /// Installs the global recorder and describes every metric; later calls (a
 /// benchmark serving twice in one process) get the same recorder.
+///
+/// # Errors
+/// "metric buckets: …" when a histogram's buckets are refused (empty), or
+/// "metrics recorder: …" when another global recorder is installed.
 pub fn install() -> Result<PrometheusHandle, String> {
     if let Some(handle) = INSTALLED.get() {
         return Ok(handle.clone());

@@ -30,6 +30,10 @@ enum Failure {
 /// `limit` passes. The error names the address, the limit and the last
 /// cause — "did not complete a TLS handshake" when the port answered but
 /// nothing there proved to be the pod VM's forwarder.
+///
+/// # Errors
+/// The message above once `limit` passes without a connection (and, with
+/// `tls`, a completed handshake).
 pub async fn wait_for_agent(
     addr: SocketAddr,
     limit: Duration,

@@ -16,12 +16,14 @@ pub mod ttrpc {
 /// tonic (prost) for the gRPC endpoint.
 pub mod grpc {
     /// `hypervisor.Hypervisor`, as on the ttrpc socket.
-    #[allow(missing_docs, clippy::all)]
+    // Generated code: not ours to document or restyle.
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
     pub mod hypervisor {
         include!(concat!(env!("OUT_DIR"), "/grpc/hypervisor.rs"));
     }
     /// `podvisor.admin.v1.Admin`.
-    #[allow(missing_docs, clippy::all)]
+    // Generated code: not ours to document or restyle.
+    #[allow(missing_docs, clippy::all, clippy::pedantic)]
     pub mod admin {
         include!(concat!(env!("OUT_DIR"), "/grpc/podvisor.admin.v1.rs"));
     }

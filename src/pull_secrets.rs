@@ -192,6 +192,11 @@ impl std::fmt::Debug for PullSecrets {
 
 impl PullSecrets {
     /// A client for `config`; fails if the CA does not load.
+    ///
+    /// # Errors
+    /// A message naming the value when the server is not an `https://` URL,
+    /// or naming the CA file when it cannot be read, does not parse as PEM
+    /// or holds no certificate.
     pub fn new(config: KubeApiConfig) -> Result<Self, String> {
         if !config.server.starts_with("https://") {
             return Err(format!(

@@ -308,14 +308,14 @@ fn ca_params(now: SystemTime) -> Result<CertificateParams, String> {
 /// A new key and a certificate for it from `issuer`, valid for `lifetime`
 /// from `now`: (certificate PEM, key PEM).
 fn leaf(
-    names: Vec<String>,
+    names: &[String],
     usage: ExtendedKeyUsagePurpose,
     issuer: &Issuer<'_, KeyPair>,
     now: SystemTime,
     lifetime: Duration,
 ) -> Result<(String, String), String> {
     let key = KeyPair::generate().map_err(|e| e.to_string())?;
-    let mut params = CertificateParams::new(names.clone()).map_err(|e| e.to_string())?;
+    let mut params = CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
     params.distinguished_name.push(
         DnType::CommonName,
         names.first().cloned().unwrap_or_default(),
@@ -398,7 +398,7 @@ impl OwnCa {
         provider: &CryptoProvider,
     ) -> Result<ClientCert, String> {
         let (cert_pem, key_pem) = leaf(
-            vec!["podvisor-client".into()],
+            &["podvisor-client".into()],
             ExtendedKeyUsagePurpose::ClientAuth,
             &self.issuer,
             now,
@@ -413,6 +413,9 @@ impl OwnCa {
 impl Pki {
     /// Loads the daemon's CA and client certificate from `dir`, making them
     /// on first start, with the system clock.
+    ///
+    /// # Errors
+    /// Those of [`Self::load_or_create_at`].
     pub fn load_or_create(dir: &Path, policy: &ClientPolicy) -> Result<Self, String> {
         Self::load_or_create_at(dir, policy, Arc::new(SystemClock))
     }
@@ -421,6 +424,12 @@ impl Pki {
     /// that has expired or is due for renewal is renewed at once, and one
     /// that does not load (a crash between writing a renewed certificate and
     /// its key) is replaced: pod VMs trust the CA, not the certificate.
+    ///
+    /// # Errors
+    /// A message naming the file when `dir` cannot be created, a key or
+    /// certificate cannot be made, written or read, or the CA certificate
+    /// or key does not parse; the errors of renewing a client certificate
+    /// that is due. Never the content of a key.
     pub fn load_or_create_at(
         dir: &Path,
         policy: &ClientPolicy,
@@ -486,6 +495,9 @@ impl Pki {
 
     /// The operator's certificates, with the system clock: a CA that signs
     /// the pod VMs' server certificates, and the client certificate and key.
+    ///
+    /// # Errors
+    /// Those of [`Self::from_files_at`].
     pub fn from_files(
         ca: &Path,
         cert: &Path,
@@ -498,6 +510,12 @@ impl Pki {
     /// [`Self::from_files`] with `clock`'s time. They are never renewed: an
     /// expired one is loaded all the same (and reported by
     /// [`Self::check`]), as before.
+    ///
+    /// # Errors
+    /// A message naming the file when one cannot be read; "CA certificate"
+    /// or "client certificate"/"client key" with the cause when a PEM does
+    /// not parse, holds no certificate, or the key does not match the
+    /// certificate.
     pub fn from_files_at(
         ca: &Path,
         cert: &Path,
@@ -539,12 +557,16 @@ impl Pki {
     /// The identity a new pod VM named `instance_name` gets in its user
     /// data, valid for [`SERVER_LIFETIME`] from now; `None` with operator
     /// certificates (baked into the image).
+    ///
+    /// # Errors
+    /// rcgen's reason when the key cannot be generated, `instance_name` is
+    /// not a usable certificate name, or signing fails.
     pub fn server_identity(&self, instance_name: &str) -> Result<Option<ServerIdentity>, String> {
         let Some(own) = &self.own else {
             return Ok(None);
         };
         let (cert_pem, key_pem) = leaf(
-            vec![instance_name.to_owned()],
+            &[instance_name.to_owned()],
             ExtendedKeyUsagePurpose::ServerAuth,
             &own.issuer,
             self.clock.now(),
@@ -558,6 +580,10 @@ impl Pki {
     }
 
     /// The name a pod VM's certificate is checked against.
+    ///
+    /// # Errors
+    /// "… is not a TLS server name" when `instance_name` is not a valid DNS
+    /// name or IP address (never with operator certificates).
     pub fn server_name(&self, instance_name: &str) -> Result<ServerName<'static>, String> {
         let name = if self.own.is_some() {
             instance_name
@@ -593,6 +619,10 @@ impl Pki {
     /// certificate from the same CA, written to the state directory, then
     /// presented by every new handshake. The operator's certificate is left
     /// as it is.
+    ///
+    /// # Errors
+    /// "renewing the client certificate: …" when the new key or
+    /// certificate cannot be made or written; the one in use stays.
     pub fn renew_if_due(&self) -> Result<Renewal, String> {
         let _one = self.renewing.lock().unwrap_or_else(PoisonError::into_inner);
         let now = self.clock.now();
@@ -629,6 +659,10 @@ impl Pki {
     /// if due, sets the expiry gauges, and warns about a certificate with
     /// less than [`EXPIRY_WARNING`] left (one podvisor does not renew, or
     /// whose renewal keeps failing).
+    ///
+    /// # Errors
+    /// Those of [`Self::renew_if_due`]; the gauges are set and the warnings
+    /// given all the same.
     pub fn check(&self) -> Result<Renewal, String> {
         let renewal = self.renew_if_due();
         let now = self.clock.now();

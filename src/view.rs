@@ -40,6 +40,16 @@ impl Default for InstanceView {
     }
 }
 
+// By hand: a record carries its pod's initdata; the count says enough.
+impl std::fmt::Debug for InstanceView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstanceView")
+            .field("records", &self.read().len())
+            .field("ready", &self.ready.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
 impl InstanceView {
     /// An empty view.
     pub fn new() -> Arc<Self> {

@@ -93,8 +93,15 @@ impl PodVmSide {
                     .await;
                 if let Ok(out) = out {
                     let mut live = HashMap::new();
-                    for i in out.reservations().iter().flat_map(|r| r.instances()) {
-                        let state = i.state().and_then(|s| s.name()).map(|n| n.as_str());
+                    for i in out
+                        .reservations()
+                        .iter()
+                        .flat_map(ec2::types::Reservation::instances)
+                    {
+                        let state = i
+                            .state()
+                            .and_then(|s| s.name())
+                            .map(ec2::types::InstanceStateName::as_str);
                         if matches!(state, Some("pending" | "running")) {
                             if let (Some(id), Some(ip)) = (i.instance_id(), private_ip(i)) {
                                 assert!(ip.is_loopback(), "instance {id} got {ip}");
@@ -243,7 +250,7 @@ async fn instances_of(moto: &Moto, sandbox: &str) -> Vec<(String, String)> {
         .unwrap();
     out.reservations()
         .iter()
-        .flat_map(|r| r.instances())
+        .flat_map(ec2::types::Reservation::instances)
         .map(|i| {
             (
                 i.instance_id().unwrap_or("").to_owned(),

@@ -119,7 +119,7 @@ fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
-fn secret(key: &str, json: serde_json::Value) -> serde_json::Value {
+fn secret(key: &str, json: &serde_json::Value) -> serde_json::Value {
     serde_json::json!({
         "apiVersion": "v1", "kind": "Secret",
         "type": if key == ".dockercfg" { "kubernetes.io/dockercfg" } else { "kubernetes.io/dockerconfigjson" },
@@ -185,7 +185,7 @@ async fn the_pod_vm_gets_the_pods_registry_credentials_and_no_log_line_has_them(
             format!("{ns}/secrets/sa-cred"),
             secret(
                 ".dockerconfigjson",
-                serde_json::json!({"auths": {
+                &serde_json::json!({"auths": {
                     "a.io": {"username": "robot", "password": "s3cr3t-sa"},
                     "b.io": {"auth": b64("old:overridden")}}}),
             ),
@@ -194,7 +194,7 @@ async fn the_pod_vm_gets_the_pods_registry_credentials_and_no_log_line_has_them(
             format!("{ns}/secrets/pod-cred"),
             secret(
                 ".dockercfg",
-                serde_json::json!({"b.io": {"auth": b64("pod:s3cr3t-pod")}}),
+                &serde_json::json!({"b.io": {"auth": b64("pod:s3cr3t-pod")}}),
             ),
         ),
         (

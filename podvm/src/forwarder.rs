@@ -46,6 +46,12 @@ struct Settings {
 /// The TLS server configuration `apf.json` asks for: `None` when it holds
 /// no server certificate. A certificate without a client CA is refused:
 /// the forwarder never serves the agent to unauthenticated clients.
+///
+/// # Errors
+/// A message starting `apf.json` and naming the setting when the JSON does
+/// not parse, only some of `tls-server-cert`, `tls-server-key` and
+/// `tls-client-ca` are set, a PEM does not parse, the client CA is not a
+/// usable root, or `tls-min-version`/`tls-cipher-suites` is not supported.
 pub fn tls_from_settings(json: &str) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -91,6 +97,10 @@ pub fn tls_from_settings(json: &str) -> Result<Option<Arc<rustls::ServerConfig>>
 }
 
 /// Accepts connections forever, relaying each to the agent.
+///
+/// # Errors
+/// The listener's I/O error when accepting fails; a failed handshake or
+/// relay ends only its own connection.
 pub async fn serve(listener: TcpListener, config: ForwarderConfig) -> io::Result<()> {
     let acceptor = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     loop {
@@ -139,6 +149,11 @@ async fn relay(
 
 /// Connects to the agent socket, waiting up to `wait` for it to appear (the
 /// agent may start after the forwarder).
+///
+/// # Errors
+/// The last connect error, its kind kept and its message naming the socket
+/// ("agent socket … not reachable"), when `wait` passes without a
+/// connection.
 pub async fn connect_agent(path: &Path, wait: Duration) -> io::Result<UnixStream> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {

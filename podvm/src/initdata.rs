@@ -100,6 +100,13 @@ struct InitdataToml {
 impl Initdata {
     /// Parses and checks a TOML document: `version` (not empty),
     /// `algorithm` (one of [`ALGORITHMS`]) and a `[data]` table of strings.
+    ///
+    /// # Errors
+    /// [`InitdataError::TooLarge`] above [`MAX_DOCUMENT`] bytes,
+    /// [`InitdataError::Empty`], [`InitdataError::NotToml`],
+    /// [`InitdataError::Algorithm`] for an unknown algorithm,
+    /// [`InitdataError::EmptyVersion`], or [`InitdataError::NoData`] without
+    /// a `[data]` table.
     pub fn parse(document: String) -> Result<Self, InitdataError> {
         if document.len() > MAX_DOCUMENT {
             return Err(InitdataError::TooLarge {
@@ -134,6 +141,13 @@ impl Initdata {
     /// Decodes the encoded form: standard base64 (padding optional; line
     /// breaks ignored, as Go's decoder ignores them) of a gzip stream — or,
     /// leniently, of the plain TOML.
+    ///
+    /// # Errors
+    /// [`InitdataError::TooLarge`] when the encoded form or what it unpacks
+    /// to is above its limit, [`InitdataError::NotBase64`],
+    /// [`InitdataError::NotGzip`] for a broken gzip stream,
+    /// [`InitdataError::NotUtf8`], and then the errors of
+    /// [`Initdata::parse`].
     pub fn decode(encoded: &str) -> Result<Self, InitdataError> {
         if encoded.len() > MAX_ENCODED {
             return Err(InitdataError::TooLarge {
@@ -172,6 +186,10 @@ impl Initdata {
     /// Reads CreateVM's `cc_init_data` annotation: the raw TOML Kata's
     /// runtime sends, or (as older clients sent) the encoded form. The two
     /// cannot be confused: see the module documentation.
+    ///
+    /// # Errors
+    /// Those of [`Initdata::decode`] for the encoded form, of
+    /// [`Initdata::parse`] for raw TOML.
     pub fn from_annotation(value: &str) -> Result<Self, InitdataError> {
         if is_encoded_form(value) {
             Self::decode(value)

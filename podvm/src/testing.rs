@@ -47,12 +47,21 @@ pub fn free_port() -> u16 {
 
 /// The path of an up-to-date `podvisor-forwarder` (and `podvisor-userdata`
 /// beside it), built once per test process.
+///
+/// # Errors
+/// A message saying why when the test binary's path is not inside a cargo
+/// target directory, cargo cannot be run, or the build fails; the first
+/// answer is kept for the whole process.
 pub fn forwarder_binary() -> Result<PathBuf, String> {
     static FOUND: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     FOUND.get_or_init(locate_or_build).clone()
 }
 
 /// The path of a built `podvisor-userdata` (built with the forwarder).
+///
+/// # Errors
+/// Those of [`forwarder_binary`], or "… is not built" when the binary is
+/// not beside the forwarder.
 pub fn userdata_binary() -> Result<PathBuf, String> {
     let path = forwarder_binary()?.with_file_name("podvisor-userdata");
     if path.is_file() {

@@ -31,6 +31,11 @@ impl TlsPolicy {
     /// As in Go, whose names the reference takes, the list governs TLS 1.2;
     /// TLS 1.3 suites are all allowed unless the list names some of them,
     /// and then only those.
+    ///
+    /// # Errors
+    /// A message naming the value when `min_version` is not a TLS version,
+    /// a cipher suite is unknown (listing the supported ones), or no listed
+    /// suite works with the least allowed version.
     pub fn new(min_version: Option<&str>, cipher_suites: Option<&str>) -> Result<Self, String> {
         let versions = match min_version.map(str::trim) {
             None | Some("") | Some("VersionTLS12") => TLS12_AND_13,

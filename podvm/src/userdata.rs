@@ -109,6 +109,13 @@ pub struct File {
 }
 
 /// Parses user data strictly into the files it writes.
+///
+/// # Errors
+/// [`UserDataError::TooLarge`] above [`MAX_USER_DATA`],
+/// [`UserDataError::NotCloudConfig`] without the `#cloud-config` line,
+/// [`UserDataError::Malformed`] for bad YAML or an unknown key or field,
+/// [`UserDataError::PathNotAllowed`], [`UserDataError::Duplicate`], or
+/// [`UserDataError::FileTooLarge`] for a file above its own limit.
 pub fn parse(text: &str) -> Result<Vec<File>, UserDataError> {
     if text.len() > MAX_USER_DATA {
         return Err(UserDataError::TooLarge {
@@ -154,6 +161,11 @@ pub fn parse(text: &str) -> Result<Vec<File>, UserDataError> {
 /// Checks everything, then writes the files under `<root>/run/peerpod/`
 /// (owner-only), the initdata digest, and the initdata's `[data]` files
 /// that user data did not write itself. Returns the paths written.
+///
+/// # Errors
+/// [`UserDataError::Initdata`] when the `initdata` file does not decode
+/// (then nothing is written); [`UserDataError::Io`] naming the path when
+/// the directory or a file cannot be created, written, synced or renamed.
 pub fn apply(files: &[File], root: &Path) -> Result<Vec<PathBuf>, UserDataError> {
     // Decide everything before writing anything.
     let mut out: Vec<(String, String)> = files
@@ -259,6 +271,11 @@ fn agent() -> ureq::Agent {
 }
 
 /// One look at `source`: `Ok(None)` when it has no user data (yet).
+///
+/// # Errors
+/// A message saying why when the file cannot be read (other than missing),
+/// the metadata service cannot be reached or answers an unexpected status,
+/// or its answer is too large, not base64 (Azure) or not UTF-8.
 pub fn fetch(source: &Source) -> Result<Option<String>, String> {
     match source {
         Source::File(path) => match std::fs::read_to_string(path) {
@@ -330,6 +347,10 @@ pub fn fetch(source: &Source) -> Result<Option<String>, String> {
 
 /// Tries every source in turn, every `interval`, until one has user data
 /// or `limit` passes.
+///
+/// # Errors
+/// [`UserDataError::NotFound`], with how long it waited and what each
+/// source said last, when no source had user data before `limit`.
 pub fn find(
     sources: &[Source],
     interval: Duration,

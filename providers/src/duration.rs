@@ -5,6 +5,11 @@ use std::time::Duration;
 
 /// Parses a Go duration string. Negative durations are refused: no podvisor
 /// setting means anything by them.
+///
+/// # Errors
+/// A message quoting `text` when it is empty, negative, has a number
+/// without a unit, a bad number or an unknown unit, or is too long for a
+/// [`Duration`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let s = text.trim();
     if s == "0" {

@@ -78,6 +78,13 @@ pub trait ProviderConfig: Send + Sync + fmt::Debug {
     }
 
     /// Builds the provider (the reference's `NewProvider`).
+    ///
+    /// # Errors
+    /// A [`ProviderError`] (class `Config`) when a setting the flags left
+    /// open cannot be completed — AWS: the region, which the instance
+    /// metadata service did not give; local: no forwarder binary, or its
+    /// state directory cannot be created. A connection is never opened
+    /// here.
     async fn build(&self, context: &ProviderContext) -> Result<Arc<dyn Provider>, ProviderError>;
 }
 
@@ -91,6 +98,11 @@ pub trait CloudManager: Send + Sync {
     fn command(&self) -> clap::Command;
 
     /// Reads and validates the flags parsed by [`CloudManager::command`].
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the flag, its environment variable and what
+    /// is wrong with its value (missing, malformed or out of range, or
+    /// inconsistent with another flag).
     fn configure(&self, matches: &clap::ArgMatches)
     -> Result<Box<dyn ProviderConfig>, ConfigError>;
 

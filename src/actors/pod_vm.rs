@@ -62,6 +62,19 @@ pub struct PodVmDeps {
     pub proxy_max_connections: u32,
 }
 
+// By hand: the PKI holds private keys, the pull secrets and initdata may
+// hold credentials; none of them belongs in a debug print.
+impl std::fmt::Debug for PodVmDeps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodVmDeps")
+            .field("node_name", &self.node_name)
+            .field("forwarder_port", &self.forwarder_port)
+            .field("pods_dir", &self.pods_dir)
+            .field("tls", &self.pki.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl PodVmDeps {
     /// What every create request gets from the daemon.
     fn request_inputs(&self) -> RequestInputs<'_> {
@@ -113,6 +126,16 @@ pub struct PodVm {
     recover_on_start: bool,
     /// The agent socket, open while the durable record is Running.
     agent_socket: AgentSocket,
+}
+
+impl std::fmt::Debug for PodVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let target = self.machine.target();
+        f.debug_struct("PodVm")
+            .field("sandbox_id", &target.sandbox_id)
+            .field("state", &target.state)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PodVm {
@@ -471,7 +494,7 @@ impl Actor for PodVm {
     }
 }
 /// StartVM for this sandbox.
-#[derive(Message)]
+#[derive(Debug, Message)]
 #[rtype(result = "Result<(), StartError>")]
 pub struct Start;
 
@@ -503,7 +526,7 @@ impl Handler<Failed> for PodVm {
 
 /// Whether this pod VM has nothing in flight (see
 /// [`podvisor_state::PodVmMachine::is_settled`]).
-#[derive(Message)]
+#[derive(Debug, Message)]
 #[rtype(result = "bool")]
 pub struct IsSettled;
 
@@ -516,7 +539,7 @@ impl Handler<IsSettled> for PodVm {
 
 /// StopVM for this sandbox. The error (the stop could not be journaled) is
 /// only reported.
-#[derive(Message)]
+#[derive(Debug, Message)]
 #[rtype(result = "Result<(), String>")]
 pub struct Stop;
 
@@ -536,24 +559,7 @@ impl Handler<Stop> for PodVm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    /// A log sink the test reads back.
-    #[derive(Clone, Default)]
-    struct Log(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Log {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::logging::capture::Buffer;
 
     /// The release-build path: no debug assertion is involved, so this runs
     /// the same in a debug and a release build.
@@ -561,7 +567,7 @@ mod tests {
     fn a_refused_transition_is_logged_as_an_error_and_counted() {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
-        let log = Log::default();
+        let log = Buffer::default();
         let writer = log.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
@@ -580,7 +586,7 @@ mod tests {
         let text = handle.render();
         let line = r#"podvisor_illegal_transitions_total{from="running",to="creating"} 2"#;
         assert!(text.contains(line), "missing {line} in\n{text}");
-        let log = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
+        let log = log.text();
         assert!(log.contains("ERROR"), "{log}");
         assert!(
             log.contains("A pod VM cannot move from running to creating"),

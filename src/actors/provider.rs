@@ -43,6 +43,15 @@ pub struct ProviderCalls {
     policy: CallPolicy,
 }
 
+impl std::fmt::Debug for ProviderCalls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderCalls")
+            .field("provider", &self.provider.name())
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ProviderCalls {
     /// Calls to `provider` under `policy`.
     pub fn new(provider: Arc<dyn Provider>, policy: CallPolicy) -> Self {
@@ -106,6 +115,11 @@ impl ProviderCalls {
 
     /// Creates the instance of `request`; unless `first_attempt`, and on
     /// every retry, looks it up by token first and adopts what it finds.
+    ///
+    /// # Errors
+    /// The provider's last [`ProviderError`] once it is not retryable or
+    /// [`CallPolicy::attempts`] tries are spent; a try that outlives
+    /// [`CallPolicy::timeout`] counts as a transient "timed out" error.
     pub async fn ensure(
         &self,
         request: &CreateRequest,
@@ -152,6 +166,11 @@ impl ProviderCalls {
     }
 
     /// Deletes an instance; "not found" is success.
+    ///
+    /// # Errors
+    /// The provider's last [`ProviderError`] once it is not retryable or
+    /// [`CallPolicy::attempts`] tries are spent; a try that outlives
+    /// [`CallPolicy::timeout`] counts as a transient "timed out" error.
     pub async fn delete(&self, instance_id: &str) -> Result<(), ProviderError> {
         match self
             .call("delete", true, || {
@@ -164,31 +183,53 @@ impl ProviderCalls {
         }
     }
 
-    /// Looks an instance up by token (or name).
+    /// Looks an instance up by token (or name); `Ok(None)` when there is
+    /// none.
+    ///
+    /// # Errors
+    /// The provider's last [`ProviderError`] once it is not retryable or
+    /// [`CallPolicy::attempts`] tries are spent; a try that outlives
+    /// [`CallPolicy::timeout`] counts as a transient "timed out" error.
     pub async fn find(&self, token: &str, name: &str) -> Result<Option<Instance>, ProviderError> {
         self.call("find", false, || self.provider.find_instance(token, name))
             .await
     }
 
     /// Lists the instances carrying a tag.
+    ///
+    /// # Errors
+    /// The provider's last [`ProviderError`] once it is not retryable or
+    /// [`CallPolicy::attempts`] tries are spent; a try that outlives
+    /// [`CallPolicy::timeout`] counts as a transient "timed out" error.
     pub async fn list(&self, key: &str, value: &str) -> Result<Vec<Instance>, ProviderError> {
         self.call("list", false, || self.provider.list_instances(key, value))
             .await
     }
 
     /// Verifies the configuration against the cloud.
+    ///
+    /// # Errors
+    /// The provider's last [`ProviderError`] once it is not retryable or
+    /// [`CallPolicy::attempts`] tries are spent; a try that outlives
+    /// [`CallPolicy::timeout`] counts as a transient "timed out" error.
+    /// A wrong setting is `Config`, naming its flag (see
+    /// [`Provider::verify_config`]).
     pub async fn verify(&self) -> Result<(), ProviderError> {
         self.call("verify", false, || self.provider.verify_config())
             .await
     }
 
-    /// Releases the provider's resources.
+    /// Releases the provider's resources (tried once, without retries).
+    ///
+    /// # Errors
+    /// The provider's [`ProviderError`] when it cannot release them.
     pub async fn teardown(&self) -> Result<(), ProviderError> {
         self.provider.teardown().await
     }
 }
 
 /// The actor shell around [`ProviderCalls`].
+#[derive(Debug)]
 pub struct ProviderActor {
     /// Shared with the futures that run the calls.
     calls: Arc<ProviderCalls>,
@@ -220,7 +261,7 @@ fn off_thread<T: Send + 'static>(
 }
 
 /// Create (or adopt) the instance of a request.
-#[derive(Message)]
+#[derive(Debug, Message)]
 #[rtype(result = "Result<Ensured, ProviderError>")]
 pub struct EnsureInstance {
     /// What to create.
@@ -238,7 +279,7 @@ impl Handler<EnsureInstance> for ProviderActor {
 }
 
 /// Delete an instance.
-#[derive(Message)]
+#[derive(Debug, Message)]
 #[rtype(result = "Result<(), ProviderError>")]
 pub struct DeleteInstance(pub String);
 
@@ -251,7 +292,7 @@ impl Handler<DeleteInstance> for ProviderActor {
 }
 
 /// Find an instance by token and name.
-#[derive(Message)]
+#[derive(Debug, Message)]
 #[rtype(result = "Result<Option<Instance>, ProviderError>")]
 pub struct FindInstance {
     /// The idempotency token.
@@ -269,7 +310,7 @@ impl Handler<FindInstance> for ProviderActor {
 }
 
 /// List instances by tag.
-#[derive(Message)]
+#[derive(Debug, Message)]
 #[rtype(result = "Result<Vec<Instance>, ProviderError>")]
 pub struct ListInstances {
     /// Tag key.

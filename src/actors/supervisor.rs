@@ -157,6 +157,17 @@ pub struct Supervisor {
     known_sandboxes: HashSet<String>,
 }
 
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("pods", &self.pods.len())
+            .field("limit", &self.limit)
+            .field("recovering", &self.recovering.len())
+            .field("gc", &self.gc)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Supervisor {
     /// A supervisor for pod VMs sharing `deps`.
     pub fn new(deps: Arc<PodVmDeps>, limit: Option<usize>, gc: GcPolicy) -> Self {
@@ -234,6 +245,19 @@ pub struct CreateVm {
     pub netns: String,
 }
 
+// By hand: the initdata may hold attestation credentials.
+impl std::fmt::Debug for CreateVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateVm")
+            .field("sandbox_id", &self.sandbox_id)
+            .field("pod_name", &self.pod_name)
+            .field("pod_namespace", &self.pod_namespace)
+            .field("spec", &self.spec)
+            .field("netns", &self.netns)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Handler<CreateVm> for Supervisor {
     type Result = ResponseFuture<Result<(), SupervisorError>>;
 
@@ -292,7 +316,7 @@ impl Handler<CreateVm> for Supervisor {
 }
 
 /// StartVM.
-#[derive(Message)]
+#[derive(Debug, Message)]
 #[rtype(result = "Result<(), SupervisorError>")]
 pub struct StartVm(pub String);
 
@@ -319,7 +343,7 @@ impl Handler<StartVm> for Supervisor {
 }
 
 /// StopVM.
-#[derive(Message)]
+#[derive(Debug, Message)]
 #[rtype(result = "Result<(), SupervisorError>")]
 pub struct StopVm(pub String);
 
@@ -391,6 +415,16 @@ pub struct Recover {
     pub quarantined: Vec<String>,
 }
 
+// By hand: the records carry pods' initdata.
+impl std::fmt::Debug for Recover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recover")
+            .field("records", &self.records.len())
+            .field("quarantined", &self.quarantined)
+            .finish()
+    }
+}
+
 impl Handler<Recover> for Supervisor {
     type Result = ();
 
@@ -413,7 +447,7 @@ impl Handler<Recover> for Supervisor {
 /// Shutdown: waits until every pod VM has nothing in flight — every
 /// operation under way has reached a journaled state — or `limit` passes.
 /// Answers whether everything settled.
-#[derive(Message)]
+#[derive(Debug, Message)]
 #[rtype(result = "bool")]
 pub struct Drain {
     /// The longest wait.
@@ -452,7 +486,7 @@ impl Handler<Drain> for Supervisor {
 }
 
 /// What a pod VM actor tells the supervisor.
-#[derive(Message)]
+#[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub enum PodVmReport {
     /// Its start-up recovery is decided.
@@ -543,7 +577,7 @@ impl Supervisor {
 }
 
 /// Runs one orphan GC pass.
-#[derive(Message)]
+#[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct RunGc;
 

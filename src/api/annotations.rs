@@ -34,6 +34,12 @@ pub struct SandboxRequest {
 }
 
 /// Reads the pod's identity and resource requests.
+///
+/// # Errors
+/// A message naming the annotation when the pod's name or namespace is
+/// missing or not a valid Kubernetes name, a value has control characters,
+/// a number is malformed or above its limit, or `cc_init_data` is not
+/// valid initdata (see [`initdata_for_pod_vm`]).
 pub fn parse(annotations: &HashMap<String, String>) -> Result<SandboxRequest, String> {
     let (pod_name, pod_namespace) = pod_identity(annotations)?;
     let text = |key: &str| -> Result<Option<String>, String> {
@@ -150,8 +156,8 @@ fn is_dns_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
-/// Whether `pod` and `namespace` could name a Kubernetes pod (see
-/// [`check_pod_name`] and [`check_namespace`]).
+/// Whether `pod` and `namespace` could name a Kubernetes pod: the checks
+/// CreateVM makes of the pod name and namespace annotations.
 pub fn is_pod_identity(pod: &str, namespace: &str) -> bool {
     check_pod_name("", pod).is_ok() && check_namespace("", namespace).is_ok()
 }
@@ -257,6 +263,12 @@ fn number(
 /// (or an already encoded value) checked as initdata, then gzip + base64
 /// encoded as the reference does. The digest the pod VM computes covers the
 /// exact TOML bytes, so nothing is trimmed or rewritten.
+///
+/// # Errors
+/// A message giving the size and limit when `value` or its encoded form is
+/// above [`initdata::MAX_ENCODED`] bytes, or the
+/// [`InitdataError`](initdata::InitdataError) in words when it is not valid
+/// initdata.
 pub fn initdata_for_pod_vm(value: &str) -> Result<String, String> {
     if value.len() > initdata::MAX_ENCODED {
         return Err(format!(
@@ -281,6 +293,11 @@ pub fn initdata_for_pod_vm(value: &str) -> Result<String, String> {
 /// The daemon's `INITDATA` setting in the form pod VMs receive: it must be
 /// gzip + base64 (as the reference requires; line-wrapped base64 is read as
 /// Go's decoder reads it) and hold valid initdata.
+///
+/// # Errors
+/// The [`InitdataError`](initdata::InitdataError) in words when `value`
+/// does not decode or is not valid initdata; for a quoted (raw TOML) value
+/// the message says INITDATA must be gzip + base64.
 pub fn initdata_setting(value: &str) -> Result<String, String> {
     let document = Initdata::decode(value).map_err(|e| match e {
         initdata::InitdataError::NotBase64(_) if value.contains(['"', '\'']) => format!(

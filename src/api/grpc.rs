@@ -39,6 +39,11 @@ impl BearerToken {
     /// Reads the token: the content of the file at `path` without the
     /// whitespace around it (a trailing newline from `echo` is not part of
     /// it). The error names the path and the cause, never the content.
+    ///
+    /// # Errors
+    /// A message naming the path when the file cannot be read, is empty
+    /// (after trimming), holds anything but visible ASCII, or is shorter
+    /// than the least token length.
     pub fn from_file(path: &Path) -> Result<Self, String> {
         let bytes =
             std::fs::read(path).map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
@@ -129,6 +134,10 @@ pub fn is_loopback(addr: &std::net::SocketAddr) -> bool {
 /// `serve_with_incoming`, as [`super::bind_control_socket`] binds every
 /// control socket: exactly who may drive pod VMs through Kata may drive
 /// them here. Must run inside Tokio.
+///
+/// # Errors
+/// Those of [`super::bind_control_socket`], starting with
+/// `--grpc-socket (PODVISOR_GRPC_SOCKET)` and the path.
 pub fn bind_unix(
     path: &Path,
     group: Option<nix::unistd::Gid>,
@@ -136,21 +145,25 @@ pub fn bind_unix(
     super::bind_control_socket(path, group, "--grpc-socket (PODVISOR_GRPC_SOCKET)")
 }
 
-fn status(e: ApiError) -> Status {
-    let message = e.to_string();
-    match e {
-        ApiError::InvalidArgument(_) => Status::invalid_argument(message),
-        ApiError::NotFound(_) => Status::not_found(message),
-        ApiError::AlreadyExists(_) => Status::already_exists(message),
-        ApiError::ResourceExhausted(_) => Status::resource_exhausted(message),
-        ApiError::FailedPrecondition(_) => Status::failed_precondition(message),
-        ApiError::Unavailable(_) => Status::unavailable(message),
-        ApiError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
-        ApiError::Internal(_) => Status::internal(message),
+/// The gRPC status of an API error: its code and its message.
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let message = e.to_string();
+        match e {
+            ApiError::InvalidArgument(_) => Status::invalid_argument(message),
+            ApiError::NotFound(_) => Status::not_found(message),
+            ApiError::AlreadyExists(_) => Status::already_exists(message),
+            ApiError::ResourceExhausted(_) => Status::resource_exhausted(message),
+            ApiError::FailedPrecondition(_) => Status::failed_precondition(message),
+            ApiError::Unavailable(_) => Status::unavailable(message),
+            ApiError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+            ApiError::Internal(_) => Status::internal(message),
+        }
     }
 }
 
 /// `hypervisor.Hypervisor` over gRPC.
+#[derive(Debug)]
 pub struct GrpcHypervisor {
     /// The shared semantics.
     pub api: HypervisorApi,
@@ -169,7 +182,7 @@ impl hypervisor_server::Hypervisor for GrpcHypervisor {
             .await;
         HypervisorApi::count("grpc", "CreateVM", &r);
         r.map(|agent_socket_path| Response::new(hv::CreateVmResponse { agent_socket_path }))
-            .map_err(status)
+            .map_err(Status::from)
     }
 
     async fn start_vm(
@@ -179,7 +192,7 @@ impl hypervisor_server::Hypervisor for GrpcHypervisor {
         let r = self.api.start_vm(&req.into_inner().id).await;
         HypervisorApi::count("grpc", "StartVM", &r);
         r.map(|()| Response::new(hv::StartVmResponse {}))
-            .map_err(status)
+            .map_err(Status::from)
     }
 
     async fn stop_vm(
@@ -189,7 +202,7 @@ impl hypervisor_server::Hypervisor for GrpcHypervisor {
         let r = self.api.stop_vm(&req.into_inner().id).await;
         HypervisorApi::count("grpc", "StopVM", &r);
         r.map(|()| Response::new(hv::StopVmResponse {}))
-            .map_err(status)
+            .map_err(Status::from)
     }
 
     async fn version(
@@ -231,6 +244,7 @@ pub fn instance_message(r: &InstanceRecord) -> admin::Instance {
 }
 
 /// `podvisor.admin.v1.Admin`.
+#[derive(Debug)]
 pub struct GrpcAdmin {
     /// The durable view.
     pub view: Arc<InstanceView>,

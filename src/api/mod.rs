@@ -96,6 +96,11 @@ fn mailbox(e: actix::MailboxError) -> ApiError {
 }
 
 /// Checks a sandbox id: it names a directory under the pods dir.
+///
+/// # Errors
+/// [`ApiError::InvalidArgument`] when the id is empty, longer than 128
+/// characters, `.` or `..`, or holds anything but letters, digits, `-`,
+/// `_` and `.`.
 pub fn validate_sandbox_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty() {
         return Err(ApiError::InvalidArgument("The sandbox id is empty".into()));
@@ -125,6 +130,11 @@ pub fn validate_sandbox_id(id: &str) -> Result<(), ApiError> {
 /// from a running daemon), and the socket gets [`ttrpc::SOCKET_MODE`] and
 /// `group`, whatever the umask. Errors start with `flag` (`--socket
 /// (REMOTE_HYPERVISOR_ENDPOINT)`) and the path. Must run inside Tokio.
+///
+/// # Errors
+/// A message starting with `flag` and the path when the directory cannot
+/// be created, another process serves on the socket, the stale file
+/// cannot be removed, or binding, `chown` to `group` or `chmod` fails.
 pub fn bind_control_socket(
     path: &std::path::Path,
     group: Option<nix::unistd::Gid>,
@@ -161,7 +171,7 @@ pub fn bind_control_socket(
 }
 
 /// The hypervisor API.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct HypervisorApi {
     /// Where calls go.
     supervisor: Addr<Supervisor>,
@@ -201,6 +211,15 @@ impl HypervisorApi {
 
     /// CreateVM: records the sandbox (no cloud call) and returns the agent
     /// socket path the shim will use.
+    ///
+    /// # Errors
+    /// [`ApiError::InvalidArgument`] for a bad sandbox id or annotations;
+    /// [`ApiError::FailedPrecondition`] when the agent socket path would be
+    /// too long for a unix socket; [`ApiError::Unavailable`] when the pod
+    /// directory cannot be created or the record cannot be journaled;
+    /// [`ApiError::AlreadyExists`] or [`ApiError::ResourceExhausted`] from
+    /// the supervisor (see its [`SupervisorError`] mapping);
+    /// [`ApiError::Internal`] when the supervisor does not answer.
     pub async fn create_vm(
         &self,
         sandbox_id: &str,
@@ -247,6 +266,13 @@ impl HypervisorApi {
     }
 
     /// StartVM: returns once the pod VM runs and its agent endpoint answers.
+    ///
+    /// # Errors
+    /// [`ApiError::InvalidArgument`] for a bad sandbox id;
+    /// [`ApiError::NotFound`] for a sandbox never created (or stopped);
+    /// [`ApiError::FailedPrecondition`] while it is being stopped;
+    /// [`ApiError::Unavailable`] when the create failed or the start cannot
+    /// be journaled; [`ApiError::Internal`] when an actor does not answer.
     pub async fn start_vm(&self, sandbox_id: &str) -> Result<(), ApiError> {
         validate_sandbox_id(sandbox_id)?;
         self.supervisor
@@ -258,6 +284,11 @@ impl HypervisorApi {
 
     /// StopVM: acknowledges once the stop is journaled; deletion continues
     /// in the background. An unknown sandbox is already stopped.
+    ///
+    /// # Errors
+    /// [`ApiError::InvalidArgument`] for a bad sandbox id;
+    /// [`ApiError::Unavailable`] when the stop cannot be journaled;
+    /// [`ApiError::Internal`] when an actor does not answer.
     pub async fn stop_vm(&self, sandbox_id: &str) -> Result<(), ApiError> {
         validate_sandbox_id(sandbox_id)?;
         self.supervisor
@@ -269,6 +300,13 @@ impl HypervisorApi {
 
     /// The pod's instance id; with `wait`, waits until StartVM has one (up
     /// to `deadline`, else the configured maximum).
+    ///
+    /// # Errors
+    /// [`ApiError::InvalidArgument`] when the name or namespace is empty or
+    /// not a Kubernetes name; without `wait`, [`ApiError::NotFound`] for an
+    /// unknown pod and [`ApiError::FailedPrecondition`] for one without an
+    /// instance yet; with it, [`ApiError::DeadlineExceeded`] when none comes
+    /// in time and [`ApiError::Unavailable`] when the daemon shuts down.
     pub async fn get_info(
         &self,
         pod_name: &str,

@@ -23,18 +23,21 @@ pub const POD_VM_INFO: &str = "podvminfo.PodVMInfo";
 /// answered as an alias.
 pub const POD_VM_INFO_CAMEL_CASED: &str = "podvminfo.PodVmInfo";
 
-fn status(e: ApiError) -> ttrpc::Error {
-    let code = match &e {
-        ApiError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
-        ApiError::NotFound(_) => Code::NOT_FOUND,
-        ApiError::AlreadyExists(_) => Code::ALREADY_EXISTS,
-        ApiError::ResourceExhausted(_) => Code::RESOURCE_EXHAUSTED,
-        ApiError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
-        ApiError::Unavailable(_) => Code::UNAVAILABLE,
-        ApiError::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
-        ApiError::Internal(_) => Code::INTERNAL,
-    };
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+/// The ttrpc status of an API error: its gRPC code and its message.
+impl From<ApiError> for ttrpc::Error {
+    fn from(e: ApiError) -> Self {
+        let code = match &e {
+            ApiError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+            ApiError::NotFound(_) => Code::NOT_FOUND,
+            ApiError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+            ApiError::ResourceExhausted(_) => Code::RESOURCE_EXHAUSTED,
+            ApiError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+            ApiError::Unavailable(_) => Code::UNAVAILABLE,
+            ApiError::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
+            ApiError::Internal(_) => Code::INTERNAL,
+        };
+        ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+    }
 }
 
 /// The caller's deadline, if it sent one.
@@ -65,7 +68,7 @@ impl hypervisor_ttrpc::Hypervisor for Service {
             agentSocketPath: path,
             ..Default::default()
         })
-        .map_err(status)
+        .map_err(ttrpc::Error::from)
     }
 
     async fn start_vm(
@@ -76,7 +79,7 @@ impl hypervisor_ttrpc::Hypervisor for Service {
         let r = self.api.start_vm(&req.id).await;
         HypervisorApi::count("ttrpc", "StartVM", &r);
         r.map(|()| hypervisor::StartVMResponse::default())
-            .map_err(status)
+            .map_err(ttrpc::Error::from)
     }
 
     async fn stop_vm(
@@ -87,7 +90,7 @@ impl hypervisor_ttrpc::Hypervisor for Service {
         let r = self.api.stop_vm(&req.id).await;
         HypervisorApi::count("ttrpc", "StopVM", &r);
         r.map(|()| hypervisor::StopVMResponse::default())
-            .map_err(status)
+            .map_err(ttrpc::Error::from)
     }
 
     async fn version(
@@ -119,7 +122,7 @@ impl podvminfo_ttrpc::PodVmInfo for Service {
             VMID: id,
             ..Default::default()
         })
-        .map_err(status)
+        .map_err(ttrpc::Error::from)
     }
 }
 
@@ -129,6 +132,10 @@ impl podvminfo_ttrpc::PodVmInfo for Service {
 pub const SOCKET_MODE: u32 = 0o660;
 
 /// A group by name or number, for `--socket-group`.
+///
+/// # Errors
+/// "no group is called …" for an unknown name, or the lookup's own error
+/// when the group database cannot be read.
 pub fn resolve_group(group: &str) -> Result<nix::unistd::Gid, String> {
     if let Ok(gid) = group.parse::<u32>() {
         return Ok(nix::unistd::Gid::from_raw(gid));
@@ -143,6 +150,11 @@ pub fn resolve_group(group: &str) -> Result<nix::unistd::Gid, String> {
 /// Binds the socket (replacing a stale file), gives it [`SOCKET_MODE`] and
 /// `group`, and starts serving at most `max_connections` connections at
 /// once.
+///
+/// # Errors
+/// Those of [`super::bind_control_socket`], starting with
+/// `--socket (REMOTE_HYPERVISOR_ENDPOINT)` and the path; the same prefix
+/// with ttrpc's reason when the server does not start.
 pub async fn serve(
     path: &Path,
     group: Option<nix::unistd::Gid>,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 /// printed as the process's last word (`podvisor: <message>`, exit 1).
 ///
 /// A variant that keeps its cause as a typed [`source`](std::error::Error::source)
-/// does not repeat it in its own message: [`report`] joins the two. A cause
+/// does not repeat it in its own message: [`report()`] joins the two. A cause
 /// from a part of the daemon that only reports its failures in words
 /// (`reason`) is part of the message. No message holds a secret: the token
 /// file, the keys and the initdata are named by path or flag, never shown.

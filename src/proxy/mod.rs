@@ -72,6 +72,10 @@ impl AgentProxy {
     /// Binds `path` (replacing a stale socket file) and relays every
     /// connection to `upstream` (over TLS when `tls` is given), dialling for
     /// at most `dial_limit`; at most `max_connections` at once.
+    ///
+    /// # Errors
+    /// The I/O error when a stale file at `path` cannot be removed, or
+    /// binding the socket or setting its mode fails.
     pub fn open(
         path: &Path,
         upstream: SocketAddr,
@@ -294,9 +298,8 @@ async fn relay(
         let pending = pending.clone();
         async move {
             loop {
-                let mut frame = match read_frame(&mut shim_r).await {
-                    Ok(Some(f)) => f,
-                    Ok(None) | Err(_) => break,
+                let Ok(Some(mut frame)) = read_frame(&mut shim_r).await else {
+                    break;
                 };
                 if frame.kind() == MESSAGE_TYPE_REQUEST {
                     if let Ok(mut p) = pending.lock() {

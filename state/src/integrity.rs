@@ -109,7 +109,12 @@ impl IntegrityFiles {
         }
     }
 
-    /// The identity, if the file exists; an unreadable one is an error.
+    /// The identity, if the file exists; one that does not parse is the
+    /// inner `Err`, with a message naming the file.
+    ///
+    /// # Errors
+    /// [`IntegrityIoError`] naming the identity file when it exists but
+    /// cannot be read.
     pub fn read_identity(
         &self,
     ) -> Result<Option<Result<JournalIdentity, String>>, IntegrityIoError> {
@@ -123,13 +128,22 @@ impl IntegrityFiles {
     }
 
     /// Writes the identity (once, at creation), synced with its directory.
+    ///
+    /// # Errors
+    /// [`IntegrityIoError`] naming the identity file when the atomic write
+    /// (temporary file, rename, directory sync) fails.
     pub fn write_identity(&self, identity: &JournalIdentity) -> Result<(), IntegrityIoError> {
         let bytes = serde_json::to_vec_pretty(identity).unwrap_or_default();
         write_atomically(&self.identity, &bytes, None)
             .map_err(|source| self.io(&self.identity, source))
     }
 
-    /// The mark, if the file exists; an unreadable one reads as `Err`.
+    /// The mark, if the file exists; one that does not parse reads as the
+    /// inner `Err`, with a message naming the file.
+    ///
+    /// # Errors
+    /// [`IntegrityIoError`] naming the mark file when it exists but cannot
+    /// be read.
     pub fn read_mark(&self) -> Result<Option<Result<Mark, String>>, IntegrityIoError> {
         match std::fs::read(&self.mark) {
             Ok(bytes) => {
@@ -145,6 +159,10 @@ impl IntegrityFiles {
 
     /// Rewrites the mark in place (one fixed-size write and a data sync:
     /// one disk round trip per flush, not three), creating it if needed.
+    ///
+    /// # Errors
+    /// [`IntegrityIoError`] naming the mark file when it cannot be opened,
+    /// written or synced, or, on creation, its directory cannot be synced.
     pub fn write_mark(&self, mark: Mark) -> Result<(), IntegrityIoError> {
         let mut text = serde_json::to_string(&mark).unwrap_or_default();
         text.push('\n');
@@ -240,15 +258,15 @@ pub fn judge(
 mod tests {
     use super::*;
 
-    fn id(s: &str) -> Result<JournalIdentity, String> {
-        Ok(JournalIdentity {
-            id: s.into(),
-            created_at: 0,
-        })
-    }
-
     #[test]
     fn every_combination_of_witnesses_gets_its_verdict() {
+        // Readable witnesses, as `judge` receives them.
+        let id = |s: &str| -> Result<JournalIdentity, String> {
+            Ok(JournalIdentity {
+                id: s.into(),
+                created_at: 0,
+            })
+        };
         let mark = |seq| Ok(Mark { seq });
         assert_eq!(judge(None, None, None, 0, 0), Verdict::Fresh);
         // A journal from before identities, with records: trusted as it is.

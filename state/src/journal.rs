@@ -25,7 +25,7 @@ pub enum JournalError {
         reason: String,
     },
     /// A read, write or flush failed; the storage error is the
-    /// [`source`](std::error::Error::source) (see [`crate::report`]).
+    /// [`source`](std::error::Error::source) (see [`crate::report()`]).
     #[error("Journal {operation} failed")]
     Io {
         /// What the journal was doing.
@@ -68,19 +68,52 @@ pub struct LoadReport {
 /// All methods may block on disk: the daemon calls them off actor threads.
 pub trait Journal: Send + Sync + 'static {
     /// Stores `record`, replacing the sandbox's previous one.
+    ///
+    /// # Errors
+    /// [`JournalError::Io`] (operation `write`) when the storage refuses the
+    /// write.
     fn put(&self, record: &InstanceRecord) -> Result<(), JournalError>;
     /// Deletes the sandbox's record; a missing record is fine.
+    ///
+    /// # Errors
+    /// [`JournalError::Io`] (operation `remove`) when the storage refuses the
+    /// delete.
     fn remove(&self, sandbox_id: &str) -> Result<(), JournalError>;
     /// Makes every earlier `put` and `remove` durable.
+    ///
+    /// # Errors
+    /// [`JournalError::Io`] (operation `write` or `flush`) when the storage
+    /// cannot record the sequence or flush to disk;
+    /// [`JournalError::Integrity`] when the high-water mark file cannot be
+    /// written.
     fn flush(&self) -> Result<(), JournalError>;
-    /// Reads the sandbox's record, quarantining it if it does not decode.
+    /// Reads the sandbox's record, quarantining it if it does not decode
+    /// (then `Ok(None)`).
+    ///
+    /// # Errors
+    /// [`JournalError::Io`] (operation `read` or `quarantine`) when the
+    /// storage cannot be read, or the undecodable value cannot be moved
+    /// aside; the errors of [`Journal::flush`] after quarantining.
     fn get(&self, sandbox_id: &str) -> Result<Option<InstanceRecord>, JournalError>;
     /// Reads every record, quarantining those that do not decode.
+    ///
+    /// # Errors
+    /// As [`Journal::get`]: [`JournalError::Io`] when a record cannot be read
+    /// or a bad one cannot be moved aside.
     fn load(&self) -> Result<LoadReport, JournalError>;
     /// Everything ever quarantined and not yet cleared by an operator.
+    ///
+    /// # Errors
+    /// [`JournalError::Io`] (operation `read`) when the quarantine cannot be
+    /// read.
     fn quarantined(&self) -> Result<Vec<QuarantinedRecord>, JournalError>;
     /// Writes something harmless and flushes it: whether writes work now
     /// (after a failure, to learn whether the journal healed).
+    ///
+    /// # Errors
+    /// [`JournalError::Io`] when the write or the flush fails — the journal
+    /// has not healed; [`JournalError::Integrity`] when the mark cannot be
+    /// written.
     fn probe(&self) -> Result<(), JournalError> {
         self.flush()
     }
@@ -97,6 +130,10 @@ pub trait Journal: Send + Sync + 'static {
     fn durable_sequence(&self) -> u64;
     /// Records that the journal may have lost records, found after opening
     /// (by the GC): durable across restarts until the loss is accepted.
+    ///
+    /// # Errors
+    /// [`JournalError::Integrity`] when the doubt marker cannot be written
+    /// (the verdict is then left unchanged).
     fn declare_doubt(&self, reason: &str) -> Result<(), JournalError>;
 }
 
@@ -123,6 +160,16 @@ pub struct SledJournal {
     /// The sequence the mark last recorded; held across a flush so marks
     /// are written in order.
     marked: Mutex<u64>,
+}
+
+impl std::fmt::Debug for SledJournal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledJournal")
+            .field("identity", &self.identity)
+            .field("doubt_file", &self.doubt_file)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
 }
 
 /// sled's database file in the journal directory: the file it locks.
@@ -157,6 +204,12 @@ impl SledJournal {
     ///
     /// Two daemons must never share a journal: sled locks the directory, and
     /// a second opener gets an error saying so.
+    ///
+    /// # Errors
+    /// [`JournalError::Open`], naming `dir`, when the directory cannot be
+    /// created, sled cannot open it (its reason says "it is locked" when
+    /// another process holds it), the identity, mark or doubt marker cannot
+    /// be read or written, or the first flush fails.
     pub fn open(dir: &Path) -> Result<Self, JournalError> {
         let open_err = |reason: String| JournalError::Open {
             path: dir.display().to_string(),
@@ -266,6 +319,12 @@ impl SledJournal {
     /// and from the next start the orphan GC may delete this journal's
     /// instances that no record owns. The daemon must not be running (sled
     /// locks the directory).
+    ///
+    /// # Errors
+    /// The errors of [`SledJournal::open`] (a running daemon holds the lock);
+    /// [`JournalError::Io`] when the sequence cannot be written or flushed;
+    /// [`JournalError::Integrity`] when the mark cannot be written or the
+    /// doubt marker cannot be removed.
     pub fn accept_loss(dir: &Path) -> Result<Verdict, JournalError> {
         let before = {
             let journal = Self::open(dir)?;
@@ -703,7 +762,7 @@ mod tests {
         let held = Flock::lock(db, FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| e)
             .unwrap();
-        let err = SledJournal::open(dir.path()).err().expect("it is locked");
+        let err = SledJournal::open(dir.path()).expect_err("it is locked");
         let text = err.to_string();
         assert!(text.starts_with("Cannot open the journal at"), "{text}");
         assert!(
@@ -723,9 +782,7 @@ mod tests {
         // (tests/daemon.rs). Here: a path that is a file is a clear error.
         let file = dir.path().join("plain-file");
         std::fs::write(&file, b"x").unwrap();
-        let err = SledJournal::open(&file)
-            .err()
-            .expect("a file is not a journal");
+        let err = SledJournal::open(&file).expect_err("a file is not a journal");
         assert!(
             err.to_string().starts_with("Cannot open the journal at"),
             "{err}"

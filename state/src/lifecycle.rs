@@ -181,6 +181,10 @@ pub struct IllegalTransition {
 }
 
 /// `Ok` if `from → to` is legal, else the error naming both states.
+///
+/// # Errors
+/// [`IllegalTransition`] naming `from` and `to` when the lifecycle table
+/// has no such row.
 pub fn check_transition(from: State, to: State) -> Result<(), IllegalTransition> {
     if valid_transition(from, to) {
         Ok(())

@@ -141,6 +141,11 @@ impl InstanceRecord {
     }
 
     /// Decodes a journal value, refusing what this build cannot read safely.
+    ///
+    /// # Errors
+    /// [`DecodeError::NewerSchema`] when a newer podvisor wrote it;
+    /// [`DecodeError::Malformed`] when the bytes are not JSON of a record,
+    /// or the record is in the `Removed` state (never stored).
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         #[derive(Deserialize)]
         struct Version {

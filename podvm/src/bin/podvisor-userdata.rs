@@ -15,6 +15,9 @@ use std::time::Duration;
 struct Args {
     /// Where to look, in order, each round: cidata[:PATH], file:PATH,
     /// aws[:http://HOST:PORT], azure[:http://HOST:PORT]
+    // The comment is also `--help` text, where brackets mark optional
+    // parts, not links.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long = "source", value_name = "SOURCE", default_values = ["cidata", "aws", "azure"])]
     sources: Vec<Source>,
     /// The root the files are written under (`<root>/run/peerpod/`)

@@ -102,11 +102,11 @@ pub fn classify(code: Option<&str>, status: Option<u16>) -> ErrorClass {
 /// A failed SDK call of operation `what` (`RunInstances`, ...), classified,
 /// with EC2's error code kept as the error's [`code`](ProviderError::code)
 /// and, with EC2's message, in its message.
-pub fn from_sdk<E>(what: &str, err: SdkError<E, HttpResponse>) -> ProviderError
+pub fn from_sdk<E>(what: &str, err: &SdkError<E, HttpResponse>) -> ProviderError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    match &err {
+    match err {
         SdkError::ServiceError(context) => {
             let status = Some(context.raw().status().as_u16());
             let code = err.code();
@@ -141,20 +141,20 @@ where
         SdkError::TimeoutError(_) => ProviderError::transient(format!("EC2 {what} timed out")),
         SdkError::DispatchFailure(_) => ProviderError::transient(format!(
             "EC2 {what}: cannot reach the endpoint: {}",
-            DisplayErrorContext(&err)
+            DisplayErrorContext(err)
         )),
         SdkError::ResponseError(context) => ProviderError::transient(format!(
             "EC2 {what}: unreadable response (HTTP {}): {}",
             context.raw().status().as_u16(),
-            DisplayErrorContext(&err)
+            DisplayErrorContext(err)
         )),
         // The request could not be built: credentials that do not load, a
         // bad endpoint. Trying again will not change that.
         SdkError::ConstructionFailure(_) => ProviderError::config(format!(
             "EC2 {what}: the request could not be made: {}",
-            DisplayErrorContext(&err)
+            DisplayErrorContext(err)
         )),
-        _ => ProviderError::transient(format!("EC2 {what}: {}", DisplayErrorContext(&err))),
+        _ => ProviderError::transient(format!("EC2 {what}: {}", DisplayErrorContext(err))),
     }
 }
 
@@ -205,7 +205,7 @@ mod tests {
         let raw = HttpResponse::new(status.try_into().unwrap(), SdkBody::from("<Response/>"));
         let err: SdkError<RunInstancesError, HttpResponse> =
             SdkError::service_error(RunInstancesError::generic(meta), raw);
-        from_sdk("RunInstances", err)
+        from_sdk("RunInstances", &err)
     }
 
     #[test]
@@ -265,25 +265,25 @@ mod tests {
             RunInstancesError::generic(ErrorMetadata::builder().build()),
             raw,
         );
-        assert_eq!(from_sdk("RunInstances", err).code(), None);
+        assert_eq!(from_sdk("RunInstances", &err).code(), None);
     }
 
     #[test]
     fn transport_failures_are_transient() {
         let err: SdkError<RunInstancesError, HttpResponse> =
             SdkError::timeout_error("read timed out");
-        let e = from_sdk("RunInstances", err);
+        let e = from_sdk("RunInstances", &err);
         assert_eq!(e.class, ErrorClass::Transient);
         assert_eq!(e.code(), None, "no response, no EC2 code");
         assert_eq!(e.message, "EC2 RunInstances timed out");
         let raw = HttpResponse::new(502.try_into().unwrap(), SdkBody::from("garbage"));
         let err: SdkError<RunInstancesError, HttpResponse> =
             SdkError::response_error("not XML", raw);
-        let e = from_sdk("RunInstances", err);
+        let e = from_sdk("RunInstances", &err);
         assert_eq!(e.class, ErrorClass::Transient);
         assert!(e.message.contains("HTTP 502"), "{}", e.message);
         let err: SdkError<RunInstancesError, HttpResponse> =
             SdkError::construction_failure("no credentials");
-        assert_eq!(from_sdk("RunInstances", err).class, ErrorClass::Config);
+        assert_eq!(from_sdk("RunInstances", &err).class, ErrorClass::Config);
     }
 }

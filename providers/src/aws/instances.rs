@@ -86,7 +86,7 @@ impl InstanceReader {
             .send();
         let mut found = Vec::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| from_sdk("DescribeInstances", e))?;
+            let page = page.map_err(|e| from_sdk("DescribeInstances", &e))?;
             for reservation in page.reservations() {
                 found.extend(
                     reservation

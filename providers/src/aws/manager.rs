@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Registers `podvisor aws`.
+#[derive(Debug)]
 pub struct AwsManager;
 
 /// EBS's largest gp2/gp3 volume, in GiB.

@@ -169,7 +169,7 @@ impl AwsProvider {
             .image_ids(image)
             .send()
             .await
-            .map_err(|e| from_sdk("DescribeImages", e))?;
+            .map_err(|e| from_sdk("DescribeImages", &e))?;
         let found = out.images().iter().find(|i| i.image_id() == Some(image));
         let Some(found) = found else {
             return Err(ProviderError::permanent(format!(
@@ -373,7 +373,7 @@ impl AwsProvider {
                     }
                 }
                 Err(e) => {
-                    let e = from_sdk("DescribeInstances", e);
+                    let e = from_sdk("DescribeInstances", &e);
                     // Just made: EC2's listings may not show it yet.
                     if e.class != crate::ErrorClass::NotFound {
                         return Err(e);
@@ -397,7 +397,7 @@ impl AwsProvider {
             .filters(Filter::builder().name("instance-id").values(id).build())
             .send()
             .await
-            .map_err(|e| from_sdk("DescribeAddresses", e))?;
+            .map_err(|e| from_sdk("DescribeAddresses", &e))?;
         for address in out.addresses() {
             if let Some(association) = address.association_id() {
                 match client
@@ -408,7 +408,7 @@ impl AwsProvider {
                 {
                     Ok(_) => {}
                     Err(e) => {
-                        let e = from_sdk("DisassociateAddress", e);
+                        let e = from_sdk("DisassociateAddress", &e);
                         if !names_a_missing_thing(&e) {
                             return Err(e);
                         }
@@ -426,7 +426,7 @@ impl AwsProvider {
                         tracing::info!(instance = id, allocation, "released an Elastic IP");
                     }
                     Err(e) => {
-                        let e = from_sdk("ReleaseAddress", e);
+                        let e = from_sdk("ReleaseAddress", &e);
                         if !names_a_missing_thing(&e) {
                             return Err(e);
                         }
@@ -466,7 +466,7 @@ pub(crate) async fn describe_types(
             .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| {
-                let e = from_sdk("DescribeInstanceTypes", e);
+                let e = from_sdk("DescribeInstanceTypes", &e);
                 if e.code() == Some(INVALID_INSTANCE_TYPE) {
                     ProviderError {
                         code: e.code.clone(),
@@ -542,13 +542,13 @@ impl Provider for AwsProvider {
                     .instance_ids(&found.id)
                     .send()
                     .await
-                    .map_err(|e| from_sdk("StartInstances", e))?;
+                    .map_err(|e| from_sdk("StartInstances", &e))?;
                 tracing::info!(instance = %found.id, "started the stopped instance of this token");
             }
             found
         } else {
             let run = self.run_request(request).await?;
-            let out = run.send().await.map_err(|e| from_sdk("RunInstances", e))?;
+            let out = run.send().await.map_err(|e| from_sdk("RunInstances", &e))?;
             let Some(made) = out.instances().first() else {
                 return Err(ProviderError::transient(
                     "EC2 RunInstances returned no instance",
@@ -596,7 +596,7 @@ impl Provider for AwsProvider {
         {
             Ok(_) => Ok(()),
             Err(e) => {
-                let e = from_sdk("TerminateInstances", e);
+                let e = from_sdk("TerminateInstances", &e);
                 if e.class == crate::ErrorClass::NotFound {
                     Ok(())
                 } else {

@@ -29,6 +29,11 @@ pub struct TypeSize {
 /// default", and then sizing requests do not change the type (as in the
 /// reference: there is nothing to choose from). `sizes` holds what is known
 /// of the allowed types; a type missing from it cannot be fitted.
+///
+/// # Errors
+/// A message listing the allowed types when the pod's own type
+/// (`machine_type` annotation) is not allowed, or no allowed type of known
+/// size has the GPUs, vCPUs and memory asked for.
 pub fn select_instance_type(
     spec: &InstanceSpec,
     default: &str,

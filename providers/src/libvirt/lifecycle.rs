@@ -56,7 +56,7 @@ impl Host {
         let _claim = self.claim(name)?;
         let conn = self.connect()?;
         match conn.lookup_domain_by_name(name) {
-            Ok(dom) => return self.adopt(&conn, dom, request),
+            Ok(dom) => return self.adopt(&conn, &dom, request),
             Err(e) if e.code().is(ErrorNumber::NoDomain) => {}
             Err(e) => return Err(classify(format!("Looking up domain {name}"), &e)),
         }
@@ -217,11 +217,11 @@ impl Host {
     fn adopt(
         &self,
         conn: &Connect,
-        dom: Domain,
+        dom: &Domain,
         request: &CreateRequest,
     ) -> Result<Defined, ProviderError> {
         let name = &request.instance_name;
-        let Some(metadata) = Self::metadata(&dom)? else {
+        let Some(metadata) = Self::metadata(dom)? else {
             return Err(ProviderError::permanent(format!(
                 "A domain named {name} exists on {} and is not podvisor's",
                 self.settings.uri
@@ -249,7 +249,7 @@ impl Host {
             if let Err(e) = dom.create() {
                 let err = classify(format!("Starting adopted domain {name}"), &e);
                 // Never a defined, stopped and forgotten domain: remove it.
-                if let Err(cleanup) = self.remove(conn, &dom, &metadata, name) {
+                if let Err(cleanup) = self.remove(conn, dom, &metadata, name) {
                     tracing::warn!(domain = %name, "{cleanup}");
                 }
                 return Err(err);

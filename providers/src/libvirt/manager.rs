@@ -10,6 +10,7 @@ use clap::{Args, FromArgMatches};
 use std::sync::Arc;
 
 /// Registers `podvisor libvirt`.
+#[derive(Debug)]
 pub struct LibvirtManager;
 
 /// The largest root disk accepted, in GiB (64 TiB; qcow2 allows more, but a

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Registers `podvisor local`.
+#[derive(Debug)]
 pub struct LocalManager;
 
 impl CloudManager for LocalManager {

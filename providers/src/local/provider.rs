@@ -78,8 +78,8 @@ fn is_instance_id(id: &str) -> bool {
 
 /// A failed file or process call of the local "cloud": transient, with the
 /// OS error's name as the code.
-fn io_error(what: impl std::fmt::Display, e: io::Error) -> ProviderError {
-    with_os_code(ProviderError::transient(format!("{what}: {e}")), &e)
+fn io_error(what: impl std::fmt::Display, e: &io::Error) -> ProviderError {
+    with_os_code(ProviderError::transient(format!("{what}: {e}")), e)
 }
 
 /// `error`, carrying the name of the OS error behind `cause` (`ENOENT`,
@@ -95,6 +95,9 @@ fn with_os_code(error: ProviderError, cause: &io::Error) -> ProviderError {
 impl LocalProvider {
     /// A provider keeping its instances under `dir`, running `forwarder`
     /// on `port`.
+    ///
+    /// # Errors
+    /// The I/O error when `<dir>/instances` cannot be created.
     pub fn new(dir: PathBuf, forwarder: PathBuf, port: u16) -> io::Result<Self> {
         {
             // Instances' user data holds pods' initdata: owner only.
@@ -147,7 +150,7 @@ impl LocalProvider {
             let entries = match std::fs::read_dir(&dir) {
                 Ok(e) => e,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-                Err(e) => return Err(io_error(format!("Cannot list {}", dir.display()), e)),
+                Err(e) => return Err(io_error(format!("Cannot list {}", dir.display()), &e)),
             };
             for entry in entries.flatten() {
                 // A directory without a readable instance.json is a create in
@@ -171,7 +174,7 @@ impl LocalProvider {
                 ProviderError::permanent(format!("{} is corrupt: {e}", path.display()))
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_error(format!("Cannot read {}", path.display()), e)),
+            Err(e) => Err(io_error(format!("Cannot read {}", path.display()), &e)),
         }
     }
 
@@ -182,7 +185,7 @@ impl LocalProvider {
         tokio::task::spawn_blocking(move || podvisor_state::write_atomically(&target, &bytes, None))
             .await
             .map_err(|e| ProviderError::transient(format!("Instance write panicked: {e}")))?
-            .map_err(|e| io_error(format!("Cannot write {}", path.display()), e))
+            .map_err(|e| io_error(format!("Cannot write {}", path.display()), &e))
     }
 
     fn to_instance(file: &InstanceFile) -> Instance {
@@ -224,7 +227,7 @@ impl LocalProvider {
         let user_data = dir.join("user-data");
         let text = tokio::fs::read_to_string(&user_data)
             .await
-            .map_err(|e| io_error(format!("Cannot read {}", user_data.display()), e))?;
+            .map_err(|e| io_error(format!("Cannot read {}", user_data.display()), &e))?;
         let root = dir.clone();
         tokio::task::spawn_blocking(move || {
             let files = podvisor_podvm::userdata::parse(&text)?;
@@ -238,10 +241,10 @@ impl LocalProvider {
             .join("apf.json");
         let log_path = dir.join("forwarder.log");
         let log = std::fs::File::create(&log_path)
-            .map_err(|e| io_error(format!("Cannot create {}", log_path.display()), e))?;
+            .map_err(|e| io_error(format!("Cannot create {}", log_path.display()), &e))?;
         let log_err = log
             .try_clone()
-            .map_err(|e| io_error(format!("Cannot open {}", log_path.display()), e))?;
+            .map_err(|e| io_error(format!("Cannot open {}", log_path.display()), &e))?;
         let listen = SocketAddr::new(IpAddr::V4(file.ip), file.port);
         // A launch torn by a crash may have left this instance's forwarder
         // running with its pid unrecorded: never start a second one beside
@@ -322,7 +325,7 @@ impl LocalProvider {
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_error(format!("Cannot remove {}", dir.display()), e)),
+            Err(e) => Err(io_error(format!("Cannot remove {}", dir.display()), &e)),
         }
     }
 }
@@ -450,7 +453,7 @@ impl Provider for LocalProvider {
                         }
                         // A create torn by a crash before instance.json: finish it.
                     }
-                    Err(e) => return Err(io_error(format!("Cannot create {}", dir.display()), e)),
+                    Err(e) => return Err(io_error(format!("Cannot create {}", dir.display()), &e)),
                 }
                 let used: BTreeSet<Ipv4Addr> =
                     self.load_all().await?.iter().map(|f| f.ip).collect();
@@ -463,7 +466,7 @@ impl Provider for LocalProvider {
                 let user_data = dir.join("user-data");
                 tokio::fs::write(&user_data, &request.user_data)
                     .await
-                    .map_err(|e| io_error(format!("Cannot write {}", user_data.display()), e))?;
+                    .map_err(|e| io_error(format!("Cannot write {}", user_data.display()), &e))?;
                 let file = InstanceFile {
                     id: id.clone(),
                     name: request.instance_name.clone(),
@@ -509,7 +512,7 @@ impl Provider for LocalProvider {
                 match tokio::fs::remove_dir_all(&dir).await {
                     Ok(()) => Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(io_error(format!("Cannot remove {}", dir.display()), e)),
+                    Err(e) => Err(io_error(format!("Cannot remove {}", dir.display()), &e)),
                 }
             }
             Err(e) => Err(e),
