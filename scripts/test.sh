@@ -51,7 +51,8 @@ echo "== tests"
 # (under CI=true a test whose real part cannot start fails instead).
 log="$(mktemp)"
 set +e
-cargo test --workspace --all-features --locked 2>&1 | tee "$log"
+# --no-fail-fast: one failing test binary does not hide the others' results.
+cargo test --workspace --all-features --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 echo "== skipped"
