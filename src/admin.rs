@@ -68,7 +68,8 @@ pub struct InstanceView1 {
     /// What the pod asked for (instance type, vCPUs rounded up to whole
     /// ones, memory in MiB, GPUs, image), from CreateVM's annotations.
     pub spec: podvisor_state::InstanceSpec,
-    /// Attempts of the current operation.
+    /// Attempts of the current operation; for a failed pod VM, the
+    /// creation attempts made.
     pub attempts: u32,
     /// The last error an operation met.
     pub last_error: Option<String>,

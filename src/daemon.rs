@@ -123,6 +123,7 @@ pub async fn serve(
     provider_config: Box<dyn ProviderConfig>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartupError> {
+    let global = with_absolute_pods_dir(global)?;
     let Inputs {
         metrics: metrics_handle,
         node,
@@ -146,7 +147,6 @@ pub async fn serve(
         &global,
         &node,
         provider_name,
-        &*provider_config,
         &provider,
         &journal,
         actors.limit,
@@ -222,6 +222,19 @@ fn prepare(global: &GlobalArgs) -> Result<Inputs, StartupError> {
         node,
         grpc_token,
     })
+}
+
+/// `global` with `--pods-dir` made absolute: CreateVM hands the agent
+/// socket's path to a shim that runs in another directory.
+fn with_absolute_pods_dir(mut global: GlobalArgs) -> Result<GlobalArgs, StartupError> {
+    let pods_dir = &mut global.kata.pods_dir;
+    *pods_dir =
+        std::path::absolute(&*pods_dir).map_err(|source| StartupError::RelativeDirectory {
+            flag: "--pods-dir",
+            path: pods_dir.clone(),
+            source,
+        })?;
+    Ok(global)
 }
 
 /// This node's name: the flag, else the host name.
@@ -358,6 +371,9 @@ struct BuiltProvider {
     /// Why the configuration did not verify, without
     /// `--cloud-config-verify` (kept for `/v1/status`).
     config_problem: Option<String>,
+    /// The configuration the provider was built with, defaults filled in
+    /// and secrets redacted, for `/v1/status`.
+    summary: serde_json::Value,
 }
 
 /// Step 2: builds the provider, puts it behind the call limits
@@ -427,6 +443,7 @@ async fn build_provider(
         limits,
         provider_default,
         config_problem,
+        summary: provider_config.effective_summary(&context),
     })
 }
 
@@ -468,7 +485,7 @@ async fn load_pki(global: &GlobalArgs) -> Result<LoadedPki, StartupError> {
                 .map_err(|reason| StartupError::TlsFiles { reason })?
         }
         _ => {
-            let dir = global.state_dir.join("tls");
+            let dir = own_tls_dir(global);
             let keys_dir = dir.clone();
             blocking("loading the TLS keys", move || {
                 crate::tls::Pki::load_or_create(&keys_dir, &tls_policy)
@@ -617,13 +634,38 @@ async fn start_actors(
     })
 }
 
-/// `/v1/status`: what this daemon runs with, secrets left out (the
-/// provider's summary redacts its own).
+/// Where the daemon keeps its own CA and client certificate, when the
+/// operator gives none.
+fn own_tls_dir(global: &GlobalArgs) -> PathBuf {
+    global.state_dir.join("tls")
+}
+
+/// The agent proxy's TLS in `/v1/status`: which keys [`load_pki`] uses,
+/// and where they are.
+fn tls_status(global: &GlobalArgs) -> serde_json::Value {
+    let tls = &global.tls;
+    if tls.disable_tls {
+        return serde_json::json!({ "keys": "none: --disable-tls" });
+    }
+    let mut status = match (&tls.ca_cert_file, &tls.cert_file, &tls.cert_key) {
+        (Some(ca), Some(cert), Some(key)) => serde_json::json!({
+            "keys": "operator's files",
+            "ca_cert_file": ca,
+            "cert_file": cert,
+            "cert_key": key,
+        }),
+        _ => serde_json::json!({ "keys": "podvisor's own", "dir": own_tls_dir(global) }),
+    };
+    status["skip_verify"] = serde_json::json!(tls.tls_skip_verify);
+    status
+}
+
+/// `/v1/status`: what this daemon runs with, the paths it uses (defaults
+/// filled in), secrets left out (the provider's summary redacts its own).
 fn status_document(
     global: &GlobalArgs,
     node: &str,
     provider_name: &str,
-    provider_config: &dyn ProviderConfig,
     provider: &BuiltProvider,
     journal: &OpenedJournal,
     limit: Option<usize>,
@@ -632,14 +674,16 @@ fn status_document(
         "version": env!("CARGO_PKG_VERSION"),
         "node": node,
         "provider": provider_name,
-        "provider_config": provider_config.summary(),
+        "provider_config": provider.summary,
         "provider_config_problem": provider.config_problem,
         "journal": {
             "id": journal.journal.identity().id,
             "integrity": journal.journal.verdict(),
         },
         "socket": global.kata.socket,
+        "grpc_socket": global.grpc_socket_path(),
         "pods_dir": global.kata.pods_dir,
+        "tls": tls_status(global),
         "state_dir": global.state_dir,
         "peerpods_limit_per_node": limit,
         "max_connections_per_endpoint": global.max_connections_per_endpoint,
@@ -800,7 +844,10 @@ async fn serve_grpc_tcp(
     // Over TCP, the mutating service only behind the token: a loopback port
     // is open to every local user and hostNetwork pod.
     let server = tonic::transport::Server::builder()
-        .add_service(AdminServer::new(GrpcAdmin { view: view.clone() }))
+        .add_service(AdminServer::new(GrpcAdmin {
+            view: view.clone(),
+            stop: stop.clone(),
+        }))
         .add_optional_service(token.map(|token| {
             HypervisorServer::with_interceptor(
                 GrpcHypervisor { api: api.clone() },
@@ -839,7 +886,10 @@ async fn serve_control_sockets(
     };
     let server = tonic::transport::Server::builder()
         .add_service(HypervisorServer::new(GrpcHypervisor { api }))
-        .add_service(AdminServer::new(GrpcAdmin { view: view.clone() }));
+        .add_service(AdminServer::new(GrpcAdmin {
+            view: view.clone(),
+            stop: stop.clone(),
+        }));
     let listener = Gated::new(
         Gate::new(
             connections::GRPC_UNIX,

@@ -40,6 +40,7 @@ pub mod limits;
 pub mod logging;
 pub mod metered;
 pub mod metrics;
+pub mod pod_dirs;
 pub mod probe;
 pub mod protocols;
 pub mod proxy;

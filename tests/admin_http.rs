@@ -1,6 +1,7 @@
 //! The admin HTTP endpoint as a process: the time limits on its
 //! connections, so that clients that send nothing, dribble, or sit idle
-//! cannot hold connections forever; and the stop with such connections open.
+//! cannot hold connections forever; the stop with such connections open;
+//! and `/v1/status`, which shows the paths the daemon runs with.
 
 mod common;
 
@@ -162,4 +163,53 @@ async fn sigterm_with_idle_and_half_sent_admin_connections_still_exits_cleanly_a
     assert!(daemon.sigterm().success(), "{}", daemon.log_text());
     let took = asked.elapsed();
     assert!(took < Duration::from_secs(8), "exit took {took:?}");
+}
+
+/// Every null in `value` whose key names a path, as `a.b.key`.
+fn null_paths(value: &serde_json::Value, at: &str, found: &mut Vec<String>) {
+    if let serde_json::Value::Object(map) = value {
+        for (key, v) in map {
+            let here = format!("{at}{key}");
+            let names_a_path = ["dir", "socket", "bin", "file", "path"]
+                .iter()
+                .any(|w| key.contains(w));
+            if v.is_null() && names_a_path {
+                found.push(here.clone());
+            }
+            null_paths(v, &format!("{here}."), found);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_paths_in_use_where_flags_were_left_to_their_defaults() {
+    let mut setup = Setup::new();
+    // `local` with no flag of its own: its directory and forwarder default.
+    setup.provider = Some(vec!["local".into()]);
+    let forwarder = podvisor_podvm::testing::forwarder_binary().unwrap();
+    let daemon = setup.start().await;
+    let (code, status) = daemon.get("/v1/status").await.unwrap();
+    assert_eq!(code, 200, "{status}");
+    let mut nulls = Vec::new();
+    null_paths(&status, "", &mut nulls);
+    assert!(nulls.is_empty(), "null paths {nulls:?} in {status:#}");
+    let path = |v: &serde_json::Value| std::path::PathBuf::from(v.as_str().unwrap_or_default());
+    let state = setup.state_dir();
+    for (shown, in_use) in [
+        (&status["socket"], setup.socket()),
+        (&status["grpc_socket"], setup.grpc_socket()),
+        (&status["pods_dir"], setup.pods_dir()),
+        (&status["state_dir"], state.clone()),
+        (&status["tls"]["dir"], state.join("tls")),
+        (&status["provider_config"]["local_dir"], state.join("local")),
+        (
+            &status["provider_config"]["forwarder_bin"],
+            forwarder.clone(),
+        ),
+    ] {
+        assert_eq!(path(shown), in_use, "{status:#}");
+    }
+    assert!(setup.grpc_socket().exists());
+    assert!(state.join("tls").join("ca.pem").is_file());
+    assert!(state.join("local").join("instances").is_dir());
 }

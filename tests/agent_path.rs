@@ -683,3 +683,41 @@ async fn cipher_suites_go_to_the_forwarder_and_both_ends_keep_to_them() {
     let _ = other.wait();
     daemon.client().await.stop(&id).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_with_no_agent_fails_at_once_and_the_forwarder_logs_the_absent_socket() {
+    // The local provider's agent socket, with no agent serving it.
+    let (setup, agent_socket) = setup_with_agent();
+    let daemon = setup.start().await;
+    let (id, path, instance) = running_sandbox(&daemon).await;
+
+    let started = std::time::Instant::now();
+    let result = check(&path).await;
+    let took = started.elapsed();
+    let (code, message) = rpc_error(result.unwrap_err());
+    assert_eq!(code, ttrpc::Code::UNAVAILABLE, "{message}");
+    assert!(message.contains("pod VM's agent"), "{message}");
+    assert!(
+        took < Duration::from_secs(5),
+        "failed after {took:?}, not at once"
+    );
+    let log_path = setup
+        .local_dir()
+        .join("instances")
+        .join(&instance)
+        .join("forwarder.log");
+    let log = eventually(
+        "the forwarder's warning",
+        Duration::from_secs(5),
+        async || {
+            let log = std::fs::read_to_string(&log_path).ok()?;
+            log.contains("is absent").then_some(log)
+        },
+    )
+    .await;
+    assert!(
+        log.contains("WARN") && log.contains(&*agent_socket.to_string_lossy()),
+        "{log}"
+    );
+    daemon.client().await.stop(&id).await.unwrap();
+}

@@ -421,3 +421,55 @@ async fn a_token_file_that_guards_nothing_stops_start_up_naming_the_flag() {
         );
     }
 }
+
+/// SIGTERM ends every open WatchInstances stream at once: the server closes
+/// each with its status (no waiting out the shutdown's 5 s allowance per
+/// endpoint), and the daemon exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_open_watch_streams_and_the_daemon_exits() {
+    let setup = Setup::new();
+    let mut daemon = setup.start().await;
+    let _id = running_sandbox(&daemon, "watched").await;
+    let mut tcp = AdminClient::connect(tcp_endpoint(&setup)).await.unwrap();
+    let mut unix = AdminClient::connect(format!("unix://{}", setup.grpc_socket().display()))
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for admin in [&mut tcp, &mut unix] {
+        let mut watch = admin
+            .watch_instances(admin::WatchInstancesRequest {
+                include_existing: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // The stream is open and served: the existing sandbox arrives.
+        assert!(watch.message().await.unwrap().is_some());
+        streams.push(watch);
+    }
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let asked = std::time::Instant::now();
+    for mut watch in streams {
+        // Ended by the server, with an OK status: not cut off when the
+        // process exits after the shutdown gave up waiting for it.
+        let end = tokio::time::timeout(Duration::from_secs(20), watch.message())
+            .await
+            .expect("the stream ends");
+        assert!(
+            matches!(end, Ok(None)),
+            "the stream ended with {end:?} after {:?}, not closed by the server\n{}",
+            asked.elapsed(),
+            daemon.log_text()
+        );
+    }
+    let status = daemon
+        .exited_within(Duration::from_secs(20))
+        .await
+        .expect("the daemon exits");
+    assert!(status.success(), "{status}");
+}

@@ -564,3 +564,229 @@ async fn a_pods_dir_too_long_for_a_unix_socket_is_refused_at_create_vm() {
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_written_to_files_hold_no_colour_codes() {
+    let setup = Setup::new();
+    let daemon = setup.start().await;
+    let started = run_pods(&daemon, 1).await;
+    let (id, instance) = &started[0];
+    let forwarder_log = setup
+        .local_dir()
+        .join("instances")
+        .join(instance)
+        .join("forwarder.log");
+    let forwarder = std::fs::read_to_string(&forwarder_log).unwrap();
+    assert!(forwarder.contains("forwarder listening"), "{forwarder}");
+    assert!(!forwarder.contains('\u{1b}'), "colour codes: {forwarder:?}");
+    let own = daemon.log_text();
+    assert!(own.contains("podvisor serving"), "{own}");
+    assert!(!own.contains('\u{1b}'), "colour codes: {own:?}");
+    daemon.client().await.stop(id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_and_dot_dot_are_refused_as_names_of_directories() {
+    let setup = Setup::new();
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+    for (id, names) in [
+        (".", "the pods dir itself"),
+        ("..", "the pods dir's parent"),
+    ] {
+        let (code, message) = rpc_error(
+            client
+                .create(id, pod_annotations("p", "n"))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(code, Code::INVALID_ARGUMENT, "{message}");
+        assert!(
+            message.contains(&format!("{id:?}")) && message.contains(names),
+            "{id}: {message}"
+        );
+        assert!(!message.contains("may only hold"), "{id}: {message}");
+    }
+}
+
+/// A CreateVM refused at `--peerpods-limit-per-node` makes nothing: no pod
+/// directory is left behind for the sandbox that was never accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_vm_refused_at_the_node_limit_leaves_no_pod_directory() {
+    let mut setup = Setup::new();
+    setup
+        .global
+        .extend(["--peerpods-limit-per-node".into(), "1".into()]);
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+    let accepted = sandbox_id();
+    client
+        .create(&accepted, pod_annotations("first", "ns"))
+        .await
+        .unwrap();
+    assert!(setup.pods_dir().join(&accepted).is_dir());
+    let refused = sandbox_id();
+    let (code, message) = rpc_error(
+        client
+            .create(&refused, pod_annotations("second", "ns"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, Code::RESOURCE_EXHAUSTED, "{message}");
+    assert!(
+        !setup.pods_dir().join(&refused).exists(),
+        "a pod directory for the refused sandbox"
+    );
+    assert!(daemon.instance(&refused).await.is_none());
+}
+
+/// A stale socket file, as a daemon killed with its agent socket open
+/// leaves it.
+fn stale_socket(path: &std::path::Path) {
+    drop(std::os::unix::net::UnixListener::bind(path).unwrap());
+}
+
+/// The GC removes the pod directories that no journal record owns and that
+/// podvisor made (empty, or holding only a stale agent socket); it keeps
+/// every directory a record owns, whatever its state, and everything under
+/// `--pods-dir` it did not make.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gc_removes_pod_directories_no_record_owns_and_nothing_else() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let mut setup = Setup::new();
+    eager_gc(&mut setup);
+    let mut daemon = setup.start().await;
+    let running = run_pods(&daemon, 1).await.remove(0).0;
+    let pending = sandbox_id();
+    daemon
+        .client()
+        .await
+        .create(&pending, pod_annotations("pending", "ns"))
+        .await
+        .unwrap();
+    assert!(daemon.sigterm().success());
+
+    let pods = setup.pods_dir();
+    // Made by podvisor, owned by no record: removed.
+    let (empty, with_socket) = (sandbox_id(), sandbox_id());
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(pods.join(&empty))
+        .unwrap();
+    std::fs::create_dir(pods.join(&with_socket)).unwrap();
+    stale_socket(&pods.join(&with_socket).join("agent.ttrpc"));
+    // Not podvisor's to remove: kept.
+    let with_other = sandbox_id();
+    std::fs::create_dir(pods.join(&with_other)).unwrap();
+    std::fs::write(pods.join(&with_other).join("notes"), "mine").unwrap();
+    let regular_socket = sandbox_id();
+    std::fs::create_dir(pods.join(&regular_socket)).unwrap();
+    std::fs::write(pods.join(&regular_socket).join("agent.ttrpc"), "").unwrap();
+    std::fs::create_dir(pods.join("lost+found")).unwrap();
+    let a_file = sandbox_id();
+    std::fs::write(pods.join(&a_file), "").unwrap();
+    let elsewhere = setup.root.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let a_link = sandbox_id();
+    std::os::unix::fs::symlink(&elsewhere, pods.join(&a_link)).unwrap();
+    // A record's directory, even one the records' daemon did not make.
+    let running_extra = pods.join(&running).join("extra");
+    std::fs::write(&running_extra, "").unwrap();
+
+    let daemon = setup.start().await;
+    eventually(
+        "the unowned pod directories removed",
+        Duration::from_secs(15),
+        async || (!pods.join(&empty).exists() && !pods.join(&with_socket).exists()).then_some(()),
+    )
+    .await;
+    // Two more passes: whatever they would remove, they have.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for kept in [&with_other, &regular_socket, &a_link] {
+        assert!(pods.join(kept).symlink_metadata().is_ok(), "{kept} removed");
+    }
+    assert!(pods.join(&with_other).join("notes").is_file());
+    assert!(pods.join("lost+found").is_dir());
+    assert!(pods.join(&a_file).is_file());
+    assert!(elsewhere.is_dir());
+    for owned in [&running, &pending] {
+        assert!(pods.join(owned).is_dir(), "{owned}'s directory removed");
+        assert!(daemon.instance(owned).await.is_some());
+    }
+    assert!(running_extra.is_file());
+    let mode = std::fs::metadata(&pods).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    daemon.client().await.stop(&running).await.unwrap();
+}
+
+/// A failed record shows the creation attempts that its error counts, not
+/// zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_record_shows_the_attempts_its_error_counts() {
+    let mut setup = Setup::new();
+    // A "VM" that never comes up: every create fails, and may be retried.
+    let dead = setup.root.path().join("dead-forwarder");
+    std::fs::write(&dead, "#!/bin/sh\nexit 3\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dead, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    setup.forwarder_bin = Some(dead);
+    setup.global.extend(
+        ["--create-attempts", "2", "--retry-base", "10ms"]
+            .map(String::from)
+            .to_vec(),
+    );
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("doomed", "ns"))
+        .await
+        .unwrap();
+    let (_, message) = rpc_error(client.start(&id).await.unwrap_err());
+    assert!(message.contains("after 2 attempt(s)"), "{message}");
+    let view = daemon.instance(&id).await.unwrap();
+    assert_eq!(view["state"], "failed", "{view}");
+    assert!(
+        view["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("after 2 attempt(s)"),
+        "{view}"
+    );
+    assert_eq!(view["attempts"], 2, "{view}");
+}
+
+/// CreateVM answers with an absolute agent socket path even when
+/// `--pods-dir` is given relative to the daemon's working directory: the
+/// shim runs elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relative_pods_dir_still_gives_an_absolute_agent_socket_path() {
+    let mut setup = Setup::new();
+    setup.current_dir = Some(setup.root.path().to_owned());
+    setup.pods_dir_override = Some("relative-pods".into());
+    let daemon = setup.start().await;
+    // Short: the absolute path must stay within a unix socket's 107 bytes.
+    let id = "relative-1";
+    let path = daemon
+        .client()
+        .await
+        .create(id, pod_annotations("relative", "ns"))
+        .await
+        .unwrap();
+    let expected = setup
+        .root
+        .path()
+        .join("relative-pods")
+        .join(id)
+        .join("agent.ttrpc");
+    assert_eq!(std::path::Path::new(&path), expected);
+    assert!(expected.parent().unwrap().is_dir());
+    let (_, status) = daemon.get("/v1/status").await.unwrap();
+    assert_eq!(
+        status["pods_dir"].as_str(),
+        Some(&*setup.root.path().join("relative-pods").to_string_lossy()),
+        "{status}"
+    );
+}

@@ -6,6 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixStream};
 
+/// How long a connection the agent cannot take waits for the client's
+/// first bytes before it is closed.
+const FIRST_BYTES_WAIT: Duration = Duration::from_secs(5);
+
 /// Settings of one forwarder.
 #[derive(Clone)]
 pub struct ForwarderConfig {
@@ -141,7 +145,21 @@ async fn relay(
     mut client: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     config: &ForwarderConfig,
 ) -> io::Result<()> {
-    let mut agent = connect_agent(&config.agent_socket, config.agent_wait).await?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut agent = match connect_agent(&config.agent_socket, config.agent_wait).await {
+        Ok(agent) => agent,
+        Err(e) => {
+            tracing::warn!(error = %e, "no kata agent to relay to: closing the connection");
+            // Closed once the client's first bytes are here: the daemon's
+            // proxy has then counted the calls they carry as waiting, and
+            // fails them when this side closes; closed before, they would
+            // meet a connection already gone.
+            let mut first = [0u8; 1];
+            let _ = tokio::time::timeout(FIRST_BYTES_WAIT, client.read(&mut first)).await;
+            let _ = client.shutdown().await;
+            return Err(e);
+        }
+    };
     // 64 KiB buffers: a pipe's worth of stdout per read.
     tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent, 64 << 10, 64 << 10).await?;
     Ok(())
@@ -152,17 +170,25 @@ async fn relay(
 ///
 /// # Errors
 /// The last connect error, its kind kept and its message naming the socket
-/// ("agent socket … not reachable"), when `wait` passes without a
-/// connection.
+/// and the wait ("agent socket … not reachable within 30s: it is absent"
+/// when there is no such file), when `wait` passes without a connection.
 pub async fn connect_agent(path: &Path, wait: Duration) -> io::Result<UnixStream> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match UnixStream::connect(path).await {
             Ok(s) => return Ok(s),
             Err(e) if tokio::time::Instant::now() >= deadline => {
+                let why = if e.kind() == io::ErrorKind::NotFound {
+                    "it is absent".to_owned()
+                } else {
+                    e.to_string()
+                };
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("agent socket {} not reachable: {e}", path.display()),
+                    format!(
+                        "agent socket {} not reachable within {wait:?}: {why}",
+                        path.display()
+                    ),
                 ));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -228,5 +254,9 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("not reachable"), "{err}");
+        assert!(
+            err.to_string().contains("within 100ms: it is absent"),
+            "{err}"
+        );
     }
 }

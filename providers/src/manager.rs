@@ -68,6 +68,15 @@ pub trait ProviderConfig: Send + Sync + fmt::Debug {
     /// The configuration for logs and the admin endpoint, secrets redacted.
     fn summary(&self) -> serde_json::Value;
 
+    /// [`ProviderConfig::summary`] as the provider [`ProviderConfig::build`]
+    /// makes with `context` runs: a setting left to a default that
+    /// depends on the daemon (a directory under its state directory, a
+    /// binary beside it) shows the value in use, not `null`. The summary
+    /// itself for a configuration without such defaults.
+    fn effective_summary(&self, _context: &ProviderContext) -> serde_json::Value {
+        self.summary()
+    }
+
     /// The token bucket this provider's mutating calls stay under when the
     /// operator sets none (`--provider-rate`, `--provider-burst`): below the
     /// cloud's documented API limits, for this configuration. Its manager's

@@ -576,6 +576,52 @@ impl Supervisor {
     }
 }
 
+impl Supervisor {
+    /// Whether a record owns the sandbox `id`, in any state: it has an
+    /// actor (CreateVM's first write may still be in flight), a record in
+    /// the view, or a record in quarantine.
+    fn owns(&self, id: &str) -> bool {
+        self.pods.contains_key(id)
+            || self.deps.view.get(id).is_some()
+            || self.quarantined.contains(id)
+    }
+
+    /// Removes the pod directories that podvisor made and no record owns
+    /// ([`crate::pod_dirs`]). They are looked for off the actor's thread;
+    /// each owner is checked, and each removal made, here, so that no
+    /// CreateVM is handled in between. Never with a journal in doubt: a
+    /// record it lost may yet be adopted.
+    fn sweep_pod_dirs(&self, ctx: &mut Context<Self>) {
+        if !self.deps.journal.verdict().is_trusted() {
+            return;
+        }
+        let pods_dir = self.deps.pods_dir.clone();
+        let scan =
+            tokio::task::spawn_blocking(move || crate::pod_dirs::made_by_podvisor(&pods_dir));
+        ctx.spawn(scan.into_actor(self).map(|scanned, act, _| {
+            let names = match scanned {
+                Ok(Ok(names)) => names,
+                Ok(Err(e)) => {
+                    tracing::warn!(dir = %act.deps.pods_dir.display(), error = %e, "cannot list the pods dir for stale pod directories");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the pods dir scan did not finish");
+                    return;
+                }
+            };
+            for name in names.iter().filter(|name| !act.owns(name)) {
+                let dir = act.deps.pods_dir.join(name);
+                match crate::pod_dirs::remove(&act.deps.pods_dir, name) {
+                    Ok(true) => tracing::info!(sandbox = %name, dir = %dir.display(), "removed a pod directory no record owns"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(sandbox = %name, dir = %dir.display(), error = %e, "cannot remove a pod directory no record owns; next pass retries"),
+                }
+            }
+        }));
+    }
+}
+
 /// Runs one orphan GC pass.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -584,10 +630,11 @@ pub struct RunGc;
 impl Handler<RunGc> for Supervisor {
     type Result = ResponseActFuture<Self, ()>;
 
-    fn handle(&mut self, _: RunGc, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: RunGc, ctx: &mut Context<Self>) -> Self::Result {
         if self.gc_running || !self.deps.view.is_ready() {
             return Box::pin(fut::ready(()));
         }
+        self.sweep_pod_dirs(ctx);
         self.gc_running = true;
         let list = self.deps.provider.send(ListInstances {
             key: TAG_NODE.to_owned(),

@@ -248,6 +248,9 @@ pub fn instance_message(r: &InstanceRecord) -> admin::Instance {
 pub struct GrpcAdmin {
     /// The durable view.
     pub view: Arc<InstanceView>,
+    /// Turns `true` at shutdown: every watch stream ends then, since the
+    /// server's graceful stop waits for the streams open on it.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<admin::InstanceEvent, Status>> + Send>>;
@@ -305,9 +308,18 @@ impl admin_server::Admin for GrpcAdmin {
                 "The watcher fell behind and missed events: {e}"
             ))),
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::iter(existing).chain(live),
-        )))
+        // `None` once shutdown begins: the stream ends there, with an OK
+        // status, instead of holding the server's stop up.
+        let shutdown = tokio_stream::wrappers::WatchStream::new(self.stop.clone())
+            .filter(|stop| *stop)
+            .map(|_| None);
+        let events = tokio_stream::iter(existing)
+            .chain(live)
+            .map(Some)
+            .merge(shutdown)
+            .take_while(Option::is_some)
+            .filter_map(|event| event);
+        Ok(Response::new(Box::pin(events)))
     }
 }
 

@@ -111,11 +111,21 @@ pub fn validate_sandbox_id(id: &str) -> Result<(), ApiError> {
             "The sandbox id is {length} characters long; at most {MAX_SANDBOX_ID} are accepted"
         )));
     }
-    if id == "."
-        || id == ".."
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    // Made of allowed characters, yet no directory of its own under the
+    // pods dir.
+    let names = match id {
+        "." => Some("the pods dir itself"),
+        ".." => Some("the pods dir's parent"),
+        _ => None,
+    };
+    if let Some(names) = names {
+        return Err(ApiError::InvalidArgument(format!(
+            "The sandbox id {id:?} names a directory, {names}, not one of its own under the pods dir"
+        )));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     {
         return Err(ApiError::InvalidArgument(format!(
             "The sandbox id {id:?} may only hold letters, digits, '-', '_' and '.'"
@@ -215,8 +225,9 @@ impl HypervisorApi {
     /// # Errors
     /// [`ApiError::InvalidArgument`] for a bad sandbox id or annotations;
     /// [`ApiError::FailedPrecondition`] when the agent socket path would be
-    /// too long for a unix socket; [`ApiError::Unavailable`] when the pod
-    /// directory cannot be created or the record cannot be journaled;
+    /// too long for a unix socket; [`ApiError::Unavailable`] when the record
+    /// cannot be journaled, or the pod directory cannot be created (the
+    /// record stays `Pending` for a retry);
     /// [`ApiError::AlreadyExists`] or [`ApiError::ResourceExhausted`] from
     /// the supervisor (see its [`SupervisorError`] mapping);
     /// [`ApiError::Internal`] when the supervisor does not answer.
@@ -240,15 +251,6 @@ impl HypervisorApi {
                 socket_path.display()
             )));
         }
-        // Owner-only whatever the umask: it holds the agent socket.
-        let mut dirs = tokio::fs::DirBuilder::new();
-        dirs.recursive(true).mode(0o700);
-        dirs.create(&pod_dir).await.map_err(|e| {
-            ApiError::Unavailable(format!(
-                "Cannot create the pod directory {}: {e}",
-                pod_dir.display()
-            ))
-        })?;
         let (pod, ns) = (request.pod_name.clone(), request.pod_namespace.clone());
         self.supervisor
             .send(CreateVm {
@@ -261,6 +263,18 @@ impl HypervisorApi {
             })
             .await
             .map_err(mailbox)??;
+        // Only for a sandbox the supervisor accepted: a refused one leaves
+        // nothing behind. Should this fail, the record stays `Pending`, and
+        // the shim's retried CreateVM comes back here.
+        // Owner-only whatever the umask: it holds the agent socket.
+        let mut dirs = tokio::fs::DirBuilder::new();
+        dirs.recursive(true).mode(0o700);
+        dirs.create(&pod_dir).await.map_err(|e| {
+            ApiError::Unavailable(format!(
+                "Sandbox {sandbox_id}: cannot create its pod directory {}: {e}",
+                pod_dir.display()
+            ))
+        })?;
         tracing::info!(sandbox = %sandbox_id, pod = %format!("{ns}/{pod}"), "sandbox created");
         Ok(socket_path.to_string_lossy().into_owned())
     }
@@ -465,7 +479,8 @@ mod tests {
         assert!(validate_sandbox_id("sandbox_1.x-y").is_ok());
         for (bad, why) in [
             ("", "empty"),
-            ("..", "may only hold"),
+            (".", "the pods dir itself"),
+            ("..", "the pods dir's parent"),
             ("a/b", "may only hold"),
             ("a b", "may only hold"),
             ("ü", "may only hold"),

@@ -56,6 +56,18 @@ pub enum StartupError {
         #[source]
         source: std::io::Error,
     },
+    /// A directory flag cannot be made absolute (it is empty, or relative
+    /// to a working directory that cannot be read).
+    #[error("{flag} {:?}: cannot be made an absolute path", path.display().to_string())]
+    RelativeDirectory {
+        /// `--pods-dir`.
+        flag: &'static str,
+        /// The directory, as given.
+        path: PathBuf,
+        /// The file-system error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Opening (step 1), loading or flushing the journal failed.
     #[error("--state-dir {}: cannot {action} the journal", state_dir.display())]
     Journal {

@@ -289,6 +289,9 @@ pub struct PodVmMachine {
     journal_blocked: bool,
     /// Consecutive failed journal writes, for their backoff.
     journal_failures: u32,
+    /// Consecutive failed cleanup calls of a `Failed` record, for their
+    /// backoff: its `attempts` keep the creation attempts its error names.
+    cleanup_failures: u32,
     /// Current epoch per [`TimerKind`].
     epochs: [u64; 3],
     /// StartVM asked for the instance.
@@ -357,6 +360,7 @@ impl PodVmMachine {
             retry_armed: false,
             journal_blocked: false,
             journal_failures: 0,
+            cleanup_failures: 0,
             epochs: [0; 3],
             start_requested: false,
             stop_requested: false,
@@ -664,8 +668,8 @@ impl PodVmMachine {
             Err(failure) => {
                 self.target.last_error = Some(failure.message);
                 self.touch(now);
-                self.target.attempts += 1;
-                self.arm_retry(self.target.attempts, failure.retry_after, out);
+                let failures = self.count_failure();
+                self.arm_retry(failures, failure.retry_after, out);
                 out.push(Command::Retrying(Operation::Find));
             }
             Ok(found) => match purpose {
@@ -730,15 +734,18 @@ impl PodVmMachine {
                 // The token names this same instance: no lookup is needed.
                 self.target.instance = None;
                 self.lookup_done = true;
-                self.target.attempts = 0;
+                self.cleanup_failures = 0;
+                if self.target.state != State::Failed {
+                    self.target.attempts = 0;
+                }
                 self.touch(now);
             }
             Err(failure) => {
                 // Deletes never give up.
-                self.target.attempts += 1;
+                let failures = self.count_failure();
                 self.target.last_error = Some(failure.message);
                 self.touch(now);
-                self.arm_retry(self.target.attempts, failure.retry_after, out);
+                self.arm_retry(failures, failure.retry_after, out);
                 out.push(Command::Retrying(Operation::Delete));
             }
         }
@@ -932,11 +939,26 @@ impl PodVmMachine {
         out.push(Command::Find);
     }
 
+    /// Marks the pod VM failed. Its `attempts` stay the creation attempts
+    /// made, which `reason` may name; its cleanup counts apart.
     fn fail(&mut self, reason: String, now: UnixMillis) {
         self.transition(State::Failed, now);
         self.target.last_error = Some(reason);
-        self.target.attempts = 0;
+        self.cleanup_failures = 0;
         self.lookup_done = false;
+    }
+
+    /// Counts one more failed call of the current operation; the count, for
+    /// its backoff. A `Failed` record's cleanup counts apart, so that its
+    /// `attempts` keep the creation attempts its error names.
+    fn count_failure(&mut self) -> u32 {
+        let count = if self.target.state == State::Failed {
+            &mut self.cleanup_failures
+        } else {
+            &mut self.target.attempts
+        };
+        *count += 1;
+        *count
     }
 
     /// Moves the target to `to` if the lifecycle table allows it. The table

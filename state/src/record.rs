@@ -92,7 +92,8 @@ pub struct InstanceRecord {
     /// For `Failed`: the instance (if any) is confirmed gone.
     #[serde(default)]
     pub released: bool,
-    /// Attempts of the current operation (creation, or deletion).
+    /// Attempts of the current operation (creation, or deletion); for
+    /// `Failed`, the creation attempts made.
     #[serde(default)]
     pub attempts: u32,
     /// The last error an operation met, kept for operators.

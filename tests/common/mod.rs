@@ -86,6 +86,9 @@ pub struct Setup {
     pub forwarder_bin: Option<PathBuf>,
     /// The daemon's open-file limit (soft, hard), instead of the test's.
     pub nofile: Option<(u64, u64)>,
+    /// The daemon's working directory, instead of the test's: where
+    /// relative paths among its flags lead.
+    pub current_dir: Option<PathBuf>,
 }
 
 impl Setup {
@@ -110,6 +113,7 @@ impl Setup {
             shared_local: None,
             nofile: None,
             pods_dir_override: None,
+            current_dir: None,
         }
     }
     pub fn socket(&self) -> PathBuf {
@@ -156,6 +160,9 @@ impl Setup {
         // Tests reach nothing outside loopback: never the in-cluster
         // Kubernetes API of a CI pod.
         cmd.env_remove("KUBERNETES_SERVICE_HOST");
+        if let Some(dir) = &self.current_dir {
+            cmd.current_dir(dir);
+        }
         cmd.arg("--socket").arg(self.socket());
         cmd.arg("--pods-dir").arg(self.pods_dir());
         cmd.arg("--state-dir").arg(self.state_dir());

@@ -72,6 +72,22 @@ fn default_forwarder() -> Result<PathBuf, ProviderError> {
     }
 }
 
+/// `--local-dir`, else `local` in the daemon's state directory.
+fn local_dir(config: &LocalConfig, context: &ProviderContext) -> PathBuf {
+    config
+        .local_dir
+        .clone()
+        .unwrap_or_else(|| context.state_dir.join("local"))
+}
+
+/// `--forwarder-bin`, else the forwarder next to the running binary.
+fn forwarder_bin(config: &LocalConfig) -> Result<PathBuf, ProviderError> {
+    match &config.forwarder_bin {
+        Some(bin) => Ok(bin.clone()),
+        None => default_forwarder(),
+    }
+}
+
 #[async_trait]
 impl ProviderConfig for LocalConfig {
     fn summary(&self) -> serde_json::Value {
@@ -85,15 +101,18 @@ impl ProviderConfig for LocalConfig {
         })
     }
 
+    fn effective_summary(&self, context: &ProviderContext) -> serde_json::Value {
+        let mut summary = self.summary();
+        summary["local_dir"] = serde_json::json!(local_dir(self, context));
+        if let Ok(forwarder) = forwarder_bin(self) {
+            summary["forwarder_bin"] = serde_json::json!(forwarder);
+        }
+        summary
+    }
+
     async fn build(&self, context: &ProviderContext) -> Result<Arc<dyn Provider>, ProviderError> {
-        let dir = self
-            .local_dir
-            .clone()
-            .unwrap_or_else(|| context.state_dir.join("local"));
-        let forwarder = match &self.forwarder_bin {
-            Some(bin) => bin.clone(),
-            None => default_forwarder()?,
-        };
+        let dir = local_dir(self, context);
+        let forwarder = forwarder_bin(self)?;
         let provider = LocalProvider::new(dir, forwarder, context.forwarder_port)
             .map_err(|e| ProviderError::config(e.to_string()))?
             .with_agent_socket(self.agent_socket.clone())

@@ -28,6 +28,11 @@ use tokio::sync::Mutex;
 const SPAWN_GRACE: Duration = Duration::from_secs(10);
 /// Addresses tried when a forwarder cannot bind (someone else holds it).
 const ADDRESS_TRIES: u32 = 3;
+/// Seconds a forwarder's connection waits for the agent socket. A pod VM's
+/// forwarder waits longer (its agent may still be booting); a local
+/// instance has no boot, so an absent socket is a missing agent, and the
+/// call fails at once instead of waiting out the shim's deadline.
+const AGENT_WAIT_SECS: u64 = 1;
 
 /// What `instance.json` holds: the "cloud's" view of one instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -257,6 +262,8 @@ impl LocalProvider {
             .arg(listen.to_string())
             .arg("--agent-socket")
             .arg(&self.agent_socket)
+            .arg("--agent-wait-secs")
+            .arg(AGENT_WAIT_SECS.to_string())
             .arg("--instance-id")
             .arg(&file.id)
             .arg("--config")

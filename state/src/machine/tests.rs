@@ -417,6 +417,42 @@ fn an_unreachable_agent_fails_the_start_and_deletes_the_instance() {
 }
 
 #[test]
+fn a_failed_record_keeps_the_creation_attempts_through_its_cleanup() {
+    let mut m = created();
+    m.on_event(Event::Start(1), T0);
+    m.on_event(Event::Persisted(Ok(())), T0);
+    let cmds = m.on_event(Event::Ensured(Err(failure(true))), T0);
+    let epoch = scheduled(&cmds, TimerKind::Retry);
+    m.on_event(Event::Persisted(Ok(())), T0);
+    m.on_event(Event::Timer(TimerKind::Retry, epoch), T0 + 1);
+    m.on_event(
+        Event::Ensured(Ok(Ensured {
+            instance: instance("i-1"),
+            adopted: false,
+        })),
+        T0,
+    );
+    m.on_event(Event::Persisted(Ok(())), T0);
+    let cmds = m.on_event(Event::AgentUnreachable("no answer".into()), T0);
+    let rec = persisted(&cmds).unwrap();
+    assert_eq!((rec.state, rec.attempts), (State::Failed, 2));
+    m.on_event(Event::Persisted(Ok(())), T0);
+    // The cleanup's own failures back off, but do not count as attempts.
+    for failed in 1..=3u64 {
+        let cmds = m.on_event(Event::Deleted(Err(failure(true))), T0 + failed);
+        assert!(cmds.contains(&Command::Retrying(Operation::Delete)));
+        let epoch = scheduled(&cmds, TimerKind::Retry);
+        assert_eq!(persisted(&cmds).unwrap().attempts, 2);
+        m.on_event(Event::Persisted(Ok(())), T0 + failed);
+        m.on_event(Event::Timer(TimerKind::Retry, epoch), T0 + failed);
+    }
+    let cmds = m.on_event(Event::Deleted(Ok(())), T0);
+    let rec = persisted(&cmds).unwrap();
+    assert!(rec.released);
+    assert_eq!(rec.attempts, 2);
+}
+
+#[test]
 fn stop_of_a_pending_sandbox_needs_no_cloud_call() {
     let mut m = created();
     m.on_event(Event::Stop(1), T0);
