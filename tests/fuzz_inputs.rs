@@ -720,10 +720,12 @@ fn model_dns_label(s: &str, max: usize) -> bool {
         && s.ends_with(alnum)
 }
 
-/// A pod name: an RFC 1123 subdomain, at most 253 characters of labels
-/// joined by dots.
+/// A pod name: an RFC 1123 subdomain as Kubernetes validates it
+/// (apimachinery's `IsDNS1123Subdomain`: at most 253 characters matching
+/// `[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*`).
+/// Unlike DNS, no dot-separated part is held to 63 characters.
 fn model_pod_name(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(|label| model_dns_label(label, 63))
+    s.len() <= 253 && s.split('.').all(|part| model_dns_label(part, 253))
 }
 
 /// The model's verdict on a whole annotation map.
