@@ -183,6 +183,14 @@ impl Throttle {
     }
 }
 
+/// [`Throttle::allow`] on a throttle shared between tasks, now.
+fn allow_now(throttle: &Mutex<Throttle>) -> Option<u64> {
+    throttle
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .allow(Instant::now())
+}
+
 /// A listener a [`Gate`] accepts from.
 pub trait Accept: Send + Sync + 'static {
     /// An accepted connection.
@@ -308,11 +316,7 @@ impl Gate {
 
     fn refused(&self) {
         metrics::counter!(metrics::CONNECTIONS_REFUSED, "endpoint" => self.endpoint).increment(1);
-        let allowed = self
-            .refusal_log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .allow(Instant::now());
+        let allowed = allow_now(&self.refusal_log);
         if let Some(held_back) = allowed {
             tracing::warn!(
                 endpoint = self.endpoint,
@@ -328,11 +332,7 @@ impl Gate {
     fn failed(&self, e: &io::Error, pause: Duration) {
         metrics::counter!(metrics::CONNECTION_ACCEPT_ERRORS, "endpoint" => self.endpoint)
             .increment(1);
-        let allowed = self
-            .error_log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .allow(Instant::now());
+        let allowed = allow_now(&self.error_log);
         if let Some(held_back) = allowed {
             tracing::warn!(
                 endpoint = self.endpoint,

@@ -485,9 +485,8 @@ async fn an_open_port_that_is_not_the_forwarder_never_makes_startvm_succeed() {
     // Whatever the local provider starts as the "forwarder": a listener on
     // the instance's address that answers every connection with an HTTP
     // response, as an unrelated host on a reused address would.
-    let impostor = setup.root.path().join("impostor.py");
-    std::fs::write(
-        &impostor,
+    setup.forwarder_script(
+        "impostor.py",
         r#"#!/usr/bin/env python3
 import socket, sys
 listen = sys.argv[sys.argv.index("--listen") + 1]
@@ -504,13 +503,7 @@ while True:
         pass
     c.close()
 "#,
-    )
-    .unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&impostor, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    setup.forwarder_bin = Some(impostor);
+    );
     setup.global.extend(
         ["--proxy-timeout", "2s", "--create-attempts", "1"]
             .map(String::from)
@@ -725,13 +718,7 @@ async fn the_gc_removes_pod_directories_no_record_owns_and_nothing_else() {
 async fn a_failed_record_shows_the_attempts_its_error_counts() {
     let mut setup = Setup::new();
     // A "VM" that never comes up: every create fails, and may be retried.
-    let dead = setup.root.path().join("dead-forwarder");
-    std::fs::write(&dead, "#!/bin/sh\nexit 3\n").unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dead, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    setup.forwarder_bin = Some(dead);
+    setup.forwarder_script("dead-forwarder", "#!/bin/sh\nexit 3\n");
     setup.global.extend(
         ["--create-attempts", "2", "--retry-base", "10ms"]
             .map(String::from)

@@ -136,6 +136,18 @@ impl Setup {
             .clone()
             .unwrap_or_else(|| self.root.path().join("state"))
     }
+
+    /// Makes the executable script `script` (a `#!` line first) under the
+    /// test's directory as `name`, and has the local provider run it as
+    /// every pod VM's forwarder.
+    pub fn forwarder_script(&mut self, name: &str, script: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.root.path().join(name);
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        self.forwarder_bin = Some(path);
+    }
+
     pub fn local_dir(&self) -> PathBuf {
         self.shared_local
             .clone()
