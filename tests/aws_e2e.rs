@@ -340,11 +340,7 @@ async fn sigkill_with_running_and_deleting_sandboxes_on_ec2_leaks_and_duplicates
     let client = daemon.client().await;
     let (running, deleting) = (sandbox_id(), sandbox_id());
     for (id, pod) in [(&running, "keeps"), (&deleting, "goes")] {
-        client.create(id, pod_annotations(pod, "ns")).await.unwrap();
-        client
-            .start(id)
-            .await
-            .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+        daemon.create_and_start(&client, id, pod, "ns").await;
     }
     let kept = daemon.instance(&running).await.unwrap()["instance_id"]
         .as_str()
@@ -425,14 +421,7 @@ async fn a_create_whose_answer_is_lost_is_retried_into_the_same_instance() {
     // EC2 makes the instance; the answer never arrives (a timeout, a reset).
     proxy.fault("RunInstances", Fault::DropResponse, Some(1));
     let id = sandbox_id();
-    client
-        .create(&id, pod_annotations("lost", "ns"))
-        .await
-        .unwrap();
-    client
-        .start(&id)
-        .await
-        .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    daemon.create_and_start(&client, &id, "lost", "ns").await;
     let states = instances_of(&bed.moto, &id).await;
     assert_eq!(
         states.len(),
@@ -588,14 +577,7 @@ async fn region_subnet_groups_and_key_come_from_the_metadata_service_when_not_gi
     );
     let client = daemon.client().await;
     let id = sandbox_id();
-    client
-        .create(&id, pod_annotations("imds", "ns"))
-        .await
-        .unwrap();
-    client
-        .start(&id)
-        .await
-        .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    daemon.create_and_start(&client, &id, "imds", "ns").await;
     let live = bed.moto.live_instances(Some((TAG_SANDBOX, &id))).await;
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].subnet_id(), Some(bed.net.subnet_id.as_str()));
@@ -893,14 +875,7 @@ async fn trace_logging_prints_no_aws_credential_through_a_pod_vm_lifecycle() {
     let mut daemon = setup.start().await;
     let client = daemon.client().await;
     let id = sandbox_id();
-    client
-        .create(&id, pod_annotations("web", "shop"))
-        .await
-        .unwrap();
-    client
-        .start(&id)
-        .await
-        .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    daemon.create_and_start(&client, &id, "web", "shop").await;
     client.stop(&id).await.unwrap();
     eventually(
         "the sandbox to be deleted",

@@ -131,14 +131,7 @@ fn lines(text: &str) -> usize {
 async fn sandbox_lifecycle(daemon: &Daemon, pod: &str) {
     let client = daemon.client().await;
     let id = sandbox_id();
-    client
-        .create(&id, pod_annotations(pod, "ns"))
-        .await
-        .unwrap_or_else(|e| panic!("CreateVM: {e:?}\n{}", daemon.log_text()));
-    client
-        .start(&id)
-        .await
-        .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    daemon.create_and_start(&client, &id, pod, "ns").await;
     assert_eq!(daemon.instance(&id).await.unwrap()["state"], "running");
     client.stop(&id).await.unwrap();
 }

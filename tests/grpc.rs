@@ -42,14 +42,7 @@ fn with_token_file(setup: &mut Setup, token: &str) -> PathBuf {
 async fn running_sandbox(daemon: &Daemon, pod: &str) -> String {
     let client = daemon.client().await;
     let id = sandbox_id();
-    client
-        .create(&id, pod_annotations(pod, "ns"))
-        .await
-        .unwrap();
-    client
-        .start(&id)
-        .await
-        .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    daemon.create_and_start(&client, &id, pod, "ns").await;
     assert_eq!(daemon.instance(&id).await.unwrap()["state"], "running");
     id
 }

@@ -369,6 +369,19 @@ impl Daemon {
         (id, starting)
     }
 
+    /// CreateVM for the pod `namespace/pod` as sandbox `id`, then StartVM,
+    /// over `client`; a refused call panics with the daemon's log.
+    pub async fn create_and_start(&self, client: &Client, id: &str, pod: &str, namespace: &str) {
+        client
+            .create(id, pod_annotations(pod, namespace))
+            .await
+            .unwrap_or_else(|e| panic!("CreateVM: {e:?}\n{}", self.log_text()));
+        client
+            .start(id)
+            .await
+            .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", self.log_text()));
+    }
+
     pub async fn client(&self) -> Client {
         let c = ttrpc::r#async::Client::connect(&format!("unix://{}", self.socket.display()))
             .await
