@@ -13,6 +13,50 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
+/// Longest sandbox id accepted (containerd's are 64 hex characters).
+const MAX_SANDBOX_ID: usize = 128;
+
+/// Checks a sandbox id, which names a directory under the pods dir: the
+/// rule CreateVM ([`crate::api::validate_sandbox_id`]) and the sweep of
+/// stale pod directories share.
+///
+/// # Errors
+/// A sentence naming the problem when the id is empty, longer than 128
+/// characters, `.` or `..`, or holds anything but letters, digits, `-`,
+/// `_` and `.`.
+pub fn check_sandbox_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("The sandbox id is empty".to_owned());
+    }
+    let length = id.chars().count();
+    if length > MAX_SANDBOX_ID {
+        return Err(format!(
+            "The sandbox id is {length} characters long; at most {MAX_SANDBOX_ID} are accepted"
+        ));
+    }
+    // Made of allowed characters, yet no directory of its own under the
+    // pods dir.
+    let names = match id {
+        "." => Some("the pods dir itself"),
+        ".." => Some("the pods dir's parent"),
+        _ => None,
+    };
+    if let Some(names) = names {
+        return Err(format!(
+            "The sandbox id {id:?} names a directory, {names}, not one of its own under the pods dir"
+        ));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(format!(
+            "The sandbox id {id:?} may only hold letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
 /// The names of the directories under `pods_dir` that podvisor made (see
 /// the module documentation), whether or not a record owns them.
 ///
@@ -25,7 +69,7 @@ pub fn made_by_podvisor(pods_dir: &Path) -> io::Result<Vec<String>> {
         let Ok(name) = entry.file_name().into_string() else {
             continue;
         };
-        if crate::api::validate_sandbox_id(&name).is_ok()
+        if check_sandbox_id(&name).is_ok()
             && is_made_by_podvisor(&pods_dir.join(&name)).unwrap_or(false)
         {
             names.push(name);
@@ -43,7 +87,7 @@ pub fn made_by_podvisor(pods_dir: &Path) -> io::Result<Vec<String>> {
 /// # Errors
 /// The socket or the directory cannot be removed.
 pub fn remove(pods_dir: &Path, name: &str) -> io::Result<bool> {
-    if crate::api::validate_sandbox_id(name).is_err() {
+    if check_sandbox_id(name).is_err() {
         return Ok(false);
     }
     let dir = pods_dir.join(name);

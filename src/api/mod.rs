@@ -21,9 +21,6 @@ pub const API_VERSION: &str = "0.0.0";
 /// with the terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// Longest sandbox id accepted (containerd's are 64 hex characters).
-const MAX_SANDBOX_ID: usize = 128;
-
 /// Why an API call failed; each transport maps it to its status codes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
@@ -102,36 +99,7 @@ fn mailbox(e: actix::MailboxError) -> ApiError {
 /// characters, `.` or `..`, or holds anything but letters, digits, `-`,
 /// `_` and `.`.
 pub fn validate_sandbox_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() {
-        return Err(ApiError::InvalidArgument("The sandbox id is empty".into()));
-    }
-    let length = id.chars().count();
-    if length > MAX_SANDBOX_ID {
-        return Err(ApiError::InvalidArgument(format!(
-            "The sandbox id is {length} characters long; at most {MAX_SANDBOX_ID} are accepted"
-        )));
-    }
-    // Made of allowed characters, yet no directory of its own under the
-    // pods dir.
-    let names = match id {
-        "." => Some("the pods dir itself"),
-        ".." => Some("the pods dir's parent"),
-        _ => None,
-    };
-    if let Some(names) = names {
-        return Err(ApiError::InvalidArgument(format!(
-            "The sandbox id {id:?} names a directory, {names}, not one of its own under the pods dir"
-        )));
-    }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
-        return Err(ApiError::InvalidArgument(format!(
-            "The sandbox id {id:?} may only hold letters, digits, '-', '_' and '.'"
-        )));
-    }
-    Ok(())
+    crate::pod_dirs::check_sandbox_id(id).map_err(ApiError::InvalidArgument)
 }
 
 /// Binds a control socket (the Kata socket, the gRPC socket) at `path`:
