@@ -307,7 +307,8 @@ pub struct EndpointArgs {
         long = "admin-addr",
         env = "PODVISOR_ADMIN_ADDR",
         value_name = "ADDR",
-        default_value = "127.0.0.1:9797"
+        default_value = "127.0.0.1:9797",
+        value_parser = parse_socket_addr
     )]
     pub admin_addr: SocketAddr,
 
@@ -326,7 +327,8 @@ pub struct EndpointArgs {
         long = "grpc-addr",
         env = "PODVISOR_GRPC_ADDR",
         value_name = "ADDR",
-        default_value = "127.0.0.1:9798"
+        default_value = "127.0.0.1:9798",
+        value_parser = parse_socket_addr
     )]
     pub grpc_addr: SocketAddr,
 
@@ -692,8 +694,32 @@ where
     })
 }
 
+/// An endpoint's address, `IP:port`: host names are not resolved, so
+/// `localhost:9797` is refused with the form to use instead.
+///
+/// # Errors
+/// A message naming the expected form, for clap to show with the flag.
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        "use IP:port, for example 127.0.0.1:9797 or [::1]:9797 (host names are not resolved)"
+            .to_owned()
+    })
+}
+
 /// Checks what clap's types cannot express.
 fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
+    for (flag, env, dir) in [
+        ("state-dir", "PODVISOR_STATE_DIR", &g.state_dir),
+        ("pods-dir", "PODS_DIR", &g.kata.pods_dir),
+    ] {
+        if dir.exists() && !dir.is_dir() {
+            return Err(ConfigError::flag(
+                flag,
+                Some(env),
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+    }
     if let Some(v) = &g.tls.tls_min_version {
         if !matches!(v.as_str(), "VersionTLS12" | "VersionTLS13") {
             return Err(ConfigError::flag(
@@ -916,6 +942,34 @@ mod tests {
         match run_args(extra) {
             Err(e) => e.to_string(),
             Ok(_) => panic!("{extra:?} parsed"),
+        }
+    }
+
+    #[test]
+    fn an_address_with_a_host_name_says_to_use_ip_and_port() {
+        for flag in ["--admin-addr", "--grpc-addr"] {
+            let e = err(&[flag, "localhost:9797", "local"]);
+            assert!(e.contains("use IP:port, for example 127.0.0.1:9797"), "{e}");
+            assert!(e.contains(flag), "{e}");
+        }
+        let g = global(&["--admin-addr", "[::1]:9000", "local"]);
+        assert_eq!(g.endpoints.admin_addr, "[::1]:9000".parse().unwrap());
+    }
+
+    #[test]
+    fn a_state_or_pods_dir_that_is_a_file_is_not_a_directory() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let path = file.path().to_str().unwrap();
+        for (flag, env) in [
+            ("--state-dir", "PODVISOR_STATE_DIR"),
+            ("--pods-dir", "PODS_DIR"),
+        ] {
+            let e = err(&[flag, path, "local"]);
+            assert_eq!(
+                e,
+                format!("error: {flag} ({env}): {path} is not a directory"),
+                "{e}"
+            );
         }
     }
 
