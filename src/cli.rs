@@ -708,18 +708,8 @@ fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
 
 /// Checks what clap's types cannot express.
 fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
-    for (flag, env, dir) in [
-        ("state-dir", "PODVISOR_STATE_DIR", &g.state_dir),
-        ("pods-dir", "PODS_DIR", &g.kata.pods_dir),
-    ] {
-        if dir.exists() && !dir.is_dir() {
-            return Err(ConfigError::flag(
-                flag,
-                Some(env),
-                format!("{} is not a directory", dir.display()),
-            ));
-        }
-    }
+    ConfigError::check_directory("state-dir", "PODVISOR_STATE_DIR", &g.state_dir)?;
+    ConfigError::check_directory("pods-dir", "PODS_DIR", &g.kata.pods_dir)?;
     if let Some(v) = &g.tls.tls_min_version {
         if !matches!(v.as_str(), "VersionTLS12" | "VersionTLS13") {
             return Err(ConfigError::flag(

@@ -38,6 +38,23 @@ impl ConfigError {
         };
         Self { message }
     }
+
+    /// Checks a directory flag before anything is created: a path that
+    /// exists and is not a directory is refused, `--<flag> (<ENV>): <path>
+    /// is not a directory`; a missing one is fine (the daemon creates it).
+    ///
+    /// # Errors
+    /// The error above.
+    pub fn check_directory(flag: &str, env: &str, dir: &std::path::Path) -> Result<(), Self> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(Self::flag(
+                flag,
+                Some(env),
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How fast the daemon may make mutating calls (creates and deletes) to a

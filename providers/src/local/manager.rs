@@ -44,13 +44,7 @@ impl CloudManager for LocalManager {
             }
         }
         if let Some(dir) = &config.local_dir {
-            if dir.exists() && !dir.is_dir() {
-                return Err(ConfigError::flag(
-                    "local-dir",
-                    Some("LOCAL_DIR"),
-                    format!("{} exists and is not a directory", dir.display()),
-                ));
-            }
+            ConfigError::check_directory("local-dir", "LOCAL_DIR", dir)?;
         }
         Ok(Box::new(config))
     }
