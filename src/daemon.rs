@@ -33,7 +33,7 @@ use crate::actors::provider::{CallPolicy, ProviderActor, ProviderCalls};
 use crate::actors::supervisor::{Drain, GcPolicy, Recover, Supervisor};
 use crate::admin::{self, AdminState};
 use crate::api::HypervisorApi;
-use crate::api::grpc::{BearerToken, GrpcAdmin, GrpcHypervisor, RequireBearer};
+use crate::api::grpc::{AdminAccess, BearerToken, GrpcAdmin, GrpcHypervisor, RequireBearer};
 use crate::cli::GlobalArgs;
 use crate::connections::{self, Gate, Gated};
 use crate::journal_health::{HealthJournal, JournalHealth};
@@ -93,7 +93,7 @@ pub fn run(
                 let line = report(&e);
                 tracing::error!(error = %line, "podvisor cannot run");
                 eprintln!("podvisor: {line}");
-                ExitCode::FAILURE
+                ExitCode::from(e.exit_code())
             }
         }
     })
@@ -343,7 +343,7 @@ async fn open_journal(
     if !quarantine.is_empty() {
         tracing::warn!(
             records = quarantine.len(),
-            "the journal's quarantine holds records; their instances are never garbage-collected"
+            "the journal's quarantine holds records; the GC never deletes their sandboxes' instances until an operator drops them (ListQuarantined and DropQuarantined of the admin gRPC API, on --grpc-socket)"
         );
     }
     tracing::info!(
@@ -762,9 +762,14 @@ async fn serve_endpoints(
         .transpose()
         .map_err(|reason| StartupError::SocketGroup { reason })?;
     let grpc_tcp_hypervisor = grpc_token.is_some();
-    let grpc_tcp = serve_grpc_tcp(global, &api, &actors.view, grpc_token, stop_rx.clone()).await?;
+    let admin_deps = AdminDeps {
+        view: actors.view.clone(),
+        journal: journal.journal.clone(),
+        supervisor: actors.supervisor.clone(),
+    };
+    let grpc_tcp = serve_grpc_tcp(global, &api, &admin_deps, grpc_token, stop_rx.clone()).await?;
     let (kata, grpc_unix, grpc_socket) =
-        serve_control_sockets(global, socket_group, api, &actors.view, stop_rx).await?;
+        serve_control_sockets(global, socket_group, api, &admin_deps, stop_rx).await?;
     Ok(Endpoints {
         stop,
         journal_probe,
@@ -816,12 +821,36 @@ async fn serve_admin(
     )))
 }
 
+/// What `podvisor.admin.v1.Admin` serves from, on either gRPC endpoint.
+struct AdminDeps {
+    /// The durable view.
+    view: Arc<InstanceView>,
+    /// The journal, for its quarantine.
+    journal: Arc<dyn Journal>,
+    /// Told of dropped quarantine entries.
+    supervisor: Addr<Supervisor>,
+}
+
+impl AdminDeps {
+    /// The Admin service with `access`, its watch streams ending at `stop`.
+    fn service(&self, access: AdminAccess, stop: &watch::Receiver<bool>) -> AdminServer<GrpcAdmin> {
+        AdminServer::new(GrpcAdmin {
+            view: self.view.clone(),
+            stop: stop.clone(),
+            journal: self.journal.clone(),
+            supervisor: self.supervisor.clone(),
+            access,
+        })
+    }
+}
+
 /// gRPC over TCP (`--grpc-addr`), until `stop`: the read-only admin
-/// service, and `hypervisor.Hypervisor` only behind `token`.
+/// service (the operator RPCs refused), and `hypervisor.Hypervisor` only
+/// behind `token`.
 async fn serve_grpc_tcp(
     global: &GlobalArgs,
     api: &HypervisorApi,
-    view: &Arc<InstanceView>,
+    admin: &AdminDeps,
     token: Option<BearerToken>,
     stop: watch::Receiver<bool>,
 ) -> Result<GrpcTask, StartupError> {
@@ -844,10 +873,12 @@ async fn serve_grpc_tcp(
     // Over TCP, the mutating service only behind the token: a loopback port
     // is open to every local user and hostNetwork pod.
     let server = tonic::transport::Server::builder()
-        .add_service(AdminServer::new(GrpcAdmin {
-            view: view.clone(),
-            stop: stop.clone(),
-        }))
+        .add_service(admin.service(
+            AdminAccess::ReadOnly {
+                grpc_socket: global.grpc_socket_path(),
+            },
+            &stop,
+        ))
         .add_optional_service(token.map(|token| {
             HypervisorServer::with_interceptor(
                 GrpcHypervisor { api: api.clone() },
@@ -859,15 +890,16 @@ async fn serve_grpc_tcp(
     ))
 }
 
-/// The Kata socket (`--socket`), then the gRPC socket (`--grpc-socket`)
-/// until `stop`, both mode 0660 with `group`. If the gRPC socket cannot be
-/// bound, the Kata socket is closed and removed again: no live socket is
-/// left behind for a daemon that is not running.
+/// The Kata socket (`--socket`), then the gRPC socket (`--grpc-socket`,
+/// with the Admin's operator RPCs) until `stop`, both mode 0660 with
+/// `group`. If the gRPC socket cannot be bound, the Kata socket is closed
+/// and removed again: no live socket is left behind for a daemon that is
+/// not running.
 async fn serve_control_sockets(
     global: &GlobalArgs,
     group: Option<nix::unistd::Gid>,
     api: HypervisorApi,
-    view: &Arc<InstanceView>,
+    admin: &AdminDeps,
     stop: watch::Receiver<bool>,
 ) -> Result<(ttrpc::r#async::Server, GrpcTask, PathBuf), StartupError> {
     let max_connections = global.max_connections_per_endpoint;
@@ -886,10 +918,7 @@ async fn serve_control_sockets(
     };
     let server = tonic::transport::Server::builder()
         .add_service(HypervisorServer::new(GrpcHypervisor { api }))
-        .add_service(AdminServer::new(GrpcAdmin {
-            view: view.clone(),
-            stop: stop.clone(),
-        }));
+        .add_service(admin.service(AdminAccess::Operator, &stop));
     let listener = Gated::new(
         Gate::new(
             connections::GRPC_UNIX,

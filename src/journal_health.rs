@@ -115,6 +115,14 @@ impl Journal for HealthJournal {
     fn quarantined(&self) -> Result<Vec<QuarantinedRecord>, JournalError> {
         self.inner.quarantined()
     }
+    fn drop_quarantined(&self, id: &str) -> Result<Option<QuarantinedRecord>, JournalError> {
+        let r = self.inner.drop_quarantined(id);
+        // Only a drop that removed something flushed: an unknown id proves
+        // nothing about writes.
+        let durable = !matches!(r, Ok(None));
+        self.health.record(&r, durable);
+        r
+    }
     fn identity(&self) -> JournalIdentity {
         self.inner.identity()
     }

@@ -1,7 +1,8 @@
 //! The gRPC endpoint: the same hypervisor semantics, and the admin API with
-//! its watch stream; and who may reach which: `hypervisor.Hypervisor` on
-//! the unix socket (mode 0660, as the Kata socket) and, only with the
-//! bearer token, on TCP; the read-only Admin on both.
+//! its watch stream and the journal's quarantine; and who may reach which:
+//! `hypervisor.Hypervisor` on the unix socket (mode 0660, as the Kata
+//! socket) and, only with the bearer token, on TCP; the read-only Admin on
+//! both; the Admin's operator RPCs (the quarantine) on the unix socket only.
 
 mod common;
 
@@ -465,4 +466,208 @@ async fn sigterm_ends_open_watch_streams_and_the_daemon_exits() {
         .await
         .expect("the daemon exits");
     assert!(status.success(), "{status}");
+}
+
+/// The Admin service on the daemon's gRPC unix socket.
+async fn unix_admin(setup: &Setup) -> AdminClient<Channel> {
+    AdminClient::connect(format!("unix://{}", setup.grpc_socket().display()))
+        .await
+        .unwrap()
+}
+
+/// Writes `bytes` under `key` in the journal of `setup` (no daemon
+/// running), then quarantines them as a start would; returns the journal's
+/// id.
+fn corrupt_and_quarantine(setup: &Setup, key: &str, bytes: &[u8]) -> String {
+    use podvisor_state::Journal;
+    let journal = podvisor_state::SledJournal::open(&setup.state_dir().join("journal")).unwrap();
+    journal.put_raw(key, bytes).unwrap();
+    let quarantined = journal.load().unwrap().quarantined;
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    journal.identity().id
+}
+
+/// ListQuarantined on the unix socket, sorted by id.
+async fn quarantined(admin: &mut AdminClient<Channel>) -> Vec<admin::QuarantinedRecord> {
+    let mut records = admin
+        .list_quarantined(admin::ListQuarantinedRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    records.sort_by(|a, b| a.id.cmp(&b.id));
+    records
+}
+
+fn drop_request(id: &str) -> admin::DropQuarantinedRequest {
+    admin::DropQuarantinedRequest { id: id.to_owned() }
+}
+
+/// A journal with corrupt records: the unix socket lists them whole and
+/// drops them one by one, durably; --grpc-addr refuses both RPCs, saying
+/// where to go; an unknown id is NOT_FOUND; the log names what was dropped
+/// and never shows its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quarantine_is_listed_and_dropped_on_the_unix_socket_only() {
+    let setup = Setup::new();
+    // A truncated record that held a pod's initdata.
+    let secret = "SECRET-INITDATA-0123456789";
+    let broken =
+        format!(r#"{{"schema_version":1,"sandbox_id":"broken-sandbox","initdata":"{secret}"#);
+    corrupt_and_quarantine(&setup, "broken-sandbox", broken.as_bytes());
+    // Two entries of one sandbox.
+    corrupt_and_quarantine(&setup, "twice", b"not json");
+    corrupt_and_quarantine(&setup, "twice", &[0xff, 0x00]);
+    let mut daemon = setup.start().await;
+    let mut unix = unix_admin(&setup).await;
+
+    let listed = quarantined(&mut unix).await;
+    let keys: Vec<_> = listed.iter().map(|q| q.key.as_str()).collect();
+    assert_eq!(keys, ["broken-sandbox", "twice", "twice"], "{listed:?}");
+    let entry = listed[0].clone();
+    assert!(entry.id.starts_with("broken-sandbox@"), "{entry:?}");
+    assert_eq!(entry.bytes, broken.as_bytes(), "the bytes, as stored");
+    assert!(entry.reason.starts_with("Malformed record"), "{entry:?}");
+    let now_ms = podvisor_state::now_millis();
+    assert!(
+        entry.quarantined_at_unix_ms > now_ms - 600_000 && entry.quarantined_at_unix_ms <= now_ms,
+        "{entry:?}"
+    );
+    assert_ne!(listed[1].id, listed[2].id, "every entry has its own id");
+
+    // Over TCP, which every local user reaches: refused, with the way.
+    let mut tcp = AdminClient::connect(tcp_endpoint(&setup)).await.unwrap();
+    let list = tcp
+        .list_quarantined(admin::ListQuarantinedRequest {})
+        .await
+        .unwrap_err();
+    let dropping = tcp
+        .drop_quarantined(drop_request(&entry.id))
+        .await
+        .unwrap_err();
+    let socket = format!("unix://{}", setup.grpc_socket().display());
+    for (rpc, status) in [("ListQuarantined", &list), ("DropQuarantined", &dropping)] {
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        let message = status.message();
+        assert!(
+            message.starts_with(rpc)
+                && message.contains("--grpc-socket")
+                && message.contains(&socket),
+            "{message}"
+        );
+        assert!(!message.contains(secret), "{message}");
+    }
+    assert_eq!(quarantined(&mut unix).await, listed, "TCP dropped nothing");
+
+    // On the unix socket: dropped, whole, and the sandbox has no entry left.
+    let dropped = unix
+        .drop_quarantined(drop_request(&entry.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dropped.record.as_ref(), Some(&entry));
+    assert!(!dropped.sandbox_still_quarantined);
+    assert_eq!(quarantined(&mut unix).await, listed[1..]);
+    let again = unix
+        .drop_quarantined(drop_request(&entry.id))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::NotFound, "{again:?}");
+    assert!(
+        again.message().contains(&format!("{:?}", entry.id))
+            && again.message().contains("ListQuarantined"),
+        "{again:?}"
+    );
+    let unknown = unix
+        .drop_quarantined(drop_request("nope@1"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    let empty = unix.drop_quarantined(drop_request("")).await.unwrap_err();
+    assert_eq!(empty.code(), tonic::Code::InvalidArgument, "{empty:?}");
+
+    // One of two entries of a sandbox: the other still spares it.
+    let first = unix
+        .drop_quarantined(drop_request(&listed[1].id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.record.as_ref(), Some(&listed[1]));
+    assert!(first.sandbox_still_quarantined);
+
+    let log = daemon.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("dropped a quarantined journal record") && l.contains(&entry.id))
+        .unwrap_or_else(|| panic!("no WARN line for the drop:\n{log}"));
+    assert!(
+        line.contains("WARN") && line.contains("broken-sandbox"),
+        "{line}"
+    );
+    assert!(!log.contains(secret), "the bytes reached the log:\n{log}");
+
+    // Dropped for good: a restart does not bring them back.
+    daemon.kill9();
+    drop(daemon);
+    let _daemon = setup.start().await;
+    let mut unix = unix_admin(&setup).await;
+    assert_eq!(quarantined(&mut unix).await, listed[2..]);
+}
+
+/// Once its last quarantined record is dropped, a sandbox's instance that
+/// the GC spared is an orphan like any other: the GC deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_drop_the_gc_no_longer_spares_the_sandbox() {
+    use podvisor_providers::Provider;
+    let mut setup = Setup::new();
+    eager_gc(&mut setup);
+    let mut fixture = podvisor_providers::conformance::Fixture::new(&setup.node);
+    fixture.sandbox_id = "unreadable-sandbox".into();
+    let provider = podvisor_providers::local::LocalProvider::new(
+        setup.local_dir(),
+        podvisor_podvm::testing::forwarder_binary().unwrap(),
+        setup.forwarder_port,
+    )
+    .unwrap();
+    let journal_id = corrupt_and_quarantine(&setup, "unreadable-sandbox", b"{\"schema_version\":1");
+    // Tagged with this node's journal: only the quarantine spares it.
+    let mut request = fixture.request(1);
+    request
+        .tags
+        .insert(podvisor_providers::TAG_JOURNAL.into(), journal_id);
+    let instance = provider.create_instance(&request).await.unwrap();
+    let exists = || {
+        setup
+            .local_dir()
+            .join("instances")
+            .join(&instance.id)
+            .exists()
+    };
+    let daemon = setup.start().await;
+    let runs = daemon.metric("podvisor_gc_runs_total", &[]).await;
+    eventually("two GC passes", Duration::from_secs(20), async || {
+        (daemon.metric("podvisor_gc_runs_total", &[]).await >= runs + 2.0).then_some(())
+    })
+    .await;
+    assert!(exists(), "the GC deleted a quarantined record's instance");
+
+    let mut unix = unix_admin(&setup).await;
+    let id = quarantined(&mut unix).await.remove(0).id;
+    let dropped = unix
+        .drop_quarantined(drop_request(&id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!dropped.sandbox_still_quarantined);
+    eventually(
+        "the GC deletes the instance",
+        Duration::from_secs(20),
+        async || (!exists()).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        daemon.metric("podvisor_orphans_deleted_total", &[]).await,
+        1.0
+    );
+    let _ = provider.delete_instance(&instance.id).await;
 }

@@ -9,7 +9,9 @@ use crate::gc::{Ownership, Spared, select_orphans};
 use crate::metrics;
 use actix::prelude::*;
 use podvisor_providers::TAG_NODE;
-use podvisor_state::{InstanceRecord, InstanceSpec, StartError, State, UnixMillis, now_millis};
+use podvisor_state::{
+    InstanceRecord, InstanceSpec, Journal, StartError, State, UnixMillis, now_millis,
+};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -143,6 +145,9 @@ pub struct Supervisor {
     recovery_submitted: bool,
     /// Sandbox ids of quarantined records (the GC spares their instances).
     quarantined: HashSet<String>,
+    /// Counts additions to `quarantined`: a re-read of the quarantine that
+    /// an addition overtook must not take a sandbox out.
+    quarantine_epoch: u64,
     /// GC settings.
     gc: GcPolicy,
     /// When the GC first saw each unowned instance without a creation time.
@@ -177,6 +182,7 @@ impl Supervisor {
             recovering: HashSet::new(),
             recovery_submitted: false,
             quarantined: HashSet::new(),
+            quarantine_epoch: 0,
             gc,
             first_seen: HashMap::new(),
             gc_running: false,
@@ -220,6 +226,13 @@ impl Supervisor {
         let addr = PodVm::recover(record, self.deps.clone(), ctx.address()).start();
         self.pods.insert(id, addr.clone());
         addr
+    }
+
+    /// The GC spares the instances of these sandboxes from now on: their
+    /// records are in the journal's quarantine.
+    fn add_quarantined(&mut self, ids: impl IntoIterator<Item = String>) {
+        self.quarantined.extend(ids);
+        self.quarantine_epoch += 1;
     }
 }
 
@@ -383,20 +396,47 @@ impl Handler<Revive> for Supervisor {
 
     fn handle(&mut self, msg: Revive, _: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
-        if let Some(addr) = self.pods.get(&id) {
-            if addr.connected() {
-                return Box::pin(fut::ready(Some(addr.clone())));
-            }
+        if let Some(addr) = self.pods.get(&id)
+            && addr.connected()
+        {
+            return Box::pin(fut::ready(Some(addr.clone())));
         }
         tracing::error!(sandbox = %id, "pod VM actor died; restarting it from the journal");
         let journal = self.deps.journal.clone();
         let key = id.clone();
-        let read = async move { tokio::task::spawn_blocking(move || journal.get(&key)).await };
+        // A record that does not decode goes to quarantine on this read:
+        // whether it did is told by the quarantine's entries for the key
+        // before and after.
+        let read = async move {
+            tokio::task::spawn_blocking(move || {
+                let entries = |j: &dyn Journal| {
+                    j.quarantined()
+                        .map(|q| q.iter().filter(|e| e.key == key).count())
+                };
+                let before = entries(journal.as_ref());
+                let record = journal.get(&key);
+                let quarantined = match (&record, before) {
+                    (Ok(None), Ok(before)) => entries(journal.as_ref()).is_ok_and(|n| n > before),
+                    _ => false,
+                };
+                (record, quarantined)
+            })
+            .await
+        };
         Box::pin(
             read.into_actor(self)
                 .map(move |result, act, ctx| match result {
-                    Ok(Ok(Some(record))) => Some(act.spawn_recovered(record, ctx)),
-                    _ => {
+                    Ok((Ok(Some(record)), _)) => Some(act.spawn_recovered(record, ctx)),
+                    Ok((_, quarantined)) => {
+                        if quarantined {
+                            metrics::counter!(metrics::JOURNAL_QUARANTINED).increment(1);
+                            tracing::error!(sandbox = %id, "journal record quarantined: it could not be read and was moved aside; the GC spares its instance until an operator drops it");
+                            act.add_quarantined([id.clone()]);
+                        }
+                        act.pods.remove(&id);
+                        None
+                    }
+                    Err(_) => {
                         act.pods.remove(&id);
                         None
                     }
@@ -429,7 +469,7 @@ impl Handler<Recover> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: Recover, ctx: &mut Context<Self>) {
-        self.quarantined.extend(msg.quarantined);
+        self.add_quarantined(msg.quarantined);
         let half = msg.records.len() / 2;
         for (i, record) in msg.records.into_iter().enumerate() {
             if i == half && i > 0 {
@@ -441,6 +481,58 @@ impl Handler<Recover> for Supervisor {
         }
         self.recovery_submitted = true;
         self.check_recovery_done(ctx);
+    }
+}
+
+/// An operator dropped a quarantine entry of sandbox `sandbox_id`
+/// (`DropQuarantined`): the GC stops sparing the sandbox's instance if the
+/// quarantine holds no other entry for it. Answers whether the sandbox is
+/// still spared as quarantined — also when the quarantine cannot be read,
+/// or an entry for any sandbox was added while it was being read (the next
+/// drop, or a restart, decides then).
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct QuarantineDropped {
+    /// The dropped entry's key.
+    pub sandbox_id: String,
+}
+
+impl Handler<QuarantineDropped> for Supervisor {
+    type Result = ResponseActFuture<Self, bool>;
+
+    fn handle(&mut self, msg: QuarantineDropped, _: &mut Context<Self>) -> Self::Result {
+        let id = msg.sandbox_id;
+        let epoch = self.quarantine_epoch;
+        let journal = self.deps.journal.clone();
+        let read = async move { tokio::task::spawn_blocking(move || journal.quarantined()).await };
+        Box::pin(read.into_actor(self).map(move |read, act, _| {
+            let remaining = match read {
+                Ok(Ok(entries)) => entries.iter().any(|e| e.key == id),
+                Ok(Err(e)) => {
+                    tracing::warn!(sandbox = %id, error = %podvisor_state::report(&e), "cannot read the journal's quarantine after a drop: the GC still spares the sandbox's instance until a later drop or the next start finds no entry of it");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %id, error = %e, "the quarantine read after a drop did not finish: the GC still spares the sandbox's instance until a later drop or the next start finds no entry of it");
+                    true
+                }
+            };
+            if remaining {
+                // Known or not before (a record quarantined where nobody
+                // told the supervisor), it is spared from now on.
+                if !act.quarantined.contains(&id) {
+                    act.add_quarantined([id]);
+                }
+                return true;
+            }
+            if act.quarantine_epoch != epoch {
+                return act.quarantined.contains(&id);
+            }
+            if act.quarantined.remove(&id) {
+                tracing::info!(sandbox = %id, "no quarantined record of the sandbox is left: the GC no longer spares its instance for it");
+            }
+            false
+        }))
     }
 }
 

@@ -2,18 +2,22 @@
 //! semantics as the ttrpc socket, and `podvisor.admin.v1.Admin`.
 //!
 //! Who may call what: on the unix socket (`--grpc-socket`, mode 0660 and
-//! `--socket-group`, as the Kata socket) both services; on TCP
-//! (`--grpc-addr`) the read-only Admin, and `hypervisor.Hypervisor` only
-//! with a bearer token (`--grpc-token-file`) — any local user and any
-//! hostNetwork pod can reach a loopback port, and StopVM of another pod's
-//! sandbox must not be theirs to send.
+//! `--socket-group`, as the Kata socket) both services, the Admin's
+//! operator RPCs (the journal's quarantine) included; on TCP
+//! (`--grpc-addr`) the read-only Admin (the operator RPCs answer
+//! `PERMISSION_DENIED`), and `hypervisor.Hypervisor` only with a bearer
+//! token (`--grpc-token-file`) — any local user and any hostNetwork pod can
+//! reach a loopback port, and StopVM of another pod's sandbox, a pod's
+//! initdata in a quarantined record or dropping one must not be theirs.
 
 use super::{API_VERSION, ApiError, HypervisorApi};
+use crate::actors::supervisor::{QuarantineDropped, Supervisor};
 use crate::protocols::grpc::admin::{self, admin_server};
 use crate::protocols::grpc::hypervisor::{self as hv, hypervisor_server};
 use crate::view::{InstanceView, ViewEvent};
-use podvisor_state::InstanceRecord;
-use std::path::Path;
+use actix::Addr;
+use podvisor_state::{InstanceRecord, Journal, JournalError, QuarantinedRecord};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
@@ -243,14 +247,96 @@ pub fn instance_message(r: &InstanceRecord) -> admin::Instance {
     }
 }
 
+/// Converts a quarantine entry to its admin message (the bytes as stored).
+pub fn quarantined_message(r: QuarantinedRecord) -> admin::QuarantinedRecord {
+    admin::QuarantinedRecord {
+        id: r.id,
+        key: r.key,
+        reason: r.reason,
+        quarantined_at_unix_ms: r.quarantined_at,
+        bytes: r.bytes,
+    }
+}
+
+/// Which Admin RPCs an endpoint serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAccess {
+    /// All of them: the unix socket (`--grpc-socket`, mode 0660), which only
+    /// its owner and `--socket-group` reach.
+    Operator,
+    /// The read-only ones: TCP (`--grpc-addr`), which every local user
+    /// reaches. The operator RPCs (ListQuarantined, DropQuarantined) answer
+    /// `PERMISSION_DENIED`, naming the unix socket to use instead.
+    ReadOnly {
+        /// The daemon's `--grpc-socket`.
+        grpc_socket: PathBuf,
+    },
+}
+
 /// `podvisor.admin.v1.Admin`.
-#[derive(Debug)]
 pub struct GrpcAdmin {
     /// The durable view.
     pub view: Arc<InstanceView>,
     /// Turns `true` at shutdown: every watch stream ends then, since the
     /// server's graceful stop waits for the streams open on it.
     pub stop: tokio::sync::watch::Receiver<bool>,
+    /// The journal, for its quarantine.
+    pub journal: Arc<dyn Journal>,
+    /// Told when a quarantined record is dropped: the GC spares the
+    /// instances of quarantined sandboxes.
+    pub supervisor: Addr<Supervisor>,
+    /// What this endpoint may serve.
+    pub access: AdminAccess,
+}
+
+impl std::fmt::Debug for GrpcAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcAdmin")
+            .field("access", &self.access)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcAdmin {
+    /// `Ok` if this endpoint serves the operator RPC `rpc`; otherwise
+    /// `PERMISSION_DENIED`, saying where to call it.
+    fn require_operator(&self, rpc: &str) -> Result<(), Status> {
+        match &self.access {
+            AdminAccess::Operator => Ok(()),
+            AdminAccess::ReadOnly { grpc_socket } => {
+                tracing::info!(rpc, "operator RPC over --grpc-addr refused");
+                Err(Status::permission_denied(operator_only(rpc, grpc_socket)))
+            }
+        }
+    }
+}
+
+/// Why `rpc` is refused on `--grpc-addr`, and where to call it instead.
+fn operator_only(rpc: &str, grpc_socket: &Path) -> String {
+    format!(
+        "{rpc} is an operator RPC: the journal's quarantine holds pods' initdata, so it is served only on the daemon's unix socket (--grpc-socket, mode 0660: root and the --socket-group), not on --grpc-addr, which every local user can reach; call it on unix://{}",
+        grpc_socket.display()
+    )
+}
+
+/// The status of a journal error met while doing `action` to the
+/// quarantine: its whole cause chain, and what to do.
+fn journal_status(action: &str, e: &JournalError) -> Status {
+    let message = format!(
+        "Cannot {action} the journal's quarantine: {}; retry, and if it keeps failing see /livez and the daemon's log (a full or failing disk under --state-dir)",
+        podvisor_state::report(e)
+    );
+    match e {
+        JournalError::Io { .. } | JournalError::Integrity(_) => Status::unavailable(message),
+        JournalError::Open { .. } => Status::internal(message),
+    }
+}
+
+/// The status of a blocking journal task that did not finish.
+fn unfinished(action: &str, e: &tokio::task::JoinError) -> Status {
+    Status::internal(format!(
+        "The task to {action} the journal's quarantine did not finish ({e}); retry, and see the daemon's log"
+    ))
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<admin::InstanceEvent, Status>> + Send>>;
@@ -321,6 +407,76 @@ impl admin_server::Admin for GrpcAdmin {
             .filter_map(|event| event);
         Ok(Response::new(Box::pin(events)))
     }
+
+    async fn list_quarantined(
+        &self,
+        _: Request<admin::ListQuarantinedRequest>,
+    ) -> Result<Response<admin::ListQuarantinedResponse>, Status> {
+        self.require_operator("ListQuarantined")?;
+        let journal = self.journal.clone();
+        let entries = tokio::task::spawn_blocking(move || journal.quarantined())
+            .await
+            .map_err(|e| unfinished("read", &e))?
+            .map_err(|e| journal_status("read", &e))?;
+        let records = entries.into_iter().map(quarantined_message).collect();
+        Ok(Response::new(admin::ListQuarantinedResponse { records }))
+    }
+
+    async fn drop_quarantined(
+        &self,
+        req: Request<admin::DropQuarantinedRequest>,
+    ) -> Result<Response<admin::DropQuarantinedResponse>, Status> {
+        self.require_operator("DropQuarantined")?;
+        let id = req.into_inner().id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument(
+                "DropQuarantined needs the id of a quarantined record: ListQuarantined shows them",
+            ));
+        }
+        let journal = self.journal.clone();
+        let wanted = id.clone();
+        let dropped = tokio::task::spawn_blocking(move || journal.drop_quarantined(&wanted))
+            .await
+            .map_err(|e| unfinished("drop a record from", &e))?
+            .map_err(|e| journal_status("drop a record from", &e))?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "No quarantined record has the id {id:?}: ListQuarantined shows the ids there are (was it dropped already?)"
+                ))
+            })?;
+        // The supervisor re-reads the quarantine: the GC stops sparing the
+        // sandbox's instance once no entry of it is left.
+        let still = match self
+            .supervisor
+            .send(QuarantineDropped {
+                sandbox_id: dropped.key.clone(),
+            })
+            .await
+        {
+            Ok(still) => still,
+            // Shutting down: no GC runs; say what the journal holds.
+            Err(_) => {
+                let journal = self.journal.clone();
+                let key = dropped.key.clone();
+                tokio::task::spawn_blocking(move || journal.quarantined())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .is_none_or(|entries| entries.iter().any(|e| e.key == key))
+            }
+        };
+        tracing::warn!(
+            id = %dropped.id,
+            key = %dropped.key,
+            reason = %dropped.reason,
+            sandbox_still_quarantined = still,
+            "an operator dropped a quarantined journal record (DropQuarantined); its bytes are gone"
+        );
+        Ok(Response::new(admin::DropQuarantinedResponse {
+            record: Some(quarantined_message(dropped)),
+            sandbox_still_quarantined: still,
+        }))
+    }
 }
 
 #[cfg(test)]
@@ -386,6 +542,30 @@ mod tests {
         let token = BearerToken::from_bytes(TOKEN.as_bytes()).unwrap();
         assert!(!format!("{token:?}").contains(TOKEN));
         assert!(!format!("{:?}", RequireBearer::new(token)).contains(TOKEN));
+    }
+
+    #[test]
+    fn journal_errors_are_unavailable_and_say_what_to_do() {
+        let e = JournalError::Io {
+            operation: "flush",
+            source: sled::Error::Io(std::io::Error::from_raw_os_error(28)),
+        };
+        let status = journal_status("drop a record from", &e);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let message = status.message();
+        assert!(
+            message.starts_with(
+                "Cannot drop a record from the journal's quarantine: Journal flush failed: "
+            ) && message.contains("No space left")
+                && message.contains("retry"),
+            "{message}"
+        );
+        let refused = operator_only("DropQuarantined", Path::new("/run/podvisor/grpc.sock"));
+        assert!(
+            refused.starts_with("DropQuarantined is an operator RPC")
+                && refused.ends_with("call it on unix:///run/podvisor/grpc.sock"),
+            "{refused}"
+        );
     }
 
     #[test]

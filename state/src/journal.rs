@@ -43,6 +43,13 @@ pub enum JournalError {
 /// A value that did not decode, kept aside for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuarantinedRecord {
+    /// This entry's stable id: its key in the quarantine,
+    /// `<key>@<quarantined_at>` — with `-<n>` appended when an entry of the
+    /// same key was quarantined in the same millisecond. Opaque to callers;
+    /// [`Journal::drop_quarantined`] takes it. Filled from the quarantine's
+    /// key when read, so entries written before ids existed have one too.
+    #[serde(default)]
+    pub id: String,
     /// The journal key it was stored under: the sandbox id, when readable.
     pub key: String,
     /// Why it could not be read.
@@ -107,6 +114,16 @@ pub trait Journal: Send + Sync + 'static {
     /// [`JournalError::Io`] (operation `read`) when the quarantine cannot be
     /// read.
     fn quarantined(&self) -> Result<Vec<QuarantinedRecord>, JournalError>;
+    /// Removes the quarantine entry `id` ([`QuarantinedRecord::id`]) and
+    /// makes the removal durable: an operator's decision that the record is
+    /// not needed. Returns the entry removed, or `Ok(None)` when no entry
+    /// has that id (nothing is written then).
+    ///
+    /// # Errors
+    /// [`JournalError::Io`] (operation `remove`) when the storage refuses the
+    /// delete; the errors of [`Journal::flush`] after it — the entry is then
+    /// gone from this run's view but may come back at the next start.
+    fn drop_quarantined(&self, id: &str) -> Result<Option<QuarantinedRecord>, JournalError>;
     /// Writes something harmless and flushes it: whether writes work now
     /// (after a failure, to learn whether the journal healed).
     ///
@@ -361,21 +378,13 @@ impl SledJournal {
         bytes: &[u8],
         reason: String,
     ) -> Result<QuarantinedRecord, JournalError> {
-        let now = now_millis();
-        let entry = QuarantinedRecord {
+        let entry = self.insert_quarantined(QuarantinedRecord {
+            id: String::new(),
             key: String::from_utf8_lossy(key).into_owned(),
             reason,
-            quarantined_at: now,
+            quarantined_at: now_millis(),
             bytes: bytes.to_vec(),
-        };
-        let qkey = format!("{}@{now}", entry.key);
-        let value = serde_json::to_vec(&entry).expect("a QuarantinedRecord always serializes");
-        self.quarantine
-            .insert(qkey.as_bytes(), value)
-            .map_err(|source| JournalError::Io {
-                operation: "quarantine",
-                source,
-            })?;
+        })?;
         // Only remove the original if it is still the bad value we read.
         let _ = self
             .records
@@ -386,6 +395,56 @@ impl SledJournal {
             })?;
         self.flush()?;
         Ok(entry)
+    }
+
+    /// Stores `entry` in the quarantine under an id no other entry has —
+    /// `<key>@<quarantined_at>`, or `<key>@<quarantined_at>-<n>` for the
+    /// first free `n` — and returns it with that id. An entry is never
+    /// overwritten. Not flushed.
+    fn insert_quarantined(
+        &self,
+        mut entry: QuarantinedRecord,
+    ) -> Result<QuarantinedRecord, JournalError> {
+        let base = format!("{}@{}", entry.key, entry.quarantined_at);
+        // Ends: each taken id is an entry, and there are finitely many.
+        for n in 0u64.. {
+            entry.id = if n == 0 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            };
+            let value = serde_json::to_vec(&entry).expect("a QuarantinedRecord always serializes");
+            let inserted = self
+                .quarantine
+                .compare_and_swap(entry.id.as_bytes(), None as Option<&[u8]>, Some(value))
+                .map_err(|source| JournalError::Io {
+                    operation: "quarantine",
+                    source,
+                })?;
+            if inserted.is_ok() {
+                break;
+            }
+        }
+        Ok(entry)
+    }
+}
+
+/// The quarantine entry stored under `id` as `value`. Its id is always the
+/// quarantine's key, whatever the JSON says; an entry that does not decode
+/// is still reported, with its raw bytes, and the key its id names.
+fn quarantine_entry(id: &[u8], value: &[u8]) -> QuarantinedRecord {
+    let id = String::from_utf8_lossy(id).into_owned();
+    match serde_json::from_slice::<QuarantinedRecord>(value) {
+        Ok(entry) => QuarantinedRecord { id, ..entry },
+        Err(e) => QuarantinedRecord {
+            key: id
+                .rsplit_once('@')
+                .map_or_else(|| id.clone(), |(key, _)| key.to_owned()),
+            id,
+            reason: format!("Unreadable quarantine entry: {e}"),
+            quarantined_at: 0,
+            bytes: value.to_vec(),
+        },
     }
 }
 
@@ -536,22 +595,28 @@ impl Journal for SledJournal {
     fn quarantined(&self) -> Result<Vec<QuarantinedRecord>, JournalError> {
         let mut out = Vec::new();
         for entry in &self.quarantine {
-            let (_, value) = entry.map_err(|source| JournalError::Io {
+            let (id, value) = entry.map_err(|source| JournalError::Io {
                 operation: "read",
                 source,
             })?;
-            // Quarantine entries are written by this module only; an
-            // unreadable one is still reported, with its raw bytes.
-            out.push(
-                serde_json::from_slice(&value).unwrap_or_else(|e| QuarantinedRecord {
-                    key: String::new(),
-                    reason: format!("Unreadable quarantine entry: {e}"),
-                    quarantined_at: 0,
-                    bytes: value.to_vec(),
-                }),
-            );
+            out.push(quarantine_entry(&id, &value));
         }
         Ok(out)
+    }
+
+    fn drop_quarantined(&self, id: &str) -> Result<Option<QuarantinedRecord>, JournalError> {
+        let Some(value) =
+            self.quarantine
+                .remove(id.as_bytes())
+                .map_err(|source| JournalError::Io {
+                    operation: "remove",
+                    source,
+                })?
+        else {
+            return Ok(None);
+        };
+        self.flush()?;
+        Ok(Some(quarantine_entry(id.as_bytes(), &value)))
     }
 }
 
@@ -641,6 +706,156 @@ mod tests {
         j.put_raw("x", b"not json").unwrap();
         assert!(j.get("x").unwrap().is_none());
         assert_eq!(j.quarantined().unwrap()[0].key, "x");
+    }
+
+    #[test]
+    fn quarantine_ids_are_unique_and_stable_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = {
+            let j = SledJournal::open(dir.path()).unwrap();
+            j.put_raw("x", b"not json").unwrap();
+            let first = j.load().unwrap().quarantined.remove(0);
+            assert!(first.id.starts_with("x@"), "{}", first.id);
+            // Two entries of the same key in the same millisecond.
+            let same_ms = |reason: &str| QuarantinedRecord {
+                id: String::new(),
+                key: "y".into(),
+                reason: reason.into(),
+                quarantined_at: 42,
+                bytes: b"y".to_vec(),
+            };
+            let a = j.insert_quarantined(same_ms("a")).unwrap();
+            let b = j.insert_quarantined(same_ms("b")).unwrap();
+            let c = j.insert_quarantined(same_ms("c")).unwrap();
+            assert_eq!(
+                [a.id.as_str(), b.id.as_str(), c.id.as_str()],
+                ["y@42", "y@42-1", "y@42-2"]
+            );
+            j.flush().unwrap();
+            let mut listed: Vec<_> = j
+                .quarantined()
+                .unwrap()
+                .into_iter()
+                .map(|q| (q.id, q.reason))
+                .collect();
+            listed.sort();
+            assert_eq!(listed.len(), 4, "nothing overwritten: {listed:?}");
+            assert_eq!(
+                listed[1..],
+                [
+                    ("y@42".to_owned(), "a".to_owned()),
+                    ("y@42-1".to_owned(), "b".to_owned()),
+                    ("y@42-2".to_owned(), "c".to_owned())
+                ]
+            );
+            listed.into_iter().map(|(id, _)| id).collect::<Vec<_>>()
+        };
+        let j = SledJournal::open(dir.path()).unwrap();
+        let mut again: Vec<_> = j.quarantined().unwrap().into_iter().map(|q| q.id).collect();
+        again.sort();
+        assert_eq!(again, ids, "the same ids after a reopen");
+    }
+
+    #[test]
+    fn a_quarantine_entry_gets_its_id_from_its_key_not_from_its_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = SledJournal::open(dir.path()).unwrap();
+        // Written before ids existed: no `id` in the JSON.
+        let old = br#"{"key":"s1","reason":"Malformed record","quarantined_at":7,"bytes":[1,2]}"#;
+        j.quarantine.insert("s1@7", old.as_slice()).unwrap();
+        // An id in the JSON that is not the entry's key.
+        let lying = QuarantinedRecord {
+            id: "s9@1".into(),
+            key: "s2".into(),
+            reason: "r".into(),
+            quarantined_at: 8,
+            bytes: vec![],
+        };
+        j.quarantine
+            .insert("s2@8", serde_json::to_vec(&lying).unwrap())
+            .unwrap();
+        // And an entry that is not JSON at all: its key still says whose.
+        j.quarantine.insert("s3@9", b"\xff".as_slice()).unwrap();
+        let listed = j.quarantined().unwrap();
+        let found: Vec<_> = listed
+            .iter()
+            .map(|q| (q.id.as_str(), q.key.as_str()))
+            .collect();
+        assert_eq!(found, [("s1@7", "s1"), ("s2@8", "s2"), ("s3@9", "s3")]);
+        assert_eq!(listed[0].bytes, [1, 2]);
+        assert!(listed[2].reason.starts_with("Unreadable quarantine entry"));
+        assert_eq!(j.drop_quarantined("s2@8").unwrap().unwrap().id, "s2@8");
+        assert!(j.drop_quarantined("s9@1").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_dropped_quarantine_entry_is_gone_for_good_and_an_unknown_id_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dropped, kept) = {
+            let j = SledJournal::open(dir.path()).unwrap();
+            j.put_raw("a", b"not json").unwrap();
+            j.put_raw("b", b"not json either").unwrap();
+            j.load().unwrap();
+            let all = j.quarantined().unwrap();
+            assert_eq!(all.len(), 2);
+            let (a, b) = (all[0].clone(), all[1].clone());
+            assert_eq!((a.key.as_str(), b.key.as_str()), ("a", "b"));
+            let dropped = j.drop_quarantined(&a.id).unwrap();
+            assert_eq!(dropped.as_ref(), Some(&a), "the entry removed, whole");
+            assert!(j.drop_quarantined(&a.id).unwrap().is_none(), "only once");
+            assert!(j.drop_quarantined("nope@1").unwrap().is_none());
+            assert!(j.drop_quarantined("").unwrap().is_none());
+            (a, b)
+            // Closed without a flush of its own: the drop's flush stands.
+        };
+        let j = SledJournal::open(dir.path()).unwrap();
+        assert_eq!(j.quarantined().unwrap(), std::slice::from_ref(&kept));
+        assert!(j.drop_quarantined(&dropped.id).unwrap().is_none());
+        assert_eq!(j.drop_quarantined(&kept.id).unwrap(), Some(kept));
+    }
+
+    /// Set in the child process of
+    /// [`a_dropped_quarantine_entry_stays_dropped_after_a_crash`]: the
+    /// journal directory and the id to drop.
+    const CRASH_CHILD: &str = "PODVISOR_TEST_DROP_THEN_ABORT";
+
+    #[test]
+    fn a_dropped_quarantine_entry_stays_dropped_after_a_crash() {
+        if let Ok(task) = std::env::var(CRASH_CHILD) {
+            // The child: drop, then die at once, with no destructor run
+            // (sled would flush on the way out).
+            let (dir, id) = task.split_once('\n').unwrap();
+            let j = SledJournal::open(Path::new(dir)).unwrap();
+            assert!(j.drop_quarantined(id).unwrap().is_some());
+            std::process::abort();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let j = SledJournal::open(dir.path()).unwrap();
+            j.put_raw("crashed", b"not json").unwrap();
+            j.load().unwrap().quarantined.remove(0).id
+        };
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "journal::tests::a_dropped_quarantine_entry_stays_dropped_after_a_crash",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(CRASH_CHILD, format!("{}\n{id}", dir.path().display()))
+            .status()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(nix::sys::signal::Signal::SIGABRT as i32),
+            "the child dropped the entry and aborted: {status}"
+        );
+        let j = SledJournal::open(dir.path()).unwrap();
+        assert!(
+            j.quarantined().unwrap().is_empty(),
+            "the drop was durable before it returned"
+        );
     }
 
     /// A journal with `n` records, closed.
