@@ -29,7 +29,8 @@ pub mod local;
 
 pub use error::{ErrorClass, ProviderError};
 pub use manager::{
-    CallLimits, CloudManager, ConfigError, ProviderConfig, ProviderContext, find_manager, registry,
+    CallLimits, CloudManager, ConfigError, KNOWN_PROVIDERS, ProviderConfig, ProviderContext,
+    find_manager, registry,
 };
 pub use provider::{
     CreateRequest, Instance, InstanceStatus, Provider, TAG_JOURNAL, TAG_JOURNAL_SEQ, TAG_NODE,

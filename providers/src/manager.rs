@@ -39,6 +39,19 @@ impl ConfigError {
         Self { message }
     }
 
+    /// A provider flag that clap refused, said without clap's own `error: `
+    /// prefix and `--help` hint (the CLI adds its own prefix): the first
+    /// paragraph of clap's message, which names the flag and the value.
+    pub fn from_clap(err: &clap::Error) -> Self {
+        let rendered = err.to_string();
+        let text = rendered.trim_start();
+        let text = text.strip_prefix("error: ").unwrap_or(text);
+        let first = text.split("\n\n").next().unwrap_or(text);
+        Self {
+            message: first.trim_end().to_owned(),
+        }
+    }
+
     /// Checks a directory flag before anything is created: a path that
     /// exists and is not a directory is refused, `--<flag> (<ENV>): <path>
     /// is not a directory`; a missing one is fine (the daemon creates it).
@@ -108,9 +121,11 @@ pub trait ProviderConfig: Send + Sync + fmt::Debug {
     /// # Errors
     /// A [`ProviderError`] (class `Config`) when a setting the flags left
     /// open cannot be completed — AWS: the region, which the instance
-    /// metadata service did not give; local: no forwarder binary, or its
-    /// state directory cannot be created. A connection is never opened
-    /// here.
+    /// metadata service did not give, or credentials, which no way of
+    /// giving them (keys, profile, IRSA, instance profile) gave; local: no
+    /// forwarder binary, or its state directory cannot be created. The
+    /// cloud's API is never called here; only what completes the settings
+    /// is (the instance metadata service, the credential chain).
     async fn build(&self, context: &ProviderContext) -> Result<Arc<dyn Provider>, ProviderError>;
 }
 
@@ -143,6 +158,19 @@ pub trait CloudManager: Send + Sync {
     }
 }
 
+/// Every provider podvisor knows by name, compiled into this build or not,
+/// with the cargo feature of the `podvisor` package that compiles it in
+/// (`cargo build --features <feature>`); `None` for a provider of the
+/// reference (cloud-api-adaptor) that podvisor does not have yet. The CLI
+/// says which one to build when an operator names a missing provider.
+pub const KNOWN_PROVIDERS: &[(&str, Option<&str>)] = &[
+    ("local", Some("local")),
+    ("aws", Some("aws")),
+    ("libvirt", Some("libvirt")),
+    ("azure", None),
+    ("ibmcloud", None),
+];
+
 /// Every provider compiled into this build, in CLI order.
 pub fn registry() -> Vec<&'static dyn CloudManager> {
     vec![
@@ -172,6 +200,34 @@ mod tests {
             "--local-dir (LOCAL_DIR): is not a directory"
         );
         assert_eq!(ConfigError::flag("x", None, "bad").to_string(), "--x: bad");
+    }
+
+    #[test]
+    fn clap_errors_become_one_line_without_clap_s_prefix() {
+        let err = clap::Command::new("aws")
+            .arg(
+                clap::Arg::new("n")
+                    .long("root-volume-size")
+                    .value_parser(clap::value_parser!(u32)),
+            )
+            .try_get_matches_from(["aws", "--root-volume-size", "lots"])
+            .unwrap_err();
+        let e = ConfigError::from_clap(&err);
+        assert!(
+            e.message
+                .starts_with("invalid value 'lots' for '--root-volume-size <n>'"),
+            "{e}"
+        );
+        assert!(!e.message.contains("error:"), "{e}");
+        assert!(!e.message.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn every_compiled_provider_is_known_with_its_feature() {
+        for m in registry() {
+            let known = KNOWN_PROVIDERS.iter().find(|(name, _)| *name == m.name());
+            assert_eq!(known, Some(&(m.name(), Some(m.name()))), "{}", m.name());
+        }
     }
 
     #[cfg(feature = "local")]

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 /// A step of [`super::serve`] that failed. Each variant names the step and
 /// the flag (with its environment variable) or the thing to fix, and is
-/// printed as the process's last word (`podvisor: <message>`, exit 1).
+/// printed as the process's last word (`podvisor: <message>`, exit
+/// [`StartupError::exit_code`]).
 ///
 /// A variant that keeps its cause as a typed [`source`](std::error::Error::source)
 /// does not repeat it in its own message: [`report()`] joins the two. A cause
@@ -189,6 +190,24 @@ pub enum StartupError {
         #[source]
         source: ttrpc::Error,
     },
+}
+
+impl StartupError {
+    /// The process's exit code for this error: 2 when the configuration is
+    /// what must change (a provider that cannot be built from it, such as
+    /// AWS with no credentials, or a `--socket-group` that names no group),
+    /// as for a command line that cannot run; 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartupError::BuildProvider { source, .. }
+                if source.class == podvisor_providers::ErrorClass::Config =>
+            {
+                2
+            }
+            StartupError::SocketGroup { .. } => 2,
+            _ => 1,
+        }
+    }
 }
 
 pub use podvisor_state::report;

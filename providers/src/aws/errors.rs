@@ -3,8 +3,23 @@
 
 use crate::error::{ErrorClass, ProviderError};
 use aws_sdk_ec2::config::http::HttpResponse;
-use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use std::time::Duration;
+
+/// How to give the provider AWS credentials: the reference's ways, in the
+/// order the SDK's default chain tries them.
+pub(crate) const CREDENTIALS_HINT: &str = "give AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE (~/.aws), IRSA (AWS_ROLE_ARN, AWS_WEB_IDENTITY_TOKEN_FILE) or an instance profile";
+
+/// An SDK error and its causes as one line of sentences, `error: cause:
+/// cause` — never the `Debug` dump the SDK's `DisplayErrorContext` ends
+/// with. Line breaks in a cause (a profile file's parse error) become
+/// spaces.
+pub(crate) fn sentences(err: &(dyn std::error::Error + 'static)) -> String {
+    podvisor_state::report(err)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 /// The least wait after EC2 throttled us (its own retry guidance starts at ~1 s).
 const THROTTLE_BACKOFF: Duration = Duration::from_secs(1);
@@ -139,22 +154,41 @@ where
             }
         }
         SdkError::TimeoutError(_) => ProviderError::transient(format!("EC2 {what} timed out")),
-        SdkError::DispatchFailure(_) => ProviderError::transient(format!(
-            "EC2 {what}: cannot reach the endpoint: {}",
-            DisplayErrorContext(err)
-        )),
+        SdkError::DispatchFailure(failure) => {
+            let cause = sentences(err);
+            if failure.is_io() || failure.is_timeout() {
+                ProviderError::transient(format!(
+                    "EC2 {what}: cannot reach the endpoint: {cause}; check the network and --aws-endpoint (AWS_ENDPOINT_URL)"
+                ))
+            } else if failure.is_user() {
+                ProviderError::config(format!(
+                    "EC2 {what}: the request cannot be sent: {cause}; check --aws-endpoint (AWS_ENDPOINT_URL)"
+                ))
+            } else if failure.as_other().is_some() {
+                // The HTTP client's own failure, which it classified.
+                ProviderError::transient(format!("EC2 {what}: {cause}"))
+            } else {
+                // Unclassified, before the request left: the SDK could not
+                // resolve credentials (or sign with them). At start-up that
+                // stops the daemon (`build`); later it is a refresh (IRSA,
+                // instance profile) that may pass.
+                ProviderError::transient(format!(
+                    "EC2 {what}: the request was not sent: {cause}; check the AWS credentials"
+                ))
+            }
+        }
         SdkError::ResponseError(context) => ProviderError::transient(format!(
             "EC2 {what}: unreadable response (HTTP {}): {}",
             context.raw().status().as_u16(),
-            DisplayErrorContext(err)
+            sentences(err)
         )),
         // The request could not be built: credentials that do not load, a
         // bad endpoint. Trying again will not change that.
         SdkError::ConstructionFailure(_) => ProviderError::config(format!(
             "EC2 {what}: the request could not be made: {}",
-            DisplayErrorContext(err)
+            sentences(err)
         )),
-        _ => ProviderError::transient(format!("EC2 {what}: {}", DisplayErrorContext(err))),
+        _ => ProviderError::transient(format!("EC2 {what}: {}", sentences(err))),
     }
 }
 
@@ -285,5 +319,95 @@ mod tests {
         let err: SdkError<RunInstancesError, HttpResponse> =
             SdkError::construction_failure("no credentials");
         assert_eq!(from_sdk("RunInstances", &err).class, ErrorClass::Config);
+    }
+
+    /// An error with a cause, as the HTTP stack nests them.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{what}")]
+    struct Nested {
+        what: &'static str,
+        #[source]
+        cause: Option<Box<Nested>>,
+    }
+
+    /// What no operator should read: pieces of a Rust `Debug` dump.
+    fn assert_sentences(message: &str) {
+        for debug in ["{", "Some(", "kind:", "source:", "DispatchFailure("] {
+            assert!(!message.contains(debug), "{debug} in {message}");
+        }
+        assert!(
+            message.len() < 300,
+            "{} characters: {message}",
+            message.len()
+        );
+    }
+
+    #[test]
+    fn dispatch_failures_say_their_causes_as_sentences_not_debug() {
+        use aws_sdk_ec2::error::ConnectorError;
+        let refused = || {
+            Box::new(Nested {
+                what: "tcp connect error",
+                cause: Some(Box::new(Nested {
+                    what: "Connection refused (os error 111)",
+                    cause: None,
+                })),
+            })
+        };
+        let err: SdkError<RunInstancesError, HttpResponse> =
+            SdkError::dispatch_failure(ConnectorError::io(refused()));
+        let e = from_sdk("RunInstances", &err);
+        assert_eq!(e.class, ErrorClass::Transient);
+        assert_eq!(
+            e.message,
+            "EC2 RunInstances: cannot reach the endpoint: dispatch failure: io error: tcp connect error: Connection refused (os error 111); check the network and --aws-endpoint (AWS_ENDPOINT_URL)"
+        );
+        assert_sentences(&e.message);
+
+        // Before the request leaves: credentials that did not load (the
+        // SDK's own words); a refresh may pass, so it is tried again.
+        let not_loaded = Box::new(Nested {
+            what: "the credential provider was not enabled",
+            cause: Some(Box::new(Nested {
+                what: "no providers in chain provided credentials",
+                cause: None,
+            })),
+        });
+        let err: SdkError<RunInstancesError, HttpResponse> =
+            SdkError::dispatch_failure(ConnectorError::other(not_loaded, None));
+        let e = from_sdk("RunInstances", &err);
+        assert_eq!(e.class, ErrorClass::Transient);
+        assert!(!e.message.contains("cannot reach"), "{}", e.message);
+        assert!(
+            e.message
+                .starts_with("EC2 RunInstances: the request was not sent: ")
+                && e.message
+                    .contains("no providers in chain provided credentials")
+                && e.message.ends_with("check the AWS credentials"),
+            "{}",
+            e.message
+        );
+        assert_sentences(&e.message);
+
+        let err: SdkError<RunInstancesError, HttpResponse> =
+            SdkError::dispatch_failure(ConnectorError::user(refused()));
+        let e = from_sdk("RunInstances", &err);
+        assert_eq!(e.class, ErrorClass::Config);
+        assert_sentences(&e.message);
+    }
+
+    #[test]
+    fn sentences_join_the_cause_chain_on_one_line() {
+        let err = Nested {
+            what: "error parsing profile file:\n  line 3",
+            cause: Some(Box::new(Nested {
+                what: "unexpected '['",
+                cause: None,
+            })),
+        };
+        assert_eq!(
+            sentences(&err),
+            "error parsing profile file: line 3: unexpected '['"
+        );
     }
 }

@@ -26,7 +26,7 @@ pub async fn fill_from_metadata(
             .await
             .map_err(|e| {
                 ProviderError::config(format!(
-                    "--aws-region (AWS_REGION): not set, and the instance metadata service did not say: {e}"
+                    "--aws-region (AWS_REGION): not set, and the instance metadata service did not give it ({e}); set it when not on EC2"
                 ))
             })?;
         let region = region.trim().to_owned();

@@ -2,6 +2,7 @@
 //! instance metadata fill-in, and `NewProvider`.
 
 use super::config::{AwsConfig, is_ec2_id, is_instance_type_name};
+use super::errors::{CREDENTIALS_HINT, sentences};
 use super::imds::{MetadataSource, fill_from_metadata};
 use super::provider::{AwsProvider, AwsSettings};
 use crate::error::ProviderError;
@@ -9,7 +10,7 @@ use crate::manager::{CallLimits, CloudManager, ConfigError, ProviderConfig, Prov
 use crate::provider::Provider;
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
-use aws_sdk_ec2::config::{Credentials, Region};
+use aws_sdk_ec2::config::{Credentials, ProvideCredentials, Region};
 use clap::{Args, FromArgMatches};
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,9 +60,8 @@ impl CloudManager for AwsManager {
         &self,
         matches: &clap::ArgMatches,
     ) -> Result<Box<dyn ProviderConfig>, ConfigError> {
-        let config = AwsConfig::from_arg_matches(matches).map_err(|e| ConfigError {
-            message: e.to_string(),
-        })?;
+        let config =
+            AwsConfig::from_arg_matches(matches).map_err(|e| ConfigError::from_clap(&e))?;
         validate(&config)?;
         Ok(Box::new(config))
     }
@@ -97,10 +97,10 @@ fn validate(c: &AwsConfig) -> Result<(), ConfigError> {
         }
         _ => {}
     }
-    if let Some(profile) = &c.profile {
-        if profile.trim().is_empty() {
-            return Err(ConfigError::flag("aws-profile", None, "is empty"));
-        }
+    if let Some(profile) = &c.profile
+        && profile.trim().is_empty()
+    {
+        return Err(ConfigError::flag("aws-profile", None, "is empty"));
     }
     if let Some(region) = &c.region {
         let ok = !region.is_empty()
@@ -173,14 +173,14 @@ fn validate(c: &AwsConfig) -> Result<(), ConfigError> {
             ),
         ));
     }
-    if let Some(subnet) = &c.subnet_id {
-        if !is_ec2_id(subnet, "subnet-") {
-            return Err(ConfigError::flag(
-                "subnetid",
-                Some("AWS_SUBNET_ID"),
-                format!("'{subnet}' is not a subnet id (subnet-…)"),
-            ));
-        }
+    if let Some(subnet) = &c.subnet_id
+        && !is_ec2_id(subnet, "subnet-")
+    {
+        return Err(ConfigError::flag(
+            "subnetid",
+            Some("AWS_SUBNET_ID"),
+            format!("'{subnet}' is not a subnet id (subnet-…)"),
+        ));
     }
     if let Some(bad) = c
         .security_group_ids
@@ -221,17 +221,58 @@ fn validate(c: &AwsConfig) -> Result<(), ConfigError> {
 }
 
 /// The instance metadata service, through aws-config's IMDS client: IMDSv2,
-/// bounded timeouts, and its endpoint from `AWS_EC2_METADATA_SERVICE_ENDPOINT`.
+/// bounded timeouts, and its endpoint from `AWS_EC2_METADATA_SERVICE_ENDPOINT`;
+/// never asked when `AWS_EC2_METADATA_DISABLED` is `true`, as the SDK's own
+/// region and credential providers do.
 struct Imds(aws_config::imds::Client);
 
 #[async_trait]
 impl MetadataSource for Imds {
     async fn get(&self, path: &str) -> Result<String, String> {
+        if metadata_disabled() {
+            return Err("AWS_EC2_METADATA_DISABLED is true".to_owned());
+        }
         self.0
             .get(path)
             .await
             .map(|v| v.as_ref().to_owned())
-            .map_err(|e| aws_sdk_ec2::error::DisplayErrorContext(e).to_string())
+            .map_err(|e| sentences(&e))
+    }
+}
+
+/// Whether `AWS_EC2_METADATA_DISABLED` turns the instance metadata service
+/// off (the SDK's rule: `true` in any case).
+fn metadata_disabled() -> bool {
+    std::env::var("AWS_EC2_METADATA_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+/// The longest wait for the credential chain at start-up (the SDK bounds
+/// each provider's calls; this bounds them all).
+const CREDENTIALS_WAIT: Duration = Duration::from_secs(30);
+
+/// Loads the credentials `sdk` will sign with once, at start-up, so that
+/// none is a configuration error that says how to give them — not a
+/// "cannot reach the endpoint" at every call. The credentials themselves
+/// are dropped at once, never shown.
+///
+/// # Errors
+/// A `Config` error naming the cause and the ways to give credentials.
+async fn check_credentials(sdk: &aws_config::SdkConfig) -> Result<(), ProviderError> {
+    let Some(provider) = sdk.credentials_provider() else {
+        return Err(ProviderError::config(format!(
+            "no AWS credentials: {CREDENTIALS_HINT}"
+        )));
+    };
+    match tokio::time::timeout(CREDENTIALS_WAIT, provider.provide_credentials()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(ProviderError::config(format!(
+            "no AWS credentials ({}): {CREDENTIALS_HINT}",
+            sentences(&e)
+        ))),
+        Err(_) => Err(ProviderError::config(format!(
+            "no AWS credentials: none loaded in {} s: {CREDENTIALS_HINT}",
+            CREDENTIALS_WAIT.as_secs()
+        ))),
     }
 }
 
@@ -276,32 +317,56 @@ impl ProviderConfig for AwsConfig {
                 && (config.subnet_id.is_none()
                     || config.security_group_ids.iter().all(String::is_empty)
                     || config.key_name.is_none()));
-        if needs_metadata {
+        let filled = if needs_metadata {
             let imds = aws_config::imds::Client::builder()
                 .connect_timeout(Duration::from_secs(1))
                 .read_timeout(Duration::from_secs(2))
                 .max_attempts(2)
                 .build();
-            fill_from_metadata(&mut config, &Imds(imds)).await?;
+            fill_from_metadata(&mut config, &Imds(imds)).await
+        } else {
+            Ok(())
+        };
+        // Credentials are checked even without a region, so that an
+        // operator off EC2 learns of both at once.
+        let sdk = sdk_config(&config).await;
+        match (filled, check_credentials(&sdk).await) {
+            (Ok(()), Ok(())) => {}
+            (Err(e), Ok(())) | (Ok(()), Err(e)) => return Err(e),
+            (Err(_), Err(credentials)) => {
+                return Err(ProviderError::config(format!(
+                    "{}; set AWS_REGION too",
+                    credentials.message
+                )));
+            }
         }
         let region = config.region.clone().ok_or_else(|| {
             ProviderError::config(
-                "--aws-region (AWS_REGION): not set, and the instance metadata service did not say",
+                "--aws-region (AWS_REGION): not set, and the instance metadata service did not say; set it",
             )
         })?;
         Ok(Arc::new(AwsProvider::new(
-            client(&config, &region).await,
+            aws_sdk_ec2::Client::new(&sdk),
             settings(&config, region),
         )))
     }
 }
 
-/// The EC2 client: static keys, else the profile, else the SDK's default
-/// chain (web identity / IRSA, ECS, instance profile). SDK-level retries are
-/// off: the daemon retries, looking the instance up before a repeated create,
-/// which a blind resend of `RunInstances` would not do on a server that
-/// ignores `ClientToken`.
-async fn client(config: &AwsConfig, region: &str) -> aws_sdk_ec2::Client {
+/// The region the SDK configuration gets when `config` has none, only for
+/// the credentials check before start-up fails for the missing region:
+/// without one the SDK's credential chain would ask the instance metadata
+/// service again (and log its error as a `Debug` dump). Only STS (web
+/// identity, assumed roles) uses it.
+const REGION_FOR_THE_CHECK: &str = "us-east-1";
+
+/// The SDK configuration of the EC2 client: static keys, else the profile,
+/// else the SDK's default chain (web identity / IRSA, ECS, instance
+/// profile); the region of `config`, and no other looked for. SDK-level
+/// retries are off: the daemon retries, looking the instance up before a
+/// repeated create, which a blind resend of `RunInstances` would not do on
+/// a server that ignores `ClientToken`.
+async fn sdk_config(config: &AwsConfig) -> aws_config::SdkConfig {
+    let region = config.region.as_deref().unwrap_or(REGION_FOR_THE_CHECK);
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(region.to_owned()))
         .retry_config(aws_config::retry::RetryConfig::disabled())
@@ -329,7 +394,7 @@ async fn client(config: &AwsConfig, region: &str) -> aws_sdk_ec2::Client {
             }
         }
     }
-    aws_sdk_ec2::Client::new(&loader.load().await)
+    loader.load().await
 }
 
 /// What the provider needs, from a filled-in configuration.
@@ -370,9 +435,7 @@ mod tests {
         let m = AwsManager
             .command()
             .try_get_matches_from(std::iter::once("aws").chain(args.iter().copied()))
-            .map_err(|e| ConfigError {
-                message: e.to_string(),
-            })?;
+            .map_err(|e| ConfigError::from_clap(&e))?;
         AwsManager.configure(&m)
     }
 

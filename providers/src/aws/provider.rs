@@ -237,12 +237,12 @@ impl AwsProvider {
             .tag_specifications(tag_spec(ResourceType::NetworkInterface));
 
         let pod_image = request.spec.image.as_deref().filter(|i| !i.is_empty());
-        if let Some(image) = pod_image {
-            if !is_ec2_id(image, "ami-") {
-                return Err(ProviderError::permanent(format!(
-                    "Image '{image}' (the pod's image annotation) is not an AMI id (ami-…)"
-                )));
-            }
+        if let Some(image) = pod_image
+            && !is_ec2_id(image, "ami-")
+        {
+            return Err(ProviderError::permanent(format!(
+                "Image '{image}' (the pod's image annotation) is not an AMI id (ami-…)"
+            )));
         }
         let pod_type = request
             .spec
