@@ -13,7 +13,9 @@
 use clap::builder::BoolishValueParser;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use podvisor_providers::duration::parse_duration;
-use podvisor_providers::{CallLimits, CloudManager, ConfigError, ProviderConfig, registry};
+use podvisor_providers::{
+    CallLimits, CloudManager, ConfigError, KNOWN_PROVIDERS, ProviderConfig, registry,
+};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,7 +39,8 @@ pub enum LogFormat {
     subcommand_required = true,
     arg_required_else_help = true,
     subcommand_value_name = "PROVIDER",
-    subcommand_help_heading = "Providers"
+    subcommand_help_heading = "Providers",
+    after_help = "With no provider name, the environment variable CLOUD_PROVIDER names it (the reference's variable); a name on the command line wins."
 )]
 pub struct GlobalArgs {
     /// Kata's socket, the agent sockets and the forwarder they reach.
@@ -489,6 +492,16 @@ pub enum Invocation {
     },
     /// `podvisor version`.
     Version,
+    /// A client command (`instances`, `create`, … — [`crate::client::NAMES`]):
+    /// talks to a running daemon.
+    Client {
+        /// The command's name.
+        name: String,
+        /// Its arguments.
+        matches: clap::ArgMatches,
+        /// Where the daemon is, from the global flags.
+        endpoints: crate::client::Endpoints,
+    },
     /// `podvisor journal status|accept-loss`: the journal in `state_dir`,
     /// with the daemon stopped.
     Journal {
@@ -515,6 +528,13 @@ impl std::fmt::Debug for Invocation {
                 .field("provider", provider)
                 .finish(),
             Invocation::Version => f.write_str("Version"),
+            Invocation::Client {
+                name, endpoints, ..
+            } => f
+                .debug_struct("Client")
+                .field("name", name)
+                .field("endpoints", endpoints)
+                .finish_non_exhaustive(),
             Invocation::Journal { action, state_dir } => f
                 .debug_struct("Journal")
                 .field("action", action)
@@ -552,6 +572,7 @@ pub fn command() -> clap::Command {
         cmd = cmd.subcommand(manager.command());
     }
     cmd.subcommand(clap::Command::new("version").about("Print the version"))
+        .subcommands(crate::client::commands())
         .subcommand(
             clap::Command::new("journal")
                 .about("Inspect the journal in --state-dir, with the daemon stopped")
@@ -634,10 +655,22 @@ impl std::fmt::Display for CliError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CliError::Clap(e) => write!(f, "{e}"),
-            CliError::Config(e) => write!(f, "error: {e}"),
+            // Said once, even by a provider that kept clap's own prefix.
+            CliError::Config(e) => {
+                let message = e.message.trim_start();
+                write!(
+                    f,
+                    "error: {}",
+                    message.strip_prefix("error: ").unwrap_or(message)
+                )
+            }
         }
     }
 }
+
+/// The environment variable that names the provider when the command line
+/// names none: the reference's, so a migrated DaemonSet runs as it did.
+pub const CLOUD_PROVIDER: &str = "CLOUD_PROVIDER";
 
 /// Parses a command line (the first item is the program name).
 ///
@@ -653,16 +686,47 @@ where
     T: Into<OsString>,
 {
     let cmd = ignore_empty_env(command());
-    let args = go_style_flags(&cmd, args.into_iter().map(Into::into).collect());
-    let matches = cmd
-        .clone()
-        .try_get_matches_from(&args)
-        .map_err(|e| CliError::Clap(name_env(e, &cmd, &args)))?;
-    let (name, sub) = matches.subcommand().expect("a subcommand is required");
+    let mut args = go_style_flags(&cmd, args.into_iter().map(Into::into).collect());
+    let matches = match cmd.clone().try_get_matches_from(&args) {
+        Ok(matches) => matches,
+        Err(e) if names_no_subcommand(&e) => {
+            // No provider on the command line: CLOUD_PROVIDER's, if set.
+            let Some(name) = std::env::var_os(CLOUD_PROVIDER).filter(|v| !v.is_empty()) else {
+                return Err(CliError::Clap(e));
+            };
+            let known = name
+                .to_str()
+                .is_some_and(|n| registry().iter().any(|m| m.name() == n));
+            if !known {
+                let name = name.to_string_lossy();
+                return Err(CliError::Clap(unknown_provider(&cmd, &name, true)));
+            }
+            // After the global flags, where the provider name goes.
+            args.push(name);
+            cmd.clone()
+                .try_get_matches_from(&args)
+                .map_err(|e| CliError::Clap(explain(e, &cmd, &args)))?
+        }
+        Err(e) => return Err(CliError::Clap(explain(e, &cmd, &args))),
+    };
+    let Some((name, sub)) = matches.subcommand() else {
+        // clap requires one; said as it would be.
+        return Err(CliError::Clap(cmd.clone().error(
+            clap::error::ErrorKind::MissingSubcommand,
+            format!("no provider given: name one after the global flags, or set {CLOUD_PROVIDER}"),
+        )));
+    };
     if name == "version" {
         return Ok(Invocation::Version);
     }
     let global = GlobalArgs::from_arg_matches(&matches).map_err(CliError::Clap)?;
+    if crate::client::NAMES.contains(&name) {
+        return Ok(Invocation::Client {
+            name: name.to_owned(),
+            matches: sub.clone(),
+            endpoints: crate::client::Endpoints::from(&global),
+        });
+    }
     if name == "journal" {
         let action = match sub.subcommand() {
             Some(("accept-loss", _)) => JournalAction::AcceptLoss,
@@ -682,10 +746,10 @@ where
         });
     }
     validate(&global).map_err(CliError::Config)?;
-    let manager = registry()
-        .into_iter()
-        .find(|m| m.name() == name)
-        .expect("clap accepts only registered providers");
+    let Some(manager) = registry().into_iter().find(|m| m.name() == name) else {
+        // clap accepts only the subcommands it was given.
+        return Err(CliError::Clap(unknown_provider(&cmd, name, false)));
+    };
     let provider = manager.configure(sub).map_err(CliError::Config)?;
     Ok(Invocation::Run {
         global: Box::new(global),
@@ -710,14 +774,14 @@ fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
 fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
     ConfigError::check_directory("state-dir", "PODVISOR_STATE_DIR", &g.state_dir)?;
     ConfigError::check_directory("pods-dir", "PODS_DIR", &g.kata.pods_dir)?;
-    if let Some(v) = &g.tls.tls_min_version {
-        if !matches!(v.as_str(), "VersionTLS12" | "VersionTLS13") {
-            return Err(ConfigError::flag(
-                "tls-min-version",
-                Some("TLS_MIN_VERSION"),
-                format!("'{v}' is not VersionTLS12 or VersionTLS13"),
-            ));
-        }
+    if let Some(v) = &g.tls.tls_min_version
+        && !matches!(v.as_str(), "VersionTLS12" | "VersionTLS13")
+    {
+        return Err(ConfigError::flag(
+            "tls-min-version",
+            Some("TLS_MIN_VERSION"),
+            format!("'{v}' is not VersionTLS12 or VersionTLS13"),
+        ));
     }
     if let Some(list) = &g.tls.tls_cipher_suites {
         podvisor_podvm::tls::TlsPolicy::new(g.tls.tls_min_version.as_deref(), Some(list))
@@ -733,14 +797,14 @@ fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
             ),
         ));
     }
-    if let Some(rate) = g.provider_calls.provider_rate {
-        if !(rate.is_finite() && rate > 0.0) {
-            return Err(ConfigError::flag(
-                "provider-rate",
-                Some("PODVISOR_PROVIDER_RATE"),
-                format!("{rate} is not a positive number of calls per second"),
-            ));
-        }
+    if let Some(rate) = g.provider_calls.provider_rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        return Err(ConfigError::flag(
+            "provider-rate",
+            Some("PODVISOR_PROVIDER_RATE"),
+            format!("{rate} is not a positive number of calls per second"),
+        ));
     }
     if g.lifecycle.retry_base.is_zero() || g.lifecycle.retry_cap < g.lifecycle.retry_base {
         return Err(ConfigError::flag(
@@ -778,14 +842,14 @@ fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
         crate::api::annotations::initdata_setting(data)
             .map_err(|why| ConfigError::flag("initdata", Some("INITDATA"), why))?;
     }
-    if let Some(node) = &g.node_name {
-        if node.trim().is_empty() {
-            return Err(ConfigError::flag(
-                "node-name",
-                Some("NODE_NAME"),
-                "is empty",
-            ));
-        }
+    if let Some(node) = &g.node_name
+        && node.trim().is_empty()
+    {
+        return Err(ConfigError::flag(
+            "node-name",
+            Some("NODE_NAME"),
+            "is empty",
+        ));
     }
     if g.grpc_socket_path() == g.kata.socket {
         return Err(ConfigError::flag(
@@ -867,6 +931,152 @@ fn go_style_flags(cmd: &clap::Command, args: Vec<OsString>) -> Vec<OsString> {
         .collect()
 }
 
+/// Whether clap refused the command line for naming no subcommand (the
+/// provider): with flags only, or with nothing at all (then it prints the
+/// help).
+fn names_no_subcommand(err: &clap::Error) -> bool {
+    use clap::error::ErrorKind;
+    matches!(
+        err.kind(),
+        ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    )
+}
+
+/// clap's error, said in the operator's terms where clap's own would
+/// mislead: an unknown provider lists the ones this build has, a global
+/// flag after the provider says where it goes, and a bad value from an
+/// environment variable names the variable.
+fn explain(err: clap::Error, cmd: &clap::Command, args: &[OsString]) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let position = subcommand_position(cmd, args);
+    match (err.kind(), err.get(ContextKind::InvalidSubcommand)) {
+        // A name podvisor does not know, close to a subcommand it has:
+        // clap's "a similar subcommand exists" says it best.
+        (ErrorKind::InvalidSubcommand, Some(ContextValue::String(name)))
+            if position.is_some_and(|i| args[i].to_str() == Some(name.as_str()))
+                && (KNOWN_PROVIDERS.iter().any(|(known, _)| known == name)
+                    || err.get(ContextKind::SuggestedSubcommand).is_none()) =>
+        {
+            return unknown_provider(cmd, name, false);
+        }
+        _ => {}
+    }
+    if let (ErrorKind::UnknownArgument, Some(ContextValue::String(arg)), Some(position)) =
+        (err.kind(), err.get(ContextKind::InvalidArg), position)
+        && let Some(e) = global_flag_after_subcommand(cmd, args, position, arg)
+    {
+        return e;
+    }
+    name_env(err, cmd, args)
+}
+
+/// The index in `args` of the subcommand (the provider): the first
+/// argument that is neither a global flag nor a global flag's value.
+/// `None` when there is none.
+fn subcommand_position(cmd: &clap::Command, args: &[OsString]) -> Option<usize> {
+    let mut i = 1;
+    while let Some(arg) = args.get(i) {
+        let Some(text) = arg.to_str() else {
+            return Some(i);
+        };
+        if text == "--" {
+            return None;
+        }
+        if let Some(long) = text.strip_prefix("--") {
+            if !long.contains('=') && global_flag(cmd, long).is_some_and(takes_value) {
+                // Its value, however it looks.
+                i += 1;
+            }
+        } else if !text.starts_with('-') || text == "-" {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The global flag whose long name is `long`.
+fn global_flag<'a>(cmd: &'a clap::Command, long: &str) -> Option<&'a clap::Arg> {
+    cmd.get_arguments().find(|a| a.get_long() == Some(long))
+}
+
+/// Whether a flag is followed by a value (`--state-dir DIR`), not a switch.
+fn takes_value(arg: &clap::Arg) -> bool {
+    arg.get_action().takes_values()
+}
+
+/// The error for a global flag given after the subcommand at `position`,
+/// where clap would only suggest a provider flag of a similar name; `None`
+/// if `unknown` (as clap shows it) is not a global flag.
+fn global_flag_after_subcommand(
+    cmd: &clap::Command,
+    args: &[OsString],
+    position: usize,
+    unknown: &str,
+) -> Option<clap::Error> {
+    let long = unknown.strip_prefix("--")?;
+    let long = long.split_once('=').map_or(long, |(name, _)| name);
+    let flag = global_flag(cmd, long)?;
+    let subcommand = args.get(position)?.to_string_lossy();
+    let is_provider = registry().iter().any(|m| m.name() == subcommand);
+    let value = if takes_value(flag) { " …" } else { "" };
+    let (what, example) = if is_provider {
+        (
+            "the provider name",
+            format!("podvisor --{long}{value} {subcommand}"),
+        )
+    } else {
+        (
+            "the subcommand",
+            format!("podvisor --{long}{value} {subcommand} …"),
+        )
+    };
+    Some(
+        clap::Error::raw(
+            clap::error::ErrorKind::UnknownArgument,
+            format!("--{long} is a global flag: global flags go before {what}: {example}\n"),
+        )
+        .with_cmd(cmd),
+    )
+}
+
+/// The error for a provider this build does not have (`from_env`: named
+/// by [`CLOUD_PROVIDER`]): the ones it has, and the cargo feature that
+/// adds a known one (or that podvisor has no such provider yet).
+fn unknown_provider(cmd: &clap::Command, name: &str, from_env: bool) -> clap::Error {
+    let built: Vec<&str> = registry().iter().map(|m| m.name()).collect();
+    let source = if from_env {
+        format!(" (from the environment variable {CLOUD_PROVIDER})")
+    } else {
+        String::new()
+    };
+    clap::Error::raw(
+        clap::error::ErrorKind::InvalidSubcommand,
+        format!(
+            "unknown provider '{name}'{source}: {}\n",
+            missing_provider(name, &built)
+        ),
+    )
+    .with_cmd(cmd)
+}
+
+/// What to do about a provider called `name` that is not among `built`:
+/// `this build has local, aws; libvirt needs a build with --features
+/// libvirt`.
+fn missing_provider(name: &str, built: &[&str]) -> String {
+    let has = match built {
+        [] => "this build has no provider".to_owned(),
+        names => format!("this build has {}", names.join(", ")),
+    };
+    match KNOWN_PROVIDERS.iter().find(|(known, _)| *known == name) {
+        Some((_, Some(feature))) => {
+            format!("{has}; {name} needs a build with --features {feature}")
+        }
+        Some((_, None)) => format!("{has}; {name} is not available in podvisor yet"),
+        None => format!("{has} (podvisor --help lists them)"),
+    }
+}
+
 /// Adds the environment variable to clap's error when the bad value came
 /// from one, so the operator knows where to look.
 fn name_env(err: clap::Error, cmd: &clap::Command, args: &[OsString]) -> clap::Error {
@@ -896,11 +1106,13 @@ fn name_env(err: clap::Error, cmd: &clap::Command, args: &[OsString]) -> clap::E
                 && std::env::var_os(env).is_some()
             {
                 // `raw` errors get clap's "error: " prefix again when
-                // printed: keep it once.
+                // printed: keep it once. The variable goes on the error's
+                // own line, before clap's lists and hints.
                 let rendered = err.render().to_string();
+                let rendered = rendered.strip_prefix("error: ").unwrap_or(&rendered);
+                let (first, rest) = rendered.split_once('\n').unwrap_or((rendered, ""));
                 let message = format!(
-                    "{}(from the environment variable {})\n",
-                    rendered.strip_prefix("error: ").unwrap_or(&rendered),
+                    "{first} (from the environment variable {})\n{rest}",
                     env.to_string_lossy()
                 );
                 return clap::Error::raw(ErrorKind::ValueValidation, message).with_cmd(cmd);
@@ -923,7 +1135,9 @@ mod tests {
     fn global(extra: &[&str]) -> GlobalArgs {
         match run_args(extra) {
             Ok(Invocation::Run { global, .. }) => *global,
-            Ok(Invocation::Version | Invocation::Journal { .. }) => panic!("not a run"),
+            Ok(Invocation::Version | Invocation::Journal { .. } | Invocation::Client { .. }) => {
+                panic!("not a run")
+            }
             Err(e) => panic!("{e}"),
         }
     }
@@ -1228,5 +1442,110 @@ mod tests {
                 .map(OsString::from)
                 .to_vec()
         );
+    }
+
+    #[test]
+    fn a_missing_provider_says_which_build_has_it() {
+        assert_eq!(
+            missing_provider("libvirt", &["local", "aws"]),
+            "this build has local, aws; libvirt needs a build with --features libvirt"
+        );
+        assert_eq!(
+            missing_provider("aws", &["local"]),
+            "this build has local; aws needs a build with --features aws"
+        );
+        for name in ["azure", "ibmcloud"] {
+            assert_eq!(
+                missing_provider(name, &["local", "aws"]),
+                format!("this build has local, aws; {name} is not available in podvisor yet")
+            );
+        }
+        assert_eq!(
+            missing_provider("gcp", &["local", "aws"]),
+            "this build has local, aws (podvisor --help lists them)"
+        );
+        assert_eq!(
+            missing_provider("gcp", &[]),
+            "this build has no provider (podvisor --help lists them)"
+        );
+    }
+
+    #[test]
+    fn an_unknown_provider_lists_the_ones_this_build_has() {
+        let built: Vec<&str> = registry().iter().map(|m| m.name()).collect();
+        let e = err(&["--state-dir", "/x", "azure"]);
+        assert_eq!(
+            e.trim_end(),
+            format!(
+                "error: unknown provider 'azure': this build has {}; azure is not available in podvisor yet",
+                built.join(", ")
+            )
+        );
+        assert_eq!(e.matches("error:").count(), 1, "{e}");
+        // A name close to a subcommand keeps clap's suggestion.
+        assert!(err(&["loca"]).contains("a similar subcommand exists: 'local'"));
+        // A bad journal subcommand is not a provider.
+        assert!(!err(&["journal", "statuz"]).contains("provider"));
+    }
+
+    #[test]
+    fn a_global_flag_after_the_provider_says_where_it_goes() {
+        let cases: [(&[&str], &str); 5] = [
+            (
+                &["local", "--state-dir", "/x"],
+                "--state-dir is a global flag: global flags go before the provider name: podvisor --state-dir … local",
+            ),
+            (
+                &["local", "--create-delay", "1s", "--state-dir=/x"],
+                "--state-dir is a global flag: global flags go before the provider name: podvisor --state-dir … local",
+            ),
+            (
+                &["--socket", "/s", "local", "-state-dir", "/x"],
+                "--state-dir is a global flag: global flags go before the provider name: podvisor --state-dir … local",
+            ),
+            (
+                &["local", "--disable-tls"],
+                "--disable-tls is a global flag: global flags go before the provider name: podvisor --disable-tls local",
+            ),
+            (
+                &["journal", "status", "--state-dir", "/x"],
+                "--state-dir is a global flag: global flags go before the subcommand: podvisor --state-dir … journal …",
+            ),
+        ];
+        for (args, want) in cases {
+            let e = err(args);
+            assert_eq!(e.trim_end(), format!("error: {want}"), "{args:?}");
+        }
+        // A provider flag of a similar name is not mistaken for one.
+        assert!(err(&["local", "--stat-dir", "/x"]).contains("--local-dir"));
+    }
+
+    #[test]
+    fn the_subcommand_is_the_first_word_that_is_no_global_flag_or_value() {
+        let cmd = command();
+        let at = |args: &[&str]| {
+            let args: Vec<OsString> = std::iter::once("podvisor")
+                .chain(args.iter().copied())
+                .map(OsString::from)
+                .collect();
+            subcommand_position(&cmd, &args)
+        };
+        assert_eq!(at(&["local"]), Some(1));
+        assert_eq!(at(&["--state-dir", "local", "aws"]), Some(3));
+        assert_eq!(at(&["--state-dir=/x", "local"]), Some(2));
+        assert_eq!(at(&["--disable-tls", "local"]), Some(2));
+        assert_eq!(at(&["--peerpods-limit-per-node", "-1", "aws"]), Some(3));
+        assert_eq!(at(&["--state-dir", "/x"]), None);
+        assert_eq!(at(&[]), None);
+    }
+
+    #[test]
+    fn a_configuration_error_says_error_once() {
+        for message in ["--x: bad", "error: --x: bad"] {
+            let e = CliError::Config(ConfigError {
+                message: message.to_owned(),
+            });
+            assert_eq!(e.to_string(), "error: --x: bad");
+        }
     }
 }

@@ -30,6 +30,7 @@ pub mod actors;
 pub mod admin;
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod connections;
 pub mod daemon;
 pub mod failpoints;

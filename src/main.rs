@@ -9,6 +9,11 @@ fn main() -> ExitCode {
             println!("podvisor {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Ok(Invocation::Client {
+            name,
+            matches,
+            endpoints,
+        }) => podvisor::client::run(&name, &matches, &endpoints),
         Ok(Invocation::Journal { action, state_dir }) => {
             podvisor::daemon::journal_command(action, &state_dir)
         }
