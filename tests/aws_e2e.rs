@@ -102,11 +102,11 @@ impl PodVmSide {
                             .state()
                             .and_then(|s| s.name())
                             .map(ec2::types::InstanceStateName::as_str);
-                        if matches!(state, Some("pending" | "running")) {
-                            if let (Some(id), Some(ip)) = (i.instance_id(), private_ip(i)) {
-                                assert!(ip.is_loopback(), "instance {id} got {ip}");
-                                live.insert(id.to_owned(), ip);
-                            }
+                        if matches!(state, Some("pending" | "running"))
+                            && let (Some(id), Some(ip)) = (i.instance_id(), private_ip(i))
+                        {
+                            assert!(ip.is_loopback(), "instance {id} got {ip}");
+                            live.insert(id.to_owned(), ip);
                         }
                     }
                     let new: Vec<(String, std::net::Ipv4Addr)> = {

@@ -224,10 +224,10 @@ where
 /// restarts.
 async fn instance_id_of(admin: &str, id: &str) -> String {
     loop {
-        if let Ok((200, v)) = http_get(format!("{admin}/v1/instances/{id}")).await {
-            if let Some(i) = v["instance_id"].as_str() {
-                return i.to_owned();
-            }
+        if let Ok((200, v)) = http_get(format!("{admin}/v1/instances/{id}")).await
+            && let Some(i) = v["instance_id"].as_str()
+        {
+            return i.to_owned();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

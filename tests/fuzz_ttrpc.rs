@@ -470,12 +470,12 @@ async fn run_case(
         check(op, out, pods_dir)?;
     }
     for (op, out) in ops.iter().zip(&outcomes) {
-        if let (Op::Create { id, .. }, Outcome::Ok(_)) = (op, out) {
-            if !pool.contains(id) {
-                let stop = Op::Stop(id.clone());
-                let out = send(clients, &stop).await;
-                prop_assert!(matches!(out, Outcome::Ok(_)), "cleanup {stop:?}: {out:?}");
-            }
+        if let (Op::Create { id, .. }, Outcome::Ok(_)) = (op, out)
+            && !pool.contains(id)
+        {
+            let stop = Op::Stop(id.clone());
+            let out = send(clients, &stop).await;
+            prop_assert!(matches!(out, Outcome::Ok(_)), "cleanup {stop:?}: {out:?}");
         }
     }
     // The daemon still answers on a connection that saw all of this.

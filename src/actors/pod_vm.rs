@@ -380,17 +380,17 @@ impl PodVm {
 
     /// Answers one StartVM; the first success is timed and logged.
     fn reply_start(&mut self, waiter: Waiter, result: Result<(), StartError>) {
-        if result.is_ok() {
-            if let Some(t) = self.start_began.take() {
-                metrics::histogram!(metrics::VM_START_DURATION).record(t.elapsed().as_secs_f64());
-                let target = self.machine.target();
-                tracing::info!(
-                    sandbox = %target.sandbox_id,
-                    instance = target.instance.as_ref().map_or("-", |i| i.id.as_str()),
-                    elapsed_ms = t.elapsed().as_millis() as u64,
-                    "pod VM running"
-                );
-            }
+        if result.is_ok()
+            && let Some(t) = self.start_began.take()
+        {
+            metrics::histogram!(metrics::VM_START_DURATION).record(t.elapsed().as_secs_f64());
+            let target = self.machine.target();
+            tracing::info!(
+                sandbox = %target.sandbox_id,
+                instance = target.instance.as_ref().map_or("-", |i| i.id.as_str()),
+                elapsed_ms = t.elapsed().as_millis() as u64,
+                "pod VM running"
+            );
         }
         if let Some(tx) = self.start_replies.remove(&waiter) {
             let _ = tx.send(result);

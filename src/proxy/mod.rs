@@ -336,10 +336,8 @@ async fn relay(
                 let done = frame.kind() == MESSAGE_TYPE_RESPONSE
                     || ((frame.flags() & FLAG_REMOTE_CLOSED) != 0
                         && frame.kind() != MESSAGE_TYPE_REQUEST);
-                if done {
-                    if let Ok(mut p) = pending.lock() {
-                        p.remove(&frame.stream_id());
-                    }
+                if done && let Ok(mut p) = pending.lock() {
+                    p.remove(&frame.stream_id());
                 }
                 if shim_w.write_all(&frame.bytes).await.is_err() {
                     return;

@@ -798,16 +798,15 @@ impl PodVmMachine {
         }
 
         // 2. Teardown bookkeeping that changes the target without a call.
-        if let Some(durable) = &self.durable {
-            if durable.state == State::Failed
-                && self.target.state == State::Failed
-                && !self.target.released
-                && self.nothing_left_to_delete()
-                && !self.provider_busy
-            {
-                self.target.released = true;
-                self.touch(now);
-            }
+        if let Some(durable) = &self.durable
+            && durable.state == State::Failed
+            && self.target.state == State::Failed
+            && !self.target.released
+            && self.nothing_left_to_delete()
+            && !self.provider_busy
+        {
+            self.target.released = true;
+            self.touch(now);
         }
 
         // 3. The journal lane.

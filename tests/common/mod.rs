@@ -273,10 +273,10 @@ impl Daemon {
                     self.log_text()
                 ));
             }
-            if self.socket.exists() {
-                if let Ok((200, _)) = self.get("/readyz").await {
-                    return Ok(());
-                }
+            if self.socket.exists()
+                && let Ok((200, _)) = self.get("/readyz").await
+            {
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,

@@ -139,12 +139,11 @@ impl LibvirtUri {
 impl std::fmt::Display for LibvirtUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let uri = self.0.as_str();
-        if let Some((scheme, rest)) = uri.split_once("://") {
-            if let Some((userinfo, host)) = rest.split_once('@') {
-                if let Some((user, _password)) = userinfo.split_once(':') {
-                    return write!(f, "{scheme}://{user}:<redacted>@{host}");
-                }
-            }
+        if let Some((scheme, rest)) = uri.split_once("://")
+            && let Some((userinfo, host)) = rest.split_once('@')
+            && let Some((user, _password)) = userinfo.split_once(':')
+        {
+            return write!(f, "{scheme}://{user}:<redacted>@{host}");
         }
         f.write_str(uri)
     }

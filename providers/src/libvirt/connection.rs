@@ -58,10 +58,10 @@ impl Host {
     /// The shared connection, opened (again) if needed.
     pub(super) fn connect(&self) -> Result<Connect, ProviderError> {
         let mut slot = lock(&self.connection);
-        if let Some(conn) = slot.as_ref() {
-            if conn.is_alive().unwrap_or(false) {
-                return Ok(conn.clone());
-            }
+        if let Some(conn) = slot.as_ref()
+            && conn.is_alive().unwrap_or(false)
+        {
+            return Ok(conn.clone());
         }
         let conn = Connect::open(Some(self.settings.uri.as_str()))
             .map_err(|e| {

@@ -130,10 +130,10 @@ impl Host {
         });
         if let Err(e) = result {
             for volume in &made {
-                if let Err(del) = volume.delete(0) {
-                    if !del.code().is(ErrorNumber::NoStorageVolume) {
-                        tracing::warn!(domain = %name, "Cannot delete a volume of a failed create: {}", del.message());
-                    }
+                if let Err(del) = volume.delete(0)
+                    && !del.code().is(ErrorNumber::NoStorageVolume)
+                {
+                    tracing::warn!(domain = %name, "Cannot delete a volume of a failed create: {}", del.message());
                 }
             }
             return Err(e);

@@ -34,14 +34,14 @@ impl CloudManager for LocalManager {
         let config = LocalConfig::from_arg_matches(matches).map_err(|e| ConfigError {
             message: e.to_string(),
         })?;
-        if let Some(bin) = &config.forwarder_bin {
-            if !bin.is_file() {
-                return Err(ConfigError::flag(
-                    "forwarder-bin",
-                    Some("LOCAL_FORWARDER_BIN"),
-                    format!("{} is not a file", bin.display()),
-                ));
-            }
+        if let Some(bin) = &config.forwarder_bin
+            && !bin.is_file()
+        {
+            return Err(ConfigError::flag(
+                "forwarder-bin",
+                Some("LOCAL_FORWARDER_BIN"),
+                format!("{} is not a file", bin.display()),
+            ));
         }
         if let Some(dir) = &config.local_dir {
             ConfigError::check_directory("local-dir", "LOCAL_DIR", dir)?;

@@ -160,10 +160,10 @@ impl LocalProvider {
             for entry in entries.flatten() {
                 // A directory without a readable instance.json is a create in
                 // progress (or torn by a crash): not an instance yet.
-                if let Ok(bytes) = std::fs::read(entry.path().join("instance.json")) {
-                    if let Ok(file) = serde_json::from_slice::<InstanceFile>(&bytes) {
-                        out.push(file);
-                    }
+                if let Ok(bytes) = std::fs::read(entry.path().join("instance.json"))
+                    && let Ok(file) = serde_json::from_slice::<InstanceFile>(&bytes)
+                {
+                    out.push(file);
                 }
             }
             Ok(out)
