@@ -142,9 +142,13 @@ async fn measure(
     );
 }
 
+/// The daemon's command line. `tls`: whether the agent path uses TLS —
+/// not for the memory provider, whose "VMs" are a bare TCP listener that
+/// cannot complete the readiness probe's handshake.
 fn global_args(
     root: &Path,
     forwarder_port: u16,
+    tls: bool,
     provider_args: &[&str],
 ) -> podvisor::cli::Invocation {
     let root = root.display().to_string();
@@ -172,11 +176,14 @@ fn global_args(
         "1000000",
         "--provider-max-inflight",
         "1024",
-        "local",
     ]
     .iter()
     .map(std::string::ToString::to_string)
     .collect();
+    if !tls {
+        args.push("--disable-tls".to_owned());
+    }
+    args.push("local".to_owned());
     args.extend(provider_args.iter().map(std::string::ToString::to_string));
     match podvisor::cli::parse(args) {
         Ok(i) => i,
@@ -199,6 +206,7 @@ async fn bench_provider(name: &'static str, quick: bool) {
     let invocation = global_args(
         root.path(),
         forwarder_port,
+        name == "local",
         if name == "local" { &local_args } else { &[] },
     );
     let podvisor::cli::Invocation::Run {
