@@ -295,6 +295,27 @@ async fn the_client_says_which_endpoint_it_could_not_reach_and_what_the_daemon_r
     );
 }
 
+/// `quarantine drop <id>`, answering its question with `answer`.
+async fn drop_answering(setup: &Setup, id: &str, answer: &'static str) -> std::process::Output {
+    let mut c = client(setup);
+    c.args(["quarantine", "drop", id])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    tokio::task::spawn_blocking(move || {
+        let mut child = c.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(answer.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 /// A journal with one record that does not decode: `quarantine list`
 /// shows it, `show` its bytes, `drop` asks first and removes it for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,18 +357,7 @@ async fn quarantine_list_show_and_drop_a_corrupt_record() {
     assert_eq!(shown["bytes_base64"], "/wD+EzeA");
 
     // Not confirmed: nothing dropped.
-    let mut c = client(&setup);
-    c.args(["quarantine", "drop", &id])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let out = tokio::task::spawn_blocking(move || {
-        let mut child = c.spawn().unwrap();
-        child.stdin.take().unwrap().write_all(b"no\n").unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
+    let out = drop_answering(&setup, &id, "no\n").await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -364,18 +374,7 @@ async fn quarantine_list_show_and_drop_a_corrupt_record() {
     );
 
     // Confirmed on stdin.
-    let mut c = client(&setup);
-    c.args(["quarantine", "drop", &id])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let out = tokio::task::spawn_blocking(move || {
-        let mut child = c.spawn().unwrap();
-        child.stdin.take().unwrap().write_all(b"yes\n").unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
+    let out = drop_answering(&setup, &id, "yes\n").await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
