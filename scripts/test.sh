@@ -16,6 +16,7 @@ need_apt=(
     # (it apt-get downloads the kernel, busybox-static and isolinux itself).
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
     dnsmasq-base iptables iproute2 util-linux xorriso
+    python3-venv          # scripts/helm-tools.sh: kubernetes-validate in its own venv
 )
 sudo=()
 [ "$(id -u)" = 0 ] || sudo=(sudo)
@@ -33,6 +34,11 @@ fi
 # tests (providers/tests/aws_conformance.rs, tests/aws_e2e.rs). Pinned: the
 # version the tests were written against.
 python3 -m pip install --quiet 'moto[server]==5.2.1'
+
+# Helm 4, kubectl and kubernetes-validate for the chart's tests
+# (tests/helm.rs), cached outside the clone and reused.
+eval "$(scripts/helm-tools.sh)"
+export HELM KUBECTL KUBERNETES_VALIDATE
 
 # A clean CI build gains nothing from incremental compilation, whose caches
 # cost gigabytes of a disk that the test binaries also need.

@@ -1,0 +1,54 @@
+{{- define "podvisor.name" -}}podvisor{{- end -}}
+
+{{- define "podvisor.fullname" -}}
+{{- if contains "podvisor" .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-podvisor" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "podvisor.selectorLabels" -}}
+app.kubernetes.io/name: podvisor
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "podvisor.labels" -}}
+{{ include "podvisor.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "podvisor.serviceAccountName" -}}
+{{- default (include "podvisor.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{/* The ConfigMap's data: CLOUD_PROVIDER, the shared variables and the
+     chosen provider's, each non-empty value as a string. */}}
+{{- define "podvisor.configData" -}}
+{{- $provider := index .Values.providers .Values.provider -}}
+{{- if eq .Values.provider "aws" -}}
+{{- $_ := required "providers.aws.env.PODVM_AMI_ID is required with provider aws" $provider.env.PODVM_AMI_ID -}}
+{{- end -}}
+CLOUD_PROVIDER: {{ .Values.provider | quote }}
+{{- range $key, $value := .Values.config.env }}
+{{- if ne (toString $value) "" }}
+{{ $key }}: {{ toString $value | quote }}
+{{- end }}
+{{- end }}
+{{- range $key, $value := $provider.env }}
+{{- if ne (toString $value) "" }}
+{{ $key }}: {{ toString $value | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "podvisor.secretData" -}}
+{{- $provider := index .Values.providers .Values.provider -}}
+{{- range $key, $value := $provider.secretEnv }}
+{{- if ne (toString $value) "" }}
+{{ $key }}: {{ toString $value | b64enc | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
