@@ -38,8 +38,8 @@ pub enum LogFormat {
     about = "Peer-pods node daemon: creates Kata pod VMs on a cloud provider and never loses track of them",
     subcommand_required = true,
     arg_required_else_help = true,
-    subcommand_value_name = "PROVIDER",
-    subcommand_help_heading = "Providers",
+    subcommand_value_name = "PROVIDER|COMMAND",
+    subcommand_help_heading = "Providers (run the daemon), then commands (talk to a running one, or to its journal)",
     after_help = "With no provider name, the environment variable CLOUD_PROVIDER names it (the reference's variable); a name on the command line wins."
 )]
 pub struct GlobalArgs {

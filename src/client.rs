@@ -120,11 +120,11 @@ pub fn commands() -> Vec<Command> {
             .arg(Arg::new("netns").long("netns").value_name("PATH").help("The pod's network namespace (CreateVM's networkNamespacePath)"))
             .arg(timeout("1m")),
         Command::new("start")
-            .about("StartVM: create the pod VM and wait until its agent answers (the Kata socket, --socket)")
+            .about("StartVM: create the pod VM and wait until it is ready (the Kata socket, --socket)")
             .arg(sandbox())
             .arg(timeout("10m")),
         Command::new("stop")
-            .about("StopVM: delete the pod VM (the Kata socket, --socket)")
+            .about("StopVM: delete the pod VM (the Kata socket, --socket; a sandbox the admin endpoint, --admin-addr, does not know is refused)")
             .arg(sandbox())
             .arg(timeout("1m")),
     ]
@@ -256,10 +256,13 @@ async fn dispatch(
             hv.start_vm(ttrpc_context(timeout()), &req)
                 .await
                 .map_err(|e| refused("StartVM", &e))?;
-            println!("Sandbox {id} is running: its pod VM's agent answers.");
+            println!(
+                "Sandbox {id} is running: its pod VM answered the readiness check (with TLS, a mutual-TLS handshake with its forwarder)."
+            );
         }
         "stop" => {
             let id = text("sandbox");
+            known_or_unchecked(endpoints.admin, &id).await?;
             let hv = kata(&endpoints.kata_socket).await?;
             let req = hypervisor::StopVMRequest {
                 id: id.clone(),
@@ -279,6 +282,26 @@ async fn dispatch(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses to stop a sandbox the daemon does not know: StopVM answers OK
+/// for one (as Kata needs), which would tell an operator who mistyped an id
+/// that a pod VM was deleted. When the admin endpoint cannot be asked, the
+/// stop goes ahead unchecked.
+///
+/// # Errors
+/// [`ClientError::Refused`] when the admin endpoint answers that the
+/// sandbox is not known.
+async fn known_or_unchecked(admin: SocketAddr, id: &str) -> Result<(), ClientError> {
+    if id.is_empty() {
+        return Err(ClientError::Input("the sandbox id is empty".to_owned()));
+    }
+    match http_get(admin, &format!("/v1/instances/{}", path_segment(id))).await {
+        Err(ClientError::Refused(_)) => Err(ClientError::Refused(format!(
+            "no pod VM has sandbox id {id}: nothing stopped; `podvisor instances` lists them"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The value of the argument `name`, if this command has it and it was

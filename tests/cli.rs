@@ -256,7 +256,7 @@ fn cloud_provider_names_the_provider_when_the_command_line_does_not() {
         assert_eq!(code, 2, "{value:?}: {err}");
         let help = out + &err;
         assert!(
-            help.contains("Usage: podvisor [OPTIONS] <PROVIDER>")
+            help.contains("Usage: podvisor [OPTIONS] <PROVIDER|COMMAND>")
                 && help.contains("CLOUD_PROVIDER"),
             "{value:?}: {help}"
         );

@@ -475,7 +475,9 @@ fn the_chart_sets_only_what_the_daemon_reads_and_can_set_all_of_it() {
     )
     .into_owned();
     let section = help
-        .split("Providers:")
+        .split(
+            "Providers (run the daemon), then commands (talk to a running one, or to its journal):",
+        )
         .nth(1)
         .expect("a Providers section");
     let built: BTreeSet<String> = section

@@ -125,7 +125,7 @@ pub fn bind_control_socket(
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(fail(
-            "another process is serving on it (is another podvisor running?)".into(),
+            "another process is serving on it: another podvisor? A second daemon on this host needs its own --socket, --grpc-socket, --state-dir, --pods-dir, --admin-addr and --grpc-addr".into(),
         ));
     }
     match std::fs::remove_file(path) {

@@ -278,6 +278,21 @@ pub fn status(s: &Value, output: Output) -> String {
     }
     let mut lines = Vec::new();
     flatten("", s, &mut lines);
+    // What an operator asks first, first; the rest as the daemon sorts it.
+    let first = [
+        "version",
+        "provider",
+        "node",
+        "ready",
+        "instances",
+        "journal",
+    ];
+    lines.sort_by_key(|(k, _)| {
+        first
+            .iter()
+            .position(|f| k == f || k.starts_with(&format!("{f}.")))
+            .unwrap_or(first.len())
+    });
     // The longest key, its colon and two spaces.
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 3;
     lines
@@ -587,12 +602,12 @@ mod tests {
         assert_eq!(
             lines,
             [
+                "version:                  0.1.0",
+                "ready:                    true",
                 "instances:                -",
                 "journal.id:               j1",
                 "journal.integrity.state:  trusted",
-                "ready:                    true",
                 "tags:                     a, b",
-                "version:                  0.1.0",
             ]
         );
     }
