@@ -39,6 +39,9 @@ python3 -m pip install --quiet 'moto[server]==5.2.1'
 # (tests/helm.rs), cached outside the clone and reused.
 eval "$(scripts/helm-tools.sh)"
 export HELM KUBECTL KUBERNETES_VALIDATE
+# kube-apiserver (built once, cached) and etcd for tests/helm_install.rs.
+eval "$(scripts/kube-apiserver.sh)"
+export KUBE_APISERVER ETCD
 
 # A clean CI build gains nothing from incremental compilation, whose caches
 # cost gigabytes of a disk that the test binaries also need.

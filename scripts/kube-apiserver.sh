@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Builds a real kube-apiserver for the tests that need one
+# (tests/helm_install.rs), once, into a cache directory outside the clone,
+# keyed by the source version; a second run reuses it. etcd comes from
+# Debian's etcd-server package.
+#
+# No registry ships a kube-apiserver binary, so it is built from Debian's
+# `kubernetes` source package (1.20.2) with the distribution's Go, in GOPATH
+# mode as Debian's rules do, with two fixes:
+#   - the vendored modern-go/reflect2 1.0.1 (and the json-iterator that uses
+#     it) crashes the server under Go >= 1.18; both are replaced by Debian's
+#     golang-github-modern-go-reflect2-dev and golang-github-json-iterator-go-dev
+#   - the tarball lacks the generated OpenAPI definitions: `make gen_openapi`
+#
+# The machine's apt sources carry only binary entries; the matching deb-src
+# entries go into a private apt state (derived from the machine's own
+# sources), so the system's apt configuration is not touched.
+#
+# Prints the binaries' paths as shell assignments (KUBE_APISERVER=…, ETCD=…)
+# on stdout, so a caller can `eval` them; progress goes to stderr.
+#
+#   PODVISOR_TOOLS_DIR  the cache (default ${XDG_CACHE_HOME:-$HOME/.cache}/podvisor-tools)
+set -euo pipefail
+
+src_version=1.20.5+really1.20.2-1.1+deb12u1
+k8s_version=v1.20.2
+
+cache="${PODVISOR_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/podvisor-tools}"
+dir="$cache/kube-apiserver-$src_version"
+
+sudo=()
+[ "$(id -u)" = 0 ] || sudo=(sudo)
+
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' ||
+            missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        echo "kube-apiserver: apt-get install ${missing[*]}" >&2
+        "${sudo[@]}" apt-get update -qq >&2
+        "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    fi
+}
+
+apt_install etcd-server
+
+if [ ! -x "$dir/kube-apiserver" ]; then
+    apt_install golang-go rsync make dpkg-dev
+    echo "kube-apiserver: building kubernetes $src_version into $dir (several minutes)" >&2
+    mkdir -p "$cache"
+    work="$(mktemp -d "$cache/.kube-apiserver-build.XXXXXX")"
+    trap 'rm -rf "$work"' EXIT
+    chmod 755 "$work" # apt-get download runs as _apt
+
+    # A private apt state with the deb-src twin of the machine's Debian
+    # archive entry.
+    uri="$(
+        cat /etc/apt/sources.list.d/*.sources 2>/dev/null |
+            awk '/^URIs:/ { print $2 }' | grep -m1 '/debian/\?$' || true
+    )"
+    if [ -z "$uri" ]; then
+        uri="$(
+            cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+                awk '$1 == "deb" && $2 ~ /\/debian\/?$/ { print $2; exit }' || true
+        )"
+    fi
+    [ -n "$uri" ] || { echo "kube-apiserver: no Debian archive in the apt sources" >&2; exit 1; }
+    mkdir -p "$work/apt/lists/partial" "$work/apt/sources"
+    cat >"$work/apt/sources/debian-src.sources" <<EOF
+Types: deb-src
+URIs: $uri
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    apt_opts=(
+        -o Dir::Etc::SourceList=/dev/null
+        -o "Dir::Etc::SourceParts=$work/apt/sources"
+        -o "Dir::State::Lists=$work/apt/lists"
+    )
+    apt-get "${apt_opts[@]}" update -qq >&2
+    (cd "$work" && apt-get "${apt_opts[@]}" source -qq --download-only "kubernetes=$src_version" >&2)
+    (cd "$work" && dpkg-source --no-check -x ./kubernetes_*.dsc src >&2)
+
+    # Fix 1: reflect2 and json-iterator from Debian's -dev packages.
+    (cd "$work" && apt-get download -qq golang-github-modern-go-reflect2-dev \
+        golang-github-json-iterator-go-dev >&2)
+    for deb in "$work"/golang-github-*.deb; do dpkg -x "$deb" "$work/gocode"; done
+    gocode="$work/gocode/usr/share/gocode/src/github.com"
+    for pkg in modern-go/reflect2 json-iterator/go; do
+        rm -rf "$work/src/vendor/github.com/$pkg"
+        cp -r "$gocode/$pkg" "$work/src/vendor/github.com/$pkg"
+    done
+
+    # GOPATH mode, as Debian builds it.
+    mkdir -p "$work/src/.go/src/k8s.io"
+    ln -s "$work/src" "$work/src/.go/src/k8s.io/kubernetes"
+    cd "$work/src/.go/src/k8s.io/kubernetes"
+    export GOPATH="$work/src/.go" GO111MODULE=off CGO_ENABLED=0 GOFLAGS=
+    export GOCACHE="$work/gocache"
+
+    # Fix 2: the generated OpenAPI definitions.
+    make gen_openapi >&2
+
+    # The version stamp, where hack/lib/version.sh puts it: component-base
+    # (--version) and client-go (the /version endpoint, which Helm checks
+    # against a chart's kubeVersion). The vendor-prefixed paths: GOPATH mode.
+    ldflags="-s -w"
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        v="k8s.io/kubernetes/vendor/$pkg"
+        ldflags+=" -X $v.gitVersion=$k8s_version -X $v.gitMajor=1 -X $v.gitMinor=20"
+    done
+    go build -o "$work/out/kube-apiserver" -ldflags "$ldflags" ./cmd/kube-apiserver >&2
+    "$work/out/kube-apiserver" --version >&2
+    cd /
+    rm -rf "$dir"
+    mv "$work/out" "$dir"
+fi
+
+echo "KUBE_APISERVER=$dir/kube-apiserver"
+echo "ETCD=$(command -v etcd || echo /usr/bin/etcd)"

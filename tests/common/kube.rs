@@ -1,0 +1,402 @@
+//! A real Kubernetes API server for tests: etcd and kube-apiserver on
+//! random loopback ports, their data in a temporary directory (on
+//! `/dev/shm` when there is one), a fresh PKI (rcgen), a kubeconfig for an
+//! admin (`O=system:masters`), both stopped on drop.
+//!
+//! The binaries: `KUBE_APISERVER` and `ETCD` name them, else they are looked
+//! up on `PATH`. `scripts/kube-apiserver.sh` builds kube-apiserver (Debian's
+//! Kubernetes 1.20 source) into a cache and installs etcd; it prints the
+//! assignments (`eval "$(scripts/kube-apiserver.sh)"`; `scripts/test.sh`
+//! does it). Nothing listens or dials outside 127.0.0.1:
+//! `--endpoint-reconciler-type=none` keeps the `kubernetes` Service's
+//! endpoints empty, and nothing here uses the service range.
+
+#![allow(dead_code)]
+
+use podvisor_podvm::testing::free_port;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use serde_json::{Value, json};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long the API server may take to answer `/readyz` (it takes ~3.5 s
+/// on an idle 2-core machine; CI shares the cores).
+const READY_LIMIT: Duration = Duration::from_secs(120);
+
+/// The binaries the harness runs.
+#[derive(Debug, Clone)]
+pub struct KubeBinaries {
+    pub kube_apiserver: PathBuf,
+    pub etcd: PathBuf,
+}
+
+impl KubeBinaries {
+    /// `KUBE_APISERVER` and `ETCD`, else from `PATH`; an error saying which
+    /// one does not run.
+    pub fn find() -> Result<Self, String> {
+        let tool = |var: &str, default: &str| {
+            std::env::var_os(var)
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| PathBuf::from(default), PathBuf::from)
+        };
+        let found = Self {
+            kube_apiserver: tool("KUBE_APISERVER", "kube-apiserver"),
+            etcd: tool("ETCD", "etcd"),
+        };
+        for program in [&found.kube_apiserver, &found.etcd] {
+            match Command::new(program).arg("--version").output() {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => {
+                    return Err(format!(
+                        "`{} --version` failed ({})",
+                        program.display(),
+                        out.status
+                    ));
+                }
+                Err(e) => return Err(format!("{} cannot run: {e}", program.display())),
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// A running etcd + kube-apiserver; both are killed on drop.
+pub struct KubeApi {
+    /// The admin's kubeconfig (for `kubectl` and `helm --kubeconfig`).
+    pub kubeconfig: PathBuf,
+    /// `https://127.0.0.1:<port>`.
+    pub base_url: String,
+    /// The cluster CA, PEM.
+    pub ca_file: PathBuf,
+    /// How long start-up took, until `/readyz` answered 200.
+    pub startup: Duration,
+    admin: ureq::Agent,
+    anonymous: ureq::Agent,
+    apiserver: Child,
+    etcd: Child,
+    // Last: removed after both processes are gone.
+    dir: tempfile::TempDir,
+}
+
+fn pem_certs(pem: &str) -> Vec<ureq::tls::Certificate<'static>> {
+    ureq::tls::parse_pem(pem.as_bytes())
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c.to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn agent(ca_pem: &str, client: Option<(&str, &str)>) -> Result<ureq::Agent, String> {
+    let mut tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&pem_certs(ca_pem)))
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()));
+    if let Some((cert, key)) = client {
+        let key = ureq::tls::PrivateKey::from_pem(key.as_bytes())
+            .map_err(|e| format!("client key: {e}"))?
+            .to_owned();
+        tls = tls.client_cert(Some(ureq::tls::ClientCert::new_with_certs(
+            &pem_certs(cert),
+            key,
+        )));
+    }
+    Ok(ureq::Agent::config_builder()
+        .tls_config(tls.build())
+        .timeout_global(Some(Duration::from_secs(30)))
+        .http_status_as_error(false)
+        .build()
+        .into())
+}
+
+struct Pki {
+    ca: String,
+    serving: (String, String),
+    admin: (String, String),
+    service_account_key: String,
+    service_account_public: String,
+}
+
+fn pki() -> Result<Pki, rcgen::Error> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name = DistinguishedName::new();
+    ca.distinguished_name
+        .push(DnType::CommonName, "podvisor test kubernetes CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    let issuer = Issuer::new(ca, ca_key);
+
+    let serving_key = KeyPair::generate()?;
+    let mut serving = CertificateParams::new(vec!["localhost".to_owned()])?;
+    serving
+        .subject_alt_names
+        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    serving.distinguished_name = DistinguishedName::new();
+    serving
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let serving_pem = serving.signed_by(&serving_key, &issuer)?.pem();
+
+    let admin_key = KeyPair::generate()?;
+    let mut admin = CertificateParams::new(Vec::<String>::new())?;
+    admin.distinguished_name = DistinguishedName::new();
+    admin
+        .distinguished_name
+        .push(DnType::CommonName, "podvisor-test-admin");
+    admin
+        .distinguished_name
+        .push(DnType::OrganizationName, "system:masters");
+    admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let admin_pem = admin.signed_by(&admin_key, &issuer)?.pem();
+
+    let sa_key = KeyPair::generate()?;
+    Ok(Pki {
+        ca: ca_pem,
+        serving: (serving_pem, serving_key.serialize_pem()),
+        admin: (admin_pem, admin_key.serialize_pem()),
+        service_account_public: sa_key.public_key_pem(),
+        service_account_key: sa_key.serialize_pem(),
+    })
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn spawn(program: &Path, args: &[String], log: &Path) -> Result<Child, String> {
+    let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("{} cannot start: {e}", program.display()))
+}
+
+impl KubeApi {
+    /// Starts etcd and kube-apiserver and waits until `/readyz` is 200.
+    pub fn start(bin: &KubeBinaries) -> Result<Self, String> {
+        let started = Instant::now();
+        let shm = Path::new("/dev/shm");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("podvisor-kube-");
+        let dir = if shm.is_dir() {
+            builder.tempdir_in(shm)
+        } else {
+            builder.tempdir()
+        }
+        .map_err(|e| format!("temporary directory: {e}"))?;
+        let path = |name: &str| dir.path().join(name);
+        let write = |name: &str, text: &str| -> Result<String, String> {
+            let p = path(name);
+            std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+            Ok(p.display().to_string())
+        };
+
+        let pki = pki().map_err(|e| format!("generating the PKI: {e}"))?;
+        let ca_file = write("ca.crt", &pki.ca)?;
+        let serving_cert = write("apiserver.crt", &pki.serving.0)?;
+        let serving_key = write("apiserver.key", &pki.serving.1)?;
+        let sa_key = write("sa.key", &pki.service_account_key)?;
+        let sa_pub = write("sa.pub", &pki.service_account_public)?;
+
+        let etcd_port = free_port();
+        let peer_port = free_port();
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let etcd_args: Vec<String> = vec![
+            "--name=podvisor-test".into(),
+            format!("--data-dir={}", path("etcd").display()),
+            format!("--listen-client-urls={etcd_url}"),
+            format!("--advertise-client-urls={etcd_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=podvisor-test={peer_url}"),
+            "--log-level=warn".into(),
+        ];
+        let etcd_log = path("etcd.log");
+        let mut etcd = spawn(&bin.etcd, &etcd_args, &etcd_log)?;
+
+        let port = free_port();
+        let base_url = format!("https://127.0.0.1:{port}");
+        let issuer = "https://kubernetes.default.svc.cluster.local";
+        let apiserver_args: Vec<String> = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={port}"),
+            "--insecure-port=0".into(),
+            "--advertise-address=127.0.0.1".into(),
+            "--endpoint-reconciler-type=none".into(),
+            format!("--tls-cert-file={serving_cert}"),
+            format!("--tls-private-key-file={serving_key}"),
+            format!("--client-ca-file={ca_file}"),
+            format!("--service-account-issuer={issuer}"),
+            format!("--api-audiences={issuer}"),
+            format!("--service-account-key-file={sa_pub}"),
+            format!("--service-account-signing-key-file={sa_key}"),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--authorization-mode=RBAC".into(),
+            "--enable-priority-and-fairness=false".into(),
+            format!("--cert-dir={}", path("certs").display()),
+        ];
+        let apiserver_log = path("kube-apiserver.log");
+        let apiserver = match spawn(&bin.kube_apiserver, &apiserver_args, &apiserver_log) {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = etcd.kill();
+                let _ = etcd.wait();
+                return Err(e);
+            }
+        };
+
+        let admin = agent(&pki.ca, Some((&pki.admin.0, &pki.admin.1)))?;
+        let anonymous = agent(&pki.ca, None)?;
+        let kubeconfig = path("kubeconfig");
+        let config = json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "test", "cluster": {
+                "server": base_url,
+                "certificate-authority-data": b64(&pki.ca),
+            }}],
+            "users": [{"name": "admin", "user": {
+                "client-certificate-data": b64(&pki.admin.0),
+                "client-key-data": b64(&pki.admin.1),
+            }}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "admin"}}],
+            "current-context": "test",
+        });
+        write("kubeconfig", &config.to_string())?;
+
+        let mut api = Self {
+            kubeconfig,
+            base_url,
+            ca_file: PathBuf::from(ca_file),
+            startup: Duration::ZERO,
+            admin,
+            anonymous,
+            apiserver,
+            etcd,
+            dir,
+        };
+        loop {
+            if let Ok((200, _)) = api.request("GET", "/readyz", None, None) {
+                break;
+            }
+            for (child, log, name) in [
+                (&mut api.etcd, &etcd_log, "etcd"),
+                (&mut api.apiserver, &apiserver_log, "kube-apiserver"),
+            ] {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!(
+                        "{name} exited ({status}); its log ends:\n{}",
+                        log_tail(log)
+                    ));
+                }
+            }
+            if started.elapsed() > READY_LIMIT {
+                return Err(format!(
+                    "kube-apiserver not ready after {READY_LIMIT:?}; its log ends:\n{}",
+                    log_tail(&apiserver_log)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        api.startup = started.elapsed();
+        Ok(api)
+    }
+
+    /// The temporary directory the servers' data and logs are in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `method path` with `body` as JSON: as the admin, or with `token` as
+    /// the bearer (and no client certificate, which would win). The status
+    /// and the body as JSON (`Value::Null` when it is not JSON).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), String> {
+        let url = format!("{}{path}", self.base_url);
+        let agent = if token.is_some() {
+            &self.anonymous
+        } else {
+            &self.admin
+        };
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let result = match (method, body) {
+            ("GET", None) => with_auth(agent.get(&url), auth.as_deref()).call(),
+            ("DELETE", None) => with_auth(agent.delete(&url), auth.as_deref()).call(),
+            ("POST", Some(b)) => with_auth(agent.post(&url), auth.as_deref()).send_json(b),
+            ("PUT", Some(b)) => with_auth(agent.put(&url), auth.as_deref()).send_json(b),
+            _ => return Err(format!("{method} with body {body:?} is not supported here")),
+        };
+        let mut response = result.map_err(|e| format!("{method} {url}: {e}"))?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| format!("{method} {url}: {e}"))?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    /// A token for a ServiceAccount from the TokenRequest API (the admin
+    /// asks for it; one hour, the API audiences).
+    pub fn service_account_token(&self, namespace: &str, name: &str) -> Result<String, String> {
+        let path = format!("/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token");
+        let body = json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600},
+        });
+        match self.request("POST", &path, None, Some(&body))? {
+            (201 | 200, v) => v["status"]["token"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| format!("POST {path}: no token in {v}")),
+            (status, v) => Err(format!("POST {path}: HTTP {status}: {v}")),
+        }
+    }
+}
+
+fn with_auth<B>(request: ureq::RequestBuilder<B>, auth: Option<&str>) -> ureq::RequestBuilder<B> {
+    match auth {
+        Some(a) => request.header("Authorization", a),
+        None => request,
+    }
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        for child in [&mut self.apiserver, &mut self.etcd] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! The Helm chart in `deploy/helm/podvisor` installed into a real
+//! kube-apiserver (etcd + kube-apiserver 1.20, `tests/common/kube.rs`):
+//! `helm install` creates every object `helm template` renders, as
+//! rendered; the chart's ServiceAccount can make exactly the daemon's
+//! Kubernetes calls (the image pull secret lookup of `src/pull_secrets.rs`,
+//! through the daemon's own client) and is refused (403) outside them; `helm
+//! uninstall` removes every object.
+//!
+//! Tools: `HELM` and `KUBECTL` (`scripts/helm-tools.sh`), `KUBE_APISERVER`
+//! and `ETCD` (`scripts/kube-apiserver.sh`) name them, else they are looked
+//! up on `PATH`; `scripts/test.sh` exports all four. YAML is read with
+//! `python3` and PyYAML (or the Python of `KUBERNETES_VALIDATE`'s
+//! virtualenv). Without the tools the test says SKIPPED and passes, except
+//! under `CI=true`, where it fails.
+
+#[path = "common/kube.rs"]
+mod kube;
+
+use kube::{KubeApi, KubeBinaries};
+use podvisor::pull_secrets::{KubeApiConfig, PullSecrets};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CHART: &str = "deploy/helm/podvisor";
+const RELEASE: &str = "podvisor";
+/// The namespace `helm install --create-namespace` creates.
+const NAMESPACE: &str = "peerpods-test";
+/// Where the workload pod whose pull secrets the daemon reads lives.
+const WORKLOAD: &str = "workload";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Writes past libtest's capture, so a skip or a timing shows in a plain
+/// `cargo test`.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Why a test cannot run: a SKIPPED line, or under `CI=true` a failure.
+fn skip(test: &str, reason: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("helm_install::{test} cannot run under CI=true: {reason}");
+    }
+    say(&format!("SKIPPED helm_install::{test}: {reason}"));
+}
+
+fn tool(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(default), PathBuf::from)
+}
+
+fn runs(program: &Path, args: &[&str]) -> Result<(), String> {
+    match Command::new(program).args(args).output() {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!(
+            "`{} {}` failed ({}): {}",
+            program.display(),
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )),
+        Err(e) => Err(format!("{} cannot run: {e}", program.display())),
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+struct Tools {
+    helm: PathBuf,
+    kubectl: PathBuf,
+    python: PathBuf,
+    kube: KubeBinaries,
+}
+
+/// The tools, or `None` after saying why the test is skipped.
+fn tools(test: &str) -> Option<Tools> {
+    let helm = tool("HELM", "helm");
+    let kubectl = tool("KUBECTL", "kubectl");
+    let python = tool("KUBERNETES_VALIDATE", "kubernetes-validate")
+        .parent()
+        .map(|dir| dir.join("python"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let helm_tools = runs(&helm, &["version", "--short"])
+        .and_then(|()| runs(&kubectl, &["version", "--client"]))
+        .and_then(|()| runs(&python, &["-c", "import yaml"]));
+    if let Err(why) = helm_tools {
+        skip(
+            test,
+            &format!(
+                "{why}; install helm and kubectl with scripts/helm-tools.sh and export what \
+                 it prints (eval \"$(scripts/helm-tools.sh)\")"
+            ),
+        );
+        return None;
+    }
+    match KubeBinaries::find() {
+        Ok(kube) => Some(Tools {
+            helm,
+            kubectl,
+            python,
+            kube,
+        }),
+        Err(why) => {
+            skip(
+                test,
+                &format!(
+                    "{why}; build kube-apiserver and install etcd with scripts/kube-apiserver.sh \
+                     and export what it prints (eval \"$(scripts/kube-apiserver.sh)\")"
+                ),
+            );
+            None
+        }
+    }
+}
+
+impl Tools {
+    fn run(&self, program: &Path, args: &[&str]) -> Output {
+        Command::new(program)
+            .args(args)
+            .current_dir(root())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", program.display()))
+    }
+
+    fn helm(&self, api: &KubeApi, args: &[&str]) -> Output {
+        let kubeconfig = api.kubeconfig.to_str().expect("utf-8 path");
+        let mut all = args.to_vec();
+        all.extend(["--kubeconfig", kubeconfig]);
+        self.run(&self.helm, &all)
+    }
+
+    fn kubectl(&self, api: &KubeApi, args: &[&str]) -> Output {
+        let kubeconfig = api.kubeconfig.to_str().expect("utf-8 path");
+        let mut all = vec!["--kubeconfig", kubeconfig];
+        all.extend(args);
+        self.run(&self.kubectl, &all)
+    }
+
+    /// Every document of a YAML stream as JSON (null documents dropped).
+    fn yaml_docs(&self, yaml: &str) -> Vec<Value> {
+        let mut child = Command::new(&self.python)
+            .args([
+                "-c",
+                "import json, sys, yaml\n\
+                 docs = [d for d in yaml.safe_load_all(sys.stdin) if d is not None]\n\
+                 json.dump(docs, sys.stdout)",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running python");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(yaml.as_bytes())
+            .expect("writing yaml");
+        let out = child.wait_with_output().expect("python");
+        assert!(out.status.success(), "not YAML:\n{}\n{yaml}", text(&out));
+        match serde_json::from_slice(&out.stdout).expect("python's JSON") {
+            Value::Array(docs) => docs,
+            other => panic!("not a list: {other}"),
+        }
+    }
+}
+
+/// `(kind, name)` of an object.
+fn id(doc: &Value) -> (String, String) {
+    (
+        doc["kind"].as_str().unwrap_or("").to_owned(),
+        doc["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// The REST path of a rendered object (the kinds the chart renders by
+/// default).
+fn api_path(doc: &Value) -> String {
+    let (kind, name) = id(doc);
+    let ns = doc["metadata"]["namespace"].as_str().unwrap_or(NAMESPACE);
+    match kind.as_str() {
+        "ServiceAccount" => format!("/api/v1/namespaces/{ns}/serviceaccounts/{name}"),
+        "ConfigMap" => format!("/api/v1/namespaces/{ns}/configmaps/{name}"),
+        "Secret" => format!("/api/v1/namespaces/{ns}/secrets/{name}"),
+        "DaemonSet" => format!("/apis/apps/v1/namespaces/{ns}/daemonsets/{name}"),
+        "ClusterRole" => format!("/apis/rbac.authorization.k8s.io/v1/clusterroles/{name}"),
+        "ClusterRoleBinding" => {
+            format!("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{name}")
+        }
+        other => panic!("the chart renders a {other} ({name}) this test does not know"),
+    }
+}
+
+fn get(api: &KubeApi, path: &str) -> (u16, Value) {
+    api.request("GET", path, None, None)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A Secret's data as the API returns it: `stringData` merged into `data`,
+/// base64.
+fn secret_data(doc: &Value) -> Value {
+    use base64::Engine;
+    let mut data = doc["data"].as_object().cloned().unwrap_or_default();
+    if let Some(strings) = doc["stringData"].as_object() {
+        for (k, v) in strings {
+            let v = v.as_str().unwrap_or("");
+            data.insert(
+                k.clone(),
+                base64::engine::general_purpose::STANDARD.encode(v).into(),
+            );
+        }
+    }
+    Value::Object(data)
+}
+
+/// Checks the live object against the rendered one: the labels, and the
+/// fields that carry the chart's meaning for each kind.
+fn assert_as_rendered(rendered: &Value, live: &Value) {
+    let (kind, name) = id(rendered);
+    assert_eq!(id(live), id(rendered), "the live object is another one");
+    let labels = rendered["metadata"]["labels"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    for (k, v) in &labels {
+        assert_eq!(
+            &live["metadata"]["labels"][k], v,
+            "{kind}/{name}: label {k} is not as rendered: {live}"
+        );
+    }
+    let same = |field: &str| {
+        assert_eq!(
+            live[field], rendered[field],
+            "{kind}/{name}: {field} is not as rendered"
+        );
+    };
+    match kind.as_str() {
+        "ClusterRole" => same("rules"),
+        "ClusterRoleBinding" => {
+            same("roleRef");
+            same("subjects");
+        }
+        "ConfigMap" => same("data"),
+        "Secret" => assert_eq!(
+            secret_data(live),
+            secret_data(rendered),
+            "Secret/{name}: data is not as rendered"
+        ),
+        "ServiceAccount" => {}
+        "DaemonSet" => {
+            let (r, l) = (&rendered["spec"], &live["spec"]);
+            assert_eq!(l["selector"], r["selector"], "DaemonSet/{name}: selector");
+            assert_eq!(
+                l["template"]["spec"]["serviceAccountName"],
+                r["template"]["spec"]["serviceAccountName"],
+                "DaemonSet/{name}: serviceAccountName"
+            );
+            assert_eq!(
+                l["template"]["spec"]["hostNetwork"], r["template"]["spec"]["hostNetwork"],
+                "DaemonSet/{name}: hostNetwork"
+            );
+            let container = |spec: &Value, field: &str| {
+                spec["template"]["spec"]["containers"][0][field].clone()
+            };
+            for field in ["image", "args", "envFrom", "securityContext"] {
+                assert_eq!(
+                    container(l, field),
+                    container(r, field),
+                    "DaemonSet/{name}: the container's {field}"
+                );
+            }
+            // Exactly as rendered for this server's version, and never two
+            // daemons on one node: a rolling update without surge.
+            let strategy = &r["updateStrategy"];
+            assert_eq!(
+                strategy["type"], "RollingUpdate",
+                "DaemonSet/{name}: updateStrategy {strategy}"
+            );
+            let surge = &strategy["rollingUpdate"]["maxSurge"];
+            assert!(
+                surge.is_null() || *surge == json!(0) || *surge == json!("0%"),
+                "DaemonSet/{name}: the update strategy may run two daemons on a node: {strategy}"
+            );
+            assert_eq!(
+                l["updateStrategy"], *strategy,
+                "DaemonSet/{name}: updateStrategy is not as rendered"
+            );
+        }
+        other => panic!("{other}/{name}: no check for this kind"),
+    }
+}
+
+/// A pod with an image pull secret through its ServiceAccount, the objects
+/// the daemon reads when it creates the pod's VM.
+fn create_workload(api: &KubeApi) -> String {
+    let auth = r#"{"auths":{"registry.example":{"auth":"dXNlcjpwYXNz"}}}"#;
+    let objects = [
+        (
+            "/api/v1/namespaces".to_owned(),
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": WORKLOAD}}),
+        ),
+        (
+            format!("/api/v1/namespaces/{WORKLOAD}/secrets"),
+            json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "regcred"},
+                "type": "kubernetes.io/dockerconfigjson",
+                "stringData": {".dockerconfigjson": auth},
+            }),
+        ),
+        (
+            format!("/api/v1/namespaces/{WORKLOAD}/serviceaccounts"),
+            json!({
+                "apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": "app"},
+                "imagePullSecrets": [{"name": "regcred"}],
+            }),
+        ),
+        (
+            format!("/api/v1/namespaces/{WORKLOAD}/pods"),
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "app"},
+                "spec": {
+                    "serviceAccountName": "app",
+                    "automountServiceAccountToken": false,
+                    "containers": [{"name": "app", "image": "registry.example/app:1"}],
+                },
+            }),
+        ),
+    ];
+    for (path, body) in objects {
+        let (status, v) = api
+            .request("POST", &path, None, Some(&body))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(status, 201, "POST {path}: {v}");
+    }
+    auth.to_owned()
+}
+
+#[test]
+fn helm_install_creates_the_rendered_objects_with_tight_rbac_and_uninstall_removes_them() {
+    let test =
+        "helm_install_creates_the_rendered_objects_with_tight_rbac_and_uninstall_removes_them";
+    let Some(tools) = tools(test) else {
+        return;
+    };
+    let api = KubeApi::start(&tools.kube).unwrap_or_else(|e| panic!("{e}"));
+    say(&format!(
+        "helm_install: etcd + kube-apiserver ready in {:.1?} at {}",
+        api.startup, api.base_url
+    ));
+    let (status, version) = get(&api, "/version");
+    assert_eq!(status, 200, "GET /version: {version}");
+    let version = version["gitVersion"].as_str().unwrap_or("").to_owned();
+
+    // What `helm template` renders for this release, against this server's
+    // version (the chart's kubeVersion constraint is checked by both).
+    let out = tools.run(
+        &tools.helm,
+        &[
+            "template",
+            RELEASE,
+            CHART,
+            "--namespace",
+            NAMESPACE,
+            "--kube-version",
+            &version,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "helm template failed:\n{}",
+        text(&out)
+    );
+    let rendered = tools.yaml_docs(&String::from_utf8_lossy(&out.stdout));
+    let kinds: BTreeSet<(String, String)> = rendered.iter().map(id).collect();
+    let expected: BTreeSet<(String, String)> = [
+        ("ClusterRole", "podvisor"),
+        ("ClusterRoleBinding", "podvisor"),
+        ("ConfigMap", "peer-pods-cm"),
+        ("DaemonSet", "podvisor"),
+        ("Secret", "peer-pods-secret"),
+        ("ServiceAccount", "podvisor"),
+    ]
+    .into_iter()
+    .map(|(k, n)| (k.to_owned(), n.to_owned()))
+    .collect();
+    assert_eq!(kinds, expected, "the default values render other objects");
+    for doc in &rendered {
+        let (status, _) = get(&api, &api_path(doc));
+        assert_eq!(status, 404, "{:?} exists before helm install", id(doc));
+    }
+
+    // helm install (no --wait: there is no kubelet, the DaemonSet gets no
+    // pods; the objects are what is checked).
+    let installing = Instant::now();
+    let out = tools.helm(
+        &api,
+        &[
+            "install",
+            RELEASE,
+            CHART,
+            "--namespace",
+            NAMESPACE,
+            "--create-namespace",
+            "--timeout",
+            "2m",
+        ],
+    );
+    assert!(out.status.success(), "helm install failed:\n{}", text(&out));
+    for doc in &rendered {
+        let path = api_path(doc);
+        let (status, live) = get(&api, &path);
+        assert_eq!(status, 200, "GET {path} after helm install: {live}");
+        assert_as_rendered(doc, &live);
+    }
+    say(&format!(
+        "helm_install: helm install to all {} objects present and checked in {:.1?}",
+        rendered.len(),
+        installing.elapsed()
+    ));
+    // kubectl sees them too, in the namespace helm created.
+    let out = tools.kubectl(
+        &api,
+        &[
+            "get",
+            "daemonset,serviceaccount,configmap,secret",
+            "--namespace",
+            NAMESPACE,
+            "-o",
+            "name",
+        ],
+    );
+    assert!(out.status.success(), "kubectl get failed:\n{}", text(&out));
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    for name in [
+        "daemonset.apps/podvisor",
+        "serviceaccount/podvisor",
+        "configmap/peer-pods-cm",
+        "secret/peer-pods-secret",
+    ] {
+        assert!(
+            listed.lines().any(|l| l == name),
+            "kubectl get does not list {name}:\n{listed}"
+        );
+    }
+
+    // RBAC: the chart's ServiceAccount, through the daemon's own client.
+    let auth = create_workload(&api);
+    let sa = rendered
+        .iter()
+        .find(|d| id(d).0 == "ServiceAccount")
+        .map(|d| id(d).1)
+        .expect("a ServiceAccount");
+    let token = api
+        .service_account_token(NAMESPACE, &sa)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for path in [
+        format!("/api/v1/namespaces/{WORKLOAD}/pods/app"),
+        format!("/api/v1/namespaces/{WORKLOAD}/serviceaccounts/app"),
+        format!("/api/v1/namespaces/{WORKLOAD}/secrets/regcred"),
+    ] {
+        let (status, v) = api
+            .request("GET", &path, Some(&token), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(status, 200, "GET {path} as {NAMESPACE}:{sa}: {v}");
+    }
+    let token_file = api.dir().join("sa-token");
+    std::fs::write(&token_file, &token).expect("writing the token");
+    let client = Arc::new(
+        PullSecrets::new(KubeApiConfig {
+            server: api.base_url.clone(),
+            token_file,
+            ca_file: api.ca_file.clone(),
+        })
+        .expect("the daemon's client"),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let looked_up = runtime.block_on(client.auth_json("app", WORKLOAD));
+    let looked_up: Value =
+        serde_json::from_str(&looked_up.expect("the daemon's lookup found no pull secret"))
+            .expect("auth.json is JSON");
+    assert_eq!(
+        looked_up["auths"]["registry.example"],
+        serde_json::from_str::<Value>(&auth).expect("auth")["auths"]["registry.example"],
+        "the daemon's lookup did not return the pod's pull secret"
+    );
+    // Outside the role: refused.
+    for (method, path) in [
+        ("GET", format!("/api/v1/namespaces/{WORKLOAD}/secrets")),
+        ("DELETE", format!("/api/v1/namespaces/{WORKLOAD}/pods/app")),
+        ("GET", "/api/v1/nodes".to_owned()),
+        (
+            "GET",
+            format!("/api/v1/namespaces/{NAMESPACE}/configmaps/peer-pods-cm"),
+        ),
+    ] {
+        let (status, v) = api
+            .request(method, &path, Some(&token), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            status, 403,
+            "{method} {path} as {NAMESPACE}:{sa} was not refused: {}",
+            v["kind"]
+        );
+    }
+    // A token that is not the ServiceAccount's is not authenticated at all
+    // (so the 403s above are the role's, for that account).
+    let (status, _) = api
+        .request(
+            "GET",
+            &format!("/api/v1/namespaces/{WORKLOAD}/pods/app"),
+            Some("not-a-token"),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 401, "a bogus token was accepted");
+
+    // helm uninstall removes every object.
+    let out = tools.helm(
+        &api,
+        &[
+            "uninstall",
+            RELEASE,
+            "--namespace",
+            NAMESPACE,
+            "--wait",
+            "--timeout",
+            "2m",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "helm uninstall failed:\n{}",
+        text(&out)
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for doc in &rendered {
+        let path = api_path(doc);
+        loop {
+            let (status, live) = get(&api, &path);
+            if status == 404 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} still there after helm uninstall (HTTP {status}): {live}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
