@@ -12,13 +12,18 @@
 //! virtualenv (it brings PyYAML), else `python3`. Without the tools a test
 //! says SKIPPED and passes, except under `CI=true`, where it fails.
 
+#[path = "common/tools.rs"]
+mod tools;
+
 use serde_json::{Map, Value, json};
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use tools::{root, runs, skip, text, tool};
 
 const CHART: &str = "deploy/helm/podvisor";
+/// This test file, as SKIPPED lines name it.
+const FILE: &str = "helm";
 /// The providers the chart has a values block for.
 const PROVIDERS: &[&str] = &["local", "aws", "libvirt"];
 /// Variables the chart sets in the container that are no daemon flag's:
@@ -31,25 +36,8 @@ const CRD_GROUPS: &[&str] = &["monitoring.coreos.com/"];
 /// The oldest and newest Kubernetes schemas `kubernetes-validate` has.
 const KUBERNETES_VERSIONS: &[&str] = &["1.25.0", "1.37.0"];
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn chart() -> PathBuf {
     root().join(CHART)
-}
-
-/// Writes past libtest's capture, so a skip shows in a plain `cargo test`.
-fn say(line: &str) {
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-/// Why a test cannot run: a SKIPPED line, or under `CI=true` a failure.
-fn skip(test: &str, reason: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("helm::{test} cannot run under CI=true: {reason}");
-    }
-    say(&format!("SKIPPED helm::{test}: {reason}"));
 }
 
 struct Tools {
@@ -58,36 +46,11 @@ struct Tools {
     python: PathBuf,
 }
 
-fn tool(var: &str, default: &str) -> PathBuf {
-    std::env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from(default), PathBuf::from)
-}
-
-fn runs(program: &Path, args: &[&str]) -> Result<(), String> {
-    match Command::new(program).args(args).output() {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(format!(
-            "`{} {}` failed ({}): {}",
-            program.display(),
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )),
-        Err(e) => Err(format!("{} cannot run: {e}", program.display())),
-    }
-}
-
 /// The tools, or `None` after saying why the test is skipped.
 fn tools(test: &str) -> Option<Tools> {
     let helm = tool("HELM", "helm");
     let validate = tool("KUBERNETES_VALIDATE", "kubernetes-validate");
-    // The virtualenv's python, next to its kubernetes-validate script.
-    let python = validate
-        .parent()
-        .map(|dir| dir.join("python"))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("python3"));
+    let python = tools::yaml_python();
     let found = runs(&helm, &["version", "--short"])
         .and_then(|()| runs(&validate, &["--version"]))
         .and_then(|()| runs(&python, &["-c", "import yaml"]));
@@ -99,6 +62,7 @@ fn tools(test: &str) -> Option<Tools> {
         }),
         Err(why) => {
             skip(
+                FILE,
                 test,
                 &format!(
                     "{why}; install helm and kubernetes-validate with scripts/helm-tools.sh \
@@ -108,14 +72,6 @@ fn tools(test: &str) -> Option<Tools> {
             None
         }
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 impl Tools {
@@ -151,30 +107,7 @@ impl Tools {
 
     /// Every document of a YAML stream as JSON (null documents dropped).
     fn yaml_docs(&self, yaml: &str) -> Vec<Value> {
-        let mut child = Command::new(&self.python)
-            .args([
-                "-c",
-                "import json, sys, yaml\n\
-                 docs = [d for d in yaml.safe_load_all(sys.stdin) if d is not None]\n\
-                 json.dump(docs, sys.stdout)",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running python");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(yaml.as_bytes())
-            .expect("writing yaml");
-        let out = child.wait_with_output().expect("python");
-        assert!(out.status.success(), "not YAML:\n{}\n{yaml}", text(&out));
-        match serde_json::from_slice(&out.stdout).expect("python's JSON") {
-            Value::Array(docs) => docs,
-            other => panic!("not a list: {other}"),
-        }
+        tools::yaml_docs(&self.python, yaml)
     }
 
     fn values_yaml(&self) -> Value {

@@ -18,66 +18,25 @@ mod kube;
 
 use kube::{KubeApi, KubeBinaries};
 use podvisor::pull_secrets::{KubeApiConfig, PullSecrets};
+#[path = "common/tools.rs"]
+mod tools;
+
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tools::{root, runs, say, skip, text, tool};
 
 const CHART: &str = "deploy/helm/podvisor";
+/// This test file, as SKIPPED lines name it.
+const FILE: &str = "helm_install";
 const RELEASE: &str = "podvisor";
 /// The namespace `helm install --create-namespace` creates.
 const NAMESPACE: &str = "peerpods-test";
 /// Where the workload pod whose pull secrets the daemon reads lives.
 const WORKLOAD: &str = "workload";
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Writes past libtest's capture, so a skip or a timing shows in a plain
-/// `cargo test`.
-fn say(line: &str) {
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-/// Why a test cannot run: a SKIPPED line, or under `CI=true` a failure.
-fn skip(test: &str, reason: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("helm_install::{test} cannot run under CI=true: {reason}");
-    }
-    say(&format!("SKIPPED helm_install::{test}: {reason}"));
-}
-
-fn tool(var: &str, default: &str) -> PathBuf {
-    std::env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from(default), PathBuf::from)
-}
-
-fn runs(program: &Path, args: &[&str]) -> Result<(), String> {
-    match Command::new(program).args(args).output() {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(format!(
-            "`{} {}` failed ({}): {}",
-            program.display(),
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )),
-        Err(e) => Err(format!("{} cannot run: {e}", program.display())),
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 struct Tools {
     helm: PathBuf,
@@ -90,16 +49,13 @@ struct Tools {
 fn tools(test: &str) -> Option<Tools> {
     let helm = tool("HELM", "helm");
     let kubectl = tool("KUBECTL", "kubectl");
-    let python = tool("KUBERNETES_VALIDATE", "kubernetes-validate")
-        .parent()
-        .map(|dir| dir.join("python"))
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("python3"));
+    let python = tools::yaml_python();
     let helm_tools = runs(&helm, &["version", "--short"])
         .and_then(|()| runs(&kubectl, &["version", "--client"]))
         .and_then(|()| runs(&python, &["-c", "import yaml"]));
     if let Err(why) = helm_tools {
         skip(
+            FILE,
             test,
             &format!(
                 "{why}; install helm and kubectl with scripts/helm-tools.sh and export what \
@@ -117,6 +73,7 @@ fn tools(test: &str) -> Option<Tools> {
         }),
         Err(why) => {
             skip(
+                FILE,
                 test,
                 &format!(
                     "{why}; build kube-apiserver and install etcd with scripts/kube-apiserver.sh \
@@ -153,30 +110,7 @@ impl Tools {
 
     /// Every document of a YAML stream as JSON (null documents dropped).
     fn yaml_docs(&self, yaml: &str) -> Vec<Value> {
-        let mut child = Command::new(&self.python)
-            .args([
-                "-c",
-                "import json, sys, yaml\n\
-                 docs = [d for d in yaml.safe_load_all(sys.stdin) if d is not None]\n\
-                 json.dump(docs, sys.stdout)",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running python");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(yaml.as_bytes())
-            .expect("writing yaml");
-        let out = child.wait_with_output().expect("python");
-        assert!(out.status.success(), "not YAML:\n{}\n{yaml}", text(&out));
-        match serde_json::from_slice(&out.stdout).expect("python's JSON") {
-            Value::Array(docs) => docs,
-            other => panic!("not a list: {other}"),
-        }
+        tools::yaml_docs(&self.python, yaml)
     }
 }
 
