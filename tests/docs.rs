@@ -907,7 +907,7 @@ fn no_markdown_link_points_outside_the_repository() {
                 bad.push(format!("{name}: link {why}"));
             }
         }
-        // A mention of a path outside, even as code (`../shared/…`).
+        // A mention of a path outside, even as code (`../elsewhere/…`).
         let base = file.parent().unwrap_or(root());
         for word in text.split_whitespace() {
             let word = word.trim_start_matches(['(', '[', '"', '\'', '`', '<']);
@@ -956,7 +956,7 @@ fn the_checks_read_commands_as_a_shell_would() {
         ]
     );
     let readme = root().join("README.md");
-    assert!(outside(&readme, "../shared/STYLE.md").is_some());
+    assert!(outside(&readme, "../elsewhere/STYLE.md").is_some());
     assert!(outside(&readme, "docs/operations.md#logs").is_none());
     assert!(outside(&readme, "docs/nothing.md").is_some());
     assert!(outside(&readme, "file:///etc/passwd").is_some());

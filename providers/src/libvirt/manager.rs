@@ -35,9 +35,8 @@ impl CloudManager for LibvirtManager {
         &self,
         matches: &clap::ArgMatches,
     ) -> Result<Box<dyn ProviderConfig>, ConfigError> {
-        let config = LibvirtConfig::from_arg_matches(matches).map_err(|e| ConfigError {
-            message: e.to_string(),
-        })?;
+        let config =
+            LibvirtConfig::from_arg_matches(matches).map_err(|e| ConfigError::from_clap(&e))?;
         validate(&config)?;
         Ok(Box::new(config))
     }
@@ -190,9 +189,7 @@ mod tests {
         let m = LibvirtManager
             .command()
             .try_get_matches_from(std::iter::once("libvirt").chain(args.iter().copied()))
-            .map_err(|e| ConfigError {
-                message: e.to_string(),
-            })?;
+            .map_err(|e| ConfigError::from_clap(&e))?;
         LibvirtManager.configure(&m)
     }
 

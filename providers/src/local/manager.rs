@@ -31,9 +31,8 @@ impl CloudManager for LocalManager {
         &self,
         matches: &clap::ArgMatches,
     ) -> Result<Box<dyn ProviderConfig>, ConfigError> {
-        let config = LocalConfig::from_arg_matches(matches).map_err(|e| ConfigError {
-            message: e.to_string(),
-        })?;
+        let config =
+            LocalConfig::from_arg_matches(matches).map_err(|e| ConfigError::from_clap(&e))?;
         if let Some(bin) = &config.forwarder_bin
             && !bin.is_file()
         {
@@ -124,9 +123,7 @@ mod tests {
         let m = LocalManager
             .command()
             .try_get_matches_from(std::iter::once("local").chain(args.iter().copied()))
-            .map_err(|e| ConfigError {
-                message: e.to_string(),
-            })?;
+            .map_err(|e| ConfigError::from_clap(&e))?;
         LocalManager.configure(&m)
     }
 
