@@ -226,7 +226,7 @@ async fn dispatch(
     m: &ArgMatches,
     endpoints: &Endpoints,
 ) -> Result<ExitCode, ClientError> {
-    let output = || arg::<String>(m, "output").map_or(Output::Table, |o| Output::parse(&o));
+    let output = || output_of(m);
     let text = |name: &str| arg::<String>(m, name).unwrap_or_default();
     let timeout = || arg::<Duration>(m, "timeout").unwrap_or(Duration::from_secs(60));
     match name {
@@ -293,10 +293,7 @@ async fn dispatch(
 /// [`ClientError::Refused`] when the admin endpoint answers that the
 /// sandbox is not known.
 async fn known_or_unchecked(admin: SocketAddr, id: &str) -> Result<(), ClientError> {
-    if id.is_empty() {
-        return Err(ClientError::Input("the sandbox id is empty".to_owned()));
-    }
-    match http_get(admin, &format!("/v1/instances/{}", path_segment(id))).await {
+    match exact_instance(admin, id).await {
         Err(ClientError::Refused(_)) => Err(ClientError::Refused(format!(
             "no pod VM has sandbox id {id}: nothing stopped; `podvisor instances` lists them"
         ))),
@@ -309,6 +306,11 @@ async fn known_or_unchecked(admin: SocketAddr, id: &str) -> Result<(), ClientErr
 /// does not declare.
 fn arg<T: Clone + Send + Sync + 'static>(m: &ArgMatches, name: &str) -> Option<T> {
     m.try_get_one::<T>(name).ok().flatten().cloned()
+}
+
+/// `-o`, or a table for a command that has none.
+fn output_of(m: &ArgMatches) -> Output {
+    arg::<String>(m, "output").map_or(Output::Table, |o| Output::parse(&o))
 }
 
 /// Whether the flag `name` was given (`false` if the command has none).
@@ -386,12 +388,18 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<Value, ClientError> {
     }
 }
 
-/// One instance's JSON, by sandbox id or a unique prefix of it.
-async fn instance(admin: SocketAddr, id: &str) -> Result<Value, ClientError> {
+/// `/v1/instances/{id}`: the instance's JSON; [`ClientError::Refused`]
+/// when the daemon does not know it.
+async fn exact_instance(admin: SocketAddr, id: &str) -> Result<Value, ClientError> {
     if id.is_empty() {
         return Err(ClientError::Input("the sandbox id is empty".to_owned()));
     }
-    let exact = http_get(admin, &format!("/v1/instances/{}", path_segment(id))).await;
+    http_get(admin, &format!("/v1/instances/{}", path_segment(id))).await
+}
+
+/// One instance's JSON, by sandbox id or a unique prefix of it.
+async fn instance(admin: SocketAddr, id: &str) -> Result<Value, ClientError> {
+    let exact = exact_instance(admin, id).await;
     let Err(ClientError::Refused(_)) = exact else {
         return exact;
     };
@@ -450,15 +458,7 @@ async fn admin_tcp(
 
 /// The admin service on the unix socket.
 async fn admin_unix(path: &Path) -> Result<AdminClient<tonic::transport::Channel>, ClientError> {
-    // A missing or unreadable socket says so plainly, before tonic's
-    // "transport error".
-    if let Err(e) = std::fs::metadata(path) {
-        return Err(ClientError::unreachable_socket(
-            path,
-            GRPC_SOCKET_FLAG,
-            e.to_string(),
-        ));
-    }
+    socket_present(path, GRPC_SOCKET_FLAG)?;
     AdminClient::connect(format!("unix://{}", path.display()))
         .await
         .map_err(|e| ClientError::unreachable_socket(path, GRPC_SOCKET_FLAG, chain(&e)))
@@ -501,7 +501,7 @@ async fn quarantine(m: &ArgMatches, socket: &Path) -> Result<ExitCode, ClientErr
             "name what to do: quarantine list, show <id> or drop <id>".to_owned(),
         ));
     };
-    let output = arg::<String>(args, "output").map_or(Output::Table, |o| Output::parse(&o));
+    let output = output_of(args);
     let id = arg::<String>(args, "id").unwrap_or_default();
     let mut admin = admin_unix(socket).await?;
     let records = admin
@@ -526,22 +526,11 @@ async fn quarantine(m: &ArgMatches, socket: &Path) -> Result<ExitCode, ClientErr
     }
     let others = records
         .iter()
-        .filter(|r| r.key == record.key && r.id != record.id)
-        .count();
-    let consequence = if others == 0 {
-        format!(
-            "Sandbox {} then has no record left in the quarantine: the GC treats its instance as an orphan and deletes it after --gc-grace-period, unless a journal record owns it.",
-            record.key
-        )
-    } else {
-        format!(
-            "Sandbox {} keeps {others} other record(s) in the quarantine: the GC still spares its instance.",
-            record.key
-        )
-    };
+        .any(|r| r.key == record.key && r.id != record.id);
+    let consequence = gc_after_drop(&record.key, others);
     if !flag(args, "yes") {
         eprint!(
-            "Drop quarantined record {id} (sandbox {}, {} bytes, {})? It is removed for good. {consequence}\nType 'yes' to drop it: ",
+            "Drop quarantined record {id} (sandbox {}, {} bytes, {})? It is removed for good. After the drop: {consequence}\nType 'yes' to drop it: ",
             record.key,
             record.bytes.len(),
             record.reason
@@ -560,28 +549,37 @@ async fn quarantine(m: &ArgMatches, socket: &Path) -> Result<ExitCode, ClientErr
         .map_err(|s| status_error("DropQuarantined", &s))?
         .into_inner();
     let key = dropped.record.map(|r| r.key).unwrap_or(record.key.clone());
-    let after = if dropped.sandbox_still_quarantined {
+    let after = gc_after_drop(&key, dropped.sandbox_still_quarantined);
+    println!("Dropped quarantined record {id}. {after}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What the GC does about sandbox `key`'s instance once a drop leaves the
+/// sandbox with (`still_quarantined`) or without records in the quarantine.
+fn gc_after_drop(key: &str, still_quarantined: bool) -> String {
+    if still_quarantined {
         format!(
             "Sandbox {key} still has records in the quarantine: the GC still spares its instance."
         )
     } else {
         format!(
-            "Sandbox {key} has no record left in the quarantine: the GC treats its instance as an orphan after --gc-grace-period, unless a journal record owns it."
+            "Sandbox {key} has no record left in the quarantine: the GC treats its instance as an orphan and deletes it after --gc-grace-period, unless a journal record owns it."
         )
-    };
-    println!("Dropped quarantined record {id}. {after}");
-    Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// That the control socket `path` (named by `flag`) exists: a missing or
+/// unreadable one says so plainly, before the client library's own words
+/// ("transport error").
+fn socket_present(path: &Path, flag: &'static str) -> Result<(), ClientError> {
+    std::fs::metadata(path)
+        .map(drop)
+        .map_err(|e| ClientError::unreachable_socket(path, flag, e.to_string()))
 }
 
 /// The Kata socket's `hypervisor.Hypervisor`.
 async fn kata(socket: &Path) -> Result<HypervisorClient, ClientError> {
-    if let Err(e) = std::fs::metadata(socket) {
-        return Err(ClientError::unreachable_socket(
-            socket,
-            KATA_FLAG,
-            e.to_string(),
-        ));
-    }
+    socket_present(socket, KATA_FLAG)?;
     let client = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display()))
         .await
         .map_err(|e| ClientError::unreachable_socket(socket, KATA_FLAG, ttrpc_text(&e)))?;

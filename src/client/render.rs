@@ -128,6 +128,11 @@ fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or_default()
 }
 
+/// A count field (`attempts`, `generation`) as text; 0 when absent.
+fn count_of(v: &Value, key: &str) -> String {
+    v[key].as_u64().unwrap_or(0).to_string()
+}
+
 fn ips_of(v: &Value) -> String {
     v["ips"]
         .as_array()
@@ -178,8 +183,8 @@ pub fn instances(items: &[Value], output: Output, now_ms: u64) -> String {
                 row.extend([
                     clean(str_of(i, "instance_name")),
                     spec_text(&i["spec"]),
-                    i["attempts"].as_u64().unwrap_or(0).to_string(),
-                    i["generation"].as_u64().unwrap_or(0).to_string(),
+                    count_of(i, "attempts"),
+                    count_of(i, "generation"),
                     error,
                 ]);
             } else {
@@ -188,32 +193,13 @@ pub fn instances(items: &[Value], output: Output, now_ms: u64) -> String {
             row
         })
         .collect();
-    let header: &[&str] = if wide {
-        &[
-            "SANDBOX",
-            "POD",
-            "STATE",
-            "INSTANCE",
-            "IPS",
-            "AGE",
-            "NAME",
-            "SPEC",
-            "ATTEMPTS",
-            "GENERATION",
-            "LAST ERROR",
-        ]
-    } else {
-        &[
-            "SANDBOX",
-            "POD",
-            "STATE",
-            "INSTANCE",
-            "IPS",
-            "AGE",
-            "LAST ERROR",
-        ]
-    };
-    table(header, &rows)
+    // As the rows: the wide columns before the last error.
+    let mut header = vec!["SANDBOX", "POD", "STATE", "INSTANCE", "IPS", "AGE"];
+    if wide {
+        header.extend(["NAME", "SPEC", "ATTEMPTS", "GENERATION"]);
+    }
+    header.push("LAST ERROR");
+    table(&header, &rows)
 }
 
 /// What a pod asked for, `key=value` joined by commas (`vcpus=2,memory_mib=4096`).
@@ -258,12 +244,9 @@ pub fn instance(i: &Value, output: Output) -> String {
     line("Instance name:", clean(str_of(i, "instance_name")));
     line("IPs:", clean(&ips_of(i)));
     line("Spec:", spec_text(&i["spec"]));
-    line("Attempts:", i["attempts"].as_u64().unwrap_or(0).to_string());
+    line("Attempts:", count_of(i, "attempts"));
     line("Last error:", clean(str_of(i, "last_error")));
-    line(
-        "Generation:",
-        i["generation"].as_u64().unwrap_or(0).to_string(),
-    );
+    line("Generation:", count_of(i, "generation"));
     line("Idempotency token:", clean(str_of(i, "idempotency_token")));
     line("Created:", clean(str_of(i, "created_at")));
     line("Updated:", clean(str_of(i, "updated_at")));
