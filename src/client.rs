@@ -23,6 +23,7 @@ use crate::protocols::grpc::admin::{self, admin_client::AdminClient};
 use crate::protocols::ttrpc::{hypervisor, hypervisor_ttrpc::HypervisorClient};
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use podvisor_providers::duration::parse_duration;
+use podvisor_state::report;
 use render::Output;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -331,21 +332,6 @@ fn now_millis() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// An error and every error under it, as one sentence chain: `a: b: c`
-/// (a cause that repeats its parent's text is left out).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text = format!("{text}: {next}");
-        }
-        source = s.source();
-    }
-    text
-}
-
 /// GET `path` on the admin endpoint: its JSON, or the daemon's error.
 async fn http_get(addr: SocketAddr, path: &str) -> Result<Value, ClientError> {
     let url = format!("http://{addr}{path}");
@@ -358,10 +344,10 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<Value, ClientError> {
         let mut resp = agent.get(&url).call().map_err(|e| match e {
             // ureq shows these as `io: …`.
             ureq::Error::Io(io) => io.to_string(),
-            other => chain(&other),
+            other => report(&other),
         })?;
         let status = resp.status().as_u16();
-        let body = resp.body_mut().read_to_string().map_err(|e| chain(&e));
+        let body = resp.body_mut().read_to_string().map_err(|e| report(&e));
         Ok::<_, String>((status, body))
     })
     .await
@@ -452,7 +438,7 @@ async fn admin_tcp(
         .map_err(|e| ClientError::Unreachable {
             endpoint: addr.to_string(),
             flag: GRPC_FLAG,
-            reason: chain(&e),
+            reason: report(&e),
         })
 }
 
@@ -461,7 +447,7 @@ async fn admin_unix(path: &Path) -> Result<AdminClient<tonic::transport::Channel
     socket_present(path, GRPC_SOCKET_FLAG)?;
     AdminClient::connect(format!("unix://{}", path.display()))
         .await
-        .map_err(|e| ClientError::unreachable_socket(path, GRPC_SOCKET_FLAG, chain(&e)))
+        .map_err(|e| ClientError::unreachable_socket(path, GRPC_SOCKET_FLAG, report(&e)))
 }
 
 /// A gRPC error status as the daemon's refusal.
@@ -770,13 +756,5 @@ mod tests {
         assert_eq!(path_segment("3f2a-9c_1.b~"), "3f2a-9c_1.b~");
         assert_eq!(path_segment("../status"), "..%2Fstatus");
         assert_eq!(path_segment("a?b#c d"), "a%3Fb%23c%20d");
-    }
-
-    #[test]
-    fn an_error_chain_reads_as_one_sentence() {
-        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        let outer = std::io::Error::other(inner);
-        // io::Error::other displays its inner error: no repetition.
-        assert_eq!(chain(&outer), "refused");
     }
 }
