@@ -1,0 +1,398 @@
+//! The container image, as CI builds it (`scripts/build-image.sh`), run with
+//! podman: it says its version and help, carries its OCI labels, and its
+//! daemon — under the chart's security context (read-only root, every
+//! capability dropped but NET_ADMIN and SYS_ADMIN, the node's network) and
+//! on the local provider — answers `/readyz` and takes a pod VM through
+//! CreateVM, StartVM and StopVM from the host's client over the mounted
+//! Kata socket, then exits 0 on SIGTERM.
+//!
+//! Needs `PODVISOR_IMAGE`, the OCI archive `scripts/build-image.sh` wrote
+//! (`eval "$(scripts/build-image.sh)"`; `scripts/test.sh` does), and podman
+//! (`PODMAN`, else on `PATH`). podman's storage is the test's own temporary
+//! directory: nothing of the machine's containers configuration is used or
+//! left behind. Without either, SKIPPED (under `CI=true`, a failure).
+
+#[path = "common/tools.rs"]
+mod tools;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use tools::{say, skip, text, tool};
+
+const FILE: &str = "tests/image.rs";
+
+/// The image's name in the archive (`scripts/build-image.sh`).
+fn image_name() -> String {
+    format!("localhost/podvisor:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// podman with its own storage in a temporary directory, the image loaded.
+struct Podman {
+    program: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Podman {
+    /// podman with the archive of `PODVISOR_IMAGE` loaded; `None` (after
+    /// `skip`) when either is missing.
+    fn load(test: &str) -> Option<Podman> {
+        let Some(archive) = std::env::var_os("PODVISOR_IMAGE").filter(|v| !v.is_empty()) else {
+            skip(
+                FILE,
+                test,
+                "PODVISOR_IMAGE is not set (eval \"$(scripts/build-image.sh)\")",
+            );
+            return None;
+        };
+        let archive = PathBuf::from(archive);
+        if !archive.is_file() {
+            skip(
+                FILE,
+                test,
+                &format!(
+                    "PODVISOR_IMAGE={} is not a file (eval \"$(scripts/build-image.sh)\")",
+                    archive.display()
+                ),
+            );
+            return None;
+        }
+        let program = tool("PODMAN", "podman");
+        if let Err(e) = tools::runs(&program, &["--version"]) {
+            skip(FILE, test, &format!("podman: {e}"));
+            return None;
+        }
+        let podman = Podman {
+            program,
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        let out = podman.run(&["load", "--quiet", "--input", &archive.to_string_lossy()]);
+        assert!(
+            out.status.success(),
+            "podman load {}: {}",
+            archive.display(),
+            text(&out)
+        );
+        Some(podman)
+    }
+
+    /// `podman <args…>` on the test's own storage.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.program);
+        c.arg("--root")
+            .arg(self.dir.path().join("storage"))
+            .arg("--runroot")
+            .arg(self.dir.path().join("run"))
+            // vfs works on any file system, overlay needs kernel support a
+            // CI container may not give; cgroupfs and file events need no
+            // systemd.
+            .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
+            .args(["--events-backend", "file"]);
+        // crun 1.8 (Debian 12) refuses hybrid cgroup hierarchies, which
+        // CI's machines have; runc runs on them.
+        if tools::runs(Path::new("runc"), &["--version"]).is_ok() {
+            c.args(["--runtime", "runc"]);
+        }
+        c.args(args);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("running podman")
+    }
+
+    /// `podman run --rm <flags> IMAGE <args…>`, with limits below the
+    /// machine's hard ones (podman's defaults for root exceed them where
+    /// the runtime lacks CAP_SYS_RESOURCE, as in CI's containers).
+    fn run_image(&self, flags: &[&str], args: &[&str]) -> Output {
+        let image = image_name();
+        let mut all = vec!["run", "--rm"];
+        all.extend(LIMITS);
+        all.extend(flags);
+        all.push(&image);
+        all.extend(args);
+        self.run(&all)
+    }
+}
+
+/// The container's resource limits: podvisor raises its soft NOFILE to the
+/// hard one.
+const LIMITS: [&str; 4] = [
+    "--ulimit",
+    "nofile=4096:4096",
+    "--ulimit",
+    "nproc=4096:4096",
+];
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_image_says_its_version_and_help_and_carries_its_oci_labels() {
+    let Some(podman) =
+        Podman::load("the_image_says_its_version_and_help_and_carries_its_oci_labels")
+    else {
+        return;
+    };
+
+    let out = podman.run_image(&[], &["--version"]);
+    assert!(out.status.success(), "podvisor --version: {}", text(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("podvisor {}", env!("CARGO_PKG_VERSION")),
+        "{}",
+        text(&out)
+    );
+
+    let out = podman.run_image(&[], &["--help"]);
+    assert!(out.status.success(), "podvisor --help: {}", text(&out));
+    let help = stdout(&out);
+    assert!(
+        help.contains("Providers (run the daemon), then commands"),
+        "{help}"
+    );
+    // Every provider the chart offers is in the image's build: the aws and
+    // libvirt subcommands answer (libvirt's library loaded from the image).
+    for provider in ["local", "aws", "libvirt"] {
+        let out = podman.run_image(&[], &[provider, "--help"]);
+        assert!(
+            out.status.success(),
+            "podvisor {provider} --help: {}",
+            text(&out)
+        );
+    }
+
+    // The OCI annotation keys, as labels, from Cargo.toml and git.
+    let out = podman.run(&["image", "inspect", &image_name()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let inspect: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
+    let image = &inspect[0];
+    let labels = &image["Labels"];
+    assert_eq!(
+        labels["org.opencontainers.image.version"],
+        env!("CARGO_PKG_VERSION"),
+        "{labels}"
+    );
+    assert_eq!(
+        labels["org.opencontainers.image.licenses"],
+        env!("CARGO_PKG_LICENSE"),
+        "{labels}"
+    );
+    assert_eq!(
+        labels["org.opencontainers.image.source"],
+        env!("CARGO_PKG_REPOSITORY"),
+        "{labels}"
+    );
+    let revision = labels["org.opencontainers.image.revision"]
+        .as_str()
+        .unwrap_or_default();
+    if let Ok(head) = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(tools::root())
+        .output()
+        && head.status.success()
+    {
+        let head = stdout(&head);
+        assert!(
+            revision.starts_with(head.trim()),
+            "the image is of {revision}, the checkout of {}: rebuild it (eval \"$(scripts/build-image.sh)\")",
+            head.trim()
+        );
+    }
+    assert_eq!(
+        image["Config"]["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/podvisor"]),
+        "{image}"
+    );
+    let size = image["Size"].as_u64().unwrap_or_default();
+    say(&format!(
+        "{FILE}: the image is {:.1} MiB",
+        size as f64 / (1024.0 * 1024.0)
+    ));
+}
+
+/// A free TCP port on 127.0.0.1.
+fn free_port() -> u16 {
+    podvisor_podvm::testing::free_port()
+}
+
+/// GET `url`: the status and body, or why not.
+fn get(url: &str) -> Result<(u16, String), String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut resp = agent.get(url).call().map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    Ok((status, body))
+}
+
+/// The host's `podvisor` client, pointed at the container's endpoints.
+fn client(socket: &Path, admin: &str, grpc: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .env_clear()
+        .arg("--socket")
+        .arg(socket)
+        .args(["--admin-addr", admin, "--grpc-addr", grpc])
+        .args(args)
+        .output()
+        .expect("running the podvisor client");
+    (
+        out.status.success(),
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Stops the container when a test ends, passing or not.
+struct Container<'a> {
+    podman: &'a Podman,
+    name: String,
+}
+
+impl Drop for Container<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .podman
+            .run(&["rm", "--force", "--time", "0", &self.name]);
+    }
+}
+
+#[test]
+fn the_daemon_in_the_image_serves_a_pod_vm_under_the_charts_security_context() {
+    let test = "the_daemon_in_the_image_serves_a_pod_vm_under_the_charts_security_context";
+    let Some(podman) = Podman::load(test) else {
+        return;
+    };
+    // The node's directories the chart mounts (deploy/helm/podvisor/templates/daemonset.yaml).
+    let node = tempfile::tempdir().expect("tempdir");
+    let peerpod = node.path().join("peerpod");
+    let state = node.path().join("state");
+    for dir in [&peerpod, &state] {
+        std::fs::create_dir(dir).expect("mkdir");
+    }
+    let admin = format!("127.0.0.1:{}", free_port());
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let name = format!("podvisor-image-test-{}", std::process::id());
+
+    // As the chart runs it: the provider as the argument, the chart's own
+    // variables, its security context and volumes.
+    let peerpod_mount = format!("{}:/run/peerpod", peerpod.display());
+    let state_mount = format!("{}:/var/lib/podvisor", state.display());
+    let admin_env = format!("PODVISOR_ADMIN_ADDR={admin}");
+    let grpc_env = format!("PODVISOR_GRPC_ADDR={grpc}");
+    let image = image_name();
+    let mut args = vec!["run", "--detach", "--name", &name];
+    args.extend(LIMITS);
+    args.extend([
+        "--network",
+        "host",
+        "--user",
+        "0",
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--cap-add",
+        "NET_ADMIN,SYS_ADMIN",
+        "--security-opt",
+        "no-new-privileges",
+        "--tmpfs",
+        "/tmp",
+        "--volume",
+        &peerpod_mount,
+        "--volume",
+        &state_mount,
+        "--env",
+        "NODE_NAME=image-test-node",
+        "--env",
+        &admin_env,
+        "--env",
+        &grpc_env,
+        "--env",
+        "PODVISOR_STATE_DIR=/var/lib/podvisor",
+        "--env",
+        "REMOTE_HYPERVISOR_ENDPOINT=/run/peerpod/hypervisor.sock",
+        "--env",
+        "PODS_DIR=/run/peerpod/pods",
+        "--env",
+        "PODVISOR_SHUTDOWN_GRACE=10s",
+        "--env",
+        "PODVISOR_LOG_FORMAT=json",
+        &image,
+        "local",
+    ]);
+    let out = podman.run(&args);
+    assert!(out.status.success(), "podman run: {}", text(&out));
+    let container = Container {
+        podman: &podman,
+        name: name.clone(),
+    };
+    let logs = || text(&podman.run(&["logs", &name]));
+
+    // /readyz: 200 once recovery is decided (nothing to recover here).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match get(&format!("http://{admin}/readyz")) {
+            Ok((200, _)) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "/readyz never answered 200 (last: {other:?}); the container's log:\n{}",
+                logs()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, body) = get(&format!("http://{admin}/v1/status")).expect("/v1/status");
+    assert_eq!(status, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    assert_eq!(status["provider"], "local", "{status}");
+    assert_eq!(status["node"], "image-test-node", "{status}");
+
+    // A pod VM through the mounted Kata socket: the image's forwarder is
+    // what the local provider starts.
+    let socket = peerpod.join("hypervisor.sock");
+    let (ok, id, err) = client(
+        &socket,
+        &admin,
+        &grpc,
+        &["create", "--pod", "web", "--namespace", "default"],
+    );
+    assert!(ok, "create: {err}\n{}", logs());
+    let id = id.trim().to_owned();
+    let (ok, _, err) = client(&socket, &admin, &grpc, &["start", &id]);
+    assert!(ok, "start: {err}\n{}", logs());
+    let (ok, json, err) = client(&socket, &admin, &grpc, &["instance", &id, "-o", "json"]);
+    assert!(ok, "instance: {err}");
+    let record: serde_json::Value = serde_json::from_str(&json).expect("instance JSON");
+    assert_eq!(record["state"], "running", "{record}");
+    // The journal is in the node's directory, where it outlives the pod.
+    assert!(
+        std::fs::read_dir(&state)
+            .expect("state dir")
+            .next()
+            .is_some(),
+        "nothing written to the mounted state directory"
+    );
+    let (ok, _, err) = client(&socket, &admin, &grpc, &["stop", &id]);
+    assert!(ok, "stop: {err}\n{}", logs());
+
+    // SIGTERM (podman stop): the daemon exits 0 within its grace.
+    let out = podman.run(&["stop", "--time", "20", &name]);
+    assert!(out.status.success(), "podman stop: {}", text(&out));
+    let out = podman.run(&["inspect", "--format", "{{.State.ExitCode}}", &name]);
+    assert_eq!(
+        stdout(&out).trim(),
+        "0",
+        "exit code; the container's log:\n{}",
+        logs()
+    );
+    let log = logs();
+    assert!(!log.contains("panicked"), "{log}");
+    drop(container);
+}
