@@ -163,8 +163,18 @@ fn everything_on(provider: &str) -> Value {
         "imagePullSecrets": [{"name": "registry"}],
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
         "tolerations": [{"operator": "Exists"}],
+        "extraArgs": ["--disable-tls"],
+        "extraVolumes": [{"name": "libvirt", "hostPath": {"path": "/var/run/libvirt"}}],
+        "extraVolumeMounts": [{"name": "libvirt", "mountPath": "/var/run/libvirt"}],
     });
     merge(&mut values, &extra);
+    // A flag of the provider's own, which has no variable.
+    let provider_args = match provider {
+        "libvirt" => json!(["--firmware", ""]),
+        "aws" => json!(["--aws-profile", "peerpods"]),
+        _ => json!(["--address-range", "127.64.0.0/12"]),
+    };
+    merge(&mut values, &json!({ "providerArgs": provider_args }));
     values
 }
 
@@ -328,6 +338,41 @@ fn bad_values_fail_naming_the_value() {
             said.contains(message),
             "{what}: the error does not say {message:?}:\n{said}"
         );
+    }
+}
+
+/// With a launch template (USE_PODVM_LAUNCHTEMPLATE true, in any spelling
+/// the daemon takes) the template names the image, so no PODVM_AMI_ID is
+/// needed — in the schema and in the template alike; false still needs it.
+#[test]
+fn aws_with_a_launch_template_needs_no_ami() {
+    let Some(tools) = tools("aws_with_a_launch_template_needs_no_ami") else {
+        return;
+    };
+    for on in [json!("true"), json!("Yes"), json!("1"), json!(true)] {
+        let values = json!({"provider": "aws", "providers": {"aws": {"env": {
+            "USE_PODVM_LAUNCHTEMPLATE": on, "PODVM_LAUNCHTEMPLATE_NAME": "peerpods"}}}});
+        for extra in [&[][..], &["--skip-schema-validation"][..]] {
+            let out = tools.template(&values, extra);
+            assert!(
+                out.status.success(),
+                "USE_PODVM_LAUNCHTEMPLATE={on} {extra:?}: {}",
+                text(&out)
+            );
+        }
+    }
+    let values = json!({"provider": "aws", "providers": {"aws": {"env": {
+        "USE_PODVM_LAUNCHTEMPLATE": "false"}}}});
+    for (extra, message) in [
+        (&[][..], "/providers/aws/env/PODVM_AMI_ID"),
+        (
+            &["--skip-schema-validation"][..],
+            "providers.aws.env.PODVM_AMI_ID is required",
+        ),
+    ] {
+        let out = tools.template(&values, extra);
+        assert!(!out.status.success(), "launch template off {extra:?}");
+        assert!(text(&out).contains(message), "{}", text(&out));
     }
 }
 
@@ -573,6 +618,43 @@ fn the_daemonset_is_one_daemon_per_node_with_tight_privileges_and_rbac() {
                    {"secretRef": {"name": "peer-pods-secret", "optional": true}}]),
             "{what}: envFrom"
         );
+
+        // The arguments: extraArgs, the provider, providerArgs — and the
+        // daemon takes them (clap parses the whole line before --help).
+        let provider = values["provider"].as_str().unwrap_or("local");
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut args = strings(&values["extraArgs"]);
+        args.push(provider.to_string());
+        args.extend(strings(&values["providerArgs"]));
+        assert_eq!(c["args"], json!(args), "{what}: args");
+        let out = Command::new(env!("CARGO_BIN_EXE_podvisor"))
+            .args(&args)
+            .arg("--help")
+            .output()
+            .expect("podvisor");
+        assert!(
+            out.status.success(),
+            "{what}: podvisor refuses the chart's arguments {args:?}: {}",
+            text(&out)
+        );
+        // extraVolumes and extraVolumeMounts come after the chart's own.
+        for (list, extra) in [
+            (&pod["volumes"], &values["extraVolumes"]),
+            (&c["volumeMounts"], &values["extraVolumeMounts"]),
+        ] {
+            let list = list.as_array().expect("a list");
+            for item in extra.as_array().into_iter().flatten() {
+                assert!(list.contains(item), "{what}: {item} not in {list:?}");
+            }
+        }
 
         // Capabilities: NET_ADMIN and SYS_ADMIN (CHOWN only for a socket group).
         let sc = &c["securityContext"];

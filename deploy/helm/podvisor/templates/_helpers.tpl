@@ -28,8 +28,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
      chosen provider's, each non-empty value as a string. */}}
 {{- define "podvisor.configData" -}}
 {{- $provider := index .Values.providers .Values.provider -}}
-{{- if eq .Values.provider "aws" -}}
-{{- $_ := required "providers.aws.env.PODVM_AMI_ID is required with provider aws" $provider.env.PODVM_AMI_ID -}}
+{{- if and (eq .Values.provider "aws") (not (include "podvisor.truthy" $provider.env.USE_PODVM_LAUNCHTEMPLATE)) -}}
+{{- $_ := required "providers.aws.env.PODVM_AMI_ID is required with provider aws (unless USE_PODVM_LAUNCHTEMPLATE is true: then the launch template names the image)" $provider.env.PODVM_AMI_ID -}}
 {{- end -}}
 CLOUD_PROVIDER: {{ .Values.provider | quote }}
 {{- range $key, $value := .Values.config.env }}
@@ -51,4 +51,11 @@ CLOUD_PROVIDER: {{ .Values.provider | quote }}
 {{ $key }}: {{ toString $value | b64enc | quote }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* "true" when the value is one of the spellings the daemon's boolean
+     variables accept as true (clap's BoolishValueParser: y, yes, t, true,
+     on, 1, any case), else empty. */}}
+{{- define "podvisor.truthy" -}}
+{{- if has (lower (toString .)) (list "y" "yes" "t" "true" "on" "1") -}}true{{- end -}}
 {{- end -}}
