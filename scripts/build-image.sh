@@ -13,8 +13,9 @@
 # The image is named localhost/podvisor:<version> and written as an OCI
 # archive, target/image/podvisor-<version>.oci.tar; the script's storage is
 # a temporary directory, so it needs no containers configuration and leaves
-# none behind. Its created time is the last commit's (buildah --timestamp):
-# the same commit built the same way gives the same image.
+# none behind. Its created time is the last commit's (buildah --timestamp),
+# not the build's; the binaries and libraries are what this machine's
+# toolchain and packages give.
 #
 # Prints PODVISOR_IMAGE=<absolute path of the archive> on stdout, so a caller
 # can `eval` it (tests/image.rs runs it); progress goes to stderr. Needs
@@ -26,51 +27,79 @@
 # To push it: skopeo copy oci-archive:target/image/podvisor-<version>.oci.tar \
 #   docker://<registry>/podvisor:<version>   (docs/install.md)
 set -euo pipefail
+caller="$PWD"
 cd "$(dirname "$0")/.."
+# The image's directories and files readable by all, whatever the caller's umask.
+umask 022
 
+if ! command -v buildah >/dev/null; then
+    echo "build-image: buildah is not installed (Debian: apt-get install buildah)" >&2
+    exit 1
+fi
 out_dir="${PODVISOR_IMAGE_DIR:-target/image}"
+case "$out_dir" in /*) ;; *) [ -n "${PODVISOR_IMAGE_DIR:-}" ] && out_dir="$caller/$out_dir" ;; esac
 
 echo "build-image: building the release binaries" >&2
 cargo build --release --locked -p podvisor --features libvirt --bin podvisor >&2
 cargo build --release --locked -p podvisor-podvm --bins >&2
-bins=(target/release/podvisor target/release/podvisor-forwarder target/release/podvisor-userdata)
 
-# Version, licence and source from Cargo.toml, as cargo reads them.
-read -r version licenses source < <(
-    cargo metadata --no-deps --format-version 1 --locked |
-        python3 -c 'import json, sys
-p = next(p for p in json.load(sys.stdin)["packages"] if p["name"] == "podvisor")
-print(p["version"], p["license"], p["repository"])'
-)
+# Version, licence, source and the target directory, as cargo reads them
+# (one a line: a licence may hold spaces).
+metadata="$(cargo metadata --no-deps --format-version 1 --locked)"
+fields="$(python3 -c 'import json, sys
+m = json.load(sys.stdin)
+p = next(p for p in m["packages"] if p["name"] == "podvisor")
+for v in (p["version"], p["license"], p["repository"], m["target_directory"]):
+    if not v:
+        sys.exit("build-image: Cargo.toml lacks the version, license or repository of podvisor")
+    print(v)' <<<"$metadata")"
+{ read -r version; read -r licenses; read -r source; read -r target_dir; } <<<"$fields"
+bins=("$target_dir/release/podvisor" "$target_dir/release/podvisor-forwarder" "$target_dir/release/podvisor-userdata")
 revision=unknown
 created=0
 if git rev-parse --git-dir >/dev/null 2>&1; then
     revision="$(git rev-parse HEAD)"
-    [ -z "$(git status --porcelain --untracked-files=no)" ] || revision="$revision-dirty"
+    [ -z "$(git status --porcelain)" ] || revision="$revision-dirty"
     created="$(git log -1 --format=%ct)"
 fi
 
 stage="$(mktemp -d)"
 trap 'buildah --root "$stage/storage" --runroot "$stage/run" --storage-driver vfs rm --all >/dev/null 2>&1 || true; rm -rf "$stage"' EXIT
-rootfs="$stage/rootfs"
+context="$stage/context"
+rootfs="$context/rootfs"
 mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc/ssl/certs"
 install -m 0755 "${bins[@]}" "$rootfs/usr/local/bin/"
 
 # Every library a binary links, at the path the loader will look for it
 # (ldd's "name => /path" and the loader's own "/path" lines), dereferenced.
 for bin in "${bins[@]}"; do
-    if ldd "$bin" | grep -q "not found"; then
-        echo "build-image: $bin links a library this machine lacks:" >&2
-        ldd "$bin" | grep "not found" >&2
+    if ! links="$(ldd "$bin")"; then
+        echo "build-image: ldd $bin failed (not a dynamic executable?)" >&2
         exit 1
     fi
-    ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'
+    if [[ "$links" == *"not found"* ]]; then
+        echo "build-image: $bin links a library this machine lacks:" >&2
+        grep "not found" <<<"$links" >&2
+        exit 1
+    fi
+    awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' <<<"$links"
 done | sort -u | while read -r lib; do
     mkdir -p "$rootfs$(dirname "$lib")"
     cp -L "$lib" "$rootfs$lib"
 done
 cp -L /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
 mkdir -m 1777 "$rootfs/tmp"
+# Name lookups: /etc/hosts before DNS (glibc's default without this file is
+# DNS first, so the node's /etc/hosts and hostAliases would be read only
+# when no DNS server answers); users and groups from files, with root only
+# (a PODVISOR_SOCKET_GROUP given by name must be in the image: give a number).
+printf 'passwd: files\ngroup: files\nhosts: files dns\n' >"$rootfs/etc/nsswitch.conf"
+printf 'root:x:0:0:root:/:/usr/local/bin/podvisor\n' >"$rootfs/etc/passwd"
+printf 'root:x:0:\n' >"$rootfs/etc/group"
+# libvirt's client looks for libvirtd's socket under /run/libvirt; a mount
+# at /var/run/libvirt (the node's path) reaches it through this link.
+mkdir -p "$rootfs/run" "$rootfs/var"
+ln -s ../run "$rootfs/var/run"
 
 image="localhost/podvisor:$version"
 echo "build-image: building $image ($revision)" >&2
@@ -86,11 +115,11 @@ done
     -f Containerfile \
     --build-arg "VERSION=$version" --build-arg "REVISION=$revision" \
     --build-arg "SOURCE=$source" --build-arg "LICENSES=$licenses" \
-    "${annotations[@]}" -t "$image" "$stage" >&2
+    "${annotations[@]}" -t "$image" "$context" >&2
 
 mkdir -p "$out_dir"
 archive="$(cd "$out_dir" && pwd)/podvisor-$version.oci.tar"
 rm -f "$archive"
 "${buildah_[@]}" push --quiet "$image" "oci-archive:$archive:$image" >&2
 echo "build-image: wrote $archive ($(du -h "$archive" | cut -f1))" >&2
-echo "PODVISOR_IMAGE=$archive"
+printf 'PODVISOR_IMAGE=%q\n' "$archive"

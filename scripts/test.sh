@@ -62,7 +62,10 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 echo "== image (at ${SECONDS}s)"
 # The release binaries in the container image, as a user builds it; the
 # image's tests (tests/image.rs) run what this wrote.
-eval "$(scripts/build-image.sh)"
+# (An assignment, so that a failed build stops the run: `eval "$(…)"` would
+# not.)
+image_vars="$(scripts/build-image.sh)"
+eval "$image_vars"
 export PODVISOR_IMAGE
 
 echo "== tests (at ${SECONDS}s)"

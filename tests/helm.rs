@@ -164,8 +164,8 @@ fn everything_on(provider: &str) -> Value {
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
         "tolerations": [{"operator": "Exists"}],
         "extraArgs": ["--disable-tls"],
-        "extraVolumes": [{"name": "libvirt", "hostPath": {"path": "/var/run/libvirt"}}],
-        "extraVolumeMounts": [{"name": "libvirt", "mountPath": "/var/run/libvirt"}],
+        "extraVolumes": [{"name": "libvirt", "hostPath": {"path": "/run/libvirt"}}],
+        "extraVolumeMounts": [{"name": "libvirt", "mountPath": "/run/libvirt"}],
     });
     merge(&mut values, &extra);
     // A flag of the provider's own, which has no variable.
@@ -322,6 +322,12 @@ fn bad_values_fail_naming_the_value() {
             json!({"terminationGracePeriodSeconds": 20, "shutdownGraceSeconds": 20}),
             &[],
             "terminationGracePeriodSeconds (20) must be larger than shutdownGraceSeconds (20)",
+        ),
+        (
+            "a flag the chart sets itself, in extraArgs",
+            json!({"extraArgs": ["--disable-tls", "--state-dir=/elsewhere"]}),
+            &[],
+            "extraArgs: --state-dir is set by the chart",
         ),
         (
             "a PodMonitor for a loopback endpoint",

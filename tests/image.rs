@@ -83,6 +83,8 @@ impl Podman {
             .arg(self.dir.path().join("storage"))
             .arg("--runroot")
             .arg(self.dir.path().join("run"))
+            .arg("--tmpdir")
+            .arg(self.dir.path().join("tmp"))
             // vfs works on any file system, overlay needs kernel support a
             // CI container may not give; cgroupfs and file events need no
             // systemd.
@@ -106,7 +108,8 @@ impl Podman {
     /// the runtime lacks CAP_SYS_RESOURCE, as in CI's containers).
     fn run_image(&self, flags: &[&str], args: &[&str]) -> Output {
         let image = image_name();
-        let mut all = vec!["run", "--rm"];
+        // No network: nothing of podman's bridge set up on the machine.
+        let mut all = vec!["run", "--rm", "--network", "none"];
         all.extend(LIMITS);
         all.extend(flags);
         all.push(&image);
@@ -205,6 +208,44 @@ fn the_image_says_its_version_and_help_and_carries_its_oci_labels() {
         serde_json::json!(["/usr/local/bin/podvisor"]),
         "{image}"
     );
+    // And as the manifest's annotations.
+    for key in [
+        "org.opencontainers.image.version",
+        "org.opencontainers.image.licenses",
+        "org.opencontainers.image.source",
+        "org.opencontainers.image.revision",
+    ] {
+        assert_eq!(
+            image["Annotations"][key], labels[key],
+            "annotation {key}: {image}"
+        );
+    }
+
+    // The files beside the binaries: name lookups from /etc/hosts first,
+    // root in passwd and group, the CA bundle, /var/run as /run.
+    let out = podman.run(&["create", "--name", "files", &image_name()]);
+    assert!(out.status.success(), "podman create: {}", text(&out));
+    let files = tempfile::tempdir().expect("tempdir");
+    for (i, (path, expect)) in [
+        ("/etc/nsswitch.conf", "hosts: files dns"),
+        ("/etc/passwd", "root:x:0:0:"),
+        ("/etc/group", "root:x:0:"),
+        (
+            "/etc/ssl/certs/ca-certificates.crt",
+            "-----BEGIN CERTIFICATE-----",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dest = files.path().join(i.to_string());
+        let out = podman.run(&["cp", &format!("files:{path}"), &dest.to_string_lossy()]);
+        assert!(out.status.success(), "podman cp {path}: {}", text(&out));
+        let body = std::fs::read_to_string(&dest).expect("copied file");
+        assert!(body.contains(expect), "{path}: {body}");
+    }
+    let _ = podman.run(&["rm", "files"]);
+
     let size = image["Size"].as_u64().unwrap_or_default();
     say(&format!(
         "{FILE}: the image is {:.1} MiB",
@@ -296,6 +337,9 @@ fn the_daemon_in_the_image_serves_a_pod_vm_under_the_charts_security_context() {
         "--user",
         "0",
         "--read-only",
+        // Kubernetes' readOnlyRootFilesystem: no writable /run or /var/tmp
+        // (podman's --read-only would add them); /tmp is the chart's emptyDir.
+        "--read-only-tmpfs=false",
         "--cap-drop",
         "ALL",
         "--cap-add",
@@ -373,11 +417,8 @@ fn the_daemon_in_the_image_serves_a_pod_vm_under_the_charts_security_context() {
     assert_eq!(record["state"], "running", "{record}");
     // The journal is in the node's directory, where it outlives the pod.
     assert!(
-        std::fs::read_dir(&state)
-            .expect("state dir")
-            .next()
-            .is_some(),
-        "nothing written to the mounted state directory"
+        state.join("journal").is_dir(),
+        "no journal in the mounted state directory"
     );
     let (ok, _, err) = client(&socket, &admin, &grpc, &["stop", &id]);
     assert!(ok, "stop: {err}\n{}", logs());
