@@ -94,7 +94,9 @@ mkdir -m 1777 "$rootfs/tmp"
 # when no DNS server answers); users and groups from files, with root only
 # (a PODVISOR_SOCKET_GROUP given by name must be in the image: give a number).
 printf 'passwd: files\ngroup: files\nhosts: files dns\n' >"$rootfs/etc/nsswitch.conf"
-printf 'root:x:0:0:root:/:/usr/local/bin/podvisor\n' >"$rootfs/etc/passwd"
+# root's home is /root, where the AWS SDK looks for .aws/ (--aws-profile).
+printf 'root:x:0:0:root:/root:/sbin/nologin\n' >"$rootfs/etc/passwd"
+mkdir -m 0700 "$rootfs/root"
 printf 'root:x:0:\n' >"$rootfs/etc/group"
 # libvirt's client looks for libvirtd's socket under /run/libvirt; a mount
 # at /var/run/libvirt (the node's path) reaches it through this link.

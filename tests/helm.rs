@@ -626,7 +626,8 @@ fn the_daemonset_is_one_daemon_per_node_with_tight_privileges_and_rbac() {
         );
 
         // The arguments: extraArgs, the provider, providerArgs — and the
-        // daemon takes them (clap parses the whole line before --help).
+        // daemon knows every flag (clap refuses an unknown one before it
+        // honours --help; values are checked only when the daemon starts).
         let provider = values["provider"].as_str().unwrap_or("local");
         let strings = |v: &Value| -> Vec<String> {
             v.as_array()
@@ -651,7 +652,7 @@ fn the_daemonset_is_one_daemon_per_node_with_tight_privileges_and_rbac() {
             "{what}: podvisor refuses the chart's arguments {args:?}: {}",
             text(&out)
         );
-        // extraVolumes and extraVolumeMounts come after the chart's own.
+        // extraVolumes and extraVolumeMounts are in the pod, beside the chart's own.
         for (list, extra) in [
             (&pod["volumes"], &values["extraVolumes"]),
             (&c["volumeMounts"], &values["extraVolumeMounts"]),
