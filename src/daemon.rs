@@ -124,6 +124,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartupError> {
     let global = with_absolute_pods_dir(global)?;
+    // A daemon already serving this node's sockets: stop before making a
+    // journal, keys or directories of our own.
+    for (path, flag) in [
+        (global.kata.socket.clone(), crate::api::ttrpc::SOCKET_FLAG),
+        (global.grpc_socket_path(), crate::api::grpc::SOCKET_FLAG),
+    ] {
+        crate::api::refuse_if_served(&path, flag)
+            .map_err(|reason| StartupError::ControlSocket { reason })?;
+    }
     let Inputs {
         metrics: metrics_handle,
         node,

@@ -335,6 +335,12 @@ async fn a_second_daemon_does_not_take_over_a_live_socket() {
             && err.contains("another process is serving on it"),
         "{err}"
     );
+    // Refused before it made anything of its own: no journal, no keys.
+    assert!(
+        !second.state_dir().exists(),
+        "the refused daemon made {}",
+        second.state_dir().display()
+    );
     // The first daemon still serves Kata.
     let client = first.client().await;
     client

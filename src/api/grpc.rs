@@ -134,6 +134,9 @@ pub fn is_loopback(addr: &std::net::SocketAddr) -> bool {
     addr.ip().to_canonical().is_loopback()
 }
 
+/// The gRPC socket's flag and variable, as its errors name them.
+pub const SOCKET_FLAG: &str = "--grpc-socket (PODVISOR_GRPC_SOCKET)";
+
 /// Binds the gRPC unix socket at `path` for [`tonic`]'s
 /// `serve_with_incoming`, as [`super::bind_control_socket`] binds every
 /// control socket: exactly who may drive pod VMs through Kata may drive
@@ -146,7 +149,7 @@ pub fn bind_unix(
     path: &Path,
     group: Option<nix::unistd::Gid>,
 ) -> Result<tokio::net::UnixListener, String> {
-    super::bind_control_socket(path, group, "--grpc-socket (PODVISOR_GRPC_SOCKET)")
+    super::bind_control_socket(path, group, SOCKET_FLAG)
 }
 
 /// The gRPC status of an API error: its code and its message.

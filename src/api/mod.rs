@@ -102,6 +102,24 @@ pub fn validate_sandbox_id(id: &str) -> Result<(), ApiError> {
     crate::pod_dirs::check_sandbox_id(id).map_err(ApiError::InvalidArgument)
 }
 
+/// Refuses a control socket at `path` that something answers on: another
+/// daemon serves it. [`bind_control_socket`] checks this again at bind
+/// time; start-up checks it first, so a second daemon stops before it
+/// writes a journal or keys of its own.
+///
+/// # Errors
+/// A message starting with `flag` and the path, naming the flags a second
+/// daemon on this host needs.
+pub fn refuse_if_served(path: &std::path::Path, flag: &str) -> Result<(), String> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(format!(
+            "{flag} {}: another process is serving on it: another podvisor? A second daemon on this host needs its own --socket, --grpc-socket, --state-dir, --pods-dir, --admin-addr and --grpc-addr",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Binds a control socket (the Kata socket, the gRPC socket) at `path`:
 /// its directory is made, a stale file is replaced, a socket something
 /// still answers on is refused (taking it over would cut its clients off
@@ -123,11 +141,7 @@ pub fn bind_control_socket(
         std::fs::create_dir_all(dir)
             .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
     }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(fail(
-            "another process is serving on it: another podvisor? A second daemon on this host needs its own --socket, --grpc-socket, --state-dir, --pods-dir, --admin-addr and --grpc-addr".into(),
-        ));
-    }
+    refuse_if_served(path, flag)?;
     match std::fs::remove_file(path) {
         Ok(()) => tracing::debug!(socket = %path.display(), "removed a stale socket"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -147,6 +147,9 @@ pub fn resolve_group(group: &str) -> Result<nix::unistd::Gid, String> {
     }
 }
 
+/// The Kata socket's flag and variable, as its errors name them.
+pub const SOCKET_FLAG: &str = "--socket (REMOTE_HYPERVISOR_ENDPOINT)";
+
 /// Binds the socket (replacing a stale file), gives it [`SOCKET_MODE`] and
 /// `group`, and starts serving at most `max_connections` connections at
 /// once.
@@ -161,9 +164,8 @@ pub async fn serve(
     api: HypervisorApi,
     max_connections: u32,
 ) -> Result<Server, String> {
-    const FLAG: &str = "--socket (REMOTE_HYPERVISOR_ENDPOINT)";
-    let fail = |why: String| format!("{FLAG} {}: {why}", path.display());
-    let listener = super::bind_control_socket(path, group, FLAG)?;
+    let fail = |why: String| format!("{SOCKET_FLAG} {}: {why}", path.display());
+    let listener = super::bind_control_socket(path, group, SOCKET_FLAG)?;
     let service = Arc::new(Service { api });
     // Earlier podvisor builds answered under the name Rust's codegen made up;
     // a client built against them keeps working.
