@@ -128,6 +128,12 @@ impl std::fmt::Debug for RequestInputs<'_> {
 /// credentials are added later, at call time
 /// ([`crate::pull_secrets::PullSecrets::add_auth_json`]).
 ///
+/// `earlier_attempt` becomes [`CreateRequest::earlier_attempt`]: `true`
+/// unless the state machine knows this is the token's first create
+/// (`Command::Ensure { first_attempt: true }`: the token was made by the
+/// StartVM being served, in this process, and no create with it has been
+/// sent). A retry and the recovery of a `Creating` record set it.
+///
 /// # Errors
 ///
 /// The pod VM's TLS certificate cannot be issued; the message says why.
@@ -136,6 +142,7 @@ impl std::fmt::Debug for RequestInputs<'_> {
 pub fn create_request(
     record: &InstanceRecord,
     inputs: &RequestInputs<'_>,
+    earlier_attempt: bool,
 ) -> Result<CreateRequest, String> {
     let token = record.token.clone().unwrap_or_default();
     let identity = match inputs.pki {
@@ -169,6 +176,7 @@ pub fn create_request(
         pod_namespace: record.pod_namespace.clone(),
         instance_name: record.instance_name.clone(),
         token,
+        earlier_attempt,
         spec: record.spec.clone(),
         user_data,
         tags,
@@ -196,8 +204,14 @@ mod tests {
             tls_cipher_suites: None,
             journal: &journal,
         };
-        let request = create_request(&record, &inputs).unwrap();
+        let request = create_request(&record, &inputs, false).unwrap();
         assert_eq!(request.sandbox_id, "sb1");
+        assert!(!request.earlier_attempt);
+        assert!(
+            create_request(&record, &inputs, true)
+                .unwrap()
+                .earlier_attempt
+        );
         assert_eq!(request.instance_name, record.instance_name);
         assert_eq!(request.token, "tok-1");
         // The pod's own initdata wins over the daemon's.
@@ -207,7 +221,7 @@ mod tests {
             request.user_data
         );
         record.initdata = Some("H4sIpod".into());
-        let own = create_request(&record, &inputs).unwrap();
+        let own = create_request(&record, &inputs, false).unwrap();
         assert!(own.user_data.contains("H4sIpod") && !own.user_data.contains("H4sIdefault"));
         let tag = |key: &str| request.tags.get(key).map(String::as_str);
         assert_eq!(tag(TAG_NODE), Some("node-a"));

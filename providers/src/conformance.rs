@@ -4,8 +4,9 @@
 //! A provider's test calls [`run`] with a provider and a [`Fixture`]:
 //!
 //! ```text
-//! create → find → list by tag → idempotent re-create with the same token
-//! returns the same instance → delete → delete again is fine → find returns none
+//! create (a first attempt) → find → list by tag → idempotent re-create
+//! with the same token (an earlier attempt) returns the same instance →
+//! delete → delete again is fine → find returns none
 //! ```
 
 use crate::provider::{CreateRequest, Provider, TAG_NODE, TAG_SANDBOX, TAG_TOKEN};
@@ -36,7 +37,9 @@ impl Fixture {
         }
     }
 
-    /// The create request the suite sends, for generation `generation`.
+    /// The create request the suite sends, for generation `generation`: a
+    /// first attempt (`earlier_attempt: false`, as the daemon sends for a
+    /// fresh token).
     pub fn request(&self, generation: u64) -> CreateRequest {
         let token = idempotency_token(&self.sandbox_id, generation);
         let mut tags = BTreeMap::new();
@@ -49,6 +52,7 @@ impl Fixture {
             pod_namespace: "default".into(),
             instance_name: instance_name("conformance", &self.sandbox_id),
             token,
+            earlier_attempt: false,
             spec: self.spec.clone(),
             user_data: "#cloud-config\nwrite_files: []\n".into(),
             tags,
@@ -122,9 +126,13 @@ pub async fn run(provider: &dyn Provider, fixture: &Fixture) {
         "[{name}] listed under another node"
     );
 
-    // idempotent re-create
+    // idempotent re-create: the retry of a create whose answer was lost
+    let retry = CreateRequest {
+        earlier_attempt: true,
+        ..request.clone()
+    };
     let again = provider
-        .create_instance(&request)
+        .create_instance(&retry)
         .await
         .unwrap_or_else(|e| panic!("[{name}] re-create: {e}"));
     assert_eq!(

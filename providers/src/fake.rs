@@ -96,6 +96,8 @@ struct State {
     stopped: bool,
     /// Finds and lists report instances without addresses.
     unaddressed: bool,
+    /// [`CreateRequest::earlier_attempt`] of every create, in order.
+    earlier_attempts: Vec<bool>,
 }
 
 impl Default for FakeProvider {
@@ -111,6 +113,12 @@ impl FakeProvider {
             state: Mutex::new(State::default()),
             held: watch::Sender::new(BTreeSet::new()),
         }
+    }
+
+    /// The [`CreateRequest::earlier_attempt`] of every create call so far,
+    /// in order (also of the calls that failed or never finished).
+    pub fn earlier_attempts(&self) -> Vec<bool> {
+        self.state().earlier_attempts.clone()
     }
 
     /// The state; a test that panicked while holding it left nothing half
@@ -249,6 +257,7 @@ impl Provider for FakeProvider {
     }
 
     async fn create_instance(&self, request: &CreateRequest) -> Result<Instance, ProviderError> {
+        self.state().earlier_attempts.push(request.earlier_attempt);
         self.begin(Method::Create, request.sandbox_id.clone())
             .await?;
         let mut state = self.state();

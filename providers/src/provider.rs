@@ -37,6 +37,16 @@ pub struct CreateRequest {
     /// The idempotency token: a second create with it must return the first
     /// instance, never make a second one.
     pub token: String,
+    /// An earlier create with this token may have reached the cloud: a
+    /// retry of a create that failed or timed out, or the recovery of a
+    /// `Creating` record after a restart. `false` only when the journal
+    /// proves this is the token's first create (the daemon set a fresh
+    /// token for it). A provider whose cloud may ignore its idempotency
+    /// token (moto ignores EC2's `ClientToken`) looks the token up before
+    /// creating when this is `true`, and may skip that lookup when it is
+    /// `false`. When unsure, callers set `true`: a lookup too many costs a
+    /// call, one too few may make a second VM.
+    pub earlier_attempt: bool,
     /// What the pod asked for.
     pub spec: InstanceSpec,
     /// The cloud-config the pod VM reads at boot.
@@ -54,6 +64,7 @@ impl std::fmt::Debug for CreateRequest {
             .field("pod_namespace", &self.pod_namespace)
             .field("instance_name", &self.instance_name)
             .field("token", &self.token)
+            .field("earlier_attempt", &self.earlier_attempt)
             .field("spec", &self.spec)
             .field(
                 "user_data",
@@ -181,7 +192,10 @@ pub trait Provider: Send + Sync + 'static {
     ///   lost) returns the first instance and never makes a second one. A
     ///   cloud with a client token (EC2's `ClientToken`) is given the
     ///   token; a cloud without one relies on a lookup by token first and a
-    ///   deterministic name. The daemon also calls
+    ///   deterministic name. That lookup may be skipped when
+    ///   [`request.earlier_attempt`](CreateRequest::earlier_attempt) is
+    ///   `false` (the token's first create: nothing can carry it yet), and
+    ///   must be made when it is `true`. The daemon also calls
     ///   [`find_instance`](Self::find_instance) before every create that is
     ///   not the first attempt, so a cloud that ignores tokens still never
     ///   gets two VMs.

@@ -1,7 +1,8 @@
 //! The AWS provider against moto's EC2 server on loopback, through the real
 //! SDK: the conformance suite, idempotency (a repeated token, a lost
 //! response), tags and user data as the server stores them, paging, Elastic
-//! IPs, verification and instance type selection.
+//! IPs, verification, instance type selection, and the EC2 requests a pod
+//! VM costs.
 
 #![cfg(feature = "aws")]
 
@@ -12,7 +13,8 @@ use podvisor_providers::aws::testing::{
     AwsBed, Ec2Proxy, Fault, Moto, SECRET_ACCESS_KEY, TestNetwork, client_for,
 };
 use podvisor_providers::conformance::{Fixture, run};
-use podvisor_providers::{ErrorClass, Provider, TAG_NODE, TAG_SANDBOX, TAG_TOKEN};
+use podvisor_providers::{CreateRequest, ErrorClass, Provider, TAG_NODE, TAG_SANDBOX, TAG_TOKEN};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +36,7 @@ async fn the_same_token_twice_makes_one_instance() {
     let provider = bed.provider(&bed.moto.endpoint(), bed.settings());
     let request = Fixture::new("node-a").request(1);
     let first = provider.create_instance(&request).await.unwrap();
-    let second = provider.create_instance(&request).await.unwrap();
+    let second = provider.create_instance(&retry_of(&request)).await.unwrap();
     assert_eq!(first.id, second.id);
     let live = bed
         .moto
@@ -42,6 +44,15 @@ async fn the_same_token_twice_makes_one_instance() {
         .await;
     assert_eq!(live.len(), 1, "one instance per token on the server");
     assert_eq!(bed.moto.live_instances(None).await.len(), 1);
+}
+
+/// `request` as the daemon sends it again: an earlier create with its
+/// token may have reached the server.
+fn retry_of(request: &CreateRequest) -> CreateRequest {
+    CreateRequest {
+        earlier_attempt: true,
+        ..request.clone()
+    }
 }
 
 #[tokio::test]
@@ -60,17 +71,46 @@ async fn a_create_whose_response_is_lost_is_adopted_on_retry_not_duplicated() {
         "the server made the instance although the answer was lost"
     );
 
-    // The daemon's retry: look up by token, adopt what it finds.
+    // The daemon's lookup before a retry finds it by its token.
     let found = provider
         .find_instance(&request.token, &request.instance_name)
         .await
         .unwrap()
         .expect("the instance of the lost response is found by its token");
-    // And a plain repeated create returns that same instance.
-    let again = provider.create_instance(&request).await.unwrap();
+    // And the retried create (an earlier attempt may have reached the
+    // server) returns that same instance, on moto too, which ignores
+    // ClientToken: it looks the token up instead of running another.
+    proxy.reset_calls();
+    let again = provider.create_instance(&retry_of(&request)).await.unwrap();
     assert_eq!(again.id, found.id);
     assert_eq!(bed.moto.live_instances(None).await.len(), 1, "no duplicate");
-    assert_eq!(proxy.calls().get("RunInstances"), Some(&1));
+    let calls = proxy.calls();
+    assert_eq!(calls.get("RunInstances"), None, "{calls:?}");
+    assert_eq!(calls.get("DescribeInstances"), Some(&1), "{calls:?}");
+}
+
+#[tokio::test]
+async fn a_create_retried_after_its_answer_was_lost_leaves_exactly_one_instance() {
+    let bed = AwsBed::start().await;
+    let proxy = bed.proxy().await;
+    let provider = bed.provider(&proxy.endpoint(), bed.settings());
+    let request = Fixture::new("node-r").request(1);
+
+    // The first try's RunInstances reaches the server; its answer is lost.
+    proxy.fault("RunInstances", Fault::DropResponse, Some(1));
+    let lost = provider.create_instance(&request).await.unwrap_err();
+    assert!(lost.is_retryable(), "{lost:?}");
+    // The retry, straight away (no find in between), says so.
+    let made = provider.create_instance(&retry_of(&request)).await.unwrap();
+    let live = bed.moto.live_instances(None).await;
+    assert_eq!(live.len(), 1, "exactly one instance: {live:?}");
+    assert_eq!(live[0].instance_id(), Some(made.id.as_str()));
+    let calls = proxy.calls();
+    eprintln!("EC2 requests of a create retried after a lost answer: {calls:?}");
+    assert_eq!(calls.get("RunInstances"), Some(&1), "{calls:?}");
+    assert_eq!(calls.get("DescribeInstances"), Some(&1), "{calls:?}");
+    provider.delete_instance(&made.id).await.unwrap();
+    assert!(bed.moto.live_instances(None).await.is_empty());
 }
 
 /// Calls `call` until it succeeds, as the daemon's provider actor retries a
@@ -346,33 +386,78 @@ async fn terminated_instances_count_as_gone_and_deleting_them_is_fine() {
         .expect("a malformed id cannot exist");
 }
 
-#[tokio::test]
-async fn delete_releases_the_elastic_ips_of_the_instance() {
-    let bed = AwsBed::start().await;
-    let provider = bed.provider(&bed.moto.endpoint(), bed.settings());
-    let made = provider
-        .create_instance(&Fixture::new("node-e").request(1))
-        .await
-        .unwrap();
-    let ec2 = bed.moto.client();
+/// Allocates an Elastic IP and attaches it to instance `id`, behind
+/// podvisor's back; its allocation id.
+async fn attach_elastic_ip(moto: &Moto, id: &str) -> String {
+    let ec2 = moto.client();
     let address = ec2.allocate_address().send().await.unwrap();
     let allocation = address.allocation_id().unwrap().to_owned();
     ec2.associate_address()
         .allocation_id(&allocation)
-        .instance_id(&made.id)
+        .instance_id(id)
         .send()
         .await
         .unwrap();
+    allocation
+}
+
+/// Whether the account still holds the Elastic IP `allocation`.
+async fn allocated(moto: &Moto, allocation: &str) -> bool {
+    let left = moto.client().describe_addresses().send().await.unwrap();
+    left.addresses()
+        .iter()
+        .any(|a| a.allocation_id() == Some(allocation))
+}
+
+#[tokio::test]
+async fn delete_releases_the_elastic_ips_of_an_instance_seen_with_one() {
+    let bed = AwsBed::start().await;
+    let proxy = bed.proxy().await;
+    let provider = bed.provider(&proxy.endpoint(), bed.settings());
+    let made = provider
+        .create_instance(&Fixture::new("node-e").request(1))
+        .await
+        .unwrap();
+    let allocation = attach_elastic_ip(&bed.moto, &made.id).await;
+    // The orphan GC's listing by node tag reads the instance, and with it
+    // the address's owner.
+    let listed = provider.list_instances(TAG_NODE, "node-e").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    proxy.reset_calls();
     provider.delete_instance(&made.id).await.unwrap();
-    let left = ec2.describe_addresses().send().await.unwrap();
     assert!(
-        left.addresses()
-            .iter()
-            .all(|a| a.allocation_id() != Some(allocation.as_str())),
-        "the Elastic IP is released: {:?}",
-        left.addresses()
+        !allocated(&bed.moto, &allocation).await,
+        "the Elastic IP is released"
     );
     assert!(bed.moto.live_instances(None).await.is_empty());
+    let calls = proxy.calls();
+    assert_eq!(calls.get("DescribeAddresses"), Some(&1), "{calls:?}");
+    assert_eq!(calls.get("ReleaseAddress"), Some(&1), "{calls:?}");
+    assert_eq!(calls.get("TerminateInstances"), Some(&1), "{calls:?}");
+}
+
+/// The trade-off of not asking EC2 for addresses at every delete: an
+/// Elastic IP attached after the provider last read the instance is left
+/// to its owner (EC2 disassociates it at termination; it stays allocated).
+#[tokio::test]
+async fn an_elastic_ip_attached_since_the_instance_was_last_read_is_not_released() {
+    let bed = AwsBed::start().await;
+    let proxy = bed.proxy().await;
+    let provider = bed.provider(&proxy.endpoint(), bed.settings());
+    let made = provider
+        .create_instance(&Fixture::new("node-f").request(1))
+        .await
+        .unwrap();
+    let allocation = attach_elastic_ip(&bed.moto, &made.id).await;
+    proxy.reset_calls();
+    provider.delete_instance(&made.id).await.unwrap();
+    assert!(bed.moto.live_instances(None).await.is_empty());
+    assert!(
+        allocated(&bed.moto, &allocation).await,
+        "the address stays the account's"
+    );
+    let calls = proxy.calls();
+    assert_eq!(calls.get("DescribeAddresses"), None, "{calls:?}");
 }
 
 #[tokio::test]
@@ -469,21 +554,31 @@ async fn a_sized_request_gets_the_smallest_allowed_type_that_fits() {
 }
 
 #[tokio::test]
-async fn ec2_calls_per_lifecycle_are_few() {
+async fn a_first_try_pod_lifecycle_makes_exactly_run_instances_and_terminate_instances() {
     let bed = AwsBed::start().await;
     let proxy = bed.proxy().await;
     let provider = bed.provider(&proxy.endpoint(), bed.settings());
     provider.verify_config().await.unwrap();
     proxy.reset_calls();
     let request = Fixture::new("node-c").request(1);
+    assert!(!request.earlier_attempt, "the token's first create");
     let made = provider.create_instance(&request).await.unwrap();
+    assert!(
+        !made.ips.is_empty(),
+        "RunInstances's answer has the address"
+    );
     provider.delete_instance(&made.id).await.unwrap();
     let calls = proxy.calls();
     eprintln!("EC2 calls of one create + delete: {calls:?}");
-    let total: usize = calls.values().sum();
-    // DescribeInstances (token lookup), RunInstances, DescribeAddresses,
-    // TerminateInstances: the image and types were read by verify.
-    assert_eq!(total, 4, "{calls:?}");
+    // No token lookup (nothing can carry a fresh token), no address wait
+    // (RunInstances answers with the private address), no
+    // DescribeAddresses (never seen with an Elastic IP); the image and
+    // types were read by verify.
+    let expected: HashMap<String, usize> = [("RunInstances", 1), ("TerminateInstances", 1)]
+        .map(|(a, n)| (a.to_owned(), n))
+        .into();
+    assert_eq!(calls, expected);
+    assert!(bed.moto.live_instances(None).await.is_empty());
 }
 
 #[tokio::test]
@@ -651,7 +746,7 @@ async fn in_public_ip_mode_a_stopped_instance_of_the_token_is_started_and_waited
         .await
         .unwrap();
     proxy.reset_calls();
-    let again = provider.create_instance(&request).await.unwrap();
+    let again = provider.create_instance(&retry_of(&request)).await.unwrap();
     assert_eq!(again.id, made.id, "the token's instance, not another");
     let calls = proxy.calls();
     assert_eq!(calls.get("RunInstances"), None, "{calls:?}");

@@ -324,6 +324,36 @@ async fn volumes_left_by_a_create_cut_off_before_its_define_are_deleted_by_the_l
 }
 
 #[tokio::test]
+async fn a_create_replaces_the_volumes_a_create_cut_off_before_its_define_left() {
+    let conn = test_host();
+    let p = LibvirtProvider::new(settings());
+    let request = Fixture::new("node-r").request(1);
+    let name = request.instance_name.clone();
+    let pool = conn.lookup_storage_pool_by_name(POOL).unwrap();
+    for volume in [
+        format!("{name}-root.qcow2"),
+        format!("{name}-cloudinit.iso"),
+    ] {
+        let xml =
+            format!("<volume><name>{volume}</name><capacity unit='bytes'>4096</capacity></volume>");
+        StorageVol::create_xml(&pool, &xml, 0).unwrap();
+    }
+    // Straight to the create (no lookup first): its volume creates meet
+    // the leftovers, replace them, and the domain is defined.
+    let made = p.create_instance(&request).await.unwrap();
+    let root = pool
+        .lookup_storage_vol_by_name(&format!("{name}-root.qcow2"))
+        .unwrap();
+    assert!(
+        root.info().unwrap().capacity > 4096,
+        "the root volume is the create's, not the leftover"
+    );
+    assert_eq!(volumes_named(&conn, &name).len(), 2);
+    p.delete_instance(&made.id).await.unwrap();
+    assert!(volumes_named(&conn, &name).is_empty());
+}
+
+#[tokio::test]
 async fn domains_that_are_not_podvisors_are_never_listed_adopted_or_deleted() {
     let conn = test_host();
     let p = LibvirtProvider::new(settings());

@@ -293,7 +293,14 @@ impl PodVm {
     /// [`Event::Ensured`].
     fn ensure(&mut self, first_attempt: bool, ctx: &mut Context<Self>) {
         failpoints::hit(failpoints::CREATING_BEFORE_CREATE);
-        let request = match create_request(self.machine.target(), &self.deps.request_inputs()) {
+        // Not the token's first create: an earlier one may have reached the
+        // cloud, and the provider must look for what it made.
+        let earlier_attempt = !first_attempt;
+        let request = match create_request(
+            self.machine.target(),
+            &self.deps.request_inputs(),
+            earlier_attempt,
+        ) {
             Ok(r) => r,
             Err(message) => {
                 let failure = OpFailure {
@@ -313,12 +320,7 @@ impl PodVm {
             if let Some(secrets) = pull_secrets {
                 secrets.add_auth_json(&mut request).await;
             }
-            provider
-                .send(EnsureInstance {
-                    request,
-                    first_attempt,
-                })
-                .await
+            provider.send(EnsureInstance { request }).await
         };
         ctx.spawn(call.into_actor(self).map(|result, act, ctx| {
             let result = answered(result);

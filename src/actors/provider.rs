@@ -113,22 +113,27 @@ impl ProviderCalls {
         }
     }
 
-    /// Creates the instance of `request`; unless `first_attempt`, and on
-    /// every retry, looks it up by token first and adopts what it finds.
+    /// Creates the instance of `request`. When
+    /// [`CreateRequest::earlier_attempt`] is set, and on every retry of a
+    /// failed try (whose create may have happened), it looks the instance
+    /// up by token first and adopts what it finds, and the provider is told
+    /// so (`earlier_attempt: true`). A first attempt's first try makes one
+    /// call, the create, with `earlier_attempt: false`.
     ///
     /// # Errors
     /// The provider's last [`ProviderError`] once it is not retryable or
     /// [`CallPolicy::attempts`] tries are spent; a try that outlives
     /// [`CallPolicy::timeout`] counts as a transient "timed out" error.
-    pub async fn ensure(
-        &self,
-        request: &CreateRequest,
-        first_attempt: bool,
-    ) -> Result<Ensured, ProviderError> {
-        let lookup_first = AtomicBool::new(!first_attempt);
+    pub async fn ensure(&self, request: &CreateRequest) -> Result<Ensured, ProviderError> {
+        let retried = CreateRequest {
+            earlier_attempt: true,
+            ..request.clone()
+        };
+        let lookup_first = AtomicBool::new(request.earlier_attempt);
         self.call("create", true, || async {
             // After any try, the create may have happened: look before making.
-            if lookup_first.swap(true, Ordering::SeqCst) {
+            let earlier = lookup_first.swap(true, Ordering::SeqCst);
+            if earlier {
                 match self
                     .provider
                     .find_instance(&request.token, &request.instance_name)
@@ -156,7 +161,10 @@ impl ProviderCalls {
                     None => {}
                 }
             }
-            let made = self.provider.create_instance(request).await?;
+            let made = self
+                .provider
+                .create_instance(if earlier { &retried } else { request })
+                .await?;
             Ok(Ensured {
                 instance: made.to_ref(),
                 adopted: false,
@@ -264,17 +272,16 @@ fn off_thread<T: Send + 'static>(
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Ensured, ProviderError>")]
 pub struct EnsureInstance {
-    /// What to create.
+    /// What to create; its [`CreateRequest::earlier_attempt`] says whether
+    /// an earlier create may have made it.
     pub request: CreateRequest,
-    /// No earlier attempt can have made it.
-    pub first_attempt: bool,
 }
 
 impl Handler<EnsureInstance> for ProviderActor {
     type Result = ResponseFuture<Result<Ensured, ProviderError>>;
     fn handle(&mut self, msg: EnsureInstance, _: &mut Context<Self>) -> Self::Result {
         let calls = self.calls.clone();
-        off_thread(async move { calls.ensure(&msg.request, msg.first_attempt).await })
+        off_thread(async move { calls.ensure(&msg.request).await })
     }
 }
 
@@ -353,10 +360,29 @@ mod tests {
             pod_namespace: "n".into(),
             instance_name: "podvm-p-s".into(),
             token: "t".into(),
+            earlier_attempt: false,
             spec: Default::default(),
             user_data: String::new(),
             tags: [(podvisor_providers::TAG_TOKEN.to_owned(), "t".to_owned())].into(),
         }
+    }
+
+    /// The request of a create that is not its token's first.
+    fn earlier() -> CreateRequest {
+        CreateRequest {
+            earlier_attempt: true,
+            ..request()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_first_create_makes_one_call_and_says_it_is_the_first() {
+        let p = Arc::new(FakeProvider::new());
+        let calls = ProviderCalls::new(p.clone(), policy());
+        let e = calls.ensure(&request()).await.unwrap();
+        assert!(!e.adopted);
+        assert_eq!(p.methods(), [Method::Create]);
+        assert_eq!(p.earlier_attempts(), [false]);
     }
 
     #[tokio::test]
@@ -368,19 +394,25 @@ mod tests {
             ProviderError::transient("timeout after the VM was made"),
         );
         let calls = ProviderCalls::new(p.clone(), policy());
-        let e = calls.ensure(&request(), true).await.unwrap();
+        let e = calls.ensure(&request()).await.unwrap();
         assert_eq!(e.instance.id, "i-made-by-first-try");
         assert!(e.adopted);
         assert_eq!(p.methods(), [Method::Create, Method::Find]);
+        assert_eq!(p.earlier_attempts(), [false]);
     }
 
     #[tokio::test]
     async fn a_recovered_create_looks_up_before_creating() {
         let p = Arc::new(FakeProvider::new());
         let calls = ProviderCalls::new(p.clone(), policy());
-        let e = calls.ensure(&request(), false).await.unwrap();
+        let e = calls.ensure(&earlier()).await.unwrap();
         assert!(!e.adopted);
         assert_eq!(p.methods(), [Method::Find, Method::Create]);
+        assert_eq!(
+            p.earlier_attempts(),
+            [true],
+            "the provider is told an earlier create may have happened"
+        );
     }
 
     #[tokio::test]
@@ -389,7 +421,7 @@ mod tests {
         p.seed(&request(), "i-torn");
         p.set_stopped(true);
         let calls = ProviderCalls::new(p.clone(), policy());
-        let e = calls.ensure(&request(), false).await.unwrap();
+        let e = calls.ensure(&earlier()).await.unwrap();
         assert!(
             !e.adopted,
             "a stopped instance is brought up, not adopted as is"
@@ -403,7 +435,7 @@ mod tests {
         p.seed(&request(), "i-booting");
         p.set_unaddressed(true);
         let calls = ProviderCalls::new(p.clone(), policy());
-        let e = calls.ensure(&request(), false).await.unwrap();
+        let e = calls.ensure(&earlier()).await.unwrap();
         assert!(!e.adopted, "no address: the create waits for one");
         assert!(!e.instance.ips.is_empty());
         assert_eq!(p.methods(), [Method::Find, Method::Create]);
@@ -415,7 +447,7 @@ mod tests {
         p.fail_next(Method::Create, ProviderError::permanent("bad AMI"));
         let calls = ProviderCalls::new(p.clone(), policy());
         assert_eq!(
-            calls.ensure(&request(), true).await.unwrap_err().message,
+            calls.ensure(&request()).await.unwrap_err().message,
             "bad AMI"
         );
         assert_eq!(p.calls().len(), 1);
@@ -425,13 +457,7 @@ mod tests {
             p.fail_next(Method::Create, ProviderError::throttled("slow", None));
         }
         let calls = ProviderCalls::new(p.clone(), policy());
-        assert!(
-            calls
-                .ensure(&request(), true)
-                .await
-                .unwrap_err()
-                .is_retryable()
-        );
+        assert!(calls.ensure(&request()).await.unwrap_err().is_retryable());
         assert_eq!(
             p.methods(),
             [
@@ -441,6 +467,11 @@ mod tests {
                 Method::Find,
                 Method::Create
             ]
+        );
+        assert_eq!(
+            p.earlier_attempts(),
+            [false, true, true],
+            "every retry may follow a create that happened"
         );
     }
 

@@ -1,13 +1,17 @@
 //! Reading instances from EC2: live instances by filter, every page, and
 //! lookups by token batched so that the creates and finds of many sandboxes
 //! at once share one `DescribeInstances` instead of making one each.
+//!
+//! Every instance read is also checked for an Elastic IP (see
+//! [`may_hold_elastic_ip`]): the ids seen with one are remembered, so that
+//! a delete looks up addresses (`DescribeAddresses`) only for those.
 
 use super::errors::from_sdk;
 use crate::error::ProviderError;
 use crate::provider::{Instance, InstanceStatus, TAG_TOKEN};
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -27,6 +31,40 @@ pub(crate) struct InstanceReader {
     use_public_ip: bool,
     /// Instances per `DescribeInstances` page (5 to 1000).
     page_size: AtomicI32,
+    /// Ids of the instances last seen holding an Elastic IP (or an address
+    /// whose owner EC2 did not say): their deletes release addresses first.
+    with_elastic_ip: Mutex<HashSet<String>>,
+}
+
+/// The `IpOwnerId` EC2 gives a public address from Amazon's pool (one
+/// auto-assigned at launch); an Elastic IP's is the owner's account id.
+const AMAZON_OWNED: &str = "amazon";
+
+/// Whether EC2's view of an instance shows, or cannot rule out, an Elastic
+/// IP on it: an address association (on a network interface or one of its
+/// private addresses) whose `IpOwnerId` is not `amazon`, or a public
+/// address no association accounts for. An instance with no public address
+/// has none. Errs towards `true`: the cost of a wrong `true` is one
+/// `DescribeAddresses` at its delete.
+pub(crate) fn may_hold_elastic_ip(i: &aws_sdk_ec2::types::Instance) -> bool {
+    let mut associations = Vec::new();
+    for interface in i.network_interfaces() {
+        associations.extend(interface.association());
+        associations.extend(
+            interface
+                .private_ip_addresses()
+                .iter()
+                .filter_map(aws_sdk_ec2::types::InstancePrivateIpAddress::association),
+        );
+    }
+    if associations
+        .iter()
+        .any(|a| a.ip_owner_id() != Some(AMAZON_OWNED))
+    {
+        return true;
+    }
+    i.public_ip_address()
+        .is_some_and(|public| !associations.iter().any(|a| a.public_ip() == Some(public)))
 }
 
 impl InstanceReader {
@@ -36,7 +74,26 @@ impl InstanceReader {
             client: RwLock::new(Some(client)),
             use_public_ip,
             page_size: AtomicI32::new(page_size),
+            with_elastic_ip: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Whether instance `id` was last seen holding an Elastic IP (or an
+    /// address of unknown owner). An instance never read since this
+    /// process started is not: see `AwsProvider::delete_instance`.
+    pub(crate) fn seen_with_elastic_ip(&self, id: &str) -> bool {
+        self.elastic_ips().contains(id)
+    }
+
+    /// Forgets instance `id` (deleted).
+    pub(crate) fn forget(&self, id: &str) {
+        self.elastic_ips().remove(id);
+    }
+
+    fn elastic_ips(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.with_elastic_ip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Sets the page size.
@@ -100,7 +157,7 @@ impl InstanceReader {
     }
 
     /// An EC2 instance as the daemon sees it; `None` if it is on its way out
-    /// or lacks an id.
+    /// or lacks an id. Notes whether it holds an Elastic IP now.
     pub(crate) fn to_instance(&self, i: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
         let id = i.instance_id()?.to_owned();
         let status = match i.state().and_then(|s| s.name()) {
@@ -109,9 +166,19 @@ impl InstanceReader {
             Some(InstanceStateName::Stopping | InstanceStateName::Stopped) => {
                 InstanceStatus::Stopped
             }
-            Some(InstanceStateName::ShuttingDown | InstanceStateName::Terminated) => return None,
+            Some(InstanceStateName::ShuttingDown) => return None,
+            Some(InstanceStateName::Terminated) => {
+                // EC2 has disassociated its addresses.
+                self.forget(&id);
+                return None;
+            }
             Some(_) => InstanceStatus::Starting,
         };
+        if may_hold_elastic_ip(i) {
+            self.elastic_ips().insert(id.clone());
+        } else {
+            self.forget(&id);
+        }
         let tags: BTreeMap<String, String> = i
             .tags()
             .iter()
@@ -251,5 +318,105 @@ async fn answer(reader: &InstanceReader, batch: Vec<Waiter>) {
             })),
         };
         let _ = tx.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_ec2::types::{
+        Instance as Ec2Instance, InstanceNetworkInterface, InstanceNetworkInterfaceAssociation,
+        InstancePrivateIpAddress,
+    };
+
+    fn association(owner: Option<&str>, ip: &str) -> InstanceNetworkInterfaceAssociation {
+        InstanceNetworkInterfaceAssociation::builder()
+            .set_ip_owner_id(owner.map(str::to_owned))
+            .public_ip(ip)
+            .build()
+    }
+
+    fn with_interface(public: Option<&str>, interface: InstanceNetworkInterface) -> Ec2Instance {
+        Ec2Instance::builder()
+            .instance_id("i-0123456789abcdef0")
+            .private_ip_address("10.0.0.5")
+            .set_public_ip_address(public.map(str::to_owned))
+            .network_interfaces(interface)
+            .build()
+    }
+
+    #[test]
+    fn an_address_of_amazons_pool_is_no_elastic_ip_and_an_accounts_is() {
+        let amazon = with_interface(
+            Some("3.4.5.6"),
+            InstanceNetworkInterface::builder()
+                .association(association(Some("amazon"), "3.4.5.6"))
+                .build(),
+        );
+        assert!(!may_hold_elastic_ip(&amazon));
+        let elastic = with_interface(
+            Some("3.4.5.6"),
+            InstanceNetworkInterface::builder()
+                .association(association(Some("123456789012"), "3.4.5.6"))
+                .build(),
+        );
+        assert!(may_hold_elastic_ip(&elastic));
+        // A secondary address with an Elastic IP, the primary's Amazon's.
+        let secondary = with_interface(
+            Some("3.4.5.6"),
+            InstanceNetworkInterface::builder()
+                .association(association(Some("amazon"), "3.4.5.6"))
+                .private_ip_addresses(
+                    InstancePrivateIpAddress::builder()
+                        .private_ip_address("10.0.0.6")
+                        .association(association(Some("123456789012"), "3.9.9.9"))
+                        .build(),
+                )
+                .build(),
+        );
+        assert!(may_hold_elastic_ip(&secondary));
+    }
+
+    #[test]
+    fn an_address_of_unknown_owner_counts_as_elastic_and_no_address_as_none() {
+        let unsaid = with_interface(
+            Some("3.4.5.6"),
+            InstanceNetworkInterface::builder()
+                .association(association(None, "3.4.5.6"))
+                .build(),
+        );
+        assert!(may_hold_elastic_ip(&unsaid));
+        let unaccounted = Ec2Instance::builder()
+            .instance_id("i-0123456789abcdef0")
+            .public_ip_address("3.4.5.6")
+            .build();
+        assert!(may_hold_elastic_ip(&unaccounted));
+        let private = with_interface(None, InstanceNetworkInterface::builder().build());
+        assert!(!may_hold_elastic_ip(&private));
+    }
+
+    #[test]
+    fn the_reader_remembers_the_instances_last_seen_with_an_elastic_ip() {
+        let config = aws_sdk_ec2::Config::builder()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .build();
+        let reader = InstanceReader::new(Client::from_conf(config), false, 1000);
+        let id = "i-0123456789abcdef0";
+        let elastic = with_interface(
+            Some("3.4.5.6"),
+            InstanceNetworkInterface::builder()
+                .association(association(Some("123456789012"), "3.4.5.6"))
+                .build(),
+        );
+        assert!(!reader.seen_with_elastic_ip(id), "never read");
+        assert!(reader.to_instance(&elastic).is_some());
+        assert!(reader.seen_with_elastic_ip(id));
+        // Read again without it: detached since.
+        let plain = with_interface(None, InstanceNetworkInterface::builder().build());
+        reader.to_instance(&plain);
+        assert!(!reader.seen_with_elastic_ip(id));
+        reader.to_instance(&elastic);
+        reader.forget(id);
+        assert!(!reader.seen_with_elastic_ip(id), "forgotten once deleted");
     }
 }

@@ -37,9 +37,12 @@ const MAX_ROOT_VOLUME_GIB: u32 = 16 * 1024;
 ///   if every token went to creates, launches never outrun the refill.
 /// - `TerminateInstances` resource rate: bucket 1000, refill 20/s: far above.
 ///
-/// The lookups around each call (`DescribeInstances`, `DescribeAddresses`)
-/// are non-mutating (bucket 100, refill 20/s) and, one per create or delete,
-/// stay within the same 2/s. The buckets are shared by the whole account in
+/// A first create and a delete need no lookup around them. The lookups
+/// there are (`DescribeInstances` by token before a create that is not its
+/// token's first, `DescribeAddresses` before deleting an instance seen with
+/// an Elastic IP, the public-IP wait's polls) are non-mutating (bucket 100,
+/// refill 20/s) and, at most a few per create or delete, stay well within
+/// that refill. The buckets are shared by the whole account in
 /// the region: with many nodes in one account, lower `--provider-rate`.
 const EC2_CALL_LIMITS: CallLimits = CallLimits {
     rate: 2.0,

@@ -3,8 +3,41 @@
 //! Idempotency has two layers, because EC2-compatible servers differ: every
 //! `RunInstances` carries the journaled token as its `ClientToken` (EC2 then
 //! returns the first instance, even before it shows up in listings), and the
-//! token is also a tag set in that same call, which every create looks up
-//! first (moto ignores `ClientToken` and has no `client-token` filter).
+//! token is also a tag set in that same call, which a create looks up first
+//! whenever an earlier create with the token may have reached the server
+//! ([`CreateRequest::earlier_attempt`]: moto ignores `ClientToken` and has
+//! no `client-token` filter). A token's first create skips the lookup.
+//!
+//! # EC2 requests per pod
+//!
+//! In the common case a pod VM costs two: `RunInstances` at StartVM and
+//! `TerminateInstances` at StopVM. More only when needed:
+//!
+//! - `DescribeInstances` (the token lookup, batched with other sandboxes')
+//!   before a create that is not its token's first;
+//! - `StartInstances` for a stopped instance of the token;
+//! - in public-IP mode, `DescribeInstances` polls until the instance runs
+//!   with a public address (EC2's `RunInstances` answers `pending`, without
+//!   one); in private mode the private address is in `RunInstances`'s own
+//!   answer;
+//! - `DescribeAddresses` (then `DisassociateAddress`/`ReleaseAddress`) at
+//!   the delete of an instance last seen holding an Elastic IP.
+//!
+//! # Elastic IPs
+//!
+//! podvisor never attaches an Elastic IP; someone else may, and the delete
+//! releases it. EC2 tells which instance holds one only when asked, so
+//! rather than a `DescribeAddresses` before every delete, the provider
+//! remembers every instance it reads (lookups, the orphan GC's listing by
+//! node tag every `--gc-interval`, recovery's checks, the public-IP wait)
+//! whose address association is not Amazon's own (`IpOwnerId` other than
+//! `amazon`: see `instances::may_hold_elastic_ip`), and releases addresses
+//! only at the delete of those. The trade-off: an Elastic IP attached after
+//! the instance was last read (within one GC interval of its delete, or
+//! after a restart before the first listing) is not released. EC2 still
+//! disassociates it when it terminates the instance, so it is not lost: it
+//! stays allocated to the account, unassociated, for its owner to reuse or
+//! release (`aws ec2 describe-addresses`).
 
 use super::config::is_ec2_id;
 use super::errors::{INVALID_INSTANCE_TYPE, from_sdk, names_a_missing_thing};
@@ -389,7 +422,9 @@ impl AwsProvider {
         }
     }
 
-    /// Releases the Elastic IPs `id` holds.
+    /// Releases the Elastic IPs `id` holds: `DescribeAddresses` filtered by
+    /// the instance, then `DisassociateAddress` and `ReleaseAddress` for
+    /// each (one already gone counts as done).
     async fn release_addresses(&self, id: &str) -> Result<(), ProviderError> {
         let client = self.client()?;
         let out = client
@@ -533,19 +568,18 @@ impl Provider for AwsProvider {
                 request.token
             )));
         }
-        // What this token already made, on a server that ignores ClientToken.
-        let mut instance = if let Some(found) = self.by_token(&request.token).await? {
-            if found.status == InstanceStatus::Stopped {
-                // A stopped pod VM of this token: bring it up, never make another.
-                self.client()?
-                    .start_instances()
-                    .instance_ids(&found.id)
-                    .send()
-                    .await
-                    .map_err(|e| from_sdk("StartInstances", &e))?;
-                tracing::info!(instance = %found.id, "started the stopped instance of this token");
-            }
-            found
+        // What this token already made, on a server that ignores
+        // ClientToken: looked up only when an earlier create may have
+        // reached the server. A first create cannot find anything.
+        let found = if request.earlier_attempt {
+            self.by_token(&request.token).await?
+        } else {
+            None
+        };
+        // Whether the instance runs with its public address already (then
+        // public-IP mode need not wait for one).
+        let (mut instance, addressed) = if let Some(found) = found {
+            (found, false)
         } else {
             let run = self.run_request(request).await?;
             let out = run.send().await.map_err(|e| from_sdk("RunInstances", &e))?;
@@ -564,11 +598,34 @@ impl Provider for AwsProvider {
                 )));
             };
             tracing::info!(instance = %instance.id, name = %request.instance_name, "EC2 instance created");
-            instance
+            if !request.earlier_attempt {
+                // Just launched (the token is fresh, so EC2 cannot have
+                // answered with an older instance): nobody can have attached
+                // an Elastic IP yet, whatever owner the answer gives a
+                // public address (moto gives the account's to an
+                // auto-assigned one, EC2 `amazon`).
+                self.reader.forget(&instance.id);
+            }
+            // EC2 answers `pending` without a public address; a server
+            // that answers `running` with one needs no wait.
+            let addressed =
+                instance.status == InstanceStatus::Running && made.public_ip_address().is_some();
+            (instance, addressed)
         };
+        if instance.status == InstanceStatus::Stopped {
+            // A stopped pod VM of this token (found, or returned by EC2 for
+            // a repeated ClientToken): bring it up, never make another.
+            self.client()?
+                .start_instances()
+                .instance_ids(&instance.id)
+                .send()
+                .await
+                .map_err(|e| from_sdk("StartInstances", &e))?;
+            tracing::info!(instance = %instance.id, "started the stopped instance of this token");
+        }
         // Made now or found (adopted, or started again): the same address
         // rules. A stopped instance just started has lost its public IP.
-        if self.settings.use_public_ip {
+        if self.settings.use_public_ip && !addressed {
             // If this fails, the instance stays findable by its token tag.
             instance = self.wait_for_public_ip(&instance.id).await?;
         }
@@ -586,7 +643,11 @@ impl Provider for AwsProvider {
             // No such instance can exist.
             return Ok(());
         }
-        self.release_addresses(instance_id).await?;
+        // Only an instance last seen with an Elastic IP has addresses to
+        // release (the module's docs say what that misses, and why).
+        if self.reader.seen_with_elastic_ip(instance_id) {
+            self.release_addresses(instance_id).await?;
+        }
         match self
             .client()?
             .terminate_instances()
@@ -594,16 +655,16 @@ impl Provider for AwsProvider {
             .send()
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             Err(e) => {
                 let e = from_sdk("TerminateInstances", &e);
-                if e.class == crate::ErrorClass::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
+                if e.class != crate::ErrorClass::NotFound {
+                    return Err(e);
                 }
             }
         }
+        self.reader.forget(instance_id);
+        Ok(())
     }
 
     async fn find_instance(

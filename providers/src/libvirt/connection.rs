@@ -5,6 +5,7 @@
 
 use super::errors::{classify, code_of};
 use super::provider::LibvirtSettings;
+use super::xml::{HostFacts, host_facts};
 use crate::error::{ErrorClass, ProviderError};
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -22,6 +23,10 @@ pub(super) struct Host {
     /// Instance names with a create under way here: a second create of the
     /// same name meanwhile would replace the first one's volumes.
     creating: Mutex<HashSet<String>>,
+    /// The host's capabilities as the open connection read them (once per
+    /// connection, not once per create); cleared when it is reopened, which
+    /// may reach another host.
+    facts: Mutex<Option<HostFacts>>,
 }
 
 /// A create's claim on its instance name, released when dropped.
@@ -52,6 +57,7 @@ impl Host {
             settings,
             connection: Mutex::new(None),
             creating: Mutex::new(HashSet::new()),
+            facts: Mutex::new(None),
         }
     }
 
@@ -78,7 +84,32 @@ impl Host {
                 e
             })?;
         *slot = Some(conn.clone());
+        lock(&self.facts).take();
         Ok(conn)
+    }
+
+    /// The host's capabilities (`virConnectGetCapabilities`), read once per
+    /// connection.
+    ///
+    /// # Errors
+    ///
+    /// libvirt cannot give them (classified), or they do not parse
+    /// (`Permanent`, naming the URI).
+    pub(super) fn host_facts(&self, conn: &Connect) -> Result<HostFacts, ProviderError> {
+        if let Some(facts) = lock(&self.facts).as_ref() {
+            return Ok(facts.clone());
+        }
+        let caps = conn
+            .capabilities()
+            .map_err(|e| classify("Reading the host's capabilities", &e))?;
+        let facts = host_facts(&caps).map_err(|why| {
+            ProviderError::permanent(format!(
+                "Cannot read {}'s capabilities: {why}",
+                self.settings.uri
+            ))
+        })?;
+        *lock(&self.facts) = Some(facts.clone());
+        Ok(facts)
     }
 
     /// Claims `name` for one create at a time.
@@ -98,6 +129,7 @@ impl Host {
     /// Drops the connection (teardown).
     pub(super) fn disconnect(&self) {
         lock(&self.connection).take();
+        lock(&self.facts).take();
     }
 
     /// The configured storage pool; a missing one is a configuration error.

@@ -11,7 +11,7 @@ use super::volumes::{
     BaseVolume, cidata_volume_name, delete_volume, is_volume_name, make_volumes, root_volume_name,
 };
 use super::xml::{
-    Arch, DomainSpec, InstanceMetadata, OwnedVolume, domain_facts, domain_xml, host_facts,
+    Arch, DomainFacts, DomainSpec, InstanceMetadata, OwnedVolume, domain_facts, domain_xml,
 };
 use crate::error::ProviderError;
 use crate::provider::{CreateRequest, TAG_NODE};
@@ -19,6 +19,7 @@ use podvisor_state::UnixMillis;
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::error::ErrorNumber;
+use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 use virt::sys;
 
@@ -146,19 +147,11 @@ impl Host {
         })
     }
 
-    /// The kind of domain this host makes, from its capabilities and the
-    /// launch security setting; a confidential VM the host cannot make is a
+    /// The kind of domain this host makes, from its capabilities (read once
+    /// per connection) and the launch security setting; a confidential VM the host cannot make is a
     /// configuration error.
     fn machine(&self, conn: &Connect) -> Result<Machine, ProviderError> {
-        let caps = conn
-            .capabilities()
-            .map_err(|e| classify("Reading the host's capabilities", &e))?;
-        let facts = host_facts(&caps).map_err(|why| {
-            ProviderError::permanent(format!(
-                "Cannot read {}'s capabilities: {why}",
-                self.settings.uri
-            ))
-        })?;
+        let facts = self.host_facts(conn)?;
         let arch = Arch::for_host(&facts.host_arch).ok_or_else(|| {
             ProviderError::permanent(format!(
                 "Host arch {} of {} is not one podvisor makes pod VMs for (x86_64, aarch64, s390x)",
@@ -204,7 +197,7 @@ impl Host {
         if let Err(e) = dom.create() {
             let err = classify(format!("Starting domain {name}"), &e);
             // Defined but not started is never left behind.
-            if let Err(undefine) = Self::undefine(&dom, name) {
+            if let Err(undefine) = Self::undefine(&dom, &Self::facts(&dom), name) {
                 tracing::warn!(domain = %name, "{undefine}");
             }
             return Err(err);
@@ -263,13 +256,18 @@ impl Host {
         })
     }
 
-    /// Undefines a domain, with its NVRAM if it has one.
-    fn undefine(dom: &Domain, name: &str) -> Result<(), ProviderError> {
-        let facts = dom
-            .xml_desc(0)
+    /// What a delete needs to know of a domain, from its XML (one
+    /// `virDomainGetXMLDesc`); nothing known if it cannot be read.
+    fn facts(dom: &Domain) -> DomainFacts {
+        dom.xml_desc(0)
             .ok()
             .and_then(|xml| domain_facts(&xml).ok())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Undefines a domain whose XML said `facts`, with its NVRAM if it has
+    /// one.
+    fn undefine(dom: &Domain, facts: &DomainFacts, name: &str) -> Result<(), ProviderError> {
         let result = if facts.has_nvram {
             dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM)
         } else {
@@ -285,6 +283,12 @@ impl Host {
     /// Destroys the domain if it runs, deletes every volume it owns, then
     /// undefines it (volumes first: a failed volume delete leaves the domain
     /// for the retry to find).
+    ///
+    /// libvirt calls, for a running domain with its two volumes in one pool:
+    /// destroy, the domain's XML, the pool, each volume's lookup and delete,
+    /// undefine (8). It does not ask whether the domain runs first (destroy
+    /// says so), reads the XML once for both the disks and the NVRAM, and
+    /// looks each pool up once.
     fn remove(
         &self,
         conn: &Connect,
@@ -292,37 +296,42 @@ impl Host {
         metadata: &InstanceMetadata,
         name: &str,
     ) -> Result<(), ProviderError> {
-        match dom.is_active() {
-            Ok(true) => match dom.destroy() {
-                Ok(()) => {}
-                Err(e)
-                    if e.code()
-                        .is_any(vec![ErrorNumber::OperationInvalid, ErrorNumber::NoDomain]) => {}
-                Err(e) => return Err(classify(format!("Destroying domain {name}"), &e)),
-            },
-            Ok(false) => {}
+        match dom.destroy() {
+            Ok(()) => {}
+            // Not running (defined, or a create torn before its start).
+            Err(e) if e.code().is(ErrorNumber::OperationInvalid) => {}
+            // Gone already (deleted by another call meanwhile).
             Err(e) if e.code().is(ErrorNumber::NoDomain) => return Ok(()),
-            Err(e) => return Err(classify(format!("Domain {name}"), &e)),
+            Err(e) => return Err(classify(format!("Destroying domain {name}"), &e)),
         }
+        let facts = Self::facts(dom);
         // What the metadata says it owns, and any disk named after it.
         let mut volumes = metadata.volumes.clone();
-        if let Ok(facts) = dom.xml_desc(0).map(|x| domain_facts(&x)) {
-            let prefix = format!("{name}-");
-            for v in facts.unwrap_or_default().volumes {
-                if v.name.starts_with(&prefix) && !volumes.contains(&v) {
-                    volumes.push(v);
-                }
+        let prefix = format!("{name}-");
+        for v in &facts.volumes {
+            if v.name.starts_with(&prefix) && !volumes.contains(v) {
+                volumes.push(v.clone());
             }
         }
+        let mut pools: Vec<(String, Option<StoragePool>)> = Vec::new();
         for v in &volumes {
-            let pool = match conn.lookup_storage_pool_by_name(&v.pool) {
-                Ok(pool) => pool,
-                Err(e) if e.code().is(ErrorNumber::NoStoragePool) => continue,
-                Err(e) => return Err(classify(format!("Storage pool {}", v.pool), &e)),
+            let at = match pools.iter().position(|(n, _)| n == &v.pool) {
+                Some(at) => at,
+                None => {
+                    let pool = match conn.lookup_storage_pool_by_name(&v.pool) {
+                        Ok(pool) => Some(pool),
+                        Err(e) if e.code().is(ErrorNumber::NoStoragePool) => None,
+                        Err(e) => return Err(classify(format!("Storage pool {}", v.pool), &e)),
+                    };
+                    pools.push((v.pool.clone(), pool));
+                    pools.len() - 1
+                }
             };
-            delete_volume(&pool, &v.name)?;
+            if let (_, Some(pool)) = &pools[at] {
+                delete_volume(pool, &v.name)?;
+            }
         }
-        Self::undefine(dom, name)
+        Self::undefine(dom, &facts, name)
     }
 
     /// Deletes the instance `id` (a domain UUID); a missing one is success.

@@ -127,9 +127,21 @@ pub(super) fn make_volumes(
 
 /// Creates a volume, replacing one of the same name (the remains of an
 /// attempt that crashed before its domain was defined: no domain has
-/// this instance name, so no domain uses it).
+/// this instance name, so no domain uses it). The common case is one call
+/// (the create); only a create that fails looks for such remains, deletes
+/// them and creates again.
 fn fresh_volume(pool: &StoragePool, name: &str, xml: &str) -> Result<StorageVol, ProviderError> {
-    delete_volume(pool, name)?;
+    let first = match StorageVol::create_xml(pool, xml, 0) {
+        Ok(volume) => return Ok(volume),
+        Err(e) => e,
+    };
+    // Drivers differ in how they say "exists" (the storage driver's
+    // VIR_ERR_STORAGE_VOL_EXIST, the test driver's OPERATION_FAILED): so
+    // whatever the error, retry only if a volume of the name was there.
+    if !delete_volume(pool, name)? {
+        return Err(classify(format!("Creating volume {name}"), &first));
+    }
+    tracing::info!(volume = %name, "replaced a volume left by a create that never defined its domain");
     StorageVol::create_xml(pool, xml, 0)
         .map_err(|e| classify(format!("Creating volume {name}"), &e))
 }
