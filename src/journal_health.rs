@@ -8,7 +8,8 @@
 //! (every [`PROBE_INTERVAL`]) finds out whether the journal healed.
 
 use podvisor_state::{
-    InstanceRecord, Journal, JournalError, JournalIdentity, LoadReport, QuarantinedRecord, Verdict,
+    InstanceRecord, Journal, JournalError, JournalFuture, JournalIdentity, LoadReport,
+    QuarantinedRecord, Verdict,
 };
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -100,6 +101,15 @@ impl Journal for HealthJournal {
         let r = self.inner.flush();
         self.health.record(&r, true);
         r
+    }
+    fn flush_async(&self) -> JournalFuture {
+        let flush = self.inner.flush_async();
+        let health = self.health.clone();
+        Box::pin(async move {
+            let r = flush.await;
+            health.record(&r, true);
+            r
+        })
     }
     fn probe(&self) -> Result<(), JournalError> {
         let r = self.inner.probe();

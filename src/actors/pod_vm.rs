@@ -242,23 +242,23 @@ impl PodVm {
         }
     }
 
-    /// Writes `record` to the journal and flushes it, off the actor's
-    /// thread; answers [`Event::Persisted`].
+    /// Writes `record` to the journal off the actor's thread, then waits
+    /// for a flush that covers it — sharing it with the other pod VMs'
+    /// writes of the moment (group commit), without holding a thread while
+    /// it waits; answers [`Event::Persisted`].
     fn persist(&mut self, record: InstanceRecord, ctx: &mut Context<Self>) {
         let journal = self.deps.journal.clone();
         let written = record.clone();
         let write = async move {
-            tokio::task::spawn_blocking(move || {
-                journal.put(&written)?;
-                let t = Instant::now();
-                journal.flush()?;
-                metrics::histogram!(metrics::JOURNAL_FLUSH_DURATION)
-                    .record(t.elapsed().as_secs_f64());
-                Ok::<_, podvisor_state::JournalError>(())
-            })
-            .await
-            .map_err(|e| format!("journal task failed: {e}"))
-            .and_then(|r| r.map_err(|e| report(&e)))
+            let j = journal.clone();
+            tokio::task::spawn_blocking(move || j.put(&written))
+                .await
+                .map_err(|e| format!("journal task failed: {e}"))?
+                .map_err(|e| report(&e))?;
+            let t = Instant::now();
+            journal.flush_async().await.map_err(|e| report(&e))?;
+            metrics::histogram!(metrics::JOURNAL_FLUSH_DURATION).record(t.elapsed().as_secs_f64());
+            Ok::<_, String>(())
         };
         ctx.spawn(write.into_actor(self).map(move |result, act, ctx| {
             match &result {

@@ -329,9 +329,9 @@ fn journal_status(action: &str, e: &JournalError) -> Status {
         "Cannot {action} the journal's quarantine: {}; retry, and if it keeps failing see /livez and the daemon's log (a full or failing disk under --state-dir)",
         podvisor_state::report(e)
     );
-    match e {
+    match e.cause() {
         JournalError::Io { .. } | JournalError::Integrity(_) => Status::unavailable(message),
-        JournalError::Open { .. } => Status::internal(message),
+        JournalError::Open { .. } | JournalError::Shared(_) => Status::internal(message),
     }
 }
 

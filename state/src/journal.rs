@@ -5,13 +5,14 @@
 //! reported, and never crashes the daemon or vanishes silently.
 
 use crate::atomic_file::write_atomically;
+use crate::group_commit::GroupCommit;
 use crate::integrity::{IntegrityFiles, IntegrityIoError, JournalIdentity, Mark, Verdict, judge};
 use crate::record::{InstanceRecord, UnixMillis, now_millis};
 use crate::report::report;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// A journal operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,21 @@ pub enum JournalError {
     /// read or written.
     #[error("Journal integrity file {0}")]
     Integrity(#[from] IntegrityIoError),
+    /// The failed flush of a batch of writers ([`Journal::flush`] groups
+    /// concurrent flushes): every writer of the batch gets the same error.
+    /// Reads as the error itself.
+    #[error(transparent)]
+    Shared(std::sync::Arc<JournalError>),
+}
+
+impl JournalError {
+    /// The error itself, through any [`JournalError::Shared`].
+    pub fn cause(&self) -> &JournalError {
+        match self {
+            JournalError::Shared(e) => e.cause(),
+            e => e,
+        }
+    }
 }
 
 /// A value that did not decode, kept aside for an operator.
@@ -69,10 +85,18 @@ pub struct LoadReport {
     pub quarantined: Vec<QuarantinedRecord>,
 }
 
+/// What [`Journal::flush_async`] returns.
+pub type JournalFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), JournalError>> + Send>>;
+
 /// Durable storage of instance records, keyed by sandbox id.
 ///
 /// `put` and `remove` may buffer; `flush` makes everything before it durable.
 /// All methods may block on disk: the daemon calls them off actor threads.
+///
+/// Concurrent callers of `flush` may share one flush (group commit): a
+/// caller returns `Ok` only after a flush that started after its call
+/// succeeded.
 pub trait Journal: Send + Sync + 'static {
     /// Stores `record`, replacing the sandbox's previous one.
     ///
@@ -86,14 +110,28 @@ pub trait Journal: Send + Sync + 'static {
     /// [`JournalError::Io`] (operation `remove`) when the storage refuses the
     /// delete.
     fn remove(&self, sandbox_id: &str) -> Result<(), JournalError>;
-    /// Makes every earlier `put` and `remove` durable.
+    /// Makes every earlier `put` and `remove` durable: it returns after a
+    /// flush that started after the call has ended, which may be one that
+    /// another caller runs for both (group commit).
     ///
     /// # Errors
     /// [`JournalError::Io`] (operation `write` or `flush`) when the storage
     /// cannot record the sequence or flush to disk;
     /// [`JournalError::Integrity`] when the high-water mark file cannot be
-    /// written.
+    /// written; [`JournalError::Shared`] holding one of those when the
+    /// flush ran for a batch of callers.
     fn flush(&self) -> Result<(), JournalError>;
+    /// [`Journal::flush`] as a future that holds no thread while it waits
+    /// (a [`SledJournal`]'s flush runs on its flusher thread). The flush is
+    /// asked for when this is called, not when the future is first polled.
+    /// The default runs the blocking `flush` at the call.
+    ///
+    /// # Errors
+    /// As [`Journal::flush`].
+    fn flush_async(&self) -> JournalFuture {
+        let result = self.flush();
+        Box::pin(std::future::ready(result))
+    }
     /// Reads the sandbox's record, quarantining it if it does not decode
     /// (then `Ok(None)`).
     ///
@@ -156,27 +194,62 @@ pub trait Journal: Send + Sync + 'static {
 
 /// The sled-backed journal.
 pub struct SledJournal {
-    /// The database; it holds an exclusive lock on its directory.
-    db: sled::Db,
     /// sandbox id → encoded [`InstanceRecord`].
     records: sled::Tree,
     /// `<key>@<millis>` → encoded [`QuarantinedRecord`].
     quarantine: sled::Tree,
     /// The journal id and write sequence, as sled holds them.
     meta: sled::Tree,
-    /// The identity and the mark, beside sled's files.
-    files: IntegrityFiles,
+    /// What a flush writes; shared with the flusher thread.
+    durable: Arc<Durable>,
     /// This journal's identity.
     identity: JournalIdentity,
     /// What opening found, or a doubt declared since.
     verdict: Mutex<Verdict>,
     /// The doubt marker's path.
     doubt_file: std::path::PathBuf,
+    /// Runs every flush on its own thread, batching concurrent ones.
+    commits: GroupCommit<JournalError>,
+}
+
+/// What a flush needs, shared by the journal and its flusher thread.
+#[derive(Debug)]
+struct Durable {
+    /// The database; it holds an exclusive lock on its directory until the
+    /// journal and its flusher thread are gone.
+    db: sled::Db,
+    /// The `meta` tree, where the sequence goes.
+    meta: sled::Tree,
+    /// The identity and the mark, beside sled's files.
+    files: IntegrityFiles,
     /// Writes made so far (puts and removes), durable or not.
     seq: AtomicU64,
-    /// The sequence the mark last recorded; held across a flush so marks
-    /// are written in order.
+    /// The sequence the mark last recorded. Only the flusher writes it, one
+    /// flush at a time, so marks are written in order.
     marked: Mutex<u64>,
+}
+
+impl Durable {
+    /// One flush, for every write completed before it: the sequence, sled's
+    /// flush, then the mark — so the mark only moves forward, and only
+    /// after sled holds what it counts.
+    fn flush(&self) -> Result<(), JournalError> {
+        let seq = self.seq.load(Ordering::SeqCst);
+        let io = |operation| move |source| JournalError::Io { operation, source };
+        self.meta
+            .insert(META_SEQ, &seq.to_be_bytes())
+            .map_err(io("write"))?;
+        self.db.flush().map(drop).map_err(io("flush"))?;
+        let mut marked = self
+            .marked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seq > *marked || *marked == 0 {
+            self.files.write_mark(Mark { seq })?;
+            *marked = seq;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for SledJournal {
@@ -184,7 +257,7 @@ impl std::fmt::Debug for SledJournal {
         f.debug_struct("SledJournal")
             .field("identity", &self.identity)
             .field("doubt_file", &self.doubt_file)
-            .field("seq", &self.seq)
+            .field("seq", &self.durable.seq)
             .finish_non_exhaustive()
     }
 }
@@ -311,17 +384,34 @@ impl SledJournal {
             Some(Ok(m)) => m.seq.max(stored_seq),
             _ => stored_seq,
         };
-        let journal = Self {
+        let durable = Arc::new(Durable {
             db,
+            meta: meta.clone(),
+            files,
+            seq: AtomicU64::new(start),
+            marked: Mutex::new(0),
+        });
+        let flusher = durable.clone();
+        let commits = GroupCommit::spawn(
+            "journal-flush",
+            move || flusher.flush(),
+            |panic| JournalError::Io {
+                operation: "flush",
+                source: sled::Error::ReportableBug(format!(
+                    "the journal's flush panicked: {panic}"
+                )),
+            },
+        )
+        .map_err(|e| open_err(format!("cannot start the journal's flusher thread: {e}")))?;
+        let journal = Self {
             records,
             quarantine,
             meta,
-            files,
+            durable,
             identity,
             verdict: Mutex::new(verdict),
             doubt_file,
-            seq: AtomicU64::new(start),
-            marked: Mutex::new(0),
+            commits,
         };
         journal
             .meta
@@ -346,7 +436,7 @@ impl SledJournal {
         let before = {
             let journal = Self::open(dir)?;
             let verdict = journal.verdict();
-            let seq = journal.seq.load(Ordering::SeqCst);
+            let seq = journal.durable.seq.load(Ordering::SeqCst);
             journal
                 .meta
                 .insert(META_SEQ, &seq.to_be_bytes())
@@ -355,7 +445,7 @@ impl SledJournal {
                     source,
                 })?;
             journal.flush()?;
-            journal.files.write_mark(Mark { seq })?;
+            journal.durable.files.write_mark(Mark { seq })?;
             verdict
         };
         match std::fs::remove_file(dir.join(DOUBT_FILE)) {
@@ -450,7 +540,7 @@ fn quarantine_entry(id: &[u8], value: &[u8]) -> QuarantinedRecord {
 
 impl Journal for SledJournal {
     fn put(&self, record: &InstanceRecord) -> Result<(), JournalError> {
-        self.seq.fetch_add(1, Ordering::SeqCst);
+        self.durable.seq.fetch_add(1, Ordering::SeqCst);
         self.records
             .insert(record.sandbox_id.as_bytes(), record.encode())
             .map(drop)
@@ -461,7 +551,7 @@ impl Journal for SledJournal {
     }
 
     fn remove(&self, sandbox_id: &str) -> Result<(), JournalError> {
-        self.seq.fetch_add(1, Ordering::SeqCst);
+        self.durable.seq.fetch_add(1, Ordering::SeqCst);
         self.records
             .remove(sandbox_id.as_bytes())
             .map(drop)
@@ -472,23 +562,12 @@ impl Journal for SledJournal {
     }
 
     fn flush(&self) -> Result<(), JournalError> {
-        // One flush at a time: the mark must only move forward, and only
-        // after sled holds what it counts.
-        let mut marked = self
-            .marked
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let seq = self.seq.load(Ordering::SeqCst);
-        let io = |operation| move |source| JournalError::Io { operation, source };
-        self.meta
-            .insert(META_SEQ, &seq.to_be_bytes())
-            .map_err(io("write"))?;
-        self.db.flush().map(drop).map_err(io("flush"))?;
-        if seq > *marked || *marked == 0 {
-            self.files.write_mark(Mark { seq })?;
-            *marked = seq;
-        }
-        Ok(())
+        self.commits.flush().map_err(JournalError::Shared)
+    }
+
+    fn flush_async(&self) -> JournalFuture {
+        let commit = self.commits.commit();
+        Box::pin(async move { commit.await.map_err(JournalError::Shared) })
     }
 
     fn get(&self, sandbox_id: &str) -> Result<Option<InstanceRecord>, JournalError> {
@@ -565,6 +644,7 @@ impl Journal for SledJournal {
 
     fn durable_sequence(&self) -> u64 {
         *self
+            .durable
             .marked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -621,6 +701,12 @@ impl Journal for SledJournal {
 }
 
 impl SledJournal {
+    /// Flushes run so far: one per batch of concurrent [`Journal::flush`]
+    /// calls.
+    pub fn flushes(&self) -> u64 {
+        self.commits.batches()
+    }
+
     /// Writes raw bytes under a key, bypassing encoding: for tests that need
     /// a corrupt record on disk.
     #[doc(hidden)]

@@ -5,6 +5,7 @@
 //! ([`journal::SledJournal`]), [`write_atomically`] and [`now_millis`] do.
 
 pub mod atomic_file;
+mod group_commit;
 pub mod integrity;
 pub mod journal;
 pub mod lifecycle;
@@ -15,7 +16,9 @@ pub mod report;
 
 pub use atomic_file::write_atomically;
 pub use integrity::{JournalIdentity, Verdict};
-pub use journal::{Journal, JournalError, LoadReport, QuarantinedRecord, SledJournal};
+pub use journal::{
+    Journal, JournalError, JournalFuture, LoadReport, QuarantinedRecord, SledJournal,
+};
 pub use lifecycle::{IllegalTransition, State, check_transition, valid_transition};
 pub use machine::{
     Backoff, Command, Ensured, Event, MachineConfig, OpFailure, Operation, PodVmMachine,
