@@ -10,9 +10,17 @@
 //!   process on its own loopback address.
 //!
 //! `cargo bench --bench lifecycle` runs all four cases; `-- --quick` runs a
-//! smaller sample. The daemon is served in this process (`daemon::serve`)
+//! smaller sample, `-- --provider memory` (or `local`) one provider's cases. The daemon is served in this process (`daemon::serve`)
 //! with the provider rate limit and the per-node limit lifted, so the figures
 //! are overhead, not throttling.
+//!
+//! Then promise 1 of `SPECIFICATION.md`, against the floor measured in the
+//! same run: the journal alone (a `SledJournal` in a directory beside the
+//! daemon's, same disk), doing per lifecycle the durable writes the daemon
+//! did — as many flushed `put`s as the daemon's flush count says, and the
+//! final unflushed `remove` — one at a time and 200 at a time on threads,
+//! with the same group commit. Prints each promise's figures, ratio, bound
+//! and PASS or FAIL; exits 1 if any fails.
 
 use async_trait::async_trait;
 use podvisor::protocols::ttrpc::{hypervisor, hypervisor_ttrpc::HypervisorClient};
@@ -87,6 +95,16 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1e3)
 }
 
+/// What [`measure`] found.
+struct Measured {
+    /// p99 of a whole lifecycle.
+    p99: Duration,
+    /// Lifecycles per second, over the whole run.
+    throughput: f64,
+    /// Lifecycles run.
+    lifecycles: usize,
+}
+
 /// Runs `rounds` rounds of `concurrency` lifecycles and prints a table row per
 /// phase.
 async fn measure(
@@ -95,9 +113,10 @@ async fn measure(
     concurrency: usize,
     rounds: usize,
     settled: impl Fn() -> bool,
-) {
+) -> Measured {
     let mut samples: [Vec<Duration>; 4] = Default::default();
     let started = Instant::now();
+    let cpu0 = cpu_seconds();
     for _ in 0..rounds {
         let mut tasks = Vec::new();
         for _ in 0..concurrency {
@@ -136,10 +155,101 @@ async fn measure(
             ms(s[n - 1]),
         );
     }
+    let throughput = n as f64 / wall.as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
     println!(
-        "| {label} | {concurrency} | throughput | {n} | {:.1} lifecycles/s (incl. waiting for deletes) | | |",
-        n as f64 / wall.as_secs_f64()
+        "| {label} | {concurrency} | CPU | {n} | {:.2} ms per lifecycle, {:.2} cores busy (the whole process: daemon and clients) | | |",
+        cpu * 1e3 / n as f64,
+        cpu / wall.as_secs_f64()
     );
+    println!(
+        "| {label} | {concurrency} | throughput | {n} | {throughput:.1} lifecycles/s (incl. waiting for deletes) | | |",
+    );
+    Measured {
+        p99: percentile(&samples[3], 99.0),
+        throughput,
+        lifecycles: n,
+    }
+}
+
+/// The journal alone: `lifecycles` runs of `writes` flushed puts of one
+/// sandbox's record and its unflushed remove, `concurrency` at a time on
+/// threads (as the daemon's blocking pool runs them), on a fresh
+/// `SledJournal` in `dir`.
+fn journal_floor(dir: &Path, writes: usize, concurrency: usize, lifecycles: usize) -> Measured {
+    use podvisor_state::{InstanceRecord, InstanceSpec, Journal, SledJournal};
+    let _ = std::fs::remove_dir_all(dir);
+    let journal = Arc::new(SledJournal::open(dir).expect("the floor's journal"));
+    let per_thread = lifecycles.div_ceil(concurrency);
+    let started = Instant::now();
+    let threads: Vec<_> = (0..concurrency)
+        .map(|t| {
+            let journal = journal.clone();
+            std::thread::spawn(move || {
+                let mut times = Vec::with_capacity(per_thread);
+                for n in 0..per_thread {
+                    let record = InstanceRecord::pending(
+                        &format!("{t:032x}{n:032x}"),
+                        "bench",
+                        "default",
+                        InstanceSpec::default(),
+                        1,
+                    );
+                    let t0 = Instant::now();
+                    for _ in 0..writes {
+                        journal.put(&record).expect("put");
+                        journal.flush().expect("flush");
+                    }
+                    journal.remove(&record.sandbox_id).expect("remove");
+                    times.push(t0.elapsed());
+                }
+                times
+            })
+        })
+        .collect();
+    let mut all: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("a floor thread"))
+        .collect();
+    let wall = started.elapsed();
+    all.sort();
+    let n = all.len();
+    Measured {
+        p99: percentile(&all, 99.0),
+        throughput: n as f64 / wall.as_secs_f64(),
+        lifecycles: n,
+    }
+}
+
+/// `podvisor_journal_flush_duration_seconds_count` from the daemon's
+/// `/metrics`: flushes the daemon has asked for.
+fn flushes_asked(admin: std::net::SocketAddr) -> f64 {
+    let text = ureq::get(format!("http://{admin}/metrics"))
+        .call()
+        .expect("/metrics")
+        .body_mut()
+        .read_to_string()
+        .expect("/metrics text");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("/metrics parses");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "podvisor_journal_flush_duration_seconds_count")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// Prints one promise's verdict; returns whether it held.
+fn verdict(promise: &str, figures: &str, ratio: f64, bound: &str, held: bool) -> bool {
+    println!(
+        "{promise}: {figures}; ratio {ratio:.2}, bound {bound}: {}",
+        if held { "PASS" } else { "FAIL" }
+    );
+    held
 }
 
 /// The daemon's command line. `tls`: whether the agent path uses TLS —
@@ -191,7 +301,11 @@ fn global_args(
     }
 }
 
-async fn bench_provider(name: &'static str, quick: bool) {
+/// Runs one provider's cases; for the memory provider, checks promise 1
+/// and returns whether it held.
+async fn bench_provider(name: &'static str, quick: bool) -> bool {
+    // The floor's journal goes beside the daemon's state directory: the
+    // same disk.
     let root = tempfile::tempdir().expect("tempdir");
     let forwarder_port = free_port();
     let memory = Arc::new(FakeProvider::new());
@@ -216,6 +330,7 @@ async fn bench_provider(name: &'static str, quick: bool) {
         unreachable!("a run invocation")
     };
     let socket = global.kata.socket.clone();
+    let admin = global.endpoints.admin_addr;
     let config: Box<dyn ProviderConfig> = if name == "memory" {
         Box::new(MemoryConfig(memory.clone()))
     } else {
@@ -251,8 +366,10 @@ async fn bench_provider(name: &'static str, quick: bool) {
         _ => std::fs::read_dir(&instances).map_or(true, |d| d.count() == 0),
     };
     let (single, concurrent_rounds) = if quick { (20, 1) } else { (200, 3) };
-    measure(name, &socket, 1, single, settled).await;
-    measure(name, &socket, 200, concurrent_rounds, settled).await;
+    let before = flushes_asked(admin);
+    let one = measure(name, &socket, 1, single, settled).await;
+    let writes = (flushes_asked(admin) - before) / one.lifecycles as f64;
+    let many = measure(name, &socket, 200, concurrent_rounds, settled).await;
 
     let _ = stop_tx.send(());
     match daemon.await {
@@ -261,20 +378,80 @@ async fn bench_provider(name: &'static str, quick: bool) {
         Err(e) => panic!("the daemon task failed: {e}"),
     }
     accept.abort();
+    if name != "memory" {
+        return true;
+    }
+
+    // Promise 1, against the journal alone doing the same durable writes.
+    let writes_per_lifecycle = writes.round().max(1.0) as usize;
+    println!(
+        "\nthe daemon flushed the journal {writes:.2} times per lifecycle; the floor does {writes_per_lifecycle} flushed puts and a remove"
+    );
+    let floor_dir = root.path().join("floor");
+    let floor_one = journal_floor(&floor_dir, writes_per_lifecycle, 1, one.lifecycles);
+    let floor_many = journal_floor(&floor_dir, writes_per_lifecycle, 200, many.lifecycles);
+    let p99_ratio = one.p99.as_secs_f64() / floor_one.p99.as_secs_f64().max(1e-9);
+    let a = verdict(
+        "promise 1a (1 sandbox, p99)",
+        &format!(
+            "lifecycle {} ms, journal alone {} ms",
+            ms(one.p99),
+            ms(floor_one.p99)
+        ),
+        p99_ratio,
+        "<= 1.5",
+        p99_ratio <= 1.5,
+    );
+    let throughput_ratio = many.throughput / floor_many.throughput.max(1e-9);
+    let b = verdict(
+        "promise 1b (200 concurrent, throughput)",
+        &format!(
+            "{:.0} lifecycles/s, journal alone {:.0}/s",
+            many.throughput, floor_many.throughput
+        ),
+        throughput_ratio,
+        ">= 0.50",
+        throughput_ratio >= 0.5,
+    );
+    a && b
 }
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--provider")
+        .and_then(|i| args.get(i + 1).cloned());
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .expect("a tokio runtime")
     });
-    system.block_on(async move {
+    let held = system.block_on(async move {
         println!("| provider | concurrent | phase | samples | p50 ms | p99 ms | max ms |");
         println!("| --- | --- | --- | --- | --- | --- | --- |");
-        bench_provider("memory", quick).await;
-        bench_provider("local", quick).await;
+        let runs = |provider: &str| only.as_deref().is_none_or(|p| p == provider);
+        // A promise not measured is not broken.
+        let mut held = true;
+        if runs("memory") {
+            held = bench_provider("memory", quick).await;
+        }
+        if runs("local") {
+            bench_provider("local", quick).await;
+        }
+        held
     });
+    if !held {
+        std::process::exit(1);
+    }
+}
+
+/// CPU time (user + system) this process has used so far, in seconds.
+fn cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let usage = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage of this process");
+    let seconds = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+    seconds(usage.user_time()) + seconds(usage.system_time())
 }
