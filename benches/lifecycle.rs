@@ -22,7 +22,10 @@
 //! with the same group commit. Prints each promise's figures, ratio, bound
 //! and PASS or FAIL; exits 1 if any fails.
 
+mod common;
+
 use async_trait::async_trait;
+use common::verdict;
 use podvisor::protocols::ttrpc::{hypervisor, hypervisor_ttrpc::HypervisorClient};
 use podvisor_podvm::testing::free_port;
 use podvisor_providers::fake::FakeProvider;
@@ -241,15 +244,6 @@ fn flushes_asked(admin: std::net::SocketAddr) -> f64 {
             _ => 0.0,
         })
         .sum()
-}
-
-/// Prints one promise's verdict; returns whether it held.
-fn verdict(promise: &str, figures: &str, ratio: f64, bound: &str, held: bool) -> bool {
-    println!(
-        "{promise}: {figures}; ratio {ratio:.2}, bound {bound}: {}",
-        if held { "PASS" } else { "FAIL" }
-    );
-    held
 }
 
 /// The daemon's command line. `tls`: whether the agent path uses TLS —

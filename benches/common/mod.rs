@@ -6,10 +6,25 @@
 /// # Panics
 ///
 /// When the value after the flag is not a whole number.
+// Not every bench takes counts.
+#[allow(dead_code)]
 pub fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .map_or(default, |v| v.parse().expect("a count"))
+}
+
+/// Prints one promise's verdict (`SPECIFICATION.md`): its figures, the
+/// measured ratio to its floor, the bound and PASS or FAIL; returns whether
+/// it held.
+// Not every bench checks a promise.
+#[allow(dead_code)]
+pub fn verdict(promise: &str, figures: &str, ratio: f64, bound: &str, held: bool) -> bool {
+    println!(
+        "{promise}: {figures}; ratio {ratio:.2}, bound {bound}: {}",
+        if held { "PASS" } else { "FAIL" }
+    );
+    held
 }
