@@ -10,7 +10,8 @@
 //!   process on its own loopback address.
 //!
 //! `cargo bench --bench lifecycle` runs all four cases; `-- --quick` runs a
-//! smaller sample, `-- --provider memory` (or `local`) one provider's cases. The daemon is served in this process (`daemon::serve`)
+//! smaller sample, `-- --provider memory` (or `local`) one provider's cases,
+//! `-- --scale N` another count for promise 2 (default 5,000; 1,000 quick). The daemon is served in this process (`daemon::serve`)
 //! with the provider rate limit and the per-node limit lifted, so the figures
 //! are overhead, not throttling.
 //!
@@ -19,8 +20,12 @@
 //! daemon's, same disk), doing per lifecycle the durable writes the daemon
 //! did — as many flushed `put`s as the daemon's flush count says, and the
 //! final unflushed `remove` — one at a time and 200 at a time on threads,
-//! with the same group commit. Prints each promise's figures, ratio, bound
-//! and PASS or FAIL; exits 1 if any fails.
+//! with the same group commit. Then promise 2: 5,000 sandboxes in flight at
+//! once on the memory provider (over 64 shim connections), the process's
+//! memory and descriptors read with all of them Running, against the
+//! journal alone doing the same writes for 5,000 tasks at once as the pod VM
+//! actors do (put on the blocking pool, awaited `flush_async`). Prints each
+//! promise's figures, ratio, bound and PASS or FAIL; exits 1 if any fails.
 
 mod common;
 
@@ -224,6 +229,159 @@ fn journal_floor(dir: &Path, writes: usize, concurrency: usize, lifecycles: usiz
     }
 }
 
+/// The journal alone, as the daemon's pod VM actors use it: `n` tasks at
+/// once, each doing `writes` puts (on the blocking pool) each followed by
+/// an awaited `flush_async`, then its remove. Returns lifecycles per second.
+async fn journal_floor_async(dir: &Path, writes: usize, n: usize) -> f64 {
+    use podvisor_state::{InstanceRecord, InstanceSpec, Journal, SledJournal};
+    let _ = std::fs::remove_dir_all(dir);
+    let journal: Arc<dyn Journal> = Arc::new(SledJournal::open(dir).expect("the floor's journal"));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|t| {
+            let journal = journal.clone();
+            tokio::spawn(async move {
+                let record = Arc::new(InstanceRecord::pending(
+                    &format!("{t:064x}"),
+                    "bench",
+                    "default",
+                    InstanceSpec::default(),
+                    1,
+                ));
+                for _ in 0..writes {
+                    let (j, r) = (journal.clone(), record.clone());
+                    tokio::task::spawn_blocking(move || j.put(&r))
+                        .await
+                        .expect("a put task")
+                        .expect("put");
+                    journal.flush_async().await.expect("flush");
+                }
+                journal.remove(&record.sandbox_id).expect("remove");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("a floor task");
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// What [`measure_scale`] found.
+struct Scale {
+    /// Lifecycles per second, the pause at the peak left out.
+    throughput: f64,
+    /// Time until all were Running.
+    to_running: Duration,
+    /// The process's resident memory before and with all Running, MiB.
+    rss_before: f64,
+    rss_peak: f64,
+    /// The process's open descriptors before and with all Running.
+    fds_before: usize,
+    fds_peak: usize,
+}
+
+/// Promise 2: `n` sandboxes in flight at once, over `connections` shim
+/// connections (the ttrpc client multiplexes; a real node has one shim,
+/// and one connection, per sandbox). Every sandbox is created and started;
+/// once all are Running the process's memory and descriptors are read;
+/// then all are stopped and their deletes awaited.
+async fn measure_scale(
+    socket: &Path,
+    n: usize,
+    connections: usize,
+    settled: impl Fn() -> bool,
+) -> Scale {
+    let address = format!("unix://{}", socket.display());
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        let c = ttrpc::r#async::Client::connect(&address)
+            .await
+            .expect("connect");
+        clients.push(HypervisorClient::new(c));
+    }
+    let (rss_before, fds_before) = (rss_mib(), open_fds());
+    let running = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let stopping = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let client = clients[i % connections].clone();
+            let (running, stopping) = (running.clone(), stopping.clone());
+            tokio::spawn(async move {
+                let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+                let annotations = HashMap::from([
+                    (
+                        "io.kubernetes.cri.sandbox-name".to_owned(),
+                        format!("scale-{i}"),
+                    ),
+                    (
+                        "io.kubernetes.cri.sandbox-namespace".to_owned(),
+                        "default".to_owned(),
+                    ),
+                ]);
+                let create = hypervisor::CreateVMRequest {
+                    id: id.clone(),
+                    annotations,
+                    ..Default::default()
+                };
+                client.create_vm(ctx(300), &create).await.expect("CreateVM");
+                let start = hypervisor::StartVMRequest {
+                    id: id.clone(),
+                    ..Default::default()
+                };
+                client.start_vm(ctx(600), &start).await.expect("StartVM");
+                running.wait().await;
+                stopping.wait().await;
+                let stop = hypervisor::StopVMRequest {
+                    id,
+                    ..Default::default()
+                };
+                client.stop_vm(ctx(300), &stop).await.expect("StopVM");
+            })
+        })
+        .collect();
+    running.wait().await;
+    let to_running = started.elapsed();
+    let (rss_peak, fds_peak) = (rss_mib(), open_fds());
+    let resumed = Instant::now();
+    stopping.wait().await;
+    for t in tasks {
+        t.await.expect("a sandbox task");
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !settled() {
+        assert!(Instant::now() < deadline, "deletes did not finish");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let wall = to_running + resumed.elapsed();
+    Scale {
+        throughput: n as f64 / wall.as_secs_f64(),
+        to_running,
+        rss_before,
+        rss_peak,
+        fds_before,
+        fds_peak,
+    }
+}
+
+/// This process's resident memory (`VmRSS`), MiB.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .expect("VmRSS in kB")
+        / 1024.0
+}
+
+/// This process's open file descriptors.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .count()
+}
+
 /// `podvisor_journal_flush_duration_seconds_count` from the daemon's
 /// `/metrics`: flushes the daemon has asked for.
 fn flushes_asked(admin: std::net::SocketAddr) -> f64 {
@@ -295,9 +453,9 @@ fn global_args(
     }
 }
 
-/// Runs one provider's cases; for the memory provider, checks promise 1
-/// and returns whether it held.
-async fn bench_provider(name: &'static str, quick: bool) -> bool {
+/// Runs one provider's cases; for the memory provider, checks promises 1
+/// and 2 (`scale` sandboxes in flight) and returns whether they held.
+async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
     // The floor's journal goes beside the daemon's state directory: the
     // same disk.
     let root = tempfile::tempdir().expect("tempdir");
@@ -364,6 +522,11 @@ async fn bench_provider(name: &'static str, quick: bool) -> bool {
     let one = measure(name, &socket, 1, single, settled).await;
     let writes = (flushes_asked(admin) - before) / one.lifecycles as f64;
     let many = measure(name, &socket, 200, concurrent_rounds, settled).await;
+    let at_scale = if name == "memory" {
+        Some(measure_scale(&socket, scale, 64, settled).await)
+    } else {
+        None
+    };
 
     let _ = stop_tx.send(());
     match daemon.await {
@@ -407,8 +570,51 @@ async fn bench_provider(name: &'static str, quick: bool) -> bool {
         ">= 0.50",
         throughput_ratio >= 0.5,
     );
-    a && b
+    let Some(at_scale) = at_scale else {
+        return a && b;
+    };
+    let floor_scale = journal_floor_async(
+        &root.path().join("floor-scale"),
+        writes_per_lifecycle,
+        scale,
+    )
+    .await;
+    println!(
+        "\n{scale} sandboxes in flight: all Running after {:.2} s; process RSS {:.1} MiB before, {:.1} MiB with all Running ({:.1} KiB per sandbox); {} descriptors before, {} with all Running ({:.2} per sandbox: its agent socket's listener)",
+        at_scale.to_running.as_secs_f64(),
+        at_scale.rss_before,
+        at_scale.rss_peak,
+        (at_scale.rss_peak - at_scale.rss_before) * 1024.0 / scale as f64,
+        at_scale.fds_before,
+        at_scale.fds_peak,
+        (at_scale.fds_peak as f64 - at_scale.fds_before as f64) / scale as f64,
+    );
+    let c = verdict(
+        &format!("promise 2 (memory at {scale} in flight)"),
+        &format!(
+            "process RSS {:.1} MiB (daemon and clients)",
+            at_scale.rss_peak
+        ),
+        at_scale.rss_peak / SCALE_RSS_BOUND_MIB,
+        "< 1.0 of 200 MiB",
+        at_scale.rss_peak < SCALE_RSS_BOUND_MIB,
+    );
+    let scale_ratio = at_scale.throughput / floor_scale.max(1e-9);
+    let d = verdict(
+        &format!("promise 2 (throughput at {scale} in flight)"),
+        &format!(
+            "{:.0} lifecycles/s, journal alone {floor_scale:.0}/s",
+            at_scale.throughput
+        ),
+        scale_ratio,
+        ">= 0.50",
+        scale_ratio >= 0.5,
+    );
+    a && b && c && d
 }
+
+/// Promise 2's bound on the daemon's memory with every sandbox in flight.
+const SCALE_RSS_BOUND_MIB: f64 = 200.0;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -417,6 +623,7 @@ fn main() {
         .iter()
         .position(|a| a == "--provider")
         .and_then(|i| args.get(i + 1).cloned());
+    let scale = common::arg("--scale", if quick { 1_000 } else { 5_000 });
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -430,10 +637,10 @@ fn main() {
         // A promise not measured is not broken.
         let mut held = true;
         if runs("memory") {
-            held = bench_provider("memory", quick).await;
+            held = bench_provider("memory", quick, scale).await;
         }
         if runs("local") {
-            bench_provider("local", quick).await;
+            bench_provider("local", quick, scale).await;
         }
         held
     });
