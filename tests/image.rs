@@ -31,7 +31,15 @@ fn image_name() -> String {
 struct Podman {
     program: PathBuf,
     dir: tempfile::TempDir,
+    /// One test's podman at a time: whatever their storage, every podman
+    /// on the machine shares one lock segment (`/dev/shm/libpod_lock`), and
+    /// two that start together can fail to open it ("failed to open 2048
+    /// locks in /libpod_lock: bad file descriptor", seen in CI).
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Held by the [`Podman`] of the test that runs.
+static PODMAN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Podman {
     /// podman with the archive of `PODVISOR_IMAGE` loaded; `None` (after
@@ -65,6 +73,11 @@ impl Podman {
         let podman = Podman {
             program,
             dir: tempfile::tempdir().expect("tempdir"),
+            // A test that failed while holding it poisoned it; the lock
+            // segment is as good as before.
+            _serial: PODMAN
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
         };
         let out = podman.run(&["load", "--quiet", "--input", &archive.to_string_lossy()]);
         assert!(
