@@ -33,20 +33,19 @@ fn main() {
         .path(base.join("floor"))
         .open()
         .expect("the bare sled database");
-    let records: Vec<InstanceRecord> = (0..64)
-        .map(|i| {
-            InstanceRecord::pending(
-                &format!("{i:064x}"),
-                &format!("web-{i}"),
-                "shop",
-                InstanceSpec::default(),
-                1,
-            )
-        })
-        .collect();
     let (mut with_mark, mut bare) = (Vec::new(), Vec::new());
     for round in 0..writes {
-        let record = &records[round % records.len()];
+        // 64 sandboxes written in turn, each write a new value (its
+        // creation time is the round): sled writes nothing for a value
+        // that did not change, which would make the floor free.
+        let i = round % 64;
+        let record = &InstanceRecord::pending(
+            &format!("{i:064x}"),
+            &format!("web-{i}"),
+            "shop",
+            InstanceSpec::default(),
+            round as u64 + 1,
+        );
         let t = Instant::now();
         journal.put(record).expect("put");
         journal.flush().expect("flush");
