@@ -11,9 +11,10 @@
 //!
 //! `cargo bench --bench lifecycle` runs all four cases; `-- --quick` runs a
 //! smaller sample, `-- --provider memory` (or `local`) one provider's cases,
-//! `-- --scale N` another count for promise 2 (default 5,000; 1,000 quick). The daemon is served in this process (`daemon::serve`)
-//! with the provider rate limit and the per-node limit lifted, so the figures
-//! are overhead, not throttling.
+//! `-- --scale N` another count for promise 2 (default 5,000; 1,000 quick).
+//! The daemon is served in this process (`daemon::serve`) with the provider
+//! rate limit and the per-node limit lifted, so the figures are overhead,
+//! not throttling.
 //!
 //! Then promise 1 of `SPECIFICATION.md`, against the floor measured in the
 //! same run: the journal alone (a `SledJournal` in a directory beside the
@@ -143,11 +144,7 @@ async fn measure(
             }
         }
         // Let the background deletes finish before the next round.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !settled() {
-            assert!(Instant::now() < deadline, "deletes did not finish");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_settled(&settled, Duration::from_secs(120)).await;
     }
     let wall = started.elapsed();
     let n = samples[3].len();
@@ -180,12 +177,35 @@ async fn measure(
     }
 }
 
+/// The record of sandbox `id` at its `write`-th write: a new value each
+/// time, as each of a lifecycle's writes is (sled writes nothing for a
+/// value that did not change, which would make the floor too cheap).
+fn floor_record(id: &str, write: usize) -> podvisor_state::InstanceRecord {
+    podvisor_state::InstanceRecord::pending(
+        id,
+        "bench",
+        "default",
+        podvisor_state::InstanceSpec::default(),
+        write as u64 + 1,
+    )
+}
+
+/// Waits until `settled` says the deletes of a run have finished, at most
+/// `limit`.
+async fn until_settled(settled: &impl Fn() -> bool, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !settled() {
+        assert!(Instant::now() < deadline, "deletes did not finish");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The journal alone: `lifecycles` runs of `writes` flushed puts of one
 /// sandbox's record and its unflushed remove, `concurrency` at a time on
 /// threads (as the daemon's blocking pool runs them), on a fresh
 /// `SledJournal` in `dir`.
 fn journal_floor(dir: &Path, writes: usize, concurrency: usize, lifecycles: usize) -> Measured {
-    use podvisor_state::{InstanceRecord, InstanceSpec, Journal, SledJournal};
+    use podvisor_state::{Journal, SledJournal};
     let _ = std::fs::remove_dir_all(dir);
     let journal = Arc::new(SledJournal::open(dir).expect("the floor's journal"));
     let per_thread = lifecycles.div_ceil(concurrency);
@@ -196,19 +216,13 @@ fn journal_floor(dir: &Path, writes: usize, concurrency: usize, lifecycles: usiz
             std::thread::spawn(move || {
                 let mut times = Vec::with_capacity(per_thread);
                 for n in 0..per_thread {
-                    let record = InstanceRecord::pending(
-                        &format!("{t:032x}{n:032x}"),
-                        "bench",
-                        "default",
-                        InstanceSpec::default(),
-                        1,
-                    );
+                    let id = format!("{t:032x}{n:032x}");
                     let t0 = Instant::now();
-                    for _ in 0..writes {
-                        journal.put(&record).expect("put");
+                    for w in 0..writes {
+                        journal.put(&floor_record(&id, w)).expect("put");
                         journal.flush().expect("flush");
                     }
-                    journal.remove(&record.sandbox_id).expect("remove");
+                    journal.remove(&id).expect("remove");
                     times.push(t0.elapsed());
                 }
                 times
@@ -233,7 +247,7 @@ fn journal_floor(dir: &Path, writes: usize, concurrency: usize, lifecycles: usiz
 /// once, each doing `writes` puts (on the blocking pool) each followed by
 /// an awaited `flush_async`, then its remove. Returns lifecycles per second.
 async fn journal_floor_async(dir: &Path, writes: usize, n: usize) -> f64 {
-    use podvisor_state::{InstanceRecord, InstanceSpec, Journal, SledJournal};
+    use podvisor_state::{Journal, SledJournal};
     let _ = std::fs::remove_dir_all(dir);
     let journal: Arc<dyn Journal> = Arc::new(SledJournal::open(dir).expect("the floor's journal"));
     let started = Instant::now();
@@ -241,22 +255,16 @@ async fn journal_floor_async(dir: &Path, writes: usize, n: usize) -> f64 {
         .map(|t| {
             let journal = journal.clone();
             tokio::spawn(async move {
-                let record = Arc::new(InstanceRecord::pending(
-                    &format!("{t:064x}"),
-                    "bench",
-                    "default",
-                    InstanceSpec::default(),
-                    1,
-                ));
-                for _ in 0..writes {
-                    let (j, r) = (journal.clone(), record.clone());
-                    tokio::task::spawn_blocking(move || j.put(&r))
+                let id = format!("{t:064x}");
+                for w in 0..writes {
+                    let (j, record) = (journal.clone(), floor_record(&id, w));
+                    tokio::task::spawn_blocking(move || j.put(&record))
                         .await
                         .expect("a put task")
                         .expect("put");
                     journal.flush_async().await.expect("flush");
                 }
-                journal.remove(&record.sandbox_id).expect("remove");
+                journal.remove(&id).expect("remove");
             })
         })
         .collect();
@@ -348,11 +356,7 @@ async fn measure_scale(
     for t in tasks {
         t.await.expect("a sandbox task");
     }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !settled() {
-        assert!(Instant::now() < deadline, "deletes did not finish");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_settled(&settled, Duration::from_secs(600)).await;
     let wall = to_running + resumed.elapsed();
     Scale {
         throughput: n as f64 / wall.as_secs_f64(),

@@ -148,8 +148,8 @@ impl Host {
     }
 
     /// The kind of domain this host makes, from its capabilities (read once
-    /// per connection) and the launch security setting; a confidential VM the host cannot make is a
-    /// configuration error.
+    /// per connection) and the launch security setting; a confidential VM
+    /// the host cannot make is a configuration error.
     fn machine(&self, conn: &Connect) -> Result<Machine, ProviderError> {
         let facts = self.host_facts(conn)?;
         let arch = Arch::for_host(&facts.host_arch).ok_or_else(|| {
