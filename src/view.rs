@@ -70,12 +70,23 @@ impl InstanceView {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Adds a record read from the journal at start-up (not a transition).
-    pub fn load(&self, record: InstanceRecord) {
-        metrics::gauge!(metrics::INSTANCES, "state" => record.state.as_str()).increment(1.0);
-        self.write()
-            .insert(record.sandbox_id.clone(), record.clone());
-        let _ = self.events.send(ViewEvent::Updated(record));
+    /// Adds the records read from the journal at start-up (not
+    /// transitions): one lock for all, and events only for subscribers.
+    pub fn load<'a>(&self, records: impl IntoIterator<Item = &'a InstanceRecord>) {
+        let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let watched = self.events.receiver_count() > 0;
+        let mut map = self.write();
+        for record in records {
+            *by_state.entry(record.state.as_str()).or_default() += 1;
+            map.insert(record.sandbox_id.clone(), record.clone());
+            if watched {
+                let _ = self.events.send(ViewEvent::Updated(record.clone()));
+            }
+        }
+        drop(map);
+        for (state, n) in by_state {
+            metrics::gauge!(metrics::INSTANCES, "state" => state).increment(n as f64);
+        }
     }
 
     /// Records a durable write, counting the transition it made.

@@ -146,6 +146,76 @@ async fn a_creating_sandbox_killed_mid_create_is_adopted_not_duplicated() {
     assert_eq!(daemon.recovered("recreated").await, 1.0);
 }
 
+/// Start-up recovery checks every Running pod VM against one listing of
+/// the node's instances (promise 3), not a lookup each; an instance missing
+/// from the listing is looked up before it is called gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_checks_running_pod_vms_against_one_listing() {
+    let setup = Setup::new();
+    let mut daemon = setup.start().await;
+    let client = daemon.client().await;
+    let ids: Vec<String> = (0..4).map(|_| sandbox_id()).collect();
+    let mut instances = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        client
+            .create(id, pod_annotations(&format!("listed-{i}"), "ns"))
+            .await
+            .unwrap();
+        client.start(id).await.unwrap();
+        let rec = daemon.instance(id).await.unwrap();
+        instances.push(rec["instance_id"].as_str().unwrap().to_owned());
+    }
+    daemon.kill9();
+    // While the daemon is down, the last pod VM disappears from the cloud.
+    let gone = instances.last().unwrap();
+    let pid = instance_pid(&setup.local_dir(), gone).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::fs::remove_dir_all(setup.local_dir().join("instances").join(gone)).unwrap();
+
+    let daemon = setup.start().await;
+    let requests = async |operation: &str| {
+        daemon
+            .metric(
+                "podvisor_provider_requests_total",
+                &[("operation", operation)],
+            )
+            .await
+    };
+    assert_eq!(daemon.recovered("verified").await, 3.0);
+    assert_eq!(daemon.recovered("vanished").await, 1.0);
+    assert_eq!(
+        requests("find").await,
+        1.0,
+        "one lookup, of the instance the listing did not show:\n{}",
+        daemon.metrics_text().await
+    );
+    assert!(requests("list").await >= 1.0);
+    for (id, instance) in ids.iter().zip(&instances).take(3) {
+        let rec = daemon.instance(id).await.unwrap();
+        assert_eq!(rec["state"], "running");
+        assert_eq!(rec["instance_id"], instance.as_str());
+    }
+    let rec = daemon.instance(ids.last().unwrap()).await.unwrap();
+    assert_eq!(rec["state"], "failed");
+    let client = daemon.client().await;
+    for id in &ids {
+        client.stop(id).await.unwrap();
+    }
+    eventually("every sandbox to go", Duration::from_secs(20), async || {
+        for id in &ids {
+            if daemon.instance(id).await.is_some() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gc_deletes_orphans_tagged_with_this_node_and_spares_others() {
     let mut setup = Setup::new();

@@ -102,6 +102,14 @@ impl PodVmDeps {
     }
 }
 
+/// Start-up recovery's listing of this node's instances (by
+/// [`podvisor_providers::TAG_NODE`]), by instance id, or why it failed;
+/// `None` until the listing answers. One listing replaces a lookup per
+/// recovered pod VM (promise 3 of `SPECIFICATION.md`).
+pub type RecoveryListing = tokio::sync::watch::Receiver<
+    Option<Arc<Result<HashMap<String, podvisor_providers::Instance>, String>>>,
+>;
+
 /// One sandbox's actor.
 pub struct PodVm {
     /// The lifecycle logic.
@@ -124,6 +132,10 @@ pub struct PodVm {
     start_began: Option<Instant>,
     /// Whether the machine must be sent `Recover` when the actor starts.
     recover_on_start: bool,
+    /// Start-up recovery's one listing of this node's instances: answers
+    /// this pod VM's first lookup (its recovery check) when the instance is
+    /// in it; see [`RecoveryListing`].
+    recovery_listing: Option<RecoveryListing>,
     /// The agent socket, open while the durable record is Running.
     agent_socket: AgentSocket,
 }
@@ -152,14 +164,19 @@ impl PodVm {
         Self::new(machine, deps, supervisor, initial, Some(reply), false)
     }
 
-    /// The actor for a record read back from the journal.
+    /// The actor for a record read back from the journal. `listing`, when
+    /// given, answers the recovery check of a record that names an instance
+    /// without a lookup of its own if the instance is listed.
     pub fn recover(
         record: InstanceRecord,
         deps: Arc<PodVmDeps>,
         supervisor: Addr<Supervisor>,
+        listing: Option<RecoveryListing>,
     ) -> Self {
         let machine = PodVmMachine::recovered(record, deps.machine.clone(), fastrand::u64(..));
-        Self::new(machine, deps, supervisor, Vec::new(), None, true)
+        let mut actor = Self::new(machine, deps, supervisor, Vec::new(), None, true);
+        actor.recovery_listing = listing;
+        actor
     }
 
     fn new(
@@ -181,6 +198,7 @@ impl PodVm {
             stop_replies: HashMap::new(),
             start_began: None,
             recover_on_start,
+            recovery_listing: None,
             agent_socket: AgentSocket::new(),
         }
     }
@@ -334,6 +352,41 @@ impl PodVm {
     /// Looks the instance up by the record's token and name; answers
     /// [`Event::Found`].
     fn find(&mut self, ctx: &mut Context<Self>) {
+        // The first lookup of a recovered record that names an instance is
+        // its recovery check: the node's listing answers it when the
+        // instance is listed. Absent from the listing (or no listing) is no
+        // proof that it is gone — the lookup below decides that.
+        if let Some(mut listing) = self.recovery_listing.take() {
+            let target = self.machine.target();
+            let instance_id = target.instance.as_ref().map(|i| i.id.clone());
+            let token = target.token.clone();
+            let listed = async move {
+                listing
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|listed| listed.clone())
+            };
+            ctx.spawn(listed.into_actor(self).map(move |listed, act, ctx| {
+                let hit = listed.as_deref().and_then(|listed| match listed {
+                    Ok(instances) => instance_id
+                        .as_ref()
+                        .and_then(|id| instances.get(id))
+                        .filter(|i| {
+                            i.tags
+                                .get(podvisor_providers::TAG_TOKEN)
+                                .is_none_or(|t| Some(t) == token.as_ref())
+                        })
+                        .map(podvisor_providers::Instance::to_ref),
+                    Err(_) => None,
+                });
+                match hit {
+                    Some(instance) => act.feed(Event::Found(Ok(Some(instance))), ctx),
+                    None => act.find(ctx),
+                }
+            }));
+            return;
+        }
         let target = self.machine.target();
         let call = self.deps.provider.send(FindInstance {
             token: target.token.clone().unwrap_or_default(),

@@ -2,7 +2,7 @@
 //! start-up recovery and the periodic orphan GC, and brings back a pod VM
 //! actor that died (from its journal record).
 
-use super::pod_vm::{IsSettled, PodVm, PodVmDeps, Start, Stop};
+use super::pod_vm::{IsSettled, PodVm, PodVmDeps, RecoveryListing, Start, Stop};
 use super::provider::{DeleteInstance, ListInstances};
 use crate::failpoints;
 use crate::gc::{Ownership, Spared, select_orphans};
@@ -220,12 +220,49 @@ impl Supervisor {
 
     /// Starts a pod VM actor from its journal record (recovery, or after the
     /// previous actor died).
-    fn spawn_recovered(&mut self, record: InstanceRecord, ctx: &mut Context<Self>) -> Addr<PodVm> {
+    fn spawn_recovered(
+        &mut self,
+        record: InstanceRecord,
+        listing: Option<RecoveryListing>,
+        ctx: &mut Context<Self>,
+    ) -> Addr<PodVm> {
         let id = record.sandbox_id.clone();
         self.known_sandboxes.insert(id.clone());
-        let addr = PodVm::recover(record, self.deps.clone(), ctx.address()).start();
+        let addr = PodVm::recover(record, self.deps.clone(), ctx.address(), listing).start();
         self.pods.insert(id, addr.clone());
         addr
+    }
+
+    /// Lists this node's instances once, when any of `records` must be
+    /// checked against the cloud (see [`must_verify`]): the pod VMs read
+    /// their instance from the listing instead of each looking it up.
+    fn list_for_recovery(&self, records: &[InstanceRecord]) -> Option<RecoveryListing> {
+        if !records.iter().any(must_verify) {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let list = self.deps.provider.send(ListInstances {
+            key: TAG_NODE.to_owned(),
+            value: self.deps.node_name.clone(),
+        });
+        actix::spawn(async move {
+            let listed = match list.await {
+                Ok(Ok(instances)) => {
+                    tracing::debug!(
+                        instances = instances.len(),
+                        "start-up recovery listed this node's instances"
+                    );
+                    Ok(instances.into_iter().map(|i| (i.id.clone(), i)).collect())
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(why) = &listed {
+                tracing::warn!(error = %why, "start-up recovery cannot list this node's instances; each pod VM looks its own up");
+            }
+            let _ = tx.send(Some(Arc::new(listed)));
+        });
+        Some(rx)
     }
 
     /// The GC spares the instances of these sandboxes from now on: their
@@ -238,6 +275,17 @@ impl Supervisor {
 
 impl Actor for Supervisor {
     type Context = Context<Self>;
+}
+
+/// Whether recovering `record` checks its instance against the cloud: a
+/// `Running` record, or a `Creating` one that names its instance (as
+/// [`podvisor_state::PodVmMachine`] decides on `Recover`).
+fn must_verify(record: &InstanceRecord) -> bool {
+    match record.state {
+        State::Running => true,
+        State::Creating => record.instance.is_some(),
+        _ => false,
+    }
 }
 
 /// CreateVM, validated.
@@ -426,7 +474,7 @@ impl Handler<Revive> for Supervisor {
         Box::pin(
             read.into_actor(self)
                 .map(move |result, act, ctx| match result {
-                    Ok((Ok(Some(record)), _)) => Some(act.spawn_recovered(record, ctx)),
+                    Ok((Ok(Some(record)), _)) => Some(act.spawn_recovered(record, None, ctx)),
                     Ok((_, quarantined)) => {
                         if quarantined {
                             metrics::counter!(metrics::JOURNAL_QUARANTINED).increment(1);
@@ -470,14 +518,16 @@ impl Handler<Recover> for Supervisor {
 
     fn handle(&mut self, msg: Recover, ctx: &mut Context<Self>) {
         self.add_quarantined(msg.quarantined);
+        self.deps.view.load(&msg.records);
+        let listing = self.list_for_recovery(&msg.records);
         let half = msg.records.len() / 2;
         for (i, record) in msg.records.into_iter().enumerate() {
             if i == half && i > 0 {
                 failpoints::hit(failpoints::MID_RECOVERY);
             }
-            self.deps.view.load(record.clone());
             self.recovering.insert(record.sandbox_id.clone());
-            self.spawn_recovered(record, ctx);
+            let listing = listing.as_ref().filter(|_| must_verify(&record)).cloned();
+            self.spawn_recovered(record, listing, ctx);
         }
         self.recovery_submitted = true;
         self.check_recovery_done(ctx);

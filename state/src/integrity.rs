@@ -196,19 +196,19 @@ impl IntegrityFiles {
 
 /// What opening found, from the three witnesses: the identity file, the
 /// mark file and what sled itself holds (`stored_id`, `stored_seq`,
-/// `records`).
+/// and whether it holds any record: `has_records`).
 pub fn judge(
     identity: Option<&Result<JournalIdentity, String>>,
     mark: Option<&Result<Mark, String>>,
     stored_id: Option<&str>,
     stored_seq: u64,
-    records: usize,
+    has_records: bool,
 ) -> Verdict {
     let doubt = |reason: String| Verdict::InDoubt { reason };
     match identity {
         None if mark.is_none() && stored_id.is_none() && stored_seq == 0 => {
             // Made by a podvisor before journals had identities, or new.
-            if records == 0 {
+            if !has_records {
                 Verdict::Fresh
             } else {
                 Verdict::Intact
@@ -222,7 +222,7 @@ pub fn judge(
         // held it: no flush of this journal ever completed (the mark comes
         // after sled's flush), so nothing can have been lost.
         Some(Ok(_)) if stored_id.is_none() && mark.is_none() && stored_seq == 0 => {
-            if records == 0 {
+            if !has_records {
                 Verdict::Fresh
             } else {
                 Verdict::Intact
@@ -268,20 +268,20 @@ mod tests {
             })
         };
         let mark = |seq| Ok(Mark { seq });
-        assert_eq!(judge(None, None, None, 0, 0), Verdict::Fresh);
+        assert_eq!(judge(None, None, None, 0, false), Verdict::Fresh);
         // A journal from before identities, with records: trusted as it is.
-        assert_eq!(judge(None, None, None, 0, 3), Verdict::Intact);
+        assert_eq!(judge(None, None, None, 0, true), Verdict::Intact);
         assert_eq!(
-            judge(Some(&id("a")), Some(&mark(5)), Some("a"), 5, 2),
+            judge(Some(&id("a")), Some(&mark(5)), Some("a"), 5, true),
             Verdict::Intact
         );
         // sled ahead of the mark: a crash between sled's flush and the mark.
         assert_eq!(
-            judge(Some(&id("a")), Some(&mark(5)), Some("a"), 7, 2),
+            judge(Some(&id("a")), Some(&mark(5)), Some("a"), 7, true),
             Verdict::Intact
         );
         // A first open that crashed between the identity file and sled.
-        assert_eq!(judge(Some(&id("a")), None, None, 0, 0), Verdict::Fresh);
+        assert_eq!(judge(Some(&id("a")), None, None, 0, false), Verdict::Fresh);
         for (identity, m, stored, seq, words) in [
             (
                 Some(id("a")),
@@ -322,7 +322,7 @@ mod tests {
                 "does not parse",
             ),
         ] {
-            match judge(identity.as_ref(), m.as_ref(), stored, seq, 0) {
+            match judge(identity.as_ref(), m.as_ref(), stored, seq, false) {
                 Verdict::InDoubt { reason } => assert!(reason.contains(words), "{reason}"),
                 other => panic!("{words}: {other:?}"),
             }

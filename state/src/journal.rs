@@ -7,7 +7,7 @@
 use crate::atomic_file::write_atomically;
 use crate::group_commit::GroupCommit;
 use crate::integrity::{IntegrityFiles, IntegrityIoError, JournalIdentity, Mark, Verdict, judge};
-use crate::record::{InstanceRecord, UnixMillis, now_millis};
+use crate::record::{DecodeError, InstanceRecord, UnixMillis, now_millis};
 use crate::report::report;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -356,7 +356,8 @@ impl SledJournal {
                 mark.as_ref(),
                 stored_id.as_deref(),
                 stored_seq,
-                records.len(),
+                // Not `len()`: sled counts by reading every record.
+                !records.is_empty(),
             ),
         };
         let identity = match (&identity_file, &stored_id) {
@@ -593,12 +594,19 @@ impl Journal for SledJournal {
     fn load(&self) -> Result<LoadReport, JournalError> {
         let mut report = LoadReport::default();
         let mut bad = Vec::new();
-        for entry in &self.records {
-            let (key, value) = entry.map_err(|source| JournalError::Io {
+        let entries = self
+            .records
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| JournalError::Io {
                 operation: "read",
                 source,
             })?;
-            match InstanceRecord::decode(&value) {
+        // Decoding costs more than reading (JSON against sled's pages):
+        // start-up spreads it over the cores.
+        let decoded = decode_all(&entries);
+        for ((key, value), decoded) in entries.into_iter().zip(decoded) {
+            match decoded {
                 Ok(r) if r.sandbox_id.as_bytes() == key.as_ref() => report.records.push(r),
                 Ok(r) => bad.push((
                     key,
@@ -721,6 +729,47 @@ impl SledJournal {
     }
 }
 
+/// [`InstanceRecord::decode`] of every value, in order, on up to one
+/// thread per core (each taking a contiguous share).
+fn decode_all(entries: &[(sled::IVec, sled::IVec)]) -> Vec<Result<InstanceRecord, DecodeError>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(entries.len().div_ceil(MIN_DECODE_SHARE))
+        .max(1);
+    if threads == 1 {
+        return entries
+            .iter()
+            .map(|(_, v)| InstanceRecord::decode(v))
+            .collect();
+    }
+    let share = entries.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = entries
+            .chunks(share)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|(_, v)| InstanceRecord::decode(v))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| match w.join() {
+                Ok(decoded) => decoded,
+                // decode does not panic on any input; were it to, its
+                // panic is the caller's.
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
+}
+
+/// Fewest records worth a decoding thread of their own.
+const MIN_DECODE_SHARE: usize = 512;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -783,6 +832,50 @@ mod tests {
         assert_eq!(again.records.len(), 1);
         assert!(again.quarantined.is_empty());
         assert_eq!(j.quarantined().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_large_journal_decoded_on_many_threads_keeps_each_record_with_its_key() {
+        // More records than one decoding thread takes, with bad ones in
+        // several threads' shares: each verdict stays with its own key.
+        let dir = tempfile::tempdir().unwrap();
+        let j = SledJournal::open(dir.path()).unwrap();
+        let n = 4 * MIN_DECODE_SHARE + 7;
+        let key = |i: usize| format!("{i:06}");
+        let bad = [3, MIN_DECODE_SHARE + 1, n - 1];
+        for i in 0..n {
+            if bad.contains(&i) {
+                j.put_raw(&key(i), b"{\"schema_version\": 1, \"torn")
+                    .unwrap();
+            } else if i == 2 * MIN_DECODE_SHARE {
+                // A valid record under another sandbox's key.
+                j.put_raw(&key(i), &record(&key(i + 1)).encode()).unwrap();
+            } else {
+                j.put(&record(&key(i))).unwrap();
+            }
+        }
+        let report = j.load().unwrap();
+        let expected: Vec<String> = (0..n)
+            .filter(|i| !bad.contains(i) && *i != 2 * MIN_DECODE_SHARE)
+            .map(key)
+            .collect();
+        let loaded: Vec<&str> = report
+            .records
+            .iter()
+            .map(|r| r.sandbox_id.as_str())
+            .collect();
+        assert_eq!(loaded, expected);
+        let mut quarantined: Vec<&str> =
+            report.quarantined.iter().map(|q| q.key.as_str()).collect();
+        quarantined.sort_unstable();
+        let mut want: Vec<String> = bad
+            .iter()
+            .copied()
+            .chain([2 * MIN_DECODE_SHARE])
+            .map(key)
+            .collect();
+        want.sort_unstable();
+        assert_eq!(quarantined, want);
     }
 
     #[test]

@@ -152,16 +152,24 @@ impl InstanceRecord {
         struct Version {
             schema_version: u32,
         }
-        let version: Version =
-            serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-        if version.schema_version > SCHEMA_VERSION {
-            return Err(DecodeError::NewerSchema {
-                found: version.schema_version,
-                known: SCHEMA_VERSION,
-            });
+        let newer = |found: u32| DecodeError::NewerSchema {
+            found,
+            known: SCHEMA_VERSION,
+        };
+        // One parse in the common case (recovery decodes every record); the
+        // version alone is read only to explain a record that does not parse.
+        let record: Self = match serde_json::from_slice(bytes) {
+            Ok(record) => record,
+            Err(e) => {
+                return Err(match serde_json::from_slice::<Version>(bytes) {
+                    Ok(v) if v.schema_version > SCHEMA_VERSION => newer(v.schema_version),
+                    _ => DecodeError::Malformed(e.to_string()),
+                });
+            }
+        };
+        if record.schema_version > SCHEMA_VERSION {
+            return Err(newer(record.schema_version));
         }
-        let record: Self =
-            serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
         if record.state == State::Removed {
             return Err(DecodeError::Malformed(
                 "a stored record cannot be removed".into(),
@@ -240,6 +248,17 @@ mod tests {
     fn a_newer_schema_is_refused_not_misread() {
         let mut v: serde_json::Value = serde_json::from_slice(&sample().encode()).unwrap();
         v["schema_version"] = 99.into();
+        let err = InstanceRecord::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::NewerSchema {
+                found: 99,
+                known: SCHEMA_VERSION
+            }
+        );
+        // A newer layout that this build cannot even parse: still named as
+        // newer, not as malformed.
+        v["state"] = 7.into();
         let err = InstanceRecord::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert_eq!(
             err,
