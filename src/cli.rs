@@ -440,7 +440,7 @@ pub struct ProviderCallArgs {
           allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
     pub provider_burst: Option<u32>,
 
-    /// Tries of one provider call on transient or throttling errors
+    /// Tries of one provider call on transient errors (throttled tries do not count: they wait longer each time)
     #[arg(long = "provider-call-attempts", env = "PODVISOR_PROVIDER_CALL_ATTEMPTS", value_name = "N",
           default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub provider_call_attempts: u32,

@@ -1,4 +1,7 @@
-//! A token bucket: keeps mutating cloud calls below the cloud's rate limits.
+//! A token bucket: keeps mutating cloud calls below the cloud's rate limits,
+//! and slows down when the cloud throttles (AIMD: the rate halves at each
+//! throttle and climbs back by a twentieth of the configured rate at each
+//! accepted call, as TCP's congestion window does).
 
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -6,7 +9,9 @@ use tokio::sync::Mutex;
 /// The bucket's arithmetic, separate from the clock and the async wait.
 #[derive(Debug, Clone)]
 pub struct Bucket {
-    /// Tokens added per second.
+    /// The configured rate: tokens per second when the cloud accepts all.
+    base_rate: f64,
+    /// Tokens added per second now: `base_rate`, or less after throttles.
     rate: f64,
     /// Most tokens held.
     burst: f64,
@@ -16,10 +21,18 @@ pub struct Bucket {
     updated: Instant,
 }
 
+/// The lowest rate throttles bring the bucket to, as a fraction of the
+/// configured one: a cloud that throttles everything still gets tries.
+pub const MIN_RATE_FRACTION: f64 = 1.0 / 64.0;
+
+/// How much of the configured rate each accepted call gives back.
+pub const RECOVERY_STEP: f64 = 1.0 / 20.0;
+
 impl Bucket {
     /// A full bucket.
     pub fn new(rate: f64, burst: u32, now: Instant) -> Self {
         Self {
+            base_rate: rate,
             rate,
             burst: f64::from(burst),
             tokens: f64::from(burst),
@@ -27,17 +40,42 @@ impl Bucket {
         }
     }
 
-    /// Reserves one token; returns how long to wait before using it.
-    pub fn reserve(&mut self, now: Instant) -> Duration {
+    fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.updated = now;
+    }
+
+    /// Reserves one token; returns how long to wait before using it.
+    pub fn reserve(&mut self, now: Instant) -> Duration {
+        self.refill(now);
         self.tokens -= 1.0;
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
             Duration::from_secs_f64(-self.tokens / self.rate)
         }
+    }
+
+    /// The cloud throttled a call: the rate halves (down to
+    /// [`MIN_RATE_FRACTION`] of the configured one) and the saved-up burst
+    /// is dropped, so the next calls come at the new rate.
+    pub fn throttled(&mut self, now: Instant) {
+        self.refill(now);
+        self.rate = (self.rate / 2.0).max(self.base_rate * MIN_RATE_FRACTION);
+        self.tokens = self.tokens.min(0.0);
+    }
+
+    /// The cloud accepted a call: the rate climbs back by
+    /// [`RECOVERY_STEP`] of the configured rate, never above it.
+    pub fn accepted(&mut self, now: Instant) {
+        self.refill(now);
+        self.rate = (self.rate + self.base_rate * RECOVERY_STEP).min(self.base_rate);
+    }
+
+    /// Tokens added per second now.
+    pub fn rate(&self) -> f64 {
+        self.rate
     }
 }
 
@@ -58,6 +96,25 @@ impl TokenBucket {
             tokio::time::sleep(wait).await;
         }
     }
+
+    /// See [`Bucket::throttled`]; returns the new rate (tokens per second).
+    pub async fn throttled(&self) -> f64 {
+        let mut bucket = self.0.lock().await;
+        bucket.throttled(Instant::now());
+        bucket.rate()
+    }
+
+    /// Tokens added per second now.
+    pub async fn rate(&self) -> f64 {
+        self.0.lock().await.rate()
+    }
+
+    /// See [`Bucket::accepted`]; returns the new rate (tokens per second).
+    pub async fn accepted(&self) -> f64 {
+        let mut bucket = self.0.lock().await;
+        bucket.accepted(Instant::now());
+        bucket.rate()
+    }
 }
 
 #[cfg(test)]
@@ -76,6 +133,39 @@ mod tests {
         // After two idle seconds the debt is paid and 2 more tokens accrued.
         let later = t0 + Duration::from_secs(3);
         assert_eq!(b.reserve(later), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_throttle_halves_the_rate_and_drops_the_burst_then_calls_win_it_back() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(4.0, 10, t0);
+        b.throttled(t0);
+        assert_eq!(b.rate(), 2.0);
+        // The 10 saved tokens are gone: the next call waits for the new rate.
+        assert_eq!(b.reserve(t0), Duration::from_millis(500));
+        b.throttled(t0);
+        assert_eq!(b.rate(), 1.0);
+        // Additive increase: a twentieth of the configured rate per call.
+        for _ in 0..5 {
+            b.accepted(t0);
+        }
+        assert!((b.rate() - 2.0).abs() < 1e-9, "{}", b.rate());
+        for _ in 0..100 {
+            b.accepted(t0);
+        }
+        assert_eq!(b.rate(), 4.0, "never above the configured rate");
+    }
+
+    #[test]
+    fn throttles_never_stop_the_bucket() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(2.0, 1, t0);
+        for _ in 0..100 {
+            b.throttled(t0);
+        }
+        assert_eq!(b.rate(), 2.0 * MIN_RATE_FRACTION);
+        let wait = b.reserve(t0);
+        assert!(wait > Duration::ZERO && wait.as_secs_f64().is_finite());
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub const ILLEGAL_TRANSITIONS: &str = "podvisor_illegal_transitions_total";
 pub const PROVIDER_REQUESTS: &str = "podvisor_provider_requests_total";
 /// Histogram: provider call latency (`provider`, `operation`).
 pub const PROVIDER_REQUEST_DURATION: &str = "podvisor_provider_request_duration_seconds";
+/// Gauge: the rate (per second) mutating provider calls are paced at now:
+/// `--provider-rate`, halved at each throttle, climbing back after.
+pub const PROVIDER_RATE: &str = "podvisor_provider_rate_per_second";
 /// Histogram: StartVM to Running.
 pub const VM_START_DURATION: &str = "podvisor_vm_start_duration_seconds";
 /// Counter: records recovered at start-up (`action`).
@@ -126,6 +129,10 @@ fn describe() {
         PROVIDER_REQUESTS,
         Unit::Count,
         "Cloud provider calls, by provider, operation and outcome (ok, an error class, or cancelled by the call time limit)."
+    );
+    describe_gauge!(
+        PROVIDER_RATE,
+        "Rate (per second) mutating provider calls are paced at now: --provider-rate, halved at each throttle of the cloud and climbing back by a twentieth of it at each accepted call."
     );
     describe_histogram!(
         PROVIDER_REQUEST_DURATION,

@@ -528,6 +528,12 @@ async fn throttled_run_and_terminate_instances_are_retried_by_the_daemon_into_on
             .await,
         2.0
     );
+    // AIMD: each throttle halved the pace of creates and deletes (4/s →
+    // 1/s), the accepted create gave back a twentieth of 4/s.
+    let rate = daemon
+        .metric("podvisor_provider_rate_per_second", &[])
+        .await;
+    assert!((rate - 1.2).abs() < 1e-9, "{rate}");
 
     let stopping = Instant::now();
     client.stop(&id).await.unwrap();

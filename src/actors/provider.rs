@@ -1,12 +1,16 @@
 //! The provider actor: one per provider. It bounds the calls in flight,
-//! keeps mutating calls under a token bucket, and retries transient and
-//! throttled failures with jittered exponential backoff. The logic lives in
+//! keeps mutating calls under a token bucket whose rate halves at each
+//! throttle and climbs back slowly (AIMD), retries transient failures a
+//! bounded number of times, and throttled ones until the cloud accepts,
+//! each wait longer (jittered exponential backoff). The logic lives in
 //! [`ProviderCalls`]; the actor only hands messages to it.
 
 use crate::limits::TokenBucket;
 use crate::metrics;
 use actix::prelude::*;
-use podvisor_providers::{CreateRequest, Instance, InstanceStatus, Provider, ProviderError};
+use podvisor_providers::{
+    CreateRequest, ErrorClass, Instance, InstanceStatus, Provider, ProviderError,
+};
 use podvisor_state::{Backoff, Ensured};
 use std::future::Future;
 use std::sync::Arc;
@@ -23,11 +27,11 @@ pub struct CallPolicy {
     pub rate: f64,
     /// Mutating calls allowed in a burst.
     pub burst: u32,
-    /// Tries of one call on retryable errors.
+    /// Tries of one call on transient errors (throttles do not count).
     pub attempts: u32,
     /// Time limit of one try.
     pub timeout: Duration,
-    /// Delay between tries.
+    /// Delay between tries; a throttled call's waits grow to its cap.
     pub backoff: Backoff,
 }
 
@@ -55,6 +59,7 @@ impl std::fmt::Debug for ProviderCalls {
 impl ProviderCalls {
     /// Calls to `provider` under `policy`.
     pub fn new(provider: Arc<dyn Provider>, policy: CallPolicy) -> Self {
+        metrics::gauge!(metrics::PROVIDER_RATE).set(policy.rate);
         Self {
             inflight: Semaphore::new(policy.max_inflight as usize),
             bucket: TokenBucket::new(policy.rate, policy.burst),
@@ -84,6 +89,7 @@ impl ProviderCalls {
             .await
             .map_err(|_| ProviderError::transient("The provider is shutting down"))?;
         let mut attempt = 1;
+        let mut throttles = 0;
         loop {
             if mutating {
                 self.bucket.take().await;
@@ -96,7 +102,33 @@ impl ProviderCalls {
                     self.policy.timeout
                 ))),
             };
+            if mutating {
+                let rate = match &result {
+                    Err(e) if e.class == ErrorClass::Throttled => {
+                        Some(self.bucket.throttled().await)
+                    }
+                    Err(_) => None,
+                    Ok(_) => Some(self.bucket.accepted().await),
+                };
+                if let Some(rate) = rate {
+                    metrics::gauge!(metrics::PROVIDER_RATE).set(rate);
+                }
+            }
             match result {
+                // The cloud asks to slow down: it is not failing this call.
+                // Wait longer at each throttle (and at least as long as
+                // asked), without spending the call's tries.
+                Err(e) if e.class == ErrorClass::Throttled => {
+                    throttles += 1;
+                    let mut delay = self.policy.backoff.delay(throttles, fastrand::f64());
+                    if let Some(min) = e.retry_after {
+                        delay = delay.max(min);
+                    }
+                    tracing::info!(operation, throttles, error = %e, ?delay, "retrying provider call");
+                    metrics::counter!(metrics::OPERATION_RETRIES, "operation" => operation)
+                        .increment(1);
+                    tokio::time::sleep(delay).await;
+                }
                 Err(e) if e.is_retryable() && attempt < self.policy.attempts => {
                     let mut delay = self.policy.backoff.delay(attempt, fastrand::f64());
                     if let Some(min) = e.retry_after {
@@ -454,7 +486,7 @@ mod tests {
 
         let p = Arc::new(FakeProvider::new());
         for _ in 0..3 {
-            p.fail_next(Method::Create, ProviderError::throttled("slow", None));
+            p.fail_next(Method::Create, ProviderError::transient("503"));
         }
         let calls = ProviderCalls::new(p.clone(), policy());
         assert!(calls.ensure(&request()).await.unwrap_err().is_retryable());
@@ -473,6 +505,57 @@ mod tests {
             [false, true, true],
             "every retry may follow a create that happened"
         );
+    }
+
+    #[tokio::test]
+    async fn throttles_slow_the_bucket_and_do_not_spend_the_tries() {
+        let p = Arc::new(FakeProvider::new());
+        // Twice the tries the policy allows, all throttled, then accepted.
+        for _ in 0..6 {
+            p.fail_next(
+                Method::Delete,
+                ProviderError::throttled("RequestLimitExceeded", None),
+            );
+        }
+        let calls = ProviderCalls::new(p.clone(), policy());
+        calls.delete("i-1").await.unwrap();
+        assert_eq!(p.methods(), [Method::Delete; 7]);
+        // 1000/s halved six times, then one accepted call's step back up.
+        let rate = calls.bucket.rate().await;
+        assert!((rate - (1000.0 / 64.0 + 50.0)).abs() < 1e-6, "{rate}");
+
+        // Each wait is longer than the one before, up to the cap: the
+        // backoff of the n-th throttle, not a fixed retry delay.
+        let slow = CallPolicy {
+            backoff: Backoff {
+                base: Duration::from_millis(20),
+                cap: Duration::from_millis(80),
+            },
+            ..policy()
+        };
+        let p = Arc::new(FakeProvider::new());
+        for _ in 0..4 {
+            p.fail_next(Method::Delete, ProviderError::throttled("slow down", None));
+        }
+        let calls = ProviderCalls::new(p.clone(), slow);
+        let t = std::time::Instant::now();
+        calls.delete("i-2").await.unwrap();
+        // At least half of each full delay (the jitter's floor): 10 + 20 +
+        // 40 + 40 ms.
+        assert!(
+            t.elapsed() >= Duration::from_millis(110),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_throttled_read_does_not_slow_the_mutating_bucket() {
+        let p = Arc::new(FakeProvider::new());
+        p.fail_next(Method::Find, ProviderError::throttled("slow", None));
+        let calls = ProviderCalls::new(p.clone(), policy());
+        assert!(calls.find("t", "n").await.unwrap().is_none());
+        assert_eq!(calls.bucket.rate().await, 1000.0);
     }
 
     #[tokio::test]
