@@ -440,6 +440,10 @@ fn global_args(
         "1000000",
         "--provider-burst",
         "1000000",
+        "--provider-read-rate",
+        "1000000",
+        "--provider-read-burst",
+        "1000000",
         "--provider-max-inflight",
         "1024",
     ]

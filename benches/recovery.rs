@@ -55,6 +55,8 @@ impl Node {
             .args(["--node-name", "bench-node", "--log-level", "warn"])
             .args(["--peerpods-limit-per-node", "0"])
             .args(["--provider-rate", "100000", "--provider-burst", "100000"])
+            .args(["--provider-read-rate", "100000"])
+            .args(["--provider-read-burst", "100000"])
             .args(["--provider-max-inflight", "64"])
             .arg("local")
             .arg("--local-dir")

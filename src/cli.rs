@@ -440,6 +440,20 @@ pub struct ProviderCallArgs {
           allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
     pub provider_burst: Option<u32>,
 
+    /// Sustained rate of provider reads (lookups, listings) per second
+    #[arg(
+        long = "provider-read-rate",
+        env = "PODVISOR_PROVIDER_READ_RATE",
+        value_name = "PER_SECOND",
+        allow_negative_numbers = true
+    )]
+    pub provider_read_rate: Option<f64>,
+
+    /// Burst of provider reads above the read rate
+    #[arg(long = "provider-read-burst", env = "PODVISOR_PROVIDER_READ_BURST", value_name = "N",
+          allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub provider_read_burst: Option<u32>,
+
     /// Tries of one provider call on transient errors (throttled tries do not count: they wait longer each time)
     #[arg(long = "provider-call-attempts", env = "PODVISOR_PROVIDER_CALL_ATTEMPTS", value_name = "N",
           default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
@@ -468,13 +482,20 @@ impl GlobalArgs {
 }
 
 impl ProviderCallArgs {
-    /// The token bucket of mutating provider calls: each of
-    /// `--provider-rate` and `--provider-burst` (flag, else environment)
-    /// when given, else the provider's default.
+    /// The token buckets of provider calls: each of `--provider-rate`,
+    /// `--provider-burst`, `--provider-read-rate` and
+    /// `--provider-read-burst` (flag, else environment) when given, else
+    /// the provider's default.
     pub fn call_limits(&self, provider_default: CallLimits) -> CallLimits {
         CallLimits {
             rate: self.provider_rate.unwrap_or(provider_default.rate),
             burst: self.provider_burst.unwrap_or(provider_default.burst),
+            read_rate: self
+                .provider_read_rate
+                .unwrap_or(provider_default.read_rate),
+            read_burst: self
+                .provider_read_burst
+                .unwrap_or(provider_default.read_burst),
         }
     }
 }
@@ -594,12 +615,15 @@ pub fn command() -> clap::Command {
         )
 }
 
-/// Ends the help of `--provider-rate` and `--provider-burst` with each
+/// Ends the help of `--provider-rate`, `--provider-burst` and their read
+/// twins with each
 /// provider's default, as the providers declare them
 /// ([`CloudManager::default_call_limits`]).
 fn with_provider_defaults(cmd: clap::Command, managers: &[&dyn CloudManager]) -> clap::Command {
     let rate = providers_defaults(managers, |l| l.rate.to_string());
     let burst = providers_defaults(managers, |l| l.burst.to_string());
+    let read_rate = providers_defaults(managers, |l| l.read_rate.to_string());
+    let read_burst = providers_defaults(managers, |l| l.read_burst.to_string());
     let append = |defaults: String| {
         move |arg: clap::Arg| {
             let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
@@ -608,6 +632,8 @@ fn with_provider_defaults(cmd: clap::Command, managers: &[&dyn CloudManager]) ->
     };
     cmd.mut_arg("provider_rate", append(rate))
         .mut_arg("provider_burst", append(burst))
+        .mut_arg("provider_read_rate", append(read_rate))
+        .mut_arg("provider_read_burst", append(read_burst))
 }
 
 /// One call limit's default per provider, `aws 2, local and libvirt 5`:
@@ -797,14 +823,27 @@ fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
             ),
         ));
     }
-    if let Some(rate) = g.provider_calls.provider_rate
-        && !(rate.is_finite() && rate > 0.0)
-    {
-        return Err(ConfigError::flag(
+    for (rate, flag, env) in [
+        (
+            g.provider_calls.provider_rate,
             "provider-rate",
-            Some("PODVISOR_PROVIDER_RATE"),
-            format!("{rate} is not a positive number of calls per second"),
-        ));
+            "PODVISOR_PROVIDER_RATE",
+        ),
+        (
+            g.provider_calls.provider_read_rate,
+            "provider-read-rate",
+            "PODVISOR_PROVIDER_READ_RATE",
+        ),
+    ] {
+        if let Some(rate) = rate
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            return Err(ConfigError::flag(
+                flag,
+                Some(env),
+                format!("{rate} is not a positive number of calls per second"),
+            ));
+        }
     }
     if g.lifecycle.retry_base.is_zero() || g.lifecycle.retry_cap < g.lifecycle.retry_base {
         return Err(ConfigError::flag(
@@ -1298,6 +1337,8 @@ mod tests {
         let provider = CallLimits {
             rate: 2.0,
             burst: 20,
+            read_rate: 10.0,
+            read_burst: 50,
         };
         // Neither flag (nor variable): the provider's default.
         let g = global(&["--provider-max-inflight", "3", "local"]);
@@ -1315,15 +1356,15 @@ mod tests {
             g.provider_calls.call_limits(provider),
             CallLimits {
                 rate: 0.5,
-                burst: 20
+                ..provider
             }
         );
         let g = global(&["-provider-burst=3", "local"]);
         assert_eq!(
             g.provider_calls.call_limits(provider),
             CallLimits {
-                rate: 2.0,
-                burst: 3
+                burst: 3,
+                ..provider
             }
         );
         let g = global(&["--provider-rate", "7", "--provider-burst", "70", "local"]);
@@ -1331,7 +1372,25 @@ mod tests {
             g.provider_calls.call_limits(provider),
             CallLimits {
                 rate: 7.0,
-                burst: 70
+                burst: 70,
+                ..provider
+            }
+        );
+        // The read bucket's flags, each on its own.
+        let g = global(&["--provider-read-rate", "1.5", "local"]);
+        assert_eq!(
+            g.provider_calls.call_limits(provider),
+            CallLimits {
+                read_rate: 1.5,
+                ..provider
+            }
+        );
+        let g = global(&["--provider-read-burst", "4", "local"]);
+        assert_eq!(
+            g.provider_calls.call_limits(provider),
+            CallLimits {
+                read_burst: 4,
+                ..provider
             }
         );
     }
@@ -1349,7 +1408,17 @@ mod tests {
         for bad in ["0", "-3", "many"] {
             let e = err(&["--provider-burst", bad, "local"]);
             assert!(e.contains("--provider-burst"), "{bad}: {e}");
+            let e = err(&["--provider-read-burst", bad, "local"]);
+            assert!(e.contains("--provider-read-burst"), "{bad}: {e}");
         }
+        for bad in ["0", "-1", "NaN", "inf", "fast"] {
+            let e = err(&["--provider-read-rate", bad, "local"]);
+            assert!(e.contains("--provider-read-rate"), "{bad}: {e}");
+        }
+        assert!(
+            err(&["--provider-read-rate", "0", "local"])
+                .contains("--provider-read-rate (PODVISOR_PROVIDER_READ_RATE)")
+        );
     }
 
     #[test]
@@ -1390,6 +1459,8 @@ mod tests {
         let own = CallLimits {
             rate: 2.0,
             burst: 20,
+            read_rate: 10.0,
+            read_burst: 50,
         };
         let local = Declares("local", CallLimits::DEFAULT);
         let aws = Declares("aws", own);
@@ -1397,6 +1468,8 @@ mod tests {
         let managers: [&dyn CloudManager; 3] = [&local, &aws, &libvirt];
         let rate: fn(CallLimits) -> String = |l| l.rate.to_string();
         let burst: fn(CallLimits) -> String = |l| l.burst.to_string();
+        let read_rate: fn(CallLimits) -> String = |l| l.read_rate.to_string();
+        let read_burst: fn(CallLimits) -> String = |l| l.read_burst.to_string();
         assert_eq!(
             providers_defaults(&managers, rate),
             "aws 2, local and libvirt 5"
@@ -1406,10 +1479,24 @@ mod tests {
             "aws 20, local and libvirt 10"
         );
         assert_eq!(providers_defaults(&managers[..1], rate), "local 5");
+        // The read defaults: aws shares the read rate with the others.
+        assert_eq!(
+            providers_defaults(&managers, read_rate),
+            "aws 10, local and libvirt 20"
+        );
+        assert_eq!(
+            providers_defaults(&managers, read_burst),
+            "aws 50, local and libvirt 100"
+        );
 
         // This build's help names every compiled-in provider.
         let cmd = command();
-        for (id, value) in [("provider_rate", rate), ("provider_burst", burst)] {
+        for (id, value) in [
+            ("provider_rate", rate),
+            ("provider_burst", burst),
+            ("provider_read_rate", read_rate),
+            ("provider_read_burst", read_burst),
+        ] {
             let help = cmd
                 .get_arguments()
                 .find(|a| a.get_id() == id)

@@ -417,10 +417,20 @@ async fn build_provider(
         default_burst = provider_default.burst,
         "mutating provider calls limited (--provider-rate, --provider-burst; else the provider's default)"
     );
+    tracing::info!(
+        provider = provider_name,
+        rate_per_second = limits.read_rate,
+        burst = limits.read_burst,
+        default_rate_per_second = provider_default.read_rate,
+        default_burst = provider_default.read_burst,
+        "provider reads limited (--provider-read-rate, --provider-read-burst; else the provider's default)"
+    );
     let policy = CallPolicy {
         max_inflight: calls_args.provider_max_inflight,
         rate: limits.rate,
         burst: limits.burst,
+        read_rate: limits.read_rate,
+        read_burst: limits.read_burst,
         attempts: calls_args.provider_call_attempts,
         timeout: calls_args.provider_call_timeout,
         backoff: Backoff {
@@ -699,10 +709,14 @@ fn status_document(
         "provider_call_limits": {
             "rate_per_second": provider.limits.rate,
             "burst": provider.limits.burst,
+            "read_rate_per_second": provider.limits.read_rate,
+            "read_burst": provider.limits.read_burst,
             "max_inflight": global.provider_calls.provider_max_inflight,
             "provider_default": {
                 "rate_per_second": provider.provider_default.rate,
                 "burst": provider.provider_default.burst,
+                "read_rate_per_second": provider.provider_default.read_rate,
+                "read_burst": provider.provider_default.read_burst,
             },
         },
     })

@@ -231,6 +231,12 @@ async fn assert_call_limits(daemon: &Daemon, rate: f64, burst: u64) {
         "{status}"
     );
     assert_eq!(limits["provider_default"]["burst"], 20, "{status}");
+    // Reads: the provider's own default, half EC2's non-mutating bucket.
+    assert_eq!(
+        limits["provider_default"]["read_rate_per_second"], 10.0,
+        "{status}"
+    );
+    assert_eq!(limits["provider_default"]["read_burst"], 50, "{status}");
 }
 
 /// Every instance of `sandbox` the server has ever had, live or not, with
@@ -531,7 +537,10 @@ async fn throttled_run_and_terminate_instances_are_retried_by_the_daemon_into_on
     // AIMD: each throttle halved the pace of creates and deletes (4/s →
     // 1/s), the accepted create gave back a twentieth of 4/s.
     let rate = daemon
-        .metric("podvisor_provider_rate_per_second", &[])
+        .metric(
+            "podvisor_provider_rate_per_second",
+            &[("class", "mutating")],
+        )
         .await;
     assert!((rate - 1.2).abs() < 1e-9, "{rate}");
 
@@ -654,6 +663,10 @@ async fn measure_concurrent_lifecycles_on_moto() {
                 "--provider-rate",
                 "10000",
                 "--provider-burst",
+                "10000",
+                "--provider-read-rate",
+                "10000",
+                "--provider-read-burst",
                 "10000",
                 "--provider-max-inflight",
                 "256",

@@ -70,16 +70,23 @@ impl ConfigError {
     }
 }
 
-/// How fast the daemon may make mutating calls (creates and deletes) to a
-/// cloud: a token bucket refilled at `rate` tokens per second, holding at
-/// most `burst`. One token is one provider call, whatever number of cloud
-/// API requests that call makes.
+/// How fast the daemon may call a cloud: one token bucket for mutating
+/// calls (creates and deletes), refilled at `rate` tokens per second and
+/// holding at most `burst`, and one for reads (lookups, listings — the
+/// orphan GC's and recovery's — and the configuration check), `read_rate`
+/// and `read_burst`. One token per try of a provider call; a create's
+/// lookup by token before it (a retry, a recovery) takes a read token of
+/// its own.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CallLimits {
     /// Mutating calls per second, sustained.
     pub rate: f64,
     /// Mutating calls allowed at once after an idle spell.
     pub burst: u32,
+    /// Reads per second, sustained.
+    pub read_rate: f64,
+    /// Reads allowed at once after an idle spell.
+    pub read_burst: u32,
 }
 
 impl CallLimits {
@@ -89,6 +96,8 @@ impl CallLimits {
     pub const DEFAULT: CallLimits = CallLimits {
         rate: 5.0,
         burst: 10,
+        read_rate: 20.0,
+        read_burst: 100,
     };
 }
 

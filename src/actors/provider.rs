@@ -27,6 +27,11 @@ pub struct CallPolicy {
     pub rate: f64,
     /// Mutating calls allowed in a burst.
     pub burst: u32,
+    /// Reads (lookups, listings, the configuration check) per second,
+    /// sustained.
+    pub read_rate: f64,
+    /// Reads allowed in a burst.
+    pub read_burst: u32,
     /// Tries of one call on transient errors (throttles do not count).
     pub attempts: u32,
     /// Time limit of one try.
@@ -43,6 +48,8 @@ pub struct ProviderCalls {
     inflight: Semaphore,
     /// Paces creates and deletes.
     bucket: TokenBucket,
+    /// Paces reads: lookups (also a create's), listings, the check.
+    reads: TokenBucket,
     /// Limits and retries.
     policy: CallPolicy,
 }
@@ -59,10 +66,14 @@ impl std::fmt::Debug for ProviderCalls {
 impl ProviderCalls {
     /// Calls to `provider` under `policy`.
     pub fn new(provider: Arc<dyn Provider>, policy: CallPolicy) -> Self {
-        metrics::gauge!(metrics::PROVIDER_RATE).set(policy.rate);
+        metrics::gauge!(metrics::PROVIDER_RATE, "class" => Class::Mutating.as_str())
+            .set(policy.rate);
+        metrics::gauge!(metrics::PROVIDER_RATE, "class" => Class::Read.as_str())
+            .set(policy.read_rate);
         Self {
             inflight: Semaphore::new(policy.max_inflight as usize),
             bucket: TokenBucket::new(policy.rate, policy.burst),
+            reads: TokenBucket::new(policy.read_rate, policy.read_burst),
             provider,
             policy,
         }
@@ -73,10 +84,18 @@ impl ProviderCalls {
         self.provider.name()
     }
 
+    /// The bucket of `class`.
+    fn bucket(&self, class: Class) -> &TokenBucket {
+        match class {
+            Class::Mutating => &self.bucket,
+            Class::Read => &self.reads,
+        }
+    }
+
     async fn call<T, F, Fut>(
         &self,
         operation: &'static str,
-        mutating: bool,
+        class: Class,
         mut attempt_fn: F,
     ) -> Result<T, ProviderError>
     where
@@ -91,9 +110,7 @@ impl ProviderCalls {
         let mut attempt = 1;
         let mut throttles = 0;
         loop {
-            if mutating {
-                self.bucket.take().await;
-            }
+            self.bucket(class).take().await;
             let result = match tokio::time::timeout(self.policy.timeout, attempt_fn()).await {
                 Ok(r) => r,
                 Err(_) => Err(ProviderError::transient(format!(
@@ -102,17 +119,15 @@ impl ProviderCalls {
                     self.policy.timeout
                 ))),
             };
-            if mutating {
-                let rate = match &result {
-                    Err(e) if e.class == ErrorClass::Throttled => {
-                        Some(self.bucket.throttled().await)
-                    }
-                    Err(_) => None,
-                    Ok(_) => Some(self.bucket.accepted().await),
-                };
-                if let Some(rate) = rate {
-                    metrics::gauge!(metrics::PROVIDER_RATE).set(rate);
+            let rate = match &result {
+                Err(e) if e.class == ErrorClass::Throttled => {
+                    Some(self.bucket(class).throttled().await)
                 }
+                Err(_) => None,
+                Ok(_) => Some(self.bucket(class).accepted().await),
+            };
+            if let Some(rate) = rate {
+                metrics::gauge!(metrics::PROVIDER_RATE, "class" => class.as_str()).set(rate);
             }
             match result {
                 // The cloud asks to slow down: it is not failing this call.
@@ -162,10 +177,12 @@ impl ProviderCalls {
             ..request.clone()
         };
         let lookup_first = AtomicBool::new(request.earlier_attempt);
-        self.call("create", true, || async {
+        self.call("create", Class::Mutating, || async {
             // After any try, the create may have happened: look before making.
             let earlier = lookup_first.swap(true, Ordering::SeqCst);
             if earlier {
+                // A request of its own, a read: paced as one.
+                self.reads.take().await;
                 match self
                     .provider
                     .find_instance(&request.token, &request.instance_name)
@@ -213,7 +230,7 @@ impl ProviderCalls {
     /// [`CallPolicy::timeout`] counts as a transient "timed out" error.
     pub async fn delete(&self, instance_id: &str) -> Result<(), ProviderError> {
         match self
-            .call("delete", true, || {
+            .call("delete", Class::Mutating, || {
                 self.provider.delete_instance(instance_id)
             })
             .await
@@ -231,8 +248,10 @@ impl ProviderCalls {
     /// [`CallPolicy::attempts`] tries are spent; a try that outlives
     /// [`CallPolicy::timeout`] counts as a transient "timed out" error.
     pub async fn find(&self, token: &str, name: &str) -> Result<Option<Instance>, ProviderError> {
-        self.call("find", false, || self.provider.find_instance(token, name))
-            .await
+        self.call("find", Class::Read, || {
+            self.provider.find_instance(token, name)
+        })
+        .await
     }
 
     /// Lists the instances carrying a tag.
@@ -242,8 +261,10 @@ impl ProviderCalls {
     /// [`CallPolicy::attempts`] tries are spent; a try that outlives
     /// [`CallPolicy::timeout`] counts as a transient "timed out" error.
     pub async fn list(&self, key: &str, value: &str) -> Result<Vec<Instance>, ProviderError> {
-        self.call("list", false, || self.provider.list_instances(key, value))
-            .await
+        self.call("list", Class::Read, || {
+            self.provider.list_instances(key, value)
+        })
+        .await
     }
 
     /// Verifies the configuration against the cloud.
@@ -255,7 +276,7 @@ impl ProviderCalls {
     /// A wrong setting is `Config`, naming its flag (see
     /// [`Provider::verify_config`]).
     pub async fn verify(&self) -> Result<(), ProviderError> {
-        self.call("verify", false, || self.provider.verify_config())
+        self.call("verify", Class::Read, || self.provider.verify_config())
             .await
     }
 
@@ -265,6 +286,26 @@ impl ProviderCalls {
     /// The provider's [`ProviderError`] when it cannot release them.
     pub async fn teardown(&self) -> Result<(), ProviderError> {
         self.provider.teardown().await
+    }
+}
+
+/// Which token bucket a provider call draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Creates and deletes (`--provider-rate`, `--provider-burst`).
+    Mutating,
+    /// Lookups, listings, the configuration check (`--provider-read-rate`,
+    /// `--provider-read-burst`).
+    Read,
+}
+
+impl Class {
+    /// The `class` label of [`metrics::PROVIDER_RATE`].
+    fn as_str(self) -> &'static str {
+        match self {
+            Class::Mutating => "mutating",
+            Class::Read => "read",
+        }
     }
 }
 
@@ -376,6 +417,8 @@ mod tests {
             max_inflight: 4,
             rate: 1000.0,
             burst: 100,
+            read_rate: 1000.0,
+            read_burst: 100,
             attempts: 3,
             timeout: Duration::from_secs(5),
             backoff: Backoff {
@@ -550,12 +593,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_throttled_read_does_not_slow_the_mutating_bucket() {
+    async fn a_throttled_read_slows_the_reads_not_the_creates() {
         let p = Arc::new(FakeProvider::new());
         p.fail_next(Method::Find, ProviderError::throttled("slow", None));
         let calls = ProviderCalls::new(p.clone(), policy());
         assert!(calls.find("t", "n").await.unwrap().is_none());
         assert_eq!(calls.bucket.rate().await, 1000.0);
+        assert_eq!(calls.reads.rate().await, 500.0 + 50.0);
+    }
+
+    #[tokio::test]
+    async fn reads_and_a_creates_lookup_draw_read_tokens() {
+        // One read token, and (almost) no refill: the second read waits.
+        let policy = CallPolicy {
+            read_rate: 0.001,
+            read_burst: 1,
+            ..policy()
+        };
+        let p = Arc::new(FakeProvider::new());
+        let calls = ProviderCalls::new(p.clone(), policy.clone());
+        calls.list("k", "v").await.unwrap();
+        let second = tokio::time::timeout(Duration::from_millis(200), calls.find("t", "n"));
+        assert!(second.await.is_err(), "a second read waits for a token");
+        // Creates have their own bucket: a first create needs no read...
+        let calls = ProviderCalls::new(p.clone(), policy);
+        calls.list("k", "v").await.unwrap();
+        calls.ensure(&request()).await.unwrap();
+        // ...but a create after an earlier attempt looks up first, a read.
+        let request = earlier();
+        let again = tokio::time::timeout(Duration::from_millis(200), calls.ensure(&request));
+        assert!(
+            again.await.is_err(),
+            "the create's lookup waits for a read token"
+        );
     }
 
     #[tokio::test]

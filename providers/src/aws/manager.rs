@@ -44,9 +44,14 @@ const MAX_ROOT_VOLUME_GIB: u32 = 16 * 1024;
 /// refill 20/s) and, at most a few per create or delete, stay well within
 /// that refill. The buckets are shared by the whole account in
 /// the region: with many nodes in one account, lower `--provider-rate`.
+///
+/// Reads (`DescribeInstances` lookups and listings): half the non-mutating
+/// bucket's refill (10/s) and burst (50).
 const EC2_CALL_LIMITS: CallLimits = CallLimits {
     rate: 2.0,
     burst: 20,
+    read_rate: 10.0,
+    read_burst: 50,
 };
 
 impl CloudManager for AwsManager {
@@ -481,11 +486,16 @@ mod tests {
         // one instance: at most the launch refill, under the mutating one.
         assert!(limits.rate <= 2.0, "{limits:?}");
         assert!(limits.burst < 50, "{limits:?}");
+        // Non-mutating actions: bucket 100, refill 20/s.
+        assert!(limits.read_rate <= 20.0 / 2.0, "{limits:?}");
+        assert!(limits.read_burst <= 100 / 2, "{limits:?}");
         assert_eq!(
             limits,
             CallLimits {
                 rate: 2.0,
-                burst: 20
+                burst: 20,
+                read_rate: 10.0,
+                read_burst: 50,
             }
         );
     }
