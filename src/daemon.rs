@@ -44,6 +44,7 @@ use crate::protocols::grpc::hypervisor::hypervisor_server::HypervisorServer;
 use crate::view::InstanceView;
 use actix::{Actor, Addr};
 use metrics_exporter_prometheus::PrometheusHandle;
+use podvisor_providers::pacing::Pacer;
 use podvisor_providers::{CallLimits, CloudManager, ProviderConfig, ProviderContext};
 use podvisor_state::{
     Backoff, InstanceRecord, Journal, MachineConfig, QuarantinedRecord, SledJournal,
@@ -395,10 +396,15 @@ async fn build_provider(
     provider_config: &dyn ProviderConfig,
     node: &str,
 ) -> Result<BuiltProvider, StartupError> {
+    let calls_args = &global.provider_calls;
+    let provider_default = provider_config.default_call_limits();
+    let limits = calls_args.call_limits(provider_default);
+    let pacer = Arc::new(Pacer::new(limits));
     let context = ProviderContext {
         node_name: node.to_owned(),
         forwarder_port: global.kata.forwarder_port,
         state_dir: global.state_dir.clone(),
+        pacer: pacer.clone(),
     };
     let provider = Metered::wrap(provider_config.build(&context).await.map_err(|source| {
         StartupError::BuildProvider {
@@ -406,9 +412,6 @@ async fn build_provider(
             source,
         }
     })?);
-    let calls_args = &global.provider_calls;
-    let provider_default = provider_config.default_call_limits();
-    let limits = calls_args.call_limits(provider_default);
     tracing::info!(
         provider = provider_name,
         rate_per_second = limits.rate,
@@ -427,10 +430,6 @@ async fn build_provider(
     );
     let policy = CallPolicy {
         max_inflight: calls_args.provider_max_inflight,
-        rate: limits.rate,
-        burst: limits.burst,
-        read_rate: limits.read_rate,
-        read_burst: limits.read_burst,
         attempts: calls_args.provider_call_attempts,
         timeout: calls_args.provider_call_timeout,
         backoff: Backoff {
@@ -438,7 +437,7 @@ async fn build_provider(
             cap: global.lifecycle.retry_cap,
         },
     };
-    let calls = Arc::new(ProviderCalls::new(provider, policy));
+    let calls = Arc::new(ProviderCalls::new(provider, policy, pacer));
     // Without --cloud-config-verify a failed check is a warning, kept for
     // /v1/status so an operator sees it after the start-up log has scrolled.
     let config_problem = match calls.verify().await {

@@ -37,7 +37,6 @@ pub mod failpoints;
 pub mod gc;
 pub mod journal_health;
 pub mod kata_annotations;
-pub mod limits;
 pub mod logging;
 pub mod metered;
 pub mod metrics;

@@ -94,6 +94,10 @@ impl Provider for Metered {
         self.inner.name()
     }
 
+    fn paces_requests(&self) -> bool {
+        self.inner.paces_requests()
+    }
+
     async fn create_instance(&self, request: &CreateRequest) -> Result<Instance, ProviderError> {
         self.timed("create", self.inner.create_instance(request))
             .await

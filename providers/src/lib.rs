@@ -14,6 +14,7 @@ pub mod duration;
 pub mod error;
 pub mod failpoints;
 pub mod manager;
+pub mod pacing;
 pub mod provider;
 
 #[cfg(feature = "aws")]

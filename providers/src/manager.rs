@@ -19,6 +19,9 @@ pub struct ProviderContext {
     pub forwarder_port: u16,
     /// The daemon's state directory, for providers that keep local state.
     pub state_dir: PathBuf,
+    /// The daemon's token buckets of cloud requests, for a provider that
+    /// paces each request itself ([`crate::Provider::paces_requests`]).
+    pub pacer: std::sync::Arc<crate::pacing::Pacer>,
 }
 
 /// A provider configuration that failed validation.

@@ -181,6 +181,16 @@ pub trait Provider: Send + Sync + 'static {
     /// (`local`, `aws`, `libvirt`, ...).
     fn name(&self) -> &'static str;
 
+    /// Whether this provider paces each of its cloud requests itself,
+    /// through [`crate::ProviderContext::pacer`] (a lookup or listing page
+    /// as a read, anything else as mutating). The daemon then takes no
+    /// token of its own per call; it still slows the buckets down when a
+    /// call is throttled. `false` (the default): the daemon takes one token
+    /// per try of a call, of the call's class.
+    fn paces_requests(&self) -> bool {
+        false
+    }
+
     /// Creates the instance `request` describes, or returns the one its
     /// token already made, once the cloud has accepted it and it has an
     /// address.

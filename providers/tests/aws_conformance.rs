@@ -13,6 +13,7 @@ use podvisor_providers::aws::testing::{
     AwsBed, Ec2Proxy, Fault, Moto, SECRET_ACCESS_KEY, TestNetwork, client_for,
 };
 use podvisor_providers::conformance::{Fixture, run};
+use podvisor_providers::pacing::{Pacer, RequestClass};
 use podvisor_providers::{CreateRequest, ErrorClass, Provider, TAG_NODE, TAG_SANDBOX, TAG_TOKEN};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -434,6 +435,65 @@ async fn delete_releases_the_elastic_ips_of_an_instance_seen_with_one() {
     assert_eq!(calls.get("DescribeAddresses"), Some(&1), "{calls:?}");
     assert_eq!(calls.get("ReleaseAddress"), Some(&1), "{calls:?}");
     assert_eq!(calls.get("TerminateInstances"), Some(&1), "{calls:?}");
+}
+
+/// Every EC2 request the provider makes waits for a token of its class
+/// from the daemon's pacer — not one per provider call: a create, the
+/// lookups and listings (each page), and a delete that also releases an
+/// Elastic IP all count, read or mutating as EC2's buckets count them.
+#[tokio::test]
+async fn every_ec2_request_draws_a_token_of_its_class() {
+    let bed = AwsBed::start().await;
+    let proxy = bed.proxy().await;
+    let pacer = Arc::new(Pacer::unlimited());
+    let provider = bed
+        .provider_from_flags_paced(&proxy.endpoint(), &[], pacer.clone())
+        .await;
+    assert!(provider.paces_requests());
+    // What building cost (the credentials check, by the SDK's own client)
+    // is not the EC2 client's.
+    proxy.reset_calls();
+    let taken = |class| pacer.bucket(class).taken();
+    assert_eq!(
+        (taken(RequestClass::Read), taken(RequestClass::Mutating)),
+        (0, 0)
+    );
+
+    let fixture = Fixture::new("node-p");
+    let request = fixture.request(1);
+    let made = provider.create_instance(&request).await.unwrap();
+    let found = provider
+        .find_instance(&request.token, &request.instance_name)
+        .await
+        .unwrap();
+    assert_eq!(found.map(|i| i.id), Some(made.id.clone()));
+    let allocation = attach_elastic_ip(&bed.moto, &made.id).await;
+    assert_eq!(
+        provider
+            .list_instances(TAG_NODE, "node-p")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    provider.delete_instance(&made.id).await.unwrap();
+    assert!(!allocated(&bed.moto, &allocation).await);
+
+    let calls = proxy.calls();
+    let count = |read: bool| -> u64 {
+        calls
+            .iter()
+            .filter(|(action, _)| {
+                (action.starts_with("Describe") || action.starts_with("Get")) == read
+            })
+            .map(|(_, n)| *n as u64)
+            .sum()
+    };
+    eprintln!("EC2 requests: {calls:?}");
+    assert!(calls.contains_key("ReleaseAddress"), "{calls:?}");
+    assert_eq!(taken(RequestClass::Read), count(true), "{calls:?}");
+    assert_eq!(taken(RequestClass::Mutating), count(false), "{calls:?}");
+    assert!(count(false) >= 3, "run, release, terminate: {calls:?}");
 }
 
 /// The trade-off of not asking EC2 for addresses at every delete: an

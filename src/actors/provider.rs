@@ -1,13 +1,14 @@
 //! The provider actor: one per provider. It bounds the calls in flight,
-//! keeps mutating calls under a token bucket whose rate halves at each
-//! throttle and climbs back slowly (AIMD), retries transient failures a
-//! bounded number of times, and throttled ones until the cloud accepts,
-//! each wait longer (jittered exponential backoff). The logic lives in
-//! [`ProviderCalls`]; the actor only hands messages to it.
+//! keeps calls under the token bucket of their class (mutating, read:
+//! [`Pacer`]) whose rate halves at each throttle and climbs back slowly
+//! (AIMD), retries transient failures a bounded number of times, and
+//! throttled ones until the cloud accepts, each wait longer (jittered
+//! exponential backoff). The logic lives in [`ProviderCalls`]; the actor
+//! only hands messages to it.
 
-use crate::limits::TokenBucket;
 use crate::metrics;
 use actix::prelude::*;
+use podvisor_providers::pacing::{Pacer, RequestClass as Class};
 use podvisor_providers::{
     CreateRequest, ErrorClass, Instance, InstanceStatus, Provider, ProviderError,
 };
@@ -23,15 +24,6 @@ use tokio::sync::Semaphore;
 pub struct CallPolicy {
     /// Most calls in flight.
     pub max_inflight: u32,
-    /// Mutating calls per second, sustained.
-    pub rate: f64,
-    /// Mutating calls allowed in a burst.
-    pub burst: u32,
-    /// Reads (lookups, listings, the configuration check) per second,
-    /// sustained.
-    pub read_rate: f64,
-    /// Reads allowed in a burst.
-    pub read_burst: u32,
     /// Tries of one call on transient errors (throttles do not count).
     pub attempts: u32,
     /// Time limit of one try.
@@ -46,10 +38,11 @@ pub struct ProviderCalls {
     provider: Arc<dyn Provider>,
     /// Bounds calls in flight.
     inflight: Semaphore,
-    /// Paces creates and deletes.
-    bucket: TokenBucket,
-    /// Paces reads: lookups (also a create's), listings, the check.
-    reads: TokenBucket,
+    /// The token buckets of cloud requests, shared with the provider.
+    pacer: Arc<Pacer>,
+    /// The provider paces each of its requests through `pacer` itself
+    /// ([`Provider::paces_requests`]): no token per call here.
+    self_paced: bool,
     /// Limits and retries.
     policy: CallPolicy,
 }
@@ -64,32 +57,33 @@ impl std::fmt::Debug for ProviderCalls {
 }
 
 impl ProviderCalls {
-    /// Calls to `provider` under `policy`.
-    pub fn new(provider: Arc<dyn Provider>, policy: CallPolicy) -> Self {
-        metrics::gauge!(metrics::PROVIDER_RATE, "class" => Class::Mutating.as_str())
-            .set(policy.rate);
-        metrics::gauge!(metrics::PROVIDER_RATE, "class" => Class::Read.as_str())
-            .set(policy.read_rate);
+    /// Calls to `provider` under `policy`, paced by `pacer` (the one the
+    /// provider was built with).
+    pub fn new(provider: Arc<dyn Provider>, policy: CallPolicy, pacer: Arc<Pacer>) -> Self {
+        for class in [Class::Mutating, Class::Read] {
+            metrics::gauge!(metrics::PROVIDER_RATE, "class" => class.as_str())
+                .set(pacer.bucket(class).rate());
+        }
         Self {
             inflight: Semaphore::new(policy.max_inflight as usize),
-            bucket: TokenBucket::new(policy.rate, policy.burst),
-            reads: TokenBucket::new(policy.read_rate, policy.read_burst),
+            self_paced: provider.paces_requests(),
+            pacer,
             provider,
             policy,
+        }
+    }
+
+    /// Waits for a token of `class`, unless the provider paces its own
+    /// requests.
+    async fn pace(&self, class: Class) {
+        if !self.self_paced {
+            self.pacer.take(class).await;
         }
     }
 
     /// The provider's name.
     pub fn provider_name(&self) -> &'static str {
         self.provider.name()
-    }
-
-    /// The bucket of `class`.
-    fn bucket(&self, class: Class) -> &TokenBucket {
-        match class {
-            Class::Mutating => &self.bucket,
-            Class::Read => &self.reads,
-        }
     }
 
     async fn call<T, F, Fut>(
@@ -110,7 +104,7 @@ impl ProviderCalls {
         let mut attempt = 1;
         let mut throttles = 0;
         loop {
-            self.bucket(class).take().await;
+            self.pace(class).await;
             let result = match tokio::time::timeout(self.policy.timeout, attempt_fn()).await {
                 Ok(r) => r,
                 Err(_) => Err(ProviderError::transient(format!(
@@ -119,12 +113,11 @@ impl ProviderCalls {
                     self.policy.timeout
                 ))),
             };
+            let bucket = self.pacer.bucket(class);
             let rate = match &result {
-                Err(e) if e.class == ErrorClass::Throttled => {
-                    Some(self.bucket(class).throttled().await)
-                }
+                Err(e) if e.class == ErrorClass::Throttled => Some(bucket.throttled()),
                 Err(_) => None,
-                Ok(_) => Some(self.bucket(class).accepted().await),
+                Ok(_) => Some(bucket.accepted()),
             };
             if let Some(rate) = rate {
                 metrics::gauge!(metrics::PROVIDER_RATE, "class" => class.as_str()).set(rate);
@@ -182,7 +175,7 @@ impl ProviderCalls {
             let earlier = lookup_first.swap(true, Ordering::SeqCst);
             if earlier {
                 // A request of its own, a read: paced as one.
-                self.reads.take().await;
+                self.pace(Class::Read).await;
                 match self
                     .provider
                     .find_instance(&request.token, &request.instance_name)
@@ -286,26 +279,6 @@ impl ProviderCalls {
     /// The provider's [`ProviderError`] when it cannot release them.
     pub async fn teardown(&self) -> Result<(), ProviderError> {
         self.provider.teardown().await
-    }
-}
-
-/// Which token bucket a provider call draws from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Class {
-    /// Creates and deletes (`--provider-rate`, `--provider-burst`).
-    Mutating,
-    /// Lookups, listings, the configuration check (`--provider-read-rate`,
-    /// `--provider-read-burst`).
-    Read,
-}
-
-impl Class {
-    /// The `class` label of [`metrics::PROVIDER_RATE`].
-    fn as_str(self) -> &'static str {
-        match self {
-            Class::Mutating => "mutating",
-            Class::Read => "read",
-        }
     }
 }
 
@@ -415,10 +388,6 @@ mod tests {
     fn policy() -> CallPolicy {
         CallPolicy {
             max_inflight: 4,
-            rate: 1000.0,
-            burst: 100,
-            read_rate: 1000.0,
-            read_burst: 100,
             attempts: 3,
             timeout: Duration::from_secs(5),
             backoff: Backoff {
@@ -426,6 +395,19 @@ mod tests {
                 cap: Duration::from_millis(2),
             },
         }
+    }
+
+    fn limits() -> podvisor_providers::CallLimits {
+        podvisor_providers::CallLimits {
+            rate: 1000.0,
+            burst: 100,
+            read_rate: 1000.0,
+            read_burst: 100,
+        }
+    }
+
+    fn pacer() -> Arc<Pacer> {
+        Arc::new(Pacer::new(limits()))
     }
 
     fn request() -> CreateRequest {
@@ -453,7 +435,7 @@ mod tests {
     #[tokio::test]
     async fn a_first_create_makes_one_call_and_says_it_is_the_first() {
         let p = Arc::new(FakeProvider::new());
-        let calls = ProviderCalls::new(p.clone(), policy());
+        let calls = ProviderCalls::new(p.clone(), policy(), pacer());
         let e = calls.ensure(&request()).await.unwrap();
         assert!(!e.adopted);
         assert_eq!(p.methods(), [Method::Create]);
@@ -468,7 +450,7 @@ mod tests {
             Method::Create,
             ProviderError::transient("timeout after the VM was made"),
         );
-        let calls = ProviderCalls::new(p.clone(), policy());
+        let calls = ProviderCalls::new(p.clone(), policy(), pacer());
         let e = calls.ensure(&request()).await.unwrap();
         assert_eq!(e.instance.id, "i-made-by-first-try");
         assert!(e.adopted);
@@ -479,7 +461,7 @@ mod tests {
     #[tokio::test]
     async fn a_recovered_create_looks_up_before_creating() {
         let p = Arc::new(FakeProvider::new());
-        let calls = ProviderCalls::new(p.clone(), policy());
+        let calls = ProviderCalls::new(p.clone(), policy(), pacer());
         let e = calls.ensure(&earlier()).await.unwrap();
         assert!(!e.adopted);
         assert_eq!(p.methods(), [Method::Find, Method::Create]);
@@ -495,7 +477,7 @@ mod tests {
         let p = Arc::new(FakeProvider::new());
         p.seed(&request(), "i-torn");
         p.set_stopped(true);
-        let calls = ProviderCalls::new(p.clone(), policy());
+        let calls = ProviderCalls::new(p.clone(), policy(), pacer());
         let e = calls.ensure(&earlier()).await.unwrap();
         assert!(
             !e.adopted,
@@ -509,7 +491,7 @@ mod tests {
         let p = Arc::new(FakeProvider::new());
         p.seed(&request(), "i-booting");
         p.set_unaddressed(true);
-        let calls = ProviderCalls::new(p.clone(), policy());
+        let calls = ProviderCalls::new(p.clone(), policy(), pacer());
         let e = calls.ensure(&earlier()).await.unwrap();
         assert!(!e.adopted, "no address: the create waits for one");
         assert!(!e.instance.ips.is_empty());
@@ -520,7 +502,7 @@ mod tests {
     async fn permanent_errors_are_not_retried_and_attempts_are_bounded() {
         let p = Arc::new(FakeProvider::new());
         p.fail_next(Method::Create, ProviderError::permanent("bad AMI"));
-        let calls = ProviderCalls::new(p.clone(), policy());
+        let calls = ProviderCalls::new(p.clone(), policy(), pacer());
         assert_eq!(
             calls.ensure(&request()).await.unwrap_err().message,
             "bad AMI"
@@ -531,7 +513,7 @@ mod tests {
         for _ in 0..3 {
             p.fail_next(Method::Create, ProviderError::transient("503"));
         }
-        let calls = ProviderCalls::new(p.clone(), policy());
+        let calls = ProviderCalls::new(p.clone(), policy(), pacer());
         assert!(calls.ensure(&request()).await.unwrap_err().is_retryable());
         assert_eq!(
             p.methods(),
@@ -560,11 +542,11 @@ mod tests {
                 ProviderError::throttled("RequestLimitExceeded", None),
             );
         }
-        let calls = ProviderCalls::new(p.clone(), policy());
+        let calls = ProviderCalls::new(p.clone(), policy(), pacer());
         calls.delete("i-1").await.unwrap();
         assert_eq!(p.methods(), [Method::Delete; 7]);
         // 1000/s halved six times, then one accepted call's step back up.
-        let rate = calls.bucket.rate().await;
+        let rate = calls.pacer.bucket(Class::Mutating).rate();
         assert!((rate - (1000.0 / 64.0 + 50.0)).abs() < 1e-6, "{rate}");
 
         // Each wait is longer than the one before, up to the cap: the
@@ -580,7 +562,7 @@ mod tests {
         for _ in 0..4 {
             p.fail_next(Method::Delete, ProviderError::throttled("slow down", None));
         }
-        let calls = ProviderCalls::new(p.clone(), slow);
+        let calls = ProviderCalls::new(p.clone(), slow, pacer());
         let t = std::time::Instant::now();
         calls.delete("i-2").await.unwrap();
         // At least half of each full delay (the jitter's floor): 10 + 20 +
@@ -596,27 +578,29 @@ mod tests {
     async fn a_throttled_read_slows_the_reads_not_the_creates() {
         let p = Arc::new(FakeProvider::new());
         p.fail_next(Method::Find, ProviderError::throttled("slow", None));
-        let calls = ProviderCalls::new(p.clone(), policy());
+        let calls = ProviderCalls::new(p.clone(), policy(), pacer());
         assert!(calls.find("t", "n").await.unwrap().is_none());
-        assert_eq!(calls.bucket.rate().await, 1000.0);
-        assert_eq!(calls.reads.rate().await, 500.0 + 50.0);
+        assert_eq!(calls.pacer.bucket(Class::Mutating).rate(), 1000.0);
+        assert_eq!(calls.pacer.bucket(Class::Read).rate(), 500.0 + 50.0);
     }
 
     #[tokio::test]
     async fn reads_and_a_creates_lookup_draw_read_tokens() {
         // One read token, and (almost) no refill: the second read waits.
-        let policy = CallPolicy {
-            read_rate: 0.001,
-            read_burst: 1,
-            ..policy()
+        let pacer = || {
+            Arc::new(Pacer::new(podvisor_providers::CallLimits {
+                read_rate: 0.001,
+                read_burst: 1,
+                ..limits()
+            }))
         };
         let p = Arc::new(FakeProvider::new());
-        let calls = ProviderCalls::new(p.clone(), policy.clone());
+        let calls = ProviderCalls::new(p.clone(), policy(), pacer());
         calls.list("k", "v").await.unwrap();
         let second = tokio::time::timeout(Duration::from_millis(200), calls.find("t", "n"));
         assert!(second.await.is_err(), "a second read waits for a token");
         // Creates have their own bucket: a first create needs no read...
-        let calls = ProviderCalls::new(p.clone(), policy);
+        let calls = ProviderCalls::new(p.clone(), policy(), pacer());
         calls.list("k", "v").await.unwrap();
         calls.ensure(&request()).await.unwrap();
         // ...but a create after an earlier attempt looks up first, a read.
@@ -632,7 +616,7 @@ mod tests {
     async fn not_found_on_delete_is_success() {
         let p = Arc::new(FakeProvider::new());
         p.fail_next(Method::Delete, ProviderError::not_found("gone"));
-        let calls = ProviderCalls::new(p, policy());
+        let calls = ProviderCalls::new(p, policy(), pacer());
         calls.delete("i-gone").await.unwrap();
     }
 }

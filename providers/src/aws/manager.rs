@@ -4,6 +4,7 @@
 use super::config::{AwsConfig, is_ec2_id, is_instance_type_name};
 use super::errors::{CREDENTIALS_HINT, sentences};
 use super::imds::{MetadataSource, fill_from_metadata};
+use super::paced::PacedHttpClient;
 use super::provider::{AwsProvider, AwsSettings};
 use crate::error::ProviderError;
 use crate::manager::{CallLimits, CloudManager, ConfigError, ProviderConfig, ProviderContext};
@@ -318,7 +319,7 @@ impl ProviderConfig for AwsConfig {
         EC2_CALL_LIMITS
     }
 
-    async fn build(&self, _context: &ProviderContext) -> Result<Arc<dyn Provider>, ProviderError> {
+    async fn build(&self, context: &ProviderContext) -> Result<Arc<dyn Provider>, ProviderError> {
         let mut config = self.clone();
         let needs_metadata = config.region.is_none()
             || (!config.use_launch_template
@@ -353,8 +354,16 @@ impl ProviderConfig for AwsConfig {
                 "--aws-region (AWS_REGION): not set, and the instance metadata service did not say; set it",
             )
         })?;
-        Ok(Arc::new(AwsProvider::new(
-            aws_sdk_ec2::Client::new(&sdk),
+        // Each EC2 request waits for its token (the credential chain's own
+        // requests, to STS or the metadata service, do not).
+        let ec2 = aws_sdk_ec2::config::Builder::from(&sdk)
+            .http_client(PacedHttpClient::new(
+                sdk.http_client(),
+                context.pacer.clone(),
+            ))
+            .build();
+        Ok(Arc::new(AwsProvider::paced(
+            aws_sdk_ec2::Client::from_conf(ec2),
             settings(&config, region),
         )))
     }

@@ -9,6 +9,7 @@ mod errors;
 mod imds;
 mod instances;
 mod manager;
+mod paced;
 mod provider;
 mod selection;
 #[cfg(feature = "conformance")]

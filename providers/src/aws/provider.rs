@@ -121,6 +121,8 @@ pub struct AwsProvider {
     sizes: OnceCell<Vec<TypeSize>>,
     /// Root devices of the AMIs used so far (`DescribeImages`, once per AMI).
     images: Mutex<HashMap<String, ImageRoot>>,
+    /// The client paces each request itself (see [`AwsProvider::paced`]).
+    paced: bool,
 }
 
 impl std::fmt::Debug for AwsProvider {
@@ -145,6 +147,18 @@ impl AwsProvider {
             settings,
             sizes: OnceCell::new(),
             images: Mutex::new(HashMap::new()),
+            paced: false,
+        }
+    }
+
+    /// The same provider on a client that paces every request through the
+    /// daemon's pacer (see [`super::paced`]): it says so
+    /// ([`Provider::paces_requests`]), so the daemon takes no token of its
+    /// own per call.
+    pub(crate) fn paced(client: Client, settings: AwsSettings) -> Self {
+        Self {
+            paced: true,
+            ..Self::new(client, settings)
         }
     }
 
@@ -559,6 +573,10 @@ pub(crate) async fn describe_types(
 impl Provider for AwsProvider {
     fn name(&self) -> &'static str {
         "aws"
+    }
+
+    fn paces_requests(&self) -> bool {
+        self.paced
     }
 
     async fn create_instance(&self, request: &CreateRequest) -> Result<Instance, ProviderError> {

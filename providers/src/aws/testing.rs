@@ -283,6 +283,19 @@ impl AwsBed {
     pub async fn provider_from_flags(&self, endpoint: &str, extra: &[&str]) -> Arc<dyn Provider> {
         self.net.provider_from_flags(endpoint, extra).await
     }
+
+    /// [`provider_from_flags`](Self::provider_from_flags), pacing its
+    /// requests through `pacer` as the daemon's would.
+    pub async fn provider_from_flags_paced(
+        &self,
+        endpoint: &str,
+        extra: &[&str],
+        pacer: Arc<crate::pacing::Pacer>,
+    ) -> Arc<dyn Provider> {
+        self.net
+            .provider_from_flags_paced(endpoint, extra, pacer)
+            .await
+    }
 }
 
 impl TestNetwork {
@@ -332,6 +345,18 @@ impl TestNetwork {
     /// The provider as `podvisor aws` builds it from this network's flags
     /// (see [`AwsBed::provider_from_flags`]).
     pub async fn provider_from_flags(&self, endpoint: &str, extra: &[&str]) -> Arc<dyn Provider> {
+        self.provider_from_flags_paced(endpoint, extra, Arc::new(crate::pacing::Pacer::unlimited()))
+            .await
+    }
+
+    /// [`provider_from_flags`](Self::provider_from_flags), pacing its
+    /// requests through `pacer`.
+    pub async fn provider_from_flags_paced(
+        &self,
+        endpoint: &str,
+        extra: &[&str],
+        pacer: Arc<crate::pacing::Pacer>,
+    ) -> Arc<dyn Provider> {
         let mut args = self.flags(endpoint);
         args.extend(extra.iter().map(std::string::ToString::to_string));
         let matches = AwsManager
@@ -345,6 +370,7 @@ impl TestNetwork {
             node_name: "node-a".into(),
             forwarder_port: 15150,
             state_dir: std::env::temp_dir(),
+            pacer,
         };
         config
             .build(&context)

@@ -1,10 +1,38 @@
-//! A token bucket: keeps mutating cloud calls below the cloud's rate limits,
-//! and slows down when the cloud throttles (AIMD: the rate halves at each
-//! throttle and climbs back by a twentieth of the configured rate at each
-//! accepted call, as TCP's congestion window does).
+//! Pacing of cloud requests: one token bucket per class of request
+//! ([`RequestClass`]: mutating, read) keeps them below the cloud's rate
+//! limits, and slows down when the cloud throttles (AIMD: the rate halves
+//! at each throttle and climbs back by a twentieth of the configured rate
+//! at each accepted call, as TCP's congestion window does).
+//!
+//! The daemon makes one [`Pacer`] from its [`CallLimits`] and hands it to
+//! the provider in [`crate::ProviderContext`]: a provider whose calls make
+//! several cloud requests paces each of them ([`crate::Provider::paces_requests`]);
+//! for the others the daemon takes one token per call.
 
+use crate::manager::CallLimits;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::Mutex;
+
+/// What a cloud request does, for its token bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestClass {
+    /// Creates and deletes anything (`--provider-rate`, `--provider-burst`).
+    Mutating,
+    /// Reads: lookups, listings (`--provider-read-rate`,
+    /// `--provider-read-burst`).
+    Read,
+}
+
+impl RequestClass {
+    /// Its name in metrics and logs: `mutating`, `read`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestClass::Mutating => "mutating",
+            RequestClass::Read => "read",
+        }
+    }
+}
 
 /// The bucket's arithmetic, separate from the clock and the async wait.
 #[derive(Debug, Clone)]
@@ -81,39 +109,108 @@ impl Bucket {
 
 /// A shared token bucket.
 #[derive(Debug)]
-pub struct TokenBucket(Mutex<Bucket>);
+pub struct TokenBucket {
+    /// The arithmetic, held only for a few arithmetic operations.
+    bucket: Mutex<Bucket>,
+    /// Tokens taken so far.
+    taken: AtomicU64,
+}
 
 impl TokenBucket {
     /// `rate` tokens per second, up to `burst` at once.
     pub fn new(rate: f64, burst: u32) -> Self {
-        Self(Mutex::new(Bucket::new(rate, burst, Instant::now())))
+        Self {
+            bucket: Mutex::new(Bucket::new(rate, burst, Instant::now())),
+            taken: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Bucket> {
+        // Every update leaves the bucket consistent (plain arithmetic on
+        // numbers), so a poisoned lock is usable.
+        self.bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reserves a token; returns how long to wait before using it.
+    pub fn reserve(&self) -> Duration {
+        self.taken.fetch_add(1, Ordering::Relaxed);
+        self.lock().reserve(Instant::now())
     }
 
     /// Waits for a token.
     pub async fn take(&self) {
-        let wait = self.0.lock().await.reserve(Instant::now());
+        let wait = self.reserve();
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
     }
 
+    /// Tokens taken since the bucket was made.
+    pub fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Relaxed)
+    }
+
+    /// Tokens added per second now.
+    pub fn rate(&self) -> f64 {
+        self.lock().rate()
+    }
+
     /// See [`Bucket::throttled`]; returns the new rate (tokens per second).
-    pub async fn throttled(&self) -> f64 {
-        let mut bucket = self.0.lock().await;
+    pub fn throttled(&self) -> f64 {
+        let mut bucket = self.lock();
         bucket.throttled(Instant::now());
         bucket.rate()
     }
 
-    /// Tokens added per second now.
-    pub async fn rate(&self) -> f64 {
-        self.0.lock().await.rate()
-    }
-
     /// See [`Bucket::accepted`]; returns the new rate (tokens per second).
-    pub async fn accepted(&self) -> f64 {
-        let mut bucket = self.0.lock().await;
+    pub fn accepted(&self) -> f64 {
+        let mut bucket = self.lock();
         bucket.accepted(Instant::now());
         bucket.rate()
+    }
+}
+
+/// The token buckets of one daemon's cloud requests, one per
+/// [`RequestClass`].
+#[derive(Debug)]
+pub struct Pacer {
+    mutating: TokenBucket,
+    read: TokenBucket,
+}
+
+impl Pacer {
+    /// Buckets at `limits`, full.
+    pub fn new(limits: CallLimits) -> Self {
+        Self {
+            mutating: TokenBucket::new(limits.rate, limits.burst),
+            read: TokenBucket::new(limits.read_rate, limits.read_burst),
+        }
+    }
+
+    /// Buckets that never make anyone wait in practice (a billion tokens a
+    /// second), for tests of providers on their own.
+    pub fn unlimited() -> Self {
+        Self::new(CallLimits {
+            rate: 1e9,
+            burst: u32::MAX,
+            read_rate: 1e9,
+            read_burst: u32::MAX,
+        })
+    }
+
+    /// The bucket of `class`.
+    pub fn bucket(&self, class: RequestClass) -> &TokenBucket {
+        match class {
+            RequestClass::Mutating => &self.mutating,
+            RequestClass::Read => &self.read,
+        }
+    }
+
+    /// Waits for a token of `class`.
+    pub async fn take(&self, class: RequestClass) {
+        self.bucket(class).take().await;
     }
 }
 
