@@ -183,10 +183,12 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Whether this provider paces each of its cloud requests itself,
     /// through [`crate::ProviderContext::pacer`] (a lookup or listing page
-    /// as a read, anything else as mutating). The daemon then takes no
-    /// token of its own per call; it still slows the buckets down when a
-    /// call is throttled. `false` (the default): the daemon takes one token
-    /// per try of a call, of the call's class.
+    /// as a read, anything else as mutating), and tells the request's
+    /// bucket whether the cloud throttled or accepted it
+    /// ([`crate::pacing::TokenBucket::throttled`], `accepted`). The daemon
+    /// then neither takes a token per call nor adjusts the buckets.
+    /// `false` (the default): the daemon takes one token per try of a call,
+    /// of the call's class, and adjusts that bucket by the call's outcome.
     fn paces_requests(&self) -> bool {
         false
     }

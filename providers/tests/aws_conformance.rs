@@ -494,6 +494,30 @@ async fn every_ec2_request_draws_a_token_of_its_class() {
     assert_eq!(taken(RequestClass::Read), count(true), "{calls:?}");
     assert_eq!(taken(RequestClass::Mutating), count(false), "{calls:?}");
     assert!(count(false) >= 3, "run, release, terminate: {calls:?}");
+
+    // EC2's throttling answer halves the bucket of the request's class,
+    // and only that one; an accepted request gives a twentieth back.
+    let pacer = Arc::new(Pacer::new(podvisor_providers::CallLimits {
+        rate: 4.0,
+        burst: 100,
+        read_rate: 8.0,
+        read_burst: 100,
+    }));
+    let provider = bed
+        .provider_from_flags_paced(&proxy.endpoint(), &[], pacer.clone())
+        .await;
+    let rate = |class| pacer.bucket(class).rate();
+    proxy.fault("RunInstances", Fault::Throttle, Some(1));
+    let request = fixture.request(2);
+    let e = provider.create_instance(&request).await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Throttled, "{e}");
+    assert_eq!(
+        (rate(RequestClass::Mutating), rate(RequestClass::Read)),
+        (2.0, 8.0)
+    );
+    let made = provider.create_instance(&request).await.unwrap();
+    assert!((rate(RequestClass::Mutating) - 2.2).abs() < 1e-9);
+    provider.delete_instance(&made.id).await.unwrap();
 }
 
 /// The trade-off of not asking EC2 for addresses at every delete: an

@@ -113,14 +113,22 @@ impl ProviderCalls {
                     self.policy.timeout
                 ))),
             };
-            let bucket = self.pacer.bucket(class);
-            let rate = match &result {
-                Err(e) if e.class == ErrorClass::Throttled => Some(bucket.throttled()),
-                Err(_) => None,
-                Ok(_) => Some(bucket.accepted()),
-            };
-            if let Some(rate) = rate {
-                metrics::gauge!(metrics::PROVIDER_RATE, "class" => class.as_str()).set(rate);
+            if self.self_paced {
+                // The provider told the buckets of each request's answer.
+                for class in [Class::Mutating, Class::Read] {
+                    metrics::gauge!(metrics::PROVIDER_RATE, "class" => class.as_str())
+                        .set(self.pacer.bucket(class).rate());
+                }
+            } else {
+                let bucket = self.pacer.bucket(class);
+                let rate = match &result {
+                    Err(e) if e.class == ErrorClass::Throttled => Some(bucket.throttled()),
+                    Err(_) => None,
+                    Ok(_) => Some(bucket.accepted()),
+                };
+                if let Some(rate) = rate {
+                    metrics::gauge!(metrics::PROVIDER_RATE, "class" => class.as_str()).set(rate);
+                }
             }
             match result {
                 // The cloud asks to slow down: it is not failing this call.

@@ -7,6 +7,11 @@
 //! non-mutating `Describe*` actions in one bucket, mutating actions in
 //! another).
 //!
+//! The answer adjusts the bucket of the request's class (AIMD, see
+//! [`crate::pacing`]): HTTP 503 or 429 — EC2's `RequestLimitExceeded` and
+//! overload answers, which the provider classes as throttled — halves its
+//! rate; a 2xx gives some back.
+//!
 //! Under the SDK's HTTP client, not an interceptor: interceptors cannot
 //! wait. The wrapped client is the SDK's own default (hyper 1 + rustls on
 //! aws-lc, proxies from the environment), built as `aws-smithy-runtime`
@@ -91,7 +96,20 @@ impl HttpConnector for PacedConnector {
         let pacer = self.pacer.clone();
         HttpConnectorFuture::new(async move {
             pacer.take(class).await;
-            inner.call(request).await
+            let answer = inner.call(request).await;
+            if let Ok(response) = &answer {
+                let bucket = pacer.bucket(class);
+                match response.status().as_u16() {
+                    429 | 503 => {
+                        bucket.throttled();
+                    }
+                    200..=299 => {
+                        bucket.accepted();
+                    }
+                    _ => {}
+                }
+            }
+            answer
         })
     }
 }
