@@ -248,25 +248,21 @@ mod tests {
     fn a_newer_schema_is_refused_not_misread() {
         let mut v: serde_json::Value = serde_json::from_slice(&sample().encode()).unwrap();
         v["schema_version"] = 99.into();
-        let err = InstanceRecord::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
-        assert_eq!(
-            err,
-            DecodeError::NewerSchema {
-                found: 99,
-                known: SCHEMA_VERSION
-            }
-        );
+        let newer = v.clone();
         // A newer layout that this build cannot even parse: still named as
         // newer, not as malformed.
         v["state"] = 7.into();
-        let err = InstanceRecord::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
-        assert_eq!(
-            err,
-            DecodeError::NewerSchema {
-                found: 99,
-                known: SCHEMA_VERSION
-            }
-        );
+        for record in [newer, v] {
+            let err = InstanceRecord::decode(&serde_json::to_vec(&record).unwrap()).unwrap_err();
+            assert_eq!(
+                err,
+                DecodeError::NewerSchema {
+                    found: 99,
+                    known: SCHEMA_VERSION
+                },
+                "{record}"
+            );
+        }
     }
 
     #[test]
