@@ -29,6 +29,9 @@ use std::time::{Duration, Instant};
 
 struct Node {
     root: PathBuf,
+    /// The pods dir (agent sockets): on tmpfs where there is one, as on a
+    /// node (`/run/peerpod/pods`).
+    pods: PathBuf,
     admin: String,
     admin_port: u16,
     grpc_port: u16,
@@ -46,7 +49,7 @@ impl Node {
             .arg("--socket")
             .arg(self.socket())
             .arg("--pods-dir")
-            .arg(self.root.join("pods"))
+            .arg(&self.pods)
             .arg("--state-dir")
             .arg(self.root.join("state"))
             .args(["--admin-addr", &format!("127.0.0.1:{}", self.admin_port)])
@@ -159,9 +162,18 @@ fn main() {
     let running = arg("--running", 200);
     let pending = arg("--pending", 9_800);
     let dir = tempfile::tempdir().expect("tempdir");
+    // A node's pods dir is on tmpfs (`/run`): re-binding a restarted
+    // daemon's agent sockets on a disk file system costs ext4 an inode
+    // search past the sockets it just deleted, which no node pays.
+    let tmpfs = tempfile::tempdir_in("/dev/shm").ok();
+    let pods = tmpfs
+        .as_ref()
+        .map_or_else(|| dir.path().join("pods"), |d| d.path().to_owned());
+    println!("pods dir (agent sockets): {}", pods.display());
     let admin_port = free_port();
     let node = Node {
         root: dir.path().to_owned(),
+        pods,
         admin: format!("http://127.0.0.1:{admin_port}"),
         admin_port,
         grpc_port: free_port(),

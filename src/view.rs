@@ -72,16 +72,16 @@ impl InstanceView {
 
     /// Adds the records read from the journal at start-up (not
     /// transitions): one lock for all, and events only for subscribers.
-    pub fn load<'a>(&self, records: impl IntoIterator<Item = &'a InstanceRecord>) {
+    pub fn load(&self, records: impl IntoIterator<Item = InstanceRecord>) {
         let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
         let watched = self.events.receiver_count() > 0;
         let mut map = self.write();
         for record in records {
             *by_state.entry(record.state.as_str()).or_default() += 1;
-            map.insert(record.sandbox_id.clone(), record.clone());
             if watched {
                 let _ = self.events.send(ViewEvent::Updated(record.clone()));
             }
+            map.insert(record.sandbox_id.clone(), record);
         }
         drop(map);
         for (state, n) in by_state {

@@ -116,6 +116,90 @@ async fn sigterm_with_running_and_deleting_sandboxes_loses_nothing() {
     restart_with_running_and_deleting(false).await;
 }
 
+/// Pending records read back at start-up wait without an actor (promise 3
+/// of `SPECIFICATION.md`): each still answers CreateVM, StartVM and StopVM
+/// as before the crash, and still expires at its `--pending-ttl`; its
+/// recovery is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_records_wait_without_an_actor_and_wake_at_a_request_or_their_expiry() {
+    let mut setup = Setup::new();
+    setup.global.extend(["--pending-ttl".into(), "8s".into()]);
+    let mut daemon = setup.start().await;
+    let client = daemon.client().await;
+    let (started, stopped, expires) = (sandbox_id(), sandbox_id(), sandbox_id());
+    for (id, pod) in [
+        (&started, "starts"),
+        (&stopped, "stops"),
+        (&expires, "expires"),
+    ] {
+        client.create(id, pod_annotations(pod, "ns")).await.unwrap();
+    }
+    daemon.kill9();
+    drop(daemon);
+
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+    assert!(
+        daemon.log_text().contains("records=3 action=\"kept\""),
+        "the three Pending records were kept without actors:\n{}",
+        daemon.log_text()
+    );
+    assert_eq!(daemon.recovered("kept").await, 3.0);
+    for id in [&started, &stopped, &expires] {
+        assert_eq!(daemon.instance(id).await.unwrap()["state"], "pending");
+    }
+
+    // A retried CreateVM of the same pod gets the same answer; another
+    // pod's CreateVM with the sandbox's id is refused.
+    client
+        .create(&expires, pod_annotations("expires", "ns"))
+        .await
+        .expect("a retried CreateVM of a kept sandbox succeeds");
+    let other = client
+        .create(&expires, pod_annotations("another", "ns"))
+        .await
+        .expect_err("another pod's CreateVM with a kept sandbox's id");
+    let other = format!("{other:?}");
+    assert!(other.contains("already exists"), "{other}");
+
+    // StartVM wakes its sandbox, which starts.
+    client
+        .start(&started)
+        .await
+        .expect("StartVM of a kept sandbox succeeds");
+    assert_eq!(daemon.instance(&started).await.unwrap()["state"], "running");
+    // StopVM wakes its sandbox, which goes.
+    client.stop(&stopped).await.unwrap();
+    eventually(
+        "the stopped sandbox's record to go",
+        Duration::from_secs(20),
+        async || daemon.instance(&stopped).await.is_none().then_some(()),
+    )
+    .await;
+    // The last one expires at its TTL, counted from its CreateVM.
+    eventually(
+        "the untouched sandbox to expire",
+        Duration::from_secs(30),
+        async || daemon.instance(&expires).await.is_none().then_some(()),
+    )
+    .await;
+    // Recovery was counted once, at start-up, however each record woke.
+    assert_eq!(daemon.recovered("kept").await, 3.0);
+    assert_eq!(daemon.recovered("expired").await, 0.0);
+
+    client.stop(&started).await.unwrap();
+    eventually(
+        "the started sandbox to stop",
+        Duration::from_secs(20),
+        async || daemon.instance(&started).await.is_none().then_some(()),
+    )
+    .await;
+    let left = std::fs::read_dir(setup.local_dir().join("instances"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0, "nothing leaked");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_creating_sandbox_killed_mid_create_is_adopted_not_duplicated() {
     let mut setup = Setup::new();

@@ -132,6 +132,9 @@ pub struct PodVm {
     start_began: Option<Instant>,
     /// Whether the machine must be sent `Recover` when the actor starts.
     recover_on_start: bool,
+    /// Whether this actor counts and reports its record's recovery: not
+    /// when the supervisor counted it already (a dormant record woken).
+    reports_recovery: bool,
     /// Start-up recovery's one listing of this node's instances: answers
     /// this pod VM's first lookup (its recovery check) when the instance is
     /// in it; see [`RecoveryListing`].
@@ -179,6 +182,20 @@ impl PodVm {
         actor
     }
 
+    /// The actor for a record that start-up recovery kept without one
+    /// ([`PodVmMachine::sleeps_until`]), at its first request or its expiry:
+    /// recovered as then, but its recovery, counted then, is not counted
+    /// or reported again.
+    pub fn woken(
+        record: InstanceRecord,
+        deps: Arc<PodVmDeps>,
+        supervisor: Addr<Supervisor>,
+    ) -> Self {
+        let mut actor = Self::recover(record, deps, supervisor, None);
+        actor.reports_recovery = false;
+        actor
+    }
+
     fn new(
         machine: PodVmMachine,
         deps: Arc<PodVmDeps>,
@@ -198,6 +215,7 @@ impl PodVm {
             stop_replies: HashMap::new(),
             start_began: None,
             recover_on_start,
+            reports_recovery: true,
             recovery_listing: None,
             agent_socket: AgentSocket::new(),
         }
@@ -454,6 +472,9 @@ impl PodVm {
 
     /// Counts the recovery of this record and tells the supervisor.
     fn recovery_done(&self, action: RecoveryAction) {
+        if !self.reports_recovery {
+            return;
+        }
         metrics::counter!(metrics::RECOVERED_INSTANCES, "action" => action.as_str()).increment(1);
         tracing::info!(sandbox = %self.sandbox_id(), action = action.as_str(), "recovered");
         self.supervisor

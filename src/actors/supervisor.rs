@@ -10,9 +10,10 @@ use crate::metrics;
 use actix::prelude::*;
 use podvisor_providers::TAG_NODE;
 use podvisor_state::{
-    InstanceRecord, InstanceSpec, Journal, StartError, State, UnixMillis, now_millis,
+    InstanceRecord, InstanceSpec, Journal, PodVmMachine, RecoveryAction, StartError, State,
+    UnixMillis, now_millis,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -137,6 +138,17 @@ pub struct Supervisor {
     deps: Arc<PodVmDeps>,
     /// Live pod VM actors.
     pods: HashMap<String, Addr<PodVm>>,
+    /// Sandboxes whose records, read back at start-up, wait without an
+    /// actor, with the instant (Unix ms) their expiry falls due: their
+    /// recovery only kept them ([`PodVmMachine::sleeps_until`]). The first
+    /// request for the sandbox, or that instant, gives each its actor
+    /// ([`Supervisor::wake`]), made from its record in the view — which is
+    /// its durable record, as nothing writes it meanwhile.
+    dormant: HashMap<String, UnixMillis>,
+    /// `dormant`'s instants, earliest first.
+    wakeups: BTreeSet<(UnixMillis, String)>,
+    /// The one timer for the earliest of `wakeups`, and its instant.
+    wakeup_timer: Option<(UnixMillis, SpawnHandle)>,
     /// Most live pod VMs (`None`: no limit).
     limit: Option<usize>,
     /// Sandboxes whose start-up recovery has not reported yet.
@@ -166,6 +178,7 @@ impl std::fmt::Debug for Supervisor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Supervisor")
             .field("pods", &self.pods.len())
+            .field("dormant", &self.dormant.len())
             .field("limit", &self.limit)
             .field("recovering", &self.recovering.len())
             .field("gc", &self.gc)
@@ -178,6 +191,9 @@ impl Supervisor {
     pub fn new(deps: Arc<PodVmDeps>, limit: Option<usize>, gc: GcPolicy) -> Self {
         Self {
             pods: HashMap::new(),
+            dormant: HashMap::new(),
+            wakeups: BTreeSet::new(),
+            wakeup_timer: None,
             limit,
             recovering: HashSet::new(),
             recovery_submitted: false,
@@ -197,6 +213,7 @@ impl Supervisor {
     fn live_count(&self) -> usize {
         self.pods
             .keys()
+            .chain(self.dormant.keys())
             .filter(|id| match self.deps.view.get(id) {
                 None => true, // its first write is in flight
                 Some(r) => {
@@ -210,7 +227,7 @@ impl Supervisor {
         if self.recovery_submitted && self.recovering.is_empty() && !self.deps.view.is_ready() {
             self.deps.view.set_ready();
             tracing::info!(
-                sandboxes = self.pods.len(),
+                sandboxes = self.pods.len() + self.dormant.len(),
                 "start-up recovery finished; ready"
             );
             ctx.notify(RunGc);
@@ -231,6 +248,71 @@ impl Supervisor {
         let addr = PodVm::recover(record, self.deps.clone(), ctx.address(), listing).start();
         self.pods.insert(id, addr.clone());
         addr
+    }
+
+    /// Keeps sandbox `id`, whose record read back at start-up is in the
+    /// view, without an actor until `until` (Unix ms) or its first request.
+    fn sleep(&mut self, id: &str, until: UnixMillis) {
+        self.known_sandboxes.insert(id.to_owned());
+        self.wakeups.insert((until, id.to_owned()));
+        self.dormant.insert(id.to_owned(), until);
+    }
+
+    /// The actor of sandbox `id`, woken if its record was dormant; `None`
+    /// if the sandbox is not known.
+    fn actor_of(&mut self, id: &str, ctx: &mut Context<Self>) -> Option<Addr<PodVm>> {
+        match self.pods.get(id) {
+            Some(addr) => Some(addr.clone()),
+            None => self.wake(id, ctx),
+        }
+    }
+
+    /// Gives the dormant record of sandbox `id` its actor; its recovery,
+    /// already counted, is not reported again. `None` if it is not dormant.
+    fn wake(&mut self, id: &str, ctx: &mut Context<Self>) -> Option<Addr<PodVm>> {
+        let until = self.dormant.remove(id)?;
+        self.wakeups.remove(&(until, id.to_owned()));
+        let Some(record) = self.deps.view.get(id) else {
+            // Nothing removes a dormant record from the view; were it gone,
+            // the sandbox would have no record left to act on.
+            tracing::error!(sandbox = %id, "a kept sandbox's record is missing from the view; it is treated as unknown");
+            return None;
+        };
+        let addr = PodVm::woken(record, self.deps.clone(), ctx.address()).start();
+        self.pods.insert(id.to_owned(), addr.clone());
+        Some(addr)
+    }
+
+    /// Arms the one timer for the earliest dormant record's expiry, unless
+    /// it is armed for that instant already.
+    fn arm_wakeup(&mut self, ctx: &mut Context<Self>) {
+        let first = self.wakeups.first().map(|(at, _)| *at);
+        if self.wakeup_timer.as_ref().map(|(at, _)| *at) == first {
+            return;
+        }
+        if let Some((_, handle)) = self.wakeup_timer.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(at) = first {
+            let after = Duration::from_millis(at.saturating_sub(now_millis()));
+            let handle = ctx.run_later(after, |act, ctx| {
+                act.wakeup_timer = None;
+                act.wake_due(ctx);
+            });
+            self.wakeup_timer = Some((at, handle));
+        }
+    }
+
+    /// Wakes every dormant record whose expiry is due: its actor expires it.
+    fn wake_due(&mut self, ctx: &mut Context<Self>) {
+        let now = now_millis();
+        while let Some((at, id)) = self.wakeups.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.wake(&id, ctx);
+        }
+        self.arm_wakeup(ctx);
     }
 
     /// Lists this node's instances once, when any of `records` must be
@@ -324,7 +406,7 @@ impl Handler<CreateVm> for Supervisor {
 
     fn handle(&mut self, msg: CreateVm, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.sandbox_id;
-        if self.pods.contains_key(&id) {
+        if self.pods.contains_key(&id) || self.dormant.contains_key(&id) {
             let result = match self.deps.view.get(&id) {
                 // A retried CreateVM of the same pod: same answer.
                 Some(r)
@@ -386,7 +468,7 @@ impl Handler<StartVm> for Supervisor {
 
     fn handle(&mut self, msg: StartVm, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
-        let Some(addr) = self.pods.get(&id).cloned() else {
+        let Some(addr) = self.actor_of(&id, ctx) else {
             return Box::pin(async move { Err(SupervisorError::NotKnown { sandbox_id: id }) });
         };
         let me = ctx.address();
@@ -414,7 +496,7 @@ impl Handler<StopVm> for Supervisor {
     fn handle(&mut self, msg: StopVm, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
         // StopVM of an unknown sandbox succeeds: it is as stopped as can be.
-        let Some(addr) = self.pods.get(&id).cloned() else {
+        let Some(addr) = self.actor_of(&id, ctx) else {
             return Box::pin(async { Ok(()) });
         };
         let me = ctx.address();
@@ -442,12 +524,15 @@ struct Revive(String);
 impl Handler<Revive> for Supervisor {
     type Result = ResponseActFuture<Self, Option<Addr<PodVm>>>;
 
-    fn handle(&mut self, msg: Revive, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Revive, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.0;
         if let Some(addr) = self.pods.get(&id)
             && addr.connected()
         {
             return Box::pin(fut::ready(Some(addr.clone())));
+        }
+        if let Some(addr) = self.wake(&id, ctx) {
+            return Box::pin(fut::ready(Some(addr)));
         }
         tracing::error!(sandbox = %id, "pod VM actor died; restarting it from the journal");
         let journal = self.deps.journal.clone();
@@ -518,16 +603,53 @@ impl Handler<Recover> for Supervisor {
 
     fn handle(&mut self, msg: Recover, ctx: &mut Context<Self>) {
         self.add_quarantined(msg.quarantined);
-        self.deps.view.load(&msg.records);
-        let listing = self.list_for_recovery(&msg.records);
-        let half = msg.records.len() / 2;
-        for (i, record) in msg.records.into_iter().enumerate() {
-            if i == half && i > 0 {
+        // A record whose recovery only keeps it gets no actor until it is
+        // needed: start-up makes no actor per waiting sandbox.
+        let now = now_millis();
+        let (mut asleep, mut awake) = (Vec::new(), Vec::new());
+        for record in msg.records {
+            match PodVmMachine::sleeps_until(&record, &self.deps.machine, now) {
+                Some(until) => asleep.push((record, until)),
+                None => awake.push(record),
+            }
+        }
+        let kept = asleep.len() as u64;
+        // The crash point falls half-way through all the records.
+        let half = (asleep.len() + awake.len()) / 2;
+        let mut handled = 0;
+        let mut count_one = || {
+            if handled == half && handled > 0 {
                 failpoints::hit(failpoints::MID_RECOVERY);
             }
+            handled += 1;
+        };
+        for (record, until) in &asleep {
+            count_one();
+            tracing::debug!(sandbox = %record.sandbox_id, action = "kept", "recovered");
+            self.sleep(&record.sandbox_id, *until);
+        }
+        self.deps.view.load(
+            asleep
+                .into_iter()
+                .map(|(record, _)| record)
+                .chain(awake.iter().cloned()),
+        );
+        let listing = self.list_for_recovery(&awake);
+        for record in awake {
+            count_one();
             self.recovering.insert(record.sandbox_id.clone());
             let listing = listing.as_ref().filter(|_| must_verify(&record)).cloned();
             self.spawn_recovered(record, listing, ctx);
+        }
+        if kept > 0 {
+            metrics::counter!(metrics::RECOVERED_INSTANCES, "action" => RecoveryAction::Kept.as_str())
+                .increment(kept);
+            tracing::info!(
+                records = kept,
+                action = RecoveryAction::Kept.as_str(),
+                "recovered: Pending and cleaned-up Failed records kept as they were; each gets its actor at its first request or its expiry"
+            );
+            self.arm_wakeup(ctx);
         }
         self.recovery_submitted = true;
         self.check_recovery_done(ctx);
@@ -724,6 +846,7 @@ impl Supervisor {
     /// the view, or a record in quarantine.
     fn owns(&self, id: &str) -> bool {
         self.pods.contains_key(id)
+            || self.dormant.contains_key(id)
             || self.deps.view.get(id).is_some()
             || self.quarantined.contains(id)
     }

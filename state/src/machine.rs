@@ -343,6 +343,32 @@ impl PodVmMachine {
         Self::new(Some(record.clone()), record, config, seed)
     }
 
+    /// Whether `record`, read back at start-up at `now` (Unix ms), can wait
+    /// without a machine until the instant answered (Unix ms): its recovery
+    /// would only keep it and arm its expiry — [`Event::Recover`] would
+    /// answer exactly `Schedule(Expiry, until − now)` and
+    /// `RecoveryDone(Kept)`. That holds for a `Pending` record younger than
+    /// `pending_ttl` and a `Failed` one whose cleanup is done and whose
+    /// `failed_ttl` has not run out. `None` when recovery has work to do (a
+    /// cloud check, a delete, a cleanup, an expiry already due). Until that
+    /// instant, a machine made with [`PodVmMachine::recovered`] from the
+    /// same record decides anything that arrives as it would have then.
+    pub fn sleeps_until(
+        record: &InstanceRecord,
+        config: &MachineConfig,
+        now: UnixMillis,
+    ) -> Option<UnixMillis> {
+        // The same arithmetic as `on_recover`.
+        let (since, ttl) = match record.state {
+            State::Pending => (record.created_at, config.pending_ttl),
+            State::Failed if record.released => (record.updated_at, config.failed_ttl),
+            _ => return None,
+        };
+        let age = Duration::from_millis(now.saturating_sub(since));
+        let left = ttl.checked_sub(age).filter(|left| !left.is_zero())?;
+        Some(now.saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX)))
+    }
+
     fn new(
         durable: Option<InstanceRecord>,
         target: InstanceRecord,

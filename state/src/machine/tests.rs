@@ -636,6 +636,68 @@ fn recovery_keeps_a_young_pending_record_and_expires_an_old_one() {
     assert_eq!(persisted(&cmds).unwrap().state, State::Deleting);
 }
 
+/// `sleeps_until` answers an instant exactly when recovery would only keep
+/// the record and arm its expiry, and that instant is when the expiry falls
+/// due — for every state, released or not, young, old, or from the future.
+#[test]
+fn a_record_sleeps_exactly_when_its_recovery_only_keeps_it() {
+    let states = [
+        State::Pending,
+        State::Creating,
+        State::Running,
+        State::Deleting,
+        State::Failed,
+        State::Removed,
+    ];
+    let mut sleeping = 0;
+    for state in states {
+        for with_instance in [false, true] {
+            for released in [false, true] {
+                // Ages around both TTLs (600 s and 3,600 s), and a clock
+                // that went back (negative age).
+                for age_ms in [
+                    -5_000i64, 0, 1, 599_999, 600_000, 601_000, 3_599_999, 3_600_000,
+                ] {
+                    let mut r = pending();
+                    r.state = state;
+                    if state != State::Pending {
+                        r.generation = 1;
+                        r.token = Some(idempotency_token("sb1", 1));
+                        r.updated_at = T0 + 10;
+                    }
+                    if with_instance {
+                        r.instance = Some(instance("i-1"));
+                    }
+                    r.released = released;
+                    let now = T0.saturating_add_signed(age_ms);
+                    let slept = PodVmMachine::sleeps_until(&r, &config(), now);
+                    let cmds = PodVmMachine::recovered(r.clone(), config(), 3)
+                        .on_event(Event::Recover, now);
+                    let only_kept = match cmds.as_slice() {
+                        [
+                            Command::Schedule {
+                                kind: TimerKind::Expiry,
+                                after,
+                                ..
+                            },
+                            Command::RecoveryDone(RecoveryAction::Kept),
+                        ] if !after.is_zero() => Some(now + after.as_millis() as u64),
+                        _ => None,
+                    };
+                    assert_eq!(
+                        slept, only_kept,
+                        "{state:?} instance={with_instance} released={released} age={age_ms} ms: {cmds:?}"
+                    );
+                    sleeping += usize::from(slept.is_some());
+                }
+            }
+        }
+    }
+    // Young Pending records (any instance and release flags) and young
+    // released Failed ones do sleep.
+    assert!(sleeping >= 8, "{sleeping}");
+}
+
 #[test]
 fn recovery_of_creating_without_an_instance_reissues_the_idempotent_create() {
     let mut m = recovered(State::Creating, false);
