@@ -10,8 +10,11 @@
 //! Then promise 3 of `SPECIFICATION.md`: the median start-up to `/readyz`
 //! against its floor measured in the same run — a bare sled open of the
 //! same journal directory and a full scan of its records (median of three),
-//! once the daemon is gone — with the ratio, the bound (3×) and PASS or
-//! FAIL; exits 1 on a FAIL.
+//! once the daemon is gone, timed as the daemon is: from spawning a fresh
+//! process (this bench, `--floor-scan <dir>`) to its exit — with the ratio,
+//! the bound (3×) and PASS or FAIL; exits 1 on a FAIL. The same open and
+//! scan inside this (warm) process is printed beside it. The pods dir is on
+//! tmpfs (`/dev/shm`) when there is one, as a node's `/run/peerpod/pods` is.
 //!
 //! `cargo bench --bench recovery` (defaults: 200 Running + 9,800 Pending,
 //! the 10,000 records of promise 3); `-- --running N --pending M` for other
@@ -158,7 +161,43 @@ async fn make(socket: &Path, n: usize, start: bool) -> Vec<String> {
     ids
 }
 
+/// What any start-up must do at least: open the journal in bare sled and
+/// read every record. Returns the bytes read.
+fn bare_open_and_scan(journal: &Path) -> usize {
+    let db = sled::Config::new()
+        .path(journal)
+        .open()
+        .expect("the journal opens in bare sled");
+    let records = db.open_tree("records").expect("the records tree");
+    let mut bytes = 0;
+    for entry in &records {
+        let (_, value) = entry.expect("a record");
+        bytes += value.len();
+    }
+    std::hint::black_box(bytes)
+}
+
+/// The floor as the daemon is timed — from spawn to done, in a fresh
+/// process: this bench run again with `--floor-scan <journal dir>`.
+fn bare_open_and_scan_in_a_process(journal: &Path) -> Duration {
+    let t = Instant::now();
+    let status = Command::new(std::env::current_exe().expect("the bench's path"))
+        .arg("--floor-scan")
+        .arg(journal)
+        .stdout(Stdio::null())
+        .status()
+        .expect("the floor's process runs");
+    let took = t.elapsed();
+    assert!(status.success(), "the floor's process: {status}");
+    took
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--floor-scan") {
+        bare_open_and_scan(Path::new(args.get(i + 1).expect("a journal dir")));
+        return;
+    }
     let running = arg("--running", 200);
     let pending = arg("--pending", 9_800);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -213,23 +252,22 @@ fn main() {
     // start-up must do at least — open the database and read every record.
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
+    let journal = dir.path().join("state/journal");
     let mut floor = Vec::new();
+    let mut floor_process = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
-        let db = sled::Config::new()
-            .path(dir.path().join("state/journal"))
-            .open()
-            .expect("the journal opens in bare sled");
-        let records = db.open_tree("records").expect("the records tree");
-        let mut bytes = 0;
-        for entry in &records {
-            let (_, value) = entry.expect("a record");
-            bytes += value.len();
-        }
-        std::hint::black_box(bytes);
+        bare_open_and_scan(&journal);
         floor.push(t.elapsed());
+        floor_process.push(bare_open_and_scan_in_a_process(&journal));
     }
     floor.sort();
+    floor_process.sort();
+    println!(
+        "floor: bare sled open + scan {:.1} ms in this process (median), {:.1} ms from spawn to exit of a fresh process (median)",
+        floor[1].as_secs_f64() * 1e3,
+        floor_process[1].as_secs_f64() * 1e3
+    );
     child = node.spawn();
     node.time_to_ready(&mut child);
     println!(
@@ -240,13 +278,15 @@ fn main() {
         samples[2].as_secs_f64() * 1e3
     );
 
-    let ratio = samples[1].as_secs_f64() / floor[1].as_secs_f64().max(1e-9);
+    // Both timed from spawn: the daemon to ready, the floor to its exit.
+    let ratio = samples[1].as_secs_f64() / floor_process[1].as_secs_f64().max(1e-9);
     let held = verdict(
         &format!("promise 3 (recovery of {} records)", running + pending),
         &format!(
-            "restart → ready {:.0} ms (median), bare sled open + scan {:.1} ms (median)",
+            "restart → ready {:.0} ms (median), a fresh process's bare sled open + scan {:.1} ms (median; {:.2}× the same open + scan in this warm process)",
             samples[1].as_secs_f64() * 1e3,
-            floor[1].as_secs_f64() * 1e3
+            floor_process[1].as_secs_f64() * 1e3,
+            samples[1].as_secs_f64() / floor[1].as_secs_f64().max(1e-9)
         ),
         ratio,
         "<= 3.0",

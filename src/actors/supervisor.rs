@@ -13,7 +13,8 @@ use podvisor_state::{
     InstanceRecord, InstanceSpec, Journal, PodVmMachine, RecoveryAction, StartError, State,
     UnixMillis, now_millis,
 };
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -144,9 +145,11 @@ pub struct Supervisor {
     /// request for the sandbox, or that instant, gives each its actor
     /// ([`Supervisor::wake`]), made from its record in the view — which is
     /// its durable record, as nothing writes it meanwhile.
-    dormant: HashMap<String, UnixMillis>,
-    /// `dormant`'s instants, earliest first.
-    wakeups: BTreeSet<(UnixMillis, String)>,
+    dormant: HashMap<Arc<str>, UnixMillis>,
+    /// `dormant`'s instants, earliest first; an entry whose sandbox woke
+    /// before (no longer in `dormant` with that instant) is skipped when it
+    /// comes up. Built in one go at start-up.
+    wakeups: BinaryHeap<Reverse<(UnixMillis, Arc<str>)>>,
     /// The one timer for the earliest of `wakeups`, and its instant.
     wakeup_timer: Option<(UnixMillis, SpawnHandle)>,
     /// Most live pod VMs (`None`: no limit).
@@ -192,7 +195,7 @@ impl Supervisor {
         Self {
             pods: HashMap::new(),
             dormant: HashMap::new(),
-            wakeups: BTreeSet::new(),
+            wakeups: BinaryHeap::new(),
             wakeup_timer: None,
             limit,
             recovering: HashSet::new(),
@@ -213,7 +216,8 @@ impl Supervisor {
     fn live_count(&self) -> usize {
         self.pods
             .keys()
-            .chain(self.dormant.keys())
+            .map(String::as_str)
+            .chain(self.dormant.keys().map(|id| &**id))
             .filter(|id| match self.deps.view.get(id) {
                 None => true, // its first write is in flight
                 Some(r) => {
@@ -250,12 +254,18 @@ impl Supervisor {
         addr
     }
 
-    /// Keeps sandbox `id`, whose record read back at start-up is in the
-    /// view, without an actor until `until` (Unix ms) or its first request.
-    fn sleep(&mut self, id: &str, until: UnixMillis) {
-        self.known_sandboxes.insert(id.to_owned());
-        self.wakeups.insert((until, id.to_owned()));
-        self.dormant.insert(id.to_owned(), until);
+    /// Keeps the sandboxes of `sleepers` — (sandbox id, until) — whose
+    /// records read back at start-up are in the view, without an actor
+    /// until `until` (Unix ms) or their first request.
+    fn sleep(&mut self, sleepers: Vec<(Arc<str>, UnixMillis)>) {
+        self.dormant.reserve(sleepers.len());
+        let mut wakeups = std::mem::take(&mut self.wakeups).into_vec();
+        wakeups.reserve(sleepers.len());
+        for (id, until) in sleepers {
+            self.dormant.insert(id.clone(), until);
+            wakeups.push(Reverse((until, id)));
+        }
+        self.wakeups = BinaryHeap::from(wakeups);
     }
 
     /// The actor of sandbox `id`, woken if its record was dormant; `None`
@@ -270,8 +280,9 @@ impl Supervisor {
     /// Gives the dormant record of sandbox `id` its actor; its recovery,
     /// already counted, is not reported again. `None` if it is not dormant.
     fn wake(&mut self, id: &str, ctx: &mut Context<Self>) -> Option<Addr<PodVm>> {
-        let until = self.dormant.remove(id)?;
-        self.wakeups.remove(&(until, id.to_owned()));
+        self.dormant.remove(id)?;
+        // Only now can its instance be made by this run (see `gc::Ownership`).
+        self.known_sandboxes.insert(id.to_owned());
         let Some(record) = self.deps.view.get(id) else {
             // Nothing removes a dormant record from the view; were it gone,
             // the sandbox would have no record left to act on.
@@ -286,7 +297,12 @@ impl Supervisor {
     /// Arms the one timer for the earliest dormant record's expiry, unless
     /// it is armed for that instant already.
     fn arm_wakeup(&mut self, ctx: &mut Context<Self>) {
-        let first = self.wakeups.first().map(|(at, _)| *at);
+        while let Some(Reverse((at, id))) = self.wakeups.peek()
+            && self.dormant.get(id) != Some(at)
+        {
+            self.wakeups.pop();
+        }
+        let first = self.wakeups.peek().map(|Reverse((at, _))| *at);
         if self.wakeup_timer.as_ref().map(|(at, _)| *at) == first {
             return;
         }
@@ -306,11 +322,14 @@ impl Supervisor {
     /// Wakes every dormant record whose expiry is due: its actor expires it.
     fn wake_due(&mut self, ctx: &mut Context<Self>) {
         let now = now_millis();
-        while let Some((at, id)) = self.wakeups.first().cloned() {
-            if at > now {
-                break;
+        while let Some(Reverse((at, _))) = self.wakeups.peek()
+            && *at <= now
+        {
+            if let Some(Reverse((at, id))) = self.wakeups.pop()
+                && self.dormant.get(&id) == Some(&at)
+            {
+                self.wake(&id, ctx);
             }
-            self.wake(&id, ctx);
         }
         self.arm_wakeup(ctx);
     }
@@ -406,7 +425,7 @@ impl Handler<CreateVm> for Supervisor {
 
     fn handle(&mut self, msg: CreateVm, ctx: &mut Context<Self>) -> Self::Result {
         let id = msg.sandbox_id;
-        if self.pods.contains_key(&id) || self.dormant.contains_key(&id) {
+        if self.pods.contains_key(&id) || self.dormant.contains_key(id.as_str()) {
             let result = match self.deps.view.get(&id) {
                 // A retried CreateVM of the same pod: same answer.
                 Some(r)
@@ -606,16 +625,14 @@ impl Handler<Recover> for Supervisor {
         // A record whose recovery only keeps it gets no actor until it is
         // needed: start-up makes no actor per waiting sandbox.
         let now = now_millis();
-        let (mut asleep, mut awake) = (Vec::new(), Vec::new());
-        for record in msg.records {
-            match PodVmMachine::sleeps_until(&record, &self.deps.machine, now) {
-                Some(until) => asleep.push((record, until)),
-                None => awake.push(record),
-            }
-        }
-        let kept = asleep.len() as u64;
+        let records = msg.records;
+        let sleeping: Vec<Option<UnixMillis>> = records
+            .iter()
+            .map(|r| PodVmMachine::sleeps_until(r, &self.deps.machine, now))
+            .collect();
+        let kept = sleeping.iter().flatten().count();
         // The crash point falls half-way through all the records.
-        let half = (asleep.len() + awake.len()) / 2;
+        let half = records.len() / 2;
         let mut handled = 0;
         let mut count_one = || {
             if handled == half && handled > 0 {
@@ -623,27 +640,26 @@ impl Handler<Recover> for Supervisor {
             }
             handled += 1;
         };
-        for (record, until) in &asleep {
+        let mut sleepers = Vec::with_capacity(kept);
+        let mut awake = Vec::with_capacity(records.len() - kept);
+        for (record, sleeps) in records.iter().zip(&sleeping) {
             count_one();
-            tracing::debug!(sandbox = %record.sandbox_id, action = "kept", "recovered");
-            self.sleep(&record.sandbox_id, *until);
+            match sleeps {
+                Some(until) => sleepers.push((Arc::from(record.sandbox_id.as_str()), *until)),
+                None => awake.push(record.clone()),
+            }
         }
-        self.deps.view.load(
-            asleep
-                .into_iter()
-                .map(|(record, _)| record)
-                .chain(awake.iter().cloned()),
-        );
+        self.sleep(sleepers);
+        self.deps.view.load(records);
         let listing = self.list_for_recovery(&awake);
         for record in awake {
-            count_one();
             self.recovering.insert(record.sandbox_id.clone());
             let listing = listing.as_ref().filter(|_| must_verify(&record)).cloned();
             self.spawn_recovered(record, listing, ctx);
         }
         if kept > 0 {
             metrics::counter!(metrics::RECOVERED_INSTANCES, "action" => RecoveryAction::Kept.as_str())
-                .increment(kept);
+                .increment(kept as u64);
             tracing::info!(
                 records = kept,
                 action = RecoveryAction::Kept.as_str(),
