@@ -123,6 +123,17 @@ impl InstanceView {
         self.read().get(sandbox_id).cloned()
     }
 
+    /// How many of the sandboxes `ids` pass `check`, given each one's
+    /// record (`None`: none yet); under one read lock, copying nothing.
+    pub fn count<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a str>,
+        check: impl Fn(Option<&InstanceRecord>) -> bool,
+    ) -> usize {
+        let map = self.read();
+        ids.into_iter().filter(|id| check(map.get(*id))).count()
+    }
+
     /// Every record, by sandbox id.
     pub fn list(&self) -> Vec<InstanceRecord> {
         self.read().values().cloned().collect()

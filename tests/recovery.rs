@@ -119,11 +119,13 @@ async fn sigterm_with_running_and_deleting_sandboxes_loses_nothing() {
 /// Pending records read back at start-up wait without an actor (promise 3
 /// of `SPECIFICATION.md`): each still answers CreateVM, StartVM and StopVM
 /// as before the crash, and still expires at its `--pending-ttl`; its
-/// recovery is counted once.
+/// recovery is counted once, and each counts against the node's limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_records_wait_without_an_actor_and_wake_at_a_request_or_their_expiry() {
     let mut setup = Setup::new();
-    setup.global.extend(["--pending-ttl".into(), "8s".into()]);
+    setup
+        .global
+        .extend(["--pending-ttl", "8s", "--peerpods-limit-per-node", "3"].map(String::from));
     let mut daemon = setup.start().await;
     let client = daemon.client().await;
     let (started, stopped, expires) = (sandbox_id(), sandbox_id(), sandbox_id());
@@ -161,6 +163,13 @@ async fn pending_records_wait_without_an_actor_and_wake_at_a_request_or_their_ex
         .expect_err("another pod's CreateVM with a kept sandbox's id");
     let other = format!("{other:?}");
     assert!(other.contains("already exists"), "{other}");
+    // The kept sandboxes count against the node's limit.
+    let over = client
+        .create(&sandbox_id(), pod_annotations("fourth", "ns"))
+        .await
+        .expect_err("a fourth pod VM over the limit of 3");
+    let over = format!("{over:?}");
+    assert!(over.contains("3 of 3"), "{over}");
 
     // StartVM wakes its sandbox, which starts.
     client

@@ -447,6 +447,7 @@ async fn every_ec2_request_draws_a_token_of_its_class() {
     let proxy = bed.proxy().await;
     let pacer = Arc::new(Pacer::unlimited());
     let provider = bed
+        .net
         .provider_from_flags_paced(&proxy.endpoint(), &[], pacer.clone())
         .await;
     assert!(provider.paces_requests());
@@ -504,6 +505,7 @@ async fn every_ec2_request_draws_a_token_of_its_class() {
         read_burst: 100,
     }));
     let provider = bed
+        .net
         .provider_from_flags_paced(&proxy.endpoint(), &[], pacer.clone())
         .await;
     let rate = |class| pacer.bucket(class).rate();

@@ -60,17 +60,46 @@ impl ProviderCalls {
     /// Calls to `provider` under `policy`, paced by `pacer` (the one the
     /// provider was built with).
     pub fn new(provider: Arc<dyn Provider>, policy: CallPolicy, pacer: Arc<Pacer>) -> Self {
-        for class in [Class::Mutating, Class::Read] {
-            metrics::gauge!(metrics::PROVIDER_RATE, "class" => class.as_str())
-                .set(pacer.bucket(class).rate());
-        }
-        Self {
+        let calls = Self {
             inflight: Semaphore::new(policy.max_inflight as usize),
             self_paced: provider.paces_requests(),
             pacer,
             provider,
             policy,
+        };
+        calls.publish_rates();
+        calls
+    }
+
+    /// Sets [`metrics::PROVIDER_RATE`] of each class to its bucket's rate.
+    fn publish_rates(&self) {
+        for class in [Class::Mutating, Class::Read] {
+            metrics::gauge!(metrics::PROVIDER_RATE, "class" => class.as_str())
+                .set(self.pacer.bucket(class).rate());
         }
+    }
+
+    /// Waits before the next try of `operation` after `error`: the
+    /// backoff's delay for retry `n` (the `n`-th throttle when `throttled`,
+    /// else the `n`-th failed try), and at least as long as the cloud asked.
+    async fn wait_before_retry(
+        &self,
+        operation: &'static str,
+        n: u32,
+        throttled: bool,
+        error: &ProviderError,
+    ) {
+        let mut delay = self.policy.backoff.delay(n, fastrand::f64());
+        if let Some(min) = error.retry_after {
+            delay = delay.max(min);
+        }
+        if throttled {
+            tracing::info!(operation, throttles = n, error = %error, ?delay, "retrying provider call");
+        } else {
+            tracing::info!(operation, attempt = n, error = %error, ?delay, "retrying provider call");
+        }
+        metrics::counter!(metrics::OPERATION_RETRIES, "operation" => operation).increment(1);
+        tokio::time::sleep(delay).await;
     }
 
     /// Waits for a token of `class`, unless the provider paces its own
@@ -115,10 +144,7 @@ impl ProviderCalls {
             };
             if self.self_paced {
                 // The provider told the buckets of each request's answer.
-                for class in [Class::Mutating, Class::Read] {
-                    metrics::gauge!(metrics::PROVIDER_RATE, "class" => class.as_str())
-                        .set(self.pacer.bucket(class).rate());
-                }
+                self.publish_rates();
             } else {
                 let bucket = self.pacer.bucket(class);
                 let rate = match &result {
@@ -136,24 +162,10 @@ impl ProviderCalls {
                 // asked), without spending the call's tries.
                 Err(e) if e.class == ErrorClass::Throttled => {
                     throttles += 1;
-                    let mut delay = self.policy.backoff.delay(throttles, fastrand::f64());
-                    if let Some(min) = e.retry_after {
-                        delay = delay.max(min);
-                    }
-                    tracing::info!(operation, throttles, error = %e, ?delay, "retrying provider call");
-                    metrics::counter!(metrics::OPERATION_RETRIES, "operation" => operation)
-                        .increment(1);
-                    tokio::time::sleep(delay).await;
+                    self.wait_before_retry(operation, throttles, true, &e).await;
                 }
                 Err(e) if e.is_retryable() && attempt < self.policy.attempts => {
-                    let mut delay = self.policy.backoff.delay(attempt, fastrand::f64());
-                    if let Some(min) = e.retry_after {
-                        delay = delay.max(min);
-                    }
-                    tracing::info!(operation, attempt, error = %e, ?delay, "retrying provider call");
-                    metrics::counter!(metrics::OPERATION_RETRIES, "operation" => operation)
-                        .increment(1);
-                    tokio::time::sleep(delay).await;
+                    self.wait_before_retry(operation, attempt, false, &e).await;
                     attempt += 1;
                 }
                 other => return other,

@@ -214,17 +214,15 @@ impl Supervisor {
 
     /// Pod VMs that hold (or may soon hold) a cloud instance.
     fn live_count(&self) -> usize {
-        self.pods
+        let ids = self
+            .pods
             .keys()
             .map(String::as_str)
-            .chain(self.dormant.keys().map(|id| &**id))
-            .filter(|id| match self.deps.view.get(id) {
-                None => true, // its first write is in flight
-                Some(r) => {
-                    !(r.state == State::Deleting || (r.state == State::Failed && r.released))
-                }
-            })
-            .count()
+            .chain(self.dormant.keys().map(|id| &**id));
+        self.deps.view.count(ids, |record| match record {
+            None => true, // its first write is in flight
+            Some(r) => !(r.state == State::Deleting || (r.state == State::Failed && r.released)),
+        })
     }
 
     fn check_recovery_done(&mut self, ctx: &mut Context<Self>) {

@@ -283,19 +283,6 @@ impl AwsBed {
     pub async fn provider_from_flags(&self, endpoint: &str, extra: &[&str]) -> Arc<dyn Provider> {
         self.net.provider_from_flags(endpoint, extra).await
     }
-
-    /// [`provider_from_flags`](Self::provider_from_flags), pacing its
-    /// requests through `pacer` as the daemon's would.
-    pub async fn provider_from_flags_paced(
-        &self,
-        endpoint: &str,
-        extra: &[&str],
-        pacer: Arc<crate::pacing::Pacer>,
-    ) -> Arc<dyn Provider> {
-        self.net
-            .provider_from_flags_paced(endpoint, extra, pacer)
-            .await
-    }
 }
 
 impl TestNetwork {
