@@ -14,7 +14,9 @@
 //! `-- --scale N` another count for promise 2 (default 5,000; 1,000 quick).
 //! The daemon is served in this process (`daemon::serve`) with the provider
 //! rate limit and the per-node limit lifted, so the figures are overhead,
-//! not throttling.
+//! not throttling. Its pods dir (agent sockets) is on tmpfs (`/dev/shm`)
+//! where there is one, as a node's `/run/peerpod/pods` is; its journal is
+//! on disk, beside the floor's.
 //!
 //! Then promise 1 of `SPECIFICATION.md`, against the floor measured in the
 //! same run: the journal alone (a `SledJournal` in a directory beside the
@@ -413,6 +415,7 @@ fn flushes_asked(admin: std::net::SocketAddr) -> f64 {
 /// cannot complete the readiness probe's handshake.
 fn global_args(
     root: &Path,
+    pods: &Path,
     forwarder_port: u16,
     tls: bool,
     provider_args: &[&str],
@@ -423,7 +426,7 @@ fn global_args(
         "--socket",
         &format!("{root}/hv.sock"),
         "--pods-dir",
-        &format!("{root}/pods"),
+        &pods.display().to_string(),
         "--state-dir",
         &format!("{root}/state"),
         "--admin-addr",
@@ -467,6 +470,13 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
     // The floor's journal goes beside the daemon's state directory: the
     // same disk.
     let root = tempfile::tempdir().expect("tempdir");
+    // A node's pods dir (the agent sockets) is on tmpfs (`/run`); so is
+    // this one where there is a tmpfs.
+    let tmpfs = tempfile::tempdir_in("/dev/shm").ok();
+    let pods = tmpfs
+        .as_ref()
+        .map_or_else(|| root.path().join("pods"), |d| d.path().to_owned());
+    println!("pods dir (agent sockets): {}", pods.display());
     let forwarder_port = free_port();
     let memory = Arc::new(FakeProvider::new());
     let local_dir = root.path().join("local");
@@ -479,6 +489,7 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
     ];
     let invocation = global_args(
         root.path(),
+        &pods,
         forwarder_port,
         name == "local",
         if name == "local" { &local_args } else { &[] },
