@@ -8,15 +8,16 @@
 //!    checked against the cloud.
 //! 3. `load_pki`: the TLS keys the agent proxy shows the pod VMs (then
 //!    `pull_secrets`: the Kubernetes API client for image pull secrets).
-//! 4. `start_actors`: the supervisor, which gives every record its actor
-//!    and recovers it.
+//! 4. `start_actors`: the supervisor, which recovers every record: an
+//!    actor for each with work to do, the others (kept `Pending` and
+//!    cleaned-up `Failed` records) dormant until a request or their expiry.
 //! 5. `serve_endpoints`: the admin endpoint, gRPC over TCP, the Kata socket,
 //!    then the gRPC socket.
 //! 6. `shut_down`: at SIGTERM or SIGINT, no new requests, operations under
 //!    way drained, the journal flushed.
 //!
-//! Order matters: the journal is loaded and every record has its actor
-//! before the Kata socket opens; `/readyz` turns ready once each record's
+//! Order matters: the journal is loaded and every record recovered (an
+//! actor, or dormant) before the Kata socket opens; `/readyz` turns ready once each record's
 //! recovery is decided; then the orphan GC runs.
 //!
 //! A step that fails stops start-up with a [`StartupError`] naming the step

@@ -125,7 +125,7 @@ async fn pending_records_wait_without_an_actor_and_wake_at_a_request_or_their_ex
     let mut setup = Setup::new();
     setup
         .global
-        .extend(["--pending-ttl", "8s", "--peerpods-limit-per-node", "3"].map(String::from));
+        .extend(["--pending-ttl", "20s", "--peerpods-limit-per-node", "3"].map(String::from));
     let mut daemon = setup.start().await;
     let client = daemon.client().await;
     let (started, stopped, expires) = (sandbox_id(), sandbox_id(), sandbox_id());
@@ -188,7 +188,7 @@ async fn pending_records_wait_without_an_actor_and_wake_at_a_request_or_their_ex
     // The last one expires at its TTL, counted from its CreateVM.
     eventually(
         "the untouched sandbox to expire",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         async || daemon.instance(&expires).await.is_none().then_some(()),
     )
     .await;

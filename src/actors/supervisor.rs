@@ -735,7 +735,13 @@ pub struct Drain {
 impl Handler<Drain> for Supervisor {
     type Result = ResponseFuture<bool>;
 
-    fn handle(&mut self, msg: Drain, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Drain, ctx: &mut Context<Self>) -> Self::Result {
+        // No dormant record wakes to expire during the drain: its delete
+        // would not be waited for (the next start expires it instead).
+        if let Some((_, handle)) = self.wakeup_timer.take() {
+            ctx.cancel_future(handle);
+        }
+        self.wakeups.clear();
         let pods: Vec<Addr<PodVm>> = self.pods.values().cloned().collect();
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + msg.limit;
