@@ -470,13 +470,7 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
     // The floor's journal goes beside the daemon's state directory: the
     // same disk.
     let root = tempfile::tempdir().expect("tempdir");
-    // A node's pods dir (the agent sockets) is on tmpfs (`/run`); so is
-    // this one where there is a tmpfs.
-    let tmpfs = tempfile::tempdir_in("/dev/shm").ok();
-    let pods = tmpfs
-        .as_ref()
-        .map_or_else(|| root.path().join("pods"), |d| d.path().to_owned());
-    println!("pods dir (agent sockets): {}", pods.display());
+    let (_tmpfs, pods) = common::pods_dir(root.path().join("pods"));
     let forwarder_port = free_port();
     let memory = Arc::new(FakeProvider::new());
     let local_dir = root.path().join("local");

@@ -201,14 +201,9 @@ fn main() {
     let running = arg("--running", 200);
     let pending = arg("--pending", 9_800);
     let dir = tempfile::tempdir().expect("tempdir");
-    // A node's pods dir is on tmpfs (`/run`): re-binding a restarted
-    // daemon's agent sockets on a disk file system costs ext4 an inode
-    // search past the sockets it just deleted, which no node pays.
-    let tmpfs = tempfile::tempdir_in("/dev/shm").ok();
-    let pods = tmpfs
-        .as_ref()
-        .map_or_else(|| dir.path().join("pods"), |d| d.path().to_owned());
-    println!("pods dir (agent sockets): {}", pods.display());
+    // Re-binding a restarted daemon's agent sockets on ext4 costs an inode
+    // search past the sockets it just deleted (see `common::pods_dir`).
+    let (_tmpfs, pods) = common::pods_dir(dir.path().join("pods"));
     let admin_port = free_port();
     let node = Node {
         root: dir.path().to_owned(),

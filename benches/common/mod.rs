@@ -28,3 +28,17 @@ pub fn verdict(promise: &str, figures: &str, ratio: f64, bound: &str, held: bool
     );
     held
 }
+
+/// The daemon's pods dir (agent sockets): a new directory on tmpfs
+/// (`/dev/shm`) where there is one, as a node's `/run/peerpod/pods` is —
+/// binding sockets in fresh directories on a disk file system costs what
+/// no node pays — else `fallback`. Prints which; keep the guard alive as
+/// long as the directory is used.
+// Not every bench runs a daemon.
+#[allow(dead_code)]
+pub fn pods_dir(fallback: std::path::PathBuf) -> (Option<tempfile::TempDir>, std::path::PathBuf) {
+    let tmpfs = tempfile::tempdir_in("/dev/shm").ok();
+    let pods = tmpfs.as_ref().map_or(fallback, |d| d.path().to_owned());
+    println!("pods dir (agent sockets): {}", pods.display());
+    (tmpfs, pods)
+}

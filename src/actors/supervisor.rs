@@ -256,14 +256,9 @@ impl Supervisor {
     /// records read back at start-up are in the view, without an actor
     /// until `until` (Unix ms) or their first request.
     fn sleep(&mut self, sleepers: Vec<(Arc<str>, UnixMillis)>) {
-        self.dormant.reserve(sleepers.len());
-        let mut wakeups = std::mem::take(&mut self.wakeups).into_vec();
-        wakeups.reserve(sleepers.len());
-        for (id, until) in sleepers {
-            self.dormant.insert(id.clone(), until);
-            wakeups.push(Reverse((until, id)));
-        }
-        self.wakeups = BinaryHeap::from(wakeups);
+        self.dormant.extend(sleepers.iter().cloned());
+        self.wakeups
+            .extend(sleepers.into_iter().map(|(id, until)| Reverse((until, id))));
     }
 
     /// The actor of sandbox `id`, woken if its record was dormant; `None`
@@ -624,29 +619,18 @@ impl Handler<Recover> for Supervisor {
         // needed: start-up makes no actor per waiting sandbox.
         let now = now_millis();
         let records = msg.records;
-        let sleeping: Vec<Option<UnixMillis>> = records
-            .iter()
-            .map(|r| PodVmMachine::sleeps_until(r, &self.deps.machine, now))
-            .collect();
-        let kept = sleeping.iter().flatten().count();
-        // The crash point falls half-way through all the records.
         let half = records.len() / 2;
-        let mut handled = 0;
-        let mut count_one = || {
-            if handled == half && handled > 0 {
+        let (mut sleepers, mut awake) = (Vec::new(), Vec::new());
+        for (i, record) in records.iter().enumerate() {
+            if i == half && i > 0 {
                 failpoints::hit(failpoints::MID_RECOVERY);
             }
-            handled += 1;
-        };
-        let mut sleepers = Vec::with_capacity(kept);
-        let mut awake = Vec::with_capacity(records.len() - kept);
-        for (record, sleeps) in records.iter().zip(&sleeping) {
-            count_one();
-            match sleeps {
-                Some(until) => sleepers.push((Arc::from(record.sandbox_id.as_str()), *until)),
+            match PodVmMachine::sleeps_until(record, &self.deps.machine, now) {
+                Some(until) => sleepers.push((Arc::from(record.sandbox_id.as_str()), until)),
                 None => awake.push(record.clone()),
             }
         }
+        let kept = sleepers.len();
         self.sleep(sleepers);
         self.deps.view.load(records);
         let listing = self.list_for_recovery(&awake);
@@ -741,7 +725,6 @@ impl Handler<Drain> for Supervisor {
         if let Some((_, handle)) = self.wakeup_timer.take() {
             ctx.cancel_future(handle);
         }
-        self.wakeups.clear();
         let pods: Vec<Addr<PodVm>> = self.pods.values().cloned().collect();
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + msg.limit;

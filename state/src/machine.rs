@@ -358,14 +358,10 @@ impl PodVmMachine {
         config: &MachineConfig,
         now: UnixMillis,
     ) -> Option<UnixMillis> {
-        // The same arithmetic as `on_recover`.
-        let (since, ttl) = match record.state {
-            State::Pending => (record.created_at, config.pending_ttl),
-            State::Failed if record.released => (record.updated_at, config.failed_ttl),
-            _ => return None,
-        };
-        let age = Duration::from_millis(now.saturating_sub(since));
-        let left = ttl.checked_sub(age).filter(|left| !left.is_zero())?;
+        if record.state == State::Failed && !record.released {
+            return None; // its cleanup is to be resumed
+        }
+        let left = expiry_left(record, config, now).filter(|left| !left.is_zero())?;
         Some(now.saturating_add(u64::try_from(left.as_millis()).unwrap_or(u64::MAX)))
     }
 
@@ -505,12 +501,12 @@ impl PodVmMachine {
         let state = self.target.state;
         match state {
             State::Pending => {
-                let age = Duration::from_millis(now.saturating_sub(self.target.created_at));
-                if age >= self.config.pending_ttl {
+                let left = expiry_left(&self.target, &self.config, now).unwrap_or_default();
+                if left.is_zero() {
                     self.expire_pending();
                     out.push(Command::RecoveryDone(RecoveryAction::Expired));
                 } else {
-                    self.schedule(TimerKind::Expiry, self.config.pending_ttl - age, out);
+                    self.schedule(TimerKind::Expiry, left, out);
                     out.push(Command::RecoveryDone(RecoveryAction::Kept));
                 }
             }
@@ -526,8 +522,7 @@ impl PodVmMachine {
             }
             State::Deleting => out.push(Command::RecoveryDone(RecoveryAction::ResumedDelete)),
             State::Failed => {
-                let age = Duration::from_millis(now.saturating_sub(self.target.updated_at));
-                let left = self.config.failed_ttl.saturating_sub(age);
+                let left = expiry_left(&self.target, &self.config, now).unwrap_or_default();
                 self.schedule(TimerKind::Expiry, left, out);
                 out.push(Command::RecoveryDone(if self.target.released {
                     RecoveryAction::Kept
@@ -1036,6 +1031,23 @@ impl PodVmMachine {
             after,
         });
     }
+}
+
+/// How long `record` has left at `now` (Unix ms) before it expires: a
+/// `Pending` record `pending_ttl` after its CreateVM, a `Failed` one
+/// `failed_ttl` after its last write; zero once due, `None` for a state
+/// that does not expire.
+fn expiry_left(
+    record: &InstanceRecord,
+    config: &MachineConfig,
+    now: UnixMillis,
+) -> Option<Duration> {
+    let (since, ttl) = match record.state {
+        State::Pending => (record.created_at, config.pending_ttl),
+        State::Failed => (record.updated_at, config.failed_ttl),
+        _ => return None,
+    };
+    Some(ttl.saturating_sub(Duration::from_millis(now.saturating_sub(since))))
 }
 
 #[cfg(test)]
