@@ -227,27 +227,79 @@ pub enum Source {
     Aws(String),
     /// Azure IMDS at this endpoint (`http://169.254.169.254`).
     Azure(String),
+    /// The IBM Cloud VPC metadata service at this endpoint
+    /// (`http://169.254.169.254`, which IBM documents beside its name
+    /// `http://api.metadata.cloud.ibm.com` for the `http` protocol; the IP
+    /// needs no DNS this early in boot). Its flow, at API version
+    /// [`IBMCLOUD_API_VERSION`]: `PUT /instance_identity/v1/token` with
+    /// `Metadata-Flavor: ibm` and `{"expires_in": 300}` answers
+    /// `{"access_token": …}`; `GET /metadata/v1/instance/initialization` with
+    /// `Authorization: Bearer <token>` answers JSON whose `user_data` is the
+    /// user data, as given at instance creation (not encoded).
+    ///
+    /// The instance's metadata service must be enabled (IBM leaves it off
+    /// by default; podvisor's IBM Cloud provider turns it on, as the
+    /// reference's does) with protocol `http`: this build has no TLS client,
+    /// and with protocol `https` IBM answers only on the hostname.
+    ///
+    /// It is in `podvisor-userdata`'s default source list, last, so that
+    /// one image boots on every provider: elsewhere an earlier source
+    /// answers first and it is never asked; where none has answered yet it
+    /// costs one more request a round, bounded by the same 3 s timeout. On
+    /// IBM Cloud the `aws` and `azure` requests reach IBM's service at the
+    /// same address and fail (neither path is IBM's, and each flow needs its
+    /// own token), so they cannot be mistaken for user data. The reference
+    /// reads `/media/cidata/user-data` there, which `cidata` (first in the
+    /// list) still does when the image mounts that volume.
+    IbmCloud(String),
 }
+
+/// The IBM Cloud VPC metadata API version asked for: the first with the
+/// instance identity token (`/instance_identity/v1/token`), answering
+/// `access_token`.
+pub const IBMCLOUD_API_VERSION: &str = "2022-03-01";
+/// The largest IBM token answer read.
+const MAX_TOKEN_ANSWER: u64 = 64 << 10;
 
 impl std::str::FromStr for Source {
     type Err = String;
-    /// `cidata[:<path>]`, `file:<path>`, `aws[:<endpoint>]`, `azure[:<endpoint>]`.
+    /// `cidata[:<path>]`, `file:<path>`, and `aws`, `azure`, `ibmcloud`,
+    /// each with an optional `:http://HOST:PORT` (or `://HOST:PORT`).
     fn from_str(s: &str) -> Result<Self, String> {
         const IMDS: &str = "http://169.254.169.254";
         let (kind, arg) = match s.split_once(':') {
             Some((k, a)) => (k, Some(a)),
             None => (s, None),
         };
+        // `aws:http://h:p` (as `--help` shows it) or `aws://h:p`; a host
+        // and port only, the paths are the source's own.
+        let endpoint = |a: &str| {
+            let url = if a.starts_with("//") {
+                format!("http:{a}")
+            } else {
+                a.to_owned()
+            };
+            let url = url.trim_end_matches('/');
+            url.strip_prefix("http://")
+                .is_some_and(|host| !host.is_empty() && !host.contains('/'))
+                .then(|| url.to_owned())
+        };
+        let bad = || {
+            format!(
+                "'{s}' is not a user data source (cidata[:PATH], file:PATH, aws[:http://HOST:PORT], azure[:http://HOST:PORT], ibmcloud[:http://HOST:PORT])"
+            )
+        };
+        let imds = |make: fn(String) -> Source| match arg {
+            None => Ok(make(IMDS.into())),
+            Some(e) => endpoint(e).map(make).ok_or_else(bad),
+        };
         match (kind, arg) {
             ("cidata", None) => Ok(Source::File("/media/cidata/user-data".into())),
             ("cidata" | "file", Some(p)) if !p.is_empty() => Ok(Source::File(p.into())),
-            ("aws", None) => Ok(Source::Aws(IMDS.into())),
-            ("azure", None) => Ok(Source::Azure(IMDS.into())),
-            ("aws", Some(e)) if e.starts_with("//") => Ok(Source::Aws(format!("http:{e}"))),
-            ("azure", Some(e)) if e.starts_with("//") => Ok(Source::Azure(format!("http:{e}"))),
-            _ => Err(format!(
-                "'{s}' is not a user data source (cidata[:PATH], file:PATH, aws[:http://HOST:PORT], azure[:http://HOST:PORT])"
-            )),
+            ("aws", _) => imds(Source::Aws),
+            ("azure", _) => imds(Source::Azure),
+            ("ibmcloud", _) => imds(Source::IbmCloud),
+            _ => Err(bad()),
         }
     }
 }
@@ -258,6 +310,7 @@ impl std::fmt::Display for Source {
             Source::File(p) => write!(f, "file {}", p.display()),
             Source::Aws(e) => write!(f, "AWS IMDS at {e}"),
             Source::Azure(e) => write!(f, "Azure IMDS at {e}"),
+            Source::IbmCloud(e) => write!(f, "IBM Cloud metadata service at {e}"),
         }
     }
 }
@@ -275,7 +328,8 @@ fn agent() -> ureq::Agent {
 /// # Errors
 /// A message saying why when the file cannot be read (other than missing),
 /// the metadata service cannot be reached or answers an unexpected status,
-/// or its answer is too large, not base64 (Azure) or not UTF-8.
+/// or its answer is too large, not base64 (Azure), not the JSON expected
+/// (IBM Cloud) or not UTF-8. Messages never carry a token or user data.
 pub fn fetch(source: &Source) -> Result<Option<String>, String> {
     match source {
         Source::File(path) => match std::fs::read_to_string(path) {
@@ -342,7 +396,73 @@ pub fn fetch(source: &Source) -> Result<Option<String>, String> {
                 .map(Some)
                 .map_err(|_| "userData is not UTF-8".into())
         }
+        Source::IbmCloud(endpoint) => fetch_ibmcloud(endpoint),
     }
+}
+
+/// The IBM Cloud VPC flow (see [`Source::IbmCloud`]). JSON errors are
+/// replaced by fixed messages: serde's would quote the value (the token,
+/// or the user data).
+fn fetch_ibmcloud(endpoint: &str) -> Result<Option<String>, String> {
+    #[derive(Deserialize)]
+    struct Token {
+        access_token: String,
+    }
+    #[derive(Deserialize)]
+    struct Initialization {
+        #[serde(default)]
+        user_data: Option<String>,
+    }
+    let agent = agent();
+    let mut resp = agent
+        .put(&format!(
+            "{endpoint}/instance_identity/v1/token?version={IBMCLOUD_API_VERSION}"
+        ))
+        .header("Metadata-Flavor", "ibm")
+        .header("Accept", "application/json")
+        .header("Content-Type", "application/json")
+        .send(r#"{"expires_in": 300}"#)
+        .map_err(|e| format!("token request: {e}"))?;
+    if resp.status() != 200 {
+        return Err(format!("token request answered {}", resp.status()));
+    }
+    let answer = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_TOKEN_ANSWER)
+        .read_to_string()
+        .map_err(|e| format!("token answer: {e}"))?;
+    let token = serde_json::from_str::<Token>(&answer)
+        .map_err(|_| "the token answer is not JSON with a string access_token".to_owned())?
+        .access_token;
+    // It goes into a header: refuse what would not fit one rather than let
+    // the HTTP library's error describe it.
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the token answer's access_token is empty or not printable ASCII".into());
+    }
+    let mut resp = agent
+        .get(&format!(
+            "{endpoint}/metadata/v1/instance/initialization?version={IBMCLOUD_API_VERSION}"
+        ))
+        .header("Accept", "application/json")
+        .header("Authorization", &format!("Bearer {token}"))
+        .call()
+        .map_err(|e| format!("initialization request: {e}"))?;
+    if resp.status() != 200 {
+        return Err(format!("initialization answered {}", resp.status()));
+    }
+    // JSON escapes can make the user data up to six times longer; parse()
+    // then holds it to MAX_USER_DATA.
+    let answer = resp
+        .body_mut()
+        .with_config()
+        .limit(8 * MAX_USER_DATA as u64)
+        .read_to_string()
+        .map_err(|e| format!("initialization answer: {e}"))?;
+    let init = serde_json::from_str::<Initialization>(&answer).map_err(|_| {
+        "the initialization answer is not JSON with a string (or absent) user_data".to_owned()
+    })?;
+    Ok(init.user_data.filter(|u| !u.is_empty()))
 }
 
 /// Tries every source in turn, every `interval`, until one has user data

@@ -1,8 +1,8 @@
 //! `podvisor-userdata`: provisions a pod VM from its user data — finds it
-//! (a `cidata` volume, AWS IMDSv2, Azure IMDS), parses it strictly, and
-//! writes only the allow-listed files under `/run/peerpod/` and the
-//! initdata digest. Run once at boot, before the kata agent and the
-//! forwarder. Logs file names, never contents.
+//! (a `cidata` volume, AWS IMDSv2, Azure IMDS, the IBM Cloud VPC metadata
+//! service), parses it strictly, and writes only the allow-listed files
+//! under `/run/peerpod/` and the initdata digest. Run once at boot, before
+//! the kata agent and the forwarder. Logs file names, never contents.
 
 use clap::Parser;
 use podvisor_podvm::userdata::{Source, apply, find, parse};
@@ -15,11 +15,13 @@ use std::time::Duration;
 #[command(version, about)]
 struct Args {
     /// Where to look, in order, each round: cidata[:PATH], file:PATH,
-    /// aws[:http://HOST:PORT], azure[:http://HOST:PORT]
+    /// aws[:http://HOST:PORT], azure[:http://HOST:PORT],
+    /// ibmcloud[:http://HOST:PORT]
     // The comment is also `--help` text, where brackets mark optional
-    // parts, not links.
+    // parts, not links. The defaults cover every provider, so one image
+    // boots anywhere; ibmcloud is last (why: `Source::IbmCloud`).
     #[allow(rustdoc::broken_intra_doc_links)]
-    #[arg(long = "source", value_name = "SOURCE", default_values = ["cidata", "aws", "azure"])]
+    #[arg(long = "source", value_name = "SOURCE", default_values = ["cidata", "aws", "azure", "ibmcloud"])]
     sources: Vec<Source>,
     /// The root the files are written under (`<root>/run/peerpod/`)
     #[arg(long, value_name = "DIR", default_value = "/")]

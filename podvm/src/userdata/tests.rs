@@ -158,8 +158,10 @@ fn nothing_is_written_when_anything_is_wrong() {
 }
 
 /// A metadata server on loopback speaking enough HTTP/1.1 for IMDS clients:
-/// answers each request with `answer(method, path, headers)`.
-fn imds(answer: fn(&str, &str, &[String]) -> (u16, String)) -> String {
+/// answers each request with `answer(method, path, headers, body)` (header
+/// lines lowercased; the body read to its `content-length`, so none is
+/// left unread when the connection closes).
+fn imds(answer: fn(&str, &str, &[String], &str) -> (u16, String)) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -183,7 +185,17 @@ fn imds(answer: fn(&str, &str, &[String]) -> (u16, String)) -> String {
                 }
                 headers.push(h.trim().to_ascii_lowercase());
             }
-            let (status, body) = answer(&method, &path, &headers);
+            let length = headers
+                .iter()
+                .find_map(|h| h.strip_prefix("content-length:"))
+                .and_then(|n| n.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            let mut request_body = vec![0; length];
+            if std::io::Read::read_exact(&mut reader, &mut request_body).is_err() {
+                continue;
+            }
+            let request_body = String::from_utf8_lossy(&request_body);
+            let (status, body) = answer(&method, &path, &headers, &request_body);
             let _ = write!(
                 conn,
                 "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -196,7 +208,7 @@ fn imds(answer: fn(&str, &str, &[String]) -> (u16, String)) -> String {
 
 #[test]
 fn aws_imdsv2_is_asked_with_a_session_token() {
-    let endpoint = imds(|method, path, headers| match (method, path) {
+    let endpoint = imds(|method, path, headers, _| match (method, path) {
         ("PUT", "/latest/api/token")
             if headers
                 .iter()
@@ -223,7 +235,7 @@ fn aws_imdsv2_is_asked_with_a_session_token() {
 
 #[test]
 fn azure_imds_user_data_is_base64() {
-    let endpoint = imds(|_, path, headers| {
+    let endpoint = imds(|_, path, headers, _| {
         if path.starts_with("/metadata/instance/compute/userData")
             && headers.iter().any(|h| h == "metadata: true")
         {
@@ -234,6 +246,187 @@ fn azure_imds_user_data_is_base64() {
     });
     let text = fetch(&Source::Azure(endpoint)).unwrap().unwrap();
     assert_eq!(text, "#cloud-config\nwrite_files: []\n");
+}
+
+/// The IBM Cloud stub's token; lowercase, as the stub sees header lines.
+const IBM_TOKEN: &str = "ibm-token-3f9c";
+/// Its user data, with a marker that must never reach an error message.
+const IBM_USER_DATA: &str = "#cloud-config\nwrite_files: []\n# ibm-secret-77\n";
+
+/// IBM Cloud's flow as the documentation gives it: the token needs
+/// `Metadata-Flavor: ibm` and a JSON body with `expires_in`; the
+/// initialization needs the token as a Bearer, else 401.
+fn ibm_stub(init: fn() -> (u16, String)) -> String {
+    // A `fn` pointer cannot capture `init`: keep it per stub in a map.
+    type Init = fn() -> (u16, String);
+    static INITS: std::sync::Mutex<Vec<(String, Init)>> = std::sync::Mutex::new(Vec::new());
+    let endpoint = imds(|method, path, headers, body| {
+        let version = "version=2022-03-01";
+        match (method, path.split_once('?')) {
+            ("PUT", Some(("/instance_identity/v1/token", query)))
+                if query == version
+                    && headers.iter().any(|h| h == "metadata-flavor: ibm")
+                    && serde_json::from_str::<serde_json::Value>(body)
+                        .is_ok_and(|b| b["expires_in"].as_u64() == Some(300)) =>
+            {
+                (
+                    200,
+                    serde_json::json!({"access_token": IBM_TOKEN, "expires_in": 300}).to_string(),
+                )
+            }
+            ("GET", Some(("/metadata/v1/instance/initialization", query)))
+                if query == version
+                    && headers
+                        .iter()
+                        .any(|h| *h == format!("authorization: bearer {IBM_TOKEN}")) =>
+            {
+                let host = headers
+                    .iter()
+                    .find_map(|h| h.strip_prefix("host: "))
+                    .unwrap_or("");
+                let inits = INITS.lock().unwrap();
+                let init = inits.iter().find(|(e, _)| e.ends_with(host));
+                init.map_or((500, String::new()), |(_, answer)| answer())
+            }
+            _ => (401, String::new()),
+        }
+    });
+    INITS.lock().unwrap().push((endpoint.clone(), init));
+    endpoint
+}
+
+#[test]
+fn ibmcloud_follows_the_token_flow_to_the_user_data() {
+    let endpoint = ibm_stub(|| {
+        (
+            200,
+            serde_json::json!({"keys": [], "user_data": IBM_USER_DATA}).to_string(),
+        )
+    });
+    for spelling in [
+        format!("ibmcloud:{endpoint}"),
+        format!("ibmcloud:{endpoint}/"),
+        format!("ibmcloud:{}", endpoint.trim_start_matches("http:")),
+    ] {
+        assert_eq!(spelling.parse(), Ok(Source::IbmCloud(endpoint.clone())));
+    }
+    let source = Source::IbmCloud(endpoint.clone());
+    assert_eq!(fetch(&source).unwrap().as_deref(), Some(IBM_USER_DATA));
+    // The stub refuses the initialization without the token: the flow is
+    // what got it.
+    let agent = agent();
+    let url = format!("{endpoint}/metadata/v1/instance/initialization?version=2022-03-01");
+    assert_eq!(agent.get(&url).call().unwrap().status(), 401);
+    assert_eq!(
+        agent
+            .get(&url)
+            .header("Authorization", "Bearer another")
+            .call()
+            .unwrap()
+            .status(),
+        401
+    );
+    // And find() takes it from the default list's place, after sources
+    // that have nothing.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let text = find(
+        &[
+            Source::File("/nonexistent/user-data".into()),
+            Source::Aws(closed.clone()),
+            Source::Azure(closed),
+            source,
+        ],
+        Duration::from_millis(10),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(text, IBM_USER_DATA);
+}
+
+#[test]
+fn ibmcloud_without_user_data_has_none() {
+    for init in [
+        (|| (200, r#"{"keys": []}"#.to_owned())) as fn() -> (u16, String),
+        || (200, r#"{"keys": [], "user_data": null}"#.to_owned()),
+        || (200, r#"{"keys": [], "user_data": ""}"#.to_owned()),
+    ] {
+        let endpoint = ibm_stub(init);
+        assert_eq!(fetch(&Source::IbmCloud(endpoint.clone())), Ok(None));
+        let e = find(
+            &[Source::IbmCloud(endpoint)],
+            Duration::from_millis(10),
+            Duration::from_millis(30),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("IBM Cloud metadata service at") && e.ends_with(": none"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn ibmcloud_failures_are_clear_and_carry_no_token_or_user_data() {
+    // The token is refused (the service off, or a wrong flavor).
+    let refused = imds(|_, _, _, _| (403, format!("denied {IBM_TOKEN}")));
+    let e = fetch(&Source::IbmCloud(refused)).unwrap_err();
+    assert_eq!(e, "token request answered 403 Forbidden");
+
+    // The token answer is not what the API gives.
+    for answer in [
+        "not json ibm-token-3f9c",
+        r#"{"token": "ibm-token-3f9c"}"#,
+        r#"{"access_token": ["ibm-token-3f9c"]}"#,
+        r#"{"access_token": 3}"#,
+        r#"{"access_token": "ibm token-3f9c"}"#,
+        r#"{"access_token": ""}"#,
+    ] {
+        static ANSWER: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+        *ANSWER.lock().unwrap() = answer.to_owned();
+        let endpoint = imds(|method, _, _, _| match method {
+            "PUT" => (200, ANSWER.lock().unwrap().clone()),
+            _ => (500, String::new()),
+        });
+        let e = fetch(&Source::IbmCloud(endpoint)).unwrap_err();
+        assert!(e.starts_with("the token answer"), "{answer}: {e}");
+        assert!(!e.contains("3f9c"), "{e}");
+    }
+
+    // The initialization fails, or is not what the API gives.
+    for (init, expected) in [
+        (
+            (|| (500, format!("oops {IBM_USER_DATA}"))) as fn() -> (u16, String),
+            "initialization answered 500 Internal Server Error",
+        ),
+        (
+            || {
+                (
+                    200,
+                    serde_json::json!({"user_data": [IBM_USER_DATA]}).to_string(),
+                )
+            },
+            "the initialization answer is not JSON with a string (or absent) user_data",
+        ),
+        (
+            || (200, format!("{{\"user_data\": \"{IBM_USER_DATA}")),
+            "the initialization answer is not JSON with a string (or absent) user_data",
+        ),
+    ] {
+        let endpoint = ibm_stub(init);
+        let e = find(
+            &[Source::IbmCloud(endpoint)],
+            Duration::from_millis(10),
+            Duration::from_millis(30),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.ends_with(expected), "{e}");
+        assert!(!e.contains("3f9c") && !e.contains("ibm-secret"), "{e}");
+    }
 }
 
 #[test]
@@ -287,6 +480,30 @@ fn sources_parse_and_bad_ones_say_what_is_accepted() {
         "aws".parse(),
         Ok(Source::Aws("http://169.254.169.254".into()))
     );
+    assert_eq!(
+        "ibmcloud".parse(),
+        Ok(Source::IbmCloud("http://169.254.169.254".into()))
+    );
+    // The spelling `--help` shows works for every metadata service.
+    assert_eq!(
+        "aws:http://127.0.0.1:8080".parse(),
+        Ok(Source::Aws("http://127.0.0.1:8080".into()))
+    );
+    assert_eq!(
+        "azure:http://127.0.0.1:8080".parse(),
+        Ok(Source::Azure("http://127.0.0.1:8080".into()))
+    );
+    // No TLS client here, no empty host, no path of one's own.
+    for bad in [
+        "ibmcloud:https://api.metadata.cloud.ibm.com",
+        "ibmcloud:http://",
+        "azure:ftp://h",
+        "aws:http://h/latest",
+        "aws:",
+    ] {
+        let e = bad.parse::<Source>().unwrap_err();
+        assert!(e.contains("ibmcloud[:http://HOST:PORT]"), "{bad}: {e}");
+    }
     let e = "gcp".parse::<Source>().unwrap_err();
     assert!(
         e.contains("not a user data source") && e.contains("cidata"),
