@@ -17,6 +17,10 @@
 /// domain is defined.
 pub const LIBVIRT_VOLUMES_BEFORE_DEFINE: &str = "libvirt-volumes-before-define";
 
+/// In an IBM Cloud create, after VPC accepted the instance, before its
+/// tags are attached (VPC takes no tags in the create call).
+pub const IBMCLOUD_CREATED_BEFORE_TAGS: &str = "ibmcloud-created-before-tags";
+
 /// Arms every crash point, the daemon's and the providers', from
 /// `FAILPOINTS`. Call once at start-up.
 pub fn arm() {

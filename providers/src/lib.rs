@@ -16,6 +16,8 @@ pub mod failpoints;
 pub mod manager;
 pub mod pacing;
 pub mod provider;
+pub mod secret;
+pub mod selection;
 
 #[cfg(feature = "aws")]
 pub mod aws;
@@ -23,6 +25,8 @@ pub mod aws;
 pub mod conformance;
 #[cfg(feature = "conformance")]
 pub mod fake;
+#[cfg(feature = "ibmcloud")]
+pub mod ibmcloud;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 #[cfg(feature = "local")]

@@ -180,7 +180,7 @@ pub const KNOWN_PROVIDERS: &[(&str, Option<&str>)] = &[
     ("aws", Some("aws")),
     ("libvirt", Some("libvirt")),
     ("azure", None),
-    ("ibmcloud", None),
+    ("ibmcloud", Some("ibmcloud")),
 ];
 
 /// Every provider compiled into this build, in CLI order.
@@ -193,6 +193,8 @@ pub fn registry() -> Vec<&'static dyn CloudManager> {
         &crate::aws::AwsManager,
         #[cfg(feature = "libvirt")]
         &crate::libvirt::LibvirtManager,
+        #[cfg(feature = "ibmcloud")]
+        &crate::ibmcloud::IbmCloudManager,
     ]
 }
 
@@ -261,6 +263,14 @@ mod tests {
         let libvirt =
             find_manager("libvirt").expect("the libvirt feature registers `podvisor libvirt`");
         libvirt.command().debug_assert();
+    }
+
+    #[cfg(feature = "ibmcloud")]
+    #[test]
+    fn the_registry_lists_ibmcloud() {
+        let ibm =
+            find_manager("ibmcloud").expect("the ibmcloud feature registers `podvisor ibmcloud`");
+        ibm.command().debug_assert();
     }
 
     #[cfg(feature = "aws")]

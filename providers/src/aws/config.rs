@@ -3,8 +3,9 @@
 //! `--aws-endpoint` for EC2-compatible endpoints.
 
 use clap::builder::BoolishValueParser;
-use std::fmt;
 use std::str::FromStr;
+
+pub use crate::secret::Secret;
 
 /// Flags of `podvisor aws`, each with the reference's environment variable.
 #[derive(clap::Args, Debug, Clone)]
@@ -127,30 +128,6 @@ pub struct AwsConfig {
     pub tags: TagList,
 }
 
-/// A credential: kept out of `Debug`, logs and summaries.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The secret itself, for the SDK only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
-}
-
 /// Tags written as `k=v,k=v` (the reference's `TAGS`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TagList(pub Vec<(String, String)>);
@@ -210,13 +187,6 @@ pub fn is_ec2_id(id: &str, prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn secrets_never_print() {
-        let s: Secret = "AKIAVERYSECRET".parse().unwrap();
-        assert_eq!(format!("{s:?}"), "<redacted>");
-        assert_eq!(s.expose(), "AKIAVERYSECRET");
-    }
 
     #[test]
     fn tag_lists_parse_and_refuse_what_ec2_or_podvisor_would() {

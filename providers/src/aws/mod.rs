@@ -11,12 +11,11 @@ mod instances;
 mod manager;
 mod paced;
 mod provider;
-mod selection;
 #[cfg(feature = "conformance")]
 pub mod testing;
 
+pub use crate::selection::{TypeSize, select_instance_type};
 pub use config::{AwsConfig, Secret, TagList};
 pub use errors::classify;
 pub use manager::AwsManager;
 pub use provider::{AwsProvider, AwsSettings};
-pub use selection::{TypeSize, select_instance_type};

@@ -42,9 +42,9 @@
 use super::config::is_ec2_id;
 use super::errors::{INVALID_INSTANCE_TYPE, from_sdk, names_a_missing_thing};
 use super::instances::{InstanceReader, TokenLookups};
-use super::selection::{TypeSize, select_instance_type};
 use crate::error::ProviderError;
 use crate::provider::{CreateRequest, Instance, InstanceStatus, Provider};
+use crate::selection::{TypeSize, select_instance_type};
 use async_trait::async_trait;
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{
