@@ -35,9 +35,12 @@ if ((${#need_apt[@]})); then
 fi
 
 # Python packages the tests need: moto's EC2 server, for the AWS provider's
-# tests (providers/tests/aws_conformance.rs, tests/aws_e2e.rs). Pinned: the
-# version the tests were written against.
-python3 -m pip install --quiet 'moto[server]==5.2.1'
+# tests (providers/tests/aws_conformance.rs, tests/aws_e2e.rs), and IBM's
+# official Python SDKs, which check that the IBM Cloud test server answers
+# what they expect (providers/tests/ibmcloud_fake.rs runs ibmcloud_sdk.py).
+# Pinned: the versions the tests were written against.
+python3 -m pip install --quiet 'moto[server]==5.2.1' \
+    'ibm-vpc==0.36.0' 'ibm-platform-services==0.77.1' 'ibm-cloud-sdk-core==3.28.0'
 
 # Helm 4, kubectl and kubernetes-validate for the chart's tests
 # (tests/helm.rs), cached outside the clone and reused.
