@@ -265,19 +265,17 @@ fn cloud_provider_names_the_provider_when_the_command_line_does_not() {
 
 #[test]
 fn an_unknown_provider_says_which_this_build_has_and_how_to_get_one() {
-    for name in ["azure", "ibmcloud"] {
-        let (code, _, err) = run(podvisor().args(["--state-dir", UNMAKEABLE, name]));
-        assert_eq!(code, 2);
-        assert_eq!(
-            err,
-            format!(
-                "error: unknown provider '{name}': this build has {}; {name} is not available in podvisor yet\n",
-                built()
-            )
-        );
-    }
+    let (code, _, err) = run(podvisor().args(["--state-dir", UNMAKEABLE, "azure"]));
+    assert_eq!(code, 2);
+    assert_eq!(
+        err,
+        format!(
+            "error: unknown provider 'azure': this build has {}; azure is not available in podvisor yet\n",
+            built()
+        )
+    );
     // A provider of a feature this build lacks: the feature to build with.
-    for name in ["local", "aws", "libvirt"] {
+    for name in ["local", "aws", "libvirt", "ibmcloud"] {
         if podvisor_providers::find_manager(name).is_none() {
             let (code, _, err) = run(podvisor().arg(name));
             assert_eq!(code, 2);

@@ -306,6 +306,17 @@ struct SearchPage {
 }
 
 #[derive(Debug, Deserialize)]
+struct TagPage {
+    #[serde(default)]
+    items: Vec<TagItem>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TagItem {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
 struct AttachAnswer {
     #[serde(default)]
     results: Vec<AttachResult>,
@@ -621,6 +632,34 @@ impl Client {
             )));
         }
         Ok(())
+    }
+
+    /// Global Tagging `GET /v3/tags?attached_to=<crn>&tag_type=user`: the
+    /// user tags of one resource (a resource has at most a few dozen; one
+    /// page of 1000 holds them).
+    ///
+    /// # Errors
+    /// The classified answer.
+    pub async fn list_tags(&self, crn: &str) -> Result<Vec<String>, ProviderError> {
+        let what = "list tags";
+        let url = format!("{}/v3/tags", self.endpoints.tagging.trim_end_matches('/'));
+        let answer = self
+            .send(
+                RequestClass::Read,
+                what,
+                |http| {
+                    http.get(&url).query(&[
+                        ("attached_to", crn),
+                        ("tag_type", "user"),
+                        ("limit", "1000"),
+                    ])
+                },
+                &[],
+            )
+            .await?;
+        let page: TagPage =
+            serde_json::from_slice(&answer.body).map_err(|e| errors::malformed(what, &e))?;
+        Ok(page.items.into_iter().map(|t| t.name).collect())
     }
 
     /// Global Search `POST /v3/resources/search`: every resource matching

@@ -6,6 +6,7 @@ use crate::secret::Secret;
 use clap::builder::BoolishValueParser;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 /// The IAM endpoint the reference defaults to; `/identity/token` is
 /// accepted with or without the path.
@@ -175,15 +176,28 @@ pub struct IbmCloudConfig {
     )]
     pub dedicated_host_group_ids: Vec<String>,
 
-    /// Do not ask for TDX confidential VMs with secure boot
+    /// Do not ask for TDX confidential VMs with secure boot (true by default, as in the reference)
     #[arg(
         long = "disable-cvm",
         env = "DISABLECVM",
         value_name = "BOOL",
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
         default_value = "true",
+        default_missing_value = "true",
         value_parser = BoolishValueParser::new()
     )]
     pub disable_cvm: bool,
+
+    /// Time between two polls of an instance, for its address after a create and its removal after a delete (Go duration)
+    #[arg(
+        long = "poll-interval",
+        env = "IBMCLOUD_POLL_INTERVAL",
+        value_name = "DURATION",
+        default_value = "2s",
+        value_parser = crate::duration::parse_duration
+    )]
+    pub poll_interval: Duration,
 
     /// Extra tags of every pod VM, as key=value pairs, comma-separated (attached as `key:value`)
     #[arg(

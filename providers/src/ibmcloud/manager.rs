@@ -297,6 +297,7 @@ impl IbmCloudConfig {
         s.dedicated_host_group_ids = nonempty_list(&self.dedicated_host_group_ids);
         s.disable_cvm = self.disable_cvm;
         s.tags.clone_from(&self.tags.0);
+        s.poll_interval = self.poll_interval;
         s
     }
 
@@ -437,6 +438,7 @@ impl ProviderConfig for IbmCloudConfig {
             "dedicated_host_ids": self.dedicated_host_ids,
             "dedicated_host_group_ids": self.dedicated_host_group_ids,
             "disable_cvm": self.disable_cvm,
+            "poll_interval_ms": u64::try_from(self.poll_interval.as_millis()).unwrap_or(u64::MAX),
             "tags": self.tags.0,
         })
     }

@@ -543,10 +543,29 @@ impl Provider for IbmCloudProvider {
         token: &str,
         name: &str,
     ) -> Result<Option<Instance>, ProviderError> {
-        let found = self.by_name(name).await?;
-        Ok(found
+        let Some(found) = self
+            .by_name(name)
+            .await?
             .filter(|i| i.boot_volume_name() == Some(token))
-            .map(|i| self.instance(&i, Self::token_tags(&i))))
+        else {
+            return Ok(None);
+        };
+        let mut instance = self.instance(&found, Self::token_tags(&found));
+        // A create cut off between the instance and its tags: answer it
+        // as not reachable yet, so the daemon's create with this token
+        // adopts it and attaches the tags (or, for a stopped sandbox, the
+        // daemon deletes it, as it would any instance found).
+        let token_tag = ibm_tag(TAG_TOKEN, token);
+        if !self
+            .client
+            .list_tags(&found.crn)
+            .await?
+            .contains(&token_tag)
+        {
+            instance.ips.clear();
+            instance.status = InstanceStatus::Starting;
+        }
+        Ok(Some(instance))
     }
 
     async fn list_instances(&self, key: &str, value: &str) -> Result<Vec<Instance>, ProviderError> {

@@ -423,9 +423,15 @@ impl IbmCloudServer {
     }
 
     /// Instances deleted from now on answer `deleting` for `n` reads, then
-    /// 404 (0: gone at once).
+    /// 404 (0: gone at once); those being deleted now for at most `n` more.
     pub fn set_deleting_polls(&self, n: u32) {
-        self.shared.lock().deleting_polls = n;
+        let mut state = self.shared.lock();
+        state.deleting_polls = n;
+        for held in state.instances.values_mut() {
+            if let Some(left) = held.deleting_left.as_mut() {
+                *left = (*left).min(n);
+            }
+        }
     }
 
     /// A tag attached from now on shows in Global Search only after this

@@ -1,0 +1,453 @@
+//! `podvisor ibmcloud …` as a child process against the IBM Cloud test
+//! server (HTTPS on loopback, its answers checked against IBM's own Python
+//! SDK in `providers/tests/ibmcloud_fake.rs`): the lifecycle through the
+//! Kata API, a kill -9 restart with Running and Deleting sandboxes, and
+//! crashes between the create and the journal write of its result and
+//! between the create and its tags — checked against the server's
+//! instances, not only the daemon's view.
+//!
+//! The pod side: the server hands out loopback addresses (127.19.0.x), and
+//! [`PodVmSide`] starts a real `podvisor-forwarder` on each live instance's
+//! address with the `apf.json` of its user data, as the pod VM image
+//! would. Nothing connects outside 127.0.0.0/8.
+
+#![cfg(feature = "ibmcloud")]
+
+mod common;
+
+use common::*;
+use podvisor_providers::ibmcloud::testing::{
+    IbmCloudServer, Route, ServerInstance, ServerOptions, TEST_API_KEY,
+};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The provider's flags for `server` (every value given).
+fn ibm_flags(server: &IbmCloudServer) -> Vec<String> {
+    let o = ServerOptions::default();
+    let url = server.url();
+    let mut args: Vec<String> = vec!["ibmcloud".into()];
+    for (flag, value) in [
+        ("--api-key", TEST_API_KEY.to_owned()),
+        ("--iam-service-url", url.clone()),
+        ("--vpc-service-url", format!("{url}/v1")),
+        ("--tagging-service-url", url.clone()),
+        ("--search-service-url", url.clone()),
+        ("--ca-bundle", server.ca_file().display().to_string()),
+        ("--zone-name", o.zone.clone()),
+        ("--vpc-id", o.vpc_id.clone()),
+        ("--primary-subnet-id", o.subnet_id.clone()),
+        ("--image-id", "r006-image-amd64".into()),
+        ("--profile-name", "bx2-2x8".into()),
+        ("--poll-interval", "100ms".into()),
+    ] {
+        args.push(flag.into());
+        args.push(value);
+    }
+    args
+}
+
+fn ibm_setup(server: &IbmCloudServer) -> Setup {
+    let mut setup = Setup::new();
+    setup.provider = Some(ibm_flags(server));
+    setup.global.extend(["--cloud-config-verify".into()]);
+    setup
+}
+
+/// The pod VMs' side: a forwarder on every live instance's address, stopped
+/// when its instance goes.
+struct PodVmSide {
+    forwarders: Arc<Mutex<HashMap<String, Child>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PodVmSide {
+    fn start(server: Arc<IbmCloudServer>, setup: &Setup) -> Self {
+        let forwarders: Arc<Mutex<HashMap<String, Child>>> = Arc::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (shared, stopped) = (forwarders.clone(), stop.clone());
+        let port = setup.forwarder_port;
+        let agent_socket: PathBuf = setup.root.path().join("agent.sock");
+        let binary = podvisor_podvm::testing::forwarder_binary().unwrap();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let live: HashMap<String, ServerInstance> = server
+                    .instances()
+                    .into_iter()
+                    .filter(|i| i.status != "deleting" && i.address.is_some())
+                    .map(|i| (i.id.clone(), i))
+                    .collect();
+                let mut forwarders = shared.lock().unwrap();
+                forwarders.retain(|id, child: &mut Child| {
+                    let keep = live.contains_key(id);
+                    if !keep {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                    keep
+                });
+                for (id, instance) in live {
+                    if forwarders.contains_key(&id) {
+                        continue;
+                    }
+                    let Some(ip) = instance.address else { continue };
+                    assert!(ip.is_loopback(), "instance {id} got {ip}");
+                    let mut command = Command::new(&binary);
+                    command
+                        .args(["--listen", &format!("{ip}:{port}")])
+                        .arg("--agent-socket")
+                        .arg(&agent_socket)
+                        .args(["--instance-id", &id]);
+                    if let Some(apf) = instance.user_data.as_deref().and_then(apf_json) {
+                        let path = agent_socket.with_file_name(format!("apf-{id}.json"));
+                        std::fs::write(&path, apf).unwrap();
+                        command.arg("--config").arg(path);
+                    }
+                    let child = command
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap();
+                    forwarders.insert(id, child);
+                }
+                drop(forwarders);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Self {
+            forwarders,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn instances(&self) -> Vec<String> {
+        self.forwarders.lock().unwrap().keys().cloned().collect()
+    }
+}
+
+impl Drop for PodVmSide {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for (_, mut child) in self.forwarders.lock().unwrap().drain() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The `apf.json` of a pod VM's user data.
+fn apf_json(user_data: &str) -> Option<String> {
+    let files = podvisor_podvm::userdata::parse(user_data).ok()?;
+    files
+        .into_iter()
+        .find(|f| f.name == "apf.json")
+        .map(|f| f.content)
+}
+
+/// The server's instances of `sandbox` (by its tag).
+fn instances_of(server: &IbmCloudServer, sandbox: &str) -> Vec<ServerInstance> {
+    let tag = format!("podvisor.io_sandbox:{sandbox}");
+    server
+        .instances()
+        .into_iter()
+        .filter(|i| i.tags.contains(&tag))
+        .collect()
+}
+
+fn assert_no_secret_in(log: &str) {
+    assert!(
+        !log.contains(TEST_API_KEY),
+        "the API key is in the daemon's log"
+    );
+}
+
+async fn wait_gone(daemon: &Daemon, id: &str) {
+    eventually(
+        "the sandbox to be deleted",
+        Duration::from_secs(60),
+        async || daemon.instance(id).await.is_none().then_some(()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_vm_lifecycle_on_ibm_cloud_creates_runs_and_deletes_one_instance() {
+    let server = Arc::new(IbmCloudServer::start(ServerOptions::default()));
+    server.set_pending_polls(3);
+    server.set_deleting_polls(3);
+    let setup = ibm_setup(&server);
+    let side = PodVmSide::start(server.clone(), &setup);
+    let daemon = setup.start().await;
+    // The start-up GC's listing belongs to the start-up, not to the pod.
+    eventually(
+        "the start-up GC's search",
+        Duration::from_secs(30),
+        async || (server.count(Route::Search) > 0).then_some(()),
+    )
+    .await;
+    eprintln!("IBM Cloud requests at start-up: {:?}", server.counts());
+    server.reset_counts();
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("web", "shop"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    client
+        .start(&id)
+        .await
+        .unwrap_or_else(|e| panic!("StartVM: {e:?}\n{}", daemon.log_text()));
+    eprintln!("create→Running: {:?}", started.elapsed());
+    let record = daemon.instance(&id).await.unwrap();
+    assert_eq!(record["state"], "running");
+    let instance_id = record["instance_id"].as_str().unwrap().to_owned();
+    let [on_server] = instances_of(&server, &id).try_into().unwrap();
+    assert_eq!(on_server.id, instance_id);
+    assert_eq!(side.instances(), std::slice::from_ref(&instance_id));
+    assert!(
+        on_server
+            .tags
+            .contains(&format!("podvisor.io_node:{}", setup.node)),
+        "{:?}",
+        on_server.tags
+    );
+
+    let stopping = Instant::now();
+    client.stop(&id).await.unwrap();
+    wait_gone(&daemon, &id).await;
+    eprintln!("StopVM→deleted: {:?}", stopping.elapsed());
+    let counts = server.counts();
+    eprintln!("IBM Cloud requests of one pod lifecycle: {counts:?}");
+    assert_eq!(counts.get(&Route::CreateInstance), Some(&1), "{counts:?}");
+    assert_eq!(counts.get(&Route::AttachTags), Some(&1), "{counts:?}");
+    assert_eq!(counts.get(&Route::DeleteInstance), Some(&1), "{counts:?}");
+    assert!(server.instances().is_empty(), "nothing leaked");
+    assert_no_secret_in(&daemon.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_running_and_deleting_sandboxes_on_ibm_cloud_leaks_and_duplicates_nothing() {
+    let server = Arc::new(IbmCloudServer::start(ServerOptions::default()));
+    let mut setup = ibm_setup(&server);
+    let _side = PodVmSide::start(server.clone(), &setup);
+    let mut daemon = setup.start().await;
+    let client = daemon.client().await;
+    let (running, deleting) = (sandbox_id(), sandbox_id());
+    for (id, pod) in [(&running, "keeps"), (&deleting, "goes")] {
+        daemon.create_and_start(&client, id, pod, "ns").await;
+    }
+    let kept = daemon.instance(&running).await.unwrap()["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The instance stays `deleting` long after the DELETE: the daemon
+    // waits for the 404 with the record Deleting.
+    server.set_deleting_polls(10_000);
+    client.stop(&deleting).await.unwrap();
+    eventually(
+        "the delete to reach VPC",
+        Duration::from_secs(10),
+        async || (server.count(Route::DeleteInstance) >= 1).then_some(()),
+    )
+    .await;
+    assert_eq!(
+        daemon.instance(&deleting).await.unwrap()["state"],
+        "deleting"
+    );
+    daemon.kill9();
+    drop(daemon);
+
+    server.set_deleting_polls(2);
+    setup.provider = Some(ibm_flags(&server));
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+    let record = daemon.instance(&running).await.unwrap();
+    assert_eq!(record["state"], "running");
+    assert_eq!(record["instance_id"], kept.as_str());
+    client
+        .start(&running)
+        .await
+        .expect("StartVM of the recovered sandbox succeeds");
+    wait_gone(&daemon, &deleting).await;
+    client.stop(&running).await.unwrap();
+    wait_gone(&daemon, &running).await;
+    for id in [&running, &deleting] {
+        assert!(instances_of(&server, id).is_empty(), "{id} leaked");
+    }
+    assert!(server.instances().is_empty(), "nothing leaked");
+    assert_eq!(
+        server.create_bodies().len(),
+        2,
+        "one create per sandbox, none repeated"
+    );
+    assert_no_secret_in(&daemon.log_text());
+}
+
+/// The daemon dies at `point` during a StartVM; a new daemon on the same
+/// journal finds the instance by name and token and adopts it: one
+/// instance, tagged, Running, then deleted.
+async fn crash_at_and_adopt(point: &str) {
+    let server = Arc::new(IbmCloudServer::start(ServerOptions::default()));
+    let mut setup = ibm_setup(&server);
+    let _side = PodVmSide::start(server.clone(), &setup);
+    setup
+        .env
+        .push(("FAILPOINTS".into(), format!("{point}=return")));
+    let mut daemon = setup.start().await;
+    setup.env.clear();
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    client
+        .create(&id, pod_annotations("cut", "ns"))
+        .await
+        .unwrap();
+    let start = client.start(&id).await;
+    assert!(start.is_err(), "the daemon died during StartVM");
+    assert!(
+        daemon
+            .exited_within(Duration::from_secs(30))
+            .await
+            .is_some(),
+        "the daemon died at {point}"
+    );
+    assert_eq!(server.instances().len(), 1, "VPC made the instance");
+    drop(daemon);
+
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+    client
+        .start(&id)
+        .await
+        .unwrap_or_else(|e| panic!("StartVM after the crash: {e:?}\n{}", daemon.log_text()));
+    let record = daemon.instance(&id).await.unwrap();
+    assert_eq!(record["state"], "running");
+    let [on_server] = server.instances().try_into().unwrap();
+    assert_eq!(record["instance_id"], on_server.id.as_str(), "adopted");
+    assert!(
+        on_server
+            .tags
+            .contains(&format!("podvisor.io_sandbox:{id}")),
+        "tagged after all: {:?}",
+        on_server.tags
+    );
+    assert_eq!(server.count(Route::CreateInstance), 1, "never doubled");
+    client.stop(&id).await.unwrap();
+    wait_gone(&daemon, &id).await;
+    assert!(server.instances().is_empty(), "nothing leaked");
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_create_and_its_journal_write_adopts_the_instance() {
+    crash_at_and_adopt("created-before-running").await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_create_and_its_tags_adopts_and_tags_the_instance() {
+    crash_at_and_adopt(podvisor_providers::failpoints::IBMCLOUD_CREATED_BEFORE_TAGS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_stops_the_start_naming_the_variable() {
+    let server = IbmCloudServer::start(ServerOptions::default());
+    let mut setup = ibm_setup(&server);
+    let mut flags = ibm_flags(&server);
+    let at = flags.iter().position(|a| a == "--image-id").unwrap();
+    flags[at + 1] = "r006-no-such-image".into();
+    setup.provider = Some(flags);
+    let err = setup.try_start().await.err().unwrap_or_default();
+    assert!(err.contains("IBMCLOUD_PODVM_IMAGE_ID"), "{err}");
+    assert_no_secret_in(&err);
+}
+
+fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1e3
+    };
+    (at(0.50), at(0.99))
+}
+
+/// Measures create→Running and StopVM→deleted for `PODVISOR_IBM_BENCH_N`
+/// sandboxes at once (default 50; run with 1 too) against the server,
+/// instances `pending` for 5 polls (0.5 s at the 100 ms poll interval), with
+/// the provider's default pacing. A measurement, not a check:
+/// `cargo test --features ibmcloud --test ibmcloud_e2e -- --ignored --nocapture`.
+#[ignore]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measure_concurrent_lifecycles_on_the_ibm_test_server() {
+    let n: usize = std::env::var("PODVISOR_IBM_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let server = Arc::new(IbmCloudServer::start(ServerOptions::default()));
+    server.set_pending_polls(5);
+    server.set_deleting_polls(5);
+    let mut setup = ibm_setup(&server);
+    setup
+        .global
+        .extend(["--peerpods-limit-per-node".into(), "0".into()]);
+    let _side = PodVmSide::start(server.clone(), &setup);
+    let daemon = setup.start().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.reset_counts();
+    let tokens_before = server.tokens_issued();
+    let client = Arc::new(daemon.client().await);
+    let ids: Vec<String> = (0..n).map(|_| sandbox_id()).collect();
+    let mut tasks = Vec::new();
+    for (k, id) in ids.iter().enumerate() {
+        let (client, id) = (client.clone(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            client
+                .create(&id, pod_annotations(&format!("bench-{k}"), "ns"))
+                .await
+                .unwrap();
+            let t = Instant::now();
+            client.start(&id).await.unwrap();
+            t.elapsed()
+        }));
+    }
+    let mut running = Vec::new();
+    for t in tasks {
+        running.push(t.await.unwrap());
+    }
+    let mut tasks = Vec::new();
+    for id in &ids {
+        let (client, id) = (client.clone(), id.clone());
+        let daemon_admin = setup.admin_port;
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            client.stop(&id).await.unwrap();
+            let url = format!("http://127.0.0.1:{daemon_admin}/v1/instances/{id}");
+            while http_get(url.clone()).await.is_ok_and(|(s, _)| s == 200) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            t.elapsed()
+        }));
+    }
+    let mut deleted = Vec::new();
+    for t in tasks {
+        deleted.push(t.await.unwrap());
+    }
+    assert!(server.instances().is_empty());
+    let (r50, r99) = percentiles(&mut running);
+    let (d50, d99) = percentiles(&mut deleted);
+    eprintln!(
+        "{n} sandboxes at once on the IBM Cloud test server (5 pending polls, 100 ms apart): \
+         create→Running p50 {r50:.0} ms, p99 {r99:.0} ms; StopVM→deleted p50 {d50:.0} ms, \
+         p99 {d99:.0} ms; requests: {:?}; IAM tokens: {}",
+        server.counts(),
+        server.tokens_issued() - tokens_before
+    );
+}
