@@ -147,7 +147,7 @@ async fn confidential_vms_and_dedicated_hosts_reach_the_create_body() {
             "--disable-cvm",
             "false",
             "--dedicated-host-ids",
-            "0717-host-1",
+            "0727-host-south-2,0717-host-1",
         ],
     )
     .await;
@@ -165,6 +165,49 @@ async fn confidential_vms_and_dedicated_hosts_reach_the_create_body() {
     assert_eq!(
         body["boot_volume_attachment"]["delete_volume_on_instance_delete"],
         true
+    );
+}
+
+#[tokio::test]
+async fn a_create_the_dedicated_host_refuses_falls_back_to_the_host_group() {
+    let server = server();
+    let on_host = provider(
+        &server,
+        &[
+            "--dedicated-host-ids",
+            "0717-host-1",
+            "--dedicated-host-group-ids",
+            "0717-group-1",
+        ],
+    )
+    .await;
+    server.fault(
+        Route::CreateInstance,
+        Fault::Status {
+            status: 400,
+            code: "dedicated_host_insufficient_capacity".into(),
+            retry_after: None,
+        },
+        1,
+    );
+    on_host
+        .create_instance(&Fixture::new("node-a").request(1))
+        .await
+        .unwrap();
+    assert_eq!(server.count(Route::CreateInstance), 2);
+    let [on_server] = server.instances().try_into().unwrap();
+    assert_eq!(
+        on_server.placement_target.as_ref().map(|t| t["id"].clone()),
+        Some("0717-group-1".into())
+    );
+    // A host list with none in the zone is a configuration error.
+    let elsewhere = provider(&server, &["--dedicated-host-ids", "0727-host-south-2"]).await;
+    let err = elsewhere.verify_config().await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Config, "{err}");
+    assert!(
+        err.message
+            .starts_with("--dedicated-host-ids (IBMCLOUD_DEDICATED_HOST_IDS): none of 0727-host-south-2 is in zone us-south-1"),
+        "{err}"
     );
 }
 
@@ -264,6 +307,41 @@ async fn an_expired_token_is_refreshed_mid_run() {
     assert_eq!(found.map(|f| f.id), Some(created.id.clone()));
     assert!(server.tokens_issued() > issued, "a new token was fetched");
     provider.delete_instance(&created.id).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_token_refresh_is_a_clear_transient_error_and_recovers() {
+    let server = server();
+    server.set_token_ttl(Duration::from_secs(1));
+    let provider = provider(&server, &[]).await;
+    let request = Fixture::new("node-a").request(1);
+    provider.create_instance(&request).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    server.fault(
+        Route::Token,
+        Fault::Status {
+            status: 503,
+            code: "service_unavailable".into(),
+            retry_after: None,
+        },
+        1,
+    );
+    let err = provider
+        .find_instance(&request.token, &request.instance_name)
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Transient, "{err}");
+    assert!(
+        err.message
+            .starts_with("IBM Cloud IAM token request: HTTP 503"),
+        "{err}"
+    );
+    assert!(!err.message.contains(TEST_API_KEY), "{err}");
+    let found = provider
+        .find_instance(&request.token, &request.instance_name)
+        .await
+        .unwrap();
+    assert!(found.is_some(), "the next call gets a token");
 }
 
 #[tokio::test]

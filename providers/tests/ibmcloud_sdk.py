@@ -38,6 +38,8 @@ try:
         NetworkInterfacePrototype,
         ResourceGroupIdentityById,
         SecurityGroupIdentityById,
+        DedicatedHost,
+        DedicatedHostGroup,
         Subnet,
         SubnetIdentityById,
         VolumeAttachmentPrototypeInstanceByImageContext,
@@ -165,6 +167,11 @@ def main():
     profiles = InstanceProfileCollection.from_dict(vpc.list_instance_profiles().get_result())
     check(len(profiles.profiles) >= 5, f"profiles: {len(profiles.profiles)}")
     Subnet.from_dict(vpc.get_subnet(id=SUBNET).get_result())
+    host = DedicatedHost.from_dict(vpc.get_dedicated_host(id="0717-host-1").get_result())
+    check(host.zone.name == "us-south-1", f"dedicated host zone: {host.zone.name}")
+    group = DedicatedHostGroup.from_dict(vpc.get_dedicated_host_group(id="0717-group-1").get_result())
+    check(group.zone.name == "us-south-1", f"dedicated host group zone: {group.zone.name}")
+    expect_api_error(lambda: vpc.get_dedicated_host(id="0717-no-such-host"), 404)
     expect_api_error(lambda: vpc.get_image(id="r006-no-such-image"), 404)
 
     # Create two instances; the first is pending with 0.0.0.0.

@@ -306,6 +306,11 @@ struct SearchPage {
 }
 
 #[derive(Debug, Deserialize)]
+struct InZone {
+    zone: ByName,
+}
+
+#[derive(Debug, Deserialize)]
 struct TagPage {
     #[serde(default)]
     items: Vec<TagItem>,
@@ -598,6 +603,41 @@ impl Client {
         )
         .await
         .map(drop)
+    }
+
+    /// The zone of a dedicated host (`GET /dedicated_hosts/{id}`) or, with
+    /// `group`, of a dedicated host group (`GET /dedicated_host/groups/{id}`).
+    ///
+    /// # Errors
+    /// The classified answer (`NotFound` for an unknown id).
+    pub async fn dedicated_host_zone(
+        &self,
+        id: &str,
+        group: bool,
+    ) -> Result<String, ProviderError> {
+        let (what, path) = if group {
+            (
+                format!("get dedicated host group {id}"),
+                format!("/dedicated_host/groups/{id}"),
+            )
+        } else {
+            (
+                format!("get dedicated host {id}"),
+                format!("/dedicated_hosts/{id}"),
+            )
+        };
+        let url = self.vpc(&path);
+        let answer = self
+            .send(
+                RequestClass::Read,
+                &what,
+                |http| Self::versioned(http.get(&url)),
+                &[],
+            )
+            .await?;
+        let parsed: InZone =
+            serde_json::from_slice(&answer.body).map_err(|e| errors::malformed(&what, &e))?;
+        Ok(parsed.zone.name)
     }
 
     /// Global Tagging `POST /v3/tags/attach?tag_type=user`: attaches

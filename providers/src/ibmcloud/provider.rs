@@ -43,9 +43,11 @@ pub struct IbmCloudSettings {
     pub profile_list: Vec<String>,
     /// Tags every VM gets `coco-pod-vm:<cluster id>` when set.
     pub cluster_id: Option<String>,
-    /// Dedicated hosts, tried first.
+    /// Dedicated hosts: the first in the zone is used.
     pub dedicated_host_ids: Vec<String>,
-    /// Dedicated host groups, when no host is given.
+    /// Dedicated host groups: the first in the zone is used when no host
+    /// is given, and when a create on the host fails (the reference's
+    /// fall-back).
     pub dedicated_host_group_ids: Vec<String>,
     /// No TDX, no secure boot.
     pub disable_cvm: bool,
@@ -102,6 +104,10 @@ struct Catalog {
     images: Vec<(String, String)>,
     sizes: Vec<TypeSize>,
     architectures: BTreeMap<String, String>,
+    /// The dedicated host in the zone, if hosts are configured.
+    host: Option<String>,
+    /// The dedicated host group in the zone, if groups are configured.
+    group: Option<String>,
 }
 
 /// Pod VMs as IBM Cloud VPC instances.
@@ -198,13 +204,57 @@ impl IbmCloudProvider {
                         });
                     }
                 }
+                let host = self.in_zone(&self.settings.dedicated_host_ids, false).await?;
+                let group = self
+                    .in_zone(&self.settings.dedicated_host_group_ids, true)
+                    .await?;
                 Ok(Catalog {
                     images,
                     sizes,
                     architectures,
+                    host,
+                    group,
                 })
             })
             .await
+    }
+
+    /// The first of `ids` (dedicated hosts, or with `group` host groups) in
+    /// the zone, as the reference picks it; `None` for no ids.
+    ///
+    /// # Errors
+    /// `Config` naming the flag when none is in the zone or one does not
+    /// exist.
+    async fn in_zone(&self, ids: &[String], group: bool) -> Result<Option<String>, ProviderError> {
+        let flag = if group {
+            "--dedicated-host-group-ids (IBMCLOUD_DEDICATED_HOST_GROUP_IDS)"
+        } else {
+            "--dedicated-host-ids (IBMCLOUD_DEDICATED_HOST_IDS)"
+        };
+        for id in ids {
+            let zone = self
+                .client
+                .dedicated_host_zone(id, group)
+                .await
+                .map_err(|e| match e.class {
+                    ErrorClass::NotFound => {
+                        ProviderError::config(format!("{flag}: {id} does not exist: {}", e.message))
+                    }
+                    _ => e,
+                })?;
+            if zone == self.settings.zone {
+                return Ok(Some(id.clone()));
+            }
+        }
+        if ids.is_empty() {
+            Ok(None)
+        } else {
+            Err(ProviderError::config(format!(
+                "{flag}: none of {} is in zone {}",
+                ids.join(","),
+                self.settings.zone
+            )))
+        }
     }
 
     /// The profile and image of a create: the selection shared with AWS,
@@ -253,13 +303,10 @@ impl IbmCloudProvider {
         request: &CreateRequest,
         profile: String,
         image: String,
+        placement: Option<&String>,
     ) -> InstancePrototype {
         let s = &self.settings;
-        let placement = s
-            .dedicated_host_ids
-            .first()
-            .or_else(|| s.dedicated_host_group_ids.first())
-            .map(|id| ById { id: id.clone() });
+        let placement = placement.map(|id| ById { id: id.clone() });
         InstancePrototype {
             name: request.instance_name.clone(),
             profile: ByName { name: profile },
@@ -487,8 +534,27 @@ impl Provider for IbmCloudProvider {
             return self.with_address(found).await;
         }
         let (profile, image) = self.profile_and_image(request).await?;
-        let body = self.prototype(request, profile, image);
-        let created = match self.client.create_instance(&body).await {
+        let catalog = self.catalog().await?;
+        let mut body = self.prototype(
+            request,
+            profile,
+            image,
+            catalog.host.as_ref().or(catalog.group.as_ref()),
+        );
+        let mut answer = self.client.create_instance(&body).await;
+        if let (Err(e), Some(host), Some(group)) = (&answer, &catalog.host, &catalog.group)
+            && matches!(e.class, ErrorClass::Permanent | ErrorClass::Transient)
+            && e.code() != Some(UNIQUE_FAILED)
+        {
+            // The reference's fall-back: the group, when the host refuses.
+            // A create on the host whose answer was lost is found by name
+            // when the group's create is refused as not unique.
+            tracing::warn!(instance = %request.instance_name, error = %e,
+                "the create on dedicated host {host} failed; trying dedicated host group {group}");
+            body.placement_target = Some(ById { id: group.clone() });
+            answer = self.client.create_instance(&body).await;
+        }
+        let created = match answer {
             Ok(created) => created,
             Err(e) if e.code() == Some(UNIQUE_FAILED) => {
                 // A create whose answer was lost, or one this token's

@@ -95,6 +95,11 @@ pub struct ServerOptions {
     pub key_ids: Vec<String>,
     /// The resource group of everything.
     pub resource_group_id: String,
+    /// Dedicated hosts: (id, zone). Instances may be placed on those in
+    /// the server's zone.
+    pub dedicated_hosts: Vec<(String, String)>,
+    /// Dedicated host groups: (id, zone).
+    pub dedicated_host_groups: Vec<(String, String)>,
 }
 
 impl Default for ServerOptions {
@@ -118,6 +123,11 @@ impl Default for ServerOptions {
             security_group_ids: vec!["r006-sg-test".into()],
             key_ids: vec!["r006-key-test".into()],
             resource_group_id: "rg-test-0123456789abcdef".into(),
+            dedicated_hosts: vec![
+                ("0727-host-south-2".into(), "us-south-2".into()),
+                ("0717-host-1".into(), "us-south-1".into()),
+            ],
+            dedicated_host_groups: vec![("0717-group-1".into(), "us-south-1".into())],
         }
     }
 }
@@ -143,6 +153,10 @@ pub enum Route {
     ListProfiles,
     /// `GET /v1/subnets/{id}`.
     GetSubnet,
+    /// `GET /v1/dedicated_hosts/{id}`.
+    GetDedicatedHost,
+    /// `GET /v1/dedicated_host/groups/{id}`.
+    GetDedicatedHostGroup,
     /// `POST /v3/tags/attach` (Global Tagging).
     AttachTags,
     /// `GET /v3/tags` (Global Tagging).
@@ -572,6 +586,8 @@ fn route_of(method: &Method, path: &str) -> Route {
         ("GET", ["v1", "instance", "profiles"]) => Route::ListProfiles,
         ("GET", ["v1", "instance", "profiles", _]) => Route::GetProfile,
         ("GET", ["v1", "subnets", _]) => Route::GetSubnet,
+        ("GET", ["v1", "dedicated_hosts", _]) => Route::GetDedicatedHost,
+        ("GET", ["v1", "dedicated_host", "groups", _]) => Route::GetDedicatedHostGroup,
         ("POST", ["v3", "tags", "attach"]) => Route::AttachTags,
         ("GET", ["v3", "tags"]) => Route::ListTags,
         ("POST", ["v3", "resources", "search"]) => Route::Search,
@@ -890,6 +906,27 @@ fn respond(shared: &Shared, call: &Call) -> Answer {
                 )
             }
         }
+        Route::GetDedicatedHost | Route::GetDedicatedHostGroup => {
+            let id = call.last_segment();
+            let (known, kind) = if call.route == Route::GetDedicatedHost {
+                (&opts.dedicated_hosts, "dedicated_host")
+            } else {
+                (&opts.dedicated_host_groups, "dedicated_host_group")
+            };
+            match known.iter().find(|(h, _)| h == id) {
+                Some((id, zone)) if kind == "dedicated_host" => {
+                    Answer::json(200, dedicated_host_body(opts, id, zone))
+                }
+                Some((id, zone)) => Answer::json(200, dedicated_host_group_body(opts, id, zone)),
+                None => error(
+                    Service::Vpc,
+                    404,
+                    &format!("{kind}_not_found"),
+                    &format!("Dedicated host or group not found: {id}"),
+                    Some(("id", "parameter")),
+                ),
+            }
+        }
         Route::AttachTags => attach_tags(&mut state, call),
         Route::ListTags => list_tags(&state, call),
         Route::Search => search(opts, &mut state, call),
@@ -1096,6 +1133,76 @@ fn subnet_ref(opts: &ServerOptions) -> Value {
         "id": id,
         "name": "podvisor-test-subnet",
         "resource_type": "subnet",
+    })
+}
+
+fn dedicated_host_group_ref(id: &str, zone: &str) -> Value {
+    json!({
+        "crn": crn(zone, "dedicated-host-group", id),
+        "href": format!("{BASE_HREF}/dedicated_host/groups/{id}"),
+        "id": id,
+        "name": format!("group-{id}"),
+        "resource_type": "dedicated_host_group",
+    })
+}
+
+fn supported_profiles(opts: &ServerOptions) -> Vec<Value> {
+    opts.profiles
+        .iter()
+        .map(|p| json!({"href": format!("{BASE_HREF}/instance/profiles/{}", p.name), "name": p.name, "resource_type": "instance_profile"}))
+        .collect()
+}
+
+/// A dedicated host, as `GET /dedicated_hosts/{id}` answers it.
+fn dedicated_host_body(opts: &ServerOptions, id: &str, zone: &str) -> Value {
+    let vcpu = json!({"architecture": "amd64", "count": 64, "manufacturer": "intel"});
+    let group = opts
+        .dedicated_host_groups
+        .iter()
+        .find(|(_, z)| z == zone)
+        .map_or("0717-group-none", |(g, _)| g.as_str());
+    json!({
+        "available_memory": 512,
+        "available_vcpu": vcpu,
+        "created_at": "2026-01-01T00:00:00Z",
+        "crn": crn(zone, "dedicated-host", id),
+        "disks": [],
+        "group": dedicated_host_group_ref(group, zone),
+        "href": format!("{BASE_HREF}/dedicated_hosts/{id}"),
+        "id": id,
+        "instance_placement_enabled": true,
+        "instances": [],
+        "lifecycle_state": "stable",
+        "memory": 512,
+        "name": format!("host-{id}"),
+        "numa": {"count": 1, "nodes": [{"available_vcpu": 64, "vcpu": 64}]},
+        "profile": {"href": format!("{BASE_HREF}/dedicated_host/profiles/bx2d-host-152x608"), "name": "bx2d-host-152x608"},
+        "provisionable": true,
+        "resource_group": resource_group_ref(&opts.resource_group_id),
+        "resource_type": "dedicated_host",
+        "socket_count": 2,
+        "state": "available",
+        "supported_instance_profiles": supported_profiles(opts),
+        "vcpu": vcpu,
+        "zone": zone_ref(zone),
+    })
+}
+
+/// A dedicated host group, as `GET /dedicated_host/groups/{id}` answers it.
+fn dedicated_host_group_body(opts: &ServerOptions, id: &str, zone: &str) -> Value {
+    json!({
+        "class": "bx2d",
+        "created_at": "2026-01-01T00:00:00Z",
+        "crn": crn(zone, "dedicated-host-group", id),
+        "dedicated_hosts": [],
+        "family": "balanced",
+        "href": format!("{BASE_HREF}/dedicated_host/groups/{id}"),
+        "id": id,
+        "name": format!("group-{id}"),
+        "resource_group": resource_group_ref(&opts.resource_group_id),
+        "resource_type": "dedicated_host_group",
+        "supported_instance_profiles": supported_profiles(opts),
+        "zone": zone_ref(zone),
     })
 }
 
@@ -1323,6 +1430,22 @@ fn create_instance(opts: &ServerOptions, state: &mut State, call: &Call) -> Answ
             &format!("Zone not found or not in the region: {zone}"),
             Some(("zone.name", "field")),
         );
+    }
+    if let Some(target) = text(&body, "/placement_target/id") {
+        let placeable = opts
+            .dedicated_hosts
+            .iter()
+            .chain(&opts.dedicated_host_groups)
+            .any(|(id, z)| id == target && z == zone);
+        if !placeable {
+            return error(
+                Service::Vpc,
+                404,
+                "dedicated_host_not_found",
+                &format!("Dedicated host or group {target} not found in zone {zone}"),
+                Some(("placement_target.id", "field")),
+            );
+        }
     }
     if let Some(vpc) = text(&body, "/vpc/id")
         && vpc != opts.vpc_id
