@@ -370,6 +370,50 @@ async fn a_missing_image_stops_the_start_naming_the_variable() {
     assert_no_secret_in(&err);
 }
 
+/// No log level prints a credential: at `--log-level trace`, with the HTTP
+/// and TLS crates at trace too, through a whole pod VM lifecycle, the
+/// daemon's log holds neither the API key, nor an IAM access token (a
+/// bearer header), nor the user data (the pod VM's TLS key travels in it);
+/// while podvisor's own trace lines are there, so trace was on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logging_prints_no_ibm_credential_through_a_pod_vm_lifecycle() {
+    let server = Arc::new(IbmCloudServer::start(ServerOptions::default()));
+    let mut setup = ibm_setup(&server);
+    setup.global.extend(
+        [
+            "--log-level",
+            "trace,reqwest=trace,hyper_util=trace,hyper=trace,rustls=trace",
+        ]
+        .map(String::from),
+    );
+    let _side = PodVmSide::start(server.clone(), &setup);
+    let mut daemon = setup.start().await;
+    let client = daemon.client().await;
+    let id = sandbox_id();
+    daemon.create_and_start(&client, &id, "web", "shop").await;
+    client.stop(&id).await.unwrap();
+    wait_gone(&daemon, &id).await;
+    drop(client);
+    assert!(daemon.sigterm().success());
+    let log = daemon.log_text();
+    for (what, secret) in [
+        ("the API key", TEST_API_KEY),
+        ("a bearer token", "Bearer "),
+        ("an access token", "eyJ"),
+        ("the user data", "write_files"),
+    ] {
+        if let Some(line) = log.lines().find(|l| l.contains(secret)) {
+            let line: String = line.replace(secret, "<SECRET>").chars().take(400).collect();
+            panic!("{what} is in the daemon's log: {line}");
+        }
+    }
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" TRACE ") && l.contains(" podvisor")),
+        "no trace line from podvisor: was trace on?"
+    );
+}
+
 fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
     samples.sort();
     let at = |q: f64| {
@@ -382,7 +426,8 @@ fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
 /// Measures create→Running and StopVM→deleted for `PODVISOR_IBM_BENCH_N`
 /// sandboxes at once (default 50; run with 1 too) against the server,
 /// instances `pending` for 5 polls (0.5 s at the 100 ms poll interval), with
-/// the provider's default pacing. A measurement, not a check:
+/// the provider's default pacing (`PODVISOR_IBM_BENCH_UNPACED=1` lifts it).
+/// A measurement, not a check:
 /// `cargo test --features ibmcloud --test ibmcloud_e2e -- --ignored --nocapture`.
 #[ignore]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,6 +443,20 @@ async fn measure_concurrent_lifecycles_on_the_ibm_test_server() {
     setup
         .global
         .extend(["--peerpods-limit-per-node".into(), "0".into()]);
+    let unpaced = std::env::var("PODVISOR_IBM_BENCH_UNPACED").is_ok_and(|v| v == "1");
+    if unpaced {
+        for flag in [
+            "--provider-rate",
+            "--provider-burst",
+            "--provider-read-rate",
+            "--provider-read-burst",
+        ] {
+            setup.global.extend([flag.into(), "10000".into()]);
+        }
+        setup
+            .global
+            .extend(["--provider-max-inflight".into(), "256".into()]);
+    }
     let _side = PodVmSide::start(server.clone(), &setup);
     let daemon = setup.start().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -444,9 +503,14 @@ async fn measure_concurrent_lifecycles_on_the_ibm_test_server() {
     let (r50, r99) = percentiles(&mut running);
     let (d50, d99) = percentiles(&mut deleted);
     eprintln!(
-        "{n} sandboxes at once on the IBM Cloud test server (5 pending polls, 100 ms apart): \
+        "{n} sandboxes at once on the IBM Cloud test server (5 pending polls, 100 ms apart; {}): \
          create→Running p50 {r50:.0} ms, p99 {r99:.0} ms; StopVM→deleted p50 {d50:.0} ms, \
          p99 {d99:.0} ms; requests: {:?}; IAM tokens: {}",
+        if unpaced {
+            "pacing lifted"
+        } else {
+            "default provider pacing"
+        },
         server.counts(),
         server.tokens_issued() - tokens_before
     );
