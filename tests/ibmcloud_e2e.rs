@@ -167,6 +167,10 @@ fn assert_no_secret_in(log: &str) {
         !log.contains(TEST_API_KEY),
         "the API key is in the daemon's log"
     );
+    assert!(
+        !log.contains("Bearer "),
+        "a bearer token is in the daemon's log"
+    );
 }
 
 async fn wait_gone(daemon: &Daemon, id: &str) {

@@ -279,6 +279,46 @@ async fn a_tagging_failure_leaves_no_vm() {
 }
 
 #[tokio::test]
+async fn a_tagging_refusal_no_retry_cures_fails_the_create_once_not_in_a_loop() {
+    let server = server();
+    let provider = provider(&server, &[]).await;
+    server.fault(
+        Route::AttachTags,
+        Fault::Status {
+            status: 403,
+            code: "not_authorized".into(),
+            retry_after: None,
+        },
+        100,
+    );
+    let err = provider
+        .create_instance(&Fixture::new("node-a").request(1))
+        .await
+        .unwrap_err();
+    // Config: the daemon does not retry it (each retry would make and
+    // delete a billed VM).
+    assert_eq!(err.class, ErrorClass::Config, "{err}");
+    assert_eq!(server.count(Route::AttachTags), 1, "not retried");
+    assert_eq!(server.count(Route::CreateInstance), 1);
+    assert!(server.instances().is_empty(), "the untagged VM was deleted");
+    // The configuration check reaches Global Tagging: no access at all is
+    // found before any pod (the right to attach, a write, shows only at
+    // the first create, which then fails once, as above).
+    server.fault(
+        Route::ListTags,
+        Fault::Status {
+            status: 403,
+            code: "not_authorized".into(),
+            retry_after: None,
+        },
+        1,
+    );
+    let err = provider.verify_config().await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Config, "{err}");
+    assert!(err.message.contains("cannot use Global Tagging"), "{err}");
+}
+
+#[tokio::test]
 async fn a_tagging_failure_that_passes_on_retry_keeps_the_vm() {
     let server = server();
     let provider = provider(&server, &[]).await;
@@ -422,12 +462,23 @@ async fn deletes_wait_until_the_instance_is_gone_and_not_found_is_success() {
         .delete_instance("0717_no-such-instance")
         .await
         .unwrap();
+    let deletes = server.count(Route::DeleteInstance);
     provider.delete_instance("../../etc/passwd").await.unwrap();
+    assert_eq!(
+        (
+            server.count(Route::DeleteInstance),
+            server.count(Route::Other)
+        ),
+        (deletes, 0),
+        "an id that cannot exist never reaches a URL"
+    );
 }
 
 #[tokio::test]
 async fn the_gc_lists_by_tag_only_what_search_has_indexed_and_vpc_still_has() {
     let server = server();
+    // One result per page: the listing follows Global Search's cursor.
+    server.set_max_page(1);
     let provider = provider(&server, &[]).await;
     let a = Fixture::new("node-a");
     let b = Fixture::new("node-b");

@@ -27,6 +27,10 @@ pub const VPC_API_VERSION: &str = "2025-04-08";
 const PAGE: u32 = 100;
 /// Results per Global Search page (the API's maximum is 1000).
 const SEARCH_PAGE: u32 = 1000;
+/// Pages one listing follows at most: a server whose cursors cycle cannot
+/// hold a call forever (100 pages of 100 instances is far beyond a VPC's
+/// quota of instances).
+const MAX_PAGES: usize = 1000;
 
 /// The base URLs of the four services.
 #[derive(Debug, Clone)]
@@ -481,6 +485,7 @@ impl Client {
         let url = self.vpc("/instances");
         let mut all = Vec::new();
         let mut start: Option<String> = None;
+        let mut pages = 0;
         loop {
             let answer = self
                 .send(
@@ -509,6 +514,10 @@ impl Client {
             match next {
                 Some(cursor) if Some(&cursor) != start.as_ref() => start = Some(cursor),
                 _ => return Ok(all),
+            }
+            pages += 1;
+            if pages >= MAX_PAGES {
+                return Err(too_many_pages(what));
             }
         }
     }
@@ -715,6 +724,7 @@ impl Client {
         );
         let mut all = Vec::new();
         let mut cursor: Option<String> = None;
+        let mut pages = 0;
         loop {
             let mut body = serde_json::json!({ "query": query, "fields": ["crn", "name", "tags"] });
             if let Some(cursor) = &cursor {
@@ -730,14 +740,26 @@ impl Client {
                 .await?;
             let page: SearchPage =
                 serde_json::from_slice(&answer.body).map_err(|e| errors::malformed(what, &e))?;
-            let full = page.items.len() >= SEARCH_PAGE as usize;
+            // The last page has no cursor, or (when the one before was
+            // full) no items.
+            let empty = page.items.is_empty();
             all.extend(page.items);
             match page.search_cursor {
-                Some(next) if full && Some(&next) != cursor.as_ref() => cursor = Some(next),
+                Some(next) if !empty && Some(&next) != cursor.as_ref() => cursor = Some(next),
                 _ => return Ok(all),
+            }
+            pages += 1;
+            if pages >= MAX_PAGES {
+                return Err(too_many_pages(what));
             }
         }
     }
+}
+
+fn too_many_pages(what: &str) -> ProviderError {
+    ProviderError::transient(format!(
+        "IBM Cloud {what}: more than {MAX_PAGES} pages; the server's cursors do not end"
+    ))
 }
 
 /// The `start` cursor of a VPC `next.href`.

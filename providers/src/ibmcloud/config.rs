@@ -240,7 +240,11 @@ impl FromStr for IbmTagList {
                      space, '_', '.', '-', ':')"
                 ));
             }
-            if tags.iter().any(|t| t.split(':').next() == Some(key)) {
+            let lower = key.to_ascii_lowercase();
+            if tags
+                .iter()
+                .any(|t| t.split(':').next() == Some(lower.as_str()))
+            {
                 return Err(format!("tag key '{key}' is given twice"));
             }
             tags.push(tag.to_ascii_lowercase());
@@ -299,6 +303,7 @@ mod tests {
             ("coco-pod-vm=x", "podvisor itself"),
             ("a=b/c", "not an IBM Cloud tag"),
             ("a=1,a=2", "twice"),
+            ("team=a,Team=b", "twice"),
         ] {
             let err = bad.parse::<IbmTagList>().unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");

@@ -126,9 +126,15 @@ pub fn from_transport(what: &str, err: &reqwest::Error) -> ProviderError {
     ProviderError::transient(format!("IBM Cloud {what}: {kind}: {source}"))
 }
 
-/// A 2xx answer whose body is not what IBM documents.
+/// A 2xx answer whose body is not what IBM documents. The parser's own
+/// message is left out: it may quote a value of the answer (an IAM
+/// answer holds the access token).
 pub fn malformed(what: &str, err: &serde_json::Error) -> ProviderError {
-    ProviderError::transient(format!("IBM Cloud {what}: unexpected answer: {err}"))
+    ProviderError::transient(format!(
+        "IBM Cloud {what}: the answer is not the documented JSON (line {}, column {})",
+        err.line(),
+        err.column()
+    ))
 }
 
 /// Cuts text from a server to 300 characters, on a character boundary.

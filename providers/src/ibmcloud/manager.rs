@@ -11,6 +11,7 @@ use super::provider::{IbmCloudProvider, IbmCloudSettings};
 use crate::error::ProviderError;
 use crate::manager::{CallLimits, CloudManager, ConfigError, ProviderConfig, ProviderContext};
 use crate::provider::Provider;
+use crate::secret::Secret;
 use async_trait::async_trait;
 use clap::{Args, FromArgMatches};
 use std::path::{Path, PathBuf};
@@ -319,7 +320,8 @@ impl IbmCloudConfig {
             .as_ref()
             .filter(|k| !k.expose().trim().is_empty())
         {
-            return Ok(Grant::ApiKey(key.clone()));
+            // A key from a Kubernetes Secret often ends in a newline.
+            return Ok(Grant::ApiKey(Secret::from(key.expose().trim().to_owned())));
         }
         let profile_id = self.iam_profile_id.clone().unwrap_or_default();
         let cr_token_file = match &self.cr_token_file {
@@ -411,7 +413,7 @@ impl ProviderConfig for IbmCloudConfig {
         let credentials = if self
             .api_key
             .as_ref()
-            .is_some_and(|k| !k.expose().is_empty())
+            .is_some_and(|k| !k.expose().trim().is_empty())
         {
             "api key"
         } else {
@@ -448,6 +450,14 @@ impl ProviderConfig for IbmCloudConfig {
     }
 
     async fn build(&self, context: &ProviderContext) -> Result<Arc<dyn Provider>, ProviderError> {
+        let node_tag = super::provider::ibm_tag(crate::provider::TAG_NODE, &context.node_name);
+        if !is_user_tag(&node_tag) {
+            return Err(ProviderError::config(format!(
+                "the node name {:?} cannot be an IBM Cloud tag ({node_tag:?}: at most 128 of \
+                 letters, digits, space, '_', '.', '-', ':'); pod VMs could not be listed by node",
+                context.node_name
+            )));
+        }
         let http = http_client(self.ca_bundle.as_deref())?;
         let iam = Arc::new(Iam::new(http.clone(), &self.iam_service_url, self.grant()?));
         let endpoints = Endpoints {

@@ -147,6 +147,17 @@ fn is_volume_name(token: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// An error of a service the credentials must reach, said so.
+fn access(service: &str, e: ProviderError) -> ProviderError {
+    match e.class {
+        ErrorClass::Config => ProviderError::config(format!(
+            "--api-key (IBMCLOUD_API_KEY) / --iam-profile-id: the credentials cannot use {service}: {}",
+            e.message
+        )),
+        _ => e,
+    }
+}
+
 fn parse_time(text: &str) -> Option<UnixMillis> {
     let at = humantime::parse_rfc3339_weak(text).ok()?;
     let ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
@@ -375,12 +386,11 @@ impl IbmCloudProvider {
         Ok(tags)
     }
 
-    /// The live instance named `name` in the VPC, whatever its token.
+    /// The live instance named `name` in the region, whatever its token.
     async fn by_name(&self, name: &str) -> Result<Option<VpcInstance>, ProviderError> {
-        let found = self
-            .client
-            .list_instances(Some(name), Some(&self.settings.vpc_id))
-            .await?;
+        // Instance names are unique in the region, not only in the VPC:
+        // the lookup must see the instance a create's name clashes with.
+        let found = self.client.list_instances(Some(name), None).await?;
         Ok(found.into_iter().find(|i| i.name == name && !i.is_gone()))
     }
 
@@ -449,22 +459,31 @@ impl IbmCloudProvider {
         let e = last.unwrap_or_else(|| ProviderError::transient("tagging failed"));
         tracing::warn!(instance = %vpc.id, name = %vpc.name, error = %e,
             "tags could not be attached; deleting the instance");
-        if let Err(d) = self.delete_instance(&vpc.id).await {
+        // The DELETE only: the retried create waits (its name is refused
+        // while the instance goes), not this one.
+        if let Err(d) = self.client.delete_instance(&vpc.id).await {
             tracing::warn!(instance = %vpc.id, error = %d,
                 "the untagged instance could not be deleted; a lookup by its name finds it");
         }
-        Err(ProviderError::transient(format!(
+        let message = format!(
             "Instance {} was made but its tags could not be attached, so it was deleted: {}",
             vpc.name, e.message
-        ))
-        .with_code(e.code().unwrap_or("tagging").to_owned()))
+        );
+        // A refusal no retry cures (no permission to tag: Config) must not
+        // make and delete a VM on every retry.
+        let error = match e.class {
+            ErrorClass::Config => ProviderError::config(message),
+            ErrorClass::Permanent => ProviderError::permanent(message),
+            _ => ProviderError::transient(message),
+        };
+        Err(error.with_code(e.code().unwrap_or("tagging").to_owned()))
     }
 
     /// Waits (bounded) for the primary address; a stopped instance of the
     /// token is started first.
     async fn with_address(&self, mut vpc: VpcInstance) -> Result<Instance, ProviderError> {
         if vpc.status == "failed" {
-            self.delete_instance(&vpc.id).await?;
+            self.client.delete_instance(&vpc.id).await?;
             return Err(ProviderError::transient(format!(
                 "Instance {} of this sandbox failed; it was deleted and is made again",
                 vpc.name
@@ -472,6 +491,7 @@ impl IbmCloudProvider {
         }
         if matches!(vpc.status.as_str(), "stopped" | "stopping") {
             self.client.start_instance(&vpc.id).await?;
+            vpc.status = "starting".into();
         }
         let tags = Self::token_tags(&vpc);
         for poll in 0..=self.settings.address_polls {
@@ -635,9 +655,8 @@ impl Provider for IbmCloudProvider {
     }
 
     async fn list_instances(&self, key: &str, value: &str) -> Result<Vec<Instance>, ProviderError> {
-        // Search first, then the VPC listing: an instance created between
-        // the two is live in the listing but not in the search, and so not
-        // listed; one deleted between them is not in the listing.
+        // Search first, then VPC: an instance created after the search is
+        // not listed; one deleted after it is not live in VPC.
         let tag = ibm_tag(key, value);
         if !super::config::is_user_tag(&tag) || tag.contains('"') {
             return Err(ProviderError::permanent(format!(
@@ -651,21 +670,26 @@ impl Provider for IbmCloudProvider {
             let tags = item.tags.iter().map(|t| podvisor_tag(t)).collect();
             tags_by_crn.insert(item.crn, tags);
         }
-        if tags_by_crn.is_empty() {
-            return Ok(Vec::new());
+        // Each hit is read from VPC itself (the index lags deletes): a
+        // filtered lookup per instance of the node, never a listing of
+        // every instance in the VPC.
+        let mut live = Vec::new();
+        for (crn, tags) in tags_by_crn {
+            let Some(id) = crn
+                .rsplit_once("::instance:")
+                .map(|(_, id)| id)
+                .filter(|id| super::config::is_vpc_id(id))
+            else {
+                continue;
+            };
+            if let Some(found) = self.client.get_instance(id).await?
+                && !found.is_gone()
+                && found.crn == crn
+            {
+                live.push(self.instance(&found, tags));
+            }
         }
-        let live = self
-            .client
-            .list_instances(None, Some(&self.settings.vpc_id))
-            .await?;
-        Ok(live
-            .into_iter()
-            .filter(|i| !i.is_gone())
-            .filter_map(|i| {
-                let tags = tags_by_crn.remove(&i.crn)?;
-                Some(self.instance(&i, tags))
-            })
-            .collect())
+        Ok(live)
     }
 
     async fn verify_config(&self) -> Result<(), ProviderError> {
@@ -683,6 +707,17 @@ impl Provider for IbmCloudProvider {
                 )));
             }
         }
+        // Global Search and Global Tagging answer with the credentials'
+        // access: a listing of one node's VMs and one resource's tags (a
+        // missing permission would otherwise surface at the first pod).
+        self.client
+            .search("type:instance AND tags:\"podvisor.io_node:podvisor-verify\"")
+            .await
+            .map_err(|e| access("Global Search", e))?;
+        self.client
+            .list_tags("crn:v1:bluemix:public:is:podvisor-verify")
+            .await
+            .map_err(|e| access("Global Tagging", e))?;
         self.client.get_subnet(&s.subnet_id).await.map_err(|e| {
             if e.class == ErrorClass::NotFound {
                 ProviderError::config(format!(

@@ -265,6 +265,7 @@ struct State {
     pending_polls: u32,
     deleting_polls: u32,
     search_lag: u32,
+    max_page: usize,
     searches: u64,
     faults: HashMap<Route, (Fault, usize)>,
     counts: BTreeMap<Route, usize>,
@@ -345,6 +346,7 @@ impl IbmCloudServer {
                 pending_polls: 0,
                 deleting_polls: 0,
                 search_lag: 0,
+                max_page: usize::MAX,
                 searches: 0,
                 faults: HashMap::new(),
                 counts: BTreeMap::new(),
@@ -446,6 +448,13 @@ impl IbmCloudServer {
                 *left = (*left).min(n);
             }
         }
+    }
+
+    /// Pages of the VPC instance listing and of Global Search hold at most
+    /// `n` items whatever `limit` asks (as a server under load may), so a
+    /// client's paging is exercised with a few instances.
+    pub fn set_max_page(&self, n: usize) {
+        self.shared.lock().max_page = n.max(1);
     }
 
     /// A tag attached from now on shows in Global Search only after this
@@ -1832,8 +1841,8 @@ fn instance_body(opts: &ServerOptions, held: &Held, pending: bool) -> Value {
 /// and `start`.
 fn list_instances(opts: &ServerOptions, state: &mut State, call: &Call) -> Answer {
     let limit = match call.query("limit").map(str::parse::<usize>) {
-        None => 50,
-        Some(Ok(n)) if (1..=100).contains(&n) => n,
+        None => 50.min(state.max_page),
+        Some(Ok(n)) if (1..=100).contains(&n) => n.min(state.max_page),
         Some(_) => {
             return error(
                 Service::Vpc,
@@ -2088,8 +2097,8 @@ fn search(opts: &ServerOptions, state: &mut State, call: &Call) -> Answer {
     state.searches += 1;
     let searches = state.searches;
     let limit = match call.query("limit").map(str::parse::<usize>) {
-        None => 10,
-        Some(Ok(n)) if (1..=1000).contains(&n) => n,
+        None => 10.min(state.max_page),
+        Some(Ok(n)) if (1..=1000).contains(&n) => n.min(state.max_page),
         Some(_) => {
             return error(
                 Service::Search,
