@@ -629,15 +629,6 @@ async fn region_subnet_groups_and_key_come_from_the_metadata_service_when_not_gi
 }
 
 /// p50, p99 and max of `samples`, in milliseconds.
-fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
-    samples.sort();
-    let at = |q: f64| {
-        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[i].as_secs_f64() * 1e3
-    };
-    (at(0.50), at(0.99), at(1.0))
-}
-
 /// Measures create→Running and StopVM→deleted (the record is removed once
 /// EC2 accepted the terminate) for `PODVISOR_AWS_BENCH_N` sandboxes at once
 /// (default 100) against moto, with the provider's rate limit lifted

@@ -27,27 +27,7 @@ use std::time::{Duration, Instant};
 
 /// The provider's flags for `server` (every value given).
 fn ibm_flags(server: &IbmCloudServer) -> Vec<String> {
-    let o = ServerOptions::default();
-    let url = server.url();
-    let mut args: Vec<String> = vec!["ibmcloud".into()];
-    for (flag, value) in [
-        ("--api-key", TEST_API_KEY.to_owned()),
-        ("--iam-service-url", url.clone()),
-        ("--vpc-service-url", format!("{url}/v1")),
-        ("--tagging-service-url", url.clone()),
-        ("--search-service-url", url.clone()),
-        ("--ca-bundle", server.ca_file().display().to_string()),
-        ("--zone-name", o.zone.clone()),
-        ("--vpc-id", o.vpc_id.clone()),
-        ("--primary-subnet-id", o.subnet_id.clone()),
-        ("--image-id", "r006-image-amd64".into()),
-        ("--profile-name", "bx2-2x8".into()),
-        ("--poll-interval", "100ms".into()),
-    ] {
-        args.push(flag.into());
-        args.push(value);
-    }
-    args
+    server.flags()
 }
 
 fn ibm_setup(server: &IbmCloudServer) -> Setup {
@@ -418,15 +398,6 @@ async fn trace_logging_prints_no_ibm_credential_through_a_pod_vm_lifecycle() {
     );
 }
 
-fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
-    samples.sort();
-    let at = |q: f64| {
-        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[i].as_secs_f64() * 1e3
-    };
-    (at(0.50), at(0.99))
-}
-
 /// Measures create→Running and StopVM→deleted for `PODVISOR_IBM_BENCH_N`
 /// sandboxes at once (default 50; run with 1 too) against the server,
 /// instances `pending` for 5 polls (0.5 s at the 100 ms poll interval), with
@@ -504,8 +475,8 @@ async fn measure_concurrent_lifecycles_on_the_ibm_test_server() {
         deleted.push(t.await.unwrap());
     }
     assert!(server.instances().is_empty());
-    let (r50, r99) = percentiles(&mut running);
-    let (d50, d99) = percentiles(&mut deleted);
+    let (r50, r99, _) = percentiles(&mut running);
+    let (d50, d99, _) = percentiles(&mut deleted);
     eprintln!(
         "{n} sandboxes at once on the IBM Cloud test server (5 pending polls, 100 ms apart; {}): \
          create→Running p50 {r50:.0} ms, p99 {r99:.0} ms; StopVM→deleted p50 {d50:.0} ms, \

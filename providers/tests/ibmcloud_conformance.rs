@@ -22,31 +22,13 @@ use podvisor_providers::{
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The flags of a provider on `server`, then `extra`.
+/// The flags of a provider on `server` (polls 20 ms apart, a cluster id),
+/// then `extra`.
 fn flags(server: &IbmCloudServer, extra: &[&str]) -> Vec<String> {
-    let o = ServerOptions::default();
-    let url = server.url();
-    let mut args: Vec<String> = vec!["ibmcloud".into()];
-    for (flag, value) in [
-        ("--api-key", TEST_API_KEY.to_owned()),
-        ("--iam-service-url", format!("{url}/identity/token")),
-        ("--vpc-service-url", format!("{url}/v1")),
-        ("--tagging-service-url", url.clone()),
-        ("--search-service-url", url.clone()),
-        ("--ca-bundle", server.ca_file().display().to_string()),
-        ("--zone-name", o.zone.clone()),
-        ("--vpc-id", o.vpc_id.clone()),
-        ("--primary-subnet-id", o.subnet_id.clone()),
-        ("--image-id", "r006-image-amd64,r006-image-s390x".into()),
-        ("--profile-name", "bx2-2x8".into()),
-        ("--poll-interval", "20ms".into()),
-        ("--cluster-id", "cluster-1".into()),
-    ] {
-        args.push(flag.into());
-        args.push(value);
-    }
-    // A flag given in `extra` replaces the default above.
-    for pair in extra.chunks(2) {
+    let mut args = server.flags();
+    let ours = ["--poll-interval", "20ms", "--cluster-id", "cluster-1"];
+    // A flag given later replaces the one before.
+    for pair in ours.chunks(2).chain(extra.chunks(2)) {
         match args.iter().position(|a| a == pair[0]) {
             Some(at) if pair.len() == 2 && pair[0].starts_with("--") => {
                 args[at + 1] = pair[1].to_owned();

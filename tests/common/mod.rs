@@ -686,3 +686,13 @@ pub async fn run_pods(daemon: &Daemon, n: usize) -> Vec<(String, String)> {
     }
     started
 }
+
+/// The p50, p99 and maximum of `samples`, in milliseconds (sorts them).
+pub fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1e3
+    };
+    (at(0.50), at(0.99), at(1.0))
+}

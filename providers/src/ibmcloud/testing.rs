@@ -322,6 +322,35 @@ impl Drop for IbmCloudServer {
 }
 
 impl IbmCloudServer {
+    /// The `podvisor ibmcloud` command line of a provider on this server:
+    /// the subcommand, then every value a test setup needs (the test API
+    /// key, the four endpoints, the CA, the default options' zone, VPC,
+    /// subnet, both images, profile `bx2-2x8`, and a 100 ms poll interval).
+    /// A test adds or replaces flags after it.
+    pub fn flags(&self) -> Vec<String> {
+        let o = &self.shared.options;
+        let url = self.url();
+        let mut args: Vec<String> = vec!["ibmcloud".into()];
+        for (flag, value) in [
+            ("--api-key", TEST_API_KEY.to_owned()),
+            ("--iam-service-url", format!("{url}/identity/token")),
+            ("--vpc-service-url", format!("{url}/v1")),
+            ("--tagging-service-url", url.clone()),
+            ("--search-service-url", url.clone()),
+            ("--ca-bundle", self.ca_file().display().to_string()),
+            ("--zone-name", o.zone.clone()),
+            ("--vpc-id", o.vpc_id.clone()),
+            ("--primary-subnet-id", o.subnet_id.clone()),
+            ("--image-id", "r006-image-amd64,r006-image-s390x".into()),
+            ("--profile-name", "bx2-2x8".into()),
+            ("--poll-interval", "100ms".into()),
+        ] {
+            args.push(flag.into());
+            args.push(value);
+        }
+        args
+    }
+
     /// Starts a server holding `options`' resources, on a free port of
     /// 127.0.0.1, with a new CA. Panics (a test helper) when it cannot.
     pub fn start(options: ServerOptions) -> Self {
