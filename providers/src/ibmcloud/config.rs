@@ -158,7 +158,7 @@ pub struct IbmCloudConfig {
     #[arg(long = "cluster-id", env = "IBMCLOUD_CLUSTER_ID", value_name = "ID")]
     pub cluster_id: Option<String>,
 
-    /// Dedicated hosts to place pod VMs on, comma-separated (tried before --dedicated-host-group-ids)
+    /// Dedicated hosts to place pod VMs on, comma-separated: the first in --zone-name is used, and a create it refuses goes to --dedicated-host-group-ids
     #[arg(
         long = "dedicated-host-ids",
         env = "IBMCLOUD_DEDICATED_HOST_IDS",
@@ -167,7 +167,7 @@ pub struct IbmCloudConfig {
     )]
     pub dedicated_host_ids: Vec<String>,
 
-    /// Dedicated host groups to place pod VMs in, comma-separated
+    /// Dedicated host groups to place pod VMs in, comma-separated: the first in --zone-name is used
     #[arg(
         long = "dedicated-host-group-ids",
         env = "IBMCLOUD_DEDICATED_HOST_GROUP_IDS",
