@@ -25,7 +25,7 @@ const CHART: &str = "deploy/helm/podvisor";
 /// This test file, as SKIPPED lines name it.
 const FILE: &str = "helm";
 /// The providers the chart has a values block for.
-const PROVIDERS: &[&str] = &["local", "aws", "libvirt"];
+const PROVIDERS: &[&str] = &["local", "aws", "ibmcloud", "libvirt"];
 /// Variables the chart sets in the container that are no daemon flag's:
 /// `HOST_IP` is only expanded into `PODVISOR_ADMIN_ADDR`.
 const NOT_DAEMON_VARIABLES: &[&str] = &["HOST_IP"];
@@ -147,6 +147,14 @@ fn provider_values(provider: &str) -> Value {
     match provider {
         "aws" => json!({"provider": "aws",
             "providers": {"aws": {"env": {"PODVM_AMI_ID": "ami-0123456789abcdef0"}}}}),
+        "ibmcloud" => json!({"provider": "ibmcloud",
+            "providers": {"ibmcloud": {"env": {
+                "IBMCLOUD_PODVM_IMAGE_ID": "r006-image-amd64",
+                "IBMCLOUD_ZONE": "us-south-1",
+                "IBMCLOUD_VPC_ID": "r006-vpc",
+                "IBMCLOUD_VPC_SUBNET_ID": "0717-subnet",
+                "IBMCLOUD_PODVM_INSTANCE_PROFILE_NAME": "bx2-2x8"},
+              "secretEnv": {"IBMCLOUD_API_KEY": "not-a-real-key"}}}}),
         other => json!({ "provider": other }),
     }
 }
@@ -172,6 +180,7 @@ fn everything_on(provider: &str) -> Value {
     let provider_args = match provider {
         "libvirt" => json!(["--firmware", ""]),
         "aws" => json!(["--aws-profile", "peerpods"]),
+        "ibmcloud" => json!(["--poll-interval", "5s"]),
         _ => json!(["--address-range", "127.64.0.0/12"]),
     };
     merge(&mut values, &json!({ "providerArgs": provider_args }));
@@ -304,6 +313,18 @@ fn bad_values_fail_naming_the_value() {
             json!({"provider": "aws"}),
             &["--skip-schema-validation"],
             "providers.aws.env.PODVM_AMI_ID is required",
+        ),
+        (
+            "ibmcloud without its zone",
+            json!({"provider": "ibmcloud"}),
+            &[],
+            "/providers/ibmcloud/env/IBMCLOUD_ZONE",
+        ),
+        (
+            "ibmcloud without its image, past the schema",
+            json!({"provider": "ibmcloud"}),
+            &["--skip-schema-validation"],
+            "providers.ibmcloud.env.IBMCLOUD_PODVM_IMAGE_ID is required",
         ),
         (
             "a variable the provider does not have",

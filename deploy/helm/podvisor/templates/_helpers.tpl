@@ -31,6 +31,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if and (eq .Values.provider "aws") (not (include "podvisor.truthy" $provider.env.USE_PODVM_LAUNCHTEMPLATE)) -}}
 {{- $_ := required "providers.aws.env.PODVM_AMI_ID is required with provider aws (unless USE_PODVM_LAUNCHTEMPLATE is true: then the launch template names the image)" $provider.env.PODVM_AMI_ID -}}
 {{- end -}}
+{{- if eq .Values.provider "ibmcloud" -}}
+{{- range $key := list "IBMCLOUD_PODVM_IMAGE_ID" "IBMCLOUD_ZONE" "IBMCLOUD_VPC_ID" "IBMCLOUD_VPC_SUBNET_ID" "IBMCLOUD_PODVM_INSTANCE_PROFILE_NAME" -}}
+{{- $_ := required (printf "providers.ibmcloud.env.%s is required with provider ibmcloud" $key) (index $provider.env $key) -}}
+{{- end -}}
+{{- end -}}
 CLOUD_PROVIDER: {{ .Values.provider | quote }}
 {{- range $key, $value := .Values.config.env }}
 {{- if ne (toString $value) "" }}
