@@ -427,6 +427,24 @@ impl Client {
         builder.query(&[("version", VPC_API_VERSION), ("generation", "2")])
     }
 
+    /// `GET <vpc><path>` (versioned), its answer parsed as `T`.
+    async fn vpc_get<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        path: &str,
+    ) -> Result<T, ProviderError> {
+        let url = self.vpc(path);
+        let answer = self
+            .send(
+                RequestClass::Read,
+                what,
+                |http| Self::versioned(http.get(&url)),
+                &[],
+            )
+            .await?;
+        parse(what, &answer.body)
+    }
+
     /// `POST /instances`.
     ///
     /// # Errors
@@ -446,7 +464,7 @@ impl Client {
                 &[],
             )
             .await?;
-        serde_json::from_slice(&answer.body).map_err(|e| errors::malformed(&what, &e))
+        parse(&what, &answer.body)
     }
 
     /// `GET /instances/{id}`; `None` when it does not exist.
@@ -467,20 +485,15 @@ impl Client {
         if answer.status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        serde_json::from_slice(&answer.body)
-            .map(Some)
-            .map_err(|e| errors::malformed(&what, &e))
+        parse(&what, &answer.body).map(Some)
     }
 
-    /// `GET /instances` filtered by `name` and/or the VPC, every page.
+    /// `GET /instances?name=<name>`: the instances of that name in the
+    /// region (a live one and any being deleted), every page.
     ///
     /// # Errors
     /// The classified answer of any page.
-    pub async fn list_instances(
-        &self,
-        name: Option<&str>,
-        vpc_id: Option<&str>,
-    ) -> Result<Vec<VpcInstance>, ProviderError> {
+    pub async fn instances_named(&self, name: &str) -> Result<Vec<VpcInstance>, ProviderError> {
         let what = "list instances";
         let url = self.vpc("/instances");
         let mut all = Vec::new();
@@ -492,13 +505,9 @@ impl Client {
                     RequestClass::Read,
                     what,
                     |http| {
-                        let mut b = Self::versioned(http.get(&url)).query(&[("limit", PAGE)]);
-                        if let Some(name) = name {
-                            b = b.query(&[("name", name)]);
-                        }
-                        if let Some(vpc) = vpc_id {
-                            b = b.query(&[("vpc.id", vpc)]);
-                        }
+                        let mut b = Self::versioned(http.get(&url))
+                            .query(&[("limit", PAGE)])
+                            .query(&[("name", name)]);
                         if let Some(start) = &start {
                             b = b.query(&[("start", start)]);
                         }
@@ -507,8 +516,7 @@ impl Client {
                     &[],
                 )
                 .await?;
-            let page: InstancePage =
-                serde_json::from_slice(&answer.body).map_err(|e| errors::malformed(what, &e))?;
+            let page: InstancePage = parse(what, &answer.body)?;
             all.extend(page.instances);
             let next = page.next.and_then(|n| start_of(&n.href));
             match next {
@@ -564,17 +572,8 @@ impl Client {
     /// # Errors
     /// The classified answer (`NotFound` for an unknown image).
     pub async fn get_image(&self, id: &str) -> Result<Image, ProviderError> {
-        let what = format!("get image {id}");
-        let url = self.vpc(&format!("/images/{id}"));
-        let answer = self
-            .send(
-                RequestClass::Read,
-                &what,
-                |http| Self::versioned(http.get(&url)),
-                &[],
-            )
-            .await?;
-        serde_json::from_slice(&answer.body).map_err(|e| errors::malformed(&what, &e))
+        self.vpc_get(&format!("get image {id}"), &format!("/images/{id}"))
+            .await
     }
 
     /// `GET /instance/profiles`: every profile of the region.
@@ -582,18 +581,9 @@ impl Client {
     /// # Errors
     /// The classified answer.
     pub async fn list_profiles(&self) -> Result<Vec<Profile>, ProviderError> {
-        let what = "list instance profiles";
-        let url = self.vpc("/instance/profiles");
-        let answer = self
-            .send(
-                RequestClass::Read,
-                what,
-                |http| Self::versioned(http.get(&url)),
-                &[],
-            )
+        let page: ProfilePage = self
+            .vpc_get("list instance profiles", "/instance/profiles")
             .await?;
-        let page: ProfilePage =
-            serde_json::from_slice(&answer.body).map_err(|e| errors::malformed(what, &e))?;
         Ok(page.profiles)
     }
 
@@ -602,13 +592,9 @@ impl Client {
     /// # Errors
     /// The classified answer (`NotFound` for an unknown subnet).
     pub async fn get_subnet(&self, id: &str) -> Result<(), ProviderError> {
-        let what = format!("get subnet {id}");
-        let url = self.vpc(&format!("/subnets/{id}"));
-        self.send(
-            RequestClass::Read,
-            &what,
-            |http| Self::versioned(http.get(&url)),
-            &[],
+        self.vpc_get::<serde::de::IgnoredAny>(
+            &format!("get subnet {id}"),
+            &format!("/subnets/{id}"),
         )
         .await
         .map(drop)
@@ -635,17 +621,7 @@ impl Client {
                 format!("/dedicated_hosts/{id}"),
             )
         };
-        let url = self.vpc(&path);
-        let answer = self
-            .send(
-                RequestClass::Read,
-                &what,
-                |http| Self::versioned(http.get(&url)),
-                &[],
-            )
-            .await?;
-        let parsed: InZone =
-            serde_json::from_slice(&answer.body).map_err(|e| errors::malformed(&what, &e))?;
+        let parsed: InZone = self.vpc_get(&what, &path).await?;
         Ok(parsed.zone.name)
     }
 
@@ -673,8 +649,7 @@ impl Client {
                 &[],
             )
             .await?;
-        let parsed: AttachAnswer =
-            serde_json::from_slice(&answer.body).map_err(|e| errors::malformed(what, &e))?;
+        let parsed: AttachAnswer = parse(what, &answer.body)?;
         if parsed.results.iter().any(|r| r.is_error) {
             return Err(ProviderError::transient(format!(
                 "IBM Cloud {what}: Global Tagging reported a failure for {crn}"
@@ -706,8 +681,7 @@ impl Client {
                 &[],
             )
             .await?;
-        let page: TagPage =
-            serde_json::from_slice(&answer.body).map_err(|e| errors::malformed(what, &e))?;
+        let page: TagPage = parse(what, &answer.body)?;
         Ok(page.items.into_iter().map(|t| t.name).collect())
     }
 
@@ -738,8 +712,7 @@ impl Client {
                     &[],
                 )
                 .await?;
-            let page: SearchPage =
-                serde_json::from_slice(&answer.body).map_err(|e| errors::malformed(what, &e))?;
+            let page: SearchPage = parse(what, &answer.body)?;
             // The last page has no cursor, or (when the one before was
             // full) no items.
             let empty = page.items.is_empty();
@@ -754,6 +727,11 @@ impl Client {
             }
         }
     }
+}
+
+/// An answer's body parsed as `T`, or [`errors::malformed`].
+fn parse<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, ProviderError> {
+    serde_json::from_slice(body).map_err(|e| errors::malformed(what, &e))
 }
 
 fn too_many_pages(what: &str) -> ProviderError {

@@ -390,7 +390,7 @@ impl IbmCloudProvider {
     async fn by_name(&self, name: &str) -> Result<Option<VpcInstance>, ProviderError> {
         // Instance names are unique in the region, not only in the VPC:
         // the lookup must see the instance a create's name clashes with.
-        let found = self.client.list_instances(Some(name), None).await?;
+        let found = self.client.instances_named(name).await?;
         Ok(found.into_iter().find(|i| i.name == name && !i.is_gone()))
     }
 
