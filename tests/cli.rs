@@ -156,12 +156,12 @@ fn bad_values_fail_at_start_naming_the_flag_and_variable() {
         "{err}"
     );
 
-    let (code, _, err) = run(podvisor().arg("gcp"));
+    let (code, _, err) = run(podvisor().arg("openstack"));
     assert_eq!(code, 2);
     assert_eq!(
         err,
         format!(
-            "error: unknown provider 'gcp': this build has {} (podvisor --help lists them)\n",
+            "error: unknown provider 'openstack': this build has {} (podvisor --help lists them)\n",
             built()
         ),
     );
@@ -225,7 +225,7 @@ fn cloud_provider_names_the_provider_when_the_command_line_does_not() {
         "{err}"
     );
     // A provider on the command line wins.
-    let (code, _, err) = run(podvisor().env("CLOUD_PROVIDER", "azure").args([
+    let (code, _, err) = run(podvisor().env("CLOUD_PROVIDER", "gcp").args([
         "--state-dir",
         UNMAKEABLE,
         "--pods-dir",
@@ -236,13 +236,13 @@ fn cloud_provider_names_the_provider_when_the_command_line_does_not() {
     assert_eq!(last(&err), last(&explicit));
     // An unknown one says so, and where it came from.
     let (code, _, err) = run(podvisor()
-        .env("CLOUD_PROVIDER", "azure")
+        .env("CLOUD_PROVIDER", "gcp")
         .args(["--state-dir", UNMAKEABLE]));
     assert_eq!(code, 2);
     assert_eq!(
         err,
         format!(
-            "error: unknown provider 'azure' (from the environment variable CLOUD_PROVIDER): this build has {}; azure is not available in podvisor yet\n",
+            "error: unknown provider 'gcp' (from the environment variable CLOUD_PROVIDER): this build has {}; gcp is not available in podvisor yet\n",
             built()
         )
     );
@@ -265,17 +265,17 @@ fn cloud_provider_names_the_provider_when_the_command_line_does_not() {
 
 #[test]
 fn an_unknown_provider_says_which_this_build_has_and_how_to_get_one() {
-    let (code, _, err) = run(podvisor().args(["--state-dir", UNMAKEABLE, "azure"]));
+    let (code, _, err) = run(podvisor().args(["--state-dir", UNMAKEABLE, "gcp"]));
     assert_eq!(code, 2);
     assert_eq!(
         err,
         format!(
-            "error: unknown provider 'azure': this build has {}; azure is not available in podvisor yet\n",
+            "error: unknown provider 'gcp': this build has {}; gcp is not available in podvisor yet\n",
             built()
         )
     );
     // A provider of a feature this build lacks: the feature to build with.
-    for name in ["local", "aws", "libvirt", "ibmcloud"] {
+    for name in ["local", "aws", "libvirt", "azure", "ibmcloud"] {
         if podvisor_providers::find_manager(name).is_none() {
             let (code, _, err) = run(podvisor().arg(name));
             assert_eq!(code, 2);

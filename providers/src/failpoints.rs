@@ -21,6 +21,11 @@ pub const LIBVIRT_VOLUMES_BEFORE_DEFINE: &str = "libvirt-volumes-before-define";
 /// tags are attached (VPC takes no tags in the create call).
 pub const IBMCLOUD_CREATED_BEFORE_TAGS: &str = "ibmcloud-created-before-tags";
 
+/// In an Azure create, after ARM accepted the VM's PUT, before its
+/// long-running operation is followed (and so before the daemon journals
+/// the instance).
+pub const AZURE_PUT_BEFORE_WAIT: &str = "azure-put-before-wait";
+
 /// Arms every crash point, the daemon's and the providers', from
 /// `FAILPOINTS`. Call once at start-up.
 pub fn arm() {

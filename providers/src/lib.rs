@@ -13,6 +13,8 @@
 pub mod duration;
 pub mod error;
 pub mod failpoints;
+#[cfg(any(feature = "ibmcloud", feature = "azure"))]
+pub mod https;
 pub mod manager;
 pub mod pacing;
 pub mod provider;
@@ -21,6 +23,8 @@ pub mod selection;
 
 #[cfg(feature = "aws")]
 pub mod aws;
+#[cfg(feature = "azure")]
+pub mod azure;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 #[cfg(feature = "conformance")]

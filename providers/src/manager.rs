@@ -179,8 +179,11 @@ pub const KNOWN_PROVIDERS: &[(&str, Option<&str>)] = &[
     ("local", Some("local")),
     ("aws", Some("aws")),
     ("libvirt", Some("libvirt")),
-    ("azure", None),
+    ("azure", Some("azure")),
     ("ibmcloud", Some("ibmcloud")),
+    ("ibmcloud-powervs", None),
+    ("gcp", None),
+    ("alibabacloud", None),
 ];
 
 /// Every provider compiled into this build, in CLI order.
@@ -193,6 +196,8 @@ pub fn registry() -> Vec<&'static dyn CloudManager> {
         &crate::aws::AwsManager,
         #[cfg(feature = "libvirt")]
         &crate::libvirt::LibvirtManager,
+        #[cfg(feature = "azure")]
+        &crate::azure::AzureManager,
         #[cfg(feature = "ibmcloud")]
         &crate::ibmcloud::IbmCloudManager,
     ]

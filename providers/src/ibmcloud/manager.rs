@@ -14,9 +14,8 @@ use crate::provider::Provider;
 use crate::secret::Secret;
 use async_trait::async_trait;
 use clap::{Args, FromArgMatches};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Registers `podvisor ibmcloud`.
 #[derive(Debug)]
@@ -37,12 +36,6 @@ pub const IBM_CALL_LIMITS: CallLimits = CallLimits {
     read_rate: 10.0,
     read_burst: 50,
 };
-
-/// One request's time limit: a hung connection must not hold a call for
-/// the whole `--provider-call-timeout`.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a TCP + TLS connect may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl CloudManager for IbmCloudManager {
     fn name(&self) -> &'static str {
@@ -345,68 +338,6 @@ impl IbmCloudConfig {
     }
 }
 
-/// The TLS configuration: rustls with ring, the system's roots plus the
-/// PEM certificates of `bundle`.
-///
-/// # Errors
-/// `Config` when the bundle cannot be read or holds no certificate, or no
-/// root at all is found.
-pub fn tls_config(bundle: Option<&Path>) -> Result<rustls::ClientConfig, ProviderError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
-        // A system certificate rustls cannot use is skipped, as curl does.
-        let _ = roots.add(cert);
-    }
-    if let Some(bundle) = bundle {
-        let bad = |why: String| {
-            ProviderError::config(format!(
-                "--ca-bundle (IBMCLOUD_CA_BUNDLE): {}: {why}",
-                bundle.display()
-            ))
-        };
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(bundle)
-            .map_err(|e| bad(e.to_string()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| bad(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(bad("holds no PEM certificate".into()));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| bad(e.to_string()))?;
-        }
-    }
-    if roots.is_empty() {
-        return Err(ProviderError::config(
-            "no trusted CA certificates: the system has none; give --ca-bundle (IBMCLOUD_CA_BUNDLE)",
-        ));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ProviderError::config(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
-/// The HTTP client of every IBM Cloud request: our TLS, bounded times, no
-/// redirects (a bearer token is never sent where a server points).
-///
-/// # Errors
-/// `Config` from [`tls_config`], or when the client cannot be built.
-pub fn http_client(bundle: Option<&Path>) -> Result<reqwest::Client, ProviderError> {
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls_config(bundle)?)
-        .timeout(REQUEST_TIMEOUT)
-        .connect_timeout(CONNECT_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("podvisor/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| ProviderError::config(format!("HTTP client: {e}")))
-}
-
 #[async_trait]
 impl ProviderConfig for IbmCloudConfig {
     fn summary(&self) -> serde_json::Value {
@@ -458,7 +389,7 @@ impl ProviderConfig for IbmCloudConfig {
                 context.node_name
             )));
         }
-        let http = http_client(self.ca_bundle.as_deref())?;
+        let http = crate::https::http_client(self.ca_bundle.as_deref(), "IBMCLOUD_CA_BUNDLE")?;
         let iam = Arc::new(Iam::new(http.clone(), &self.iam_service_url, self.grant()?));
         let endpoints = Endpoints {
             vpc: self.vpc_url(),
