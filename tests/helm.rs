@@ -25,7 +25,7 @@ const CHART: &str = "deploy/helm/podvisor";
 /// This test file, as SKIPPED lines name it.
 const FILE: &str = "helm";
 /// The providers the chart has a values block for.
-const PROVIDERS: &[&str] = &["local", "aws", "ibmcloud", "libvirt"];
+const PROVIDERS: &[&str] = &["local", "aws", "azure", "ibmcloud", "libvirt"];
 /// Variables the chart sets in the container that are no daemon flag's:
 /// `HOST_IP` is only expanded into `PODVISOR_ADMIN_ADDR`.
 const NOT_DAEMON_VARIABLES: &[&str] = &["HOST_IP"];
@@ -147,6 +147,14 @@ fn provider_values(provider: &str) -> Value {
     match provider {
         "aws" => json!({"provider": "aws",
             "providers": {"aws": {"env": {"PODVM_AMI_ID": "ami-0123456789abcdef0"}}}}),
+        "azure" => json!({"provider": "azure",
+            "providers": {"azure": {"env": {
+                "AZURE_SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000000",
+                "AZURE_REGION": "eastus",
+                "AZURE_RESOURCE_GROUP": "peerpods",
+                "AZURE_SUBNET_ID": "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/peerpods/providers/Microsoft.Network/virtualNetworks/vnet/subnets/podvms",
+                "AZURE_IMAGE_ID": "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/peerpods/providers/Microsoft.Compute/galleries/podvm/images/podvm/versions/0.1.0"},
+              "secretEnv": {"AZURE_CLIENT_SECRET": "not-a-real-secret"}}}}),
         "ibmcloud" => json!({"provider": "ibmcloud",
             "providers": {"ibmcloud": {"env": {
                 "IBMCLOUD_PODVM_IMAGE_ID": "r006-image-amd64",
@@ -181,9 +189,17 @@ fn everything_on(provider: &str) -> Value {
         "libvirt" => json!(["--firmware", ""]),
         "aws" => json!(["--aws-profile", "peerpods"]),
         "ibmcloud" => json!(["--poll-interval", "5s"]),
+        "azure" => json!(["--ssh-key-path", "/etc/podvisor/ssh/id_ed25519.pub"]),
         _ => json!(["--address-range", "127.64.0.0/12"]),
     };
     merge(&mut values, &json!({ "providerArgs": provider_args }));
+    if provider == "azure" {
+        merge(
+            &mut values,
+            &json!({"providers": {"azure": {"workloadIdentity":
+                {"enabled": true, "clientId": "11111111-1111-1111-1111-111111111111"}}}}),
+        );
+    }
     values
 }
 
@@ -315,6 +331,24 @@ fn bad_values_fail_naming_the_value() {
             "providers.aws.env.PODVM_AMI_ID is required",
         ),
         (
+            "azure without its subnet",
+            json!({"provider": "azure"}),
+            &[],
+            "/providers/azure/env/AZURE_SUBNET_ID",
+        ),
+        (
+            "azure without its subscription, past the schema",
+            json!({"provider": "azure"}),
+            &["--skip-schema-validation"],
+            "providers.azure.env.AZURE_SUBSCRIPTION_ID is required",
+        ),
+        (
+            "an azure client secret in the ConfigMap",
+            json!({"providers": {"azure": {"env": {"AZURE_CLIENT_SECRET": "x"}}}}),
+            &[],
+            "AZURE_CLIENT_SECRET",
+        ),
+        (
             "ibmcloud without its zone",
             json!({"provider": "ibmcloud"}),
             &[],
@@ -400,6 +434,78 @@ fn aws_with_a_launch_template_needs_no_ami() {
         let out = tools.template(&values, extra);
         assert!(!out.status.success(), "launch template off {extra:?}");
         assert!(text(&out).contains(message), "{}", text(&out));
+    }
+}
+
+/// Azure workload identity: the pod label the webhook selects on and the
+/// ServiceAccount's client id, only with provider azure and only when
+/// enabled; the client secret only ever in the Secret.
+#[test]
+fn azure_workload_identity_labels_the_pod_and_annotates_the_service_account() {
+    let Some(tools) =
+        tools("azure_workload_identity_labels_the_pod_and_annotates_the_service_account")
+    else {
+        return;
+    };
+    const USE: &str = "azure.workload.identity/use";
+    const CLIENT_ID: &str = "azure.workload.identity/client-id";
+    const ID: &str = "11111111-1111-1111-1111-111111111111";
+    let identity = |enabled: bool, client_id: &str| {
+        json!({"providers": {"azure": {"workloadIdentity":
+            {"enabled": enabled, "clientId": client_id}}}})
+    };
+    let render = |values: Value| {
+        let docs = tools.render(&values);
+        let ds = find(&docs, "DaemonSet")[0];
+        let label = ds["spec"]["template"]["metadata"]["labels"][USE].clone();
+        let sa = find(&docs, "ServiceAccount")[0];
+        let annotation = sa["metadata"]["annotations"][CLIENT_ID].clone();
+        (label, annotation, docs)
+    };
+
+    let mut on = provider_values("azure");
+    merge(&mut on, &identity(true, ID));
+    merge(
+        &mut on,
+        &json!({"serviceAccount": {"annotations": {"team": "peerpods"}}}),
+    );
+    let (label, annotation, docs) = render(on);
+    assert_eq!(label, json!("true"), "the pod label");
+    assert_eq!(annotation, json!(ID), "the client id annotation");
+    assert_eq!(
+        find(&docs, "ServiceAccount")[0]["metadata"]["annotations"]["team"],
+        "peerpods",
+        "serviceAccount.annotations are kept beside the client id"
+    );
+    // The secret is in the Secret, base64, and not in the ConfigMap.
+    let cm = one(&docs, "ConfigMap", "peer-pods-cm");
+    assert!(cm["data"]["AZURE_CLIENT_SECRET"].is_null(), "{cm}");
+    let secret = one(&docs, "Secret", "peer-pods-secret");
+    assert_eq!(
+        secret["data"]["AZURE_CLIENT_SECRET"],
+        json!("bm90LWEtcmVhbC1zZWNyZXQ="),
+        "{secret}"
+    );
+
+    // Enabled without a client id: the label, no annotation (the client id
+    // may come from AZURE_CLIENT_ID or the user's own annotations).
+    let mut no_id = provider_values("azure");
+    merge(&mut no_id, &identity(true, ""));
+    let (label, annotation, _) = render(no_id);
+    assert_eq!(label, json!("true"));
+    assert!(annotation.is_null(), "{annotation}");
+
+    // Off, or another provider: neither.
+    let mut off = provider_values("azure");
+    merge(&mut off, &identity(false, ID));
+    let mut other = provider_values("aws");
+    merge(&mut other, &identity(true, ID));
+    for values in [off, other] {
+        let (label, annotation, _) = render(values);
+        assert!(
+            label.is_null() && annotation.is_null(),
+            "{label} {annotation}"
+        );
     }
 }
 

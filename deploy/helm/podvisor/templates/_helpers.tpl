@@ -31,6 +31,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if and (eq .Values.provider "aws") (not (include "podvisor.truthy" $provider.env.USE_PODVM_LAUNCHTEMPLATE)) -}}
 {{- $_ := required "providers.aws.env.PODVM_AMI_ID is required with provider aws (unless USE_PODVM_LAUNCHTEMPLATE is true: then the launch template names the image)" $provider.env.PODVM_AMI_ID -}}
 {{- end -}}
+{{- if eq .Values.provider "azure" -}}
+{{- range $key := list "AZURE_SUBSCRIPTION_ID" "AZURE_REGION" "AZURE_RESOURCE_GROUP" "AZURE_SUBNET_ID" "AZURE_IMAGE_ID" -}}
+{{- $_ := required (printf "providers.azure.env.%s is required with provider azure" $key) (index $provider.env $key) -}}
+{{- end -}}
+{{- end -}}
 {{- if eq .Values.provider "ibmcloud" -}}
 {{- range $key := list "IBMCLOUD_PODVM_IMAGE_ID" "IBMCLOUD_ZONE" "IBMCLOUD_VPC_ID" "IBMCLOUD_VPC_SUBNET_ID" "IBMCLOUD_PODVM_INSTANCE_PROFILE_NAME" -}}
 {{- $_ := required (printf "providers.ibmcloud.env.%s is required with provider ibmcloud" $key) (index $provider.env $key) -}}
@@ -63,4 +68,11 @@ CLOUD_PROVIDER: {{ .Values.provider | quote }}
      on, 1, any case), else empty. */}}
 {{- define "podvisor.truthy" -}}
 {{- if has (lower (toString .)) (list "y" "yes" "t" "true" "on" "1") -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when the daemon runs on Azure with AKS workload identity: the
+     pod carries the label the azure-workload-identity webhook selects on,
+     and the ServiceAccount the client id the webhook injects. */}}
+{{- define "podvisor.azureWorkloadIdentity" -}}
+{{- if and (eq .Values.provider "azure") .Values.providers.azure.workloadIdentity.enabled -}}true{{- end -}}
 {{- end -}}
