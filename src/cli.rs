@@ -1554,11 +1554,11 @@ mod tests {
             "this build has local, aws; gcp is not available in podvisor yet"
         );
         assert_eq!(
-            missing_provider("openstack", &["local", "aws"]),
+            missing_provider("vsphere", &["local", "aws"]),
             "this build has local, aws (podvisor --help lists them)"
         );
         assert_eq!(
-            missing_provider("openstack", &[]),
+            missing_provider("vsphere", &[]),
             "this build has no provider (podvisor --help lists them)"
         );
     }

@@ -156,12 +156,12 @@ fn bad_values_fail_at_start_naming_the_flag_and_variable() {
         "{err}"
     );
 
-    let (code, _, err) = run(podvisor().arg("openstack"));
+    let (code, _, err) = run(podvisor().arg("vsphere"));
     assert_eq!(code, 2);
     assert_eq!(
         err,
         format!(
-            "error: unknown provider 'openstack': this build has {} (podvisor --help lists them)\n",
+            "error: unknown provider 'vsphere': this build has {} (podvisor --help lists them)\n",
             built()
         ),
     );

@@ -48,6 +48,7 @@ fn feature_enabled(feature: &str) -> Option<bool> {
         "local" => cfg!(feature = "local"),
         "aws" => cfg!(feature = "aws"),
         "libvirt" => cfg!(feature = "libvirt"),
+        "azure" => cfg!(feature = "azure"),
         "ibmcloud" => cfg!(feature = "ibmcloud"),
         _ => return None,
     })

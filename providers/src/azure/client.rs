@@ -291,8 +291,12 @@ impl Arm {
     }
 
     /// Sends one request: a pacer token of its class, the bearer token,
-    /// JSON in and out. 2xx and the statuses in `accept` are answers;
-    /// anything else an error classified by [`errors::from_response`].
+    /// JSON in and out. 2xx and the statuses in `accept` are answers.
+    ///
+    /// # Errors
+    /// Any other status: an error classified by [`errors::from_response`];
+    /// no answer at all (a credential that got no token, a connection that
+    /// failed): `Config` for credentials Entra ID refused, else `Transient`.
     pub async fn send(
         &self,
         what: &str,
@@ -368,6 +372,9 @@ impl Arm {
     }
 
     /// `GET path` at `api_version`, parsed as `T`.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send); `Transient` for a malformed answer.
     pub async fn get<T: DeserializeOwned>(
         &self,
         what: &str,
@@ -382,6 +389,10 @@ impl Arm {
 
     /// Every item of the listing at `path`, following `nextLink` (on the
     /// ARM endpoint only), at most [`MAX_PAGES`] pages.
+    ///
+    /// # Errors
+    /// As [`send`](Self::send); `Transient` for a malformed page, a
+    /// `nextLink` off the ARM endpoint, or more pages than that.
     pub async fn list<T: DeserializeOwned>(
         &self,
         what: &str,
