@@ -36,11 +36,15 @@ fi
 
 # Python packages the tests need: moto's EC2 server, for the AWS provider's
 # tests (providers/tests/aws_conformance.rs, tests/aws_e2e.rs), and IBM's
-# official Python SDKs, which check that the IBM Cloud test server answers
-# what they expect (providers/tests/ibmcloud_fake.rs runs ibmcloud_sdk.py).
+# and Microsoft's official Python SDKs, which check that the IBM Cloud and
+# Azure test servers answer what they expect (providers/tests/ibmcloud_fake.rs
+# runs ibmcloud_sdk.py, providers/tests/azure_fake.rs azure_sdk.py; msal is
+# pinned with azure-identity: the Azure server answers its discovery).
 # Pinned: the versions the tests were written against.
 python3 -m pip install --quiet 'moto[server]==5.2.1' \
-    'ibm-vpc==0.36.0' 'ibm-platform-services==0.77.1' 'ibm-cloud-sdk-core==3.28.0'
+    'ibm-vpc==0.36.0' 'ibm-platform-services==0.77.1' 'ibm-cloud-sdk-core==3.28.0' \
+    'azure-identity==1.27.0' 'msal==1.39.0' 'azure-mgmt-compute==39.0.0' \
+    'azure-mgmt-network==33.1.0' 'azure-core==1.41.0'
 
 # Helm 4, kubectl and kubernetes-validate for the chart's tests
 # (tests/helm.rs), cached outside the clone and reused.
