@@ -3,11 +3,11 @@
 # and no base image: `Containerfile` (FROM scratch) over a staged root file
 # system that holds
 #
-#   /usr/local/bin/podvisor            features local, aws and libvirt
+#   /usr/local/bin/podvisor            features local, aws, azure, ibmcloud and libvirt
 #   /usr/local/bin/podvisor-forwarder  the local provider runs it
 #   /usr/local/bin/podvisor-userdata   for pod VM images built from this one
 #   the dynamic loader and every shared library they link, as ldd finds them
-#   /etc/ssl/certs/ca-certificates.crt the AWS SDK's rustls reads the system roots
+#   /etc/ssl/certs/ca-certificates.crt the clouds' HTTPS clients read the system roots
 #   /tmp                               empty, mode 1777
 #
 # The image is named localhost/podvisor:<version> and written as an OCI
