@@ -224,11 +224,17 @@ async fn a_put_whose_answer_is_lost_is_adopted_by_name_not_doubled() {
     assert_eq!(server.vms().len(), 1, "the server made it");
     let adopted = provider.create_instance(&retry_of(&request)).await.unwrap();
     assert_eq!(server.vms().len(), 1, "adopted, not doubled");
+    assert_eq!(
+        server.count(Route::PutVm),
+        1,
+        "a retry finds the VM by name before any PUT"
+    );
     assert!(adopted.id.starts_with(&server.vms()[0].id));
     // Even a create that believes it is the first is refused 412 and adopts.
     let again = provider.create_instance(&request).await.unwrap();
     assert_eq!(again.id, adopted.id);
     assert_eq!(server.vms().len(), 1);
+    assert_eq!(server.count(Route::PutVm), 2, "its PUT was refused 412");
     assert_eq!(server.put_bodies().len(), 1, "never a second PUT accepted");
 }
 

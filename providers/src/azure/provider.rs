@@ -589,6 +589,25 @@ impl AzureProvider {
         }
     }
 
+    /// What a create does with the VM it found under its name: adopts it
+    /// if it is this token's; waits if an earlier one is being deleted;
+    /// refuses another token's.
+    async fn take_over(&self, vm: Vm, request: &CreateRequest) -> Result<Instance, ProviderError> {
+        if vm.token() == Some(request.token.as_str()) {
+            return self.adopt(vm).await;
+        }
+        if vm.phase() == Phase::Deleting {
+            return Err(ProviderError::transient(format!(
+                "Azure VM {}: an earlier VM of this name is being deleted",
+                vm.name
+            )));
+        }
+        Err(ProviderError::permanent(format!(
+            "Azure VM {} exists and was made for another create (token)",
+            vm.name
+        )))
+    }
+
     /// Starts deleting `vm`, without waiting: a failed VM of a create, or
     /// one whose create ended `Failed`.
     async fn start_delete(&self, vm: &Vm) -> Result<(), ProviderError> {
@@ -720,6 +739,14 @@ impl Provider for AzureProvider {
         // create-only, so a retry (or another token's create under the
         // same name) never rewrites a VM: it is answered 412 and the VM is
         // looked up instead.
+        // A create that may have reached ARM before (a retry, a recovery)
+        // looks the name up first: its VM is adopted without a PUT, which
+        // would only be refused 412 and spend the VM-create budget.
+        if request.earlier_attempt
+            && let Some(vm) = self.get_vm(name).await?
+        {
+            return self.take_over(vm, request).await;
+        }
         for _ in 0..3 {
             let sent = self
                 .arm
@@ -767,22 +794,11 @@ impl Provider for AzureProvider {
                     };
                     return self.adopt(vm).await;
                 }
-                Err(e) if e.code() == Some(PRECONDITION_FAILED) => match self.get_vm(name).await? {
-                    None => continue,
-                    Some(vm) if vm.token() == Some(request.token.as_str()) => {
-                        return self.adopt(vm).await;
+                Err(e) if e.code() == Some(PRECONDITION_FAILED) => {
+                    if let Some(vm) = self.get_vm(name).await? {
+                        return self.take_over(vm, request).await;
                     }
-                    Some(vm) if vm.phase() == Phase::Deleting => {
-                        return Err(ProviderError::transient(format!(
-                            "Azure VM {name}: an earlier VM of this name is being deleted"
-                        )));
-                    }
-                    Some(_) => {
-                        return Err(ProviderError::permanent(format!(
-                            "Azure VM {name} exists and was made for another create (token)"
-                        )));
-                    }
-                },
+                }
                 Err(e) => return Err(e),
             }
         }
