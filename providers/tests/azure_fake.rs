@@ -2,7 +2,8 @@
 //! Microsoft's official Python SDK takes its answers (the fidelity test,
 //! driving `azure_sdk.py`), and its own behaviour over plain HTTP — Entra
 //! ID's tokens, ARM's `api-version` and bearer checks, a VM's life through
-//! its operations, paging, conditional creates, and scripted faults.
+//! its operations, power states and starts, paging, conditional creates,
+//! and scripted faults.
 #![cfg(feature = "azure")]
 
 use podvisor_providers::azure::testing::{
@@ -1396,4 +1397,202 @@ async fn faults_answer_in_the_shape_asked_or_lose_the_answer() {
     assert_eq!(bed.server.count(Route::DeleteVm), 1);
     bed.server.reset_counts();
     assert!(bed.server.counts().is_empty());
+}
+
+/// The `PowerState/…` code of a VM read with `$expand=instanceView`, after
+/// checking the status is shaped as CRP's.
+fn power_in(vm: &Value) -> String {
+    let statuses = vm["properties"]["instanceView"]["statuses"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no instance view in {vm}"));
+    let power = statuses
+        .iter()
+        .find(|s| s["code"].as_str().unwrap_or("").starts_with("PowerState/"))
+        .unwrap_or_else(|| panic!("no power state in {vm}"));
+    let code = power["code"].as_str().unwrap().to_owned();
+    let name = code.strip_prefix("PowerState/").unwrap();
+    assert_eq!(power["displayStatus"], format!("VM {name}"));
+    assert_eq!(power["level"], "Info");
+    code
+}
+
+#[tokio::test]
+async fn vms_stop_deallocate_and_start_again() {
+    let bed = Bed::new().await;
+    let created = bed.put("podvm-p").await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(bed.wait(&created).await["status"], "Succeeded");
+    let path = vm_path("podvm-p");
+    let expanded = format!("{path}?$expand=instanceView");
+    let start = format!("{path}/start");
+
+    // A plain GET has no instance view; the expanded one says running.
+    let plain = bed.call(reqwest::Method::GET, &path, None).await;
+    assert!(plain.body["properties"].get("instanceView").is_none());
+    let read = bed.call(reqwest::Method::GET, &expanded, None).await;
+    assert_eq!(power_in(&read.body), "PowerState/running");
+    assert_eq!(bed.server.vms()[0].power_state.as_deref(), Some("running"));
+
+    // Deallocated (the name and state case-insensitive): the instance view
+    // says so, the NIC, its address and the public IP stay, the disk is
+    // Reserved.
+    bed.server.set_power_state("PODVM-P", "Deallocated");
+    let read = bed.call(reqwest::Method::GET, &expanded, None).await;
+    assert_eq!(read.status, 200, "{}", read.body);
+    assert_eq!(read.body["properties"]["provisioningState"], "Succeeded");
+    let statuses = &read.body["properties"]["instanceView"]["statuses"];
+    assert_eq!(statuses[0]["code"], "ProvisioningState/succeeded");
+    assert_eq!(
+        statuses[1],
+        json!({"code": "PowerState/deallocated", "displayStatus": "VM deallocated", "level": "Info"})
+    );
+    let view = bed
+        .call(reqwest::Method::GET, &format!("{path}/instanceView"), None)
+        .await;
+    assert_eq!(view.status, 200, "{}", view.body);
+    assert_eq!(view.body, read.body["properties"]["instanceView"]);
+    assert_eq!(bed.server.count(Route::GetVmInstanceView), 1);
+    let vm = &bed.server.vms()[0];
+    assert_eq!(vm.power_state.as_deref(), Some("deallocated"));
+    assert_eq!(vm.private_ip, Ipv4Addr::new(127, 23, 0, 2));
+    assert_eq!(vm.public_ip, Some(Ipv4Addr::new(127, 24, 0, 2)));
+    assert_eq!(bed.server.nics(), ["podvm-p-net"]);
+    let disk = bed
+        .call(
+            reqwest::Method::GET,
+            &format!("/subscriptions/{TEST_SUBSCRIPTION_ID}/resourceGroups/podvisor-test-rg/providers/Microsoft.Compute/disks/podvm-p-disk"),
+            None,
+        )
+        .await;
+    assert_eq!(disk.body["properties"]["diskState"], "Reserved");
+
+    // Start: 202 with both headers; Updating and starting until the
+    // operation's reads are done, then Succeeded and running.
+    bed.server.set_provisioning(2, Duration::ZERO);
+    let started = bed.call(reqwest::Method::POST, &start, None).await;
+    assert_eq!(started.status, 202, "{}", started.body);
+    assert_eq!(started.body, Value::Null);
+    assert_eq!(
+        started.header("x-ms-ratelimit-remaining-subscription-writes"),
+        Some("1199")
+    );
+    let monitor = started.link("location");
+    assert!(monitor.contains("monitor=true"), "{monitor}");
+    assert_eq!(
+        monitor.split('?').next(),
+        started.link("azure-asyncoperation").split('?').next(),
+        "one operation"
+    );
+    let vm = &bed.server.vms()[0];
+    assert_eq!(vm.provisioning_state, "Updating");
+    assert_eq!(vm.power_state.as_deref(), Some("starting"));
+    let read = bed.call(reqwest::Method::GET, &expanded, None).await;
+    assert_eq!(power_in(&read.body), "PowerState/starting");
+    // A second start joins the first.
+    let again = bed.call(reqwest::Method::POST, &start, None).await;
+    assert_eq!(again.status, 202);
+    assert_eq!(
+        again.link("location").split('?').next(),
+        monitor.split('?').next()
+    );
+    // The read of the VM above and this one are the two in progress.
+    let reply = bed.send(reqwest::Method::GET, &monitor, None, &[]).await;
+    assert_eq!(reply.status, 202);
+    assert_eq!(bed.wait(&started).await["status"], "Succeeded");
+    let read = bed.call(reqwest::Method::GET, &expanded, None).await;
+    assert_eq!(read.body["properties"]["provisioningState"], "Succeeded");
+    assert_eq!(power_in(&read.body), "PowerState/running");
+    assert_eq!(
+        read.body["properties"]["instanceView"]["statuses"][0]["code"],
+        "ProvisioningState/succeeded"
+    );
+    assert_eq!(bed.server.vms()[0].private_ip, Ipv4Addr::new(127, 23, 0, 2));
+
+    // A start of a running VM is accepted and has already succeeded.
+    let running = bed.call(reqwest::Method::POST, &start, None).await;
+    assert_eq!(running.status, 202);
+    let status = bed
+        .send(
+            reqwest::Method::GET,
+            &running.link("azure-asyncoperation"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(status.body["status"], "Succeeded", "{}", status.body);
+    assert_eq!(bed.server.count(Route::StartVm), 3);
+
+    // A stopped VM is shown so; a delete overtakes its start.
+    bed.server.set_power_state("podvm-p", "stopped");
+    let read = bed.call(reqwest::Method::GET, &expanded, None).await;
+    assert_eq!(power_in(&read.body), "PowerState/stopped");
+    let stopped_start = bed.call(reqwest::Method::POST, &start, None).await;
+    assert_eq!(stopped_start.status, 202);
+    bed.server.set_deleting(5, Duration::ZERO);
+    let deleted = bed.call(reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(deleted.status, 202);
+    let overtaken = bed.wait(&stopped_start).await;
+    assert_eq!(overtaken["status"], "Failed");
+    assert_eq!(overtaken["error"]["code"], "OperationPreempted");
+    let read = bed.call(reqwest::Method::GET, &expanded, None).await;
+    assert_eq!(power_in(&read.body), "PowerState/stopping");
+
+    // A start of a VM being deleted is refused; of a missing one 404.
+    let refused = bed.call(reqwest::Method::POST, &start, None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert_eq!(refused.body["error"]["code"], "OperationNotAllowed");
+    let missing = bed
+        .call(
+            reqwest::Method::POST,
+            &format!("{}/start", vm_path("nothing")),
+            None,
+        )
+        .await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(
+        missing.body["error"],
+        json!({
+            "code": "ResourceNotFound",
+            "message": "The Resource 'Microsoft.Compute/virtualMachines/nothing' under resource group 'podvisor-test-rg' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix",
+        })
+    );
+    let missing = bed
+        .call(
+            reqwest::Method::GET,
+            &format!("{}/instanceView", vm_path("nothing")),
+            None,
+        )
+        .await;
+    assert_eq!(missing.status, 404);
+
+    // The api-version and the token are checked; the route can be faulted.
+    let reply = bed.send(reqwest::Method::POST, &start, None, &[]).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.body["error"]["code"], "MissingApiVersionParameter");
+    let reply = bed
+        .http
+        .post(format!("{}{start}?{API}", bed.server.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status().as_u16(), 401);
+    bed.server.fault(
+        Route::StartVm,
+        Fault::Status {
+            status: 429,
+            code: "TooManyRequests".into(),
+            retry_after: Some(3),
+            shape: ErrorShape::Arm,
+        },
+        1,
+    );
+    let reply = bed.call(reqwest::Method::POST, &start, None).await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.header("retry-after"), Some("3"));
+}
+
+#[test]
+#[should_panic(expected = "no VM named")]
+fn set_power_state_of_an_unknown_vm_panics() {
+    AzureServer::start(ServerOptions::default()).set_power_state("nothing", "stopped");
 }

@@ -49,7 +49,8 @@
 //!   the case they were created with; 415 `UnsupportedMediaType` for a PUT
 //!   body that is not JSON.
 //! - **Compute (CRP)** (Microsoft Learn REST reference "Virtual Machines -
-//!   Create Or Update / Get / List / Delete", "Virtual Machine Sizes - List",
+//!   Create Or Update / Get / List / Delete / Start / Instance View",
+//!   "Virtual Machine Sizes - List",
 //!   "Images - Get", "Gallery Image Versions - Get", "Disks - Get"; "User
 //!   Data for Azure Virtual Machine"; "Delete a VM and its attached
 //!   resources"; "Troubleshoot API throttling errors" for the
@@ -69,7 +70,20 @@
 //!   base64 length of 65535 bytes and the limit CRP quotes for `customData`
 //!   in "Custom data in OSProfile must be in Base64 encoding and with a
 //!   maximum length of 87380 characters"). GET omits `userData` unless
-//!   `$expand=userData`; `$expand=instanceView` adds the instance view.
+//!   `$expand=userData`; `$expand=instanceView` adds the instance view, and
+//!   `GET …/virtualMachines/{name}/instanceView` answers it alone.
+//! - **Power states** (Microsoft Learn: "States and billing status of Azure
+//!   Virtual Machines"; REST "Virtual Machines - Start", "Disks - Get" for
+//!   `diskState`): the instance view's `statuses` hold
+//!   `ProvisioningState/{state}` and `PowerState/{power}` (`displayStatus`
+//!   `VM {power}`, level `Info`): `starting` while the VM is created or
+//!   started, `running` once it is, `stopping` while it is deleted, and
+//!   `stopped` or `deallocated` as a test sets them
+//!   ([`AzureServer::set_power_state`]). `POST …/virtualMachines/{name}/start`
+//!   answers 202 with `Azure-AsyncOperation` and `Location`; the VM is
+//!   `Updating` until the operation ends `Succeeded` and it is `running`. A
+//!   stopped or deallocated VM keeps its NIC, private address, disk and
+//!   (static) public IP; a deallocated VM's OS disk is `Reserved`.
 //! - **Errors seen from the real services** (public issue reports quoting
 //!   CRP's answers, not Microsoft Learn pages): a missing managed image is
 //!   404 `NotFound` "The Image '…' cannot be found in '…' region."; a missing
@@ -88,13 +102,18 @@
 //! `PreconditionFailed` and of `userData` refusals; the status (`Failed`) of a
 //! preempted operation; 400 (not 401) for a federated assertion that matches
 //! no federated credential (AADSTS700211); 404 `OperationNotFound` for an
-//! unknown operation id.
+//! unknown operation id; the operation name `start` in the 409
+//! `OperationNotAllowed` of a start of a VM being deleted (CRP names its
+//! operations so, as in "Operation 'powerOff' is not allowed on VM …"); a
+//! start of a running VM (or one being created) accepted with an operation
+//! that has already succeeded; the VM `Updating` while it starts.
 //!
 //! # What the real cloud does over time, scripted
 //!
 //! Operations end after a number of reads *and* a time
 //! ([`AzureServer::set_provisioning`], [`AzureServer::set_deleting`]);
-//! creates can be made to fail ([`AzureServer::fail_next_creates`]); listing
+//! creates can be made to fail ([`AzureServer::fail_next_creates`]); VMs
+//! stop or are deallocated ([`AzureServer::set_power_state`]); listing
 //! pages ([`AzureServer::set_max_page`]); tokens expire
 //! ([`AzureServer::set_token_ttl`]); any route can fail
 //! ([`AzureServer::fault`]).
@@ -102,8 +121,13 @@
 //! # What it does not emulate
 //!
 //! Anything not listed above: no other resource types or PUTs of NICs,
-//! disks, IPs or networks (they exist only as a VM's), no power actions
-//! (start, deallocate), no availability zones, no extensions, no ETag /
+//! disks, IPs or networks (they exist only as a VM's), no power actions but
+//! start (no deallocate, power off, restart, redeploy or hibernate requests:
+//! tests set a VM stopped or deallocated with
+//! [`AzureServer::set_power_state`], at once, with no `stopping` or
+//! `deallocating` on the way and no `Updating`), no dynamic public IPs
+//! (released on deallocation on Azure; here every IP is static), no
+//! availability zones, no extensions, no ETag /
 //! `If-Match`, no tag limits, no validation of SSH keys, passwords or of
 //! `securityProfile` (stored and echoed as sent), no quota or capacity
 //! errors (script them with [`AzureServer::fault`]), no signature checks on
@@ -249,6 +273,10 @@ pub enum Route {
     ListVms,
     /// `DELETE …/Microsoft.Compute/virtualMachines/{name}`.
     DeleteVm,
+    /// `POST …/Microsoft.Compute/virtualMachines/{name}/start`.
+    StartVm,
+    /// `GET …/Microsoft.Compute/virtualMachines/{name}/instanceView`.
+    GetVmInstanceView,
     /// `GET …/locations/{region}/operations/{id}` (the `Azure-AsyncOperation`
     /// URL).
     OperationStatus,
@@ -315,6 +343,10 @@ pub struct ServerVm {
     pub tags: BTreeMap<String, String>,
     /// `Creating`, `Updating`, `Succeeded`, `Failed` or `Deleting`.
     pub provisioning_state: String,
+    /// Its power state as the instance view shows it (`PowerState/…`
+    /// without the prefix): `starting`, `running`, `stopping`, `stopped` or
+    /// `deallocated`; `None` when provisioning `Failed`.
+    pub power_state: Option<String>,
     /// Its size.
     pub size: String,
     /// Its `userData`, base64 as sent.
@@ -338,6 +370,8 @@ struct HeldVm {
     vm_id: String,
     tags: BTreeMap<String, String>,
     provisioning_state: String,
+    /// Its power state once no create, start or delete is under way.
+    power: Power,
     size: String,
     user_data: Option<String>,
     body: Value,
@@ -385,11 +419,20 @@ struct HeldIp {
     nic: Option<String>,
 }
 
+/// A VM's power state when nothing is under way (`PowerState/…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Power {
+    Running,
+    Stopped,
+    Deallocated,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum OpKind {
     Create,
     Update,
     Delete,
+    Start,
 }
 
 /// An asynchronous operation.
@@ -697,6 +740,43 @@ impl AzureServer {
         self.shared.lock().failing_creates = (n > 0).then(|| (n, code.into(), message.into()));
     }
 
+    /// Sets VM `name`'s (case-insensitive) power state, at once, as a stop
+    /// or deallocation done outside the server would: `state` is `running`,
+    /// `stopped` or `deallocated` (case-insensitive). A start in progress
+    /// ends `Failed` with `OperationPreempted` (the VM `Succeeded`). While
+    /// the VM is being created or deleted its instance view still shows
+    /// `starting` or `stopping`; the state set shows once a create ends. A
+    /// stopped or deallocated VM keeps its NIC, addresses and disk (a
+    /// deallocated VM's disk is `Reserved`); `POST …/start` runs it again.
+    /// Panics (a test helper) on an unknown VM or state.
+    pub fn set_power_state(&self, name: &str, state: &str) {
+        let power = match state.to_ascii_lowercase().as_str() {
+            "running" => Power::Running,
+            "stopped" => Power::Stopped,
+            "deallocated" => Power::Deallocated,
+            other => panic!(
+                "set_power_state: unknown power state {other:?} (running, stopped or deallocated)"
+            ),
+        };
+        let mut held = self.shared.lock();
+        settle(&mut held);
+        let key = name.to_ascii_lowercase();
+        let Some(vm) = held.vms.get_mut(&key) else {
+            panic!("set_power_state: no VM named {name:?}");
+        };
+        vm.power = power;
+        let op = vm.op.clone();
+        if let Some(op) = op
+            && held.ops.get(&op).is_some_and(|o| o.kind == OpKind::Start)
+        {
+            preempt(&mut held, &op);
+            if let Some(vm) = held.vms.get_mut(&key) {
+                vm.op = None;
+                vm.provisioning_state = "Succeeded".into();
+            }
+        }
+    }
+
     /// Pages of the VM listing hold at most `n` VMs (default 100).
     pub fn set_max_page(&self, n: usize) {
         self.shared.lock().max_page = n.max(1);
@@ -844,6 +924,24 @@ fn route_of(method: &str, segments: &[String], monitor: bool) -> Route {
             "PUT" => Route::PutVm,
             "GET" => Route::GetVm,
             "DELETE" => Route::DeleteVm,
+            _ => Route::Other,
+        },
+        (
+            m,
+            [
+                "subscriptions",
+                _,
+                "resourcegroups",
+                _,
+                "providers",
+                "microsoft.compute",
+                "virtualmachines",
+                _,
+                action,
+            ],
+        ) => match (m, *action) {
+            ("POST", "start") => Route::StartVm,
+            ("GET", "instanceview") => Route::GetVmInstanceView,
             _ => Route::Other,
         },
         (
@@ -1271,6 +1369,7 @@ fn respond(shared: &Shared, call: &Call) -> Answer {
     let in_group = match call.route {
         Route::ListVms => call.segments.len() > 5,
         Route::PutVm | Route::GetVm | Route::DeleteVm => true,
+        Route::StartVm | Route::GetVmInstanceView => true,
         Route::GetNic | Route::GetPublicIp | Route::GetDisk => true,
         _ => false,
     };
@@ -1292,6 +1391,8 @@ fn respond(shared: &Shared, call: &Call) -> Answer {
         Route::GetVm => get_vm(shared, &mut state, call),
         Route::ListVms => list_vms(shared, &state, call),
         Route::DeleteVm => delete_vm(shared, &mut state, call),
+        Route::StartVm => start_vm(shared, &mut state, call),
+        Route::GetVmInstanceView => get_instance_view(shared, &mut state, call),
         Route::OperationStatus | Route::OperationResult => operation(shared, &mut state, call),
         Route::GetNic => match state.nics.get(&call.last().to_ascii_lowercase()) {
             Some(nic) => Answer::json(200, nic_body(shared, &state, nic)),
@@ -1751,15 +1852,8 @@ fn start_operation(
     };
     let id = uuid();
     let previous = state.vms.get_mut(vm).and_then(|v| v.op.replace(id.clone()));
-    if let Some(previous) = previous
-        && let Some(op) = state.ops.get_mut(&previous)
-        && op.outcome.is_none()
-    {
-        op.outcome = Some(Some((
-            "OperationPreempted".into(),
-            "Operation execution has been preempted by a more recent operation.".into(),
-        )));
-        op.end = Some(SystemTime::now());
+    if let Some(previous) = previous {
+        preempt(state, &previous);
     }
     state.ops.insert(
         id.clone(),
@@ -1777,6 +1871,42 @@ fn start_operation(
         },
     );
     advance(state, &id, false);
+    id
+}
+
+/// Ends operation `id`, if in progress, `Failed` with `OperationPreempted`.
+fn preempt(state: &mut State, id: &str) {
+    if let Some(op) = state.ops.get_mut(id)
+        && op.outcome.is_none()
+    {
+        op.outcome = Some(Some((
+            "OperationPreempted".into(),
+            "Operation execution has been preempted by a more recent operation.".into(),
+        )));
+        op.end = Some(SystemTime::now());
+    }
+}
+
+/// An operation of `kind` on VM `vm` (key) that has already succeeded, and
+/// leaves the VM's own operation alone: a start of a running VM.
+fn finished_operation(state: &mut State, kind: OpKind, vm: &str) -> String {
+    let id = uuid();
+    let now = SystemTime::now();
+    state.ops.insert(
+        id.clone(),
+        Operation {
+            kind,
+            vm: vm.to_owned(),
+            start: now,
+            started: Instant::now(),
+            reads: 0,
+            need_reads: 0,
+            need_time: Duration::ZERO,
+            failure: None,
+            outcome: Some(None),
+            end: Some(now),
+        },
+    );
     id
 }
 
@@ -1815,8 +1945,11 @@ fn advance(state: &mut State, id: &str, read: bool) {
     op.end = Some(SystemTime::now());
     let (kind, vm) = (op.kind, op.vm.clone());
     match kind {
-        OpKind::Create | OpKind::Update => {
+        OpKind::Create | OpKind::Update | OpKind::Start => {
             if let Some(held) = state.vms.get_mut(&vm) {
+                if kind == OpKind::Start && outcome.is_none() {
+                    held.power = Power::Running;
+                }
                 held.provisioning_state = if outcome.is_some() {
                     "Failed"
                 } else {
@@ -2417,6 +2550,7 @@ fn put_vm(shared: &Shared, state: &mut State, call: &Call) -> Answer {
             vm_id: uuid(),
             tags,
             provisioning_state: "Creating".into(),
+            power: Power::Running,
             size,
             user_data,
             body: body.clone(),
@@ -2558,6 +2692,82 @@ fn delete_vm(shared: &Shared, state: &mut State, call: &Call) -> Answer {
         true,
         retry_after,
     )
+}
+
+/// `POST …/virtualMachines/{name}/start`: 202 with the operation's
+/// headers. A stopped or deallocated VM is `Updating` (power `starting`)
+/// until the operation ends, as [`AzureServer::set_provisioning`] says, and
+/// then `Succeeded` and `running`; a start of a VM that runs (or is being
+/// created) has already succeeded; a second start joins the first.
+fn start_vm(shared: &Shared, state: &mut State, call: &Call) -> Answer {
+    let name = call.segment(7);
+    let key = name.to_ascii_lowercase();
+    let Some(held) = state.vms.get(&key) else {
+        return not_found(
+            "Microsoft.Compute/virtualMachines",
+            name,
+            &shared.options.resource_group,
+        );
+    };
+    if held.provisioning_state == "Deleting" {
+        return arm_error(
+            409,
+            "OperationNotAllowed",
+            &format!(
+                "Operation 'start' is not allowed on VM '{}' since the VM is marked for deletion. You can only retry the Delete operation (or wait for an ongoing one to complete).",
+                held.name
+            ),
+            None,
+        );
+    }
+    let retry_after = state.lro_retry_after;
+    let api_version = call.api_version().to_owned();
+    let joined = held
+        .op
+        .as_ref()
+        .filter(|op| {
+            state
+                .ops
+                .get(*op)
+                .is_some_and(|o| o.kind == OpKind::Start && o.outcome.is_none())
+        })
+        .cloned();
+    let op = match joined {
+        Some(op) => op,
+        None if held.power == Power::Running => finished_operation(state, OpKind::Start, &key),
+        None => {
+            if let Some(held) = state.vms.get_mut(&key) {
+                held.provisioning_state = "Updating".into();
+            }
+            start_operation(state, OpKind::Start, &key, None)
+        }
+    };
+    operation_headers(
+        shared,
+        Answer::empty(202),
+        &op,
+        &api_version,
+        true,
+        retry_after,
+    )
+}
+
+/// `GET …/virtualMachines/{name}/instanceView`: a read of the VM's
+/// operation too, as a GET of the VM is.
+fn get_instance_view(shared: &Shared, state: &mut State, call: &Call) -> Answer {
+    let name = call.segment(7);
+    let key = name.to_ascii_lowercase();
+    if let Some(op) = state.vms.get(&key).and_then(|v| v.op.clone()) {
+        advance(state, &op, true);
+    }
+    match state.vms.get(&key) {
+        Some(held) => Answer::json(200, instance_view(state, held)),
+        None => not_found(
+            "Microsoft.Compute/virtualMachines",
+            name,
+            &shared.options.resource_group,
+        ),
+    }
 }
 
 /// `GET …/operations/{id}` (status) and `…?monitor=true` (result).
@@ -2761,6 +2971,7 @@ fn server_vm(opts: &ServerOptions, state: &State, vm: &HeldVm) -> ServerVm {
         id: vm_id(opts, &vm.name),
         tags: vm.tags.clone(),
         provisioning_state: vm.provisioning_state.clone(),
+        power_state: power_of(state, vm).map(str::to_owned),
         size: vm.size.clone(),
         user_data: vm.user_data.clone(),
         private_ip: nic.map_or(Ipv4Addr::UNSPECIFIED, |n| n.address),
@@ -2867,32 +3078,7 @@ fn vm_body(
         properties.insert("userData".into(), json!(data));
     }
     if with_instance_view {
-        let power = match vm.provisioning_state.as_str() {
-            "Succeeded" | "Updating" => Some(("PowerState/running", "VM running")),
-            "Creating" => Some(("PowerState/starting", "VM starting")),
-            "Deleting" => Some(("PowerState/stopping", "VM stopping")),
-            _ => None,
-        };
-        let state_code = vm.provisioning_state.to_ascii_lowercase();
-        let mut statuses = vec![json!({
-            "code": format!("ProvisioningState/{state_code}"),
-            "level": if state_code == "failed" { "Error" } else { "Info" },
-            "displayStatus": format!("Provisioning {state_code}"),
-            "time": crp_time(vm.created),
-        })];
-        if let Some((code, display)) = power {
-            statuses.push(json!({"code": code, "level": "Info", "displayStatus": display}));
-        }
-        properties.insert(
-            "instanceView".into(),
-            json!({
-                "computerName": text(&sent, "/osProfile/computerName").unwrap_or(&vm.name),
-                "osName": "ubuntu",
-                "osVersion": "24.04",
-                "hyperVGeneration": "V2",
-                "statuses": statuses,
-            }),
-        );
+        properties.insert("instanceView".into(), instance_view(state, vm));
     }
     let mut body = json!({
         "name": vm.name,
@@ -2910,6 +3096,53 @@ fn vm_body(
         }
     }
     body
+}
+
+/// The power state a VM's instance view shows (`PowerState/…` without the
+/// prefix): `starting` while it is created or started, `stopping` while it
+/// is deleted, none when provisioning failed, else the one it is in.
+fn power_of(state: &State, vm: &HeldVm) -> Option<&'static str> {
+    let starting = vm
+        .op
+        .as_ref()
+        .and_then(|op| state.ops.get(op))
+        .is_some_and(|o| o.kind == OpKind::Start && o.outcome.is_none());
+    match vm.provisioning_state.as_str() {
+        "Creating" => Some("starting"),
+        "Deleting" => Some("stopping"),
+        "Failed" => None,
+        _ if starting => Some("starting"),
+        _ => Some(match vm.power {
+            Power::Running => "running",
+            Power::Stopped => "stopped",
+            Power::Deallocated => "deallocated",
+        }),
+    }
+}
+
+/// A VM's instance view (`$expand=instanceView`, `…/instanceView`).
+fn instance_view(state: &State, vm: &HeldVm) -> Value {
+    let state_code = vm.provisioning_state.to_ascii_lowercase();
+    let mut statuses = vec![json!({
+        "code": format!("ProvisioningState/{state_code}"),
+        "level": if state_code == "failed" { "Error" } else { "Info" },
+        "displayStatus": format!("Provisioning {state_code}"),
+        "time": crp_time(vm.created),
+    })];
+    if let Some(power) = power_of(state, vm) {
+        statuses.push(json!({
+            "code": format!("PowerState/{power}"),
+            "level": "Info",
+            "displayStatus": format!("VM {power}"),
+        }));
+    }
+    json!({
+        "computerName": text(&vm.body, "/properties/osProfile/computerName").unwrap_or(&vm.name),
+        "osName": "ubuntu",
+        "osVersion": "24.04",
+        "hyperVGeneration": "V2",
+        "statuses": statuses,
+    })
 }
 
 /// A NIC as GET answers it.
@@ -3013,7 +3246,7 @@ fn disk_body(opts: &ServerOptions, state: &State, disk: &HeldDisk) -> Value {
             "diskSizeBytes": disk.size_gb << 30,
             "uniqueId": uuid_of(&disk.name),
             "provisioningState": "Succeeded",
-            "diskState": if disk.vm.is_some() { "Attached" } else { "Unattached" },
+            "diskState": disk_state(state, disk),
             "timeCreated": crp_time(disk.created),
             "encryption": {"type": "EncryptionAtRestWithPlatformKey"},
             "networkAccessPolicy": "AllowAll",
@@ -3024,6 +3257,17 @@ fn disk_body(opts: &ServerOptions, state: &State, disk: &HeldDisk) -> Value {
         body["managedBy"] = json!(vm_id(opts, &vm.name));
     }
     body
+}
+
+/// A disk's `diskState`: `Attached` to a VM, `Reserved` by a deallocated
+/// one, else `Unattached`.
+fn disk_state(state: &State, disk: &HeldDisk) -> &'static str {
+    match disk.vm.as_ref().and_then(|k| state.vms.get(k)) {
+        Some(vm) if power_of(state, vm) == Some("deallocated") => "Reserved",
+        Some(_) => "Attached",
+        None if disk.vm.is_some() => "Attached",
+        None => "Unattached",
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -3196,6 +3440,13 @@ mod tests {
         assert_eq!(route("GET", &vm.to_uppercase()), Route::GetVm);
         assert_eq!(route("DELETE", vm), Route::DeleteVm);
         assert_eq!(route("PATCH", vm), Route::Other);
+        assert_eq!(route("POST", &format!("{vm}/Start")), Route::StartVm);
+        assert_eq!(route("GET", &format!("{vm}/start")), Route::Other);
+        assert_eq!(
+            route("GET", &format!("{vm}/instanceView")),
+            Route::GetVmInstanceView
+        );
+        assert_eq!(route("POST", &format!("{vm}/deallocate")), Route::Other);
         assert_eq!(
             route(
                 "GET",
