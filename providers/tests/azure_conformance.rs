@@ -252,6 +252,15 @@ async fn a_vm_of_another_token_under_the_name_is_never_adopted_nor_rewritten() {
         .await
         .unwrap();
     assert_eq!(none, None, "find answers only for its own token");
+    // A first attempt of another token sends its PUT: If-None-Match makes
+    // ARM refuse it (412) instead of rewriting the VM in place.
+    let err = provider
+        .create_instance(&fixture.request(3))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    assert_eq!(server.count(Route::PutVm), 2, "{:?}", server.counts());
+    assert_eq!(server.put_bodies().len(), 1, "only the first PUT was taken");
     let [vm] = server.vms().try_into().unwrap();
     assert_eq!(
         vm.tags.get("podvisor.io_token"),
@@ -311,6 +320,55 @@ async fn a_failed_operation_carries_its_error_and_leaves_no_vm() {
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    assert_nothing_left(&server);
+}
+
+#[tokio::test]
+async fn a_vm_that_fails_after_a_lost_poll_is_deleted_and_made_again_by_the_retry() {
+    let server = server();
+    server.set_provisioning(2, Duration::ZERO);
+    let provider = provider(&server, &[]).await;
+    let request = Fixture::new("node-a").request(1);
+    server.fail_next_creates(1, "AllocationFailed", "No capacity");
+    server.fault(
+        Route::OperationStatus,
+        status_fault(429, "TooManyRequests", Some(1), ErrorShape::Arm),
+        1,
+    );
+    let err = provider.create_instance(&request).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Throttled, "{err}");
+    // The retry adopts by name, sees the provisioning fail, deletes the VM
+    // and says so, retryably.
+    let err = provider
+        .create_instance(&retry_of(&request))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Transient, "{err}");
+    assert!(err.message.contains("deleted, to be made again"), "{err}");
+    assert_nothing_left(&server);
+    let created = provider.create_instance(&retry_of(&request)).await.unwrap();
+    assert_eq!(server.vms().len(), 1);
+    provider.delete_instance(&created.id).await.unwrap();
+    assert_nothing_left(&server);
+}
+
+#[tokio::test]
+async fn an_operation_url_that_answers_404_is_retried_not_taken_for_a_missing_vm() {
+    let server = server();
+    server.set_provisioning(1, Duration::ZERO);
+    let provider = provider(&server, &[]).await;
+    let request = Fixture::new("node-a").request(1);
+    let created = provider.create_instance(&request).await.unwrap();
+    server.fault(
+        Route::OperationStatus,
+        status_fault(404, "OperationNotFound", None, ErrorShape::Arm),
+        1,
+    );
+    let err = provider.delete_instance(&created.id).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Transient, "{err}");
+    assert_eq!(server.vms().len(), 1, "not forgotten while it is there");
+    provider.delete_instance(&created.id).await.unwrap();
+    assert_nothing_left(&server);
 }
 
 #[tokio::test]
@@ -635,4 +693,30 @@ async fn one_pod_vm_costs_a_handful_of_requests() {
         "no GET after the create: one before the delete, one 404 after"
     );
     assert!(total <= 9, "{total} requests: {counts:?}");
+}
+
+#[tokio::test]
+async fn a_stopped_vm_of_the_token_is_found_stopped_and_started_by_the_create() {
+    let server = server();
+    let provider = provider(&server, &[]).await;
+    let request = Fixture::new("node-a").request(1);
+    let created = provider.create_instance(&request).await.unwrap();
+    server.set_power_state(&request.instance_name, "deallocated");
+    let found = provider
+        .find_instance(&request.token, &request.instance_name)
+        .await
+        .unwrap()
+        .expect("found");
+    assert_eq!(found.status, podvisor_providers::InstanceStatus::Stopped);
+    assert!(found.ips.is_empty(), "no address for a stopped VM");
+    // The daemon then creates again with the token: the VM is started,
+    // not replaced.
+    let started = provider.create_instance(&retry_of(&request)).await.unwrap();
+    assert_eq!(started.id, created.id);
+    assert_eq!(started.status, podvisor_providers::InstanceStatus::Running);
+    assert_eq!(server.count(Route::StartVm), 1);
+    assert_eq!(server.vms()[0].power_state.as_deref(), Some("running"));
+    assert_eq!(server.put_bodies().len(), 1);
+    provider.delete_instance(&created.id).await.unwrap();
+    assert_nothing_left(&server);
 }

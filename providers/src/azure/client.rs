@@ -23,7 +23,7 @@
 //! ARM endpoint: the bearer token goes nowhere else.
 
 use super::errors::{self, ArmError};
-use crate::error::ProviderError;
+use crate::error::{ErrorClass, ProviderError};
 use crate::pacing::{Pacer, RequestClass};
 use async_trait::async_trait;
 use azure_core::credentials::TokenCredential;
@@ -52,6 +52,8 @@ pub const GALLERY_API: &str = "2023-07-03";
 /// A `x-ms-ratelimit-remaining-*` count at or below this slows the
 /// request's bucket (as a 429 would) before ARM throttles.
 pub const LOW_REMAINING: u64 = 10;
+/// The shortest wait between two polls a `Retry-After` may ask for.
+const MIN_POLL_WAIT: Duration = Duration::from_secs(1);
 /// The longest wait between two polls a `Retry-After` may ask for.
 const MAX_POLL_WAIT: Duration = Duration::from_secs(60);
 /// The longest a `429`'s `Retry-After` is honoured.
@@ -143,8 +145,9 @@ pub fn client_options(http: &reqwest::Client) -> ClientOptions {
 
 /// One ARM answer a caller reads: its status, the headers of a
 /// long-running operation, and its body. The default is an answer with no
-/// operation headers (a wait on it polls the resource).
-#[derive(Debug, Clone, Default)]
+/// operation headers (a wait on it polls the resource). Its `Debug` gives
+/// the body's size only: a VM's answer may echo its user data.
+#[derive(Clone, Default)]
 pub struct Answer {
     /// The HTTP status.
     pub status: u16,
@@ -156,6 +159,18 @@ pub struct Answer {
     pub retry_after: Option<Duration>,
     /// The body.
     pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("status", &self.status)
+            .field("async_operation", &self.async_operation)
+            .field("location", &self.location)
+            .field("retry_after", &self.retry_after)
+            .field("body", &format_args!("<{} bytes>", self.body.len()))
+            .finish()
+    }
 }
 
 impl Answer {
@@ -402,11 +417,18 @@ impl Arm {
         let mut items = Vec::new();
         let mut url = self.url(path, api_version);
         for _ in 0..MAX_PAGES {
-            let page: Page<T> = self
+            let page: Page<serde_json::Value> = self
                 .send(what, Method::Get, url, None, &[], &[])
                 .await?
                 .parse(what)?;
-            items.extend(page.value);
+            // One item of an unexpected shape is skipped, not the listing:
+            // the orphan GC must still see the others.
+            for item in page.value {
+                match serde_json::from_value::<T>(item) {
+                    Ok(item) => items.push(item),
+                    Err(e) => tracing::warn!(what, error = %e, "skipped an item ARM listed"),
+                }
+            }
             match page.next_link.filter(|l| !l.is_empty()) {
                 Some(link) => url = self.same_origin(what, &link)?,
                 None => return Ok(items),
@@ -433,8 +455,28 @@ impl Arm {
         lro: Lro,
         poll: Duration,
     ) -> Result<(), ProviderError> {
-        let wait_for =
-            |retry_after: Option<Duration>| retry_after.unwrap_or(poll).min(MAX_POLL_WAIT);
+        // ARM's Retry-After sets the pace, never below a second (a `0`
+        // would make a busy loop); without one, `poll`.
+        let wait_for = |retry_after: Option<Duration>| {
+            retry_after
+                .map_or(poll, |r| r.max(MIN_POLL_WAIT))
+                .min(MAX_POLL_WAIT)
+        };
+        // A poll's failure is the poll's, not the resource's: an operation
+        // URL that answers 404 says nothing of the VM, so it is retried
+        // (transient), never taken for "not found".
+        let poll_failed = |e: ProviderError| match e.class {
+            ErrorClass::Throttled | ErrorClass::Transient | ErrorClass::Config => e,
+            _ => {
+                let code = e.code.clone();
+                let err =
+                    ProviderError::transient(format!("{} (polling the operation)", e.message));
+                match code {
+                    Some(code) => err.with_code(code),
+                    None => err,
+                }
+            }
+        };
         let mut delay = wait_for(answer.retry_after);
         if let Some(link) = &answer.async_operation {
             let url = self.same_origin(what, link)?;
@@ -442,7 +484,8 @@ impl Arm {
                 tokio::time::sleep(delay).await;
                 let polled = self
                     .send(what, Method::Get, url.clone(), None, &[], &[])
-                    .await?;
+                    .await
+                    .map_err(poll_failed)?;
                 let op: OperationStatus = polled.parse(what)?;
                 let status = op.status.unwrap_or_default();
                 if status.eq_ignore_ascii_case("Succeeded") {
@@ -464,7 +507,8 @@ impl Arm {
                 tokio::time::sleep(delay).await;
                 let polled = self
                     .send(what, Method::Get, url.clone(), None, &[], &[])
-                    .await?;
+                    .await
+                    .map_err(poll_failed)?;
                 if polled.status != 202 {
                     return Ok(());
                 }

@@ -14,9 +14,6 @@ use crate::error::{ErrorClass, ProviderError};
 use serde::Deserialize;
 use std::time::Duration;
 
-/// `412` on a PUT with `If-None-Match: *`: the VM already exists.
-pub const PRECONDITION_FAILED: &str = "PreconditionFailed";
-
 /// How a failed request is handled, from its HTTP status.
 ///
 /// 429 is throttled; 5xx, 408 and 409 (another operation holds the VM:
@@ -100,7 +97,20 @@ pub fn from_response(
 ) -> ProviderError {
     let error = parse(body);
     let text = describe(what, Some(status), &error);
-    let err = match classify(status) {
+    let code = error.code.as_deref().unwrap_or("");
+    // A 409 is usually another operation holding the VM, which passes;
+    // a size the region cannot give or a spent quota does not pass by
+    // retrying (each retry would be a PUT spent).
+    let class = if status == 409
+        && ["SkuNotAvailable", "QuotaExceeded"]
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(code))
+    {
+        ErrorClass::Permanent
+    } else {
+        classify(status)
+    };
+    let err = match class {
         ErrorClass::Throttled => ProviderError::throttled(text, retry_after),
         ErrorClass::Transient => ProviderError::transient(text),
         ErrorClass::Config => ProviderError::config(format!(
@@ -177,6 +187,11 @@ mod tests {
         assert_eq!(
             from_response("x", 409, b"", None).class,
             ErrorClass::Transient
+        );
+        let sku = br#"{"error":{"code":"SkuNotAvailable","message":"not in eastus"}}"#;
+        assert_eq!(
+            from_response("x", 409, sku, None).class,
+            ErrorClass::Permanent
         );
         assert_eq!(from_response("x", 403, b"", None).class, ErrorClass::Config);
         assert_eq!(

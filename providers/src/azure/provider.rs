@@ -2,7 +2,7 @@
 
 use super::client::{Arm, COMPUTE_API, GALLERY_API, Lro, NETWORK_API};
 use super::config::{is_arm_id, is_arm_name, is_community_image};
-use super::errors::PRECONDITION_FAILED;
+use super::errors::{self, ArmError};
 use crate::error::{ErrorClass, ProviderError};
 use crate::provider::{CreateRequest, Instance, InstanceStatus, Provider, TAG_TOKEN};
 use crate::selection::{TypeSize, select_instance_type};
@@ -92,6 +92,23 @@ struct VmProperties {
     vm_id: Option<String>,
     time_created: Option<String>,
     network_profile: Option<NetworkProfile>,
+    instance_view: Option<InstanceView>,
+}
+
+/// A VM's instance view (`$expand=instanceView`): its statuses, such as
+/// `ProvisioningState/failed/AllocationFailed` and `PowerState/deallocated`.
+#[derive(Debug, Deserialize, Default)]
+struct InstanceView {
+    #[serde(default)]
+    statuses: Vec<InstanceStatusEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InstanceStatusEntry {
+    code: Option<String>,
+    display_status: Option<String>,
+    message: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +211,54 @@ impl Vm {
         }
     }
 
+    /// The power state of the instance view (`running`, `deallocated`…),
+    /// if the VM was read with it.
+    fn power_state(&self) -> Option<&str> {
+        let view = self.properties.instance_view.as_ref()?;
+        view.statuses
+            .iter()
+            .filter_map(|s| s.code.as_deref())
+            .find_map(|c| c.strip_prefix("PowerState/"))
+    }
+
+    /// Whether the instance view says the VM is stopped or on its way
+    /// there (a stopped VM keeps running no guest: it must be started).
+    fn is_stopped(&self) -> bool {
+        self.power_state().is_some_and(|p| {
+            ["stopped", "stopping", "deallocated", "deallocating"]
+                .iter()
+                .any(|s| p.eq_ignore_ascii_case(s))
+        })
+    }
+
+    /// Why provisioning failed, from the instance view
+    /// (`ProvisioningState/failed/<code>` and its message).
+    fn failure(&self) -> ArmError {
+        let failed = self.properties.instance_view.as_ref().and_then(|v| {
+            v.statuses.iter().find(|s| {
+                s.code.as_deref().is_some_and(|c| {
+                    c.to_ascii_lowercase()
+                        .starts_with("provisioningstate/failed")
+                })
+            })
+        });
+        match failed {
+            Some(status) => ArmError {
+                code: status
+                    .code
+                    .as_deref()
+                    .and_then(|c| c.splitn(3, '/').nth(2))
+                    .map(str::to_owned),
+                message: status
+                    .message
+                    .clone()
+                    .or_else(|| status.display_status.clone()),
+                target: None,
+            },
+            None => ArmError::default(),
+        }
+    }
+
     /// The token tag (a tag name is case-insensitive in Azure).
     fn tag(&self, key: &str) -> Option<&str> {
         let key = azure_tag_name(key);
@@ -220,13 +285,23 @@ impl Vm {
 
     /// The instance, with `ips` (none while not ready).
     fn to_instance(&self, ips: Vec<IpAddr>) -> Result<Instance, ProviderError> {
+        let id = self.instance_id()?;
+        if parse_instance_id(&id).is_none() {
+            // An id delete_instance could not read back would be a VM
+            // forgotten: refused here, never recorded.
+            return Err(ProviderError::transient(format!(
+                "Azure VM {}: an id podvisor cannot keep ({})",
+                self.name, self.id
+            )));
+        }
         Ok(Instance {
-            id: self.instance_id()?,
+            id,
             name: self.name.clone(),
             ips,
             tags: podvisor_tags(&self.tags),
             created_at: self.properties.time_created.as_deref().and_then(parse_time),
             status: match self.phase() {
+                Phase::Ready if self.is_stopped() => InstanceStatus::Stopped,
                 Phase::Ready => InstanceStatus::Running,
                 _ => InstanceStatus::Starting,
             },
@@ -315,24 +390,20 @@ impl AzureProvider {
         )
     }
 
-    /// The VM named `name`, or `None` (404).
-    async fn get_vm(&self, name: &str) -> Result<Option<Vm>, ProviderError> {
-        let what = format!("get VM {name}");
-        let url = self.arm.url(&self.vm_path(name), COMPUTE_API);
-        let answer = self
-            .arm
-            .send(&what, Method::Get, url, None, &[], &[404])
-            .await?;
-        if answer.status == 404 {
-            return Ok(None);
-        }
-        answer.parse(&what).map(Some)
+    /// The VM named `name` (a checked name), or `None` (404); with its
+    /// instance view (power state, provisioning failure) when `view`.
+    async fn get_vm(&self, name: &str, view: bool) -> Result<Option<Vm>, ProviderError> {
+        self.get_vm_by_id(&self.vm_path(name), view).await
     }
 
-    /// The VM at ARM id `arm_id`, or `None` (404).
-    async fn get_vm_by_id(&self, arm_id: &str) -> Result<Option<Vm>, ProviderError> {
+    /// The VM at ARM id `arm_id` (a checked id), or `None` (404); with its
+    /// instance view when `view`.
+    async fn get_vm_by_id(&self, arm_id: &str, view: bool) -> Result<Option<Vm>, ProviderError> {
         let what = format!("get VM {arm_id}");
-        let url = self.arm.url(arm_id, COMPUTE_API);
+        let mut url = self.arm.url(arm_id, COMPUTE_API);
+        if view {
+            url.query_pairs_mut().append_pair("$expand", "instanceView");
+        }
         let answer = self
             .arm
             .send(&what, Method::Get, url, None, &[], &[404])
@@ -545,15 +616,17 @@ impl AzureProvider {
         Ok(ips)
     }
 
-    /// Makes `vm` (this token's) ready: waits out its provisioning, deletes
-    /// it when it failed (the retry makes it anew), then reads its
-    /// addresses.
+    /// Makes `vm` (this token's) ready: waits out its provisioning,
+    /// starts it if it is stopped, deletes it when it failed (the retry
+    /// makes it anew), then reads its addresses.
     async fn adopt(&self, mut vm: Vm) -> Result<Instance, ProviderError> {
         let what = format!("create VM {}", vm.name);
+        let id_path = vm.id_path()?;
         if vm.phase() == Phase::Provisioning {
-            let url = self.arm.url(&vm.id_path()?, COMPUTE_API);
+            let url = self.arm.url(&id_path, COMPUTE_API);
             // No operation to follow: the VM's provisioningState.
-            self.arm
+            let waited = self
+                .arm
                 .wait(
                     &what,
                     &super::client::Answer::default(),
@@ -561,23 +634,28 @@ impl AzureProvider {
                     Lro::Put,
                     self.settings.poll_interval,
                 )
-                .await?;
-            vm = self.get_vm(&vm.name).await?.ok_or_else(|| {
+                .await;
+            vm = self.get_vm_by_id(&id_path, true).await?.ok_or_else(|| {
                 ProviderError::transient(format!("Azure VM {}: gone while created", vm.name))
             })?;
+            // A failed provisioning is handled from the VM itself below.
+            if let Err(e) = waited
+                && vm.phase() != Phase::Failed
+            {
+                return Err(e);
+            }
         }
         match vm.phase() {
             Phase::Ready => {
+                if vm.is_stopped() {
+                    self.start(&vm, &id_path).await?;
+                }
                 let ips = self.addresses(&vm).await?;
-                vm.to_instance(ips)
+                let mut instance = vm.to_instance(ips)?;
+                instance.status = InstanceStatus::Running;
+                Ok(instance)
             }
-            Phase::Failed => {
-                self.start_delete(&vm).await?;
-                Err(ProviderError::transient(format!(
-                    "Azure VM {}: its provisioning failed; deleted, to be made again",
-                    vm.name
-                )))
-            }
+            Phase::Failed => self.discard_failed(&vm).await,
             Phase::Deleting => Err(ProviderError::transient(format!(
                 "Azure VM {}: being deleted",
                 vm.name
@@ -587,6 +665,46 @@ impl AzureProvider {
                 vm.name
             ))),
         }
+    }
+
+    /// Starts this token's stopped or deallocated VM (`POST …/start`) and
+    /// waits for the operation.
+    async fn start(&self, vm: &Vm, id_path: &str) -> Result<(), ProviderError> {
+        let what = format!("start VM {}", vm.name);
+        tracing::info!(vm = %vm.name, power = ?vm.power_state(), "starting a stopped pod VM");
+        let url = self.arm.url(&format!("{id_path}/start"), COMPUTE_API);
+        let answer = self
+            .arm
+            .send(&what, Method::Post, url, None, &[], &[])
+            .await?;
+        let resource = self.arm.url(id_path, COMPUTE_API);
+        self.arm
+            .wait(
+                &what,
+                &answer,
+                &resource,
+                Lro::Put,
+                self.settings.poll_interval,
+            )
+            .await
+    }
+
+    /// Deletes this token's VM whose provisioning failed and waits until
+    /// it is gone, so the retry's PUT makes it anew; the error carries
+    /// Azure's failure code from the instance view.
+    async fn discard_failed(&self, vm: &Vm) -> Result<Instance, ProviderError> {
+        let failure = vm.failure();
+        self.start_delete(vm).await?;
+        if let (Ok(id_path), Some(vm_id)) = (vm.id_path(), vm.properties.vm_id.as_deref()) {
+            self.wait_gone(&id_path, vm_id).await?;
+        }
+        let err = errors::from_operation(&format!("create VM {}", vm.name), "Failed", &failure);
+        // Deleted: whatever the code, the retry makes a new VM.
+        let retry = ProviderError::transient(format!("{}; deleted, to be made again", err.message));
+        Err(match err.code {
+            Some(code) => retry.with_code(code),
+            None => retry,
+        })
     }
 
     /// What a create does with the VM it found under its name: adopts it
@@ -629,9 +747,14 @@ impl AzureProvider {
     /// VM holds its name).
     async fn wait_gone(&self, arm_id: &str, vm_id: &str) -> Result<(), ProviderError> {
         for _ in 0..120 {
-            match self.get_vm_by_id(arm_id).await? {
+            match self.get_vm_by_id(arm_id, false).await? {
                 None => return Ok(()),
-                Some(vm) if vm.properties.vm_id.as_deref() != Some(vm_id) => return Ok(()),
+                Some(vm)
+                    if vm.properties.vm_id.is_some()
+                        && vm.properties.vm_id.as_deref() != Some(vm_id) =>
+                {
+                    return Ok(());
+                }
                 Some(_) => tokio::time::sleep(self.settings.poll_interval).await,
             }
         }
@@ -729,6 +852,16 @@ impl Provider for AzureProvider {
                 "Image {image:?} is not an Azure image id"
             )));
         }
+        // A create that may have reached ARM before (a retry, a recovery)
+        // looks the name up first: its VM is adopted without a PUT (which
+        // would only be refused 412 and spend the VM-create budget), and
+        // before the size is chosen (a changed allow-list must not fail
+        // the recovery of a VM that exists).
+        if request.earlier_attempt
+            && let Some(vm) = self.get_vm(name, true).await?
+        {
+            return self.take_over(vm, request).await;
+        }
         let size = self.size_of(request).await?;
         let body = self.vm_body(request, &size, image, &user_data);
         let body = serde_json::to_vec(&body)
@@ -739,14 +872,6 @@ impl Provider for AzureProvider {
         // create-only, so a retry (or another token's create under the
         // same name) never rewrites a VM: it is answered 412 and the VM is
         // looked up instead.
-        // A create that may have reached ARM before (a retry, a recovery)
-        // looks the name up first: its VM is adopted without a PUT, which
-        // would only be refused 412 and spend the VM-create budget.
-        if request.earlier_attempt
-            && let Some(vm) = self.get_vm(name).await?
-        {
-            return self.take_over(vm, request).await;
-        }
         for _ in 0..3 {
             let sent = self
                 .arm
@@ -756,10 +881,15 @@ impl Provider for AzureProvider {
                     url.clone(),
                     Some(body.clone()),
                     &[("if-none-match", "*")],
-                    &[],
+                    &[412],
                 )
                 .await;
             match sent {
+                Ok(answer) if answer.status == 412 => {
+                    if let Some(vm) = self.get_vm(name, true).await? {
+                        return self.take_over(vm, request).await;
+                    }
+                }
                 Ok(answer) => {
                     crate::failpoints::hit(crate::failpoints::AZURE_PUT_BEFORE_WAIT);
                     let waited = self
@@ -768,13 +898,19 @@ impl Provider for AzureProvider {
                         .await;
                     if let Err(e) = waited {
                         // A failed operation leaves a Failed VM: delete
-                        // it (the retry makes it anew). A poll that failed
-                        // leaves it findable by name for the retry.
-                        if let Some(vm) = self.get_vm(name).await?
+                        // it and wait until it is gone, so the retry's PUT
+                        // makes it anew. A poll that failed leaves it
+                        // findable by name for the retry.
+                        if let Some(vm) = self.get_vm(name, false).await?
                             && vm.phase() == Phase::Failed
                             && vm.token() == Some(request.token.as_str())
                         {
                             self.start_delete(&vm).await?;
+                            if let (Ok(path), Some(vm_id)) =
+                                (vm.id_path(), vm.properties.vm_id.as_deref())
+                            {
+                                self.wait_gone(&path, vm_id).await?;
+                            }
                         }
                         return Err(e);
                     }
@@ -788,16 +924,11 @@ impl Provider for AzureProvider {
                             vm.properties.provisioning_state = Some("Succeeded".into());
                             vm
                         }
-                        _ => self.get_vm(name).await?.ok_or_else(|| {
+                        _ => self.get_vm(name, true).await?.ok_or_else(|| {
                             ProviderError::transient(format!("Azure VM {name}: gone once created"))
                         })?,
                     };
                     return self.adopt(vm).await;
-                }
-                Err(e) if e.code() == Some(PRECONDITION_FAILED) => {
-                    if let Some(vm) = self.get_vm(name).await? {
-                        return self.take_over(vm, request).await;
-                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -812,9 +943,15 @@ impl Provider for AzureProvider {
             // Not an id this provider makes: nothing of ours to delete.
             return Ok(());
         };
-        let Some(vm) = self.get_vm_by_id(arm_id).await? else {
+        let Some(vm) = self.get_vm_by_id(arm_id, false).await? else {
             return Ok(());
         };
+        if vm.properties.vm_id.is_none() {
+            return Err(ProviderError::transient(format!(
+                "Azure VM {}: the answer has no vmId; cannot tell it is the one to delete",
+                vm.name
+            )));
+        }
         if vm.properties.vm_id.as_deref() != Some(vm_id) {
             // Another VM (a later generation) holds the name: ours is gone.
             return Ok(());
@@ -851,7 +988,7 @@ impl Provider for AzureProvider {
         if !is_arm_name(name) {
             return Ok(None);
         }
-        let Some(vm) = self.get_vm(name).await? else {
+        let Some(vm) = self.get_vm(name, true).await? else {
             return Ok(None);
         };
         if vm.token() != Some(token) {
@@ -859,10 +996,14 @@ impl Provider for AzureProvider {
         }
         match vm.phase() {
             Phase::Deleting => Ok(None),
+            // Stopped: reported so, without addresses; the create starts it.
+            Phase::Ready if vm.is_stopped() => vm.to_instance(Vec::new()).map(Some),
             Phase::Ready => match self.addresses(&vm).await {
                 Ok(ips) => vm.to_instance(ips).map(Some),
-                // Found before its address: the create adopts it.
-                Err(e) if e.class == ErrorClass::Transient => vm.to_instance(Vec::new()).map(Some),
+                // Found before its address (or its NIC): the create adopts it.
+                Err(e) if matches!(e.class, ErrorClass::Transient | ErrorClass::NotFound) => {
+                    vm.to_instance(Vec::new()).map(Some)
+                }
                 Err(e) => Err(e),
             },
             Phase::Provisioning | Phase::Failed => vm.to_instance(Vec::new()).map(Some),
