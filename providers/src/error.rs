@@ -19,6 +19,24 @@ pub enum ErrorClass {
 }
 
 impl ErrorClass {
+    /// How a REST cloud's failed request is handled, from its HTTP status
+    /// alone (IBM Cloud and Azure Resource Manager alike): 429 is
+    /// throttled; 5xx, 408 and 409 (another operation holds the resource)
+    /// are transient; 401 and 403 are configuration (the credentials or
+    /// their permissions); 404 is not found (a create's caller turns it
+    /// into permanent: what is missing is an image or a subnet); any other
+    /// 4xx is permanent. A provider refines it by the cloud's error code.
+    pub fn from_http_status(status: u16) -> Self {
+        match status {
+            429 => ErrorClass::Throttled,
+            408 | 409 => ErrorClass::Transient,
+            s if s >= 500 => ErrorClass::Transient,
+            401 | 403 => ErrorClass::Config,
+            404 => ErrorClass::NotFound,
+            _ => ErrorClass::Permanent,
+        }
+    }
+
     /// The metric label.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -478,7 +478,13 @@ impl Arm {
             }
         };
         let mut delay = wait_for(answer.retry_after);
-        if let Some(link) = &answer.async_operation {
+        // The operation's status URL, else its Location (`true`: a status).
+        let link = answer
+            .async_operation
+            .as_deref()
+            .map(|l| (l, true))
+            .or_else(|| answer.location.as_deref().map(|l| (l, false)));
+        if let Some((link, is_status)) = link {
             let url = self.same_origin(what, link)?;
             for _ in 0..MAX_POLLS {
                 tokio::time::sleep(delay).await;
@@ -486,30 +492,23 @@ impl Arm {
                     .send(what, Method::Get, url.clone(), None, &[], &[])
                     .await
                     .map_err(poll_failed)?;
-                let op: OperationStatus = polled.parse(what)?;
-                let status = op.status.unwrap_or_default();
-                if status.eq_ignore_ascii_case("Succeeded") {
-                    return Ok(());
-                }
-                if status.eq_ignore_ascii_case("Failed") || status.eq_ignore_ascii_case("Canceled")
-                {
-                    return Err(errors::from_operation(
-                        what,
-                        &status,
-                        &op.error.unwrap_or_default(),
-                    ));
-                }
-                delay = wait_for(polled.retry_after);
-            }
-        } else if let Some(link) = &answer.location {
-            let url = self.same_origin(what, link)?;
-            for _ in 0..MAX_POLLS {
-                tokio::time::sleep(delay).await;
-                let polled = self
-                    .send(what, Method::Get, url.clone(), None, &[], &[])
-                    .await
-                    .map_err(poll_failed)?;
-                if polled.status != 202 {
+                if is_status {
+                    let op: OperationStatus = polled.parse(what)?;
+                    let status = op.status.unwrap_or_default();
+                    if status.eq_ignore_ascii_case("Succeeded") {
+                        return Ok(());
+                    }
+                    if status.eq_ignore_ascii_case("Failed")
+                        || status.eq_ignore_ascii_case("Canceled")
+                    {
+                        return Err(errors::from_operation(
+                            what,
+                            &status,
+                            &op.error.unwrap_or_default(),
+                        ));
+                    }
+                } else if polled.status != 202 {
+                    // Location: 202 while running, the result once done.
                     return Ok(());
                 }
                 delay = wait_for(polled.retry_after);

@@ -14,22 +14,12 @@ use crate::error::{ErrorClass, ProviderError};
 use serde::Deserialize;
 use std::time::Duration;
 
-/// How a failed request is handled, from its HTTP status.
-///
-/// 429 is throttled; 5xx, 408 and 409 (another operation holds the VM:
-/// "Operation … is not allowed since …") are transient; 401 and 403 are
-/// configuration (the credentials or the role to fix); 404 is not found (a
-/// create's caller turns it into permanent: what is missing is an image or
-/// a subnet); any other 4xx (400 `InvalidParameter`, 412) is permanent.
+/// How a failed request is handled, from its HTTP status alone:
+/// [`ErrorClass::from_http_status`] (a 409 is another operation holding
+/// the VM: "Operation … is not allowed since …"). [`from_response`] refines
+/// it by ARM's code.
 pub fn classify(status: u16) -> ErrorClass {
-    match status {
-        429 => ErrorClass::Throttled,
-        408 | 409 => ErrorClass::Transient,
-        s if s >= 500 => ErrorClass::Transient,
-        401 | 403 => ErrorClass::Config,
-        404 => ErrorClass::NotFound,
-        _ => ErrorClass::Permanent,
-    }
+    ErrorClass::from_http_status(status)
 }
 
 /// ARM's error object (`error` of the common error response, or bare).

@@ -14,23 +14,12 @@ use std::time::Duration;
 /// VPC: a name (instance, boot volume) already in use.
 pub const UNIQUE_FAILED: &str = "validation_unique_failed";
 
-/// How a failed request is handled, from its HTTP status and IBM's code.
-///
-/// 429 is throttled; 5xx, 408 and 409 (another operation holds the
-/// instance, a `pending` instance refuses deletion) are transient; 401 and
-/// 403 are configuration (credentials or permissions to fix; the client
-/// has already retried a 401 with a fresh token); 404 is not found (a
-/// create's caller turns it into permanent: what is missing is an image or a
-/// subnet); any other 4xx is permanent.
+/// How a failed request is handled, from its HTTP status:
+/// [`ErrorClass::from_http_status`] (a 409 is another operation holding
+/// the instance, or a `pending` instance refusing deletion; the client has
+/// already retried a 401 with a fresh token).
 pub fn classify(status: u16) -> ErrorClass {
-    match status {
-        429 => ErrorClass::Throttled,
-        408 | 409 => ErrorClass::Transient,
-        s if s >= 500 => ErrorClass::Transient,
-        401 | 403 => ErrorClass::Config,
-        404 => ErrorClass::NotFound,
-        _ => ErrorClass::Permanent,
-    }
+    ErrorClass::from_http_status(status)
 }
 
 #[derive(Debug, Deserialize, Default)]
