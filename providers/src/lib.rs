@@ -15,6 +15,8 @@ pub mod error;
 pub mod failpoints;
 #[cfg(any(feature = "ibmcloud", feature = "azure"))]
 pub mod https;
+#[cfg(feature = "conformance")]
+pub mod https_test_server;
 pub mod manager;
 pub mod pacing;
 pub mod provider;

@@ -17,17 +17,17 @@
 //! Nothing here connects anywhere: the server only listens, on 127.0.0.1,
 //! and hands out primary addresses from a pool of loopback addresses.
 
+use crate::https_test_server::{TestServer, TestServerThread};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -294,10 +294,7 @@ impl Shared {
 /// can use it; dropping it stops it.
 pub struct IbmCloudServer {
     shared: Arc<Shared>,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    server: TestServerThread,
 }
 
 impl fmt::Debug for IbmCloudServer {
@@ -307,17 +304,6 @@ impl fmt::Debug for IbmCloudServer {
             .field("ca_file", &self.ca_file())
             .field("instances", &self.shared.lock().instances.len())
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for IbmCloudServer {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
@@ -354,16 +340,7 @@ impl IbmCloudServer {
     /// Starts a server holding `options`' resources, on a free port of
     /// 127.0.0.1, with a new CA. Panics (a test helper) when it cannot.
     pub fn start(options: ServerOptions) -> Self {
-        let dir = tempfile::tempdir().expect("a temporary directory for the CA");
-        let (ca_pem, cert_pem, key_pem) = certificates().expect("test certificates");
-        std::fs::write(dir.path().join("ca.pem"), &ca_pem).expect("writing the CA");
-        let tls = tls_config(&cert_pem, &key_pem).expect("the TLS configuration");
-        let listener =
-            std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding 127.0.0.1");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        let addr = listener.local_addr().expect("the listener's address");
+        let bound = TestServer::bind("podvisor IBM Cloud test CA");
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 instances: BTreeMap::new(),
@@ -384,39 +361,23 @@ impl IbmCloudServer {
             }),
             options,
         });
-        let (stop, stopped) = tokio::sync::oneshot::channel();
         let serving = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("ibmcloud-test-server".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("the test server's runtime");
-                runtime.block_on(serve(listener, tls, serving, stopped));
-                runtime.shutdown_background();
-            })
-            .expect("the test server's thread");
-        Self {
-            shared,
-            addr,
-            dir,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
+        let server = bound.spawn("ibmcloud-test-server", move |request, close| {
+            handle(serving.clone(), close, request)
+        });
+        Self { shared, server }
     }
 
     /// The base URL of every service: `https://127.0.0.1:PORT`. IAM is
     /// `{url}/identity/token`, VPC `{url}/v1`, Global Tagging `{url}/v3/tags`,
     /// Global Search `{url}/v3/resources/search`.
     pub fn url(&self) -> String {
-        format!("https://{}", self.addr)
+        self.server.url()
     }
 
     /// The PEM of the CA the server's certificate is issued by.
     pub fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
+        self.server.ca_file()
     }
 
     /// The next `times` requests to `route` get `fault` (before any other
@@ -496,99 +457,6 @@ impl IbmCloudServer {
     pub fn tokens_issued(&self) -> usize {
         self.shared.lock().tokens_issued
     }
-}
-
-/// The accept loop, until `stopped`.
-async fn serve(
-    listener: std::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    shared: Arc<Shared>,
-    mut stopped: tokio::sync::oneshot::Receiver<()>,
-) {
-    let listener = tokio::net::TcpListener::from_std(listener).expect("a Tokio listener");
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut stopped => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        let acceptor = acceptor.clone();
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let Ok(stream) = acceptor.accept(stream).await else {
-                return;
-            };
-            // A handler asks for the connection to be dropped unanswered
-            // (Fault::Close) through this.
-            let close = Arc::new(Notify::new());
-            let service = {
-                let close = close.clone();
-                hyper::service::service_fn(move |request| {
-                    handle(shared.clone(), close.clone(), request)
-                })
-            };
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = connection => {}
-                () = close.notified() => {}
-            }
-        });
-    }
-}
-
-/// A CA, and a server certificate from it for 127.0.0.1 and localhost:
-/// (CA PEM, certificate PEM, key PEM).
-fn certificates() -> Result<(String, String, String), rcgen::Error> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.distinguished_name
-        .push(DnType::CommonName, "podvisor IBM Cloud test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate()?;
-    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
-    leaf.distinguished_name
-        .push(DnType::CommonName, "127.0.0.1");
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    leaf.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    let cert = leaf.signed_by(&key, &issuer)?;
-    Ok((ca_cert.pem(), cert.pem(), key.serialize_pem()))
-}
-
-/// The server's rustls configuration (ring, HTTP/1.1).
-fn tls_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }
 
 /// Which service a route belongs to: its error bodies differ.
