@@ -720,3 +720,28 @@ async fn a_stopped_vm_of_the_token_is_found_stopped_and_started_by_the_create() 
     provider.delete_instance(&created.id).await.unwrap();
     assert_nothing_left(&server);
 }
+
+#[tokio::test]
+async fn without_azure_async_operation_the_location_and_the_provisioning_state_are_followed() {
+    let server = server();
+    server.set_provisioning(3, Duration::ZERO);
+    server.set_deleting(3, Duration::ZERO);
+    server.set_async_operation_header(false);
+    let provider = provider(&server, &[]).await;
+    let request = Fixture::new("node-a").request(1);
+    // The create's 201 has no operation header: the VM's provisioningState.
+    let created = provider.create_instance(&request).await.unwrap();
+    assert_eq!(server.vms()[0].provisioning_state, "Succeeded");
+    assert_eq!(server.count(Route::OperationStatus), 0);
+    assert!(server.count(Route::GetVm) >= 3, "{:?}", server.counts());
+    // The delete's 202 has only Location: 202 until done.
+    server.reset_counts();
+    provider.delete_instance(&created.id).await.unwrap();
+    assert!(
+        server.count(Route::OperationResult) >= 3,
+        "{:?}",
+        server.counts()
+    );
+    assert_eq!(server.count(Route::OperationStatus), 0);
+    assert_nothing_left(&server);
+}

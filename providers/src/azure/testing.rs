@@ -490,6 +490,9 @@ struct Shared {
     /// `https://127.0.0.1:PORT`.
     url: String,
     state: Mutex<State>,
+    /// Whether long-running operations' first answers leave out
+    /// `Azure-AsyncOperation` ([`AzureServer::set_async_operation_header`]).
+    no_async_operation: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -526,6 +529,7 @@ impl AzureServer {
         let bound = TestServer::bind("podvisor Azure test CA");
         let shared = Arc::new(Shared {
             url: bound.url(),
+            no_async_operation: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(State {
                 vms: BTreeMap::new(),
                 nics: BTreeMap::new(),
@@ -691,6 +695,18 @@ impl AzureServer {
     /// `InProgress` status answers and of its `Location` 202s. Default: none.
     pub fn set_lro_retry_after(&self, seconds: Option<u64>) {
         self.shared.lock().lro_retry_after = seconds;
+    }
+
+    /// Whether a long-running operation's first answer carries
+    /// `Azure-AsyncOperation` (default `true`). Without it a create's 201
+    /// has no operation header at all (the client follows the VM's
+    /// `provisioningState`) and a delete's or a start's 202 only `Location`
+    /// — the other two ways ARM documents ("Track asynchronous Azure
+    /// operations").
+    pub fn set_async_operation_header(&self, on: bool) {
+        self.shared
+            .no_async_operation
+            .store(!on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The next `n` creates (PUTs of new VMs) are accepted, then their
@@ -1691,10 +1707,16 @@ fn operation_headers(
         shared.url, shared.options.region
     );
     let p = uuid();
-    let mut answer = answer.header(
-        "azure-asyncoperation",
-        format!("{base}?p={p}&api-version={api_version}"),
-    );
+    let mut answer = answer;
+    if !shared
+        .no_async_operation
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        answer = answer.header(
+            "azure-asyncoperation",
+            format!("{base}?p={p}&api-version={api_version}"),
+        );
+    }
     if location {
         answer = answer.header(
             "location",
