@@ -12,6 +12,8 @@
 #![cfg(feature = "aws")]
 
 mod common;
+#[path = "common/podvm_side.rs"]
+mod podvm_side;
 
 use common::*;
 use podvisor_providers::aws::testing::{
@@ -19,10 +21,9 @@ use podvisor_providers::aws::testing::{
     private_ip,
 };
 use podvisor_providers::{TAG_NODE, TAG_SANDBOX};
+use podvm_side::{Forwarders, apf_json, bench_n, lift_pacing, start_all};
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A daemon setup on the bed's server, reached at `endpoint` (the server's
@@ -67,18 +68,19 @@ fn metadata_setup(bed: &AwsBed, stub: &MetadataStub) -> Setup {
 /// node, stopped when its instance goes.
 struct PodVmSide {
     /// Instance id → its forwarder.
-    forwarders: Arc<Mutex<HashMap<String, Child>>>,
+    forwarders: Forwarders,
     /// The watcher.
     task: tokio::task::JoinHandle<()>,
 }
 
 impl PodVmSide {
-    fn start(endpoint: &str, node: &str, port: u16, agent_socket: PathBuf) -> Self {
-        let forwarders: Arc<Mutex<HashMap<String, Child>>> = Arc::default();
+    /// The pod VMs' side of the daemon `setup` on `moto`: forwarders on the
+    /// daemon's forwarder port, relaying to an agent socket in its root.
+    fn for_setup(moto: &Moto, setup: &Setup) -> Self {
+        let forwarders = Forwarders::for_setup(setup);
         let shared = forwarders.clone();
-        let ec2 = client_for(endpoint);
-        let node = node.to_owned();
-        let binary = podvisor_podvm::testing::forwarder_binary().unwrap();
+        let ec2 = client_for(&moto.endpoint());
+        let node = setup.node.clone();
         let task = tokio::spawn(async move {
             loop {
                 let out = ec2
@@ -109,43 +111,11 @@ impl PodVmSide {
                             live.insert(id.to_owned(), ip);
                         }
                     }
-                    let new: Vec<(String, std::net::Ipv4Addr)> = {
-                        let mut forwarders = shared.lock().unwrap();
-                        forwarders.retain(|id, child: &mut Child| {
-                            let keep = live.contains_key(id);
-                            if !keep {
-                                let _ = child.kill();
-                                let _ = child.wait();
-                            }
-                            keep
-                        });
-                        live.into_iter()
-                            .filter(|(id, _)| !forwarders.contains_key(id))
-                            .collect()
-                    };
-                    for (id, ip) in new {
+                    for id in shared.keep_only(&live) {
                         // As a pod VM boots: its forwarder's settings (the
                         // TLS identity among them) come from its user data.
-                        let config = apf_json_of(&ec2, &id).await.map(|apf| {
-                            let path = agent_socket.with_file_name(format!("apf-{id}.json"));
-                            std::fs::write(&path, apf).unwrap();
-                            path
-                        });
-                        let mut command = Command::new(&binary);
-                        command
-                            .args(["--listen", &format!("{ip}:{port}")])
-                            .arg("--agent-socket")
-                            .arg(&agent_socket)
-                            .args(["--instance-id", &id]);
-                        if let Some(config) = config {
-                            command.arg("--config").arg(config);
-                        }
-                        let child = command
-                            .stdout(Stdio::null())
-                            .stderr(Stdio::null())
-                            .spawn()
-                            .unwrap();
-                        shared.lock().unwrap().insert(id, child);
+                        let apf = apf_json_of(&ec2, &id).await;
+                        shared.spawn(id.clone(), &id, live[&id].into(), apf);
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -154,20 +124,9 @@ impl PodVmSide {
         Self { forwarders, task }
     }
 
-    /// The pod VMs' side of the daemon `setup` on `moto`: forwarders on the
-    /// daemon's forwarder port, relaying to an agent socket in its root.
-    fn for_setup(moto: &Moto, setup: &Setup) -> Self {
-        Self::start(
-            &moto.endpoint(),
-            &setup.node,
-            setup.forwarder_port,
-            setup.root.path().join("agent.sock"),
-        )
-    }
-
     /// Instances with a forwarder now.
     fn instances(&self) -> Vec<String> {
-        self.forwarders.lock().unwrap().keys().cloned().collect()
+        self.forwarders.keys()
     }
 }
 
@@ -185,20 +144,13 @@ async fn apf_json_of(ec2: &ec2::Client, id: &str) -> Option<String> {
     let text = base64::engine::general_purpose::STANDARD
         .decode(encoded)
         .ok()?;
-    let files = podvisor_podvm::userdata::parse(&String::from_utf8(text).ok()?).ok()?;
-    files
-        .into_iter()
-        .find(|f| f.name == "apf.json")
-        .map(|f| f.content)
+    apf_json(&String::from_utf8(text).ok()?)
 }
 
 impl Drop for PodVmSide {
     fn drop(&mut self) {
         self.task.abort();
-        for (_, mut child) in self.forwarders.lock().unwrap().drain() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.forwarders.kill_all();
     }
 }
 
@@ -637,10 +589,7 @@ async fn region_subnet_groups_and_key_come_from_the_metadata_service_when_not_gi
 #[ignore]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn measure_concurrent_lifecycles_on_moto() {
-    let n: usize = std::env::var("PODVISOR_AWS_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let n = bench_n("PODVISOR_AWS_BENCH_N", 100);
     let paced = std::env::var("PODVISOR_AWS_BENCH_PACED").is_ok_and(|v| v == "1");
     let bed = AwsBed::start().await;
     let proxy = bed.proxy().await;
@@ -649,21 +598,7 @@ async fn measure_concurrent_lifecycles_on_moto() {
         .global
         .extend(["--peerpods-limit-per-node".into(), "0".into()]);
     if !paced {
-        setup.global.extend(
-            [
-                "--provider-rate",
-                "10000",
-                "--provider-burst",
-                "10000",
-                "--provider-read-rate",
-                "10000",
-                "--provider-read-burst",
-                "10000",
-                "--provider-max-inflight",
-                "256",
-            ]
-            .map(String::from),
-        );
+        lift_pacing(&mut setup);
     }
     let _side = PodVmSide::for_setup(&bed.moto, &setup);
     let daemon = setup.start().await;
@@ -671,23 +606,7 @@ async fn measure_concurrent_lifecycles_on_moto() {
     let client = Arc::new(daemon.client().await);
     let ids: Vec<String> = (0..n).map(|_| sandbox_id()).collect();
     let begun = Instant::now();
-    let mut tasks = Vec::new();
-    for (k, id) in ids.iter().enumerate() {
-        let (client, id) = (client.clone(), id.clone());
-        tasks.push(tokio::spawn(async move {
-            client
-                .create(&id, pod_annotations(&format!("bench-{k}"), "ns"))
-                .await
-                .unwrap();
-            let t = Instant::now();
-            client.start(&id).await.unwrap();
-            t.elapsed()
-        }));
-    }
-    let mut running = Vec::new();
-    for t in tasks {
-        running.push(t.await.unwrap());
-    }
+    let mut running = start_all(&client, &ids).await;
     let all_running = begun.elapsed();
     assert_eq!(bed.moto.live_instances(None).await.len(), n);
 

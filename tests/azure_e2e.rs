@@ -16,16 +16,16 @@
 #![cfg(feature = "azure")]
 
 mod common;
+#[path = "common/podvm_side.rs"]
+mod podvm_side;
 
 use base64::Engine;
 use common::*;
 use podvisor_providers::azure::testing::{
     AzureServer, Route, ServerOptions, ServerVm, TEST_CLIENT_SECRET, TEST_SUBSCRIPTION_ID,
 };
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use podvm_side::*;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn azure_setup(server: &AzureServer) -> Setup {
@@ -42,109 +42,31 @@ fn vm_key(vm: &ServerVm) -> String {
     format!("{}@{}", vm.id, vm.private_ip)
 }
 
-/// The pod VMs' side: a forwarder on every live VM's private address,
-/// stopped when its VM goes (or starts going).
-struct PodVmSide {
-    forwarders: Arc<Mutex<HashMap<String, Child>>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl PodVmSide {
-    fn start(server: Arc<AzureServer>, setup: &Setup) -> Self {
-        let forwarders: Arc<Mutex<HashMap<String, Child>>> = Arc::default();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (shared, stopped) = (forwarders.clone(), stop.clone());
-        let port = setup.forwarder_port;
-        let agent_socket: PathBuf = setup.root.path().join("agent.sock");
-        let binary = podvisor_podvm::testing::forwarder_binary().unwrap();
-        let thread = std::thread::spawn(move || {
-            let mut written = 0_u32;
-            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                let live: HashMap<String, ServerVm> = server
-                    .vms()
-                    .into_iter()
-                    .filter(|vm| {
-                        vm.provisioning_state != "Deleting" && !vm.private_ip.is_unspecified()
-                    })
-                    .map(|vm| (vm_key(&vm), vm))
-                    .collect();
-                let mut forwarders = shared.lock().unwrap();
-                forwarders.retain(|key, child: &mut Child| {
-                    let keep = live.contains_key(key);
-                    if !keep {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                    }
-                    keep
-                });
-                for (key, vm) in live {
-                    if forwarders.contains_key(&key) {
-                        continue;
-                    }
-                    let ip = vm.private_ip;
-                    assert!(ip.is_loopback(), "VM {} got {ip}", vm.name);
-                    let mut command = Command::new(&binary);
-                    command
-                        .args(["--listen", &format!("{ip}:{port}")])
-                        .arg("--agent-socket")
-                        .arg(&agent_socket)
-                        .args(["--instance-id", &vm.name]);
-                    if let Some(apf) = vm.user_data.as_deref().and_then(apf_json) {
-                        written += 1;
-                        let path =
-                            agent_socket.with_file_name(format!("apf-{}-{written}.json", vm.name));
-                        std::fs::write(&path, apf).unwrap();
-                        command.arg("--config").arg(path);
-                    }
-                    let child = command
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .unwrap();
-                    forwarders.insert(key, child);
-                }
-                drop(forwarders);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        Self {
-            forwarders,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// The keys ([`vm_key`]) of the VMs with a forwarder.
-    fn vms(&self) -> Vec<String> {
-        self.forwarders.lock().unwrap().keys().cloned().collect()
-    }
-}
-
-impl Drop for PodVmSide {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        for (_, mut child) in self.forwarders.lock().unwrap().drain() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The `apf.json` of a pod VM's user data, as ARM holds it: base64.
-fn apf_json(user_data_base64: &str) -> Option<String> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(user_data_base64)
-        .ok()?;
-    let text = String::from_utf8(bytes).ok()?;
-    let files = podvisor_podvm::userdata::parse(&text).ok()?;
-    files
+/// The server's VMs with a NIC address and not being deleted, keyed by
+/// [`vm_key`], their user data decoded from the base64 ARM holds.
+fn live_vms(server: &AzureServer) -> Vec<LiveVm> {
+    server
+        .vms()
         .into_iter()
-        .find(|f| f.name == "apf.json")
-        .map(|f| f.content)
+        .filter(|vm| vm.provisioning_state != "Deleting" && !vm.private_ip.is_unspecified())
+        .map(|vm| LiveVm {
+            key: vm_key(&vm),
+            ip: vm.private_ip.into(),
+            user_data: vm
+                .user_data
+                .as_deref()
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .and_then(|bytes| String::from_utf8(bytes).ok()),
+            name: vm.name,
+        })
+        .collect()
+}
+
+/// The pod VMs' side of `setup`: a forwarder on every live VM's private
+/// address, stopped when its VM goes (or starts going).
+fn pod_vm_side(server: &Arc<AzureServer>, setup: &Setup) -> PodVmSide {
+    let server = server.clone();
+    PodVmSide::start(move || live_vms(&server), setup)
 }
 
 /// The server's VMs of `sandbox` (by its tag; `podvisor.io/sandbox` is
@@ -197,22 +119,13 @@ fn assert_no_secret_in(log: &str) {
     }
 }
 
-async fn wait_gone(daemon: &Daemon, id: &str) {
-    eventually(
-        "the sandbox to be deleted",
-        Duration::from_secs(60),
-        async || daemon.instance(id).await.is_none().then_some(()),
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_vm_lifecycle_on_azure_creates_runs_and_deletes_one_vm() {
     let server = Arc::new(AzureServer::start(ServerOptions::default()));
     server.set_provisioning(3, Duration::ZERO);
     server.set_deleting(3, Duration::ZERO);
     let setup = azure_setup(&server);
-    let side = PodVmSide::start(server.clone(), &setup);
+    let side = pod_vm_side(&server, &setup);
     let daemon = setup.start().await;
     // The start-up GC's listing belongs to the start-up, not to the pod.
     eventually(
@@ -245,7 +158,7 @@ async fn a_pod_vm_lifecycle_on_azure_creates_runs_and_deletes_one_vm() {
         on_server.id
     );
     assert_eq!(on_server.provisioning_state, "Succeeded");
-    assert_eq!(side.vms(), [vm_key(&on_server)]);
+    assert_eq!(side.keys(), [vm_key(&on_server)]);
     assert_eq!(
         on_server.tags.get("podvisor.io_node"),
         Some(&setup.node),
@@ -272,7 +185,7 @@ async fn a_pod_vm_lifecycle_on_azure_creates_runs_and_deletes_one_vm() {
 async fn sigkill_with_running_and_deleting_sandboxes_on_azure_leaks_and_duplicates_nothing() {
     let server = Arc::new(AzureServer::start(ServerOptions::default()));
     let mut setup = azure_setup(&server);
-    let _side = PodVmSide::start(server.clone(), &setup);
+    let _side = pod_vm_side(&server, &setup);
     let mut daemon = setup.start().await;
     let client = daemon.client().await;
     let (running, deleting) = (sandbox_id(), sandbox_id());
@@ -341,7 +254,7 @@ async fn sigkill_with_running_and_deleting_sandboxes_on_azure_leaks_and_duplicat
 async fn crash_at_and_adopt(point: &str) {
     let server = Arc::new(AzureServer::start(ServerOptions::default()));
     let mut setup = azure_setup(&server);
-    let _side = PodVmSide::start(server.clone(), &setup);
+    let _side = pod_vm_side(&server, &setup);
     setup
         .env
         .push(("FAILPOINTS".into(), format!("{point}=return")));
@@ -462,7 +375,7 @@ async fn trace_logging_prints_no_azure_credential_through_a_pod_vm_lifecycle() {
         ]
         .map(String::from),
     );
-    let _side = PodVmSide::start(server.clone(), &setup);
+    let _side = pod_vm_side(&server, &setup);
     let mut daemon = setup.start().await;
     let client = daemon.client().await;
     let id = sandbox_id();
@@ -504,72 +417,18 @@ async fn trace_logging_prints_no_azure_credential_through_a_pod_vm_lifecycle() {
 #[ignore]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn measure_concurrent_lifecycles_on_the_azure_test_server() {
-    let n: usize = std::env::var("PODVISOR_AZURE_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
     let server = Arc::new(AzureServer::start(ServerOptions::default()));
     server.set_provisioning(1, Duration::from_secs(2));
-    let mut setup = azure_setup(&server);
-    setup
-        .global
-        .extend(["--peerpods-limit-per-node".into(), "0".into()]);
-    let unpaced = std::env::var("PODVISOR_AZURE_BENCH_UNPACED").is_ok_and(|v| v == "1");
-    if unpaced {
-        for flag in [
-            "--provider-rate",
-            "--provider-burst",
-            "--provider-read-rate",
-            "--provider-read-burst",
-        ] {
-            setup.global.extend([flag.into(), "10000".into()]);
-        }
-        setup
-            .global
-            .extend(["--provider-max-inflight".into(), "256".into()]);
-    }
-    let _side = PodVmSide::start(server.clone(), &setup);
-    let daemon = setup.start().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    server.reset_counts();
-    let tokens_before = server.tokens_issued();
-    let client = Arc::new(daemon.client().await);
-    let ids: Vec<String> = (0..n).map(|_| sandbox_id()).collect();
-    let mut tasks = Vec::new();
-    for (k, id) in ids.iter().enumerate() {
-        let (client, id) = (client.clone(), id.clone());
-        tasks.push(tokio::spawn(async move {
-            client
-                .create(&id, pod_annotations(&format!("bench-{k}"), "ns"))
-                .await
-                .unwrap();
-            let t = Instant::now();
-            client.start(&id).await.unwrap();
-            t.elapsed()
-        }));
-    }
-    let mut running = Vec::new();
-    for t in tasks {
-        running.push(t.await.unwrap());
-    }
-    let mut tasks = Vec::new();
-    for id in &ids {
-        let (client, id) = (client.clone(), id.clone());
-        let daemon_admin = setup.admin_port;
-        tasks.push(tokio::spawn(async move {
-            let t = Instant::now();
-            client.stop(&id).await.unwrap();
-            let url = format!("http://127.0.0.1:{daemon_admin}/v1/instances/{id}");
-            while http_get(url.clone()).await.is_ok_and(|(s, _)| s == 200) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            t.elapsed()
-        }));
-    }
-    let mut deleted = Vec::new();
-    for t in tasks {
-        deleted.push(t.await.unwrap());
-    }
+    let mut m = measure_lifecycles(
+        "PODVISOR_AZURE_BENCH",
+        azure_setup(&server),
+        |setup| pod_vm_side(&server, setup),
+        || {
+            server.reset_counts();
+            server.tokens_issued()
+        },
+    )
+    .await;
     assert_nothing_left(&server);
     let counts = server.counts();
     let requests: usize = counts
@@ -577,19 +436,16 @@ async fn measure_concurrent_lifecycles_on_the_azure_test_server() {
         .filter(|(route, _)| !matches!(route, Route::Token | Route::OpenIdConfiguration))
         .map(|(_, c)| c)
         .sum();
-    let (r50, r99, _) = percentiles(&mut running);
-    let (d50, d99, _) = percentiles(&mut deleted);
+    let (r50, r99, _) = percentiles(&mut m.running);
+    let (d50, d99, _) = percentiles(&mut m.deleted);
     eprintln!(
-        "{n} sandboxes at once on the Azure test server (VMs Creating 2 s, 50 ms polls; {}): \
+        "{} sandboxes at once on the Azure test server (VMs Creating 2 s, 50 ms polls; {}): \
          create→Running p50 {r50:.0} ms, p99 {r99:.0} ms; StopVM→deleted p50 {d50:.0} ms, \
          p99 {d99:.0} ms; ARM requests per lifecycle: {:.1}; requests: {counts:?}; \
          Entra tokens: {}",
-        if unpaced {
-            "pacing lifted"
-        } else {
-            "default provider pacing"
-        },
-        requests as f64 / n as f64,
-        server.tokens_issued() - tokens_before
+        m.n,
+        m.pacing(),
+        requests as f64 / m.n as f64,
+        server.tokens_issued() - m.settled
     );
 }

@@ -14,15 +14,15 @@
 #![cfg(feature = "ibmcloud")]
 
 mod common;
+#[path = "common/podvm_side.rs"]
+mod podvm_side;
 
 use common::*;
 use podvisor_providers::ibmcloud::testing::{
     IbmCloudServer, Route, ServerInstance, ServerOptions, TEST_API_KEY,
 };
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use podvm_side::*;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The provider's flags for `server` (every value given).
@@ -37,99 +37,29 @@ fn ibm_setup(server: &IbmCloudServer) -> Setup {
     setup
 }
 
-/// The pod VMs' side: a forwarder on every live instance's address, stopped
-/// when its instance goes.
-struct PodVmSide {
-    forwarders: Arc<Mutex<HashMap<String, Child>>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl PodVmSide {
-    fn start(server: Arc<IbmCloudServer>, setup: &Setup) -> Self {
-        let forwarders: Arc<Mutex<HashMap<String, Child>>> = Arc::default();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (shared, stopped) = (forwarders.clone(), stop.clone());
-        let port = setup.forwarder_port;
-        let agent_socket: PathBuf = setup.root.path().join("agent.sock");
-        let binary = podvisor_podvm::testing::forwarder_binary().unwrap();
-        let thread = std::thread::spawn(move || {
-            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                let live: HashMap<String, ServerInstance> = server
-                    .instances()
-                    .into_iter()
-                    .filter(|i| i.status != "deleting" && i.address.is_some())
-                    .map(|i| (i.id.clone(), i))
-                    .collect();
-                let mut forwarders = shared.lock().unwrap();
-                forwarders.retain(|id, child: &mut Child| {
-                    let keep = live.contains_key(id);
-                    if !keep {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                    }
-                    keep
-                });
-                for (id, instance) in live {
-                    if forwarders.contains_key(&id) {
-                        continue;
-                    }
-                    let Some(ip) = instance.address else { continue };
-                    assert!(ip.is_loopback(), "instance {id} got {ip}");
-                    let mut command = Command::new(&binary);
-                    command
-                        .args(["--listen", &format!("{ip}:{port}")])
-                        .arg("--agent-socket")
-                        .arg(&agent_socket)
-                        .args(["--instance-id", &id]);
-                    if let Some(apf) = instance.user_data.as_deref().and_then(apf_json) {
-                        let path = agent_socket.with_file_name(format!("apf-{id}.json"));
-                        std::fs::write(&path, apf).unwrap();
-                        command.arg("--config").arg(path);
-                    }
-                    let child = command
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .unwrap();
-                    forwarders.insert(id, child);
-                }
-                drop(forwarders);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        Self {
-            forwarders,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn instances(&self) -> Vec<String> {
-        self.forwarders.lock().unwrap().keys().cloned().collect()
-    }
-}
-
-impl Drop for PodVmSide {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        for (_, mut child) in self.forwarders.lock().unwrap().drain() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The `apf.json` of a pod VM's user data.
-fn apf_json(user_data: &str) -> Option<String> {
-    let files = podvisor_podvm::userdata::parse(user_data).ok()?;
-    files
+/// The server's instances with an address and not being deleted, keyed by
+/// their id.
+fn live_instances(server: &IbmCloudServer) -> Vec<LiveVm> {
+    server
+        .instances()
         .into_iter()
-        .find(|f| f.name == "apf.json")
-        .map(|f| f.content)
+        .filter(|i| i.status != "deleting")
+        .filter_map(|i| {
+            Some(LiveVm {
+                ip: i.address?.into(),
+                key: i.id.clone(),
+                name: i.id,
+                user_data: i.user_data,
+            })
+        })
+        .collect()
+}
+
+/// The pod VMs' side of `setup`: a forwarder on every live instance's
+/// address, stopped when its instance goes.
+fn pod_vm_side(server: &Arc<IbmCloudServer>, setup: &Setup) -> PodVmSide {
+    let server = server.clone();
+    PodVmSide::start(move || live_instances(&server), setup)
 }
 
 /// The server's instances of `sandbox` (by its tag).
@@ -153,22 +83,13 @@ fn assert_no_secret_in(log: &str) {
     );
 }
 
-async fn wait_gone(daemon: &Daemon, id: &str) {
-    eventually(
-        "the sandbox to be deleted",
-        Duration::from_secs(60),
-        async || daemon.instance(id).await.is_none().then_some(()),
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_vm_lifecycle_on_ibm_cloud_creates_runs_and_deletes_one_instance() {
     let server = Arc::new(IbmCloudServer::start(ServerOptions::default()));
     server.set_pending_polls(3);
     server.set_deleting_polls(3);
     let setup = ibm_setup(&server);
-    let side = PodVmSide::start(server.clone(), &setup);
+    let side = pod_vm_side(&server, &setup);
     let daemon = setup.start().await;
     // The start-up GC's listing belongs to the start-up, not to the pod.
     eventually(
@@ -196,7 +117,7 @@ async fn a_pod_vm_lifecycle_on_ibm_cloud_creates_runs_and_deletes_one_instance()
     let instance_id = record["instance_id"].as_str().unwrap().to_owned();
     let [on_server] = instances_of(&server, &id).try_into().unwrap();
     assert_eq!(on_server.id, instance_id);
-    assert_eq!(side.instances(), std::slice::from_ref(&instance_id));
+    assert_eq!(side.keys(), std::slice::from_ref(&instance_id));
     assert!(
         on_server
             .tags
@@ -222,7 +143,7 @@ async fn a_pod_vm_lifecycle_on_ibm_cloud_creates_runs_and_deletes_one_instance()
 async fn sigkill_with_running_and_deleting_sandboxes_on_ibm_cloud_leaks_and_duplicates_nothing() {
     let server = Arc::new(IbmCloudServer::start(ServerOptions::default()));
     let mut setup = ibm_setup(&server);
-    let _side = PodVmSide::start(server.clone(), &setup);
+    let _side = pod_vm_side(&server, &setup);
     let mut daemon = setup.start().await;
     let client = daemon.client().await;
     let (running, deleting) = (sandbox_id(), sandbox_id());
@@ -282,7 +203,7 @@ async fn sigkill_with_running_and_deleting_sandboxes_on_ibm_cloud_leaks_and_dupl
 async fn crash_at_and_adopt(point: &str) {
     let server = Arc::new(IbmCloudServer::start(ServerOptions::default()));
     let mut setup = ibm_setup(&server);
-    let _side = PodVmSide::start(server.clone(), &setup);
+    let _side = pod_vm_side(&server, &setup);
     setup
         .env
         .push(("FAILPOINTS".into(), format!("{point}=return")));
@@ -370,7 +291,7 @@ async fn trace_logging_prints_no_ibm_credential_through_a_pod_vm_lifecycle() {
         ]
         .map(String::from),
     );
-    let _side = PodVmSide::start(server.clone(), &setup);
+    let _side = pod_vm_side(&server, &setup);
     let mut daemon = setup.start().await;
     let client = daemon.client().await;
     let id = sandbox_id();
@@ -407,86 +328,29 @@ async fn trace_logging_prints_no_ibm_credential_through_a_pod_vm_lifecycle() {
 #[ignore]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn measure_concurrent_lifecycles_on_the_ibm_test_server() {
-    let n: usize = std::env::var("PODVISOR_IBM_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
     let server = Arc::new(IbmCloudServer::start(ServerOptions::default()));
     server.set_pending_polls(5);
     server.set_deleting_polls(5);
-    let mut setup = ibm_setup(&server);
-    setup
-        .global
-        .extend(["--peerpods-limit-per-node".into(), "0".into()]);
-    let unpaced = std::env::var("PODVISOR_IBM_BENCH_UNPACED").is_ok_and(|v| v == "1");
-    if unpaced {
-        for flag in [
-            "--provider-rate",
-            "--provider-burst",
-            "--provider-read-rate",
-            "--provider-read-burst",
-        ] {
-            setup.global.extend([flag.into(), "10000".into()]);
-        }
-        setup
-            .global
-            .extend(["--provider-max-inflight".into(), "256".into()]);
-    }
-    let _side = PodVmSide::start(server.clone(), &setup);
-    let daemon = setup.start().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    server.reset_counts();
-    let tokens_before = server.tokens_issued();
-    let client = Arc::new(daemon.client().await);
-    let ids: Vec<String> = (0..n).map(|_| sandbox_id()).collect();
-    let mut tasks = Vec::new();
-    for (k, id) in ids.iter().enumerate() {
-        let (client, id) = (client.clone(), id.clone());
-        tasks.push(tokio::spawn(async move {
-            client
-                .create(&id, pod_annotations(&format!("bench-{k}"), "ns"))
-                .await
-                .unwrap();
-            let t = Instant::now();
-            client.start(&id).await.unwrap();
-            t.elapsed()
-        }));
-    }
-    let mut running = Vec::new();
-    for t in tasks {
-        running.push(t.await.unwrap());
-    }
-    let mut tasks = Vec::new();
-    for id in &ids {
-        let (client, id) = (client.clone(), id.clone());
-        let daemon_admin = setup.admin_port;
-        tasks.push(tokio::spawn(async move {
-            let t = Instant::now();
-            client.stop(&id).await.unwrap();
-            let url = format!("http://127.0.0.1:{daemon_admin}/v1/instances/{id}");
-            while http_get(url.clone()).await.is_ok_and(|(s, _)| s == 200) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            t.elapsed()
-        }));
-    }
-    let mut deleted = Vec::new();
-    for t in tasks {
-        deleted.push(t.await.unwrap());
-    }
+    let mut m = measure_lifecycles(
+        "PODVISOR_IBM_BENCH",
+        ibm_setup(&server),
+        |setup| pod_vm_side(&server, setup),
+        || {
+            server.reset_counts();
+            server.tokens_issued()
+        },
+    )
+    .await;
     assert!(server.instances().is_empty());
-    let (r50, r99, _) = percentiles(&mut running);
-    let (d50, d99, _) = percentiles(&mut deleted);
+    let (r50, r99, _) = percentiles(&mut m.running);
+    let (d50, d99, _) = percentiles(&mut m.deleted);
     eprintln!(
-        "{n} sandboxes at once on the IBM Cloud test server (5 pending polls, 100 ms apart; {}): \
+        "{} sandboxes at once on the IBM Cloud test server (5 pending polls, 100 ms apart; {}): \
          create→Running p50 {r50:.0} ms, p99 {r99:.0} ms; StopVM→deleted p50 {d50:.0} ms, \
          p99 {d99:.0} ms; requests: {:?}; IAM tokens: {}",
-        if unpaced {
-            "pacing lifted"
-        } else {
-            "default provider pacing"
-        },
+        m.n,
+        m.pacing(),
         server.counts(),
-        server.tokens_issued() - tokens_before
+        server.tokens_issued() - m.settled
     );
 }
