@@ -110,6 +110,20 @@ impl ProviderError {
         self
     }
 
+    /// The same error, unless it says a thing named by the configuration
+    /// does not exist (`NotFound`): then a `Config` error naming the flag
+    /// to fix, `<flag>: <what> does not exist: <message>` (`flag` as
+    /// `--image-id (IBMCLOUD_PODVM_IMAGE_ID)`). For a check of an image, a
+    /// subnet or a host the operator configured.
+    #[must_use]
+    pub fn missing_is_config(self, flag: &str, what: impl fmt::Display) -> Self {
+        if self.class == ErrorClass::NotFound {
+            Self::config(format!("{flag}: {what} does not exist: {}", self.message))
+        } else {
+            self
+        }
+    }
+
     /// The cloud's own error code, if it gave one: the `code` field,
     /// borrowed, for matching (`e.code() == Some("InvalidInstanceType")`).
     pub fn code(&self) -> Option<&str> {
@@ -144,6 +158,19 @@ impl From<ProviderError> for podvisor_state::OpFailure {
 mod tests {
     use super::*;
     use podvisor_state::OpFailure;
+
+    #[test]
+    fn a_missing_configured_thing_is_a_config_error_naming_the_flag() {
+        let e = ProviderError::not_found("HTTP 404 ResourceNotFound")
+            .missing_is_config("--imageid (AZURE_IMAGE_ID)", "image /x");
+        assert_eq!(e.class, ErrorClass::Config);
+        assert_eq!(
+            e.message,
+            "--imageid (AZURE_IMAGE_ID): image /x does not exist: HTTP 404 ResourceNotFound"
+        );
+        let other = ProviderError::transient("HTTP 503").missing_is_config("--x", "y");
+        assert_eq!(other, ProviderError::transient("HTTP 503"));
+    }
 
     #[test]
     fn only_transient_and_throttled_errors_are_retryable() {

@@ -788,18 +788,13 @@ impl AzureProvider {
         } else {
             (image.clone(), COMPUTE_API)
         };
-        match self
-            .arm
+        self.arm
             .get::<serde_json::Value>("get the pod VM image", &path, api)
             .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.class == ErrorClass::NotFound => Err(ProviderError::config(format!(
-                "--imageid (AZURE_IMAGE_ID): image {image} does not exist: {}",
-                e.message
-            ))),
-            Err(e) => Err(e),
-        }
+            .map(drop)
+            .map_err(|e| {
+                e.missing_is_config("--imageid (AZURE_IMAGE_ID)", format_args!("image {image}"))
+            })
     }
 }
 
@@ -1052,18 +1047,16 @@ impl Provider for AzureProvider {
             }
         }
         self.verify_image().await?;
-        match self
-            .arm
+        self.arm
             .get::<serde_json::Value>("get the subnet", &s.subnet_id, NETWORK_API)
             .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.class == ErrorClass::NotFound => Err(ProviderError::config(format!(
-                "--subnetid (AZURE_SUBNET_ID): subnet {} does not exist: {}",
-                s.subnet_id, e.message
-            ))),
-            Err(e) => Err(e),
-        }
+            .map(drop)
+            .map_err(|e| {
+                e.missing_is_config(
+                    "--subnetid (AZURE_SUBNET_ID)",
+                    format_args!("subnet {}", s.subnet_id),
+                )
+            })
     }
 
     async fn teardown(&self) -> Result<(), ProviderError> {

@@ -185,14 +185,10 @@ impl IbmCloudProvider {
                 let mut images = Vec::new();
                 for id in &self.settings.image_ids {
                     let image = self.client.get_image(id).await.map_err(|e| {
-                        if e.class == ErrorClass::NotFound {
-                            ProviderError::config(format!(
-                                "--image-id (IBMCLOUD_PODVM_IMAGE_ID): image {id} does not exist: {}",
-                                e.message
-                            ))
-                        } else {
-                            e
-                        }
+                        e.missing_is_config(
+                            "--image-id (IBMCLOUD_PODVM_IMAGE_ID)",
+                            format_args!("image {id}"),
+                        )
                     })?;
                     let arch = image
                         .operating_system
@@ -211,11 +207,14 @@ impl IbmCloudProvider {
                             name: p.name.clone(),
                             vcpus: u32::try_from(vcpus).unwrap_or(u32::MAX),
                             memory_mib: memory.saturating_mul(1024),
-                            gpus: u32::try_from(value(&p.gpu_count).unwrap_or(0)).unwrap_or(u32::MAX),
+                            gpus: u32::try_from(value(&p.gpu_count).unwrap_or(0))
+                                .unwrap_or(u32::MAX),
                         });
                     }
                 }
-                let host = self.in_zone(&self.settings.dedicated_host_ids, false).await?;
+                let host = self
+                    .in_zone(&self.settings.dedicated_host_ids, false)
+                    .await?;
                 let group = self
                     .in_zone(&self.settings.dedicated_host_group_ids, true)
                     .await?;
@@ -247,12 +246,7 @@ impl IbmCloudProvider {
                 .client
                 .dedicated_host_zone(id, group)
                 .await
-                .map_err(|e| match e.class {
-                    ErrorClass::NotFound => {
-                        ProviderError::config(format!("{flag}: {id} does not exist: {}", e.message))
-                    }
-                    _ => e,
-                })?;
+                .map_err(|e| e.missing_is_config(flag, id))?;
             if zone == self.settings.zone {
                 return Ok(Some(id.clone()));
             }
@@ -719,14 +713,10 @@ impl Provider for IbmCloudProvider {
             .await
             .map_err(|e| access("Global Tagging", e))?;
         self.client.get_subnet(&s.subnet_id).await.map_err(|e| {
-            if e.class == ErrorClass::NotFound {
-                ProviderError::config(format!(
-                    "--primary-subnet-id (IBMCLOUD_VPC_SUBNET_ID): subnet {} does not exist: {}",
-                    s.subnet_id, e.message
-                ))
-            } else {
-                e
-            }
+            e.missing_is_config(
+                "--primary-subnet-id (IBMCLOUD_VPC_SUBNET_ID)",
+                format_args!("subnet {}", s.subnet_id),
+            )
         })
     }
 
