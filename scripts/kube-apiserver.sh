@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Builds a real kube-apiserver for the tests that need one
-# (tests/helm_install.rs), once, into a cache directory outside the clone,
-# keyed by the source version; a second run reuses it. etcd comes from
-# Debian's etcd-server package.
+# Builds real Kubernetes control-plane binaries for the tests that need
+# them, once, into a cache directory outside the clone, keyed by the source
+# version; a second run reuses them. kube-apiserver is for every test that
+# talks to an API server (tests/helm_install.rs, tests/kube_harness.rs);
+# kube-scheduler and kube-controller-manager are for the tests that need
+# pods bound to a node and the garbage collector (tests/common/kube.rs
+# starts them on demand). etcd comes from Debian's etcd-server package.
 #
-# No registry ships a kube-apiserver binary, so it is built from Debian's
+# No registry ships these binaries, so they are built from Debian's
 # `kubernetes` source package (1.20.2) with the distribution's Go, in GOPATH
 # mode as Debian's rules do, with two fixes:
 #   - the vendored modern-go/reflect2 1.0.1 (and the json-iterator that uses
@@ -12,12 +15,18 @@
 #     golang-github-modern-go-reflect2-dev and golang-github-json-iterator-go-dev
 #   - the tarball lacks the generated OpenAPI definitions: `make gen_openapi`
 #
+# Only the binaries missing from the cache are built (a cache made before
+# kube-scheduler and kube-controller-manager were added gets just those two,
+# from a fresh extraction of the source); each is moved in by itself, so
+# the ones already there are not touched.
+#
 # The machine's apt sources carry only binary entries; the matching deb-src
 # entries go into a private apt state (derived from the machine's own
 # sources), so the system's apt configuration is not touched.
 #
-# Prints the binaries' paths as shell assignments (KUBE_APISERVER=…, ETCD=…)
-# on stdout, so a caller can `eval` them; progress goes to stderr.
+# Prints the binaries' paths as shell assignments (KUBE_APISERVER=…,
+# KUBE_SCHEDULER=…, KUBE_CONTROLLER_MANAGER=…, ETCD=…) on stdout, so a
+# caller can `eval` them; progress goes to stderr.
 #
 #   PODVISOR_TOOLS_DIR  the cache (default ${XDG_CACHE_HOME:-$HOME/.cache}/podvisor-tools)
 set -euo pipefail
@@ -26,7 +35,10 @@ src_version=1.20.5+really1.20.2-1.1+deb12u1
 k8s_version=v1.20.2
 
 cache="${PODVISOR_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/podvisor-tools}"
+# The directory's name predates the other two binaries; kept, so existing
+# caches are reused.
 dir="$cache/kube-apiserver-$src_version"
+binaries=(kube-apiserver kube-scheduler kube-controller-manager)
 
 sudo=()
 [ "$(id -u)" = 0 ] || sudo=(sudo)
@@ -46,9 +58,14 @@ apt_install() {
 
 apt_install etcd-server
 
-if [ ! -x "$dir/kube-apiserver" ]; then
+missing=()
+for binary in "${binaries[@]}"; do
+    [ -x "$dir/$binary" ] || missing+=("$binary")
+done
+
+if ((${#missing[@]})); then
     apt_install golang-go rsync make dpkg-dev
-    echo "kube-apiserver: building kubernetes $src_version into $dir (several minutes)" >&2
+    echo "kube-apiserver: building ${missing[*]} of kubernetes $src_version into $dir (several minutes)" >&2
     mkdir -p "$cache"
     work="$(mktemp -d "$cache/.kube-apiserver-build.XXXXXX")"
     trap 'rm -rf "$work"' EXIT
@@ -112,12 +129,18 @@ EOF
         v="k8s.io/kubernetes/vendor/$pkg"
         ldflags+=" -X $v.gitVersion=$k8s_version -X $v.gitMajor=1 -X $v.gitMinor=20"
     done
-    go build -o "$work/out/kube-apiserver" -ldflags "$ldflags" ./cmd/kube-apiserver >&2
-    "$work/out/kube-apiserver" --version >&2
+    for binary in "${missing[@]}"; do
+        go build -o "$work/out/$binary" -ldflags "$ldflags" "./cmd/$binary" >&2
+        "$work/out/$binary" --version >&2
+    done
     cd /
-    rm -rf "$dir"
-    mv "$work/out" "$dir"
+    mkdir -p "$dir"
+    for binary in "${missing[@]}"; do
+        mv -f "$work/out/$binary" "$dir/$binary"
+    done
 fi
 
 echo "KUBE_APISERVER=$dir/kube-apiserver"
+echo "KUBE_SCHEDULER=$dir/kube-scheduler"
+echo "KUBE_CONTROLLER_MANAGER=$dir/kube-controller-manager"
 echo "ETCD=$(command -v etcd || echo /usr/bin/etcd)"

@@ -1,15 +1,22 @@
 //! A real Kubernetes API server for tests: etcd and kube-apiserver on
 //! random loopback ports, their data in a temporary directory (on
 //! `/dev/shm` when there is one), a fresh PKI (rcgen), a kubeconfig for an
-//! admin (`O=system:masters`), both stopped on drop.
+//! admin (`O=system:masters`), all stopped on drop. On demand, a
+//! kube-scheduler ([`KubeApi::start_scheduler`]) and a
+//! kube-controller-manager ([`KubeApi::start_controller_manager`]) run
+//! against it as the admin; there is no kubelet: [`KubeApi::create_node`]
+//! and [`KubeApi::sync_allocatable`] play its part for a node.
 //!
-//! The binaries: `KUBE_APISERVER` and `ETCD` name them, else they are looked
-//! up on `PATH`. `scripts/kube-apiserver.sh` builds kube-apiserver (Debian's
-//! Kubernetes 1.20 source) into a cache and installs etcd; it prints the
-//! assignments (`eval "$(scripts/kube-apiserver.sh)"`; `scripts/test.sh`
-//! does it). Nothing listens or dials outside 127.0.0.1:
-//! `--endpoint-reconciler-type=none` keeps the `kubernetes` Service's
-//! endpoints empty, and nothing here uses the service range.
+//! The binaries: `KUBE_APISERVER`, `ETCD`, `KUBE_SCHEDULER` and
+//! `KUBE_CONTROLLER_MANAGER` name them, else they are looked up on `PATH`.
+//! `scripts/kube-apiserver.sh` builds kube-apiserver, kube-scheduler and
+//! kube-controller-manager (Debian's Kubernetes 1.20 source) into a cache
+//! and installs etcd; it prints the assignments (`eval
+//! "$(scripts/kube-apiserver.sh)"`; `scripts/test.sh` does it). Nothing
+//! listens or dials outside 127.0.0.1: `--endpoint-reconciler-type=none`
+//! keeps the `kubernetes` Service's endpoints empty, nothing here uses the
+//! service range, and the scheduler and controller manager serve nothing
+//! (`--port=0 --secure-port=0`).
 
 #![allow(dead_code)]
 
@@ -29,44 +36,96 @@ use std::time::{Duration, Instant};
 /// on an idle 2-core machine; CI shares the cores).
 const READY_LIMIT: Duration = Duration::from_secs(120);
 
+/// How long kube-scheduler must keep running after it starts to count as
+/// started: with its ports off there is nothing to ask, and a refused flag,
+/// configuration or kubeconfig ends it well within this.
+const SETTLE: Duration = Duration::from_secs(2);
+
 /// The binaries the harness runs.
 #[derive(Debug, Clone)]
 pub struct KubeBinaries {
     pub kube_apiserver: PathBuf,
     pub etcd: PathBuf,
+    /// `None` when it does not run ([`KubeBinaries::require_scheduler`]
+    /// says why).
+    pub kube_scheduler: Option<PathBuf>,
+    /// `None` when it does not run
+    /// ([`KubeBinaries::require_controller_manager`] says why).
+    pub kube_controller_manager: Option<PathBuf>,
+}
+
+/// The program the variable `var` names, else `default` (looked up on
+/// `PATH`).
+fn tool(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(default), PathBuf::from)
+}
+
+/// Whether `program --version` runs and succeeds; the reason when not.
+fn runnable(program: &Path) -> Result<(), String> {
+    match Command::new(program).arg("--version").output() {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!(
+            "`{} --version` failed ({})",
+            program.display(),
+            out.status
+        )),
+        Err(e) => Err(format!("{} cannot run: {e}", program.display())),
+    }
+}
+
+/// The program of `var`/`default` if it runs, else why not.
+fn optional_tool(var: &str, default: &str) -> Result<PathBuf, String> {
+    let program = tool(var, default);
+    runnable(&program)
+        .map(|()| program)
+        .map_err(|e| format!("no runnable {default} ({var}, else PATH): {e}"))
 }
 
 impl KubeBinaries {
     /// `KUBE_APISERVER` and `ETCD`, else from `PATH`; an error saying which
-    /// one does not run.
+    /// one does not run. `KUBE_SCHEDULER` and `KUBE_CONTROLLER_MANAGER`
+    /// (else `PATH`) likewise, but one that does not run is `None`, not an
+    /// error: only the tests that start it need it.
     pub fn find() -> Result<Self, String> {
-        let tool = |var: &str, default: &str| {
-            std::env::var_os(var)
-                .filter(|v| !v.is_empty())
-                .map_or_else(|| PathBuf::from(default), PathBuf::from)
-        };
         let found = Self {
             kube_apiserver: tool("KUBE_APISERVER", "kube-apiserver"),
             etcd: tool("ETCD", "etcd"),
+            kube_scheduler: optional_tool("KUBE_SCHEDULER", "kube-scheduler").ok(),
+            kube_controller_manager: optional_tool(
+                "KUBE_CONTROLLER_MANAGER",
+                "kube-controller-manager",
+            )
+            .ok(),
         };
         for program in [&found.kube_apiserver, &found.etcd] {
-            match Command::new(program).arg("--version").output() {
-                Ok(out) if out.status.success() => {}
-                Ok(out) => {
-                    return Err(format!(
-                        "`{} --version` failed ({})",
-                        program.display(),
-                        out.status
-                    ));
-                }
-                Err(e) => return Err(format!("{} cannot run: {e}", program.display())),
-            }
+            runnable(program)?;
         }
         Ok(found)
     }
+
+    /// The kube-scheduler, or why there is none (the variable, the program
+    /// tried and how it failed).
+    pub fn require_scheduler(&self) -> Result<PathBuf, String> {
+        match &self.kube_scheduler {
+            Some(program) => Ok(program.clone()),
+            None => optional_tool("KUBE_SCHEDULER", "kube-scheduler"),
+        }
+    }
+
+    /// The kube-controller-manager, or why there is none (the variable,
+    /// the program tried and how it failed).
+    pub fn require_controller_manager(&self) -> Result<PathBuf, String> {
+        match &self.kube_controller_manager {
+            Some(program) => Ok(program.clone()),
+            None => optional_tool("KUBE_CONTROLLER_MANAGER", "kube-controller-manager"),
+        }
+    }
 }
 
-/// A running etcd + kube-apiserver; both are killed on drop.
+/// A running etcd + kube-apiserver, and the kube-scheduler and
+/// kube-controller-manager once started; all are killed on drop.
 pub struct KubeApi {
     /// The admin's kubeconfig (for `kubectl` and `helm --kubeconfig`).
     pub kubeconfig: PathBuf,
@@ -78,6 +137,8 @@ pub struct KubeApi {
     pub startup: Duration,
     admin: ureq::Agent,
     anonymous: ureq::Agent,
+    scheduler: Option<Child>,
+    controller_manager: Option<Child>,
     apiserver: Child,
     etcd: Child,
     // Last: removed after both processes are gone.
@@ -181,6 +242,18 @@ fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// An error naming `name` with the end of its `log` if `child` has exited.
+fn exited(child: &mut Child, log: &Path, name: &str) -> Result<(), String> {
+    match child.try_wait() {
+        Ok(Some(status)) => Err(format!(
+            "{name} exited ({status}); its log ends:\n{}",
+            log_tail(log)
+        )),
+        Ok(None) => Ok(()),
+        Err(e) => Err(format!("{name}: {e}")),
+    }
 }
 
 fn spawn(program: &Path, args: &[String], log: &Path) -> Result<Child, String> {
@@ -297,6 +370,8 @@ impl KubeApi {
             startup: Duration::ZERO,
             admin,
             anonymous,
+            scheduler: None,
+            controller_manager: None,
             apiserver,
             etcd,
             dir,
@@ -334,8 +409,11 @@ impl KubeApi {
     }
 
     /// `method path` with `body` as JSON: as the admin, or with `token` as
-    /// the bearer (and no client certificate, which would win). The status
-    /// and the body as JSON (`Value::Null` when it is not JSON).
+    /// the bearer (and no client certificate, which would win). `GET` and
+    /// `DELETE` without a body, `POST`, `PUT` and `PATCH` (a JSON merge
+    /// patch, `application/merge-patch+json`) with one. The status and the
+    /// body as JSON (`Value::Null` when it is not JSON); an error only when
+    /// there is no HTTP answer.
     pub fn request(
         &self,
         method: &str,
@@ -355,6 +433,9 @@ impl KubeApi {
             ("DELETE", None) => with_auth(agent.delete(&url), auth.as_deref()).call(),
             ("POST", Some(b)) => with_auth(agent.post(&url), auth.as_deref()).send_json(b),
             ("PUT", Some(b)) => with_auth(agent.put(&url), auth.as_deref()).send_json(b),
+            ("PATCH", Some(b)) => with_auth(agent.patch(&url), auth.as_deref())
+                .content_type("application/merge-patch+json")
+                .send_json(b),
             _ => return Err(format!("{method} with body {body:?} is not supported here")),
         };
         let mut response = result.map_err(|e| format!("{method} {url}: {e}"))?;
@@ -383,6 +464,233 @@ impl KubeApi {
             (status, v) => Err(format!("POST {path}: HTTP {status}: {v}")),
         }
     }
+
+    /// Starts kube-scheduler against the API server as the admin
+    /// (`--leader-elect=false`, no ports: `--port=0 --secure-port=0`), its
+    /// log `kube-scheduler.log` in [`KubeApi::dir`]. Returns once it has run
+    /// for two seconds (there is nothing to ask); an error with the log's
+    /// end if it exits before, or if it is not there or already started.
+    pub fn start_scheduler(&mut self, bin: &KubeBinaries) -> Result<(), String> {
+        if self.scheduler.is_some() {
+            return Err("kube-scheduler is already running".to_owned());
+        }
+        let program = bin.require_scheduler()?;
+        let args: Vec<String> = vec![
+            format!("--kubeconfig={}", self.kubeconfig.display()),
+            "--leader-elect=false".into(),
+            "--port=0".into(),
+            "--secure-port=0".into(),
+        ];
+        let log = self.dir().join("kube-scheduler.log");
+        let mut child = spawn(&program, &args, &log)?;
+        let started = Instant::now();
+        while started.elapsed() < SETTLE {
+            exited(&mut child, &log, "kube-scheduler")?;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.scheduler = Some(child);
+        Ok(())
+    }
+
+    /// Starts kube-controller-manager against the API server as the admin
+    /// (`--leader-elect=false`, no ports, every controller but the node
+    /// and cloud ones, the controllers sharing the admin's credentials;
+    /// the service-account token controller signs with the API server's
+    /// service-account key, and `kube-root-ca.crt` carries the cluster CA),
+    /// its log `kube-controller-manager.log` in [`KubeApi::dir`]. Returns
+    /// once its controllers run (the root CA publisher has made
+    /// `kube-root-ca.crt` in `default`); an error with the log's end if it
+    /// exits or is not there by then (two minutes), or if it is not there
+    /// or already started.
+    pub fn start_controller_manager(&mut self, bin: &KubeBinaries) -> Result<(), String> {
+        if self.controller_manager.is_some() {
+            return Err("kube-controller-manager is already running".to_owned());
+        }
+        let program = bin.require_controller_manager()?;
+        let args: Vec<String> = vec![
+            format!("--kubeconfig={}", self.kubeconfig.display()),
+            "--leader-elect=false".into(),
+            "--port=0".into(),
+            "--secure-port=0".into(),
+            "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-route,-service".into(),
+            "--use-service-account-credentials=false".into(),
+            format!(
+                "--service-account-private-key-file={}",
+                self.dir().join("sa.key").display()
+            ),
+            format!("--root-ca-file={}", self.ca_file.display()),
+        ];
+        let log = self.dir().join("kube-controller-manager.log");
+        // Killed on drop from here on.
+        self.controller_manager = Some(spawn(&program, &args, &log)?);
+        let started = Instant::now();
+        let path = "/api/v1/namespaces/default/configmaps/kube-root-ca.crt";
+        loop {
+            let child = self.controller_manager.as_mut().expect("started above");
+            let mut failed = exited(child, &log, "kube-controller-manager").err();
+            if failed.is_none() {
+                if let Ok((200, _)) = self.request("GET", path, None, None) {
+                    return Ok(());
+                }
+                if started.elapsed() > READY_LIMIT {
+                    failed = Some(format!(
+                        "kube-controller-manager made no {path} in {READY_LIMIT:?}; its log \
+                         ends:\n{}",
+                        log_tail(&log)
+                    ));
+                }
+            }
+            if let Some(e) = failed {
+                if let Some(mut child) = self.controller_manager.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ok while every process the harness started still runs; else an
+    /// error naming the first one that exited, with the end of its log (for
+    /// a test's wait loop to fail at once rather than time out).
+    pub fn running(&mut self) -> Result<(), String> {
+        let dir = self.dir.path().to_owned();
+        let processes = [
+            (Some(&mut self.etcd), "etcd"),
+            (Some(&mut self.apiserver), "kube-apiserver"),
+            (self.scheduler.as_mut(), "kube-scheduler"),
+            (self.controller_manager.as_mut(), "kube-controller-manager"),
+        ];
+        for (child, name) in processes {
+            if let Some(child) = child {
+                exited(child, &dir.join(format!("{name}.log")), name)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Plays the kubelet registering node `name`: creates the Node (labels
+    /// `kubernetes.io/hostname`, `kubernetes.io/os` and `kubernetes.io/arch`),
+    /// sets its status through the status subresource (condition Ready
+    /// True; capacity and allocatable cpu 8, memory 32Gi, pods 110), and
+    /// removes the `node.kubernetes.io/not-ready` taint the
+    /// TaintNodesByCondition admission plugin puts on a new node. An error
+    /// with the HTTP status and body of the first call refused.
+    pub fn create_node(&self, name: &str) -> Result<(), String> {
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        let node = json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "labels": {
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": arch,
+                },
+            },
+        });
+        self.expect("POST", "/api/v1/nodes", Some(&node), &[201])?;
+
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let resources = json!({"cpu": "8", "memory": "32Gi", "pods": "110"});
+        let status = json!({"status": {
+            "capacity": resources,
+            "allocatable": resources,
+            "conditions": [{
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "kubelet is posting ready status (podvisor test harness)",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": now,
+            }],
+        }});
+        let path = format!("/api/v1/nodes/{name}");
+        self.expect("PATCH", &format!("{path}/status"), Some(&status), &[200])?;
+
+        // The taint: read, then write the rest back at that resourceVersion
+        // (again on a conflict).
+        for _ in 0..5 {
+            let node = self.expect("GET", &path, None, &[200])?;
+            let taints = node["spec"]["taints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let kept: Vec<Value> = taints
+                .iter()
+                .filter(|t| t["key"] != "node.kubernetes.io/not-ready")
+                .cloned()
+                .collect();
+            if kept.len() == taints.len() {
+                return Ok(());
+            }
+            let patch = json!({
+                "metadata": {"resourceVersion": node["metadata"]["resourceVersion"]},
+                "spec": {"taints": kept},
+            });
+            match self.request("PATCH", &path, None, Some(&patch))? {
+                (200, _) => return Ok(()),
+                (409, _) => continue,
+                (status, v) => return Err(format!("PATCH {path}: HTTP {status}: {v}")),
+            }
+        }
+        Err(format!("PATCH {path}: conflicts five times over"))
+    }
+
+    /// Plays the kubelet's copy of extended resources: reads node `node`
+    /// and merge-patches its `status.allocatable` (status subresource) so
+    /// that every `status.capacity` key with a `/` (an extended resource)
+    /// has the capacity's value, and such a key no longer in the capacity
+    /// is gone (`null`). The other keys are left alone; nothing is written
+    /// when nothing differs. An error with the HTTP status and body of a
+    /// refused call.
+    pub fn sync_allocatable(&self, node: &str) -> Result<(), String> {
+        let path = format!("/api/v1/nodes/{node}");
+        let current = self.expect("GET", &path, None, &[200])?;
+        let empty = serde_json::Map::new();
+        let capacity = current["status"]["capacity"].as_object().unwrap_or(&empty);
+        let allocatable = current["status"]["allocatable"]
+            .as_object()
+            .unwrap_or(&empty);
+        let mut patch = serde_json::Map::new();
+        for (key, value) in capacity.iter().filter(|(k, _)| k.contains('/')) {
+            if allocatable.get(key) != Some(value) {
+                patch.insert(key.clone(), value.clone());
+            }
+        }
+        for key in allocatable.keys().filter(|k| k.contains('/')) {
+            if !capacity.contains_key(key) {
+                patch.insert(key.clone(), Value::Null);
+            }
+        }
+        if patch.is_empty() {
+            return Ok(());
+        }
+        let body = json!({"status": {"allocatable": patch}});
+        self.expect("PATCH", &format!("{path}/status"), Some(&body), &[200])?;
+        Ok(())
+    }
+
+    /// [`KubeApi::request`] as the admin, the body when the status is one
+    /// of `ok`, else an error with the status and body.
+    fn expect(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        ok: &[u16],
+    ) -> Result<Value, String> {
+        match self.request(method, path, None, body)? {
+            (status, v) if ok.contains(&status) => Ok(v),
+            (status, v) => Err(format!("{method} {path}: HTTP {status}: {v}")),
+        }
+    }
 }
 
 fn with_auth<B>(request: ureq::RequestBuilder<B>, auth: Option<&str>) -> ureq::RequestBuilder<B> {
@@ -394,6 +702,11 @@ fn with_auth<B>(request: ureq::RequestBuilder<B>, auth: Option<&str>) -> ureq::R
 
 impl Drop for KubeApi {
     fn drop(&mut self) {
+        let components = [&mut self.scheduler, &mut self.controller_manager];
+        for child in components.into_iter().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for child in [&mut self.apiserver, &mut self.etcd] {
             let _ = child.kill();
             let _ = child.wait();
