@@ -63,6 +63,16 @@ pub struct LocalConfig {
         value_parser = parse_duration
     )]
     pub delete_delay: Duration,
+
+    /// Simulated cloud latency of each lookup and listing (Go duration)
+    #[arg(
+        long = "lookup-delay",
+        env = "LOCAL_LOOKUP_DELAY",
+        value_name = "DURATION",
+        default_value = "0s",
+        value_parser = parse_duration
+    )]
+    pub lookup_delay: Duration,
 }
 
 /// An IPv4 range inside 127.0.0.0/8, written as CIDR.

@@ -91,6 +91,7 @@ impl ProviderConfig for LocalConfig {
             "address_range": format!("{}/{}", self.address_range.base, self.address_range.prefix),
             "create_delay_ms": self.create_delay.as_millis() as u64,
             "delete_delay_ms": self.delete_delay.as_millis() as u64,
+            "lookup_delay_ms": self.lookup_delay.as_millis() as u64,
         })
     }
 
@@ -110,7 +111,8 @@ impl ProviderConfig for LocalConfig {
             .map_err(|e| ProviderError::config(e.to_string()))?
             .with_agent_socket(self.agent_socket.clone())
             .with_address_range(self.address_range)
-            .with_delays(self.create_delay, self.delete_delay);
+            .with_delays(self.create_delay, self.delete_delay)
+            .with_lookup_delay(self.lookup_delay);
         Ok(Arc::new(provider))
     }
 }

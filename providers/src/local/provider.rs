@@ -64,6 +64,8 @@ pub struct LocalProvider {
     create_delay: Duration,
     /// Simulated delete latency.
     delete_delay: Duration,
+    /// Simulated latency of lookups and listings.
+    lookup_delay: Duration,
     /// Serializes address allocation so concurrent creates never share one.
     allocation: Mutex<()>,
 }
@@ -120,6 +122,7 @@ impl LocalProvider {
             range: "127.64.0.0/10".parse().expect("the default range is valid"),
             create_delay: Duration::ZERO,
             delete_delay: Duration::ZERO,
+            lookup_delay: Duration::ZERO,
             allocation: Mutex::new(()),
         })
     }
@@ -140,6 +143,12 @@ impl LocalProvider {
     pub fn with_delays(mut self, create: Duration, delete: Duration) -> Self {
         self.create_delay = create;
         self.delete_delay = delete;
+        self
+    }
+
+    /// Sets the simulated latency of lookups and listings.
+    pub fn with_lookup_delay(mut self, lookup: Duration) -> Self {
+        self.lookup_delay = lookup;
         self
     }
 
@@ -531,6 +540,9 @@ impl Provider for LocalProvider {
         token: &str,
         _name: &str,
     ) -> Result<Option<Instance>, ProviderError> {
+        if !self.lookup_delay.is_zero() {
+            tokio::time::sleep(self.lookup_delay).await;
+        }
         if token.is_empty() {
             return Ok(None);
         }
@@ -543,6 +555,9 @@ impl Provider for LocalProvider {
     }
 
     async fn list_instances(&self, key: &str, value: &str) -> Result<Vec<Instance>, ProviderError> {
+        if !self.lookup_delay.is_zero() {
+            tokio::time::sleep(self.lookup_delay).await;
+        }
         Ok(self
             .load_all()
             .await?
