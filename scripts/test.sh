@@ -50,9 +50,11 @@ python3 -m pip install --quiet 'moto[server]==5.2.1' \
 # (tests/helm.rs), cached outside the clone and reused.
 eval "$(scripts/helm-tools.sh)"
 export HELM KUBECTL KUBERNETES_VALIDATE
-# kube-apiserver (built once, cached) and etcd for tests/helm_install.rs.
+# kube-apiserver, kube-scheduler and kube-controller-manager (built once,
+# cached) and etcd for tests/helm_install.rs, tests/kube_harness.rs and
+# tests/kube_node.rs.
 eval "$(scripts/kube-apiserver.sh)"
-export KUBE_APISERVER ETCD
+export KUBE_APISERVER ETCD KUBE_SCHEDULER KUBE_CONTROLLER_MANAGER
 
 # A clean CI build gains nothing from incremental compilation, whose caches
 # cost gigabytes of a disk that the test binaries also need.

@@ -1,4 +1,4 @@
-//! The admin HTTP endpoint: `/metrics`, `/livez`, `/readyz`,
+//! The admin HTTP endpoint: `/metrics`, `/livez`, `/readyz`, `/startup`,
 //! `/v1/instances`, `/v1/instances/{sandbox_id}` and `/v1/status`; JSON,
 //! with errors as `{"error": ...}`. [`server`] serves it, with time limits
 //! on every connection.
@@ -32,6 +32,8 @@ pub struct AdminState {
     /// The journal, for its identity and integrity (a doubt may be
     /// declared while the daemon runs).
     pub journal: Arc<dyn podvisor_state::Journal>,
+    /// Whether the sandboxes of before the start are back, for `/startup`.
+    pub startup: Arc<crate::startup::StartupGate>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -122,6 +124,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
+        .route("/startup", get(startup))
         .route("/v1/status", get(status))
         .route("/v1/instances", get(list))
         .route("/v1/instances/{sandbox_id}", get(one))
@@ -158,6 +161,38 @@ async fn livez(State(s): State<AdminState>) -> Response {
                 for_how_long.as_secs()
             ),
         ),
+    }
+}
+
+/// Only `/startup`, for `--probe-port` (reachable off the node: it tells
+/// nothing but whether start-up is done).
+pub fn probe_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/startup", get(startup))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "Only /startup is served here") })
+        .with_state(state)
+}
+
+/// 200 once every sandbox `Creating` or `Running` at start-up is `Running`
+/// again or ended; else 503 with how many are not back yet.
+async fn startup(State(s): State<AdminState>) -> Response {
+    use crate::startup::Startup;
+    match s.startup.check(&s.view) {
+        Startup::Done => (StatusCode::OK, axum::Json(json!({ "started": true }))).into_response(),
+        Startup::Recovering => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "started": false, "error": "Start-up recovery is still running" })),
+        )
+            .into_response(),
+        Startup::Waiting(n) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({
+                "started": false,
+                "waiting_for": n,
+                "error": format!("{n} sandboxes that were Creating or Running before the start are not Running yet"),
+            })),
+        )
+            .into_response(),
     }
 }
 

@@ -210,8 +210,13 @@ pub struct PodInputArgs {
     )]
     pub kata_direct_volumes_dir: PathBuf,
 
-    /// Kubernetes API to read pods' image pull secrets from (for the pod VM's
-    /// auth.json) [default: in-cluster, from KUBERNETES_SERVICE_HOST]
+    /// Kubeconfig file for the Kubernetes API, its current context (for
+    /// development; wins over --kube-api-server and in-cluster)
+    #[arg(long = "kubeconfig", env = "PODVISOR_KUBECONFIG", value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Kubernetes API (image pull secrets, the node's peer pod capacity,
+    /// stale sandboxes) [default: in-cluster, from KUBERNETES_SERVICE_HOST]
     #[arg(
         long = "kube-api-server",
         env = "PODVISOR_KUBE_API_SERVER",
@@ -228,6 +233,15 @@ pub struct PodInputArgs {
     #[arg(long = "kube-ca-file", env = "PODVISOR_KUBE_CA_FILE", value_name = "PATH",
           default_value = crate::pull_secrets::IN_CLUSTER_CA)]
     pub kube_ca_file: PathBuf,
+
+    /// This daemon's pod UID: names it in the node's kata.peerpods.io/caa-owner annotation [default: podvisor-<node>]
+    #[arg(long = "pod-uid", env = "POD_UID", value_name = "UID")]
+    pub pod_uid: Option<String>,
+
+    /// Stop a Running or Failed sandbox whose pod has been missing from the node's pod list this long (needs the Kubernetes API; 0s: never)
+    #[arg(long = "stale-sandbox-grace", env = "PODVISOR_STALE_SANDBOX_GRACE", value_name = "DURATION",
+          default_value = "5m", value_parser = parse_duration)]
+    pub stale_sandbox_grace: Duration,
 }
 
 /// The network tunnel between the node and its pod VMs (accepted for the
@@ -305,7 +319,7 @@ pub struct PodVmArgs {
 /// socket.
 #[derive(Args, Debug, Clone)]
 pub struct EndpointArgs {
-    /// Admin HTTP endpoint (/metrics, /livez, /readyz, /v1/instances)
+    /// Admin HTTP endpoint (/metrics, /livez, /readyz, /startup, /v1/instances)
     #[arg(
         long = "admin-addr",
         env = "PODVISOR_ADMIN_ADDR",
@@ -314,6 +328,10 @@ pub struct EndpointArgs {
         value_parser = parse_socket_addr
     )]
     pub admin_addr: SocketAddr,
+
+    /// Serve only the startup probe, GET /startup, on this port of every address (the reference's probe port; off when unset)
+    #[arg(long = "probe-port", env = "PROBE_PORT", value_name = "PORT")]
+    pub probe_port: Option<u16>,
 
     /// Admin HTTP: longest wait for a request's headers, from a connection's opening or a later request's first byte (hidden: for tests)
     #[arg(long = "admin-header-timeout", value_name = "DURATION", hide = true,

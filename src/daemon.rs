@@ -7,7 +7,7 @@
 //! 2. `build_provider`: the provider, its call limits, its configuration
 //!    checked against the cloud.
 //! 3. `load_pki`: the TLS keys the agent proxy shows the pod VMs (then
-//!    `pull_secrets`: the Kubernetes API client for image pull secrets).
+//!    `kubernetes`: the Kubernetes API client, when there is an API).
 //! 4. `start_actors`: the supervisor, which recovers every record: an
 //!    actor for each with work to do, the others (kept `Pending` and
 //!    cleaned-up `Failed` records) dormant until a request or their expiry.
@@ -18,7 +18,10 @@
 //!
 //! Order matters: the journal is loaded and every record recovered (an
 //! actor, or dormant) before the Kata socket opens; `/readyz` turns ready once each record's
-//! recovery is decided; then the orphan GC runs.
+//! recovery is decided; then the orphan GC runs. `/startup` passes once
+//! every sandbox `Creating` or `Running` at start-up is `Running` again.
+//! With a Kubernetes API, once serving: the node's peer pod capacity is
+//! advertised (withdrawn at shutdown) and stale sandboxes are stopped.
 //!
 //! A step that fails stops start-up with a [`StartupError`] naming the step
 //! and the flag to fix.
@@ -143,7 +146,11 @@ pub async fn serve(
     let (journal, records) = open_journal(&global.state_dir).await?;
     let provider = build_provider(&global, provider_name, &*provider_config, &node).await?;
     let pki = load_pki(&global).await?;
-    let pull_secrets = pull_secrets(&global)?;
+    let kube = kubernetes(&global, &node).await?;
+    let pull_secrets = kube
+        .clone()
+        .map(|k| Arc::new(crate::pull_secrets::PullSecrets::new(k)));
+    let startup = Arc::new(crate::startup::StartupGate::new(&records));
     let actors = start_actors(
         &global,
         &node,
@@ -161,6 +168,7 @@ pub async fn serve(
         &provider,
         &journal,
         actors.limit,
+        kube.as_ref(),
     );
     let endpoints = serve_endpoints(
         &global,
@@ -169,8 +177,12 @@ pub async fn serve(
         &journal,
         &actors,
         status,
+        startup,
     )
     .await?;
+    let node_capacity = kube
+        .as_ref()
+        .and_then(|k| node_integration(&global, k, &actors, &endpoints));
     tracing::info!(
         socket = %global.kata.socket.display(),
         admin = %global.endpoints.admin_addr,
@@ -183,6 +195,9 @@ pub async fn serve(
     );
 
     shutdown.await;
+    if let Some(capacity) = node_capacity {
+        withdraw_capacity(&capacity).await;
+    }
     shut_down(&global, endpoints, actors, journal, provider, pki).await
 }
 
@@ -534,34 +549,100 @@ async fn load_pki(global: &GlobalArgs) -> Result<LoadedPki, StartupError> {
     })
 }
 
-/// After step 3: the pods' image pull secrets, from the Kubernetes API
-/// when there is one (`--kube-api-server`, else in-cluster); `None`
-/// without one, and pod VMs then get no registry credentials.
-fn pull_secrets(
+/// After step 3: the Kubernetes API client, when there is an API
+/// (`--kubeconfig`, `--kube-api-server`, else in-cluster); `None` without
+/// one: pod VMs then get no registry credentials, and neither the node's
+/// capacity nor stale sandboxes are looked after.
+async fn kubernetes(
     global: &GlobalArgs,
-) -> Result<Option<Arc<crate::pull_secrets::PullSecrets>>, StartupError> {
-    let kube = &global.pod_inputs;
-    match crate::pull_secrets::KubeApiConfig::resolve(
-        kube.kube_api_server.as_deref(),
+    node: &str,
+) -> Result<Option<crate::kubernetes::Kube>, StartupError> {
+    let args = &global.pod_inputs;
+    let source = crate::kubernetes::KubeSource::resolve(
+        args.kubeconfig.as_deref(),
+        args.kube_api_server.as_deref(),
         std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
         std::env::var("KUBERNETES_SERVICE_PORT").ok().as_deref(),
-        &kube.kube_token_file,
-        &kube.kube_ca_file,
-    ) {
-        Some(config) => {
-            let secrets = crate::pull_secrets::PullSecrets::new(config)
-                .map_err(|reason| StartupError::KubeApi { reason })?;
-            tracing::info!(
-                api = secrets.server(),
-                "image pull secrets are read from the Kubernetes API"
-            );
-            Ok(Some(Arc::new(secrets)))
+        &args.kube_token_file,
+        &args.kube_ca_file,
+    );
+    let Some(source) = source else {
+        tracing::info!(
+            "no Kubernetes API (--kubeconfig, --kube-api-server, KUBERNETES_SERVICE_HOST): pod VMs get no registry credentials, the node's peer pod capacity is not advertised and stale sandboxes are not stopped"
+        );
+        return Ok(None);
+    };
+    let kube = crate::kubernetes::Kube::connect(source, node)
+        .await
+        .map_err(|reason| StartupError::KubeApi { reason })?;
+    tracing::info!(
+        api = kube.server(),
+        node,
+        "the Kubernetes API: image pull secrets, the node's peer pod capacity, stale sandboxes"
+    );
+    Ok(Some(kube))
+}
+
+/// After step 5, with a Kubernetes API: advertises the node's peer pod
+/// capacity (unless there is no limit) and stops stale sandboxes (unless
+/// `--stale-sandbox-grace 0s`), both until the endpoints stop. Returns
+/// the capacity to withdraw at shutdown.
+fn node_integration(
+    global: &GlobalArgs,
+    kube: &crate::kubernetes::Kube,
+    actors: &Actors,
+    endpoints: &Endpoints,
+) -> Option<crate::kubernetes::node::NodeCapacity> {
+    let grace = global.pod_inputs.stale_sandbox_grace;
+    if grace.is_zero() {
+        tracing::info!("--stale-sandbox-grace is 0s: sandboxes whose pod is gone are not stopped");
+    } else {
+        let stale = crate::kubernetes::stale::StaleSandboxes::new(
+            kube.clone(),
+            actors.view.clone(),
+            actors.supervisor.clone(),
+            grace,
+        );
+        tokio::spawn(stale.run(endpoints.stop.subscribe()));
+    }
+    let Some(limit) = actors.limit else {
+        tracing::info!(
+            resource = crate::kubernetes::node::RESOURCE,
+            "no --peerpods-limit-per-node: the node's peer pod capacity is not advertised"
+        );
+        return None;
+    };
+    let owner = global
+        .pod_inputs
+        .pod_uid
+        .clone()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| format!("podvisor-{}", kube.node()));
+    let capacity = crate::kubernetes::node::NodeCapacity::new(kube.clone(), limit as u64, owner);
+    tokio::spawn(capacity.clone().run(endpoints.stop.subscribe()));
+    Some(capacity)
+}
+
+/// At shutdown: the node's peer pod capacity is withdrawn if this daemon
+/// still owns it (no peer pod can be placed on a node whose daemon is
+/// gone), within 5 s; a failure is logged.
+async fn withdraw_capacity(capacity: &crate::kubernetes::node::NodeCapacity) {
+    match tokio::time::timeout(Duration::from_secs(5), capacity.withdraw()).await {
+        Ok(Ok(true)) => tracing::info!(
+            resource = crate::kubernetes::node::RESOURCE,
+            "shutdown: the node's peer pod capacity is withdrawn"
+        ),
+        Ok(Ok(false)) => tracing::info!(
+            resource = crate::kubernetes::node::RESOURCE,
+            "shutdown: the node's peer pod capacity belongs to another daemon; left as it is"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "shutdown: cannot withdraw the node's peer pod capacity");
         }
-        None => {
-            tracing::info!(
-                "no Kubernetes API (--kube-api-server, KUBERNETES_SERVICE_HOST): pod VMs get no registry credentials"
+        Err(_) => {
+            tracing::warn!(
+                "shutdown: withdrawing the node's peer pod capacity took over 5 s; left"
             );
-            Ok(None)
         }
     }
 }
@@ -688,7 +769,15 @@ fn status_document(
     provider: &BuiltProvider,
     journal: &OpenedJournal,
     limit: Option<usize>,
+    kube: Option<&crate::kubernetes::Kube>,
 ) -> serde_json::Value {
+    let kubernetes = kube.map(|k| {
+        serde_json::json!({
+            "api": k.server(),
+            "peer_pod_capacity": limit.map(|_| crate::kubernetes::node::RESOURCE),
+            "stale_sandbox_grace_seconds": global.pod_inputs.stale_sandbox_grace.as_secs_f64(),
+        })
+    });
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "node": node,
@@ -705,6 +794,8 @@ fn status_document(
         "tls": tls_status(global),
         "state_dir": global.state_dir,
         "peerpods_limit_per_node": limit,
+        "kubernetes": kubernetes,
+        "probe_port": global.endpoints.probe_port,
         "max_connections_per_endpoint": global.max_connections_per_endpoint,
         "provider_call_limits": {
             "rate_per_second": provider.limits.rate,
@@ -756,6 +847,7 @@ async fn serve_endpoints(
     journal: &OpenedJournal,
     actors: &Actors,
     status: serde_json::Value,
+    startup: Arc<crate::startup::StartupGate>,
 ) -> Result<Endpoints, StartupError> {
     warn_if_exposed(global, grpc_token.is_some());
     let (stop, stop_rx) = watch::channel(false);
@@ -765,6 +857,7 @@ async fn serve_endpoints(
         status: Arc::new(status),
         journal_health: journal.health.clone(),
         journal: journal.journal.clone(),
+        startup,
     };
     let admin = serve_admin(global, admin_state, stop_rx.clone()).await?;
     let journal_probe = tokio::spawn(crate::journal_health::probe_while_failing(
@@ -821,7 +914,7 @@ async fn serve_admin(
             addr: endpoints.admin_addr,
             source,
         })?;
-    let router = admin::router(state);
+    let router = admin::router(state.clone());
     let listener = Gated::new(
         Gate::new(
             connections::ADMIN,
@@ -836,12 +929,45 @@ async fn serve_admin(
         header: endpoints.admin_header_timeout,
         idle: endpoints.admin_idle_timeout,
     };
-    Ok(tokio::spawn(admin::server::serve(
+    let admin = tokio::spawn(admin::server::serve(
         listener,
         router,
         timeouts,
+        stopped(stop.clone()),
+    ));
+    let Some(port) = endpoints.probe_port else {
+        return Ok(admin);
+    };
+    // The reference's probe port: every address, as its DaemonSet's probe
+    // reaches it on the pod IP (the node's, with hostNetwork).
+    let addr = std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    let addr = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        // A host without IPv6.
+        Err(_) => tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port)).await,
+    };
+    let listener = addr.map_err(|source| StartupError::Listen {
+        flag: "--probe-port (PROBE_PORT)",
+        addr: std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)),
+        source,
+    })?;
+    let listener = Gated::new(
+        Gate::new(
+            connections::ADMIN,
+            format!("probe port {port}"),
+            global.max_connections_per_endpoint,
+        ),
+        listener,
+    );
+    let probe = tokio::spawn(admin::server::serve(
+        listener,
+        admin::probe_router(state),
+        timeouts,
         stopped(stop),
-    )))
+    ));
+    Ok(tokio::spawn(async move {
+        let _ = tokio::join!(admin, probe);
+    }))
 }
 
 /// What `podvisor.admin.v1.Admin` serves from, on either gRPC endpoint.

@@ -43,8 +43,9 @@ pub const CAPS: &[Cap] = &[
     Cap {
         prefix: "ureq",
         cap: LevelFilter::DEBUG,
-        why: "the Kubernetes API client: at trace, ureq_proto prints every byte sent and \
-              received: the ServiceAccount token in Authorization, and image pull secrets",
+        why: "podvisor client's HTTP client: at trace, ureq_proto prints every byte sent and \
+              received (the Kubernetes API client is kube-rs now, whose trace lines carry \
+              no header or body: tests/pull_secrets.rs runs it at trace)",
     },
     Cap {
         prefix: "ttrpc",

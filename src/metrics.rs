@@ -67,6 +67,15 @@ pub const CONNECTION_ACCEPT_ERRORS: &str = "podvisor_connection_accept_errors_to
 /// summed).
 pub const CONNECTIONS_OPEN: &str = "podvisor_connections_open";
 
+/// Counter: Kubernetes API requests (`verb`: `get`, `list`, `patch`;
+/// `outcome`: `ok`, `not_found`, `error`).
+pub const KUBE_API_REQUESTS: &str = "podvisor_kube_api_requests_total";
+/// Counter: sandboxes stopped because their pod was gone from the node for
+/// longer than `--stale-sandbox-grace`.
+pub const STALE_SANDBOXES_STOPPED: &str = "podvisor_stale_sandboxes_stopped_total";
+/// Gauge: 1 once every sandbox that was `Creating` or `Running` at
+/// start-up is `Running` again (or ended), as `/startup` answers.
+pub const STARTED: &str = "podvisor_started";
 /// Latency buckets for cloud calls and VM starts: 10 ms to 20 min.
 const SLOW_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -180,6 +189,21 @@ fn describe() {
         READY,
         Unit::Count,
         "1 once start-up recovery has finished, else 0."
+    );
+    describe_gauge!(
+        STARTED,
+        Unit::Count,
+        "1 once every sandbox Creating or Running at start-up is Running again or ended, else 0."
+    );
+    describe_counter!(
+        KUBE_API_REQUESTS,
+        Unit::Count,
+        "Kubernetes API requests, by verb and outcome."
+    );
+    describe_counter!(
+        STALE_SANDBOXES_STOPPED,
+        Unit::Count,
+        "Sandboxes stopped because their pod was gone from the node for longer than the grace period."
     );
     describe_gauge!(
         JOURNAL_IN_DOUBT,

@@ -2,21 +2,22 @@
 //! the reference builds it from the pod's and its ServiceAccount's
 //! `imagePullSecrets`, read from the Kubernetes API.
 //!
-//! The API is the node's in-cluster one (`KUBERNETES_SERVICE_HOST`/`_PORT`,
-//! the ServiceAccount token and CA) unless `--kube-api-server` names another;
-//! without either, no credentials are passed (the pod VM pulls anonymously).
+//! The API is the daemon's one client ([`crate::kubernetes`]); without
+//! one, no credentials are passed (the pod VM pulls anonymously).
 //! As in the reference, a lookup that fails is logged and the pod VM starts
 //! without credentials (Kubernetes treats missing pull secrets the same
 //! way), a secret that is missing is skipped, and an `auth.json` above
 //! 12,288 bytes is left out with a warning. The credentials are secrets:
 //! they go into the user data only, never into a log line or an error.
 
+use crate::kubernetes::{Kube, observe};
 use base64::Engine as _;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The largest `auth.json` the reference puts in user data.
 pub const MAX_AUTH_JSON: usize = 12_288;
@@ -24,8 +25,6 @@ pub const MAX_AUTH_JSON: usize = 12_288;
 pub const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 /// In-cluster API CA.
 pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
-/// The time limit of one API request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One registry's credentials, as `auth.json` holds them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -51,22 +50,15 @@ struct Auths {
 /// with neither skipped; only `auth` kept.
 fn merge_secret(
     name: &str,
-    data: &BTreeMap<String, String>,
+    data: &BTreeMap<String, ByteString>,
     into: &mut BTreeMap<String, Auth>,
 ) -> Result<(), String> {
-    let decode = |key: &str| -> Option<Result<Vec<u8>, String>> {
-        data.get(key).map(|b64| {
-            base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .map_err(|e| format!("secret {name}: {key} is not base64: {e}"))
-        })
-    };
-    let registries: BTreeMap<String, Auth> = if let Some(bytes) = decode(".dockerconfigjson") {
-        serde_json::from_slice::<Auths>(&bytes?)
+    let registries: BTreeMap<String, Auth> = if let Some(bytes) = data.get(".dockerconfigjson") {
+        serde_json::from_slice::<Auths>(&bytes.0)
             .map_err(|e| format!("secret {name}: .dockerconfigjson: {}", json_error(&e)))?
             .auths
-    } else if let Some(bytes) = decode(".dockercfg") {
-        serde_json::from_slice(&bytes?)
+    } else if let Some(bytes) = data.get(".dockercfg") {
+        serde_json::from_slice(&bytes.0)
             .map_err(|e| format!("secret {name}: .dockercfg: {}", json_error(&e)))?
     } else {
         BTreeMap::new()
@@ -101,47 +93,12 @@ fn json_error(e: &serde_json::Error) -> String {
     )
 }
 
-/// The Kubernetes objects' fields read here.
-#[derive(Deserialize, Default)]
-struct LocalObjectReference {
-    #[serde(default)]
-    name: String,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-struct PodSpec {
-    #[serde(default)]
-    service_account_name: String,
-    #[serde(default)]
-    image_pull_secrets: Vec<LocalObjectReference>,
-}
-
-#[derive(Deserialize)]
-struct Pod {
-    #[serde(default)]
-    spec: PodSpec,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ServiceAccount {
-    #[serde(default)]
-    image_pull_secrets: Vec<LocalObjectReference>,
-}
-
-#[derive(Deserialize)]
-struct Secret {
-    #[serde(default)]
-    data: BTreeMap<String, String>,
-}
-
 /// Where the Kubernetes API is and how to authenticate to it.
 #[derive(Debug, Clone)]
 pub struct KubeApiConfig {
     /// `https://host:port`.
     pub server: String,
-    /// The bearer token's file (read at every lookup: tokens rotate).
+    /// The bearer token's file (re-read as it rotates).
     pub token_file: PathBuf,
     /// The API server's CA, PEM.
     pub ca_file: PathBuf,
@@ -179,100 +136,37 @@ impl KubeApiConfig {
 }
 
 /// Reads pull secrets from the Kubernetes API.
+#[derive(Debug)]
 pub struct PullSecrets {
-    config: KubeApiConfig,
-    agent: ureq::Agent,
-}
-
-impl std::fmt::Debug for PullSecrets {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PullSecrets({})", self.config.server)
-    }
+    kube: Kube,
 }
 
 impl PullSecrets {
-    /// A client for `config`; fails if the CA does not load.
-    ///
-    /// # Errors
-    /// A message naming the value when the server is not an `https://` URL,
-    /// or naming the CA file when it cannot be read, does not parse as PEM
-    /// or holds no certificate.
-    pub fn new(config: KubeApiConfig) -> Result<Self, String> {
-        if !config.server.starts_with("https://") {
-            return Err(format!(
-                "'{}' is not an https:// URL (the Kubernetes API speaks TLS)",
-                config.server
-            ));
-        }
-        let pem = std::fs::read(&config.ca_file)
-            .map_err(|e| format!("{}: {e}", config.ca_file.display()))?;
-        let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
-            .filter_map(|item| match item {
-                Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
-                Ok(_) => None,
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("{}: {e}", config.ca_file.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "{}: no certificate in the file",
-                config.ca_file.display()
-            ));
-        }
-        let tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
-            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .build();
-        let agent = ureq::Agent::config_builder()
-            .tls_config(tls)
-            .timeout_global(Some(REQUEST_TIMEOUT))
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .build()
-            .into();
-        Ok(Self { config, agent })
+    /// Pull secrets read through `kube`.
+    pub fn new(kube: Kube) -> Self {
+        Self { kube }
     }
 
-    /// The API server.
-    pub fn server(&self) -> &str {
-        &self.config.server
+    /// `GET` one object: `None` on 404.
+    async fn get<K>(&self, namespace: &str, name: &str) -> Result<Option<K>, String>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let api = kube::Api::<K>::namespaced(self.kube.client(), namespace);
+        observe("get", api.get_opt(name).await).map_err(|e| {
+            format!(
+                "GET {} {namespace}/{name}: {e}",
+                K::kind(&K::DynamicType::default())
+            )
+        })
     }
 
-    /// `GET path`: the object, `None` on 404.
-    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<Option<T>, String> {
-        let token = std::fs::read_to_string(&self.config.token_file)
-            .map_err(|e| format!("{}: {e}", self.config.token_file.display()))?;
-        let url = format!("{}{path}", self.config.server);
-        let mut response = self
-            .agent
-            .get(&url)
-            .header("Authorization", &format!("Bearer {}", token.trim()))
-            .header("Accept", "application/json")
-            .call()
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        let status = response.status().as_u16();
-        if status == 404 {
-            return Ok(None);
-        }
-        if status != 200 {
-            return Err(format!("GET {url}: HTTP {status}"));
-        }
-        let body = response
-            .body_mut()
-            .with_config()
-            .limit(4 << 20)
-            .read_to_vec()
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        serde_json::from_slice(&body)
-            .map(Some)
-            .map_err(|e| format!("GET {url}: {}", json_error(&e)))
-    }
-
-    /// `auth.json` for the pod, blocking: `None` when it has no pull
-    /// secrets.
-    fn lookup(&self, pod: &str, namespace: &str) -> Result<Option<String>, String> {
+    /// `auth.json` for the pod: `None` when it has no pull secrets.
+    async fn lookup(&self, pod: &str, namespace: &str) -> Result<Option<String>, String> {
         let seg = |s: &str| -> Result<String, String> {
             // Kubernetes names are DNS labels/subdomains: nothing to escape.
             if s.is_empty()
@@ -286,31 +180,32 @@ impl PullSecrets {
             }
         };
         let (pod, ns) = (seg(pod)?, seg(namespace)?);
-        let Some(pod_obj) = self.get::<Pod>(&format!("/api/v1/namespaces/{ns}/pods/{pod}"))? else {
+        let Some(pod_obj) = self.get::<Pod>(&ns, &pod).await? else {
             return Err(format!("pod {ns}/{pod} not found"));
         };
-        let account = match pod_obj.spec.service_account_name.as_str() {
+        let spec = pod_obj.spec.unwrap_or_default();
+        let account = match spec.service_account_name.as_deref().unwrap_or_default() {
             "" => "default".to_owned(),
             name => seg(name)?,
         };
         let account_obj = self
-            .get::<ServiceAccount>(&format!(
-                "/api/v1/namespaces/{ns}/serviceaccounts/{account}"
-            ))?
+            .get::<ServiceAccount>(&ns, &account)
+            .await?
             .ok_or_else(|| format!("service account {ns}/{account} not found"))?;
         let mut registries = BTreeMap::new();
         for secret in account_obj
             .image_pull_secrets
             .iter()
-            .chain(&pod_obj.spec.image_pull_secrets)
+            .flatten()
+            .chain(spec.image_pull_secrets.iter().flatten())
         {
             let Ok(name) = seg(&secret.name) else {
                 continue;
             };
             // A secret that is missing or cannot be read is skipped, as the
             // kubelet and the reference do.
-            match self.get::<Secret>(&format!("/api/v1/namespaces/{ns}/secrets/{name}")) {
-                Ok(Some(s)) => merge_secret(&name, &s.data, &mut registries)?,
+            match self.get::<Secret>(&ns, &name).await {
+                Ok(Some(s)) => merge_secret(&name, &s.data.unwrap_or_default(), &mut registries)?,
                 Ok(None) => {}
                 Err(e) => {
                     tracing::debug!(secret = %name, error = %e, "skipping an image pull secret");
@@ -345,13 +240,7 @@ impl PullSecrets {
     /// `auth.json` for the pod, or `None`: no pull secrets, a failed lookup
     /// (logged), or too large for user data (logged).
     pub async fn auth_json(self: &Arc<Self>, pod: &str, namespace: &str) -> Option<String> {
-        let this = self.clone();
-        let (p, n) = (pod.to_owned(), namespace.to_owned());
-        let result = tokio::task::spawn_blocking(move || this.lookup(&p, &n))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
-        match result {
+        match self.lookup(pod, namespace).await {
             Ok(Some(json)) if json.len() > MAX_AUTH_JSON => {
                 tracing::warn!(
                     pod,
@@ -387,8 +276,8 @@ mod tests {
         base64::engine::general_purpose::STANDARD.encode(s)
     }
 
-    fn data(key: &str, json: &str) -> BTreeMap<String, String> {
-        BTreeMap::from([(key.to_owned(), b64(json))])
+    fn data(key: &str, json: &str) -> BTreeMap<String, ByteString> {
+        BTreeMap::from([(key.to_owned(), ByteString(json.as_bytes().to_vec()))])
     }
 
     #[test]
@@ -435,13 +324,6 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("hunter2"), "{e}");
-        let e = merge_secret(
-            "bad",
-            &BTreeMap::from([(".dockercfg".to_owned(), "%%%".to_owned())]),
-            &mut into,
-        )
-        .unwrap_err();
-        assert!(e.contains("is not base64"), "{e}");
     }
 
     #[test]
@@ -462,23 +344,5 @@ mod tests {
         );
         assert!(r(None, None, Some("443")).is_none());
         assert!(r(Some(""), Some(""), None).is_none());
-    }
-
-    #[test]
-    fn a_client_needs_https_and_a_ca() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca.crt");
-        let cfg = |server: &str| KubeApiConfig {
-            server: server.into(),
-            token_file: dir.path().join("token"),
-            ca_file: ca.clone(),
-        };
-        let e = PullSecrets::new(cfg("http://api")).unwrap_err();
-        assert!(e.contains("not an https:// URL"), "{e}");
-        let e = PullSecrets::new(cfg("https://api")).unwrap_err();
-        assert!(e.contains("ca.crt"), "{e}");
-        std::fs::write(&ca, "no pem here").unwrap();
-        let e = PullSecrets::new(cfg("https://api")).unwrap_err();
-        assert!(e.contains("no certificate"), "{e}");
     }
 }

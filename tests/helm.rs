@@ -736,6 +736,11 @@ fn the_daemonset_is_one_daemon_per_node_with_tight_privileges_and_rbac() {
             env("NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
             "spec.nodeName"
         );
+        assert_eq!(
+            env("POD_UID")["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.uid",
+            "{what}: the daemon's name in the node's owner annotation"
+        );
         let grace: u64 = env("PODVISOR_SHUTDOWN_GRACE")["value"]
             .as_str()
             .and_then(|s| s.strip_suffix('s'))
@@ -818,7 +823,7 @@ fn the_daemonset_is_one_daemon_per_node_with_tight_privileges_and_rbac() {
         for (probe, path) in [
             ("startupProbe", "/livez"),
             ("livenessProbe", "/livez"),
-            ("readinessProbe", "/readyz"),
+            ("readinessProbe", "/startup"),
         ] {
             let get = &c[probe]["httpGet"];
             assert_eq!(get["path"], path, "{what}: {probe}");
@@ -835,12 +840,19 @@ fn the_daemonset_is_one_daemon_per_node_with_tight_privileges_and_rbac() {
             assert_eq!(addr, "127.0.0.1:9797", "{what}");
         }
 
-        // RBAC: get on what src/pull_secrets.rs reads, nothing else.
+        // RBAC: get on what src/pull_secrets.rs reads, the node's
+        // capacity patches (src/kubernetes/node.rs) and the node's pod list
+        // (src/kubernetes/stale.rs); nothing else.
         let role = find(&docs, "ClusterRole")[0];
         assert_eq!(
             role["rules"],
-            json!([{"apiGroups": [""], "resources": ["pods", "serviceaccounts", "secrets"],
-                    "verbs": ["get"]}]),
+            json!([
+                {"apiGroups": [""], "resources": ["pods", "serviceaccounts", "secrets"],
+                 "verbs": ["get"]},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+                {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
+                {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+            ]),
             "{what}: the ClusterRole"
         );
         let binding = find(&docs, "ClusterRoleBinding")[0];

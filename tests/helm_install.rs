@@ -3,7 +3,9 @@
 //! `helm install` creates every object `helm template` renders, as
 //! rendered; the chart's ServiceAccount can make exactly the daemon's
 //! Kubernetes calls (the image pull secret lookup of `src/pull_secrets.rs`,
-//! through the daemon's own client) and is refused (403) outside them; `helm
+//! the node's capacity patches of `src/kubernetes/node.rs`, through the
+//! daemon's own client, and the node's pod list of
+//! `src/kubernetes/stale.rs`) and is refused (403) outside them; `helm
 //! uninstall` removes every object.
 //!
 //! Tools: `HELM` and `KUBECTL` (`scripts/helm-tools.sh`), `KUBE_APISERVER`
@@ -17,6 +19,8 @@
 mod kube;
 
 use kube::{KubeApi, KubeBinaries};
+use podvisor::kubernetes::node::{NodeCapacity, Reconciled};
+use podvisor::kubernetes::{Kube, KubeSource};
 use podvisor::pull_secrets::{KubeApiConfig, PullSecrets};
 #[path = "common/tools.rs"]
 mod tools;
@@ -417,18 +421,46 @@ fn helm_install_creates_the_rendered_objects_with_tight_rbac_and_uninstall_remov
     }
     let token_file = api.dir().join("sa-token");
     std::fs::write(&token_file, &token).expect("writing the token");
-    let client = Arc::new(
-        PullSecrets::new(KubeApiConfig {
-            server: api.base_url.clone(),
-            token_file,
-            ca_file: api.ca_file.clone(),
-        })
-        .expect("the daemon's client"),
-    );
+    let node = "worker-rbac";
+    api.create_node(node).unwrap_or_else(|e| panic!("{e}"));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    let kube = runtime
+        .block_on(Kube::connect(
+            KubeSource::Api(KubeApiConfig {
+                server: api.base_url.clone(),
+                token_file,
+                ca_file: api.ca_file.clone(),
+            }),
+            node,
+        ))
+        .expect("the daemon's client");
+    let client = Arc::new(PullSecrets::new(kube.clone()));
+    // The node's peer pod capacity, through the daemon's own code.
+    let capacity = NodeCapacity::new(kube, 7, "rbac-test".into());
+    assert_eq!(
+        runtime.block_on(capacity.reconcile()),
+        Ok(Reconciled::Advertised),
+        "the daemon's node patch as {NAMESPACE}:{sa}"
+    );
+    let (_, live) = get(&api, &format!("/api/v1/nodes/{node}"));
+    assert_eq!(live["status"]["capacity"]["kata.peerpods.io/vm"], "7");
+    assert_eq!(runtime.block_on(capacity.withdraw()), Ok(true));
+    // The stale-sandbox check's list of the node's pods.
+    let (status, v) = api
+        .request(
+            "GET",
+            &format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{node}"),
+            Some(&token),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        status, 200,
+        "listing the node's pods as {NAMESPACE}:{sa}: {v}"
+    );
     let looked_up = runtime.block_on(client.auth_json("app", WORKLOAD));
     let looked_up: Value =
         serde_json::from_str(&looked_up.expect("the daemon's lookup found no pull secret"))
@@ -443,6 +475,8 @@ fn helm_install_creates_the_rendered_objects_with_tight_rbac_and_uninstall_remov
         ("GET", format!("/api/v1/namespaces/{WORKLOAD}/secrets")),
         ("DELETE", format!("/api/v1/namespaces/{WORKLOAD}/pods/app")),
         ("GET", "/api/v1/nodes".to_owned()),
+        ("DELETE", format!("/api/v1/nodes/{node}")),
+        ("GET", format!("/api/v1/namespaces/{WORKLOAD}/configmaps")),
         (
             "GET",
             format!("/api/v1/namespaces/{NAMESPACE}/configmaps/peer-pods-cm"),

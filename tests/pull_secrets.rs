@@ -2,10 +2,13 @@
 //! reads the pod's and its ServiceAccount's image pull secrets from the
 //! Kubernetes API and puts the registry credentials in the user data.
 //!
-//! No kube-apiserver can run here, so the API is a small HTTPS server on
-//! loopback speaking the real wire protocol: HTTP/1.1 over TLS, bearer-token
-//! authentication, the v1 paths and JSON of Pods, ServiceAccounts and
-//! Secrets (base64 `data`), and Kubernetes' 404 `Status` for a missing one.
+//! The API here is a small HTTPS server on loopback speaking the real wire
+//! protocol — HTTP/1.1 over TLS, bearer-token authentication, the v1 paths
+//! and JSON of Pods, ServiceAccounts and Secrets (base64 `data`), and
+//! Kubernetes' 404 `Status` for a missing one — because it records what
+//! the daemon sent (paths, the token) and can serve odd objects. The same
+//! lookup runs against a real kube-apiserver, under the chart's RBAC, in
+//! `tests/helm_install.rs`.
 
 mod common;
 
@@ -207,12 +210,18 @@ async fn the_pod_vm_gets_the_pods_registry_credentials_and_no_log_line_has_them(
         ),
     ]);
     let api = serve_api(objects).await;
-    let setup = setup_for(&api, None);
+    let mut setup = setup_for(&api, None);
+    // Every crate at its most talkative: the Kubernetes client (kube,
+    // tower, hyper, rustls) must still print no token and no secret.
+    setup.global.extend(["--log-level".into(), "trace".into()]);
     let daemon = setup.start().await;
 
     let (auth_json, id) = start_pod(&daemon, &setup, "web", "shop").await;
-    let written: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&auth_json).unwrap()).unwrap();
+    let written: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&auth_json)
+            .unwrap_or_else(|e| panic!("auth.json: {e}\n{}", daemon.log_text())),
+    )
+    .unwrap();
     assert_eq!(
         written,
         serde_json::json!({"auths": {
@@ -246,6 +255,10 @@ async fn the_pod_vm_gets_the_pods_registry_credentials_and_no_log_line_has_them(
     assert!(!plain_auth.exists());
 
     let log = daemon.log_text();
+    assert!(
+        log.contains("TRACE HTTP{http.method=GET") && log.contains("hyper_util"),
+        "the HTTP client's trace lines are in the log:\n{log}"
+    );
     for secret in [
         "s3cr3t",
         &b64("robot:s3cr3t-sa"),

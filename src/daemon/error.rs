@@ -139,11 +139,10 @@ pub enum StartupError {
         /// The cause.
         reason: String,
     },
-    /// The Kubernetes API client for image pull secrets cannot be made
-    /// (step 3).
-    #[error("--kube-api-server/--kube-ca-file: {reason}")]
+    /// The Kubernetes API client cannot be made (step 3).
+    #[error("The Kubernetes API client: {reason}")]
     KubeApi {
-        /// The URL or the CA file, and the cause.
+        /// The flag and its value (URL, CA file, kubeconfig), and the cause.
         reason: String,
     },
     /// `--initdata` is not initdata (step 4; the CLI checks it first).

@@ -206,6 +206,12 @@ impl Setup {
 
     /// Starts the daemon: ready, or `Err` with its log if it exited first.
     pub async fn try_start(&self) -> Result<Daemon, String> {
+        let mut d = self.spawn();
+        d.ready_or_exit().await.map(|()| d)
+    }
+
+    /// Starts the daemon and returns at once, before it is ready.
+    pub fn spawn(&self) -> Daemon {
         let log = self
             .root
             .path()
@@ -217,13 +223,12 @@ impl Setup {
             .stderr(file)
             .spawn()
             .unwrap();
-        let mut d = Daemon {
+        Daemon {
             child: Some(child),
             log,
             admin: format!("http://127.0.0.1:{}", self.admin_port),
             socket: self.socket(),
-        };
-        d.ready_or_exit().await.map(|()| d)
+        }
     }
 
     /// Starts the daemon and waits until it is ready.
