@@ -413,3 +413,58 @@ async fn a_wrong_node_name_stops_nothing() {
         daemon.log_text()
     );
 }
+
+/// Measurement (ignored; `cargo test --test kube_node -- --ignored
+/// --nocapture`): Kubernetes API requests per minute at steady state with
+/// 100 Running sandboxes (and their 100 pods) on a node, with the default
+/// grace and a limit: the capacity check (one GET per minute) and the
+/// stale check (a GET of the node and one LIST of its pods per 30 s) do
+/// not grow with the sandboxes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: about 3 minutes"]
+async fn measure_api_requests_per_minute_with_100_sandboxes() {
+    let Some(bin) = binaries("measure_api_requests_per_minute", false) else {
+        return;
+    };
+    let api = KubeApi::start(&bin).unwrap();
+    let node = "worker-m";
+    api.create_node(node).unwrap();
+    default_service_account(&api);
+    let mut setup = setup_for(&api, node);
+    setup
+        .global
+        .extend(["--peerpods-limit-per-node".into(), "200".into()]);
+    let daemon = setup.start().await;
+    let client = daemon.client().await;
+    for i in 0..100 {
+        let name = format!("pod-{i}");
+        create_pod(&api, &pod(&name, Some(node), None));
+        daemon
+            .create_and_start(&client, &sandbox_id(), &name, "default")
+            .await;
+    }
+    let total = async || -> f64 {
+        let mut sum = 0.0;
+        for verb in ["get", "list", "patch"] {
+            for outcome in ["ok", "not_found", "error"] {
+                sum += daemon
+                    .metric(
+                        "podvisor_kube_api_requests_total",
+                        &[("verb", verb), ("outcome", outcome)],
+                    )
+                    .await;
+            }
+        }
+        sum
+    };
+    let window = Duration::from_secs(150);
+    let before = total().await;
+    tokio::time::sleep(window).await;
+    let after = total().await;
+    let per_minute = (after - before) * 60.0 / window.as_secs_f64();
+    eprintln!(
+        "100 Running sandboxes: {per_minute:.1} Kubernetes API requests per minute at steady state ({} in {window:?})",
+        after - before
+    );
+    assert!(after > before, "the checks ran");
+}

@@ -6,9 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixStream};
 
-/// How long a connection the agent cannot take waits for the client's
-/// first bytes before it is closed.
-const FIRST_BYTES_WAIT: Duration = Duration::from_secs(5);
 
 /// Settings of one forwarder.
 #[derive(Clone)]
@@ -146,20 +143,28 @@ async fn relay(
     config: &ForwarderConfig,
 ) -> io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The agent is dialled once the client's first bytes are here: a
+    // connection that ends before any (the daemon's readiness probe, which
+    // completes the TLS handshake and closes) never reaches the agent; and
+    // when the agent cannot be reached, the daemon's proxy has counted the
+    // calls those bytes carry as waiting, and fails them when this side
+    // closes (closed before, they would meet a connection already gone).
+    let mut first = vec![0u8; 16 << 10];
+    let n = client.read(&mut first).await?;
+    if n == 0 {
+        tracing::debug!("connection closed before its first request");
+        return Ok(());
+    }
     let mut agent = match connect_agent(&config.agent_socket, config.agent_wait).await {
         Ok(agent) => agent,
         Err(e) => {
             tracing::warn!(error = %e, "no kata agent to relay to: closing the connection");
-            // Closed once the client's first bytes are here: the daemon's
-            // proxy has then counted the calls they carry as waiting, and
-            // fails them when this side closes; closed before, they would
-            // meet a connection already gone.
-            let mut first = [0u8; 1];
-            let _ = tokio::time::timeout(FIRST_BYTES_WAIT, client.read(&mut first)).await;
             let _ = client.shutdown().await;
             return Err(e);
         }
     };
+    agent.write_all(&first[..n]).await?;
+    drop(first);
     // 64 KiB buffers: a pipe's worth of stdout per read.
     tokio::io::copy_bidirectional_with_sizes(&mut client, &mut agent, 64 << 10, 64 << 10).await?;
     Ok(())

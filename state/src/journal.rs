@@ -784,7 +784,7 @@ mod tests {
     fn records_survive_close_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let j = SledJournal::open(dir.path()).unwrap();
+            let j = reopen(dir.path());
             j.put(&record("a")).unwrap();
             let mut b = record("b");
             b.state = State::Running;
@@ -793,7 +793,7 @@ mod tests {
             j.remove("c").unwrap();
             j.flush().unwrap();
         }
-        let j = SledJournal::open(dir.path()).unwrap();
+        let j = reopen(dir.path());
         let report = j.load().unwrap();
         let mut ids: Vec<_> = report
             .records
@@ -810,7 +810,7 @@ mod tests {
     #[test]
     fn a_corrupt_record_is_quarantined_and_the_rest_load() {
         let dir = tempfile::tempdir().unwrap();
-        let j = SledJournal::open(dir.path()).unwrap();
+        let j = reopen(dir.path());
         j.put(&record("good")).unwrap();
         let mut truncated = record("bad").encode();
         truncated.truncate(20);
@@ -839,7 +839,7 @@ mod tests {
         // More records than one decoding thread takes, with bad ones in
         // several threads' shares: each verdict stays with its own key.
         let dir = tempfile::tempdir().unwrap();
-        let j = SledJournal::open(dir.path()).unwrap();
+        let j = reopen(dir.path());
         let n = 4 * MIN_DECODE_SHARE + 7;
         let key = |i: usize| format!("{i:06}");
         let bad = [3, MIN_DECODE_SHARE + 1, n - 1];
@@ -881,7 +881,7 @@ mod tests {
     #[test]
     fn get_quarantines_a_corrupt_value() {
         let dir = tempfile::tempdir().unwrap();
-        let j = SledJournal::open(dir.path()).unwrap();
+        let j = reopen(dir.path());
         j.put_raw("x", b"not json").unwrap();
         assert!(j.get("x").unwrap().is_none());
         assert_eq!(j.quarantined().unwrap()[0].key, "x");
@@ -891,7 +891,7 @@ mod tests {
     fn quarantine_ids_are_unique_and_stable_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let ids = {
-            let j = SledJournal::open(dir.path()).unwrap();
+            let j = reopen(dir.path());
             j.put_raw("x", b"not json").unwrap();
             let first = j.load().unwrap().quarantined.remove(0);
             assert!(first.id.starts_with("x@"), "{}", first.id);
@@ -929,7 +929,7 @@ mod tests {
             );
             listed.into_iter().map(|(id, _)| id).collect::<Vec<_>>()
         };
-        let j = SledJournal::open(dir.path()).unwrap();
+        let j = reopen(dir.path());
         let mut again: Vec<_> = j.quarantined().unwrap().into_iter().map(|q| q.id).collect();
         again.sort();
         assert_eq!(again, ids, "the same ids after a reopen");
@@ -938,7 +938,7 @@ mod tests {
     #[test]
     fn a_quarantine_entry_gets_its_id_from_its_key_not_from_its_json() {
         let dir = tempfile::tempdir().unwrap();
-        let j = SledJournal::open(dir.path()).unwrap();
+        let j = reopen(dir.path());
         // Written before ids existed: no `id` in the JSON.
         let old = br#"{"key":"s1","reason":"Malformed record","quarantined_at":7,"bytes":[1,2]}"#;
         j.quarantine.insert("s1@7", old.as_slice()).unwrap();
@@ -971,7 +971,7 @@ mod tests {
     fn a_dropped_quarantine_entry_is_gone_for_good_and_an_unknown_id_is_none() {
         let dir = tempfile::tempdir().unwrap();
         let (dropped, kept) = {
-            let j = SledJournal::open(dir.path()).unwrap();
+            let j = reopen(dir.path());
             j.put_raw("a", b"not json").unwrap();
             j.put_raw("b", b"not json either").unwrap();
             j.load().unwrap();
@@ -987,7 +987,7 @@ mod tests {
             (a, b)
             // Closed without a flush of its own: the drop's flush stands.
         };
-        let j = SledJournal::open(dir.path()).unwrap();
+        let j = reopen(dir.path());
         assert_eq!(j.quarantined().unwrap(), std::slice::from_ref(&kept));
         assert!(j.drop_quarantined(&dropped.id).unwrap().is_none());
         assert_eq!(j.drop_quarantined(&kept.id).unwrap(), Some(kept));
@@ -1004,13 +1004,13 @@ mod tests {
             // The child: drop, then die at once, with no destructor run
             // (sled would flush on the way out).
             let (dir, id) = task.split_once('\n').unwrap();
-            let j = SledJournal::open(Path::new(dir)).unwrap();
+            let j = reopen(Path::new(dir));
             assert!(j.drop_quarantined(id).unwrap().is_some());
             std::process::abort();
         }
         let dir = tempfile::tempdir().unwrap();
         let id = {
-            let j = SledJournal::open(dir.path()).unwrap();
+            let j = reopen(dir.path());
             j.put_raw("crashed", b"not json").unwrap();
             j.load().unwrap().quarantined.remove(0).id
         };
@@ -1030,16 +1030,35 @@ mod tests {
             Some(nix::sys::signal::Signal::SIGABRT as i32),
             "the child dropped the entry and aborted: {status}"
         );
-        let j = SledJournal::open(dir.path()).unwrap();
+        let j = reopen(dir.path());
         assert!(
             j.quarantined().unwrap().is_empty(),
             "the drop was durable before it returned"
         );
     }
 
+    /// Opens the journal in `dir`, waiting up to 10 s for a journal this
+    /// process just dropped to let go of its lock: sled's background
+    /// threads hold the database a moment after the last handle is gone
+    /// (a process that exits lets go at once).
+    fn reopen(dir: &Path) -> SledJournal {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledJournal::open(dir) {
+                Ok(j) => return j,
+                Err(e)
+                    if e.to_string().contains("locked") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     /// A journal with `n` records, closed.
     fn written(dir: &Path, n: usize) -> JournalIdentity {
-        let j = SledJournal::open(dir).unwrap();
+        let j = reopen(dir);
         assert_eq!(j.verdict(), Verdict::Fresh);
         for i in 0..n {
             j.put(&record(&format!("s{i}"))).unwrap();
@@ -1052,7 +1071,7 @@ mod tests {
     fn a_reopened_journal_is_intact_and_keeps_its_identity() {
         let dir = tempfile::tempdir().unwrap();
         let identity = written(dir.path(), 3);
-        let j = SledJournal::open(dir.path()).unwrap();
+        let j = reopen(dir.path());
         assert_eq!(j.verdict(), Verdict::Intact);
         assert_eq!(j.identity(), identity);
         assert_eq!(j.load().unwrap().records.len(), 3);
@@ -1063,7 +1082,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         written(dir.path(), 3);
         std::fs::remove_file(dir.path().join("db")).unwrap();
-        let j = SledJournal::open(dir.path()).unwrap();
+        let j = reopen(dir.path());
         assert!(j.load().unwrap().records.is_empty());
         match j.verdict() {
             Verdict::InDoubt { reason } => assert!(reason.contains("came back empty"), "{reason}"),
@@ -1097,19 +1116,19 @@ mod tests {
         written(dir.path(), 2);
         std::fs::remove_file(dir.path().join("db")).unwrap();
         {
-            let j = SledJournal::open(dir.path()).unwrap();
+            let j = reopen(dir.path());
             assert!(!j.verdict().is_trusted());
             for i in 0..10 {
                 j.put(&record(&format!("new{i}"))).unwrap();
                 j.flush().unwrap();
             }
         }
-        let j = SledJournal::open(dir.path()).unwrap();
+        let j = reopen(dir.path());
         assert!(!j.verdict().is_trusted(), "{:?}", j.verdict());
         drop(j);
         let before = SledJournal::accept_loss(dir.path()).unwrap();
         assert!(!before.is_trusted());
-        let j = SledJournal::open(dir.path()).unwrap();
+        let j = reopen(dir.path());
         assert_eq!(j.verdict(), Verdict::Intact);
         assert_eq!(j.load().unwrap().records.len(), 10);
     }
@@ -1120,7 +1139,7 @@ mod tests {
         written(a.path(), 2);
         let other = written(b.path(), 2);
         std::fs::copy(b.path().join("db"), a.path().join("db")).unwrap();
-        let j = SledJournal::open(a.path()).unwrap();
+        let j = reopen(a.path());
         match j.verdict() {
             Verdict::InDoubt { reason } => {
                 assert!(
@@ -1151,11 +1170,19 @@ mod tests {
     fn a_journal_whose_lock_another_holder_has_is_refused_as_locked() {
         use nix::fcntl::{Flock, FlockArg};
         let dir = tempfile::tempdir().unwrap();
-        drop(SledJournal::open(dir.path()).unwrap());
-        let db = std::fs::File::open(dir.path().join(SLED_DB_FILE)).unwrap();
-        let held = Flock::lock(db, FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| e)
-            .unwrap();
+        drop(reopen(dir.path()));
+        // Once sled's threads let go (see `reopen`).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let held = loop {
+            let db = std::fs::File::open(dir.path().join(SLED_DB_FILE)).unwrap();
+            match Flock::lock(db, FlockArg::LockExclusiveNonblock) {
+                Ok(held) => break held,
+                Err((_, e)) => {
+                    assert!(std::time::Instant::now() < deadline, "{e}");
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        };
         let err = SledJournal::open(dir.path()).expect_err("it is locked");
         let text = err.to_string();
         assert!(text.starts_with("Cannot open the journal at"), "{text}");
@@ -1164,13 +1191,13 @@ mod tests {
             "{text}"
         );
         drop(held);
-        SledJournal::open(dir.path()).expect("free again");
+        drop(reopen(dir.path()));
     }
 
     #[test]
     fn a_second_opener_of_the_same_directory_is_refused_with_a_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = SledJournal::open(dir.path()).unwrap();
+        let _first = reopen(dir.path());
         // sled's lock is a per-process file lock; a second handle in the same
         // process shares the lock, so prove it across processes elsewhere
         // (tests/daemon.rs). Here: a path that is a file is a clear error.
