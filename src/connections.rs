@@ -70,6 +70,8 @@ pub const GRPC_TCP: &str = "grpc_tcp";
 pub const GRPC_UNIX: &str = "grpc_unix";
 /// Endpoint label of the admin HTTP endpoint (`--admin-addr`).
 pub const ADMIN: &str = "admin";
+/// Endpoint label of the startup probe's port (`--probe-port`).
+pub const PROBE: &str = "probe";
 /// Endpoint label of the agent sockets (`<pods-dir>/<id>/agent.ttrpc`),
 /// each with its own cap; one label for all, as metrics carry no
 /// per-sandbox labels.

@@ -177,9 +177,11 @@ pub async fn serve(
         &journal,
         &actors,
         status,
-        startup,
+        startup.clone(),
     )
     .await?;
+    // `podvisor_started` turns 1 without anyone asking `/startup`.
+    tokio::spawn(crate::startup::watch(startup, actors.view.clone()));
     let node_capacity = kube
         .as_ref()
         .and_then(|k| node_integration(&global, k, &actors, &endpoints));
@@ -195,7 +197,11 @@ pub async fn serve(
     );
 
     shutdown.await;
-    if let Some(capacity) = node_capacity {
+    if let Some((capacity, task)) = node_capacity {
+        // Its own checks stopped first, or one could set the capacity again
+        // between the withdrawal's two patches.
+        task.abort();
+        let _ = task.await;
         withdraw_capacity(&capacity).await;
     }
     shut_down(&global, endpoints, actors, journal, provider, pki).await
@@ -586,13 +592,13 @@ async fn kubernetes(
 /// After step 5, with a Kubernetes API: advertises the node's peer pod
 /// capacity (unless there is no limit) and stops stale sandboxes (unless
 /// `--stale-sandbox-grace 0s`), both until the endpoints stop. Returns
-/// the capacity to withdraw at shutdown.
+/// the capacity to withdraw at shutdown and the task that keeps it set.
 fn node_integration(
     global: &GlobalArgs,
     kube: &crate::kubernetes::Kube,
     actors: &Actors,
     endpoints: &Endpoints,
-) -> Option<crate::kubernetes::node::NodeCapacity> {
+) -> Option<(crate::kubernetes::node::NodeCapacity, JoinHandle<()>)> {
     let grace = global.pod_inputs.stale_sandbox_grace;
     if grace.is_zero() {
         tracing::info!("--stale-sandbox-grace is 0s: sandboxes whose pod is gone are not stopped");
@@ -619,8 +625,8 @@ fn node_integration(
         .filter(|u| !u.trim().is_empty())
         .unwrap_or_else(|| format!("podvisor-{}", kube.node()));
     let capacity = crate::kubernetes::node::NodeCapacity::new(kube.clone(), limit as u64, owner);
-    tokio::spawn(capacity.clone().run(endpoints.stop.subscribe()));
-    Some(capacity)
+    let task = tokio::spawn(capacity.clone().run(endpoints.stop.subscribe()));
+    Some((capacity, task))
 }
 
 /// At shutdown: the node's peer pod capacity is withdrawn if this daemon
@@ -953,7 +959,7 @@ async fn serve_admin(
     })?;
     let listener = Gated::new(
         Gate::new(
-            connections::ADMIN,
+            connections::PROBE,
             format!("probe port {port}"),
             global.max_connections_per_endpoint,
         ),

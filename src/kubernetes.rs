@@ -188,6 +188,8 @@ fn config_for(api: &KubeApiConfig) -> Result<kube::Config, String> {
 struct BearerFile {
     path: PathBuf,
     cached: Mutex<Option<(Instant, http::HeaderValue)>>,
+    /// The last read error, logged once until it changes.
+    last_error: Mutex<Option<String>>,
 }
 
 /// How long a token read from its file is used before the file is read
@@ -199,6 +201,7 @@ impl BearerFile {
         Self {
             path,
             cached: Mutex::new(None),
+            last_error: Mutex::new(None),
         }
     }
 
@@ -222,11 +225,22 @@ impl BearerFile {
         match fresh {
             Ok(mut value) => {
                 value.set_sensitive(true);
+                *self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
                 *cached = Some((Instant::now(), value.clone()));
                 Some(value)
             }
             Err(e) => {
-                tracing::warn!(file = %self.path.display(), error = %e, "cannot read the Kubernetes API token file; keeping the last token");
+                let mut last = self
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if last.as_deref() != Some(e.as_str()) {
+                    tracing::warn!(file = %self.path.display(), error = %e, "cannot read the Kubernetes API token file; keeping the last token");
+                    *last = Some(e);
+                }
                 cached.as_ref().map(|(_, v)| v.clone())
             }
         }
@@ -264,6 +278,23 @@ pub fn observe<T>(verb: &'static str, result: kube::Result<T>) -> kube::Result<T
     crate::metrics::counter!(crate::metrics::KUBE_API_REQUESTS, "verb" => verb, "outcome" => outcome)
         .increment(1);
     result
+}
+
+/// [`observe`] for a `get_opt`, which answers a 404 as `Ok(None)`:
+/// counted as `not_found`.
+///
+/// # Errors
+/// `result`'s error, unchanged.
+pub fn observe_opt<T>(
+    verb: &'static str,
+    result: kube::Result<Option<T>>,
+) -> kube::Result<Option<T>> {
+    if matches!(result, Ok(None)) {
+        crate::metrics::counter!(crate::metrics::KUBE_API_REQUESTS, "verb" => verb, "outcome" => "not_found")
+            .increment(1);
+        return result;
+    }
+    observe(verb, result)
 }
 
 /// Whether `e` is the API's 404.

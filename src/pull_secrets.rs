@@ -10,7 +10,7 @@
 //! 12,288 bytes is left out with a warning. The credentials are secrets:
 //! they go into the user data only, never into a log line or an error.
 
-use crate::kubernetes::{Kube, observe};
+use crate::kubernetes::{Kube, observe_opt};
 use base64::Engine as _;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
@@ -157,7 +157,7 @@ impl PullSecrets {
         K::DynamicType: Default,
     {
         let api = kube::Api::<K>::namespaced(self.kube.client(), namespace);
-        observe("get", api.get_opt(name).await).map_err(|e| {
+        observe_opt("get", api.get_opt(name).await).map_err(|e| {
             format!(
                 "GET {} {namespace}/{name}: {e}",
                 K::kind(&K::DynamicType::default())

@@ -78,6 +78,19 @@ impl StartupGate {
     }
 }
 
+/// Checks `gate` every second until start-up is done, so that
+/// [`crate::metrics::STARTED`] turns 1 whether or not anything asks
+/// `/startup`.
+pub async fn watch(gate: std::sync::Arc<StartupGate>, view: std::sync::Arc<InstanceView>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if gate.check(&view) == Startup::Done {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -374,9 +374,9 @@ fn bad_values_fail_naming_the_value() {
         ),
         (
             "a grace period the drain does not fit in",
-            json!({"terminationGracePeriodSeconds": 20, "shutdownGraceSeconds": 20}),
+            json!({"terminationGracePeriodSeconds": 25, "shutdownGraceSeconds": 20}),
             &[],
-            "terminationGracePeriodSeconds (20) must be larger than shutdownGraceSeconds (20)",
+            "terminationGracePeriodSeconds (25) must be larger than shutdownGraceSeconds (20) + 5",
         ),
         (
             "a flag the chart sets itself, in extraArgs",

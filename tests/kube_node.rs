@@ -265,6 +265,18 @@ async fn the_node_advertises_its_limit_and_the_scheduler_places_no_more_peer_pod
             .log_text()
             .contains("belongs to another daemon; left as it is")
     );
+
+    // That other daemon died without withdrawing them: the next daemon of
+    // the node takes them over, and withdraws them at its own shutdown.
+    let mut daemon = setup.start().await;
+    eventually(
+        "the daemon to take the capacity over",
+        Duration::from_secs(20),
+        async || (advertised(&api, node) == (json!("10"), json!("uid-of-daemon-1"))).then_some(()),
+    )
+    .await;
+    assert!(daemon.sigterm().success());
+    assert_eq!(advertised(&api, node), (Value::Null, Value::Null));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,6 +421,18 @@ async fn a_wrong_node_name_stops_nothing() {
         daemon
             .log_text()
             .contains("node no-such-node does not exist"),
+        "{}",
+        daemon.log_text()
+    );
+    // A node of that name with no pod at all (not even the daemon's own):
+    // another cluster's node, not one whose pods are all gone.
+    api.create_node("no-such-node").unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(daemon.instance(&id).await.unwrap()["state"], "running");
+    assert!(
+        daemon
+            .log_text()
+            .contains("no pod at all on node no-such-node"),
         "{}",
         daemon.log_text()
     );

@@ -72,3 +72,50 @@ async fn startup_waits_for_every_running_sandbox_to_be_verified_after_a_restart(
     assert_eq!(status_doc["probe_port"], probe_port);
     assert!(status_doc["kubernetes"].is_null(), "no Kubernetes API here");
 }
+
+/// What `/startup` adds to `/readyz`: a sandbox that was Creating at the
+/// crash is adopted by recovery (so `/readyz` turns 200) but is not Running
+/// until its forwarder answers; `/startup` waits for that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_waits_for_a_create_recovery_adopted_until_it_is_running() {
+    let mut setup = Setup::new();
+    // Every pod VM's forwarder takes 12 s to start listening.
+    let forwarder = podvisor_podvm::testing::forwarder_binary().unwrap();
+    setup.forwarder_script(
+        "slow-forwarder",
+        &format!("#!/bin/sh\nsleep 12\nexec {} \"$@\"\n", forwarder.display()),
+    );
+    let mut daemon = setup.start().await;
+    let (id, _starting) = daemon.start_until_creating("slow").await;
+    daemon.kill9();
+
+    let daemon = setup.start().await;
+    // Ready (recovery decided: the instance was found and adopted)...
+    let (ready, _) = daemon.get("/readyz").await.unwrap();
+    assert_eq!(ready, 200);
+    // ...but not started while the sandbox waits for its forwarder.
+    let (status, body) = daemon.get("/startup").await.unwrap();
+    assert_eq!(daemon.instance(&id).await.unwrap()["state"], "creating");
+    assert_eq!(
+        (status, body["waiting_for"].clone()),
+        (503, 1.into()),
+        "{body}"
+    );
+    assert_eq!(daemon.metric("podvisor_started", &[]).await, 0.0);
+    eventually(
+        "/startup to pass once the sandbox is Running",
+        Duration::from_secs(40),
+        async || {
+            let (status, _) = daemon.get("/startup").await.ok()?;
+            (status == 200).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(daemon.instance(&id).await.unwrap()["state"], "running");
+    eventually(
+        "podvisor_started to be 1 (set without a request too)",
+        Duration::from_secs(5),
+        async || (daemon.metric("podvisor_started", &[]).await == 1.0).then_some(()),
+    )
+    .await;
+}

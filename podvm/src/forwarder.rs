@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixStream};
 
-
 /// Settings of one forwarder.
 #[derive(Clone)]
 pub struct ForwarderConfig {

@@ -15,7 +15,7 @@
 //! (a node object the kubelet re-registered starts without it). A failure
 //! is logged and retried with a growing pause; it never stops the daemon.
 
-use super::{Kube, observe};
+use super::{Kube, observe, observe_opt};
 use k8s_openapi::api::core::v1::Node;
 use serde_json::json;
 use std::time::Duration;
@@ -33,8 +33,7 @@ const RETRY_CAP: Duration = Duration::from_secs(30);
 /// What one reconcile did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reconciled {
-    /// The node already advertised the limit under this daemon's name (or
-    /// another daemon's, with the same value).
+    /// The node already advertised the limit under this daemon's name.
     Unchanged,
     /// The capacity (and owner annotation) were written.
     Advertised,
@@ -59,16 +58,19 @@ impl NodeCapacity {
         self.limit
     }
 
-    /// Reads the node and, unless it advertises the limit already, writes
-    /// the owner annotation and then the capacity (merge patches of the
-    /// node and of its `status` subresource).
+    /// Reads the node and, unless it advertises the limit already under
+    /// this daemon's name, writes the owner annotation and then the
+    /// capacity (merge patches of the node and of its `status`
+    /// subresource). A running daemon takes them over from any other
+    /// owner, as the reference does at its start: a daemon that died
+    /// without withdrawing them must not leave them owned by nobody alive.
     ///
     /// # Errors
     /// The node does not exist, or a request failed (the message names it).
     pub async fn reconcile(&self) -> Result<Reconciled, String> {
         let nodes = kube::Api::<Node>::all(self.kube.client());
         let name = self.kube.node();
-        let node = observe("get", nodes.get_opt(name).await)
+        let node = observe_opt("get", nodes.get_opt(name).await)
             .map_err(|e| format!("GET node {name}: {e}"))?
             .ok_or_else(|| format!("node {name} does not exist"))?;
         let want = self.limit.to_string();
@@ -84,7 +86,7 @@ impl NodeCapacity {
             .as_ref()
             .and_then(|a| a.get(OWNER_ANNOTATION))
             .map(String::as_str);
-        if capacity == Some(want.as_str()) && owner.is_some() {
+        if capacity == Some(want.as_str()) && owner == Some(self.owner.as_str()) {
             return Ok(Reconciled::Unchanged);
         }
         let params = kube::api::PatchParams::default();
@@ -118,7 +120,7 @@ impl NodeCapacity {
     pub async fn withdraw(&self) -> Result<bool, String> {
         let nodes = kube::Api::<Node>::all(self.kube.client());
         let name = self.kube.node();
-        let Some(node) = observe("get", nodes.get_opt(name).await)
+        let Some(node) = observe_opt("get", nodes.get_opt(name).await)
             .map_err(|e| format!("GET node {name}: {e}"))?
         else {
             return Ok(false);
@@ -141,14 +143,19 @@ impl NodeCapacity {
             }
         }
         let annotation = json!([test, {"op": "remove", "path": owner_path}]);
-        Ok(matches!(
-            self.json_patch(name, &annotation).await?,
-            Patched::Yes
-        ))
+        if let Patched::Refused = self.json_patch(name, &annotation).await? {
+            // Another daemon took over between the two patches: the
+            // capacity is gone, and it sets it again.
+            tracing::info!(
+                node = name,
+                "the node's owner annotation changed hands during the withdrawal; left to its new owner"
+            );
+        }
+        Ok(true)
     }
 
-    /// A JSON patch of `nodes/<path>`; a failed `test` (422, or 500 on
-    /// API servers that report it so) or a path that is not there is
+    /// A JSON patch of `nodes/<path>`; a failed `test` or a path that is
+    /// not there (422) or a node that is gone (404) is
     /// [`Patched::Refused`].
     async fn json_patch(&self, path: &str, patch: &serde_json::Value) -> Result<Patched, String> {
         let body = serde_json::to_vec(patch).map_err(|e| e.to_string())?;
@@ -158,7 +165,7 @@ impl NodeCapacity {
             .map_err(|e| e.to_string())?;
         match observe("patch", self.kube.client().request::<Node>(request).await) {
             Ok(_) => Ok(Patched::Yes),
-            Err(kube::Error::Api(status)) if matches!(status.code, 404 | 422 | 500) => {
+            Err(kube::Error::Api(status)) if matches!(status.code, 404 | 422) => {
                 tracing::debug!(node = path, reason = %status.message, "node patch refused");
                 Ok(Patched::Refused)
             }

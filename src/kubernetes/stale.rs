@@ -7,12 +7,13 @@
 //! path, with a log line and [`crate::metrics::STALE_SANDBOXES_STOPPED`].
 //!
 //! Nothing is stopped on doubt: a failed or timed-out list, a list that
-//! says it is partial (a `continue` token), or a node that does not exist
-//! (a client pointed at the wrong cluster, a wrong `--node-name`) neither
-//! starts nor ends anyone's grace, and is logged. A sandbox without pod
+//! says it is partial (a `continue` token), a node that does not exist (a
+//! client pointed at the wrong cluster, a wrong `--node-name`) or one with
+//! no pod at all (not even this daemon's own) neither starts nor ends
+//! anyone's grace, and is logged. A sandbox without pod
 //! annotations (a runtime that sends none) is never judged.
 
-use super::{Kube, observe};
+use super::{Kube, observe, observe_opt};
 use crate::actors::supervisor::{StopVm, Supervisor};
 use crate::view::InstanceView;
 use actix::Addr;
@@ -80,7 +81,7 @@ impl StaleSandboxes {
     pub async fn check(&mut self, now: Instant) -> Result<Vec<String>, String> {
         let node = self.kube.node();
         let client = self.kube.client();
-        if observe(
+        if observe_opt(
             "get",
             kube::Api::<Node>::all(client.clone()).get_opt(node).await,
         )
@@ -101,6 +102,15 @@ impl StaleSandboxes {
             .is_some_and(|c| !c.is_empty())
         {
             return Err(format!("LIST pods on node {node} was partial"));
+        }
+        // A node with no pod at all is a node this daemon does not run on
+        // (its own DaemonSet pod would be listed): a client pointed at
+        // another cluster whose node has the same name, not a node whose
+        // peer pods are all gone.
+        if pods.items.is_empty() {
+            return Err(format!(
+                "no pod at all on node {node}, not even this daemon's: no sandbox is judged stale"
+            ));
         }
         let present: HashSet<(String, String)> = pods
             .items
@@ -177,9 +187,10 @@ impl StaleSandboxes {
             grace = ?self.grace,
             "the sandbox's pod is gone from the node; stopping its pod VM"
         );
-        crate::metrics::counter!(crate::metrics::STALE_SANDBOXES_STOPPED).increment(1);
         match self.supervisor.send(StopVm(id.clone())).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                crate::metrics::counter!(crate::metrics::STALE_SANDBOXES_STOPPED).increment(1);
+            }
             Ok(Err(e)) => {
                 tracing::error!(sandbox_id = %id, error = %e, "stopping a stale sandbox failed");
             }
