@@ -133,7 +133,8 @@ pub struct KubeApi {
     pub base_url: String,
     /// The cluster CA, PEM.
     pub ca_file: PathBuf,
-    /// How long start-up took, until `/readyz` answered 200.
+    /// How long start-up took, until `/readyz` answered 200 and the
+    /// `default` namespace existed.
     pub startup: Duration,
     admin: ureq::Agent,
     anonymous: ureq::Agent,
@@ -377,7 +378,12 @@ impl KubeApi {
             dir,
         };
         loop {
-            if let Ok((200, _)) = api.request("GET", "/readyz", None, None) {
+            // Ready, and the `default` namespace made: the API server makes
+            // it a moment after `/readyz` first answers 200, and a test's
+            // first namespaced create must not meet a 404.
+            if let Ok((200, _)) = api.request("GET", "/readyz", None, None)
+                && let Ok((200, _)) = api.request("GET", "/api/v1/namespaces/default", None, None)
+            {
                 break;
             }
             for (child, log, name) in [
