@@ -226,12 +226,12 @@ pub struct PodInputArgs {
 
     /// Bearer token file for the Kubernetes API
     #[arg(long = "kube-token-file", env = "PODVISOR_KUBE_TOKEN_FILE", value_name = "PATH",
-          default_value = crate::pull_secrets::IN_CLUSTER_TOKEN)]
+          default_value = crate::kubernetes::IN_CLUSTER_TOKEN)]
     pub kube_token_file: PathBuf,
 
     /// CA certificate of the Kubernetes API
     #[arg(long = "kube-ca-file", env = "PODVISOR_KUBE_CA_FILE", value_name = "PATH",
-          default_value = crate::pull_secrets::IN_CLUSTER_CA)]
+          default_value = crate::kubernetes::IN_CLUSTER_CA)]
     pub kube_ca_file: PathBuf,
 
     /// This daemon's pod UID: names it in the node's kata.peerpods.io/caa-owner annotation [default: podvisor-<node>]

@@ -17,7 +17,6 @@
 pub mod node;
 pub mod stale;
 
-use crate::pull_secrets::KubeApiConfig;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +25,22 @@ use std::time::{Duration, Instant};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest one API answer may take (no request here is a watch).
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// In-cluster ServiceAccount token.
+pub const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+/// In-cluster API CA.
+pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+
+/// An API server by URL, with a bearer token file and a CA.
+#[derive(Debug, Clone)]
+pub struct KubeApiConfig {
+    /// `https://host:port`.
+    pub server: String,
+    /// The bearer token's file (re-read as it rotates).
+    pub token_file: PathBuf,
+    /// The API server's CA, PEM.
+    pub ca_file: PathBuf,
+}
 
 /// Where the Kubernetes API is, as the flags and the environment say.
 #[derive(Debug, Clone)]
@@ -37,9 +52,10 @@ pub enum KubeSource {
 }
 
 impl KubeSource {
-    /// The source the flags name, else the in-cluster one from
-    /// `service_host`/`service_port` (`KUBERNETES_SERVICE_HOST`/`_PORT`);
-    /// `None` without any.
+    /// `kubeconfig`, else the API `server` names, else the in-cluster one
+    /// from `service_host`/`service_port` (`KUBERNETES_SERVICE_HOST`/`_PORT`,
+    /// port 443 by default), the last two with `token_file` and `ca_file`;
+    /// `None` without any. Empty values count as absent.
     pub fn resolve(
         kubeconfig: Option<&Path>,
         server: Option<&str>,
@@ -51,8 +67,23 @@ impl KubeSource {
         if let Some(path) = kubeconfig.filter(|p| !p.as_os_str().is_empty()) {
             return Some(Self::Kubeconfig(path.to_owned()));
         }
-        KubeApiConfig::resolve(server, service_host, service_port, token_file, ca_file)
-            .map(Self::Api)
+        let server = match (server, service_host) {
+            (Some(s), _) if !s.is_empty() => s.trim_end_matches('/').to_owned(),
+            (_, Some(host)) if !host.is_empty() => {
+                let port = service_port.filter(|p| !p.is_empty()).unwrap_or("443");
+                if host.contains(':') {
+                    format!("https://[{host}]:{port}")
+                } else {
+                    format!("https://{host}:{port}")
+                }
+            }
+            _ => return None,
+        };
+        Some(Self::Api(KubeApiConfig {
+            server,
+            token_file: token_file.to_owned(),
+            ca_file: ca_file.to_owned(),
+        }))
     }
 }
 
@@ -323,6 +354,30 @@ mod tests {
             Some(KubeSource::Api(a)) if a.server == "https://10.0.0.1:443"
         ));
         assert!(r(None, None, None).is_none());
+    }
+
+    #[test]
+    fn the_api_is_the_flag_else_in_cluster_else_none() {
+        let (t, c) = (Path::new("/t"), Path::new("/c"));
+        let r = |s, h, p| match KubeSource::resolve(None, s, h, p, t, c) {
+            Some(KubeSource::Api(api)) => Some(api.server),
+            Some(KubeSource::Kubeconfig(_)) => panic!("no kubeconfig was given"),
+            None => None,
+        };
+        assert_eq!(
+            r(Some("https://api:6443/"), Some("10.0.0.1"), None).unwrap(),
+            "https://api:6443"
+        );
+        assert_eq!(
+            r(None, Some("10.0.0.1"), Some("443")).unwrap(),
+            "https://10.0.0.1:443"
+        );
+        assert_eq!(
+            r(Some(""), Some("fd00::1"), None).unwrap(),
+            "https://[fd00::1]:443"
+        );
+        assert!(r(None, None, Some("443")).is_none());
+        assert!(r(Some(""), Some(""), None).is_none());
     }
 
     #[tokio::test]

@@ -16,15 +16,10 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The largest `auth.json` the reference puts in user data.
 pub const MAX_AUTH_JSON: usize = 12_288;
-/// In-cluster ServiceAccount token.
-pub const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
-/// In-cluster API CA.
-pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
 
 /// One registry's credentials, as `auth.json` holds them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -91,48 +86,6 @@ fn json_error(e: &serde_json::Error) -> String {
         e.line(),
         e.column()
     )
-}
-
-/// Where the Kubernetes API is and how to authenticate to it.
-#[derive(Debug, Clone)]
-pub struct KubeApiConfig {
-    /// `https://host:port`.
-    pub server: String,
-    /// The bearer token's file (re-read as it rotates).
-    pub token_file: PathBuf,
-    /// The API server's CA, PEM.
-    pub ca_file: PathBuf,
-}
-
-impl KubeApiConfig {
-    /// The API `server` names, else the in-cluster one from `service_host`
-    /// and `service_port` (`KUBERNETES_SERVICE_HOST`/`_PORT`); `None`
-    /// without either.
-    pub fn resolve(
-        server: Option<&str>,
-        service_host: Option<&str>,
-        service_port: Option<&str>,
-        token_file: &Path,
-        ca_file: &Path,
-    ) -> Option<Self> {
-        let server = match (server, service_host) {
-            (Some(s), _) if !s.is_empty() => s.trim_end_matches('/').to_owned(),
-            (_, Some(host)) if !host.is_empty() => {
-                let port = service_port.filter(|p| !p.is_empty()).unwrap_or("443");
-                if host.contains(':') {
-                    format!("https://[{host}]:{port}")
-                } else {
-                    format!("https://{host}:{port}")
-                }
-            }
-            _ => return None,
-        };
-        Some(Self {
-            server,
-            token_file: token_file.to_owned(),
-            ca_file: ca_file.to_owned(),
-        })
-    }
 }
 
 /// Reads pull secrets from the Kubernetes API.
@@ -324,25 +277,5 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("hunter2"), "{e}");
-    }
-
-    #[test]
-    fn the_api_is_the_flag_else_in_cluster_else_none() {
-        let (t, c) = (Path::new("/t"), Path::new("/c"));
-        let r = |s, h, p| KubeApiConfig::resolve(s, h, p, t, c).map(|c| c.server);
-        assert_eq!(
-            r(Some("https://api:6443/"), Some("10.0.0.1"), None).unwrap(),
-            "https://api:6443"
-        );
-        assert_eq!(
-            r(None, Some("10.0.0.1"), Some("443")).unwrap(),
-            "https://10.0.0.1:443"
-        );
-        assert_eq!(
-            r(Some(""), Some("fd00::1"), None).unwrap(),
-            "https://[fd00::1]:443"
-        );
-        assert!(r(None, None, Some("443")).is_none());
-        assert!(r(Some(""), Some(""), None).is_none());
     }
 }

@@ -20,8 +20,8 @@ mod kube;
 
 use kube::{KubeApi, KubeBinaries};
 use podvisor::kubernetes::node::{NodeCapacity, Reconciled};
-use podvisor::kubernetes::{Kube, KubeSource};
-use podvisor::pull_secrets::{KubeApiConfig, PullSecrets};
+use podvisor::kubernetes::{Kube, KubeApiConfig, KubeSource};
+use podvisor::pull_secrets::PullSecrets;
 #[path = "common/tools.rs"]
 mod tools;
 
