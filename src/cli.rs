@@ -242,6 +242,24 @@ pub struct PodInputArgs {
     #[arg(long = "stale-sandbox-grace", env = "PODVISOR_STALE_SANDBOX_GRACE", value_name = "DURATION",
           default_value = "5m", value_parser = parse_duration)]
     pub stale_sandbox_grace: Duration,
+
+    /// Delete the pod VMs of a node that has been gone from the cluster this long; one daemon of the cluster does it, under a Lease (needs the Kubernetes API; 0s: never, and no Lease is taken)
+    #[arg(long = "node-gone-grace", env = "PODVISOR_NODE_GONE_GRACE", value_name = "DURATION",
+          default_value = "10m", value_parser = parse_duration)]
+    pub node_gone_grace: Duration,
+
+    /// How long the node-gone Lease is held without renewal (whole seconds; renewed every third of it)
+    #[arg(long = "lease-duration", env = "PODVISOR_LEASE_DURATION", value_name = "DURATION",
+          default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+
+    /// Namespace of the node-gone Lease (podvisor-<provider>-node-gone) [default: the daemon's own namespace in a pod, else default]
+    #[arg(
+        long = "lease-namespace",
+        env = "PODVISOR_LEASE_NAMESPACE",
+        value_name = "NAMESPACE"
+    )]
+    pub lease_namespace: Option<String>,
 }
 
 /// The network tunnel between the node and its pod VMs (accepted for the

@@ -147,6 +147,15 @@ pub async fn serve(
     let provider = build_provider(&global, provider_name, &*provider_config, &node).await?;
     let pki = load_pki(&global).await?;
     let kube = kubernetes(&global, &node).await?;
+    // Known in milliseconds with an API that answers: before the first
+    // CreateVM, whose pod VM is tagged with it.
+    let cluster_id = crate::kubernetes::cluster::ClusterId::default();
+    if let Some(k) = &kube {
+        tokio::spawn(crate::kubernetes::cluster::learn(
+            k.clone(),
+            cluster_id.clone(),
+        ));
+    }
     let pull_secrets = kube
         .clone()
         .map(|k| Arc::new(crate::pull_secrets::PullSecrets::new(k)));
@@ -158,7 +167,10 @@ pub async fn serve(
         records,
         &provider.calls,
         pki.pki.clone(),
-        pull_secrets,
+        FromKube {
+            pull_secrets,
+            cluster_id: cluster_id.clone(),
+        },
     )
     .await?;
     let status = status_document(
@@ -182,9 +194,19 @@ pub async fn serve(
     .await?;
     // `podvisor_started` turns 1 without anyone asking `/startup`.
     tokio::spawn(crate::startup::watch(startup, actors.view.clone()));
-    let node_capacity = kube
-        .as_ref()
-        .and_then(|k| node_integration(&global, k, &actors, &endpoints));
+    let integration = kube.as_ref().map(|k| {
+        node_integration(
+            &global,
+            k,
+            &actors,
+            &endpoints,
+            NodeGoneInputs {
+                calls: provider.calls.clone(),
+                provider_name,
+                cluster: cluster_id,
+            },
+        )
+    });
     tracing::info!(
         socket = %global.kata.socket.display(),
         admin = %global.endpoints.admin_addr,
@@ -197,12 +219,8 @@ pub async fn serve(
     );
 
     shutdown.await;
-    if let Some((capacity, task)) = node_capacity {
-        // Its own checks stopped first, or one could set the capacity again
-        // between the withdrawal's two patches.
-        task.abort();
-        let _ = task.await;
-        withdraw_capacity(&capacity).await;
+    if let Some(integration) = integration {
+        integration.shut_down().await;
     }
     shut_down(&global, endpoints, actors, journal, provider, pki).await
 }
@@ -589,16 +607,55 @@ async fn kubernetes(
     Ok(Some(kube))
 }
 
+/// What the node-gone collector needs besides the Kubernetes API.
+struct NodeGoneInputs {
+    /// The provider, under the call policy.
+    calls: Arc<ProviderCalls>,
+    /// The provider's name, in the Lease's name.
+    provider_name: &'static str,
+    /// The cluster's identity, once known.
+    cluster: crate::kubernetes::cluster::ClusterId,
+}
+
+/// The tasks that talk to the Kubernetes API for the node, to stop at
+/// shutdown.
+struct NodeIntegration {
+    /// The capacity to withdraw and the task that keeps it set.
+    capacity: Option<(crate::kubernetes::node::NodeCapacity, JoinHandle<()>)>,
+    /// Stops the node-gone Lease's task, which then gives the Lease up.
+    lease: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+}
+
+impl NodeIntegration {
+    /// Withdraws the node's capacity and gives the node-gone Lease up.
+    async fn shut_down(self) {
+        if let Some((capacity, task)) = self.capacity {
+            // Its own checks stopped first, or one could set the capacity
+            // again between the withdrawal's two patches.
+            task.abort();
+            let _ = task.await;
+            withdraw_capacity(&capacity).await;
+        }
+        if let Some((stop, task)) = self.lease {
+            stop.send_replace(true);
+            // The task gives the Lease up within 5 s of its own.
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
 /// After step 5, with a Kubernetes API: advertises the node's peer pod
-/// capacity (unless there is no limit) and stops stale sandboxes (unless
-/// `--stale-sandbox-grace 0s`), both until the endpoints stop. Returns
-/// the capacity to withdraw at shutdown and the task that keeps it set.
+/// capacity (unless there is no limit), stops stale sandboxes (unless
+/// `--stale-sandbox-grace 0s`) and takes part in collecting the pod VMs of
+/// deleted nodes (unless `--node-gone-grace 0s`), until the endpoints stop
+/// or [`NodeIntegration::shut_down`].
 fn node_integration(
     global: &GlobalArgs,
     kube: &crate::kubernetes::Kube,
     actors: &Actors,
     endpoints: &Endpoints,
-) -> Option<(crate::kubernetes::node::NodeCapacity, JoinHandle<()>)> {
+    node_gone: NodeGoneInputs,
+) -> NodeIntegration {
     let grace = global.pod_inputs.stale_sandbox_grace;
     if grace.is_zero() {
         tracing::info!("--stale-sandbox-grace is 0s: sandboxes whose pod is gone are not stopped");
@@ -611,22 +668,78 @@ fn node_integration(
         );
         tokio::spawn(stale.run(endpoints.stop.subscribe()));
     }
+    let pod_uid = global
+        .pod_inputs
+        .pod_uid
+        .clone()
+        .filter(|u| !u.trim().is_empty());
+    let lease = start_node_gone(global, kube, endpoints, node_gone, pod_uid.as_deref());
     let Some(limit) = actors.limit else {
         tracing::info!(
             resource = crate::kubernetes::node::RESOURCE,
             "no --peerpods-limit-per-node: the node's peer pod capacity is not advertised"
         );
-        return None;
+        return NodeIntegration {
+            capacity: None,
+            lease,
+        };
     };
-    let owner = global
-        .pod_inputs
-        .pod_uid
-        .clone()
-        .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| format!("podvisor-{}", kube.node()));
+    let owner = pod_uid.unwrap_or_else(|| format!("podvisor-{}", kube.node()));
     let capacity = crate::kubernetes::node::NodeCapacity::new(kube.clone(), limit as u64, owner);
     let task = tokio::spawn(capacity.clone().run(endpoints.stop.subscribe()));
-    Some((capacity, task))
+    NodeIntegration {
+        capacity: Some((capacity, task)),
+        lease,
+    }
+}
+
+/// The node-gone Lease's holder task and the collector beside it (unless
+/// `--node-gone-grace 0s`): the Lease's stop switch and task.
+fn start_node_gone(
+    global: &GlobalArgs,
+    kube: &crate::kubernetes::Kube,
+    endpoints: &Endpoints,
+    inputs: NodeGoneInputs,
+    pod_uid: Option<&str>,
+) -> Option<(watch::Sender<bool>, JoinHandle<()>)> {
+    use crate::kubernetes::{lease::Lease, node_gone};
+    let args = &global.pod_inputs;
+    if args.node_gone_grace.is_zero() {
+        tracing::info!("--node-gone-grace is 0s: the pod VMs of deleted nodes are not collected");
+        return None;
+    }
+    let namespace = lease_namespace(args.lease_namespace.as_deref());
+    let identity = match pod_uid {
+        Some(uid) => format!("{}/{uid}", kube.node()),
+        None => kube.node().to_owned(),
+    };
+    let name = node_gone::lease_name(inputs.provider_name);
+    tracing::info!(lease = %format!("{namespace}/{name}"), holder = %identity, grace = ?args.node_gone_grace, "the pod VMs of deleted nodes are collected by the holder of the node-gone Lease");
+    let lease = Lease::new(kube, &namespace, &name, identity, args.lease_duration);
+    let (held_tx, held_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let collector = node_gone::NodeGone::new(
+        kube.clone(),
+        inputs.calls,
+        inputs.cluster,
+        args.node_gone_grace,
+    );
+    tokio::spawn(collector.run(held_rx, endpoints.stop.subscribe()));
+    let task = tokio::spawn(node_gone::hold(lease, held_tx, stop_rx));
+    Some((stop_tx, task))
+}
+
+/// `--lease-namespace`, else the ServiceAccount's namespace in a pod, else
+/// `default`.
+fn lease_namespace(flag: Option<&str>) -> String {
+    if let Some(ns) = flag.map(str::trim).filter(|n| !n.is_empty()) {
+        return ns.to_owned();
+    }
+    std::fs::read_to_string(crate::kubernetes::IN_CLUSTER_NAMESPACE)
+        .ok()
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".to_owned())
 }
 
 /// At shutdown: the node's peer pod capacity is withdrawn if this daemon
@@ -663,6 +776,14 @@ struct Actors {
     limit: Option<usize>,
 }
 
+/// What the pod VMs take from the Kubernetes API.
+struct FromKube {
+    /// Where the pods' image pull secrets are read (`None`: no API).
+    pull_secrets: Option<Arc<crate::pull_secrets::PullSecrets>>,
+    /// The cluster's identity, for the cluster tag, once the API told it.
+    cluster_id: crate::kubernetes::cluster::ClusterId,
+}
+
 /// Step 4: starts the provider's actor and the supervisor, and hands the
 /// supervisor the journal's `records` for recovery (and the quarantined
 /// ones by key, so the GC spares their instances).
@@ -673,8 +794,12 @@ async fn start_actors(
     records: Vec<InstanceRecord>,
     calls: &Arc<ProviderCalls>,
     pki: Option<Arc<crate::tls::Pki>>,
-    pull_secrets: Option<Arc<crate::pull_secrets::PullSecrets>>,
+    from_kube: FromKube,
 ) -> Result<Actors, StartupError> {
+    let FromKube {
+        pull_secrets,
+        cluster_id,
+    } = from_kube;
     let view = InstanceView::new();
     let provider_actor = ProviderActor::new(calls.clone()).start();
     let lifecycle = &global.lifecycle;
@@ -692,6 +817,7 @@ async fn start_actors(
             failed_ttl: lifecycle.failed_ttl,
         },
         node_name: node.to_owned(),
+        cluster_id,
         forwarder_port: global.kata.forwarder_port,
         proxy_timeout: global.kata.proxy_timeout,
         pods_dir: global.kata.pods_dir.clone(),
@@ -782,6 +908,12 @@ fn status_document(
             "api": k.server(),
             "peer_pod_capacity": limit.map(|_| crate::kubernetes::node::RESOURCE),
             "stale_sandbox_grace_seconds": global.pod_inputs.stale_sandbox_grace.as_secs_f64(),
+            "node_gone_grace_seconds": global.pod_inputs.node_gone_grace.as_secs_f64(),
+            "node_gone_lease": (!global.pod_inputs.node_gone_grace.is_zero()).then(|| format!(
+                "{}/{}",
+                lease_namespace(global.pod_inputs.lease_namespace.as_deref()),
+                crate::kubernetes::node_gone::lease_name(provider_name)
+            )),
         })
     });
     serde_json::json!({

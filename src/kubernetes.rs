@@ -14,7 +14,10 @@
 //! [`crate::metrics::KUBE_API_REQUESTS`] with its outcome. The token never
 //! reaches a log line or an error: kube-rs keeps it as a secret string.
 
+pub mod cluster;
+pub mod lease;
 pub mod node;
+pub mod node_gone;
 pub mod stale;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +33,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const IN_CLUSTER_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 /// In-cluster API CA.
 pub const IN_CLUSTER_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+/// In-cluster: the namespace of the daemon's pod.
+pub const IN_CLUSTER_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 /// An API server by URL, with a bearer token file and a CA.
 #[derive(Debug, Clone)]

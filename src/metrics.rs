@@ -73,6 +73,12 @@ pub const KUBE_API_REQUESTS: &str = "podvisor_kube_api_requests_total";
 /// Counter: sandboxes stopped because their pod was gone from the node for
 /// longer than `--stale-sandbox-grace`.
 pub const STALE_SANDBOXES_STOPPED: &str = "podvisor_stale_sandboxes_stopped_total";
+/// Counter: pod VMs deleted because the node they were made for has been
+/// gone from the cluster for longer than `--node-gone-grace`.
+pub const NODE_GONE_INSTANCES_DELETED: &str = "podvisor_node_gone_instances_deleted_total";
+/// Gauge: 1 while this daemon holds the node-gone Lease (it collects the
+/// pod VMs of deleted nodes), else 0.
+pub const NODE_GONE_LEASE_HELD: &str = "podvisor_node_gone_lease_held";
 /// Gauge: 1 once every sandbox that was `Creating` or `Running` at
 /// start-up is `Running` again (or ended), as `/startup` answers.
 pub const STARTED: &str = "podvisor_started";
@@ -204,6 +210,16 @@ fn describe() {
         STALE_SANDBOXES_STOPPED,
         Unit::Count,
         "Sandboxes stopped because their pod was gone from the node for longer than the grace period."
+    );
+    describe_counter!(
+        NODE_GONE_INSTANCES_DELETED,
+        Unit::Count,
+        "Pod VMs deleted because their node was gone from the cluster for longer than the grace period."
+    );
+    describe_gauge!(
+        NODE_GONE_LEASE_HELD,
+        Unit::Count,
+        "1 while this daemon holds the node-gone Lease and collects the pod VMs of deleted nodes, else 0."
     );
     describe_gauge!(
         JOURNAL_IN_DOUBT,

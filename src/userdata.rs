@@ -4,7 +4,7 @@
 //! node, sandbox, token and journal.
 
 use podvisor_providers::{
-    CreateRequest, TAG_JOURNAL, TAG_JOURNAL_SEQ, TAG_NODE, TAG_SANDBOX, TAG_TOKEN,
+    CreateRequest, TAG_CLUSTER, TAG_JOURNAL, TAG_JOURNAL_SEQ, TAG_NODE, TAG_SANDBOX, TAG_TOKEN,
 };
 use podvisor_state::{InstanceRecord, Journal};
 use serde::Serialize;
@@ -92,6 +92,9 @@ pub const AUTH_JSON_PATH: &str = "/run/peerpod/auth.json";
 pub struct RequestInputs<'a> {
     /// This node's name, for the node tag.
     pub node_name: &'a str,
+    /// The cluster's identity (the `kube-system` namespace's UID), for the
+    /// cluster tag; `None` without a Kubernetes API or before it answered.
+    pub cluster_id: Option<&'a str>,
     /// `--initdata`, for pods without their own.
     pub default_initdata: Option<&'a str>,
     /// `--enable-scratch-space`.
@@ -112,6 +115,7 @@ impl std::fmt::Debug for RequestInputs<'_> {
         // The initdata may hold secrets: only whether there is one.
         f.debug_struct("RequestInputs")
             .field("node_name", &self.node_name)
+            .field("cluster_id", &self.cluster_id)
             .field("default_initdata", &self.default_initdata.is_some())
             .field("scratch_space", &self.scratch_space)
             .field("tls", &self.pki.is_some())
@@ -160,7 +164,7 @@ pub fn create_request(
         tls_min_version: inputs.tls_min_version,
         tls_cipher_suites: inputs.tls_cipher_suites,
     });
-    let tags = BTreeMap::from([
+    let mut tags = BTreeMap::from([
         (TAG_NODE.to_owned(), inputs.node_name.to_owned()),
         (TAG_SANDBOX.to_owned(), record.sandbox_id.clone()),
         (TAG_TOKEN.to_owned(), token.clone()),
@@ -170,6 +174,9 @@ pub fn create_request(
             inputs.journal.durable_sequence().to_string(),
         ),
     ]);
+    if let Some(cluster) = inputs.cluster_id {
+        tags.insert(TAG_CLUSTER.to_owned(), cluster.to_owned());
+    }
     Ok(CreateRequest {
         sandbox_id: record.sandbox_id.clone(),
         pod_name: record.pod_name.clone(),
@@ -195,8 +202,9 @@ mod tests {
         let mut record =
             InstanceRecord::pending("sb1", "web", "default", InstanceSpec::default(), 1);
         record.token = Some("tok-1".into());
-        let inputs = RequestInputs {
+        let mut inputs = RequestInputs {
             node_name: "node-a",
+            cluster_id: None,
             default_initdata: Some("H4sIdefault"),
             scratch_space: false,
             pki: None,
@@ -230,6 +238,15 @@ mod tests {
         assert_eq!(tag(TAG_JOURNAL), Some(journal.identity().id.as_str()));
         let seq = journal.durable_sequence().to_string();
         assert_eq!(tag(TAG_JOURNAL_SEQ), Some(seq.as_str()));
+        // No cluster known: no cluster tag (never collected as a node-gone
+        // instance); once known, every create carries it.
+        assert_eq!(tag(TAG_CLUSTER), None);
+        inputs.cluster_id = Some("0b6c1c4e-8e0e-4a0f-9d1c-2f3f0e6b9a11");
+        let tagged = create_request(&record, &inputs, false).unwrap();
+        assert_eq!(
+            tagged.tags.get(TAG_CLUSTER).map(String::as_str),
+            inputs.cluster_id
+        );
     }
 
     #[test]

@@ -44,6 +44,6 @@ pub use manager::{
     find_manager, registry,
 };
 pub use provider::{
-    CreateRequest, Instance, InstanceStatus, Provider, TAG_JOURNAL, TAG_JOURNAL_SEQ, TAG_NODE,
-    TAG_SANDBOX, TAG_TOKEN,
+    CreateRequest, Instance, InstanceStatus, Provider, TAG_CLUSTER, TAG_JOURNAL, TAG_JOURNAL_SEQ,
+    TAG_NODE, TAG_SANDBOX, TAG_TOKEN,
 };

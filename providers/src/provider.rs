@@ -8,6 +8,12 @@ use std::net::IpAddr;
 
 /// Tag key: the node whose daemon owns the instance (the orphan GC lists by it).
 pub const TAG_NODE: &str = "podvisor.io/node";
+/// Tag key: the Kubernetes cluster the instance's node belongs to (the UID
+/// of the cluster's `kube-system` namespace). The node-gone GC lists by it:
+/// one daemon of the cluster deletes the instances of nodes that no longer
+/// exist. An instance made before the daemon knew the cluster has none,
+/// and is never collected that way.
+pub const TAG_CLUSTER: &str = "podvisor.io/cluster";
 /// Tag key: the Kata sandbox id.
 pub const TAG_SANDBOX: &str = "podvisor.io/sandbox";
 /// Tag key: the idempotency token the instance was created with.

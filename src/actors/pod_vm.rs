@@ -36,6 +36,9 @@ pub struct PodVmDeps {
     pub machine: MachineConfig,
     /// This node's name, for the node tag.
     pub node_name: String,
+    /// The cluster's identity once the Kubernetes API has told it, for the
+    /// cluster tag (see [`crate::kubernetes::cluster`]).
+    pub cluster_id: Arc<std::sync::OnceLock<String>>,
     /// The forwarder port probed for readiness.
     pub forwarder_port: u16,
     /// How long the forwarder gets to answer.
@@ -80,6 +83,7 @@ impl PodVmDeps {
     fn request_inputs(&self) -> RequestInputs<'_> {
         RequestInputs {
             node_name: &self.node_name,
+            cluster_id: self.cluster_id.get().map(String::as_str),
             default_initdata: self.default_initdata.as_deref(),
             scratch_space: self.scratch_space,
             pki: self.pki.as_deref(),

@@ -1,0 +1,422 @@
+//! Pod VMs of deleted nodes: when a whole node goes, its daemon goes with
+//! it, and every other daemon's orphan GC sees only its own node's tag, so
+//! nobody would delete that node's pod VMs. One daemon of the cluster (the
+//! holder of a [`super::lease::Lease`]) does:
+//!
+//! 1. it lists the cloud's instances tagged with this cluster
+//!    ([`podvisor_providers::TAG_CLUSTER`], see [`super::cluster`]) —
+//!    **before** listing the nodes, so an instance of a node that joined
+//!    in between is listed with its node already there;
+//! 2. it lists the cluster's nodes (one quorum read, never partial);
+//! 3. an instance whose node tag names a node missing from every
+//!    successful list for `--node-gone-grace`, and that is itself older
+//!    than the grace (when the cloud says when it was made), is deleted
+//!    through the provider calls (paced, retried; not found is done), with
+//!    a warning line and [`crate::metrics::NODE_GONE_INSTANCES_DELETED`].
+//!
+//! Nothing is deleted on doubt: a failed listing of either kind, a node
+//! list that is partial or lacks this daemon's own node (a client pointed
+//! at another cluster), an unknown cluster identity, or an instance
+//! without a node tag. This daemon's own node's instances are its own
+//! orphan GC's. The clocks start again whenever the Lease changes hands,
+//! and every delete first checks the Lease is still held; should two
+//! daemons briefly both hold it, both judge the same way and a delete is
+//! idempotent.
+
+use super::cluster::ClusterId;
+use super::lease::Lease;
+use super::{Kube, observe};
+use crate::actors::provider::ProviderCalls;
+use k8s_openapi::api::core::v1::Node;
+use podvisor_providers::{Instance, TAG_CLUSTER, TAG_NODE};
+use podvisor_state::{UnixMillis, now_millis};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The longest pause between two collections.
+const INTERVAL_CAP: Duration = Duration::from_secs(60);
+
+/// The Lease's name for `provider`: one collector per provider in the
+/// cluster (two providers' daemons list different clouds).
+pub fn lease_name(provider: &str) -> String {
+    format!("podvisor-{provider}-node-gone")
+}
+
+/// Finds and deletes the instances of deleted nodes.
+pub struct NodeGone {
+    kube: Kube,
+    calls: Arc<ProviderCalls>,
+    cluster: ClusterId,
+    clocks: Clocks,
+}
+
+impl std::fmt::Debug for NodeGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeGone")
+            .field("clocks", &self.clocks)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The decision: how long each node has been missing.
+#[derive(Debug)]
+pub struct Clocks {
+    grace: Duration,
+    /// When each node was first missing from a successful list.
+    absent_since: HashMap<String, Instant>,
+}
+
+/// One instance to delete and the node it was made for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doomed {
+    /// The missing node.
+    pub node: String,
+    /// The instance.
+    pub instance: Instance,
+}
+
+impl Clocks {
+    /// No clock running; judged by `grace`.
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            absent_since: HashMap::new(),
+        }
+    }
+
+    /// The decision, from one listing of each: the instances whose node has
+    /// now been missing for the grace (at monotonic `now`) and that are
+    /// older than the grace (at wall-clock `wall`, when their creation time
+    /// is known). Starts and ends the nodes' clocks.
+    ///
+    /// `own` is this daemon's node: never judged.
+    pub fn judge(
+        &mut self,
+        instances: Vec<Instance>,
+        nodes: &HashSet<String>,
+        own: &str,
+        now: Instant,
+        wall: UnixMillis,
+    ) -> Vec<Doomed> {
+        let grace_ms = UnixMillis::try_from(self.grace.as_millis()).unwrap_or(UnixMillis::MAX);
+        let mut missing = HashSet::new();
+        let mut doomed = Vec::new();
+        for instance in instances {
+            let Some(node) = instance.tags.get(TAG_NODE).filter(|n| !n.is_empty()) else {
+                continue;
+            };
+            if node == own || nodes.contains(node) {
+                continue;
+            }
+            let node = node.clone();
+            missing.insert(node.clone());
+            let since = *self.absent_since.entry(node.clone()).or_insert(now);
+            let young = instance
+                .created_at
+                .is_some_and(|at| wall.saturating_sub(at) < grace_ms);
+            if now.duration_since(since) >= self.grace && !young {
+                doomed.push(Doomed { node, instance });
+            }
+        }
+        // A node that is back, or has no instance left, starts afresh.
+        self.absent_since.retain(|n, _| missing.contains(n));
+        doomed
+    }
+
+    /// Forgets every clock (the Lease changed hands).
+    pub fn forget(&mut self) {
+        self.absent_since.clear();
+    }
+}
+
+impl NodeGone {
+    /// Deletes, through `calls`, the instances of this `cluster` whose node
+    /// has been missing from `kube`'s node list for `grace`.
+    pub fn new(kube: Kube, calls: Arc<ProviderCalls>, cluster: ClusterId, grace: Duration) -> Self {
+        Self {
+            kube,
+            calls,
+            cluster,
+            clocks: Clocks::new(grace),
+        }
+    }
+
+    /// How often the holder collects: a quarter of the grace, at least
+    /// 1 s and at most 60 s.
+    pub fn interval(&self) -> Duration {
+        (self.clocks.grace / 4).clamp(Duration::from_secs(1), INTERVAL_CAP)
+    }
+
+    /// Lists the cloud, then the nodes, and judges.
+    ///
+    /// # Errors
+    /// The cluster's identity is not known yet, a listing failed or was
+    /// partial, or the node list lacks this daemon's own node: nothing is
+    /// judged and no clock starts or ends.
+    pub async fn check(&mut self, now: Instant) -> Result<Vec<Doomed>, String> {
+        let Some(cluster) = self.cluster.get().cloned() else {
+            return Err("the cluster's identity (kube-system's UID) is not known yet".to_owned());
+        };
+        // The cloud first: see the module's documentation.
+        let instances = self
+            .calls
+            .list(TAG_CLUSTER, &cluster)
+            .await
+            .map_err(|e| format!("listing the cluster's instances: {e}"))?;
+        let list = observe(
+            "list",
+            kube::Api::<Node>::all(self.kube.client())
+                .list(&kube::api::ListParams::default())
+                .await,
+        )
+        .map_err(|e| format!("LIST nodes: {e}"))?;
+        if list
+            .metadata
+            .continue_
+            .as_deref()
+            .is_some_and(|c| !c.is_empty())
+        {
+            return Err("LIST nodes was partial".to_owned());
+        }
+        let nodes: HashSet<String> = list
+            .items
+            .into_iter()
+            .filter_map(|n| n.metadata.name)
+            .collect();
+        let own = self.kube.node().to_owned();
+        if !nodes.contains(&own) {
+            return Err(format!(
+                "this daemon's node {own} is not among the cluster's nodes (another cluster, or a wrong --node-name): no node is judged gone"
+            ));
+        }
+        Ok(self
+            .clocks
+            .judge(instances, &nodes, &own, now, now_millis()))
+    }
+
+    /// While `held` says this daemon holds the Lease, collects every
+    /// [`Self::interval`] until `stop`.
+    pub async fn run(mut self, mut held: watch::Receiver<bool>, mut stop: watch::Receiver<bool>) {
+        let mut last_error: Option<String> = None;
+        loop {
+            tokio::select! {
+                r = held.wait_for(|h| *h) => if r.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match self.check(Instant::now()).await {
+                Ok(doomed) => {
+                    if last_error.take().is_some() {
+                        tracing::info!("the pod VMs of deleted nodes can be judged again");
+                    }
+                    for d in doomed {
+                        if !*held.borrow() {
+                            break;
+                        }
+                        self.delete(d).await;
+                    }
+                }
+                Err(e) => {
+                    if last_error.as_deref() != Some(e.as_str()) {
+                        tracing::warn!(error = %e, "cannot tell which pod VMs belong to deleted nodes; none is deleted");
+                    }
+                    last_error = Some(e);
+                }
+            }
+            let pause = tokio::time::sleep(self.interval());
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    () = &mut pause => break,
+                    _ = stop.wait_for(|s| *s) => return,
+                    r = held.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        if !*held.borrow() {
+                            // Another daemon collects now; ours start over.
+                            self.clocks.forget();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn delete(&self, doomed: Doomed) {
+        let Doomed { node, instance } = doomed;
+        tracing::warn!(
+            node = %node,
+            instance_id = %instance.id,
+            instance_name = %instance.name,
+            grace = ?self.clocks.grace,
+            "the pod VM's node is gone from the cluster; deleting the pod VM"
+        );
+        match self.calls.delete(&instance.id).await {
+            Ok(()) => {
+                crate::metrics::counter!(crate::metrics::NODE_GONE_INSTANCES_DELETED).increment(1);
+            }
+            Err(e) => {
+                tracing::error!(node = %node, instance_id = %instance.id, error = %e, "deleting a deleted node's pod VM failed; the next collection tries again");
+            }
+        }
+    }
+}
+
+/// Takes and renews `lease` every retry period until `stop`, publishing in
+/// `held` (and [`crate::metrics::NODE_GONE_LEASE_HELD`]) whether this
+/// daemon holds it; then gives it up (within 5 s).
+pub async fn hold(mut lease: Lease, held: watch::Sender<bool>, mut stop: watch::Receiver<bool>) {
+    let gauge = crate::metrics::gauge!(crate::metrics::NODE_GONE_LEASE_HELD);
+    let mut last_error: Option<String> = None;
+    loop {
+        let result = lease.try_acquire_or_renew(Instant::now()).await;
+        let now_held = matches!(result, Ok(true));
+        match result {
+            Ok(_) => {
+                if last_error.take().is_some() {
+                    tracing::info!("the node-gone Lease can be read and written again");
+                }
+            }
+            Err(e) => {
+                if last_error.as_deref() != Some(e.as_str()) {
+                    tracing::warn!(error = %e, "cannot take or renew the node-gone Lease");
+                }
+                last_error = Some(e);
+            }
+        }
+        if now_held != *held.borrow() {
+            if now_held {
+                tracing::info!(holder = %lease.identity(), "this daemon holds the node-gone Lease: it collects the pod VMs of deleted nodes");
+            } else {
+                tracing::info!("this daemon no longer holds the node-gone Lease");
+            }
+        }
+        held.send_replace(now_held);
+        gauge.set(if now_held { 1.0 } else { 0.0 });
+        tokio::select! {
+            () = tokio::time::sleep(lease.retry_period()) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    held.send_replace(false);
+    gauge.set(0.0);
+    match tokio::time::timeout(Duration::from_secs(5), lease.release()).await {
+        Ok(Ok(true)) => tracing::info!("shutdown: the node-gone Lease is given up"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "shutdown: cannot give the node-gone Lease up; it expires on its own");
+        }
+        Err(_) => tracing::warn!(
+            "shutdown: giving the node-gone Lease up took over 5 s; it expires on its own"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podvisor_providers::InstanceStatus;
+    use std::collections::BTreeMap;
+
+    const GRACE: Duration = Duration::from_secs(60);
+
+    fn instance(id: &str, node: Option<&str>, created_at: Option<UnixMillis>) -> Instance {
+        let mut tags = BTreeMap::from([(TAG_CLUSTER.to_owned(), "c".to_owned())]);
+        if let Some(n) = node {
+            tags.insert(TAG_NODE.to_owned(), n.to_owned());
+        }
+        Instance {
+            id: id.into(),
+            name: format!("podvm-{id}"),
+            ips: Vec::new(),
+            tags,
+            created_at,
+            status: InstanceStatus::Running,
+        }
+    }
+
+    /// Judges `instances` against `nodes` (this daemon's node is `own`):
+    /// the doomed instances' ids.
+    fn judge(
+        clocks: &mut Clocks,
+        instances: Vec<Instance>,
+        nodes: &[&str],
+        now: Instant,
+        wall: UnixMillis,
+    ) -> Vec<String> {
+        let nodes: HashSet<String> = nodes.iter().map(|n| (*n).to_owned()).collect();
+        clocks
+            .judge(instances, &nodes, "own", now, wall)
+            .into_iter()
+            .map(|d| d.instance.id)
+            .collect()
+    }
+
+    #[test]
+    fn only_instances_of_nodes_missing_for_the_grace_are_doomed() {
+        let mut j = Clocks::new(GRACE);
+        let t0 = Instant::now();
+        let wall = 10_000_000;
+        let listing = || {
+            vec![
+                instance("a1", Some("a"), Some(0)),
+                instance("b1", Some("b"), Some(0)),
+                instance("b2", Some("b"), None),
+                instance("own1", Some("own"), Some(0)),
+                instance("untagged", None, Some(0)),
+            ]
+        };
+        // Node b missing: its clock starts; nothing yet.
+        assert!(judge(&mut j, listing(), &["a", "own"], t0, wall).is_empty());
+        assert!(judge(&mut j, listing(), &["a", "own"], t0 + GRACE / 2, wall).is_empty());
+        // After the grace: both of b's, never a's, our own or the untagged.
+        let mut doomed = judge(&mut j, listing(), &["a", "own"], t0 + GRACE, wall);
+        doomed.sort();
+        assert_eq!(doomed, ["b1", "b2"]);
+    }
+
+    #[test]
+    fn a_node_that_comes_back_starts_its_clock_afresh() {
+        let mut j = Clocks::new(GRACE);
+        let t0 = Instant::now();
+        let listing = || vec![instance("b1", Some("b"), Some(0))];
+        assert!(judge(&mut j, listing(), &["own"], t0, 1_000_000).is_empty());
+        // b is listed again (re-registered) just before its grace ends.
+        assert!(
+            judge(
+                &mut j,
+                listing(),
+                &["own", "b"],
+                t0 + GRACE - Duration::from_secs(1),
+                1_000_000
+            )
+            .is_empty()
+        );
+        assert!(
+            judge(&mut j, listing(), &["own"], t0 + GRACE, 1_000_000).is_empty(),
+            "the clock restarted when b came back"
+        );
+        assert_eq!(
+            judge(&mut j, listing(), &["own"], t0 + 2 * GRACE, 1_000_000),
+            ["b1"]
+        );
+    }
+
+    #[test]
+    fn an_instance_younger_than_the_grace_is_spared() {
+        let mut j = Clocks::new(GRACE);
+        let t0 = Instant::now();
+        let wall: UnixMillis = 1_000_000;
+        let young = || vec![instance("b1", Some("b"), Some(wall - 1_000))];
+        assert!(judge(&mut j, young(), &["own"], t0, wall).is_empty());
+        assert!(judge(&mut j, young(), &["own"], t0 + GRACE, wall).is_empty());
+        // Once it is older than the grace by the wall clock, it goes.
+        assert_eq!(
+            judge(&mut j, young(), &["own"], t0 + GRACE, wall + 60_000),
+            ["b1"]
+        );
+    }
+}
