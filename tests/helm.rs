@@ -841,8 +841,9 @@ fn the_daemonset_is_one_daemon_per_node_with_tight_privileges_and_rbac() {
         }
 
         // RBAC: get on what src/pull_secrets.rs reads, the node's
-        // capacity patches (src/kubernetes/node.rs) and the node's pod list
-        // (src/kubernetes/stale.rs); nothing else.
+        // capacity patches (src/kubernetes/node.rs), the node's pod list
+        // (src/kubernetes/stale.rs), the cluster's identity and node list
+        // (src/kubernetes/node_gone.rs); nothing else.
         let role = find(&docs, "ClusterRole")[0];
         assert_eq!(
             role["rules"],
@@ -850,10 +851,36 @@ fn the_daemonset_is_one_daemon_per_node_with_tight_privileges_and_rbac() {
                 {"apiGroups": [""], "resources": ["pods", "serviceaccounts", "secrets"],
                  "verbs": ["get"]},
                 {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
-                {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
+                {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "patch"]},
+                {"apiGroups": [""], "resources": ["namespaces"],
+                 "resourceNames": ["kube-system"], "verbs": ["get"]},
                 {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
             ]),
             "{what}: the ClusterRole"
+        );
+        // The node-gone Lease, by name, in the release's namespace, where
+        // the daemon is told to keep it.
+        let lease_role = find(&docs, "Role")[0];
+        assert_eq!(
+            lease_role["rules"],
+            json!([
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                 "resourceNames": [format!("podvisor-{provider}-node-gone")],
+                 "verbs": ["get", "update"]},
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                 "verbs": ["create"]},
+            ]),
+            "{what}: the Role"
+        );
+        assert_eq!(
+            env("PODVISOR_LEASE_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.namespace",
+            "{what}: the Lease's namespace is the Role's"
+        );
+        let lease_binding = find(&docs, "RoleBinding")[0];
+        assert_eq!(
+            lease_binding["roleRef"]["name"], lease_role["metadata"]["name"],
+            "{what}"
         );
         let binding = find(&docs, "ClusterRoleBinding")[0];
         let account = find(&docs, "ServiceAccount")[0];

@@ -5,7 +5,8 @@
 //! Kubernetes calls (the image pull secret lookup of `src/pull_secrets.rs`,
 //! the node's capacity patches of `src/kubernetes/node.rs`, through the
 //! daemon's own client, and the node's pod list of
-//! `src/kubernetes/stale.rs`) and is refused (403) outside them; `helm
+//! `src/kubernetes/stale.rs`, the cluster's identity, node list and Lease
+//! of `src/kubernetes/node_gone.rs`) and is refused (403) outside them; `helm
 //! uninstall` removes every object.
 //!
 //! Tools: `HELM` and `KUBECTL` (`scripts/helm-tools.sh`), `KUBE_APISERVER`
@@ -19,6 +20,7 @@
 mod kube;
 
 use kube::{KubeApi, KubeBinaries};
+use podvisor::kubernetes::lease::Lease;
 use podvisor::kubernetes::node::{NodeCapacity, Reconciled};
 use podvisor::kubernetes::{Kube, KubeApiConfig, KubeSource};
 use podvisor::pull_secrets::PullSecrets;
@@ -140,6 +142,10 @@ fn api_path(doc: &Value) -> String {
         "ClusterRoleBinding" => {
             format!("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{name}")
         }
+        "Role" => format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles/{name}"),
+        "RoleBinding" => {
+            format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings/{name}")
+        }
         other => panic!("the chart renders a {other} ({name}) this test does not know"),
     }
 }
@@ -188,8 +194,8 @@ fn assert_as_rendered(rendered: &Value, live: &Value) {
         );
     };
     match kind.as_str() {
-        "ClusterRole" => same("rules"),
-        "ClusterRoleBinding" => {
+        "ClusterRole" | "Role" => same("rules"),
+        "ClusterRoleBinding" | "RoleBinding" => {
             same("roleRef");
             same("subjects");
         }
@@ -333,6 +339,8 @@ fn helm_install_creates_the_rendered_objects_with_tight_rbac_and_uninstall_remov
         ("ClusterRoleBinding", "podvisor"),
         ("ConfigMap", "peer-pods-cm"),
         ("DaemonSet", "podvisor"),
+        ("Role", "podvisor"),
+        ("RoleBinding", "podvisor"),
         ("Secret", "peer-pods-secret"),
         ("ServiceAccount", "podvisor"),
     ]
@@ -439,7 +447,7 @@ fn helm_install_creates_the_rendered_objects_with_tight_rbac_and_uninstall_remov
         .expect("the daemon's client");
     let client = Arc::new(PullSecrets::new(kube.clone()));
     // The node's peer pod capacity, through the daemon's own code.
-    let capacity = NodeCapacity::new(kube, 7, "rbac-test".into());
+    let capacity = NodeCapacity::new(kube.clone(), 7, "rbac-test".into());
     assert_eq!(
         runtime.block_on(capacity.reconcile()),
         Ok(Reconciled::Advertised),
@@ -461,6 +469,37 @@ fn helm_install_creates_the_rendered_objects_with_tight_rbac_and_uninstall_remov
         status, 200,
         "listing the node's pods as {NAMESPACE}:{sa}: {v}"
     );
+    // The node-gone collector: the cluster's identity, the node list and
+    // its Lease, taken and given up through the daemon's own code.
+    let (_, system) = get(&api, "/api/v1/namespaces/kube-system");
+    assert_eq!(
+        runtime.block_on(podvisor::kubernetes::cluster::fetch(&kube)),
+        Ok(system["metadata"]["uid"].as_str().unwrap_or("").to_owned()),
+        "the cluster's identity as {NAMESPACE}:{sa}"
+    );
+    let (status, v) = api
+        .request("GET", "/api/v1/nodes", Some(&token), None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 200, "listing the nodes as {NAMESPACE}:{sa}: {v}");
+    let mut lease = Lease::new(
+        &kube,
+        NAMESPACE,
+        &podvisor::kubernetes::node_gone::lease_name("local"),
+        "worker-rbac/rbac-test".into(),
+        std::time::Duration::from_secs(15),
+    );
+    let now = tokio::time::Instant::now();
+    assert_eq!(
+        runtime.block_on(lease.try_acquire_or_renew(now)),
+        Ok(true),
+        "creating the Lease as {NAMESPACE}:{sa}"
+    );
+    assert_eq!(
+        runtime.block_on(lease.try_acquire_or_renew(now)),
+        Ok(true),
+        "renewing the Lease as {NAMESPACE}:{sa}"
+    );
+    assert_eq!(runtime.block_on(lease.release()), Ok(true));
     let looked_up = runtime.block_on(client.auth_json("app", WORKLOAD));
     let looked_up: Value =
         serde_json::from_str(&looked_up.expect("the daemon's lookup found no pull secret"))
@@ -474,8 +513,18 @@ fn helm_install_creates_the_rendered_objects_with_tight_rbac_and_uninstall_remov
     for (method, path) in [
         ("GET", format!("/api/v1/namespaces/{WORKLOAD}/secrets")),
         ("DELETE", format!("/api/v1/namespaces/{WORKLOAD}/pods/app")),
-        ("GET", "/api/v1/nodes".to_owned()),
         ("DELETE", format!("/api/v1/nodes/{node}")),
+        ("GET", "/api/v1/namespaces/default".to_owned()),
+        (
+            "GET",
+            format!("/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases/another"),
+        ),
+        (
+            "GET",
+            format!(
+                "/apis/coordination.k8s.io/v1/namespaces/{WORKLOAD}/leases/podvisor-local-node-gone"
+            ),
+        ),
         ("GET", format!("/api/v1/namespaces/{WORKLOAD}/configmaps")),
         (
             "GET",
