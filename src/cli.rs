@@ -250,7 +250,7 @@ pub struct PodInputArgs {
 
     /// How long the node-gone Lease is held without renewal (whole seconds; renewed every third of it)
     #[arg(long = "lease-duration", env = "PODVISOR_LEASE_DURATION", value_name = "DURATION",
-          default_value = "15s", value_parser = parse_duration)]
+          default_value = "60s", value_parser = parse_duration)]
     pub lease_duration: Duration,
 
     /// Namespace of the node-gone Lease (podvisor-<provider>-node-gone) [default: the daemon's own namespace in a pod, else default]
