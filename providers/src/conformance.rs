@@ -4,12 +4,13 @@
 //! A provider's test calls [`run`] with a provider and a [`Fixture`]:
 //!
 //! ```text
-//! create (a first attempt) → find → list by tag → idempotent re-create
+//! create (a first attempt) → find → list by the node tag and by the
+//! cluster tag → idempotent re-create
 //! with the same token (an earlier attempt) returns the same instance →
 //! delete → delete again is fine → find returns none
 //! ```
 
-use crate::provider::{CreateRequest, Provider, TAG_NODE, TAG_SANDBOX, TAG_TOKEN};
+use crate::provider::{CreateRequest, Provider, TAG_CLUSTER, TAG_NODE, TAG_SANDBOX, TAG_TOKEN};
 use podvisor_state::{InstanceSpec, idempotency_token, instance_name};
 use std::collections::BTreeMap;
 
@@ -20,6 +21,9 @@ pub struct Fixture {
     pub node_name: String,
     /// A sandbox id unique to this run (the provider's cloud may be shared).
     pub sandbox_id: String,
+    /// The cluster identity instances are tagged with (a UID, as
+    /// `kube-system`'s), unique to this run.
+    pub cluster_id: String,
     /// The spec to request (an image or type the test cloud accepts).
     pub spec: InstanceSpec,
 }
@@ -33,6 +37,7 @@ impl Fixture {
         Self {
             node_name: node_name.to_owned(),
             sandbox_id: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            cluster_id: uid(),
             spec: InstanceSpec::default(),
         }
     }
@@ -46,6 +51,7 @@ impl Fixture {
         tags.insert(TAG_NODE.to_owned(), self.node_name.clone());
         tags.insert(TAG_SANDBOX.to_owned(), self.sandbox_id.clone());
         tags.insert(TAG_TOKEN.to_owned(), token.clone());
+        tags.insert(TAG_CLUSTER.to_owned(), self.cluster_id.clone());
         CreateRequest {
             sandbox_id: self.sandbox_id.clone(),
             pod_name: "conformance".into(),
@@ -58,6 +64,19 @@ impl Fixture {
             tags,
         }
     }
+}
+
+/// A random UID in Kubernetes' form (8-4-4-4-12 lowercase hex).
+fn uid() -> String {
+    let hex = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 /// Runs the suite; panics with the failed step and what was seen.
@@ -124,6 +143,34 @@ pub async fn run(provider: &dyn Provider, fixture: &Fixture) {
     assert!(
         elsewhere.iter().all(|i| i.id != created.id),
         "[{name}] listed under another node"
+    );
+
+    // list by the cluster tag (the node-gone collector's listing), with
+    // the node tag it judges by
+    let in_cluster = provider
+        .list_instances(TAG_CLUSTER, &fixture.cluster_id)
+        .await
+        .unwrap_or_else(|e| panic!("[{name}] list by cluster tag: {e}"));
+    let mine: Vec<_> = in_cluster.iter().filter(|i| i.id == created.id).collect();
+    assert_eq!(
+        mine.len(),
+        1,
+        "[{name}] list by cluster tag: {in_cluster:?}"
+    );
+    for key in [TAG_CLUSTER, TAG_NODE] {
+        assert_eq!(
+            mine[0].tags.get(key),
+            request.tags.get(key),
+            "[{name}] tag {key}"
+        );
+    }
+    let other_cluster = provider
+        .list_instances(TAG_CLUSTER, &uid())
+        .await
+        .unwrap_or_else(|e| panic!("[{name}] list other cluster: {e}"));
+    assert!(
+        other_cluster.iter().all(|i| i.id != created.id),
+        "[{name}] listed under another cluster"
     );
 
     // idempotent re-create: the retry of a create whose answer was lost
