@@ -49,7 +49,9 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 512;
 const RESERVED_FILES: u64 = 1024;
 
 /// The endpoints whose cap counts against the daemon-wide budget (the agent
-/// sockets come and go with sandboxes).
+/// sockets come and go with sandboxes): the Kata socket, the gRPC socket,
+/// the gRPC TCP address and the admin endpoint — plus the probe port when
+/// `--probe-port` opens one.
 const DAEMON_WIDE_ENDPOINTS: u64 = 4;
 
 /// The first pause after a failed accept.
@@ -85,9 +87,10 @@ pub fn nofile_target(soft: u64, hard: u64) -> Option<u64> {
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and logs both values;
 /// warns, without stopping start-up, when it cannot, or when the limit
-/// leaves too little room for `max_connections` on each endpoint. Returns
-/// the soft limit in force afterwards, if it could be read.
-pub fn raise_nofile_limit(max_connections: u32) -> Option<u64> {
+/// leaves too little room for `max_connections` on each endpoint (the
+/// daemon-wide four, and the probe port when `probe_port`). Returns the
+/// soft limit in force afterwards, if it could be read.
+pub fn raise_nofile_limit(max_connections: u32, probe_port: bool) -> Option<u64> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok(limits) => limits,
@@ -126,13 +129,14 @@ pub fn raise_nofile_limit(max_connections: u32) -> Option<u64> {
             }
         },
     };
-    let wanted = DAEMON_WIDE_ENDPOINTS * u64::from(max_connections) + RESERVED_FILES;
+    let endpoints = DAEMON_WIDE_ENDPOINTS + u64::from(probe_port);
+    let wanted = endpoints * u64::from(max_connections) + RESERVED_FILES;
     if now < wanted {
         tracing::warn!(
             limit = now,
             wanted,
             max_connections_per_endpoint = max_connections,
-            "the open-file limit is below what the connection caps need ({DAEMON_WIDE_ENDPOINTS} endpoints × --max-connections-per-endpoint + {RESERVED_FILES}): a flood of connections can still use up file descriptors; raise the hard limit (systemd LimitNOFILE=) or lower --max-connections-per-endpoint (PODVISOR_MAX_CONNECTIONS)"
+            "the open-file limit is below what the connection caps need ({endpoints} endpoints × --max-connections-per-endpoint + {RESERVED_FILES}): a flood of connections can still use up file descriptors; raise the hard limit (systemd LimitNOFILE=) or lower --max-connections-per-endpoint (PODVISOR_MAX_CONNECTIONS)"
         );
     }
     Some(now)

@@ -81,7 +81,10 @@ pub fn run(
     }
     // Before any socket opens: under systemd the soft limit is 1024, which
     // a few idle connections would use up for every endpoint at once.
-    crate::connections::raise_nofile_limit(global.max_connections_per_endpoint);
+    crate::connections::raise_nofile_limit(
+        global.max_connections_per_endpoint,
+        global.endpoints.probe_port.is_some(),
+    );
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
