@@ -96,7 +96,12 @@ impl Tools {
 
     /// The rendered objects, or a failure naming the values.
     fn render(&self, values: &Value) -> Vec<Value> {
-        let out = self.template(values, &[]);
+        self.render_with(values, &[])
+    }
+
+    /// [`Tools::render`] with `extra` arguments for `helm template`.
+    fn render_with(&self, values: &Value, extra: &[&str]) -> Vec<Value> {
+        let out = self.template(values, extra);
         assert!(
             out.status.success(),
             "helm template with {values} failed:\n{}",
@@ -263,8 +268,14 @@ fn every_rendered_object_validates_strictly() {
         return;
     };
     for (what, values) in value_sets() {
-        let docs = tools.render(&values);
+        // With crds/: the PeerPod CRD is validated as the other objects.
+        let docs = tools.render_with(&values, &["--include-crds"]);
         assert!(!docs.is_empty(), "{what}: nothing rendered");
+        assert!(
+            docs.iter()
+                .any(|d| kind(d) == ("apiextensions.k8s.io/v1", "CustomResourceDefinition")),
+            "{what}: no PeerPod CRD"
+        );
         let (crds, builtin): (Vec<&Value>, Vec<&Value>) = docs
             .iter()
             .partition(|d| CRD_GROUPS.iter().any(|g| kind(d).0.starts_with(g)));
