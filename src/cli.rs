@@ -242,6 +242,10 @@ pub struct PodInputArgs {
     #[arg(long = "stale-sandbox-grace", env = "PODVISOR_STALE_SANDBOX_GRACE", value_name = "DURATION",
           default_value = "5m", value_parser = parse_duration)]
     pub stale_sandbox_grace: Duration,
+
+    /// Write no PeerPod objects (confidentialcontainers.org, one per Running sandbox, owned by its pod; needs the Kubernetes API and the PeerPod CRD)
+    #[arg(long = "disable-peerpods", env = "PODVISOR_DISABLE_PEERPODS", value_parser = BoolishValueParser::new())]
+    pub disable_peerpods: bool,
 }
 
 /// The network tunnel between the node and its pod VMs (accepted for the

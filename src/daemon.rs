@@ -21,7 +21,8 @@
 //! recovery is decided; then the orphan GC runs. `/startup` passes once
 //! every sandbox `Creating` or `Running` at start-up is `Running` again.
 //! With a Kubernetes API, once serving: the node's peer pod capacity is
-//! advertised (withdrawn at shutdown) and stale sandboxes are stopped.
+//! advertised (withdrawn at shutdown), stale sandboxes are stopped and the
+//! sandboxes' PeerPod objects are written.
 //!
 //! A step that fails stops start-up with a [`StartupError`] naming the step
 //! and the flag to fix.
@@ -184,7 +185,7 @@ pub async fn serve(
     tokio::spawn(crate::startup::watch(startup, actors.view.clone()));
     let node_capacity = kube
         .as_ref()
-        .and_then(|k| node_integration(&global, k, &actors, &endpoints));
+        .and_then(|k| node_integration(&global, k, provider_name, &actors, &endpoints));
     tracing::info!(
         socket = %global.kata.socket.display(),
         admin = %global.endpoints.admin_addr,
@@ -558,7 +559,7 @@ async fn load_pki(global: &GlobalArgs) -> Result<LoadedPki, StartupError> {
 /// After step 3: the Kubernetes API client, when there is an API
 /// (`--kubeconfig`, `--kube-api-server`, else in-cluster); `None` without
 /// one: pod VMs then get no registry credentials, and neither the node's
-/// capacity nor stale sandboxes are looked after.
+/// capacity, stale sandboxes nor PeerPod objects are looked after.
 async fn kubernetes(
     global: &GlobalArgs,
     node: &str,
@@ -574,7 +575,7 @@ async fn kubernetes(
     );
     let Some(source) = source else {
         tracing::info!(
-            "no Kubernetes API (--kubeconfig, --kube-api-server, KUBERNETES_SERVICE_HOST): pod VMs get no registry credentials, the node's peer pod capacity is not advertised and stale sandboxes are not stopped"
+            "no Kubernetes API (--kubeconfig, --kube-api-server, KUBERNETES_SERVICE_HOST): pod VMs get no registry credentials, the node's peer pod capacity is not advertised, stale sandboxes are not stopped and no PeerPod objects are written"
         );
         return Ok(None);
     };
@@ -584,21 +585,34 @@ async fn kubernetes(
     tracing::info!(
         api = kube.server(),
         node,
-        "the Kubernetes API: image pull secrets, the node's peer pod capacity, stale sandboxes"
+        "the Kubernetes API: image pull secrets, the node's peer pod capacity, stale sandboxes, PeerPod objects"
     );
     Ok(Some(kube))
 }
 
 /// After step 5, with a Kubernetes API: advertises the node's peer pod
-/// capacity (unless there is no limit) and stops stale sandboxes (unless
-/// `--stale-sandbox-grace 0s`), both until the endpoints stop. Returns
-/// the capacity to withdraw at shutdown and the task that keeps it set.
+/// capacity (unless there is no limit), stops stale sandboxes (unless
+/// `--stale-sandbox-grace 0s`) and writes the sandboxes' PeerPod objects
+/// with `provider_name` as their cloud provider (unless
+/// `--disable-peerpods`), all until the endpoints stop. Returns the
+/// capacity to withdraw at shutdown and the task that keeps it set.
 fn node_integration(
     global: &GlobalArgs,
     kube: &crate::kubernetes::Kube,
+    provider_name: &'static str,
     actors: &Actors,
     endpoints: &Endpoints,
 ) -> Option<(crate::kubernetes::node::NodeCapacity, JoinHandle<()>)> {
+    if global.pod_inputs.disable_peerpods {
+        tracing::info!("--disable-peerpods: no PeerPod objects are written");
+    } else {
+        let peerpods = crate::kubernetes::peerpods::PeerPods::new(
+            kube.clone(),
+            actors.view.clone(),
+            provider_name,
+        );
+        tokio::spawn(peerpods.run(endpoints.stop.subscribe()));
+    }
     let grace = global.pod_inputs.stale_sandbox_grace;
     if grace.is_zero() {
         tracing::info!("--stale-sandbox-grace is 0s: sandboxes whose pod is gone are not stopped");
@@ -782,6 +796,7 @@ fn status_document(
             "api": k.server(),
             "peer_pod_capacity": limit.map(|_| crate::kubernetes::node::RESOURCE),
             "stale_sandbox_grace_seconds": global.pod_inputs.stale_sandbox_grace.as_secs_f64(),
+            "peerpods": !global.pod_inputs.disable_peerpods,
         })
     });
     serde_json::json!({

@@ -852,8 +852,9 @@ fn the_daemonset_is_one_daemon_per_node_with_tight_privileges_and_rbac() {
         }
 
         // RBAC: get on what src/pull_secrets.rs reads, the node's
-        // capacity patches (src/kubernetes/node.rs) and the node's pod list
-        // (src/kubernetes/stale.rs); nothing else.
+        // capacity patches (src/kubernetes/node.rs), the node's pod list
+        // (src/kubernetes/stale.rs) and the PeerPods'
+        // (src/kubernetes/peerpods.rs) apply, list and delete; nothing else.
         let role = find(&docs, "ClusterRole")[0];
         assert_eq!(
             role["rules"],
@@ -863,6 +864,8 @@ fn the_daemonset_is_one_daemon_per_node_with_tight_privileges_and_rbac() {
                 {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
                 {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
                 {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+                {"apiGroups": ["confidentialcontainers.org"], "resources": ["peerpods"],
+                 "verbs": ["list", "create", "patch", "delete"]},
             ]),
             "{what}: the ClusterRole"
         );
