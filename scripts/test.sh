@@ -51,8 +51,8 @@ python3 -m pip install --quiet 'moto[server]==5.2.1' \
 eval "$(scripts/helm-tools.sh)"
 export HELM KUBECTL KUBERNETES_VALIDATE
 # kube-apiserver, kube-scheduler and kube-controller-manager (built once,
-# cached) and etcd for tests/helm_install.rs, tests/kube_harness.rs and
-# tests/kube_node.rs.
+# cached) and etcd for tests/helm_install.rs, tests/kube_harness.rs,
+# tests/kube_node.rs and tests/kube_peerpods.rs.
 eval "$(scripts/kube-apiserver.sh)"
 export KUBE_APISERVER ETCD KUBE_SCHEDULER KUBE_CONTROLLER_MANAGER
 

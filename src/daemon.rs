@@ -21,7 +21,10 @@
 //! recovery is decided; then the orphan GC runs. `/startup` passes once
 //! every sandbox `Creating` or `Running` at start-up is `Running` again.
 //! With a Kubernetes API, once serving: the node's peer pod capacity is
-//! advertised (withdrawn at shutdown) and stale sandboxes are stopped.
+//! advertised (withdrawn at shutdown), stale sandboxes are stopped, the
+//! sandboxes' PeerPod objects are written, and the daemon takes part in
+//! collecting the pod VMs of deleted nodes under a Lease (given up at
+//! shutdown).
 //!
 //! A step that fails stops start-up with a [`StartupError`] naming the step
 //! and the flag to fix.
@@ -579,7 +582,7 @@ async fn load_pki(global: &GlobalArgs) -> Result<LoadedPki, StartupError> {
 /// After step 3: the Kubernetes API client, when there is an API
 /// (`--kubeconfig`, `--kube-api-server`, else in-cluster); `None` without
 /// one: pod VMs then get no registry credentials, and neither the node's
-/// capacity nor stale sandboxes are looked after.
+/// capacity, stale sandboxes nor PeerPod objects are looked after.
 async fn kubernetes(
     global: &GlobalArgs,
     node: &str,
@@ -595,7 +598,7 @@ async fn kubernetes(
     );
     let Some(source) = source else {
         tracing::info!(
-            "no Kubernetes API (--kubeconfig, --kube-api-server, KUBERNETES_SERVICE_HOST): pod VMs get no registry credentials, the node's peer pod capacity is not advertised and stale sandboxes are not stopped"
+            "no Kubernetes API (--kubeconfig, --kube-api-server, KUBERNETES_SERVICE_HOST): pod VMs get no registry credentials, the node's peer pod capacity is not advertised, stale sandboxes are not stopped, no PeerPod objects are written and the pod VMs of deleted nodes are not collected"
         );
         return Ok(None);
     };
@@ -605,7 +608,7 @@ async fn kubernetes(
     tracing::info!(
         api = kube.server(),
         node,
-        "the Kubernetes API: image pull secrets, the node's peer pod capacity, stale sandboxes"
+        "the Kubernetes API: image pull secrets, the node's peer pod capacity, stale sandboxes, PeerPod objects, the pod VMs of deleted nodes"
     );
     Ok(Some(kube))
 }
@@ -649,7 +652,9 @@ impl NodeIntegration {
 
 /// After step 5, with a Kubernetes API: advertises the node's peer pod
 /// capacity (unless there is no limit), stops stale sandboxes (unless
-/// `--stale-sandbox-grace 0s`) and takes part in collecting the pod VMs of
+/// `--stale-sandbox-grace 0s`), writes the sandboxes' PeerPod objects
+/// with the provider's name as their cloud provider (unless
+/// `--disable-peerpods`) and takes part in collecting the pod VMs of
 /// deleted nodes (unless `--node-gone-grace 0s`), until the endpoints stop
 /// or [`NodeIntegration::shut_down`].
 fn node_integration(
@@ -659,6 +664,16 @@ fn node_integration(
     endpoints: &Endpoints,
     node_gone: NodeGoneInputs,
 ) -> NodeIntegration {
+    if global.pod_inputs.disable_peerpods {
+        tracing::info!("--disable-peerpods: no PeerPod objects are written");
+    } else {
+        let peerpods = crate::kubernetes::peerpods::PeerPods::new(
+            kube.clone(),
+            actors.view.clone(),
+            node_gone.provider_name,
+        );
+        tokio::spawn(peerpods.run(endpoints.stop.subscribe()));
+    }
     let grace = global.pod_inputs.stale_sandbox_grace;
     if grace.is_zero() {
         tracing::info!("--stale-sandbox-grace is 0s: sandboxes whose pod is gone are not stopped");
@@ -917,6 +932,7 @@ fn status_document(
                 lease_namespace(global.pod_inputs.lease_namespace.as_deref()),
                 crate::kubernetes::node_gone::lease_name(provider_name)
             )),
+            "peerpods": !global.pod_inputs.disable_peerpods,
         })
     });
     serde_json::json!({

@@ -1,7 +1,8 @@
 //! The Kubernetes API: one client (kube-rs) for everything the daemon asks
 //! of it — the pods' image pull secrets ([`crate::pull_secrets`]), the
-//! node's extended resource ([`node`]) and the pods whose sandboxes
-//! outlived them ([`stale`]).
+//! node's extended resource ([`node`]), the pods whose sandboxes
+//! outlived them ([`stale`]) and the sandboxes' PeerPod objects
+//! ([`peerpods`]).
 //!
 //! Where the API is, in this order: `--kubeconfig` (a kubeconfig file, for
 //! development); `--kube-api-server` with `--kube-token-file` and
@@ -18,6 +19,7 @@ pub mod cluster;
 pub mod lease;
 pub mod node;
 pub mod node_gone;
+pub mod peerpods;
 pub mod stale;
 
 use std::path::{Path, PathBuf};
@@ -300,7 +302,7 @@ fn pem_certificates(pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     Ok(certs)
 }
 
-/// Counts one API request by `verb` (`get`, `list`, `patch`) and outcome
+/// Counts one API request by `verb` (`get`, `list`, `patch`, `delete`) and outcome
 /// (`ok`, `not_found`, `error`), and passes its result on.
 ///
 /// # Errors

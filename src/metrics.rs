@@ -67,8 +67,8 @@ pub const CONNECTION_ACCEPT_ERRORS: &str = "podvisor_connection_accept_errors_to
 /// summed).
 pub const CONNECTIONS_OPEN: &str = "podvisor_connections_open";
 
-/// Counter: Kubernetes API requests (`verb`: `get`, `list`, `patch`;
-/// `outcome`: `ok`, `not_found`, `error`).
+/// Counter: Kubernetes API requests (`verb`: `get`, `list`, `patch`,
+/// `delete`; `outcome`: `ok`, `not_found`, `error`).
 pub const KUBE_API_REQUESTS: &str = "podvisor_kube_api_requests_total";
 /// Counter: sandboxes stopped because their pod was gone from the node for
 /// longer than `--stale-sandbox-grace`.
@@ -79,6 +79,10 @@ pub const NODE_GONE_INSTANCES_DELETED: &str = "podvisor_node_gone_instances_dele
 /// Gauge: 1 while this daemon holds the node-gone Lease (it collects the
 /// pod VMs of deleted nodes), else 0.
 pub const NODE_GONE_LEASE_HELD: &str = "podvisor_node_gone_lease_held";
+/// Counter: PeerPod objects written (`action`: `apply`, `remove`;
+/// `outcome`: `ok`, `no_pod` (no pod of that name: nothing written),
+/// `absent` (nothing to remove), `no_crd`, `error`).
+pub const PEERPOD_WRITES: &str = "podvisor_peerpod_writes_total";
 /// Gauge: 1 once every sandbox that was `Creating` or `Running` at
 /// start-up is `Running` again (or ended), as `/startup` answers.
 pub const STARTED: &str = "podvisor_started";
@@ -220,6 +224,11 @@ fn describe() {
         NODE_GONE_LEASE_HELD,
         Unit::Count,
         "1 while this daemon holds the node-gone Lease and collects the pod VMs of deleted nodes, else 0."
+    );
+    describe_counter!(
+        PEERPOD_WRITES,
+        Unit::Count,
+        "PeerPod objects applied and removed, by action and outcome (ok, no_pod, absent, no_crd, error)."
     );
     describe_gauge!(
         JOURNAL_IN_DOUBT,

@@ -96,7 +96,12 @@ impl Tools {
 
     /// The rendered objects, or a failure naming the values.
     fn render(&self, values: &Value) -> Vec<Value> {
-        let out = self.template(values, &[]);
+        self.render_with(values, &[])
+    }
+
+    /// [`Tools::render`] with `extra` arguments for `helm template`.
+    fn render_with(&self, values: &Value, extra: &[&str]) -> Vec<Value> {
+        let out = self.template(values, extra);
         assert!(
             out.status.success(),
             "helm template with {values} failed:\n{}",
@@ -263,8 +268,14 @@ fn every_rendered_object_validates_strictly() {
         return;
     };
     for (what, values) in value_sets() {
-        let docs = tools.render(&values);
+        // With crds/: the PeerPod CRD is validated as the other objects.
+        let docs = tools.render_with(&values, &["--include-crds"]);
         assert!(!docs.is_empty(), "{what}: nothing rendered");
+        assert!(
+            docs.iter()
+                .any(|d| kind(d) == ("apiextensions.k8s.io/v1", "CustomResourceDefinition")),
+            "{what}: no PeerPod CRD"
+        );
         let (crds, builtin): (Vec<&Value>, Vec<&Value>) = docs
             .iter()
             .partition(|d| CRD_GROUPS.iter().any(|g| kind(d).0.starts_with(g)));
@@ -843,7 +854,8 @@ fn the_daemonset_is_one_daemon_per_node_with_tight_privileges_and_rbac() {
         // RBAC: get on what src/pull_secrets.rs reads, the node's
         // capacity patches (src/kubernetes/node.rs), the node's pod list
         // (src/kubernetes/stale.rs), the cluster's identity and node list
-        // (src/kubernetes/node_gone.rs); nothing else.
+        // (src/kubernetes/node_gone.rs) and the PeerPods'
+        // (src/kubernetes/peerpods.rs) apply, list and delete; nothing else.
         let role = find(&docs, "ClusterRole")[0];
         assert_eq!(
             role["rules"],
@@ -855,6 +867,8 @@ fn the_daemonset_is_one_daemon_per_node_with_tight_privileges_and_rbac() {
                 {"apiGroups": [""], "resources": ["namespaces"],
                  "resourceNames": ["kube-system"], "verbs": ["get"]},
                 {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+                {"apiGroups": ["confidentialcontainers.org"], "resources": ["peerpods"],
+                 "verbs": ["list", "create", "patch", "delete"]},
             ]),
             "{what}: the ClusterRole"
         );

@@ -3,11 +3,14 @@
 //! `helm install` creates every object `helm template` renders, as
 //! rendered; the chart's ServiceAccount can make exactly the daemon's
 //! Kubernetes calls (the image pull secret lookup of `src/pull_secrets.rs`,
-//! the node's capacity patches of `src/kubernetes/node.rs`, through the
+//! the node's capacity patches of `src/kubernetes/node.rs` and the PeerPod
+//! apply, list and removal of `src/kubernetes/peerpods.rs`, through the
 //! daemon's own client, and the node's pod list of
 //! `src/kubernetes/stale.rs`, the cluster's identity, node list and Lease
-//! of `src/kubernetes/node_gone.rs`) and is refused (403) outside them; `helm
-//! uninstall` removes every object.
+//! of `src/kubernetes/node_gone.rs`, the PeerPods of
+//! `src/kubernetes/peerpods.rs`) and is refused (403) outside them; `helm
+//! uninstall` removes every object but the PeerPod CRD (`crds/`), which
+//! Helm installs once and leaves, and a second install skips.
 //!
 //! Tools: `HELM` and `KUBECTL` (`scripts/helm-tools.sh`), `KUBE_APISERVER`
 //! and `ETCD` (`scripts/kube-apiserver.sh`) name them, else they are looked
@@ -22,6 +25,7 @@ mod kube;
 use kube::{KubeApi, KubeBinaries};
 use podvisor::kubernetes::lease::Lease;
 use podvisor::kubernetes::node::{NodeCapacity, Reconciled};
+use podvisor::kubernetes::peerpods::{self, Applied, PeerPods, Removed};
 use podvisor::kubernetes::{Kube, KubeApiConfig, KubeSource};
 use podvisor::pull_secrets::PullSecrets;
 #[path = "common/tools.rs"]
@@ -43,6 +47,9 @@ const RELEASE: &str = "podvisor";
 const NAMESPACE: &str = "peerpods-test";
 /// Where the workload pod whose pull secrets the daemon reads lives.
 const WORKLOAD: &str = "workload";
+/// The CRD the chart ships in `crds/`.
+const CRD: &str =
+    "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/peerpods.confidentialcontainers.org";
 
 struct Tools {
     helm: PathBuf,
@@ -352,6 +359,11 @@ fn helm_install_creates_the_rendered_objects_with_tight_rbac_and_uninstall_remov
         let (status, _) = get(&api, &api_path(doc));
         assert_eq!(status, 404, "{:?} exists before helm install", id(doc));
     }
+    assert_eq!(
+        get(&api, CRD).0,
+        404,
+        "the PeerPod CRD exists before helm install"
+    );
 
     // helm install (no --wait: there is no kubelet, the DaemonSet gets no
     // pods; the objects are what is checked).
@@ -376,6 +388,23 @@ fn helm_install_creates_the_rendered_objects_with_tight_rbac_and_uninstall_remov
         assert_eq!(status, 200, "GET {path} after helm install: {live}");
         assert_as_rendered(doc, &live);
     }
+    // And the PeerPod CRD of crds/, with the reference's names and the
+    // printer columns `kubectl get peerpods` shows.
+    let (status, crd) = get(&api, CRD);
+    assert_eq!(status, 200, "helm install did not install crds/: {crd}");
+    assert_eq!(crd["spec"]["names"]["kind"], "PeerPod");
+    let columns: Vec<&Value> = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        .as_array()
+        .map(|c| c.iter().map(|c| &c["name"]).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        columns,
+        [
+            &json!("Cloud Provider"),
+            &json!("Instance ID"),
+            &json!("Age")
+        ]
+    );
     say(&format!(
         "helm_install: helm install to all {} objects present and checked in {:.1?}",
         rendered.len(),
@@ -446,6 +475,47 @@ fn helm_install_creates_the_rendered_objects_with_tight_rbac_and_uninstall_remov
         ))
         .expect("the daemon's client");
     let client = Arc::new(PullSecrets::new(kube.clone()));
+    // A PeerPod of a Running sandbox of the workload's pod, through the
+    // daemon's own code: applied (a PATCH that creates: the API server
+    // wants create and patch), listed, removed (a DELETE, then a JSON patch
+    // of its finalizers).
+    let sandbox = "a".repeat(64);
+    let mut record = podvisor_state::InstanceRecord::pending(
+        &sandbox,
+        "app",
+        WORKLOAD,
+        podvisor_state::InstanceSpec::default(),
+        0,
+    );
+    record.state = podvisor_state::State::Running;
+    record.instance = Some(podvisor_state::InstanceRef {
+        id: "i-rbac".into(),
+        ips: vec![],
+    });
+    let view = podvisor::view::InstanceView::new();
+    view.update(record.clone());
+    let peerpods = PeerPods::new(kube.clone(), view, "local");
+    assert_eq!(
+        runtime.block_on(peerpods.apply(&record)),
+        Ok(Applied::Written),
+        "the daemon's PeerPod apply as {NAMESPACE}:{sa}"
+    );
+    let listed = runtime
+        .block_on(peerpods.list())
+        .expect("the daemon's PeerPod list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let peerpod = peerpods::object_name("app", &sandbox);
+    let peerpod_path = format!(
+        "/apis/confidentialcontainers.org/v1alpha1/namespaces/{WORKLOAD}/peerpods/{peerpod}"
+    );
+    let (_, live) = get(&api, &peerpod_path);
+    assert_eq!(live["spec"]["instanceID"], "i-rbac", "{live}");
+    assert_eq!(
+        runtime.block_on(peerpods.remove(WORKLOAD, &peerpod, None)),
+        Ok(Removed::Removed),
+        "the daemon's PeerPod removal as {NAMESPACE}:{sa}"
+    );
+    assert_eq!(get(&api, &peerpod_path).0, 404, "the PeerPod is gone");
     // The node's peer pod capacity, through the daemon's own code.
     let capacity = NodeCapacity::new(kube.clone(), 7, "rbac-test".into());
     assert_eq!(
@@ -530,6 +600,8 @@ fn helm_install_creates_the_rendered_objects_with_tight_rbac_and_uninstall_remov
             "GET",
             format!("/api/v1/namespaces/{NAMESPACE}/configmaps/peer-pods-cm"),
         ),
+        ("GET", peerpod_path.clone()),
+        ("DELETE", CRD.to_owned()),
     ] {
         let (status, v) = api
             .request(method, &path, Some(&token), None)
@@ -585,4 +657,35 @@ fn helm_install_creates_the_rendered_objects_with_tight_rbac_and_uninstall_remov
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+    // Helm leaves crds/ at uninstall (PeerPods may still be there, each
+    // waiting for its pod VM to go), and skips a CRD that exists at
+    // install: as it does when the reference's is there.
+    assert_eq!(
+        get(&api, CRD).0,
+        200,
+        "helm uninstall removed the PeerPod CRD"
+    );
+    let out = tools.helm(
+        &api,
+        &[
+            "install",
+            RELEASE,
+            CHART,
+            "--namespace",
+            NAMESPACE,
+            "--timeout",
+            "2m",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "helm install over an existing PeerPod CRD failed:\n{}",
+        text(&out)
+    );
+    let out = tools.helm(&api, &["uninstall", RELEASE, "--namespace", NAMESPACE]);
+    assert!(
+        out.status.success(),
+        "helm uninstall failed:\n{}",
+        text(&out)
+    );
 }
