@@ -248,9 +248,9 @@ pub struct PodInputArgs {
           default_value = "10m", value_parser = parse_duration)]
     pub node_gone_grace: Duration,
 
-    /// How long the node-gone Lease is held without renewal (whole seconds; renewed every third of it)
+    /// How long the node-gone Lease is held without renewal (whole seconds, at least 3s; renewed every third of it)
     #[arg(long = "lease-duration", env = "PODVISOR_LEASE_DURATION", value_name = "DURATION",
-          default_value = "60s", value_parser = parse_duration)]
+          default_value = "60s", value_parser = parse_lease_duration)]
     pub lease_duration: Duration,
 
     /// Namespace of the node-gone Lease (podvisor-<provider>-node-gone) [default: the daemon's own namespace in a pod, else default]
@@ -1200,6 +1200,24 @@ fn name_env(err: clap::Error, cmd: &clap::Command, args: &[OsString]) -> clap::E
     err
 }
 
+/// `--lease-duration`: a duration of whole seconds, at least 3 s (a
+/// Lease keeps seconds, and every daemon of the cluster reads it every
+/// third of the duration).
+fn parse_lease_duration(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!(
+            "{text} is not a whole number of seconds (a Lease keeps seconds)"
+        ));
+    }
+    if d < Duration::from_secs(3) {
+        return Err(format!(
+            "{text} is below 3s: every daemon of the cluster would read the Lease more than once a second"
+        ));
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1236,6 +1254,27 @@ mod tests {
         }
         let g = global(&["--admin-addr", "[::1]:9000", "local"]);
         assert_eq!(g.endpoints.admin_addr, "[::1]:9000".parse().unwrap());
+    }
+
+    #[test]
+    fn a_lease_duration_is_whole_seconds_and_at_least_three() {
+        assert_eq!(
+            global(&["local"]).pod_inputs.lease_duration,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            global(&["--lease-duration", "3s", "local"])
+                .pod_inputs
+                .lease_duration,
+            Duration::from_secs(3)
+        );
+        let e = err(&["--lease-duration", "0s", "local"]);
+        assert!(
+            e.contains("below 3s") && e.contains("--lease-duration"),
+            "{e}"
+        );
+        let e = err(&["--lease-duration", "1500ms", "local"]);
+        assert!(e.contains("not a whole number of seconds"), "{e}");
     }
 
     #[test]

@@ -628,13 +628,27 @@ struct NodeGoneInputs {
 struct NodeIntegration {
     /// The capacity to withdraw and the task that keeps it set.
     capacity: Option<(crate::kubernetes::node::NodeCapacity, JoinHandle<()>)>,
-    /// Stops the node-gone Lease's task, which then gives the Lease up.
-    lease: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    /// Stops the node-gone collector and the Lease's task, which then
+    /// gives the Lease up.
+    node_gone: Option<NodeGoneTasks>,
+}
+
+/// The node-gone collector's two tasks and their stop switch.
+struct NodeGoneTasks {
+    stop: watch::Sender<bool>,
+    lease: JoinHandle<()>,
+    collector: JoinHandle<()>,
 }
 
 impl NodeIntegration {
-    /// Withdraws the node's capacity and gives the node-gone Lease up.
+    /// Stops collecting and gives the node-gone Lease up, and withdraws the
+    /// node's capacity, at once; waits at most 10 s for the Lease.
     async fn shut_down(self) {
+        // First told: the collector stops before its next delete, and the
+        // Lease's release runs beside the capacity's withdrawal.
+        if let Some(tasks) = &self.node_gone {
+            tasks.stop.send_replace(true);
+        }
         if let Some((capacity, task)) = self.capacity {
             // Its own checks stopped first, or one could set the capacity
             // again between the withdrawal's two patches.
@@ -642,10 +656,24 @@ impl NodeIntegration {
             let _ = task.await;
             withdraw_capacity(&capacity).await;
         }
-        if let Some((stop, task)) = self.lease {
-            stop.send_replace(true);
-            // The task gives the Lease up within 5 s of its own.
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        if let Some(NodeGoneTasks {
+            lease, collector, ..
+        }) = self.node_gone
+        {
+            for (what, mut task) in [
+                ("the node-gone Lease", lease),
+                ("the node-gone collector", collector),
+            ] {
+                // The Lease's task gives it up within 5 s of its own; a
+                // delete in flight is the provider's, bounded by its policy.
+                if tokio::time::timeout(Duration::from_secs(10), &mut task)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("shutdown: {what} did not stop within 10 s; stopped");
+                    task.abort();
+                }
+            }
         }
     }
 }
@@ -691,7 +719,7 @@ fn node_integration(
         .pod_uid
         .clone()
         .filter(|u| !u.trim().is_empty());
-    let lease = start_node_gone(global, kube, endpoints, node_gone, pod_uid.as_deref());
+    let node_gone = start_node_gone(global, kube, node_gone, pod_uid.as_deref());
     let Some(limit) = actors.limit else {
         tracing::info!(
             resource = crate::kubernetes::node::RESOURCE,
@@ -699,7 +727,7 @@ fn node_integration(
         );
         return NodeIntegration {
             capacity: None,
-            lease,
+            node_gone,
         };
     };
     let owner = pod_uid.unwrap_or_else(|| format!("podvisor-{}", kube.node()));
@@ -707,7 +735,7 @@ fn node_integration(
     let task = tokio::spawn(capacity.clone().run(endpoints.stop.subscribe()));
     NodeIntegration {
         capacity: Some((capacity, task)),
-        lease,
+        node_gone,
     }
 }
 
@@ -716,10 +744,9 @@ fn node_integration(
 fn start_node_gone(
     global: &GlobalArgs,
     kube: &crate::kubernetes::Kube,
-    endpoints: &Endpoints,
     inputs: NodeGoneInputs,
     pod_uid: Option<&str>,
-) -> Option<(watch::Sender<bool>, JoinHandle<()>)> {
+) -> Option<NodeGoneTasks> {
     use crate::kubernetes::{lease::Lease, node_gone};
     let args = &global.pod_inputs;
     if args.node_gone_grace.is_zero() {
@@ -734,17 +761,21 @@ fn start_node_gone(
     let name = node_gone::lease_name(inputs.provider_name);
     tracing::info!(lease = %format!("{namespace}/{name}"), holder = %identity, grace = ?args.node_gone_grace, "the pod VMs of deleted nodes are collected by the holder of the node-gone Lease");
     let lease = Lease::new(kube, &namespace, &name, identity, args.lease_duration);
-    let (held_tx, held_rx) = watch::channel(false);
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (term_tx, term_rx) = watch::channel(None);
+    let (stop, stop_rx) = watch::channel(false);
     let collector = node_gone::NodeGone::new(
         kube.clone(),
         inputs.calls,
         inputs.cluster,
         args.node_gone_grace,
     );
-    tokio::spawn(collector.run(held_rx, endpoints.stop.subscribe()));
-    let task = tokio::spawn(node_gone::hold(lease, held_tx, stop_rx));
-    Some((stop_tx, task))
+    let collector = tokio::spawn(collector.run(term_rx, stop_rx.clone()));
+    let lease = tokio::spawn(node_gone::hold(lease, term_tx, stop_rx));
+    Some(NodeGoneTasks {
+        stop,
+        lease,
+        collector,
+    })
 }
 
 /// `--lease-namespace`, else the ServiceAccount's namespace in a pod, else

@@ -15,6 +15,7 @@
 //! [`crate::metrics::KUBE_API_REQUESTS`] with its outcome. The token never
 //! reaches a log line or an error: kube-rs keeps it as a secret string.
 
+pub mod absence;
 pub mod cluster;
 pub mod lease;
 pub mod node;
@@ -340,9 +341,43 @@ pub fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(status) if status.code == 404)
 }
 
+/// The last error of a repeated task, so each distinct one is logged once
+/// and the end of a run of failures can be said.
+#[derive(Debug, Default)]
+pub struct LastError(Option<String>);
+
+impl LastError {
+    /// Records a failure: `true` when it differs from the last one (log
+    /// it), `false` for a repeat.
+    pub fn failed(&mut self, error: &str) -> bool {
+        if self.0.as_deref() == Some(error) {
+            return false;
+        }
+        self.0 = Some(error.to_owned());
+        true
+    }
+
+    /// Records a success: `true` when it ends a run of failures (say so).
+    pub fn succeeded(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_distinct_error_is_logged_once_and_its_end_said_once() {
+        let mut last = LastError::default();
+        assert!(!last.succeeded(), "no failure to end");
+        assert!(last.failed("a"));
+        assert!(!last.failed("a"), "a repeat is not logged again");
+        assert!(last.failed("b"), "another error is");
+        assert!(last.succeeded());
+        assert!(!last.succeeded());
+        assert!(last.failed("b"), "after a success the same error is new");
+    }
 
     #[test]
     fn the_source_is_the_kubeconfig_else_the_api_flag_else_in_cluster_else_none() {

@@ -424,6 +424,38 @@ async fn a_wrong_node_name_stops_nothing() {
         "{}",
         daemon.log_text()
     );
+    // Nor is its pod VM tagged with the cluster: the node-gone collector of
+    // the cluster, which finds no such node, would delete it.
+    let instance = daemon.instance(&id).await.unwrap()["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stored: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            setup
+                .local_dir()
+                .join("instances")
+                .join(&instance)
+                .join("instance.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        stored["tags"]["podvisor.io/node"], "no-such-node",
+        "{stored}"
+    );
+    assert!(
+        stored["tags"]["podvisor.io/cluster"].is_null(),
+        "a pod VM of a node the cluster does not have is tagged with it: {stored}"
+    );
+    assert!(
+        daemon.log_text().contains(
+            "node no-such-node does not exist in this cluster (check --node-name): its pod VMs are not tagged with the cluster"
+        ),
+        "{}",
+        daemon.log_text()
+    );
     // A node of that name with no pod at all (not even the daemon's own):
     // another cluster's node, not one whose pods are all gone.
     api.create_node("no-such-node").unwrap();

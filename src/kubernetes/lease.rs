@@ -13,15 +13,19 @@
 //!   409 Conflict and does not hold it.
 //! - The holder renews every [`Lease::retry_period`] (a third of the
 //!   duration); any failed renewal (an error, a conflict, the Lease
-//!   taken) loses it at once.
+//!   taken) loses it at once. The caller bounds each try by the retry
+//!   period ([`super::node_gone::hold`] does), so a holder cut off from the
+//!   API stops believing it holds the Lease at most two retry periods after
+//!   its last renewal — before any other daemon can take it (client-go's
+//!   `renewDeadline`).
 //! - At shutdown the holder gives it up (empty holder), so another daemon
 //!   takes over without waiting for it to expire.
 //!
 //! So another daemon holds it at most the duration plus two retry periods
-//! after the holder's last renewal. Two daemons can still both believe
-//! they hold it for a moment (a holder cut off from the API keeps its
-//! belief until its next renewal fails); what they do under it must be
-//! safe to do twice.
+//! after the holder's last renewal. Two daemons can still both act under
+//! it for a moment (a step begun just before the belief ended, a holder
+//! whose clock or scheduler stalls); what they do under it must be safe to
+//! do twice.
 
 use super::{Kube, observe, observe_opt};
 use k8s_openapi::api::coordination::v1::{Lease as LeaseObject, LeaseSpec};
@@ -87,6 +91,11 @@ impl Lease {
         &self.identity
     }
 
+    /// `Lease <namespace>/<name>`, for messages.
+    fn what(&self) -> String {
+        format!("Lease {}/{}", self.namespace, self.name)
+    }
+
     /// Tries to take or renew the Lease at `now`: whether this daemon holds
     /// it now.
     ///
@@ -99,7 +108,7 @@ impl Lease {
     }
 
     async fn attempt(&mut self, now: Instant) -> Result<bool, String> {
-        let what = format!("Lease {}/{}", self.namespace, self.name);
+        let what = self.what();
         let stamp = MicroTime(Timestamp::now());
         let seconds = i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX);
         let current = observe_opt("get", self.api.get_opt(&self.name).await)
@@ -138,9 +147,12 @@ impl Lease {
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let ours = holder == self.identity;
         if !ours && !holder.is_empty() {
+            // A record without a duration, or with 0, is held for ours; a
+            // holder's own is at least 1 s.
             let held_for = spec
                 .lease_duration_seconds
                 .and_then(|s| u64::try_from(s).ok())
+                .filter(|s| *s > 0)
                 .map_or(self.duration, Duration::from_secs);
             let seen_at = self.observed.as_ref().map_or(now, |(_, at)| *at);
             if now.duration_since(seen_at) < held_for {
@@ -173,17 +185,16 @@ impl Lease {
         }
     }
 
-    /// Gives the Lease up if this daemon holds it (empty holder), so
+    /// Gives the Lease up if it names this daemon (empty holder), so
     /// another daemon takes it at its next try; whether it was given up.
+    /// Asked even when this daemon's last try failed: the Lease may still
+    /// name it.
     ///
     /// # Errors
     /// The API's error as text (the Lease then expires on its own).
     pub async fn release(&mut self) -> Result<bool, String> {
-        if !self.held {
-            return Ok(false);
-        }
         self.held = false;
-        let what = format!("Lease {}/{}", self.namespace, self.name);
+        let what = self.what();
         let Some(mut lease) = observe_opt("get", self.api.get_opt(&self.name).await)
             .map_err(|e| format!("GET {what}: {e}"))?
         else {

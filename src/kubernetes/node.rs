@@ -15,7 +15,7 @@
 //! (a node object the kubelet re-registered starts without it). A failure
 //! is logged and retried with a growing pause; it never stops the daemon.
 
-use super::{Kube, observe, observe_opt};
+use super::{Kube, LastError, observe, observe_opt};
 use k8s_openapi::api::core::v1::Node;
 use serde_json::json;
 use std::time::Duration;
@@ -178,11 +178,11 @@ impl NodeCapacity {
     /// doubles from 1 s up to 30 s.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut pause = Duration::from_secs(1);
-        let mut last_error: Option<String> = None;
+        let mut last_error = LastError::default();
         loop {
             let wait = match self.reconcile().await {
                 Ok(done) => {
-                    if done == Reconciled::Advertised || last_error.is_some() {
+                    if last_error.succeeded() || done == Reconciled::Advertised {
                         tracing::info!(
                             node = self.kube.node(),
                             resource = RESOURCE,
@@ -191,12 +191,11 @@ impl NodeCapacity {
                             "the node advertises its peer pod capacity"
                         );
                     }
-                    last_error = None;
                     pause = Duration::from_secs(1);
                     RECHECK
                 }
                 Err(e) => {
-                    if last_error.as_deref() != Some(e.as_str()) {
+                    if last_error.failed(&e) {
                         tracing::warn!(
                             node = self.kube.node(),
                             resource = RESOURCE,
@@ -204,7 +203,6 @@ impl NodeCapacity {
                             "cannot advertise the node's peer pod capacity; retrying"
                         );
                     }
-                    last_error = Some(e);
                     let wait = pause;
                     pause = (pause * 2).min(RETRY_CAP);
                     wait

@@ -23,14 +23,15 @@
 //! daemons briefly both hold it, both judge the same way and a delete is
 //! idempotent.
 
+use super::absence::{Absence, check_interval};
 use super::cluster::ClusterId;
 use super::lease::Lease;
-use super::{Kube, observe};
+use super::{Kube, LastError, observe};
 use crate::actors::provider::ProviderCalls;
 use k8s_openapi::api::core::v1::Node;
 use podvisor_providers::{Instance, TAG_CLUSTER, TAG_NODE};
 use podvisor_state::{UnixMillis, now_millis};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -44,6 +45,11 @@ const INTERVAL_CAP: Duration = Duration::from_secs(60);
 pub fn lease_name(provider: &str) -> String {
     format!("podvisor-{provider}-node-gone")
 }
+
+/// Which term of holding the Lease this daemon is in, if it holds it: a
+/// new number at every acquisition, so a collector can tell a Lease lost
+/// and taken again from one held all along.
+pub type Term = Option<u64>;
 
 /// Finds and deletes the instances of deleted nodes.
 pub struct NodeGone {
@@ -66,7 +72,7 @@ impl std::fmt::Debug for NodeGone {
 pub struct Clocks {
     grace: Duration,
     /// When each node was first missing from a successful list.
-    absent_since: HashMap<String, Instant>,
+    absent: Absence<String>,
 }
 
 /// One instance to delete and the node it was made for.
@@ -83,19 +89,23 @@ impl Clocks {
     pub fn new(grace: Duration) -> Self {
         Self {
             grace,
-            absent_since: HashMap::new(),
+            absent: Absence::default(),
         }
     }
 
-    /// The decision, from one listing of each: the instances whose node has
-    /// now been missing for the grace (at monotonic `now`) and that are
-    /// older than the grace (at wall-clock `wall`, when their creation time
-    /// is known). Starts and ends the nodes' clocks.
+    /// The decision, from one listing of each: the instances of `cluster`
+    /// whose node has now been missing for the grace (at monotonic `now`)
+    /// and that are older than the grace (at wall-clock `wall`, in Unix
+    /// milliseconds, when their creation time is known). Starts and ends
+    /// the nodes' clocks.
     ///
-    /// `own` is this daemon's node: never judged.
+    /// `own` is this daemon's node: never judged. An instance without a
+    /// node tag, or tagged with another cluster (the cloud's filter is
+    /// trusted for nothing), is never judged either.
     pub fn judge(
         &mut self,
         instances: Vec<Instance>,
+        cluster: &str,
         nodes: &HashSet<String>,
         own: &str,
         now: Instant,
@@ -105,6 +115,9 @@ impl Clocks {
         let mut missing = HashSet::new();
         let mut doomed = Vec::new();
         for instance in instances {
+            if instance.tags.get(TAG_CLUSTER).map(String::as_str) != Some(cluster) {
+                continue;
+            }
             let Some(node) = instance.tags.get(TAG_NODE).filter(|n| !n.is_empty()) else {
                 continue;
             };
@@ -112,23 +125,23 @@ impl Clocks {
                 continue;
             }
             let node = node.clone();
+            let gone_for = self.absent.missing(&node, now);
             missing.insert(node.clone());
-            let since = *self.absent_since.entry(node.clone()).or_insert(now);
             let young = instance
                 .created_at
                 .is_some_and(|at| wall.saturating_sub(at) < grace_ms);
-            if now.duration_since(since) >= self.grace && !young {
+            if gone_for >= self.grace && !young {
                 doomed.push(Doomed { node, instance });
             }
         }
         // A node that is back, or has no instance left, starts afresh.
-        self.absent_since.retain(|n, _| missing.contains(n));
+        self.absent.keep_only(&missing);
         doomed
     }
 
     /// Forgets every clock (the Lease changed hands).
     pub fn forget(&mut self) {
-        self.absent_since.clear();
+        self.absent.clear();
     }
 }
 
@@ -147,7 +160,7 @@ impl NodeGone {
     /// How often the holder collects: a quarter of the grace, at least
     /// 1 s and at most 60 s.
     pub fn interval(&self) -> Duration {
-        (self.clocks.grace / 4).clamp(Duration::from_secs(1), INTERVAL_CAP)
+        check_interval(self.clocks.grace, INTERVAL_CAP)
     }
 
     /// Lists the cloud, then the nodes, and judges.
@@ -166,10 +179,11 @@ impl NodeGone {
             .list(TAG_CLUSTER, &cluster)
             .await
             .map_err(|e| format!("listing the cluster's instances: {e}"))?;
+        // Names are all it needs: the nodes' metadata only.
         let list = observe(
             "list",
             kube::Api::<Node>::all(self.kube.client())
-                .list(&kube::api::ListParams::default())
+                .list_metadata(&kube::api::ListParams::default())
                 .await,
         )
         .map_err(|e| format!("LIST nodes: {e}"))?;
@@ -194,53 +208,52 @@ impl NodeGone {
         }
         Ok(self
             .clocks
-            .judge(instances, &nodes, &own, now, now_millis()))
+            .judge(instances, &cluster, &nodes, &own, now, now_millis()))
     }
 
-    /// While `held` says this daemon holds the Lease, collects every
-    /// [`Self::interval`] until `stop`.
-    pub async fn run(mut self, mut held: watch::Receiver<bool>, mut stop: watch::Receiver<bool>) {
-        let mut last_error: Option<String> = None;
+    /// While `term` says this daemon holds the Lease, collects every
+    /// [`Self::interval`] until `stop`. The clocks start over whenever the
+    /// term changes, and a delete is made only while the term the check
+    /// ran in still holds.
+    pub async fn run(mut self, mut term: watch::Receiver<Term>, mut stop: watch::Receiver<bool>) {
+        let mut last_error = LastError::default();
+        let mut judged_in: Term = None;
         loop {
-            tokio::select! {
-                r = held.wait_for(|h| *h) => if r.is_err() { return },
+            let current = tokio::select! {
+                biased;
                 _ = stop.wait_for(|s| *s) => return,
+                t = term.wait_for(Option::is_some) => match t {
+                    Ok(t) => *t,
+                    Err(_) => return,
+                },
+            };
+            if current != judged_in {
+                // Held anew: clocks of an earlier term may be stale.
+                self.clocks.forget();
+                judged_in = current;
             }
             match self.check(Instant::now()).await {
                 Ok(doomed) => {
-                    if last_error.take().is_some() {
+                    if last_error.succeeded() {
                         tracing::info!("the pod VMs of deleted nodes can be judged again");
                     }
                     for d in doomed {
-                        if !*held.borrow() {
+                        if *term.borrow() != current || *stop.borrow() {
                             break;
                         }
                         self.delete(d).await;
                     }
                 }
                 Err(e) => {
-                    if last_error.as_deref() != Some(e.as_str()) {
+                    if last_error.failed(&e) {
                         tracing::warn!(error = %e, "cannot tell which pod VMs belong to deleted nodes; none is deleted");
                     }
-                    last_error = Some(e);
                 }
             }
-            let pause = tokio::time::sleep(self.interval());
-            tokio::pin!(pause);
-            loop {
-                tokio::select! {
-                    () = &mut pause => break,
-                    _ = stop.wait_for(|s| *s) => return,
-                    r = held.changed() => {
-                        if r.is_err() {
-                            return;
-                        }
-                        if !*held.borrow() {
-                            // Another daemon collects now; ours start over.
-                            self.clocks.forget();
-                        }
-                    }
-                }
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(self.interval()) => {}
             }
         }
     }
@@ -266,42 +279,60 @@ impl NodeGone {
 }
 
 /// Takes and renews `lease` every retry period until `stop`, publishing in
-/// `held` (and [`crate::metrics::NODE_GONE_LEASE_HELD`]) whether this
-/// daemon holds it; then gives it up (within 5 s).
-pub async fn hold(mut lease: Lease, held: watch::Sender<bool>, mut stop: watch::Receiver<bool>) {
+/// `term` (and [`crate::metrics::NODE_GONE_LEASE_HELD`]) whether this
+/// daemon holds it, and in which term; then gives it up (within 5 s).
+///
+/// Each try is bounded by the retry period, and a failed or timed-out try
+/// ends the term at once: so the term ends at most two retry periods after
+/// the last successful renewal, before another daemon can take the Lease
+/// (a duration after that renewal).
+pub async fn hold(mut lease: Lease, term: watch::Sender<Term>, mut stop: watch::Receiver<bool>) {
     let gauge = crate::metrics::gauge!(crate::metrics::NODE_GONE_LEASE_HELD);
-    let mut last_error: Option<String> = None;
+    let mut last_error = LastError::default();
+    let mut terms: u64 = 0;
     loop {
-        let result = lease.try_acquire_or_renew(Instant::now()).await;
-        let now_held = matches!(result, Ok(true));
+        let limit = lease.retry_period();
+        let result = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            r = tokio::time::timeout(limit, lease.try_acquire_or_renew(Instant::now())) => {
+                r.unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+            }
+        };
+        let held = matches!(result, Ok(true));
         match result {
             Ok(_) => {
-                if last_error.take().is_some() {
+                if last_error.succeeded() {
                     tracing::info!("the node-gone Lease can be read and written again");
                 }
             }
             Err(e) => {
-                if last_error.as_deref() != Some(e.as_str()) {
+                if last_error.failed(&e) {
                     tracing::warn!(error = %e, "cannot take or renew the node-gone Lease");
                 }
-                last_error = Some(e);
             }
         }
-        if now_held != *held.borrow() {
-            if now_held {
+        let was = *term.borrow();
+        match (was, held) {
+            (None, true) => {
+                terms += 1;
+                term.send_replace(Some(terms));
                 tracing::info!(holder = %lease.identity(), "this daemon holds the node-gone Lease: it collects the pod VMs of deleted nodes");
-            } else {
+            }
+            (Some(_), false) => {
+                term.send_replace(None);
                 tracing::info!("this daemon no longer holds the node-gone Lease");
             }
+            _ => {}
         }
-        held.send_replace(now_held);
-        gauge.set(if now_held { 1.0 } else { 0.0 });
+        gauge.set(if held { 1.0 } else { 0.0 });
         tokio::select! {
-            () = tokio::time::sleep(lease.retry_period()) => {}
+            biased;
             _ = stop.wait_for(|s| *s) => break,
+            () = tokio::time::sleep(lease.retry_period()) => {}
         }
     }
-    held.send_replace(false);
+    term.send_replace(None);
     gauge.set(0.0);
     match tokio::time::timeout(Duration::from_secs(5), lease.release()).await {
         Ok(Ok(true)) => tracing::info!("shutdown: the node-gone Lease is given up"),
@@ -349,7 +380,7 @@ mod tests {
     ) -> Vec<String> {
         let nodes: HashSet<String> = nodes.iter().map(|n| (*n).to_owned()).collect();
         clocks
-            .judge(instances, &nodes, "own", now, wall)
+            .judge(instances, "c", &nodes, "own", now, wall)
             .into_iter()
             .map(|d| d.instance.id)
             .collect()
@@ -367,12 +398,19 @@ mod tests {
                 instance("b2", Some("b"), None),
                 instance("own1", Some("own"), Some(0)),
                 instance("untagged", None, Some(0)),
+                {
+                    // The cloud's filter is not trusted: another cluster's.
+                    let mut i = instance("foreign", Some("b"), Some(0));
+                    i.tags.insert(TAG_CLUSTER.to_owned(), "x".to_owned());
+                    i
+                },
             ]
         };
         // Node b missing: its clock starts; nothing yet.
         assert!(judge(&mut j, listing(), &["a", "own"], t0, wall).is_empty());
         assert!(judge(&mut j, listing(), &["a", "own"], t0 + GRACE / 2, wall).is_empty());
-        // After the grace: both of b's, never a's, our own or the untagged.
+        // After the grace: both of b's, never a's, our own, the untagged or
+        // another cluster's.
         let mut doomed = judge(&mut j, listing(), &["a", "own"], t0 + GRACE, wall);
         doomed.sort();
         assert_eq!(doomed, ["b1", "b2"]);

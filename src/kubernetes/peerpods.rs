@@ -51,7 +51,7 @@
 //! next event or resync retries. Without the CRD (a 404 on the resource)
 //! the daemon says so once and keeps trying at each resync.
 
-use super::{Kube, observe, observe_opt};
+use super::{Kube, LastError, observe, observe_opt};
 use crate::view::{InstanceView, ViewEvent};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{
@@ -228,7 +228,7 @@ pub struct PeerPods {
     /// up to date) with, so a repeated event writes nothing.
     applied: HashMap<String, String>,
     /// The last error logged as a warning ([`PeerPodError::key`]).
-    last_error: Option<String>,
+    last_error: LastError,
 }
 
 impl std::fmt::Debug for PeerPods {
@@ -251,7 +251,7 @@ impl PeerPods {
             provider: provider.to_owned(),
             resource: ApiResource::from_gvk_with_plural(&gvk, PLURAL),
             applied: HashMap::new(),
-            last_error: None,
+            last_error: LastError::default(),
         }
     }
 
@@ -691,7 +691,7 @@ impl PeerPods {
 
     /// Logs `e` as a warning unless it is the last error logged so.
     fn failed(&mut self, action: &str, sandbox: Option<&str>, e: &PeerPodError) {
-        if self.last_error.as_deref() == Some(e.key()) {
+        if !self.last_error.failed(e.key()) {
             tracing::debug!(action, sandbox_id = sandbox.unwrap_or(""), error = %e, "cannot write PeerPod objects");
             return;
         }
@@ -701,11 +701,10 @@ impl PeerPods {
                 tracing::warn!(action, sandbox_id = sandbox.unwrap_or(""), error = %e, "cannot write PeerPod objects; the next resync retries (no pod VM is affected)");
             }
         }
-        self.last_error = Some(e.key().to_owned());
     }
 
     fn succeeded(&mut self) {
-        if self.last_error.take().is_some() {
+        if self.last_error.succeeded() {
             tracing::info!("PeerPod objects are written again");
         }
     }

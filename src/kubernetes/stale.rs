@@ -13,13 +13,14 @@
 //! anyone's grace, and is logged. A sandbox without pod
 //! annotations (a runtime that sends none) is never judged.
 
-use super::{Kube, observe, observe_opt};
+use super::absence::{Absence, check_interval};
+use super::{Kube, LastError, observe, observe_opt};
 use crate::actors::supervisor::{StopVm, Supervisor};
 use crate::view::InstanceView;
 use actix::Addr;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use podvisor_state::State;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -35,7 +36,7 @@ pub struct StaleSandboxes {
     supervisor: Addr<Supervisor>,
     grace: Duration,
     /// When each sandbox's pod was first missing from a successful list.
-    absent_since: HashMap<String, Instant>,
+    absent_since: Absence<String>,
 }
 
 impl std::fmt::Debug for StaleSandboxes {
@@ -61,14 +62,14 @@ impl StaleSandboxes {
             view,
             supervisor,
             grace,
-            absent_since: HashMap::new(),
+            absent_since: Absence::default(),
         }
     }
 
     /// How often [`Self::run`] checks: a quarter of the grace period, at
     /// least 1 s and at most 30 s.
     pub fn interval(&self) -> Duration {
-        (self.grace / 4).clamp(Duration::from_secs(1), INTERVAL_CAP)
+        check_interval(self.grace, INTERVAL_CAP)
     }
 
     /// One check: lists the node's pods and returns the sandboxes whose
@@ -131,18 +132,14 @@ impl StaleSandboxes {
                 continue;
             }
             judged.insert(record.sandbox_id.clone());
-            let since = *self
-                .absent_since
-                .entry(record.sandbox_id.clone())
-                .or_insert(now);
-            if now.duration_since(since) >= self.grace {
+            if self.absent_since.missing(&record.sandbox_id, now) >= self.grace {
                 stale.push(record.sandbox_id);
             }
         }
         // Sandboxes whose pod is back, that are gone, or changed state.
-        self.absent_since.retain(|id, _| judged.contains(id));
+        self.absent_since.keep_only(&judged);
         for id in &stale {
-            self.absent_since.remove(id);
+            self.absent_since.end(id);
         }
         Ok(stale)
     }
@@ -150,11 +147,11 @@ impl StaleSandboxes {
     /// Checks every [`Self::interval`] until `stop`, stopping each stale
     /// sandbox as StopVM would.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut last_error: Option<String> = None;
+        let mut last_error = LastError::default();
         loop {
             match self.check(Instant::now()).await {
                 Ok(stale) => {
-                    if last_error.take().is_some() {
+                    if last_error.succeeded() {
                         tracing::info!("the pods on this node can be listed again");
                     }
                     for id in stale {
@@ -162,10 +159,9 @@ impl StaleSandboxes {
                     }
                 }
                 Err(e) => {
-                    if last_error.as_deref() != Some(e.as_str()) {
+                    if last_error.failed(&e) {
                         tracing::warn!(error = %e, "cannot tell which sandboxes' pods are gone; none is stopped");
                     }
-                    last_error = Some(e);
                 }
             }
             tokio::select! {
