@@ -19,7 +19,7 @@ mod kube;
 mod tools;
 
 use common::*;
-use kube::{KubeApi, KubeBinaries};
+use kube::{KubeApi, KubeBinaries, Needs};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -27,29 +27,17 @@ const FILE: &str = "kube_node";
 const RESOURCE: &str = "kata.peerpods.io/vm";
 const OWNER: &str = "kata.peerpods.io/caa-owner";
 
-/// The API server's binaries, or `None` after saying why the test is
-/// skipped.
+/// The API server's binaries (and the scheduler if `scheduler`), or `None`
+/// after saying why the test is skipped.
 fn binaries(test: &str, scheduler: bool) -> Option<KubeBinaries> {
-    let found = KubeBinaries::find().and_then(|b| {
-        if scheduler {
-            b.require_scheduler()?;
-        }
-        Ok(b)
-    });
-    match found {
-        Ok(b) => Some(b),
-        Err(why) => {
-            tools::skip(
-                FILE,
-                test,
-                &format!(
-                    "{why}; build them with scripts/kube-apiserver.sh and export what it \
-                     prints (eval \"$(scripts/kube-apiserver.sh)\")"
-                ),
-            );
-            None
-        }
-    }
+    KubeBinaries::for_test(
+        FILE,
+        test,
+        Needs {
+            scheduler,
+            controller_manager: false,
+        },
+    )
 }
 
 /// A daemon for node `node` that talks to `api` as its admin.

@@ -19,7 +19,7 @@ mod kube;
 mod tools;
 
 use common::*;
-use kube::{KubeApi, KubeBinaries};
+use kube::{KubeApi, KubeBinaries, Needs};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -34,20 +34,7 @@ const LEASE_SECONDS: u64 = 6;
 const GRACE_SECONDS: u64 = 3;
 
 fn binaries(test: &str) -> Option<KubeBinaries> {
-    match KubeBinaries::find() {
-        Ok(b) => Some(b),
-        Err(why) => {
-            tools::skip(
-                FILE,
-                test,
-                &format!(
-                    "{why}; build them with scripts/kube-apiserver.sh and export what it \
-                     prints (eval \"$(scripts/kube-apiserver.sh)\")"
-                ),
-            );
-            None
-        }
-    }
+    KubeBinaries::for_test(FILE, test, Needs::default())
 }
 
 /// A daemon for `node` on `api`, sharing `local` (another daemon's local

@@ -22,7 +22,7 @@ mod kube;
 mod tools;
 
 use common::*;
-use kube::{KubeApi, KubeBinaries};
+use kube::{KubeApi, KubeBinaries, Needs};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::Command;
@@ -44,26 +44,14 @@ struct Tools {
 /// The tools (with kube-controller-manager if `controller_manager`), or
 /// `None` after saying why the test is skipped.
 fn prerequisites(test: &str, controller_manager: bool) -> Option<Tools> {
-    let kube = KubeBinaries::find().and_then(|b| {
-        if controller_manager {
-            b.require_controller_manager()?;
-        }
-        Ok(b)
-    });
-    let kube = match kube {
-        Ok(kube) => kube,
-        Err(why) => {
-            tools::skip(
-                FILE,
-                test,
-                &format!(
-                    "{why}; build them with scripts/kube-apiserver.sh and export what it \
-                     prints (eval \"$(scripts/kube-apiserver.sh)\")"
-                ),
-            );
-            return None;
-        }
-    };
+    let kube = KubeBinaries::for_test(
+        FILE,
+        test,
+        Needs {
+            scheduler: false,
+            controller_manager,
+        },
+    )?;
     let kubectl = tools::tool("KUBECTL", "kubectl");
     let python = tools::yaml_python();
     let found = tools::runs(&kubectl, &["version", "--client"])

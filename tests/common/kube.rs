@@ -122,6 +122,45 @@ impl KubeBinaries {
             None => optional_tool("KUBE_CONTROLLER_MANAGER", "kube-controller-manager"),
         }
     }
+
+    /// What test `test` of the file `file` needs: the API server and etcd,
+    /// and the scheduler or the controller manager as `needs` says; or
+    /// `None` after `tools::skip` said why and how to build them (under
+    /// `CI=true`, a failure).
+    pub fn for_test(file: &str, test: &str, needs: Needs) -> Option<Self> {
+        let found = Self::find().and_then(|b| {
+            if needs.scheduler {
+                b.require_scheduler()?;
+            }
+            if needs.controller_manager {
+                b.require_controller_manager()?;
+            }
+            Ok(b)
+        });
+        match found {
+            Ok(b) => Some(b),
+            Err(why) => {
+                crate::tools::skip(
+                    file,
+                    test,
+                    &format!(
+                        "{why}; build them with scripts/kube-apiserver.sh and export what it \
+                         prints (eval \"$(scripts/kube-apiserver.sh)\")"
+                    ),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// What a test needs besides kube-apiserver and etcd.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Needs {
+    /// kube-scheduler.
+    pub scheduler: bool,
+    /// kube-controller-manager.
+    pub controller_manager: bool,
 }
 
 /// A running etcd + kube-apiserver, and the kube-scheduler and
