@@ -719,7 +719,16 @@ fn node_integration(
         .pod_uid
         .clone()
         .filter(|u| !u.trim().is_empty());
-    let node_gone = start_node_gone(global, kube, node_gone, pod_uid.as_deref());
+    // The collector releases deleted nodes' PeerPods with a reader of its
+    // own (it writes none).
+    let released = (!global.pod_inputs.disable_peerpods).then(|| {
+        crate::kubernetes::peerpods::PeerPods::new(
+            kube.clone(),
+            actors.view.clone(),
+            node_gone.provider_name,
+        )
+    });
+    let node_gone = start_node_gone(global, kube, node_gone, released, pod_uid.as_deref());
     let Some(limit) = actors.limit else {
         tracing::info!(
             resource = crate::kubernetes::node::RESOURCE,
@@ -745,6 +754,7 @@ fn start_node_gone(
     global: &GlobalArgs,
     kube: &crate::kubernetes::Kube,
     inputs: NodeGoneInputs,
+    peerpods: Option<crate::kubernetes::peerpods::PeerPods>,
     pod_uid: Option<&str>,
 ) -> Option<NodeGoneTasks> {
     use crate::kubernetes::{lease::Lease, node_gone};
@@ -768,6 +778,7 @@ fn start_node_gone(
         inputs.calls,
         inputs.cluster,
         args.node_gone_grace,
+        peerpods,
     );
     let collector = tokio::spawn(collector.run(term_rx, stop_rx.clone()));
     let lease = tokio::spawn(node_gone::hold(lease, term_tx, stop_rx));

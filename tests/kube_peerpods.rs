@@ -498,10 +498,20 @@ async fn peerpods_follow_the_journal_through_a_missing_crd_a_restart_and_an_api_
         },
     )
     .await;
-    let errors = daemon
-        .metric("podvisor_peerpod_writes_total", &[("outcome", "error")])
-        .await;
-    assert_eq!(errors, 2.0, "the first's removal and the third's apply");
+    // Both failures counted (the second may still be in flight when the
+    // first is logged).
+    eventually(
+        "the first's removal and the third's apply to fail",
+        Duration::from_secs(20),
+        async || {
+            (daemon
+                .metric("podvisor_peerpod_writes_total", &[("outcome", "error")])
+                .await
+                == 2.0)
+                .then_some(())
+        },
+    )
+    .await;
     let warned: Vec<String> = daemon
         .log_text()
         .lines()
@@ -512,5 +522,109 @@ async fn peerpods_follow_the_journal_through_a_missing_crd_a_restart_and_an_api_
     tools::say(&format!(
         "{FILE}: a restart reconciled the PeerPods in {reconciled:.1?}; whole test {:.1?}",
         started.elapsed()
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_nodes_peerpods_are_released_once_its_pod_vms_are_gone() {
+    let test = "a_deleted_nodes_peerpods_are_released_once_its_pod_vms_are_gone";
+    let Some(tools) = prerequisites(test, false) else {
+        return;
+    };
+    let api = KubeApi::start(&tools.kube).unwrap();
+    install_crd(&api, &tools);
+    default_service_account(&api);
+    for node in ["node-a", "node-b"] {
+        api.create_node(node).unwrap();
+    }
+    create_pod(&api, "on-a", "node-a");
+    create_pod(&api, "on-b", "node-b");
+    // Two daemons on one cloud; a short Lease and grace (as in
+    // tests/kube_node_gone.rs, which proves the VMs' side).
+    let short = |setup: &mut Setup| {
+        setup.global.extend(
+            [
+                "--lease-namespace",
+                "default",
+                "--lease-duration",
+                "6s",
+                "--node-gone-grace",
+                "3s",
+                "--stale-sandbox-grace",
+                "0s",
+            ]
+            .map(String::from),
+        );
+    };
+    let mut setup_a = setup_for(&api, "node-a");
+    short(&mut setup_a);
+    let mut setup_b = setup_for(&api, "node-b");
+    setup_b.shared_local = Some(setup_a.local_dir());
+    short(&mut setup_b);
+    let daemon_a = setup_a.start().await;
+    eventually(
+        "daemon A to hold the node-gone Lease",
+        Duration::from_secs(20),
+        async || (daemon_a.metric("podvisor_node_gone_lease_held", &[]).await == 1.0).then_some(()),
+    )
+    .await;
+    let mut daemon_b = setup_b.start().await;
+    for daemon in [&daemon_a, &daemon_b] {
+        eventually(
+            "the daemon to learn the cluster's identity",
+            Duration::from_secs(20),
+            async || {
+                daemon
+                    .log_text()
+                    .contains("the cluster's identity (kube-system's UID) is known")
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    let (a, b) = (sandbox_id(), sandbox_id());
+    daemon_a
+        .create_and_start(&daemon_a.client().await, &a, "on-a", "default")
+        .await;
+    daemon_b
+        .create_and_start(&daemon_b.client().await, &b, "on-b", "default")
+        .await;
+    let vm_b = instance_of(&daemon_b, &b).await;
+    for id in [&a, &b] {
+        eventually(
+            "both sandboxes' PeerPods",
+            Duration::from_secs(20),
+            async || peerpod_of(&api, id).map(|_| ()),
+        )
+        .await;
+    }
+
+    // Node B goes with its daemon: its VM is deleted by A (the Lease
+    // holder), and then — B's own daemon being gone — B's PeerPod is
+    // released by A too, or its finalizer would hold it (and its
+    // namespace's deletion) for good. A's stays.
+    daemon_b.kill9();
+    call(&api, "DELETE", "/api/v1/nodes/node-b", None, &[200]);
+    let deleted = Instant::now();
+    eventually(
+        "node B's PeerPod to be released",
+        Duration::from_secs(60),
+        async || peerpod_of(&api, &b).is_none().then_some(()),
+    )
+    .await;
+    assert!(
+        !setup_a.local_dir().join("instances").join(&vm_b).exists(),
+        "released only once node B's pod VM is gone"
+    );
+    assert!(peerpod_of(&api, &a).is_some(), "node A's PeerPod stays");
+    assert_eq!(daemon_a.instance(&a).await.unwrap()["state"], "running");
+    let log = daemon_a.log_text();
+    assert!(
+        log.contains("a deleted node's PeerPod is released: no pod VM of the node is left"),
+        "{log}"
+    );
+    tools::say(&format!(
+        "{FILE}: node deleted → its PeerPod released in {:.1?} (grace 3 s)",
+        deleted.elapsed()
     ));
 }

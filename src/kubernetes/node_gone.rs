@@ -26,9 +26,11 @@
 use super::absence::{Absence, check_interval};
 use super::cluster::ClusterId;
 use super::lease::Lease;
+use super::peerpods::{PeerPods, object_node};
 use super::{Kube, LastError, observe};
 use crate::actors::provider::ProviderCalls;
 use k8s_openapi::api::core::v1::Node;
+use kube::api::DynamicObject;
 use podvisor_providers::{Instance, TAG_CLUSTER, TAG_NODE};
 use podvisor_state::{UnixMillis, now_millis};
 use std::collections::HashSet;
@@ -51,12 +53,17 @@ pub fn lease_name(provider: &str) -> String {
 /// and taken again from one held all along.
 pub type Term = Option<u64>;
 
-/// Finds and deletes the instances of deleted nodes.
+/// Finds and deletes the instances of deleted nodes, and releases their
+/// PeerPod objects once no instance of the node is left.
 pub struct NodeGone {
     kube: Kube,
     calls: Arc<ProviderCalls>,
     cluster: ClusterId,
     clocks: Clocks,
+    /// The PeerPods to release (`None`: `--disable-peerpods`).
+    peerpods: Option<PeerPods>,
+    /// The PeerPod listing's last error, logged once.
+    peerpod_error: LastError,
 }
 
 impl std::fmt::Debug for NodeGone {
@@ -73,6 +80,17 @@ pub struct Clocks {
     grace: Duration,
     /// When each node was first missing from a successful list.
     absent: Absence<String>,
+}
+
+/// What one collection decided.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The instances to delete.
+    pub doomed: Vec<Doomed>,
+    /// The missing nodes (missing for the grace) that some PeerPod names
+    /// and no listed instance of this cluster does: their pod VMs are
+    /// gone, so their PeerPods' finalizers may go.
+    pub released: HashSet<String>,
 }
 
 /// One instance to delete and the node it was made for.
@@ -101,18 +119,23 @@ impl Clocks {
     ///
     /// `own` is this daemon's node: never judged. An instance without a
     /// node tag, or tagged with another cluster (the cloud's filter is
-    /// trusted for nothing), is never judged either.
+    /// trusted for nothing), is never judged either. `referenced` are the
+    /// nodes this provider's PeerPods name: one missing for the grace with
+    /// no instance left is [`Verdict::released`].
+    #[allow(clippy::too_many_arguments)] // One listing of each kind, and the clocks' two times.
     pub fn judge(
         &mut self,
         instances: Vec<Instance>,
         cluster: &str,
         nodes: &HashSet<String>,
         own: &str,
+        referenced: &HashSet<String>,
         now: Instant,
         wall: UnixMillis,
-    ) -> Vec<Doomed> {
+    ) -> Verdict {
         let grace_ms = UnixMillis::try_from(self.grace.as_millis()).unwrap_or(UnixMillis::MAX);
         let mut missing = HashSet::new();
+        let mut with_instances = HashSet::new();
         let mut doomed = Vec::new();
         for instance in instances {
             if instance.tags.get(TAG_CLUSTER).map(String::as_str) != Some(cluster) {
@@ -127,6 +150,7 @@ impl Clocks {
             let node = node.clone();
             let gone_for = self.absent.missing(&node, now);
             missing.insert(node.clone());
+            with_instances.insert(node.clone());
             let young = instance
                 .created_at
                 .is_some_and(|at| wall.saturating_sub(at) < grace_ms);
@@ -134,9 +158,19 @@ impl Clocks {
                 doomed.push(Doomed { node, instance });
             }
         }
-        // A node that is back, or has no instance left, starts afresh.
+        let mut released = HashSet::new();
+        for node in referenced {
+            if node == own || nodes.contains(node) || with_instances.contains(node) {
+                continue;
+            }
+            missing.insert(node.clone());
+            if self.absent.missing(node, now) >= self.grace {
+                released.insert(node.clone());
+            }
+        }
+        // A node that is back, or has nothing left, starts afresh.
         self.absent.keep_only(&missing);
-        doomed
+        Verdict { doomed, released }
     }
 
     /// Forgets every clock (the Lease changed hands).
@@ -147,13 +181,22 @@ impl Clocks {
 
 impl NodeGone {
     /// Deletes, through `calls`, the instances of this `cluster` whose node
-    /// has been missing from `kube`'s node list for `grace`.
-    pub fn new(kube: Kube, calls: Arc<ProviderCalls>, cluster: ClusterId, grace: Duration) -> Self {
+    /// has been missing from `kube`'s node list for `grace`, and then
+    /// releases their `peerpods` (unless `None`).
+    pub fn new(
+        kube: Kube,
+        calls: Arc<ProviderCalls>,
+        cluster: ClusterId,
+        grace: Duration,
+        peerpods: Option<PeerPods>,
+    ) -> Self {
         Self {
             kube,
             calls,
             cluster,
             clocks: Clocks::new(grace),
+            peerpods,
+            peerpod_error: LastError::default(),
         }
     }
 
@@ -163,13 +206,19 @@ impl NodeGone {
         check_interval(self.clocks.grace, INTERVAL_CAP)
     }
 
-    /// Lists the cloud, then the nodes, and judges.
+    /// Lists the cloud, then this provider's PeerPods, then the nodes, and
+    /// judges: the instances to delete, and the PeerPods whose node is
+    /// gone with all its instances. A failed PeerPod listing only leaves
+    /// the PeerPods out (logged once).
     ///
     /// # Errors
-    /// The cluster's identity is not known yet, a listing failed or was
-    /// partial, or the node list lacks this daemon's own node: nothing is
-    /// judged and no clock starts or ends.
-    pub async fn check(&mut self, now: Instant) -> Result<Vec<Doomed>, String> {
+    /// The cluster's identity is not known yet, a listing of the cloud or
+    /// the nodes failed or was partial, or the node list lacks this
+    /// daemon's own node: nothing is judged and no clock starts or ends.
+    pub async fn check(
+        &mut self,
+        now: Instant,
+    ) -> Result<(Vec<Doomed>, Vec<DynamicObject>), String> {
         let Some(cluster) = self.cluster.get().cloned() else {
             return Err("the cluster's identity (kube-system's UID) is not known yet".to_owned());
         };
@@ -179,6 +228,23 @@ impl NodeGone {
             .list(TAG_CLUSTER, &cluster)
             .await
             .map_err(|e| format!("listing the cluster's instances: {e}"))?;
+        let peerpods = match &self.peerpods {
+            Some(p) => match p.list_managed().await {
+                Ok(listed) => {
+                    self.peerpod_error.succeeded();
+                    listed
+                }
+                // No CRD, no PeerPod to release (the PeerPod task says so).
+                Err(super::peerpods::PeerPodError::NoCrd) => Vec::new(),
+                Err(e) => {
+                    if self.peerpod_error.failed(&e.to_string()) {
+                        tracing::warn!(error = %e, "cannot list the PeerPods of deleted nodes; none is released this time");
+                    }
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
         // Names are all it needs: the nodes' metadata only.
         let list = observe(
             "list",
@@ -206,9 +272,25 @@ impl NodeGone {
                 "this daemon's node {own} is not among the cluster's nodes (another cluster, or a wrong --node-name): no node is judged gone"
             ));
         }
-        Ok(self
-            .clocks
-            .judge(instances, &cluster, &nodes, &own, now, now_millis()))
+        let referenced: HashSet<String> = peerpods
+            .iter()
+            .filter_map(object_node)
+            .map(str::to_owned)
+            .collect();
+        let verdict = self.clocks.judge(
+            instances,
+            &cluster,
+            &nodes,
+            &own,
+            &referenced,
+            now,
+            now_millis(),
+        );
+        let released = peerpods
+            .into_iter()
+            .filter(|o| object_node(o).is_some_and(|n| verdict.released.contains(n)))
+            .collect();
+        Ok((verdict.doomed, released))
     }
 
     /// While `term` says this daemon holds the Lease, collects every
@@ -233,7 +315,7 @@ impl NodeGone {
                 judged_in = current;
             }
             match self.check(Instant::now()).await {
-                Ok(doomed) => {
+                Ok((doomed, released)) => {
                     if last_error.succeeded() {
                         tracing::info!("the pod VMs of deleted nodes can be judged again");
                     }
@@ -242,6 +324,12 @@ impl NodeGone {
                             break;
                         }
                         self.delete(d).await;
+                    }
+                    for object in released {
+                        if *term.borrow() != current || *stop.borrow() {
+                            break;
+                        }
+                        self.release(&object).await;
                     }
                 }
                 Err(e) => {
@@ -254,6 +342,31 @@ impl NodeGone {
                 biased;
                 _ = stop.wait_for(|s| *s) => return,
                 () = tokio::time::sleep(self.interval()) => {}
+            }
+        }
+    }
+
+    /// Removes a deleted node's PeerPod whose pod VMs are all gone (its
+    /// node's daemon, which would have, is gone too).
+    async fn release(&mut self, object: &DynamicObject) {
+        let Some(peerpods) = &self.peerpods else {
+            return;
+        };
+        let meta = &object.metadata;
+        let (Some(namespace), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref())
+        else {
+            return;
+        };
+        let node = object_node(object).unwrap_or_default();
+        match peerpods.remove(namespace, name, meta.uid.as_deref()).await {
+            Ok(super::peerpods::Removed::Removed) => {
+                tracing::info!(node = %node, peerpod = %format!("{namespace}/{name}"), "a deleted node's PeerPod is released: no pod VM of the node is left");
+            }
+            Ok(super::peerpods::Removed::Absent) => {}
+            Err(e) => {
+                if self.peerpod_error.failed(&e.to_string()) {
+                    tracing::warn!(node = %node, error = %e, "cannot release a deleted node's PeerPod; the next collection tries again");
+                }
             }
         }
     }
@@ -380,7 +493,8 @@ mod tests {
     ) -> Vec<String> {
         let nodes: HashSet<String> = nodes.iter().map(|n| (*n).to_owned()).collect();
         clocks
-            .judge(instances, "c", &nodes, "own", now, wall)
+            .judge(instances, "c", &nodes, "own", &HashSet::new(), now, wall)
+            .doomed
             .into_iter()
             .map(|d| d.instance.id)
             .collect()
@@ -456,5 +570,30 @@ mod tests {
             judge(&mut j, young(), &["own"], t0 + GRACE, wall + 60_000),
             ["b1"]
         );
+    }
+
+    #[test]
+    fn a_missing_nodes_peerpods_are_released_only_once_no_instance_of_it_is_left() {
+        let mut j = Clocks::new(GRACE);
+        let t0 = Instant::now();
+        let nodes: HashSet<String> = ["own", "a"].map(String::from).into();
+        let referenced: HashSet<String> = ["a", "b", "c", "own"].map(String::from).into();
+        let verdict = |j: &mut Clocks, instances: Vec<Instance>, at| {
+            j.judge(instances, "c", &nodes, "own", &referenced, at, 10_000_000)
+        };
+        // b still has an instance; c has none; a exists.
+        let listing = || vec![instance("b1", Some("b"), Some(0))];
+        assert!(verdict(&mut j, listing(), t0).released.is_empty());
+        let v = verdict(&mut j, listing(), t0 + GRACE);
+        assert_eq!(
+            v.released,
+            ["c".to_owned()].into(),
+            "b's VM is not gone yet"
+        );
+        assert_eq!(v.doomed.len(), 1);
+        // b's instance deleted: its PeerPods go at the next collection,
+        // its clock kept across.
+        let v = verdict(&mut j, Vec::new(), t0 + GRACE + Duration::from_secs(1));
+        assert_eq!(v.released, ["b".to_owned(), "c".to_owned()].into());
     }
 }

@@ -115,7 +115,13 @@ pub fn object_name(pod: &str, sandbox_id: &str) -> String {
     let tail = format!("-resource-{suffix}");
     let room = MAX_NAME - tail.len();
     let cut = if pod.len() > room {
-        pod[..room].trim_end_matches(['-', '.'])
+        // A pod's name is ASCII; a record from elsewhere may not be: cut
+        // at a character boundary, never inside one.
+        let mut end = room;
+        while !pod.is_char_boundary(end) {
+            end -= 1;
+        }
+        pod[..end].trim_end_matches(['-', '.'])
     } else {
         pod
     };
@@ -145,6 +151,17 @@ pub fn node_label_value(node: &str) -> String {
     format!("sha256-{}", &hex[..56])
 }
 
+/// The node a PeerPod was written for: its [`NODE_ANNOTATION`] (the full
+/// name; the label may hold a hash of it).
+pub fn object_node(object: &DynamicObject) -> Option<&str> {
+    object
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(NODE_ANNOTATION))
+        .map(String::as_str)
+}
+
 /// Why a PeerPod could not be written, listed or removed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PeerPodError {
@@ -160,16 +177,21 @@ pub enum PeerPodError {
         request: String,
         /// The API's or the connection's error.
         error: String,
+        /// What kind of failure it is, for logging it once: the API's
+        /// status code and reason (`HTTP 403 Forbidden`), or `connection`
+        /// for a failure to reach the API at all.
+        class: String,
     },
 }
 
 impl PeerPodError {
-    /// What tells two errors apart for logging: the error without the
-    /// object it was met on (a down API fails every object alike).
+    /// What tells two errors apart for logging: their class, not the
+    /// object or connection they were met on (a down API fails every
+    /// object alike, with one message or another).
     fn key(&self) -> &str {
         match self {
             Self::NoCrd => "no CRD",
-            Self::Api { error, .. } => error,
+            Self::Api { class, .. } => class,
         }
     }
 }
@@ -362,6 +384,7 @@ impl PeerPods {
         let found = observe_opt("get", pods.get_opt(pod).await).map_err(|e| PeerPodError::Api {
             request: format!("GET pod {namespace}/{pod}"),
             error: describe(&e),
+            class: class_of(&e),
         })?;
         let node = self.kube.node();
         let uid = match found {
@@ -473,6 +496,7 @@ impl PeerPods {
                 .map_err(|e| PeerPodError::Api {
                     request: format!("PATCH {PLURAL} {namespace}/{name}"),
                     error: e.to_string(),
+                    class: "request".to_owned(),
                 })?;
             match observe(
                 "patch",
@@ -494,6 +518,7 @@ impl PeerPods {
         Err(PeerPodError::Api {
             request: format!("PATCH {PLURAL} {namespace}/{name} (remove {FINALIZER})"),
             error: "the finalizer list changed three times over".to_owned(),
+            class: "finalizers changing".to_owned(),
         })
     }
 
@@ -510,11 +535,45 @@ impl PeerPods {
             "{MANAGED_BY_LABEL}={MANAGED_BY},{NODE_LABEL}={}",
             node_label_value(node)
         );
+        Ok(self
+            .list_selected(&selector)
+            .await?
+            .into_iter()
+            .filter(|o| object_node(o) == Some(node))
+            .collect())
+    }
+
+    /// Every PeerPod podvisor wrote for this daemon's provider, on any
+    /// node: those labelled [`MANAGED_BY_LABEL`]=`podvisor` whose
+    /// `spec.cloudProvider` is this provider (another provider's pod VMs
+    /// are in a cloud this daemon does not list).
+    ///
+    /// # Errors
+    /// [`PeerPodError::NoCrd`] without the resource; [`PeerPodError::Api`]
+    /// when the LIST failed or was partial.
+    pub async fn list_managed(&self) -> Result<Vec<DynamicObject>, PeerPodError> {
+        let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
+        Ok(self
+            .list_selected(&selector)
+            .await?
+            .into_iter()
+            .filter(|o| {
+                o.data
+                    .pointer("/spec/cloudProvider")
+                    .and_then(serde_json::Value::as_str)
+                    == Some(self.provider.as_str())
+            })
+            .collect())
+    }
+
+    /// The PeerPods in every namespace that `selector` selects, from one
+    /// LIST that is not partial.
+    async fn list_selected(&self, selector: &str) -> Result<Vec<DynamicObject>, PeerPodError> {
         let request = format!("LIST {PLURAL} -l {selector}");
         let all = kube::Api::<DynamicObject>::all_with(self.kube.client(), &self.resource);
         let list = observe(
             "list",
-            all.list(&ListParams::default().labels(&selector)).await,
+            all.list(&ListParams::default().labels(selector)).await,
         )
         .map_err(|e| api_error(request.clone(), &e))?;
         if list
@@ -526,19 +585,10 @@ impl PeerPods {
             return Err(PeerPodError::Api {
                 request,
                 error: "the list was partial".to_owned(),
+                class: "partial list".to_owned(),
             });
         }
-        Ok(list
-            .items
-            .into_iter()
-            .filter(|o| {
-                o.metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(NODE_ANNOTATION))
-                    .is_some_and(|n| n == node)
-            })
-            .collect())
+        Ok(list.items)
     }
 
     /// Lists this node's PeerPods and reconciles them with the view: an
@@ -592,13 +642,28 @@ impl PeerPods {
                 }
                 (_, record) => {
                     if let Some(r) = record {
+                        // Its object exists: the removal its VM's end
+                        // brings must not be skipped as "never written".
+                        let instance = object
+                            .data
+                            .pointer("/spec/instanceID")
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned();
+                        self.applied.insert(r.sandbox_id.clone(), instance);
                         covered.insert(r.sandbox_id);
                     }
                 }
             }
         }
-        for record in self.view.list() {
-            if want(Some(&record)) == Want::Apply && !covered.contains(&record.sandbox_id) {
+        for listed in self.view.list() {
+            if covered.contains(&listed.sandbox_id) {
+                continue;
+            }
+            // Read again: the listing may be seconds old by now.
+            if let Some(record) = self.view.get(&listed.sandbox_id)
+                && want(Some(&record)) == Want::Apply
+            {
                 self.apply_logged(&record).await;
             }
         }
@@ -655,7 +720,9 @@ impl PeerPods {
                     "PeerPod applied"
                 );
             }
-            Ok(Applied::NoPod | Applied::NotRunning) => self.succeeded(),
+            Ok(Applied::NoPod) => self.succeeded(),
+            // No request was made: nothing to say about the API.
+            Ok(Applied::NotRunning) => {}
             Err(e) => self.failed("apply", Some(&record.sandbox_id), &e),
         }
     }
@@ -766,6 +833,16 @@ fn api_error(request: String, e: &kube::Error) -> PeerPodError {
     PeerPodError::Api {
         request,
         error: describe(e),
+        class: class_of(e),
+    }
+}
+
+/// `e`'s class, for logging each once: the API's status code and reason,
+/// or `connection` when the API could not be reached or answered nothing.
+fn class_of(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("HTTP {} {}", s.code, s.reason),
+        _ => "connection".to_owned(),
     }
 }
 
