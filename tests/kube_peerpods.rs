@@ -628,3 +628,36 @@ async fn a_deleted_nodes_peerpods_are_released_once_its_pod_vms_are_gone() {
         deleted.elapsed()
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disable_peerpods_writes_none_and_says_so() {
+    let Some(tools) = prerequisites("disable_peerpods_writes_none_and_says_so", false) else {
+        return;
+    };
+    let api = KubeApi::start(&tools.kube).unwrap();
+    install_crd(&api, &tools);
+    default_service_account(&api);
+    let node = "worker-off";
+    api.create_node(node).unwrap();
+    create_pod(&api, "web", node);
+    let mut setup = setup_for(&api, node);
+    setup
+        .env
+        .push(("PODVISOR_DISABLE_PEERPODS".into(), "true".into()));
+    let daemon = setup.start().await;
+    let id = sandbox_id();
+    daemon
+        .create_and_start(&daemon.client().await, &id, "web", "default")
+        .await;
+    // A daemon that writes them does so within a second (the tests above):
+    // this one, given three, writes none.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(peerpods(&api).is_empty(), "{:#?}", peerpods(&api));
+    assert!(
+        daemon
+            .log_text()
+            .contains("--disable-peerpods: no PeerPod objects are written")
+    );
+    let status = daemon.get("/v1/status").await.unwrap().1;
+    assert_eq!(status["kubernetes"]["peerpods"], false, "{status}");
+}
