@@ -260,6 +260,7 @@ pub struct PodInputArgs {
         value_name = "NAMESPACE"
     )]
     pub lease_namespace: Option<String>,
+
     /// Write no PeerPod objects (confidentialcontainers.org, one per Running sandbox, owned by its pod; needs the Kubernetes API and the PeerPod CRD)
     #[arg(long = "disable-peerpods", env = "PODVISOR_DISABLE_PEERPODS", value_parser = BoolishValueParser::new())]
     pub disable_peerpods: bool,
