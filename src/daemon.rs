@@ -641,40 +641,50 @@ struct NodeGoneTasks {
 }
 
 impl NodeIntegration {
-    /// Stops collecting and gives the node-gone Lease up, and withdraws the
-    /// node's capacity, at once; waits at most 10 s for the Lease.
+    /// Stops collecting, and gives the node-gone Lease up while the node's
+    /// capacity is withdrawn: both within 5 s (each bounds its own
+    /// requests), so the drain's budget (`terminationGracePeriodSeconds`
+    /// above the drain + 5 s) holds. A delete the collector had in flight
+    /// is cut off: deletes are idempotent, and the next holder repeats it.
     async fn shut_down(self) {
-        // First told: the collector stops before its next delete, and the
-        // Lease's release runs beside the capacity's withdrawal.
-        if let Some(tasks) = &self.node_gone {
-            tasks.stop.send_replace(true);
-        }
-        if let Some((capacity, task)) = self.capacity {
-            // Its own checks stopped first, or one could set the capacity
-            // again between the withdrawal's two patches.
-            task.abort();
-            let _ = task.await;
-            withdraw_capacity(&capacity).await;
-        }
-        if let Some(NodeGoneTasks {
-            lease, collector, ..
-        }) = self.node_gone
-        {
-            for (what, mut task) in [
-                ("the node-gone Lease", lease),
-                ("the node-gone collector", collector),
-            ] {
-                // The Lease's task gives it up within 5 s of its own; a
-                // delete in flight is the provider's, bounded by its policy.
-                if tokio::time::timeout(Duration::from_secs(10), &mut task)
+        let (stop_lease, lease) = match self.node_gone {
+            Some(NodeGoneTasks {
+                stop,
+                lease,
+                collector,
+            }) => {
+                stop.send_replace(true);
+                collector.abort();
+                let _ = collector.await;
+                (Some(stop), Some(lease))
+            }
+            None => (None, None),
+        };
+        let capacity = async {
+            if let Some((capacity, task)) = self.capacity {
+                // Its own checks stopped first, or one could set the
+                // capacity again between the withdrawal's two patches.
+                task.abort();
+                let _ = task.await;
+                withdraw_capacity(&capacity).await;
+            }
+        };
+        let lease = async {
+            if let Some(mut task) = lease {
+                // The task gives the Lease up within 5 s of its own.
+                if tokio::time::timeout(Duration::from_secs(6), &mut task)
                     .await
                     .is_err()
                 {
-                    tracing::warn!("shutdown: {what} did not stop within 10 s; stopped");
+                    tracing::warn!(
+                        "shutdown: the node-gone Lease's task did not stop within 6 s; stopped"
+                    );
                     task.abort();
                 }
             }
-        }
+        };
+        tokio::join!(capacity, lease);
+        drop(stop_lease);
     }
 }
 

@@ -303,8 +303,9 @@ fn pem_certificates(pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     Ok(certs)
 }
 
-/// Counts one API request by `verb` (`get`, `list`, `patch`, `delete`) and outcome
-/// (`ok`, `not_found`, `error`), and passes its result on.
+/// Counts one API request by `verb` (`get`, `list`, `patch`, `create`,
+/// `update`, `delete`) and outcome (`ok`, `not_found`, `error`), and
+/// passes its result on.
 ///
 /// # Errors
 /// `result`'s error, unchanged.

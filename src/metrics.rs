@@ -68,7 +68,7 @@ pub const CONNECTION_ACCEPT_ERRORS: &str = "podvisor_connection_accept_errors_to
 pub const CONNECTIONS_OPEN: &str = "podvisor_connections_open";
 
 /// Counter: Kubernetes API requests (`verb`: `get`, `list`, `patch`,
-/// `delete`; `outcome`: `ok`, `not_found`, `error`).
+/// `create`, `update`, `delete`; `outcome`: `ok`, `not_found`, `error`).
 pub const KUBE_API_REQUESTS: &str = "podvisor_kube_api_requests_total";
 /// Counter: sandboxes stopped because their pod was gone from the node for
 /// longer than `--stale-sandbox-grace`.
