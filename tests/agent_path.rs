@@ -450,17 +450,7 @@ async fn a_client_without_our_certificate_is_refused_by_the_forwarder() {
     let (_agent, _server) = serve_agent(&agent_socket).await;
     let daemon = setup.start().await;
     let (id, _, instance) = running_sandbox(&daemon).await;
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            setup
-                .local_dir()
-                .join("instances")
-                .join(&instance)
-                .join("instance.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let v = instance_json(&setup.local_dir(), &instance).expect("the instance's instance.json");
     let addr: std::net::SocketAddr = format!("{}:{}", v["ip"].as_str().unwrap(), v["port"])
         .parse()
         .unwrap();

@@ -418,17 +418,7 @@ async fn a_wrong_node_name_stops_nothing() {
         .as_str()
         .unwrap()
         .to_owned();
-    let stored: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            setup
-                .local_dir()
-                .join("instances")
-                .join(&instance)
-                .join("instance.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let stored = instance_json(&setup.local_dir(), &instance).expect("the pod VM's instance.json");
     assert_eq!(
         stored["tags"]["podvisor.io/node"], "no-such-node",
         "{stored}"

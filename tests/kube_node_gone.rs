@@ -125,9 +125,7 @@ async fn knows_the_cluster(daemon: &Daemon, uid: &str) {
 
 /// The tags of instance `id` in the local provider directory `local`.
 fn tags(local: &std::path::Path, id: &str) -> Value {
-    let text =
-        std::fs::read_to_string(local.join("instances").join(id).join("instance.json")).unwrap();
-    serde_json::from_str::<Value>(&text).unwrap()["tags"].clone()
+    instance_json(local, id).expect("the instance's instance.json")["tags"].clone()
 }
 
 /// Creates and starts `n` sandboxes on `daemon`: their instance ids.

@@ -551,8 +551,9 @@ pub fn rpc_error(e: ttrpc::Error) -> (ttrpc::Code, String) {
     }
 }
 
-/// The forwarder process of a local instance, from its instance.json.
-pub fn instance_pid(local_dir: &Path, instance_id: &str) -> Option<u32> {
+/// What the local provider stores of an instance (its `instance.json`:
+/// pid, ip, port, tags, ...), `None` when it has no readable one.
+pub fn instance_json(local_dir: &Path, instance_id: &str) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(
         local_dir
             .join("instances")
@@ -560,8 +561,14 @@ pub fn instance_pid(local_dir: &Path, instance_id: &str) -> Option<u32> {
             .join("instance.json"),
     )
     .ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["pid"].as_u64().map(|p| p as u32)
+    serde_json::from_str(&text).ok()
+}
+
+/// The forwarder process of a local instance, from its instance.json.
+pub fn instance_pid(local_dir: &Path, instance_id: &str) -> Option<u32> {
+    instance_json(local_dir, instance_id)?["pid"]
+        .as_u64()
+        .map(|p| p as u32)
 }
 
 /// True if the process runs (not a zombie).
