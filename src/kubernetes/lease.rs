@@ -44,8 +44,6 @@ pub struct Lease {
     duration: Duration,
     /// The last record read and when this daemon first saw it.
     observed: Option<(String, Instant)>,
-    /// Whether the last try made or kept this daemon the holder.
-    held: bool,
 }
 
 impl std::fmt::Debug for Lease {
@@ -55,7 +53,6 @@ impl std::fmt::Debug for Lease {
             .field("namespace", &self.namespace)
             .field("identity", &self.identity)
             .field("duration", &self.duration)
-            .field("held", &self.held)
             .finish_non_exhaustive()
     }
 }
@@ -77,7 +74,6 @@ impl Lease {
             identity,
             duration: Duration::from_secs(duration.as_secs().max(1)),
             observed: None,
-            held: false,
         }
     }
 
@@ -102,12 +98,6 @@ impl Lease {
     /// # Errors
     /// The API's error as text; this daemon does not hold the Lease then.
     pub async fn try_acquire_or_renew(&mut self, now: Instant) -> Result<bool, String> {
-        let result = self.attempt(now).await;
-        self.held = matches!(result, Ok(true));
-        result
-    }
-
-    async fn attempt(&mut self, now: Instant) -> Result<bool, String> {
         let what = self.what();
         let stamp = MicroTime(Timestamp::now());
         let seconds = i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX);
@@ -192,8 +182,7 @@ impl Lease {
     ///
     /// # Errors
     /// The API's error as text (the Lease then expires on its own).
-    pub async fn release(&mut self) -> Result<bool, String> {
-        self.held = false;
+    pub async fn release(&self) -> Result<bool, String> {
         let what = self.what();
         let Some(mut lease) = observe_opt("get", self.api.get_opt(&self.name).await)
             .map_err(|e| format!("GET {what}: {e}"))?
