@@ -87,6 +87,23 @@ async fn startup_waits_for_a_create_recovery_adopted_until_it_is_running() {
     );
     let mut daemon = setup.start().await;
     let (id, _starting) = daemon.start_until_creating("slow").await;
+    // Killed once the instance exists with its (slow) forwarder started, so
+    // recovery finds and adopts it. Killed earlier (the record is Creating
+    // a moment before the provider writes the instance), recovery would
+    // re-create it and wait on the slow forwarder before `/readyz`.
+    let local_dir = setup.local_dir();
+    eventually(
+        "the local instance's forwarder to be started",
+        Duration::from_secs(10),
+        async || {
+            let entries = std::fs::read_dir(local_dir.join("instances")).ok()?;
+            entries
+                .flatten()
+                .any(|e| instance_pid(&local_dir, &e.file_name().to_string_lossy()).is_some())
+                .then_some(())
+        },
+    )
+    .await;
     daemon.kill9();
 
     let daemon = setup.start().await;
