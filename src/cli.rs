@@ -297,6 +297,9 @@ pub struct TunnelArgs {
     pub host_interface: Option<String>,
 }
 
+/// The largest VXLAN network identifier: VNIs are 24 bits (RFC 7348 §5).
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+
 /// The reference's pod VM flags: what every pod VM gets, how many may run,
 /// and whether the provider's configuration must verify before any is
 /// made.
@@ -335,6 +338,37 @@ pub struct PodVmArgs {
         value_name = "LIST"
     )]
     pub pod_subnet_cidrs: Option<String>,
+}
+
+impl PodVmArgs {
+    /// `--pod-subnet-cidrs` parsed: comma-separated IPv4 CIDRs, spaces
+    /// around each ignored and empty items skipped (the reference splits on
+    /// `,` and trims: CAA `pkg/podnetwork/tunneler/config.go`).
+    ///
+    /// # Errors
+    /// The first item that is not an IPv4 prefix (`10.244.0.0/16`), or one
+    /// with host bits set.
+    pub fn pod_subnets(&self) -> Result<Vec<ipnet::Ipv4Net>, String> {
+        let Some(list) = &self.pod_subnet_cidrs else {
+            return Ok(Vec::new());
+        };
+        list.split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(|item| {
+                let net: ipnet::Ipv4Net = item
+                    .parse()
+                    .map_err(|_| format!("'{item}' is not an IPv4 CIDR such as 10.244.0.0/16"))?;
+                if net.trunc() != net {
+                    return Err(format!(
+                        "'{item}' has host bits set (the subnet is {})",
+                        net.trunc()
+                    ));
+                }
+                Ok(net)
+            })
+            .collect()
+    }
 }
 
 /// The operator's endpoints: admin HTTP, and gRPC over TCP and on a unix
@@ -863,6 +897,34 @@ fn validate(g: &GlobalArgs) -> Result<(), ConfigError> {
             ),
         ));
     }
+    if !(1..=MAX_VNI).contains(&g.tunnel.vxlan_min_id) {
+        return Err(ConfigError::flag(
+            "vxlan-min-id",
+            None,
+            format!(
+                "{} is not a VXLAN network identifier (1 to {MAX_VNI}: 24 bits, RFC 7348)",
+                g.tunnel.vxlan_min_id
+            ),
+        ));
+    }
+    if g.tunnel.vxlan_port == 0 {
+        return Err(ConfigError::flag(
+            "vxlan-port",
+            Some("VXLAN_PORT"),
+            "0 is not a UDP port",
+        ));
+    }
+    if g.pod_vms.ext_network_via_podvm {
+        return Err(ConfigError::flag(
+            "ext-network-via-podvm",
+            Some("EXTERNAL_NETWORK_VIA_PODVM"),
+            "routing the pod's external traffic through the pod VM (experimental in the \
+             reference) is not supported: unset it or set it to false",
+        ));
+    }
+    g.pod_vms
+        .pod_subnets()
+        .map_err(|e| ConfigError::flag("pod-subnet-cidrs", Some("POD_SUBNET_CIDRS"), e))?;
     for (rate, flag, env) in [
         (
             g.provider_calls.provider_rate,
@@ -1393,6 +1455,21 @@ mod tests {
                 .contains("--tls-min-version (TLS_MIN_VERSION)")
         );
         assert!(err(&["--tunnel-type", "geneve", "local"]).contains("--tunnel-type (TUNNEL_TYPE)"));
+        assert!(err(&["--vxlan-min-id", "16777216", "local"]).contains("--vxlan-min-id"));
+        assert!(err(&["--vxlan-min-id", "0", "local"]).contains("--vxlan-min-id"));
+        assert!(err(&["--vxlan-port", "0", "local"]).contains("--vxlan-port (VXLAN_PORT)"));
+        assert!(
+            err(&["--ext-network-via-podvm", "local"])
+                .contains("--ext-network-via-podvm (EXTERNAL_NETWORK_VIA_PODVM)")
+        );
+        assert!(
+            err(&["--pod-subnet-cidrs", "10.0.0.0/8,10.1.2.3/16", "local"])
+                .contains("'10.1.2.3/16' has host bits set")
+        );
+        assert!(
+            err(&["--pod-subnet-cidrs", "fd00::/64", "local"])
+                .contains("--pod-subnet-cidrs (POD_SUBNET_CIDRS)")
+        );
         assert!(err(&["--provider-rate", "0", "local"]).contains("--provider-rate"));
         assert!(err(&["--initdata", "%%%", "local"]).contains("--initdata (INITDATA)"));
         assert!(err(&["--cert-file", "/x", "local"]).contains("go together"));
