@@ -10,6 +10,7 @@
 //! declared, the reference's flags first. Nothing here names a provider:
 //! each declares its own defaults ([`CloudManager::default_call_limits`]).
 
+use crate::network::vni::MAX_VNI;
 use clap::builder::BoolishValueParser;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use podvisor_providers::duration::parse_duration;
@@ -296,9 +297,6 @@ pub struct TunnelArgs {
     #[arg(long = "host-interface", value_name = "NAME")]
     pub host_interface: Option<String>,
 }
-
-/// The largest VXLAN network identifier: VNIs are 24 bits (RFC 7348 §5).
-pub const MAX_VNI: u32 = (1 << 24) - 1;
 
 /// The reference's pod VM flags: what every pod VM gets, how many may run,
 /// and whether the provider's configuration must verify before any is

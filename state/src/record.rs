@@ -71,6 +71,12 @@ pub struct InstanceRecord {
     /// The pod's network namespace path as CreateVM sent it.
     #[serde(default)]
     pub network_namespace_path: String,
+    /// The VXLAN network identifier of the pod's tunnel, allocated when
+    /// CreateVM recorded the sandbox and kept until the record is gone, so
+    /// retries and recovery reuse it and no two live sandboxes share one.
+    /// `None`: the sandbox has no tunnel (or was recorded before VNIs were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
     /// What the pod asked for.
     #[serde(default)]
     pub spec: InstanceSpec,
@@ -120,6 +126,7 @@ impl InstanceRecord {
             pod_name: pod_name.to_owned(),
             pod_namespace: pod_namespace.to_owned(),
             network_namespace_path: String::new(),
+            vni: None,
             spec,
             initdata: None,
             state: State::Pending,
@@ -213,12 +220,23 @@ mod tests {
         );
         r.state = State::Running;
         r.generation = 1;
+        r.vni = Some(555_001);
         r.token = Some(naming::idempotency_token("abc123", 1));
         r.instance = Some(InstanceRef {
             id: "i-1".into(),
             ips: vec!["127.0.0.2".parse().unwrap()],
         });
         r
+    }
+
+    #[test]
+    fn a_record_written_before_vnis_reads_as_one_without_a_tunnel() {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().encode()).unwrap();
+        assert_eq!(v["vni"], 555_001);
+        v.as_object_mut().unwrap().remove("vni");
+        let r = InstanceRecord::decode(&serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(r.vni, None);
+        assert!(!String::from_utf8(r.encode()).unwrap().contains("vni"));
     }
 
     #[test]
