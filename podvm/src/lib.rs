@@ -15,6 +15,7 @@
 
 pub mod forwarder;
 pub mod initdata;
+pub mod network;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;

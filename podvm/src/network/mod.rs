@@ -1,0 +1,3 @@
+//! The pod VM side of the pod network.
+
+pub mod config;
