@@ -8,6 +8,8 @@
 //!   the initdata digest.
 //! - [`initdata`]: the initdata document in its three forms (raw TOML,
 //!   gzip + base64, parsed with its digest).
+//! - [`network`]: pod networking primitives shared with the worker side
+//!   (running work inside a network namespace).
 //! - [`tls`]: the TLS policy (least version, cipher suites) both ends of
 //!   the agent path share.
 //! - `testing` (feature `testing`): test support for other crates' tests:
