@@ -511,7 +511,10 @@ async fn bad_input_is_a_clear_error_and_leaves_nothing() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("already exists"), "{err}");
+    assert!(
+        err.contains("already exists and is not a network namespace"),
+        "{err}"
+    );
     assert!(lab.pod_path().exists());
     std::fs::remove_file(lab.pod_path()).unwrap();
     lab.assert_nothing_left(&[]);
@@ -520,6 +523,43 @@ async fn bad_input_is_a_clear_error_and_leaves_nothing() {
     node.setup(&flannel_like(1500)).await.unwrap();
     assert_pod_answers_ping(&lab);
     node.teardown(&flannel_like(1500)).await.unwrap();
+    lab.assert_nothing_left(&[]);
+}
+
+#[tokio::test]
+async fn an_empty_namespace_made_beforehand_is_used_and_left_in_place() {
+    if !namespaces_available() {
+        return;
+    }
+    // As CAA's image does (netns@podns.service: `ip netns add podns`).
+    let lab = Lab::new();
+    ip(&["netns", "add", &lab.pod]);
+    let node = lab.node();
+    let pn = flannel_like(1500);
+    node.setup(&pn).await.unwrap();
+    assert_pod_answers_ping(&lab);
+    node.teardown(&pn).await.unwrap();
+    assert!(
+        lab.pod_path().exists(),
+        "a namespace made beforehand is left"
+    );
+    let links = ip_out(&["-n", &lab.pod, "-o", "link", "show"]);
+    assert_eq!(links.lines().count(), 1, "only lo is left in it: {links}");
+    ip(&["netns", "del", &lab.pod]);
+    lab.assert_nothing_left(&[]);
+
+    // One that holds an interface already is refused and left as it was.
+    ip(&["netns", "add", &lab.pod]);
+    ip(&[
+        "-n", &lab.pod, "link", "add", "d0", "type", "veth", "peer", "name", "d1",
+    ]);
+    let err = node.setup(&pn).await.unwrap_err().to_string();
+    assert!(
+        err.contains("already exists and holds 3 interfaces, not only lo"),
+        "{err}"
+    );
+    assert!(ip_out(&["-n", &lab.pod, "link", "show", "d0"]).contains("d0"));
+    ip(&["netns", "del", &lab.pod]);
     lab.assert_nothing_left(&[]);
 }
 

@@ -4,8 +4,11 @@
 //! What [`PodNode::setup`] builds, in CAA's order (`pkg/podnetwork/podnode.go`
 //! and `pkg/podnetwork/tunneler/vxlan/podnode.go`, run by CAA's forwarder):
 //!
-//! 1. the pod namespace, bind-mounted at its path (CAA's image makes it with
-//!    `ip netns add podns`; here the forwarder makes it), its `lo` up;
+//! 1. the pod namespace, bind-mounted at its path, its `lo` up. CAA's image
+//!    makes it before the forwarder starts (`netns@podns.service`: `ip netns
+//!    add podns`, and the kata agent's unit enters it): a namespace already
+//!    mounted there that holds nothing but `lo` is used as it is, and left
+//!    in place by teardown; anything else at the path is refused;
 //! 2. in the VM's own namespace, raw-table `NOTRACK` rules for the tunnel's
 //!    UDP to and from the worker (chains `peerpod-OUTPUT`,
 //!    `peerpod-PREROUTING`, comment `peerpod [vni:N]`, CAA's `iptables.go`);
@@ -90,11 +93,17 @@ pub enum PodNetworkError {
         /// What is wrong with it, as the end of a sentence.
         why: String,
     },
-    /// Something is already at the pod namespace's path.
+    /// Something other than an empty network namespace is already at the
+    /// pod namespace's path.
     #[error(
-        "The pod network namespace {0} already exists (a previous run's? its teardown removes it)"
+        "The pod network namespace {path} already exists and {why} (a previous run's? its teardown removes it)"
     )]
-    NamespaceExists(PathBuf),
+    NamespaceExists {
+        /// Its path.
+        path: PathBuf,
+        /// Why it cannot be used, as the end of a sentence.
+        why: String,
+    },
     /// The pod namespace could not be made or removed.
     #[error("Cannot {action} the pod network namespace {path}: {source}")]
     Namespace {
@@ -468,6 +477,9 @@ pub struct PodNode {
     vm: Netns,
     /// Where the pod namespace is bind-mounted.
     pod_path: PathBuf,
+    /// The last setup found the namespace already made (by the image, as
+    /// CAA's `netns@podns` unit does) and used it: teardown leaves it.
+    adopted: std::sync::atomic::AtomicBool,
 }
 
 impl PodNode {
@@ -489,6 +501,7 @@ impl PodNode {
         Self {
             vm,
             pod_path: pod_netns.into(),
+            adopted: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -512,7 +525,9 @@ impl PodNode {
     /// [`PodNetworkError::Invalid`] (no pod IP or worker IP, a bad MAC, an
     /// MTU below [`MIN_MTU`], no VNI or port, an IPv6 address, a route
     /// destination with host bits, a neighbour without IP, MAC, device or
-    /// state), [`PodNetworkError::NamespaceExists`]. While building:
+    /// state). While building: [`PodNetworkError::NamespaceExists`] (the
+    /// path holds a file that is not a namespace, or a namespace with
+    /// interfaces besides `lo`),
     /// [`PodNetworkError::Namespace`], [`PodNetworkError::Iptables`],
     /// [`PodNetworkError::Netlink`] (e.g. a device with this VNI and port
     /// already exists, a route's gateway is unreachable or its device is
@@ -534,8 +549,20 @@ impl PodNode {
     }
 
     async fn build(&self, plan: &Plan, made: &mut Made) -> Result<(), PodNetworkError> {
-        let pod_fd = create_namespace(&self.pod_path)?;
-        made.namespace = true;
+        let pod_fd = match create_namespace(&self.pod_path) {
+            Ok(fd) => {
+                made.namespace = true;
+                fd
+            }
+            Err(PodNetworkError::NamespaceExists { .. })
+                if is_mounted_namespace(&self.pod_path) =>
+            {
+                self.adopt_namespace().await?
+            }
+            Err(e) => return Err(e),
+        };
+        self.adopted
+            .store(!made.namespace, std::sync::atomic::Ordering::Relaxed);
         let pod = Netns::open(&self.pod_path)?.netlink()?;
         link_up(&pod, "lo").await?;
 
@@ -638,6 +665,36 @@ impl PodNode {
         Ok(())
     }
 
+    /// Opens a namespace already mounted at the path (CAA's image makes
+    /// `/run/netns/podns` with `ip netns add` before the kata agent starts
+    /// in it), if it holds nothing but `lo`.
+    async fn adopt_namespace(&self) -> Result<File, PodNetworkError> {
+        let file = File::open(&self.pod_path).map_err(|source| PodNetworkError::Namespace {
+            action: "open",
+            path: self.pod_path.clone(),
+            source,
+        })?;
+        let handle = Netns::open(&self.pod_path)?.netlink()?;
+        let links: Vec<_> = handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink(format!(
+                "list the interfaces of {}",
+                self.pod_path.display()
+            )))?;
+        if links.len() > 1 {
+            return Err(PodNetworkError::NamespaceExists {
+                path: self.pod_path.clone(),
+                why: format!("holds {} interfaces, not only lo", links.len()),
+            });
+        }
+        tracing::info!(netns = %self.pod_path.display(), "using the pod network namespace already made");
+        Ok(file)
+    }
+
     /// Undoes what a failed setup made, in reverse.
     async fn undo(&self, plan: &Plan, made: Made) -> Result<(), PodNetworkError> {
         let mut first_error = None;
@@ -700,7 +757,8 @@ impl PodNode {
     }
 
     /// Removes the pod network `config` describes: the pod namespace (and
-    /// the tunnel device in it), a device left in the VM's namespace by an
+    /// the tunnel device in it; a namespace that this node's setup found
+    /// already made keeps its bind mount), a device left in the VM's namespace by an
     /// interrupted setup, and the NOTRACK rules (each chain too once
     /// empty). Idempotent: what is already gone is skipped, so it may run
     /// after a crash, twice, or with no setup before. Must run inside a
@@ -726,7 +784,9 @@ impl PodNode {
                     .map_err(netlink(format!("delete {}", plan.interface)))?;
             }
         }
-        remove_namespace(&self.pod_path).await?;
+        if !self.adopted.load(std::sync::atomic::Ordering::Relaxed) {
+            remove_namespace(&self.pod_path).await?;
+        }
         let vm = self.vm.netlink()?;
         if let Some(index) = find_link(&vm, &plan.transient_name()).await? {
             vm.link()
@@ -751,14 +811,16 @@ impl PodNode {
     /// in `made` what this call added.
     fn add_notrack_rules(&self, plan: &Plan, made: &mut Made) -> Result<(), PodNetworkError> {
         for (base, chain) in CHAINS {
-            if !self.iptables(&["-S".into(), chain.into()])? {
+            let created = !self.iptables(&["-S".into(), chain.into()])?;
+            if created {
                 self.iptables_ok(&["-N".into(), chain.into()])?;
                 made.chains.push((base, chain));
                 self.iptables_ok(&["-A".into(), base.into(), "-j".into(), chain.into()])?;
             }
             let mut rule = vec!["-C".to_owned(), chain.to_owned()];
             rule.extend(plan.notrack_rule(chain));
-            if !self.iptables(&rule)? {
+            // A chain just made is empty: no need to look for the rule.
+            if created || !self.iptables(&rule)? {
                 rule[0] = "-A".to_owned();
                 self.iptables_ok(&rule)?;
                 made.rules.push(chain);
@@ -955,7 +1017,10 @@ fn create_namespace(path: &Path) -> Result<File, PodNetworkError> {
     {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(PodNetworkError::NamespaceExists(path.to_owned()));
+            return Err(PodNetworkError::NamespaceExists {
+                path: path.to_owned(),
+                why: "is not a network namespace".to_owned(),
+            });
         }
         Err(e) => return Err(fail("create", e)),
     }
