@@ -459,8 +459,9 @@ struct Made {
     chains: Vec<(&'static str, &'static str)>,
     /// NOTRACK rules this setup appended, by chain.
     rules: Vec<&'static str>,
-    /// The VXLAN device while still in the VM's namespace (its index).
-    vm_device: Option<u32>,
+    /// The VXLAN device this setup made, while still in the VM's namespace
+    /// (under its transient name).
+    vm_device: bool,
     /// The VXLAN device once in the pod namespace (its index there): it is
     /// deleted before the namespace, since a namespace is destroyed
     /// asynchronously and the device's socket (holding the VNI and port in
@@ -587,8 +588,8 @@ impl PodNode {
                 plan.worker,
                 self.vm.path().display()
             )))?;
+        made.vm_device = true;
         let index = link_index(&vm, &transient).await?;
-        made.vm_device = Some(index);
         vm.link()
             .set(
                 LinkUnspec::new_with_index(index)
@@ -601,7 +602,7 @@ impl PodNode {
                 "move {transient} into the pod namespace {}",
                 self.pod_path.display()
             )))?;
-        made.vm_device = None;
+        made.vm_device = false;
         drop(vm);
 
         let index = link_index(&pod, &transient).await?;
@@ -717,14 +718,18 @@ impl PodNode {
                 first_error.get_or_insert(e);
             }
         }
-        if let Some(index) = made.vm_device {
+        if made.vm_device {
             let result = async {
                 let vm = self.vm.netlink()?;
-                vm.link()
-                    .del(index)
-                    .execute()
-                    .await
-                    .map_err(netlink(format!("delete {}", plan.transient_name())))
+                match find_link(&vm, &plan.transient_name()).await? {
+                    Some(index) => vm
+                        .link()
+                        .del(index)
+                        .execute()
+                        .await
+                        .map_err(netlink(format!("delete {}", plan.transient_name()))),
+                    None => Ok(()),
+                }
             }
             .await;
             if let Err(e) = result {
