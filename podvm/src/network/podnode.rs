@@ -754,7 +754,7 @@ impl PodNode {
             }
         }
         if made.namespace
-            && let Err(e) = remove_namespace(&self.pod_path).await
+            && let Err(e) = remove_namespace(&self.pod_path)
         {
             first_error.get_or_insert(e);
         }
@@ -790,7 +790,7 @@ impl PodNode {
             }
         }
         if !self.adopted.load(std::sync::atomic::Ordering::Relaxed) {
-            remove_namespace(&self.pod_path).await?;
+            remove_namespace(&self.pod_path)?;
         }
         let vm = self.vm.netlink()?;
         if let Some(index) = find_link(&vm, &plan.transient_name()).await? {
@@ -1065,6 +1065,7 @@ fn is_mounted_namespace(path: &Path) -> bool {
     // NSFS_MAGIC from linux/magic.h.
     const NSFS_MAGIC: i64 = 0x6e73_6673;
     nix::sys::statfs::statfs(path).is_ok_and(|s| {
+        // `f_type`'s width and sign differ by architecture (s390x's is u32).
         #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
         let kind = s.filesystem_type().0 as i64;
         kind == NSFS_MAGIC
@@ -1072,7 +1073,7 @@ fn is_mounted_namespace(path: &Path) -> bool {
 }
 
 /// Unmounts and removes the namespace file at `path`; absent is fine.
-async fn remove_namespace(path: &Path) -> Result<(), PodNetworkError> {
+fn remove_namespace(path: &Path) -> Result<(), PodNetworkError> {
     let fail = |action, source| PodNetworkError::Namespace {
         action,
         path: path.to_owned(),
