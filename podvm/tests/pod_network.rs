@@ -481,7 +481,7 @@ async fn bad_input_is_a_clear_error_and_leaves_nothing() {
     for (change, want) in cases {
         let mut pn = flannel_like(1500);
         change(&mut pn);
-        let err = node.setup(&pn).await.unwrap_err().to_string();
+        let err = node.setup(&pn).await.unwrap_err().report();
         assert!(err.contains(want), "want {want:?} in {err:?}");
         lab.assert_nothing_left(&[]);
     }
@@ -492,11 +492,7 @@ async fn bad_input_is_a_clear_error_and_leaves_nothing() {
         "-n", &lab.vm, "link", "add", "taken", "type", "vxlan", "id", &vni, "dstport", &port,
         "remote", WORKER_IP,
     ]);
-    let err = node
-        .setup(&flannel_like(1500))
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = node.setup(&flannel_like(1500)).await.unwrap_err().report();
     assert!(
         err.contains("create the VXLAN device") && err.contains("exists"),
         "{err}"
@@ -506,11 +502,7 @@ async fn bad_input_is_a_clear_error_and_leaves_nothing() {
 
     // Something already at the namespace's path is not ours to remove.
     std::fs::write(lab.pod_path(), b"").unwrap();
-    let err = node
-        .setup(&flannel_like(1500))
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = node.setup(&flannel_like(1500)).await.unwrap_err().report();
     assert!(
         err.contains("already exists and is not a network namespace"),
         "{err}"
@@ -553,7 +545,7 @@ async fn an_empty_namespace_made_beforehand_is_used_and_left_in_place() {
     ip(&[
         "-n", &lab.pod, "link", "add", "d0", "type", "veth", "peer", "name", "d1",
     ]);
-    let err = node.setup(&pn).await.unwrap_err().to_string();
+    let err = node.setup(&pn).await.unwrap_err().report();
     assert!(
         err.contains("already exists and holds 3 interfaces, not only lo"),
         "{err}"

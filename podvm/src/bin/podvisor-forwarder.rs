@@ -96,6 +96,7 @@ fn main() -> ExitCode {
             Some(pn) => match build_pod_network(&args.pod_netns, pn).await {
                 Ok(node) => Some(node),
                 Err(e) => {
+                    let e = e.report();
                     tracing::error!(netns = %args.pod_netns.display(), error = %e, "cannot build the pod network");
                     eprintln!("podvisor-forwarder: pod network: {e}");
                     return ExitCode::FAILURE;
@@ -108,7 +109,7 @@ fn main() -> ExitCode {
             match node.teardown(&pn).await {
                 Ok(()) => tracing::info!(netns = %node.pod_netns().display(), "pod network removed"),
                 Err(e) => {
-                    tracing::error!(netns = %node.pod_netns().display(), error = %e, "cannot remove the pod network");
+                    tracing::error!(netns = %node.pod_netns().display(), error = %e.report(), "cannot remove the pod network");
                     return ExitCode::FAILURE;
                 }
             }

@@ -105,7 +105,7 @@ pub enum PodNetworkError {
         why: String,
     },
     /// The pod namespace could not be made or removed.
-    #[error("Cannot {action} the pod network namespace {path}: {source}")]
+    #[error("Cannot {action} the pod network namespace {path}")]
     Namespace {
         /// `create`, `mount`, `remove`, …
         action: &'static str,
@@ -118,7 +118,7 @@ pub enum PodNetworkError {
     #[error(transparent)]
     Netns(#[from] NetnsError),
     /// The kernel refused a netlink request.
-    #[error("Cannot {what}: {source}")]
+    #[error("Cannot {what}")]
     Netlink {
         /// The request, naming the device or route.
         what: String,
@@ -134,13 +134,29 @@ pub enum PodNetworkError {
         why: String,
     },
     /// The setup failed, and so did part of undoing it.
-    #[error("{error}; undoing the setup also failed: {undo}")]
+    #[error("{}; undoing the setup also failed: {}", error.report(), undo.report())]
     UndoFailed {
         /// Why the setup failed.
         error: Box<PodNetworkError>,
         /// Why the undo failed.
         undo: Box<PodNetworkError>,
     },
+}
+
+impl PodNetworkError {
+    /// The error and its causes on one line, `error: cause: cause` (the
+    /// messages themselves do not repeat their cause).
+    #[must_use]
+    pub fn report(&self) -> String {
+        let mut line = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(e) = cause {
+            line.push_str(": ");
+            line.push_str(&e.to_string());
+            cause = e.source();
+        }
+        line
+    }
 }
 
 /// A netlink error with the request it answered.
