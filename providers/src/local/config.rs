@@ -44,6 +44,33 @@ pub struct LocalConfig {
     )]
     pub address_range: AddressRange,
 
+    /// Run each instance in a network namespace of its own, on a bridge
+    /// of this daemon's namespace, as a cloud VM on its network (needs
+    /// CAP_NET_ADMIN and CAP_SYS_ADMIN); addresses then come from
+    /// --cloud-subnet
+    #[arg(long = "netns-per-vm", env = "LOCAL_NETNS_PER_VM", value_parser = clap::builder::BoolishValueParser::new())]
+    pub netns_per_vm: bool,
+
+    /// With --netns-per-vm: the bridge the instances are plugged into
+    /// (made if missing; at most 15 characters)
+    #[arg(
+        long = "cloud-bridge",
+        env = "LOCAL_CLOUD_BRIDGE",
+        value_name = "NAME",
+        default_value = "pvcloud0"
+    )]
+    pub cloud_bridge: String,
+
+    /// With --netns-per-vm: the instances' subnet; the bridge takes its
+    /// first address, instances the others
+    #[arg(
+        long = "cloud-subnet",
+        env = "LOCAL_CLOUD_SUBNET",
+        value_name = "CIDR",
+        default_value = "192.168.222.0/24"
+    )]
+    pub cloud_subnet: ipnet::Ipv4Net,
+
     /// Simulated cloud latency of each create (Go duration)
     #[arg(
         long = "create-delay",

@@ -2,6 +2,7 @@
 
 use super::config::LocalConfig;
 use super::provider::LocalProvider;
+use super::vm_network::VmNetwork;
 use crate::error::ProviderError;
 use crate::manager::{CloudManager, ConfigError, ProviderConfig, ProviderContext};
 use crate::provider::Provider;
@@ -44,6 +45,31 @@ impl CloudManager for LocalManager {
         }
         if let Some(dir) = &config.local_dir {
             ConfigError::check_directory("local-dir", "LOCAL_DIR", dir)?;
+        }
+        let bridge = &config.cloud_bridge;
+        if bridge.is_empty()
+            || bridge.len() > 15
+            || !bridge
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(ConfigError::flag(
+                "cloud-bridge",
+                Some("LOCAL_CLOUD_BRIDGE"),
+                format!(
+                    "'{bridge}' is not an interface name (1 to 15 letters, digits, '-', '_', '.')"
+                ),
+            ));
+        }
+        let subnet = config.cloud_subnet;
+        if !(8..=29).contains(&subnet.prefix_len()) || subnet.addr().is_loopback() {
+            return Err(ConfigError::flag(
+                "cloud-subnet",
+                Some("LOCAL_CLOUD_SUBNET"),
+                format!(
+                    "{subnet} must be a /8 to /29 outside 127.0.0.0/8 (the bridge and its instances' link)"
+                ),
+            ));
         }
         Ok(Box::new(config))
     }
@@ -92,6 +118,9 @@ impl ProviderConfig for LocalConfig {
             "create_delay_ms": self.create_delay.as_millis() as u64,
             "delete_delay_ms": self.delete_delay.as_millis() as u64,
             "lookup_delay_ms": self.lookup_delay.as_millis() as u64,
+            "netns_per_vm": self.netns_per_vm,
+            "cloud_bridge": self.cloud_bridge,
+            "cloud_subnet": self.cloud_subnet.trunc().to_string(),
         })
     }
 
@@ -113,6 +142,11 @@ impl ProviderConfig for LocalConfig {
             .with_address_range(self.address_range)
             .with_delays(self.create_delay, self.delete_delay)
             .with_lookup_delay(self.lookup_delay);
+        let provider = if self.netns_per_vm {
+            provider.with_vm_network(VmNetwork::new(self.cloud_bridge.clone(), self.cloud_subnet))
+        } else {
+            provider
+        };
         Ok(Arc::new(provider))
     }
 }
@@ -162,5 +196,23 @@ mod tests {
             .unwrap_err()
             .message;
         assert!(err.starts_with("--local-dir (LOCAL_DIR):"), "{err}");
+        let err = configure(&["--cloud-bridge", "a-name-far-too-long"])
+            .unwrap_err()
+            .message;
+        assert!(
+            err.starts_with("--cloud-bridge (LOCAL_CLOUD_BRIDGE):"),
+            "{err}"
+        );
+        let err = configure(&["--cloud-subnet", "127.5.0.0/16"])
+            .unwrap_err()
+            .message;
+        assert!(
+            err.starts_with("--cloud-subnet (LOCAL_CLOUD_SUBNET):"),
+            "{err}"
+        );
+        let err = configure(&["--cloud-subnet", "10.0.0.0/30"])
+            .unwrap_err()
+            .message;
+        assert!(err.contains("/8 to /29"), "{err}");
     }
 }

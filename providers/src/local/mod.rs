@@ -7,7 +7,9 @@
 mod config;
 mod manager;
 mod provider;
+mod vm_network;
 
 pub use config::{AddressRange, LocalConfig};
 pub use manager::LocalManager;
 pub use provider::{LocalProvider, instance_id_for_token};
+pub use vm_network::VmNetwork;

@@ -8,6 +8,7 @@
 //! finds the first instance instead of making another.
 
 use super::config::AddressRange;
+use super::vm_network::{POD_NETNS_FILE, VmNetwork};
 use crate::error::ProviderError;
 use crate::provider::{CreateRequest, Instance, InstanceStatus, Provider};
 use async_trait::async_trait;
@@ -68,6 +69,9 @@ pub struct LocalProvider {
     lookup_delay: Duration,
     /// Serializes address allocation so concurrent creates never share one.
     allocation: Mutex<()>,
+    /// `--netns-per-vm`: each instance in its own network namespace on
+    /// this "cloud" network, instead of on a loopback address.
+    vm_network: Option<VmNetwork>,
 }
 
 /// The instance id the local provider gives the instance of `token`.
@@ -124,6 +128,7 @@ impl LocalProvider {
             delete_delay: Duration::ZERO,
             lookup_delay: Duration::ZERO,
             allocation: Mutex::new(()),
+            vm_network: None,
         })
     }
 
@@ -149,6 +154,13 @@ impl LocalProvider {
     /// Sets the simulated latency of lookups and listings.
     pub fn with_lookup_delay(mut self, lookup: Duration) -> Self {
         self.lookup_delay = lookup;
+        self
+    }
+
+    /// Runs every instance in a network namespace of its own, plugged into
+    /// `network`'s bridge, with addresses from its subnet.
+    pub fn with_vm_network(mut self, network: VmNetwork) -> Self {
+        self.vm_network = Some(network);
         self
     }
 
@@ -228,8 +240,12 @@ impl LocalProvider {
     ) -> Option<Ipv4Addr> {
         let digest = Sha256::digest(token.as_bytes());
         let start = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
-        (0..self.range.usable().min(1 << 16))
-            .map(|i| self.range.nth(start.wrapping_add(i)))
+        let (usable, nth): (u32, &dyn Fn(u32) -> Ipv4Addr) = match &self.vm_network {
+            Some(net) => (net.usable(), &|n| net.nth(n)),
+            None => (self.range.usable(), &|n| self.range.nth(n)),
+        };
+        (0..usable.min(1 << 16))
+            .map(|i| nth(start.wrapping_add(i)))
             .find(|ip| !used.contains(ip) && !skip.contains(ip))
     }
 
@@ -266,7 +282,8 @@ impl LocalProvider {
         for pid in instance_processes(&file.id) {
             stop_process(pid, &file.id).await?;
         }
-        let mut child = tokio::process::Command::new(&self.forwarder)
+        let mut command = tokio::process::Command::new(&self.forwarder);
+        command
             .arg("--listen")
             .arg(listen.to_string())
             .arg("--agent-socket")
@@ -283,17 +300,39 @@ impl LocalProvider {
             // Its own process group: signals meant for the daemon's group
             // (a terminal's Ctrl-C) do not reach the "VM".
             .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| {
-                with_os_code(
-                    ProviderError::permanent(format!(
-                        "Cannot run {}: {e}",
-                        self.forwarder.display()
-                    )),
-                    &e,
-                )
-            })?;
+            .kill_on_drop(false);
+        let spawned = match &self.vm_network {
+            None => command.spawn(),
+            Some(net) => {
+                // The pod VM side of the pod network builds the pod's
+                // namespace here (bind-mounted), as a VM's /run/netns/podns.
+                command.arg("--pod-netns").arg(dir.join(POD_NETNS_FILE));
+                // What an earlier launch of this instance left: its pod
+                // namespace's mount, its veth.
+                net.destroy(&file.id, &dir).await?;
+                let vm = net.create(&file.id, file.ip).await?;
+                // Started from a thread inside the instance's namespace, the
+                // forwarder runs there (a child inherits its creator
+                // thread's namespaces); tokio's reaper needs its runtime.
+                let runtime = tokio::runtime::Handle::current();
+                vm.run(move || {
+                    let _entered = runtime.enter();
+                    command.spawn()
+                })
+                .map_err(|e| {
+                    ProviderError::transient(format!(
+                        "Cannot start the forwarder of {} in its namespace: {e}",
+                        file.id
+                    ))
+                })?
+            }
+        };
+        let mut child = spawned.map_err(|e| {
+            with_os_code(
+                ProviderError::permanent(format!("Cannot run {}: {e}", self.forwarder.display())),
+                &e,
+            )
+        })?;
         file.pid = child.id();
         self.write_instance(file).await?;
 
@@ -338,6 +377,9 @@ impl LocalProvider {
             stop_process(pid, &file.id).await?;
         }
         let dir = self.instances_dir().join(&file.id);
+        if let Some(net) = &self.vm_network {
+            net.destroy(&file.id, &dir).await?;
+        }
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
