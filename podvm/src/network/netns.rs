@@ -19,7 +19,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -41,7 +41,7 @@ pub enum NetnsError {
         path: PathBuf,
     },
     /// The path exists but cannot be opened.
-    #[error("Cannot open the network namespace {path}: {source}")]
+    #[error("Cannot open the network namespace {path}")]
     Open {
         /// The path given.
         path: PathBuf,
@@ -50,7 +50,7 @@ pub enum NetnsError {
     },
     /// `setns(2)` refused it: not a network namespace, or no
     /// `CAP_SYS_ADMIN`.
-    #[error("Cannot enter the network namespace {path}: {source}")]
+    #[error("Cannot enter the network namespace {path}")]
     Enter {
         /// The path given.
         path: PathBuf,
@@ -58,7 +58,7 @@ pub enum NetnsError {
         source: nix::Error,
     },
     /// The dedicated thread could not be started.
-    #[error("Cannot start a thread for the network namespace {path}: {source}")]
+    #[error("Cannot start a thread for the network namespace {path}")]
     Thread {
         /// The path given.
         path: PathBuf,
@@ -78,7 +78,7 @@ pub enum NetnsError {
         path: PathBuf,
     },
     /// The netlink socket could not be created.
-    #[error("Cannot open a netlink socket in the network namespace {path}: {source}")]
+    #[error("Cannot open a netlink socket in the network namespace {path}")]
     Netlink {
         /// The path given.
         path: PathBuf,
@@ -86,7 +86,7 @@ pub enum NetnsError {
         source: io::Error,
     },
     /// The program could not be started (e.g. it is not installed).
-    #[error("Cannot run {program} in the network namespace {path}: {source}")]
+    #[error("Cannot run {program} in the network namespace {path}")]
     Command {
         /// The program.
         program: String,
@@ -252,6 +252,14 @@ impl Netns {
                 path: self.path.clone(),
                 source,
             })
+    }
+}
+
+/// The namespace's file descriptor, e.g. for `IFLA_NET_NS_FD` (moving a
+/// link into this namespace with `LinkMessageBuilder::setns_by_fd`).
+impl AsFd for Netns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 
