@@ -41,6 +41,7 @@ pub mod kubernetes;
 pub mod logging;
 pub mod metered;
 pub mod metrics;
+pub mod network;
 pub mod pod_dirs;
 pub mod probe;
 pub mod protocols;
