@@ -21,6 +21,8 @@
 //! worker. They need `CAP_NET_ADMIN` and `CAP_SYS_ADMIN` (`setns`).
 
 pub mod inspect;
+pub mod notrack;
+pub mod tunnel;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::link::{
