@@ -10,8 +10,7 @@
 
 use std::collections::BTreeSet;
 
-/// The largest VNI: 24 bits (RFC 7348 §5).
-pub const MAX_VNI: u32 = (1 << 24) - 1;
+pub use super::VXLAN_MAX_ID as MAX_VNI;
 
 /// The VNIs this node hands out: `min..=MAX_VNI`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
