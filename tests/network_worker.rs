@@ -816,6 +816,109 @@ network_test!(notrack_rules_of_unowned_vnis_are_swept, async {
     topology.assert_clean();
 });
 
+network_test!(
+    setup_removes_a_device_a_crash_left_in_the_host_netns,
+    async {
+        let vni = 555_007;
+        let topology = Topology::new(vni);
+        // A crash between creating the device and moving it into the pod netns.
+        let name = format!("ppvxlan{vni}");
+        ip(&[
+            "-n",
+            &topology.node,
+            "link",
+            "add",
+            &name,
+            "type",
+            "vxlan",
+            "id",
+            &vni.to_string(),
+            "remote",
+            &VM_CLOUD_IP.to_string(),
+            "dstport",
+            &VXLAN_PORT.to_string(),
+        ]);
+        let config = inspect_and_setup(&topology, vni).await;
+        ping(&topology.client, POD_IP, 2);
+        let links = ip(&["-n", &topology.node, "-o", "link", "show"]);
+        assert!(!links.contains(&name), "{links}");
+        teardown(&config).await.expect("teardown");
+        topology.assert_clean();
+    }
+);
+
+network_test!(
+    two_tunnels_set_up_at_once_share_the_host_and_tear_down_apart,
+    async {
+        let vni = 555_008;
+        let other_vni = 555_009;
+        let mut topology = Topology::new(vni);
+        // A second pod on the bridge, whose pod VM (192.168.1.3) is never
+        // reached: only the host-side state matters here.
+        let second = topology.namespaces.add("peer2");
+        ip(&[
+            "-n",
+            &topology.node,
+            "link",
+            "add",
+            "vethpeer2",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &second,
+        ]);
+        ip(&[
+            "-n",
+            &topology.node,
+            "link",
+            "set",
+            "vethpeer2",
+            "master",
+            "cni0",
+            "up",
+        ]);
+        ip(&["-n", &second, "addr", "add", "10.244.1.7/24", "dev", "eth0"]);
+        ip(&["-n", &second, "link", "set", "eth0", "up"]);
+        let first = topology.config(vni);
+        let mut other = topology.config(other_vni);
+        other.pod_netns = path(&second);
+        other.pod_vm_ip = Ipv4Addr::new(192, 168, 1, 3);
+
+        let (a, b) = tokio::join!(setup(&first), setup(&other));
+        a.expect("first setup");
+        b.expect("second setup");
+        let vnis: Vec<_> = list_notrack(&path(&topology.node))
+            .await
+            .expect("list")
+            .iter()
+            .map(|r| r.vni)
+            .collect();
+        assert_eq!(vnis, [vni, other_vni]);
+        ping(&topology.client, POD_IP, 2);
+
+        teardown(&other).await.expect("second teardown");
+        assert!(
+            exists(&first.pod_netns, vni).await.expect("exists"),
+            "the first tunnel went too"
+        );
+        let vnis: Vec<_> = list_notrack(&path(&topology.node))
+            .await
+            .expect("list")
+            .iter()
+            .map(|r| r.vni)
+            .collect();
+        assert_eq!(vnis, [vni]);
+        ping(&topology.client, POD_IP, 1);
+        teardown(&first).await.expect("first teardown");
+        topology.assert_clean();
+        let links = ip(&["-n", &second, "-o", "link", "show"]);
+        assert!(!links.contains("vxlan"), "{links}");
+    }
+);
+
 /// Percentile `p` (0–100) of sorted `samples`.
 fn percentile(samples: &[Duration], p: usize) -> Duration {
     samples[(samples.len() * p / 100).min(samples.len() - 1)]
