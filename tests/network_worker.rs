@@ -26,7 +26,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use podvisor::network::inspect::{InspectError, inspect_host, inspect_pod};
+use podvisor::network::inspect::{InspectError, PodNeighbour, inspect_host, inspect_pod};
 use podvisor::network::notrack::NotrackRule;
 use podvisor::network::tunnel::{
     TunnelConfig, TunnelError, exists, list_notrack, setup, sweep_notrack, teardown,
@@ -498,6 +498,32 @@ network_test!(
         let vni = 555_001;
         let topology = Topology::new(vni);
 
+        ip(&[
+            "-n",
+            &topology.peer,
+            "neigh",
+            "add",
+            "10.244.1.9",
+            "lladdr",
+            "02:00:00:00:00:09",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        ip(&[
+            "-n",
+            &topology.peer,
+            "neigh",
+            "add",
+            "10.244.1.10",
+            "lladdr",
+            "02:00:00:00:00:0a",
+            "dev",
+            "eth0",
+            "nud",
+            "stale",
+        ]);
         let pod = inspect_pod(&path(&topology.peer))
             .await
             .expect("inspect the pod");
@@ -506,17 +532,38 @@ network_test!(
         assert_eq!(pod.mac, [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x05]);
         assert_eq!(pod.mtu, 1500);
         assert_eq!(pod.gateway, Some(GATEWAY));
-        let destinations: Vec<_> = pod
+        // (destination, prefix, gateway, device, protocol, scope):
+        // `ip route add` makes protocol boot (3); the kernel's subnet
+        // route is protocol kernel (2), scope link (253).
+        let routes: Vec<_> = pod
             .routes
             .iter()
-            .map(|r| (r.destination, r.prefix_len, r.gateway))
+            .map(|r| {
+                (
+                    r.destination,
+                    r.prefix_len,
+                    r.gateway,
+                    r.device.as_str(),
+                    r.protocol,
+                    r.scope,
+                )
+            })
             .collect();
         assert_eq!(
-            destinations,
+            routes,
             [
-                (Ipv4Addr::UNSPECIFIED, 0, Some(GATEWAY)),
-                (Ipv4Addr::new(10, 244, 1, 0), 24, None)
+                (Ipv4Addr::UNSPECIFIED, 0, Some(GATEWAY), "eth0", 3, 0),
+                (Ipv4Addr::new(10, 244, 1, 0), 24, None, "eth0", 2, 253)
             ]
+        );
+        assert_eq!(
+            pod.neighbours,
+            [PodNeighbour {
+                ip: Ipv4Addr::new(10, 244, 1, 9),
+                mac: [2, 0, 0, 0, 0, 9],
+                device: "eth0".to_owned()
+            }],
+            "only the permanent neighbour"
         );
         let host = inspect_host(&path(&topology.node), None)
             .await
