@@ -966,6 +966,67 @@ network_test!(
     }
 );
 
+network_test!(the_primary_interface_is_the_one_caa_picks, async {
+    let mut namespaces = Namespaces::default();
+    // A pod netns with default routes through `devices`, each (name,
+    // metric, subnet octet).
+    let mut pod_with = |devices: &[(&str, &str, u8)]| {
+        let name = namespaces.add("primary");
+        for (device, metric, octet) in devices {
+            ip(&[
+                "-n",
+                &name,
+                "link",
+                "add",
+                device,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("p{device}"),
+            ]);
+            ip(&["-n", &name, "link", "set", device, "up"]);
+            ip(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("10.{octet}.0.2/24"),
+                "dev",
+                device,
+            ]);
+            ip(&[
+                "-n",
+                &name,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.{octet}.0.1"),
+                "dev",
+                device,
+                "metric",
+                metric,
+            ]);
+        }
+        path(&name)
+    };
+    // Lowest metric first, but a lower number of the same stem wins
+    // (CAA common.go, findPrimaryInterface).
+    let same_stem = pod_with(&[("eth1", "10", 1), ("eth0", "100", 2)]);
+    let other_stem = pod_with(&[("ens5", "5", 3), ("eth0", "100", 4)]);
+    let pod = inspect_pod(&same_stem).await.expect("inspect");
+    assert_eq!(
+        (pod.interface.as_str(), pod.gateway),
+        ("eth0", Some(Ipv4Addr::new(10, 2, 0, 1)))
+    );
+    let pod = inspect_pod(&other_stem).await.expect("inspect");
+    assert_eq!(
+        (pod.interface.as_str(), pod.ip),
+        ("ens5", Ipv4Addr::new(10, 3, 0, 2))
+    );
+});
+
 /// Percentile `p` (0–100) of sorted `samples`.
 fn percentile(samples: &[Duration], p: usize) -> Duration {
     samples[(samples.len() * p / 100).min(samples.len() - 1)]
