@@ -26,7 +26,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use podvisor::network::inspect::{InspectError, inspect_host, inspect_pod};
+use podvisor::network::inspect::{InspectError, PodNeighbour, inspect_host, inspect_pod};
 use podvisor::network::notrack::NotrackRule;
 use podvisor::network::tunnel::{
     TunnelConfig, TunnelError, exists, list_notrack, setup, sweep_notrack, teardown,
@@ -498,6 +498,32 @@ network_test!(
         let vni = 555_001;
         let topology = Topology::new(vni);
 
+        ip(&[
+            "-n",
+            &topology.peer,
+            "neigh",
+            "add",
+            "10.244.1.9",
+            "lladdr",
+            "02:00:00:00:00:09",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        ip(&[
+            "-n",
+            &topology.peer,
+            "neigh",
+            "add",
+            "10.244.1.10",
+            "lladdr",
+            "02:00:00:00:00:0a",
+            "dev",
+            "eth0",
+            "nud",
+            "stale",
+        ]);
         let pod = inspect_pod(&path(&topology.peer))
             .await
             .expect("inspect the pod");
@@ -506,17 +532,38 @@ network_test!(
         assert_eq!(pod.mac, [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x05]);
         assert_eq!(pod.mtu, 1500);
         assert_eq!(pod.gateway, Some(GATEWAY));
-        let destinations: Vec<_> = pod
+        // (destination, prefix, gateway, device, protocol, scope):
+        // `ip route add` makes protocol boot (3); the kernel's subnet
+        // route is protocol kernel (2), scope link (253).
+        let routes: Vec<_> = pod
             .routes
             .iter()
-            .map(|r| (r.destination, r.prefix_len, r.gateway))
+            .map(|r| {
+                (
+                    r.destination,
+                    r.prefix_len,
+                    r.gateway,
+                    r.device.as_str(),
+                    r.protocol,
+                    r.scope,
+                )
+            })
             .collect();
         assert_eq!(
-            destinations,
+            routes,
             [
-                (Ipv4Addr::UNSPECIFIED, 0, Some(GATEWAY)),
-                (Ipv4Addr::new(10, 244, 1, 0), 24, None)
+                (Ipv4Addr::UNSPECIFIED, 0, Some(GATEWAY), "eth0", 3, 0),
+                (Ipv4Addr::new(10, 244, 1, 0), 24, None, "eth0", 2, 253)
             ]
+        );
+        assert_eq!(
+            pod.neighbours,
+            [PodNeighbour {
+                ip: Ipv4Addr::new(10, 244, 1, 9),
+                mac: [2, 0, 0, 0, 0, 9],
+                device: "eth0".to_owned()
+            }],
+            "only the permanent neighbour"
         );
         let host = inspect_host(&path(&topology.node), None)
             .await
@@ -814,6 +861,170 @@ network_test!(notrack_rules_of_unowned_vnis_are_swept, async {
     assert!(!raw.contains("peerpod"), "chains left:\n{raw}");
     teardown(&config).await.expect("teardown");
     topology.assert_clean();
+});
+
+network_test!(
+    setup_removes_a_device_a_crash_left_in_the_host_netns,
+    async {
+        let vni = 555_007;
+        let topology = Topology::new(vni);
+        // A crash between creating the device and moving it into the pod netns.
+        let name = format!("ppvxlan{vni}");
+        ip(&[
+            "-n",
+            &topology.node,
+            "link",
+            "add",
+            &name,
+            "type",
+            "vxlan",
+            "id",
+            &vni.to_string(),
+            "remote",
+            &VM_CLOUD_IP.to_string(),
+            "dstport",
+            &VXLAN_PORT.to_string(),
+        ]);
+        let config = inspect_and_setup(&topology, vni).await;
+        ping(&topology.client, POD_IP, 2);
+        let links = ip(&["-n", &topology.node, "-o", "link", "show"]);
+        assert!(!links.contains(&name), "{links}");
+        teardown(&config).await.expect("teardown");
+        topology.assert_clean();
+    }
+);
+
+network_test!(
+    two_tunnels_set_up_at_once_share_the_host_and_tear_down_apart,
+    async {
+        let vni = 555_008;
+        let other_vni = 555_009;
+        let mut topology = Topology::new(vni);
+        // A second pod on the bridge, whose pod VM (192.168.1.3) is never
+        // reached: only the host-side state matters here.
+        let second = topology.namespaces.add("peer2");
+        ip(&[
+            "-n",
+            &topology.node,
+            "link",
+            "add",
+            "vethpeer2",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &second,
+        ]);
+        ip(&[
+            "-n",
+            &topology.node,
+            "link",
+            "set",
+            "vethpeer2",
+            "master",
+            "cni0",
+            "up",
+        ]);
+        ip(&["-n", &second, "addr", "add", "10.244.1.7/24", "dev", "eth0"]);
+        ip(&["-n", &second, "link", "set", "eth0", "up"]);
+        let first = topology.config(vni);
+        let mut other = topology.config(other_vni);
+        other.pod_netns = path(&second);
+        other.pod_vm_ip = Ipv4Addr::new(192, 168, 1, 3);
+
+        let (a, b) = tokio::join!(setup(&first), setup(&other));
+        a.expect("first setup");
+        b.expect("second setup");
+        let vnis: Vec<_> = list_notrack(&path(&topology.node))
+            .await
+            .expect("list")
+            .iter()
+            .map(|r| r.vni)
+            .collect();
+        assert_eq!(vnis, [vni, other_vni]);
+        ping(&topology.client, POD_IP, 2);
+
+        teardown(&other).await.expect("second teardown");
+        assert!(
+            exists(&first.pod_netns, vni).await.expect("exists"),
+            "the first tunnel went too"
+        );
+        let vnis: Vec<_> = list_notrack(&path(&topology.node))
+            .await
+            .expect("list")
+            .iter()
+            .map(|r| r.vni)
+            .collect();
+        assert_eq!(vnis, [vni]);
+        ping(&topology.client, POD_IP, 1);
+        teardown(&first).await.expect("first teardown");
+        topology.assert_clean();
+        let links = ip(&["-n", &second, "-o", "link", "show"]);
+        assert!(!links.contains("vxlan"), "{links}");
+    }
+);
+
+network_test!(the_primary_interface_is_the_one_caa_picks, async {
+    let mut namespaces = Namespaces::default();
+    // A pod netns with default routes through `devices`, each (name,
+    // metric, subnet octet).
+    let mut pod_with = |devices: &[(&str, &str, u8)]| {
+        let name = namespaces.add("primary");
+        for (device, metric, octet) in devices {
+            ip(&[
+                "-n",
+                &name,
+                "link",
+                "add",
+                device,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("p{device}"),
+            ]);
+            ip(&["-n", &name, "link", "set", device, "up"]);
+            ip(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("10.{octet}.0.2/24"),
+                "dev",
+                device,
+            ]);
+            ip(&[
+                "-n",
+                &name,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.{octet}.0.1"),
+                "dev",
+                device,
+                "metric",
+                metric,
+            ]);
+        }
+        path(&name)
+    };
+    // Lowest metric first, but a lower number of the same stem wins
+    // (CAA common.go, findPrimaryInterface).
+    let same_stem = pod_with(&[("eth1", "10", 1), ("eth0", "100", 2)]);
+    let other_stem = pod_with(&[("ens5", "5", 3), ("eth0", "100", 4)]);
+    let pod = inspect_pod(&same_stem).await.expect("inspect");
+    assert_eq!(
+        (pod.interface.as_str(), pod.gateway),
+        ("eth0", Some(Ipv4Addr::new(10, 2, 0, 1)))
+    );
+    let pod = inspect_pod(&other_stem).await.expect("inspect");
+    assert_eq!(
+        (pod.interface.as_str(), pod.ip),
+        ("ens5", Ipv4Addr::new(10, 3, 0, 2))
+    );
 });
 
 /// Percentile `p` (0–100) of sorted `samples`.

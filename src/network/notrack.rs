@@ -8,15 +8,18 @@
 //! and `peerpod-PREROUTING` (from `PREROUTING`) the same with
 //! `-s POD_VM_IP`. A chain left empty is removed with its jump.
 //!
-//! The rules are changed by the `iptables` program (the one on `PATH`, as
-//! CAA's go-iptables does), started from a thread inside the namespace, with
-//! `-w` (wait for the xtables lock) and one process-wide lock around each
-//! operation (a chain's check-then-create is not atomic). These functions
-//! block: call them from `spawn_blocking` or use [`super::tunnel`]'s async
-//! ones.
+//! Each operation reads the raw table with one `iptables-save -t raw` and
+//! changes it with at most one `iptables-restore --noflush -w 5` (atomic;
+//! waits up to 5 s for the xtables lock), the programs on `PATH` (CAA's
+//! go-iptables runs `iptables` once per check and change instead),
+//! started from a thread inside the namespace. One process-wide lock
+//! serialises the operations (read-then-change is not atomic). These
+//! functions block: call them from `spawn_blocking` or use
+//! [`super::tunnel`]'s async ones.
 
+use std::io::Write;
 use std::net::Ipv4Addr;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use podvisor_podvm::network::netns::{Netns, NetnsError};
@@ -47,11 +50,11 @@ pub enum NotrackError {
     /// The host namespace cannot be used, or `iptables` cannot be started.
     #[error("Cannot run iptables")]
     Netns(#[from] NetnsError),
-    /// `iptables` ran and failed.
-    #[error("iptables {args} failed ({status}): {stderr}")]
+    /// `iptables-save` or `iptables-restore` ran and failed.
+    #[error("{program} failed ({status}): {stderr}")]
     Failed {
-        /// Its arguments.
-        args: String,
+        /// The program.
+        program: &'static str,
         /// Its exit status.
         status: String,
         /// What it printed on stderr.
@@ -118,44 +121,129 @@ fn rule_spec(chain: &Chain, rule: &NotrackRule) -> Vec<String> {
     .to_vec()
 }
 
-/// Runs `iptables -w -t raw ARGS…` in `netns`; `Ok(true)` on exit 0,
-/// `Ok(false)` on exit 1 when `one_is_no` (what `-C` and `-S CHAIN` answer
-/// for "no such rule/chain"), else an error.
-fn iptables(netns: &Netns, args: &[String], one_is_no: bool) -> Result<bool, NotrackError> {
-    Ok(iptables_output(netns, args, one_is_no)?.is_some())
+/// The rule's line in an `iptables-restore` script: `command` (`-A` or
+/// `-D`), the chain, the specification with the comment quoted.
+fn rule_line(command: &str, chain: &Chain, rule: &NotrackRule) -> String {
+    let spec: Vec<String> = rule_spec(chain, rule)
+        .into_iter()
+        .map(|word| {
+            if word.contains(' ') {
+                format!("\"{word}\"")
+            } else {
+                word
+            }
+        })
+        .collect();
+    format!("{command} {} {}", chain.name, spec.join(" "))
 }
 
-/// As [`iptables`], returning stdout on success.
-fn iptables_output(
-    netns: &Netns,
-    args: &[String],
-    one_is_no: bool,
-) -> Result<Option<String>, NotrackError> {
-    let output = netns.command_output(
-        Command::new("iptables")
-            .args(["-w", "5", "-t", TABLE])
-            .args(args),
-    )?;
-    if output.status.success() {
-        return Ok(Some(String::from_utf8_lossy(&output.stdout).into_owned()));
+/// The raw table as `iptables-save -t raw` prints it, reduced to what
+/// these functions need.
+#[derive(Debug, Default)]
+struct RawTable {
+    /// The chains declared (`:NAME POLICY [p:b]`).
+    chains: Vec<String>,
+    /// The rules (`-A CHAIN …`), in order.
+    rules: Vec<String>,
+}
+
+impl RawTable {
+    /// Reads it in `netns` (one `iptables-save`).
+    fn read(netns: &Netns) -> Result<Self, NotrackError> {
+        let output = netns.command_output(Command::new("iptables-save").args(["-t", TABLE]))?;
+        if !output.status.success() {
+            return Err(NotrackError::Failed {
+                program: "iptables-save",
+                status: output.status.to_string(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            });
+        }
+        let mut table = Self::default();
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            if let Some(declaration) = line.strip_prefix(':') {
+                table
+                    .chains
+                    .extend(declaration.split_whitespace().next().map(str::to_owned));
+            } else if line.starts_with("-A ") {
+                table.rules.push(line.to_owned());
+            }
+        }
+        Ok(table)
     }
-    if one_is_no && output.status.code() == Some(1) {
-        return Ok(None);
+
+    /// Whether `chain` exists.
+    fn has_chain(&self, chain: &Chain) -> bool {
+        self.chains.iter().any(|name| name == chain.name)
+    }
+
+    /// How many jumps from its base chain to `chain` there are.
+    fn jumps(&self, chain: &Chain) -> usize {
+        let jump = format!("-A {} -j {}", chain.base, chain.name);
+        self.rules.iter().filter(|line| **line == jump).count()
+    }
+
+    /// How many rules `chain` holds, ours or not.
+    fn rule_count(&self, chain: &Chain) -> usize {
+        let prefix = format!("-A {} ", chain.name);
+        self.rules
+            .iter()
+            .filter(|line| line.starts_with(&prefix))
+            .count()
+    }
+
+    /// Our rules in `chain`.
+    fn notrack_rules(&self, chain: &Chain) -> Vec<NotrackRule> {
+        self.rules
+            .iter()
+            .filter_map(|line| parse_rule(line, chain))
+            .collect()
+    }
+}
+
+/// Applies `commands` (lines of the raw table's section) in `netns` with
+/// one `iptables-restore --noflush`, atomically; nothing to do runs
+/// nothing.
+fn apply(netns: &Netns, commands: &[String]) -> Result<(), NotrackError> {
+    if commands.is_empty() {
+        return Ok(());
+    }
+    let script = format!("*{TABLE}\n{}\nCOMMIT\n", commands.join("\n"));
+    let output = netns.run(move || {
+        let mut child = Command::new("iptables-restore")
+            .args(["-w", "5", "--noflush"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(script.as_bytes())?;
+        }
+        child.wait_with_output()
+    })?;
+    let output = output.map_err(|source| {
+        NotrackError::Netns(NetnsError::Command {
+            program: "iptables-restore".to_owned(),
+            path: netns.path().to_path_buf(),
+            source,
+        })
+    })?;
+    if output.status.success() {
+        return Ok(());
     }
     Err(NotrackError::Failed {
-        args: args.join(" "),
+        program: "iptables-restore",
         status: output.status.to_string(),
-        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        stderr: format!(
+            "{} (input: {})",
+            String::from_utf8_lossy(&output.stderr).trim(),
+            commands.join("; ")
+        ),
     })
 }
 
-/// Turns `&str`s into the argument vector.
-fn args(parts: &[&str]) -> Vec<String> {
-    parts.iter().map(|part| (*part).to_owned()).collect()
-}
-
 /// Adds `rule` in `netns` (both chains, created with their jumps when
-/// missing); a rule already there is kept, not doubled. Blocking.
+/// missing); a rule already there is kept, not doubled. Blocking; one
+/// `iptables-save` and at most one `iptables-restore`.
 ///
 /// # Errors
 /// [`NotrackError::Netns`], [`NotrackError::Failed`].
@@ -163,21 +251,20 @@ pub fn add(netns: &Netns, rule: &NotrackRule) -> Result<(), NotrackError> {
     let _guard = LOCK
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let table = RawTable::read(netns)?;
+    let mut commands = Vec::new();
     for chain in &CHAINS {
-        if !iptables(netns, &args(&["-S", chain.name]), true)? {
-            iptables(netns, &args(&["-N", chain.name]), false)?;
+        if !table.has_chain(chain) {
+            commands.push(format!(":{} - [0:0]", chain.name));
         }
-        let jump = args(&[chain.base, "-j", chain.name]);
-        if !iptables(netns, &[vec!["-C".to_owned()], jump.clone()].concat(), true)? {
-            iptables(netns, &[vec!["-A".to_owned()], jump].concat(), false)?;
+        if table.jumps(chain) == 0 {
+            commands.push(format!("-A {} -j {}", chain.base, chain.name));
         }
-        let spec = rule_spec(chain, rule);
-        let check = [args(&["-C", chain.name]), spec.clone()].concat();
-        if !iptables(netns, &check, true)? {
-            iptables(netns, &[args(&["-A", chain.name]), spec].concat(), false)?;
+        if !table.notrack_rules(chain).contains(rule) {
+            commands.push(rule_line("-A", chain, rule));
         }
     }
-    Ok(())
+    apply(netns, &commands)
 }
 
 /// Removes every rule of `vni` from both chains in `netns`, and a chain
@@ -193,8 +280,8 @@ pub fn remove(netns: &Netns, vni: u32) -> Result<usize, NotrackError> {
     remove_locked(netns, |rule_vni| rule_vni == vni).map(|removed| removed.len())
 }
 
-/// The tunnels' rules present in `netns` (one entry per rule of the
-/// `peerpod-OUTPUT` chain, else of `peerpod-PREROUTING`), sorted by VNI.
+/// The tunnels' rules present in `netns` (one entry per VNI, from the
+/// `peerpod-OUTPUT` chain, else `peerpod-PREROUTING`), sorted by VNI.
 /// Blocking.
 ///
 /// # Errors
@@ -203,13 +290,11 @@ pub fn list(netns: &Netns) -> Result<Vec<NotrackRule>, NotrackError> {
     let _guard = LOCK
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut rules = Vec::new();
+    let table = RawTable::read(netns)?;
+    let mut rules: Vec<NotrackRule> = Vec::new();
     for chain in &CHAINS {
-        for rule in chain_rules(netns, chain)? {
-            if !rules
-                .iter()
-                .any(|known: &NotrackRule| known.vni == rule.vni)
-            {
+        for rule in table.notrack_rules(chain) {
+            if !rules.iter().any(|known| known.vni == rule.vni) {
                 rules.push(rule);
             }
         }
@@ -231,52 +316,38 @@ pub fn sweep(netns: &Netns, owned: impl Fn(u32) -> bool) -> Result<Vec<NotrackRu
     remove_locked(netns, |vni| !owned(vni))
 }
 
-/// Removes the rules whose VNI `doomed` picks; the caller holds [`LOCK`].
+/// Removes the rules whose VNI `doomed` picks, and each chain left empty
+/// with its jumps, in one `iptables-restore`; the caller holds [`LOCK`].
 fn remove_locked(
     netns: &Netns,
     doomed: impl Fn(u32) -> bool,
 ) -> Result<Vec<NotrackRule>, NotrackError> {
+    let table = RawTable::read(netns)?;
     let mut removed = Vec::new();
+    let mut commands = Vec::new();
     for chain in &CHAINS {
-        for rule in chain_rules(netns, chain)?
+        let mut left = table.rule_count(chain);
+        for rule in table
+            .notrack_rules(chain)
             .into_iter()
             .filter(|rule| doomed(rule.vni))
         {
-            let spec = rule_spec(chain, &rule);
-            iptables(netns, &[args(&["-D", chain.name]), spec].concat(), false)?;
+            commands.push(rule_line("-D", chain, &rule));
             removed.push(rule);
+            left -= 1;
         }
-        // A chain exists and is empty: remove its jumps, then it.
-        let Some(listing) = iptables_output(netns, &args(&["-S", chain.name]), true)? else {
-            continue;
-        };
-        if listing.lines().any(|line| line.starts_with("-A ")) {
-            continue;
+        if table.has_chain(chain) && left == 0 {
+            for _ in 0..table.jumps(chain) {
+                commands.push(format!("-D {} -j {}", chain.base, chain.name));
+            }
+            commands.push(format!("-X {}", chain.name));
         }
-        let jump = args(&[chain.base, "-j", chain.name]);
-        while iptables(netns, &[vec!["-C".to_owned()], jump.clone()].concat(), true)? {
-            iptables(
-                netns,
-                &[vec!["-D".to_owned()], jump.clone()].concat(),
-                false,
-            )?;
-        }
-        iptables(netns, &args(&["-X", chain.name]), false)?;
     }
+    apply(netns, &commands)?;
     Ok(removed)
 }
 
-/// Our rules in `chain` (none when the chain does not exist). Rules
-/// without our comment are left out.
-fn chain_rules(netns: &Netns, chain: &Chain) -> Result<Vec<NotrackRule>, NotrackError> {
-    let listing = iptables_output(netns, &args(&["-S", chain.name]), true)?.unwrap_or_default();
-    Ok(listing
-        .lines()
-        .filter_map(|line| parse_rule(line, chain))
-        .collect())
-}
-
-/// Parses one `iptables -S` line of ours, e.g.
+/// Parses one `iptables-save` line of ours, e.g.
 /// `-A peerpod-OUTPUT -d 192.168.1.2/32 -p udp -m comment --comment "peerpod [vni:555000]" -m udp --dport 4789 -j NOTRACK`.
 fn parse_rule(line: &str, chain: &Chain) -> Option<NotrackRule> {
     let rest = line
