@@ -908,6 +908,7 @@ async fn start_actors(
         }),
         pull_secrets,
         proxy_max_connections: global.max_connections_per_endpoint,
+        pod_network: pod_network_settings(global, calls).map(Arc::new),
     });
     let limit = usize::try_from(global.pod_vms.peerpods_limit_per_node)
         .ok()
@@ -934,6 +935,51 @@ async fn start_actors(
         view,
         limit,
     })
+}
+
+/// How this daemon joins pods' networks to their pod VMs; `None` when the
+/// provider's instances have no network of their own.
+fn pod_network_settings(
+    global: &GlobalArgs,
+    calls: &ProviderCalls,
+) -> Option<crate::network::settings::PodNetworkSettings> {
+    if !calls.pod_network() {
+        return None;
+    }
+    Some(crate::network::settings::PodNetworkSettings::new(
+        global.tunnel.host_interface.clone(),
+        global.tunnel.vxlan_port,
+        crate::network::vni::VniRange {
+            min: global.tunnel.vxlan_min_id,
+        },
+        // Checked by the CLI.
+        global.pod_vms.pod_subnets().unwrap_or_default(),
+    ))
+}
+
+/// The pod network in `/v1/status`: the tunnel's settings, or why pods
+/// get none.
+fn pod_network_status(
+    global: &GlobalArgs,
+    provider_name: &str,
+    calls: &ProviderCalls,
+) -> serde_json::Value {
+    match pod_network_settings(global, calls) {
+        Some(settings) => serde_json::json!({
+            "tunnel_type": global.tunnel.tunnel_type,
+            "vxlan_port": settings.vxlan_port,
+            "vxlan_min_id": settings.vnis.min,
+            "host_interface": settings.host_interface,
+            "pod_subnet_cidrs": settings.pod_subnets.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        }),
+        None => serde_json::json!({
+            "tunnel_type": null,
+            "why_none": format!(
+                "the {provider_name} provider's instances have no network of their own{}",
+                if provider_name == "local" { " (run it with --netns-per-vm for one)" } else { "" }
+            ),
+        }),
+    }
 }
 
 /// Where the daemon keeps its own CA and client certificate, when the
@@ -1004,6 +1050,7 @@ fn status_document(
         "state_dir": global.state_dir,
         "peerpods_limit_per_node": limit,
         "kubernetes": kubernetes,
+        "pod_network": pod_network_status(global, provider_name, &provider.calls),
         "probe_port": global.endpoints.probe_port,
         "max_connections_per_endpoint": global.max_connections_per_endpoint,
         "provider_call_limits": {
