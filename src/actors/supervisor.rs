@@ -930,7 +930,7 @@ impl Supervisor {
         }
         let mut owned = self.deps.view.vnis();
         owned.extend(self.vnis_in_flight.values().copied());
-        if !(self.tunnels_seen || !owned.is_empty()) {
+        if !self.tunnels_seen && owned.is_empty() {
             return;
         }
         // Sweep again next pass while tunnels exist (their teardowns are
