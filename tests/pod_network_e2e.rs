@@ -43,6 +43,9 @@ const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 5);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 6);
 const POD2_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 7);
 const CLOUD_SUBNET: &str = "192.168.60.0/24";
+/// The cloud bridge's address, with its prefix: the worker's end of every
+/// tunnel.
+const CLOUD_GATEWAY: &str = "192.168.60.1/24";
 /// The first VNI (`--vxlan-min-id`'s default).
 const FIRST_VNI: u64 = 555_000;
 /// How long teardown may take after StopVM answers (it may answer before
@@ -713,7 +716,34 @@ network_test!(
             "no vxlan1 in the peer pod:\n{links}"
         );
         let raw = world.raw_table();
-        assert!(raw.contains("NOTRACK"), "no NOTRACK rule:\n{raw}");
+        assert!(
+            raw.contains(&format!("[vni:{FIRST_VNI}]")),
+            "no NOTRACK rule of the VNI:\n{raw}"
+        );
+        // What the pod VM was told (apf.json's `pod-network`): the peer
+        // pod's address and MAC, the VNI, the worker's end on the cloud
+        // bridge.
+        let apf = world
+            .setup
+            .local_dir()
+            .join("instances")
+            .join(&sandbox.instance)
+            .join("run/peerpod/apf.json");
+        let apf: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&apf).expect("the pod VM's apf.json"))
+                .expect("apf.json is JSON");
+        let network = &apf["pod-network"];
+        let mac = ip(&["-n", &peer.netns, "-o", "link", "show", "dev", "eth0"]);
+        assert!(
+            network["pod-hw-addr"]
+                .as_str()
+                .is_some_and(|m| mac.contains(&format!("link/ether {m} "))),
+            "{network} against {mac}"
+        );
+        assert_eq!(network["podip"], format!("{POD_IP}/24"), "{network}");
+        assert_eq!(network["vxlan-id"], FIRST_VNI, "{network}");
+        assert_eq!(network["vxlan-port"], 4789, "{network}");
+        assert_eq!(network["worker-node-ip"], CLOUD_GATEWAY, "{network}");
 
         world.stop(&sandbox).await;
         world.assert_clean(&[&sandbox]).await;
@@ -789,6 +819,8 @@ network_test!(
             .as_mut()
             .expect("the daemon was started")
             .kill9();
+        // The tunnel is kernel state: the pod answers while no daemon runs.
+        assert_reachable(&world, &a, 7008, 1 << 20).await;
         world.start_daemon().await;
         let view = world
             .daemon()
