@@ -908,6 +908,30 @@ async fn start_actors(
         }),
         pull_secrets,
         proxy_max_connections: global.max_connections_per_endpoint,
+        pod_network: match pod_network_settings(global, calls) {
+            Ok(settings) => {
+                tracing::info!(
+                    vxlan_port = settings.vxlan_port,
+                    vxlan_min_id = settings.vnis.min,
+                    host_interface = settings
+                        .host_interface
+                        .as_deref()
+                        .unwrap_or("the default route's"),
+                    "pods get a VXLAN tunnel to their pod VM"
+                );
+                Some(Arc::new(settings))
+            }
+            // Expected of a provider without networks; a node that lacks
+            // what a cloud's tunnels need is worth a warning.
+            Err(why) if !calls.pod_network() => {
+                tracing::info!(why = %why, "pods get no network: no VXLAN tunnel is built");
+                None
+            }
+            Err(why) => {
+                tracing::warn!(why = %why, "pods get no network: no VXLAN tunnel is built");
+                None
+            }
+        },
     });
     let limit = usize::try_from(global.pod_vms.peerpods_limit_per_node)
         .ok()
@@ -934,6 +958,75 @@ async fn start_actors(
         view,
         limit,
     })
+}
+
+/// How this daemon joins pods' networks to their pod VMs, or why it
+/// builds no tunnels: the provider's instances have no network of their
+/// own, or the node lacks the programs the tunnels' NOTRACK rules need (a
+/// pod VM is then still made, without a network, as before tunnels were
+/// built — rather than every StartVM failing).
+fn pod_network_settings(
+    global: &GlobalArgs,
+    calls: &ProviderCalls,
+) -> Result<crate::network::settings::PodNetworkSettings, String> {
+    if !calls.pod_network() {
+        let provider = calls.provider_name();
+        return Err(format!(
+            "the {provider} provider's instances have no network of their own{}",
+            if provider == "local" {
+                " (run it with --netns-per-vm for one)"
+            } else {
+                ""
+            }
+        ));
+    }
+    for program in crate::network::notrack::PROGRAMS {
+        if find_program(program).is_none() {
+            return Err(format!(
+                "{program} is not on PATH (the tunnels' NOTRACK rules need iptables-save and iptables-restore)"
+            ));
+        }
+    }
+    Ok(crate::network::settings::PodNetworkSettings::new(
+        global.tunnel.host_interface.clone(),
+        global.tunnel.vxlan_port,
+        crate::network::vni::VniRange {
+            min: global.tunnel.vxlan_min_id,
+        },
+        // Checked by the CLI.
+        global.pod_vms.pod_subnets().unwrap_or_default(),
+    ))
+}
+
+/// The first executable file `name` in a directory of `PATH`.
+fn find_program(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// The pod network in `/v1/status`: the tunnel's settings, or why pods
+/// get none.
+fn pod_network_status(global: &GlobalArgs, calls: &ProviderCalls) -> serde_json::Value {
+    match pod_network_settings(global, calls) {
+        Ok(settings) => serde_json::json!({
+            "tunnel_type": global.tunnel.tunnel_type,
+            "vxlan_port": settings.vxlan_port,
+            "vxlan_min_id": settings.vnis.min,
+            "host_interface": settings.host_interface,
+            "pod_subnet_cidrs": settings.pod_subnets.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        }),
+        Err(why) => serde_json::json!({
+            "tunnel_type": null,
+            "why_none": why,
+        }),
+    }
 }
 
 /// Where the daemon keeps its own CA and client certificate, when the
@@ -1004,6 +1097,7 @@ fn status_document(
         "state_dir": global.state_dir,
         "peerpods_limit_per_node": limit,
         "kubernetes": kubernetes,
+        "pod_network": pod_network_status(global, &provider.calls),
         "probe_port": global.endpoints.probe_port,
         "max_connections_per_endpoint": global.max_connections_per_endpoint,
         "provider_call_limits": {

@@ -98,6 +98,10 @@ impl Provider for Metered {
         self.inner.paces_requests()
     }
 
+    fn pod_network(&self) -> bool {
+        self.inner.pod_network()
+    }
+
     async fn create_instance(&self, request: &CreateRequest) -> Result<Instance, ProviderError> {
         self.timed("create", self.inner.create_instance(request))
             .await

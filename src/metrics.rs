@@ -70,6 +70,12 @@ pub const CONNECTIONS_OPEN: &str = "podvisor_connections_open";
 /// Counter: Kubernetes API requests (`verb`: `get`, `list`, `patch`,
 /// `create`, `update`, `delete`; `outcome`: `ok`, `not_found`, `error`).
 pub const KUBE_API_REQUESTS: &str = "podvisor_kube_api_requests_total";
+/// Counter: pod network steps (`op`: `describe` — the pod's netns read
+/// for the pod VM at create, `setup` — the worker's end of the tunnel,
+/// `teardown`; `outcome`: `ok`, `error`).
+pub const TUNNEL_OPERATIONS: &str = "podvisor_tunnel_operations_total";
+/// Histogram: time to set the worker's end of a pod's tunnel up (seconds).
+pub const TUNNEL_SETUP_DURATION: &str = "podvisor_tunnel_setup_duration_seconds";
 /// Counter: sandboxes stopped because their pod was gone from the node for
 /// longer than `--stale-sandbox-grace`.
 pub const STALE_SANDBOXES_STOPPED: &str = "podvisor_stale_sandboxes_stopped_total";
@@ -119,6 +125,9 @@ pub fn install() -> Result<PrometheusHandle, String> {
         })
         .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Full(JOURNAL_FLUSH_DURATION.into()), FLUSH_BUCKETS)
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(TUNNEL_SETUP_DURATION.into()), FLUSH_BUCKETS)
         })
         .map_err(|e| format!("metric buckets: {e}"))?;
     let handle = builder
@@ -209,6 +218,16 @@ fn describe() {
         KUBE_API_REQUESTS,
         Unit::Count,
         "Kubernetes API requests, by verb and outcome."
+    );
+    describe_counter!(
+        TUNNEL_OPERATIONS,
+        Unit::Count,
+        "Pod network steps (describe the pod's netns, set up or tear down the worker's end of its VXLAN tunnel), by op and outcome."
+    );
+    describe_histogram!(
+        TUNNEL_SETUP_DURATION,
+        Unit::Seconds,
+        "Time to set up the worker's end of a pod's VXLAN tunnel."
     );
     describe_counter!(
         STALE_SANDBOXES_STOPPED,

@@ -3,6 +3,7 @@
 //! carries it to the provider, with the tags that tie the instance to its
 //! node, sandbox, token and journal.
 
+use podvisor_podvm::network::config::PodNetwork;
 use podvisor_providers::{
     CreateRequest, TAG_CLUSTER, TAG_JOURNAL, TAG_JOURNAL_SEQ, TAG_NODE, TAG_SANDBOX, TAG_TOKEN,
 };
@@ -28,11 +29,15 @@ pub struct UserDataInputs<'a> {
     pub tls_min_version: Option<&'a str>,
     /// `--tls-cipher-suites`, passed on to the forwarder.
     pub tls_cipher_suites: Option<&'a str>,
+    /// The pod's network for the pod VM to rebuild (`None`: no tunnel).
+    pub pod_network: Option<&'a PodNetwork>,
 }
 
-/// The forwarder's settings, `/run/peerpod/apf.json` (the fields known so far).
+/// The forwarder's settings, `/run/peerpod/apf.json`, keys in CAA's order.
 #[derive(Serialize)]
 struct ForwarderSettings<'a> {
+    #[serde(rename = "pod-network", skip_serializing_if = "Option::is_none")]
+    pod_network: Option<&'a PodNetwork>,
     #[serde(rename = "pod-namespace")]
     pod_namespace: &'a str,
     #[serde(rename = "pod-name")]
@@ -52,6 +57,7 @@ struct ForwarderSettings<'a> {
 /// Renders the cloud-config.
 pub fn render(inputs: &UserDataInputs<'_>) -> String {
     let apf = serde_json::to_string(&ForwarderSettings {
+        pod_network: inputs.pod_network,
         pod_namespace: inputs.pod_namespace,
         pod_name: inputs.pod_name,
         tls_server_cert: inputs.tls.map(|t| t.cert_pem.as_str()),
@@ -143,10 +149,14 @@ impl std::fmt::Debug for RequestInputs<'_> {
 /// The pod VM's TLS certificate cannot be issued; the message says why.
 /// Nothing can be created without it, so the caller reports it as a
 /// permanent failure.
+///
+/// `pod_network`: the pod's network for apf.json's `pod-network`, when the
+/// daemon builds the sandbox's tunnel.
 pub fn create_request(
     record: &InstanceRecord,
     inputs: &RequestInputs<'_>,
     earlier_attempt: bool,
+    pod_network: Option<&PodNetwork>,
 ) -> Result<CreateRequest, String> {
     let token = record.token.clone().unwrap_or_default();
     let identity = match inputs.pki {
@@ -163,6 +173,7 @@ pub fn create_request(
         tls: identity.as_ref(),
         tls_min_version: inputs.tls_min_version,
         tls_cipher_suites: inputs.tls_cipher_suites,
+        pod_network,
     });
     let mut tags = BTreeMap::from([
         (TAG_NODE.to_owned(), inputs.node_name.to_owned()),
@@ -212,11 +223,11 @@ mod tests {
             tls_cipher_suites: None,
             journal: &journal,
         };
-        let request = create_request(&record, &inputs, false).unwrap();
+        let request = create_request(&record, &inputs, false, None).unwrap();
         assert_eq!(request.sandbox_id, "sb1");
         assert!(!request.earlier_attempt);
         assert!(
-            create_request(&record, &inputs, true)
+            create_request(&record, &inputs, true, None)
                 .unwrap()
                 .earlier_attempt
         );
@@ -229,7 +240,7 @@ mod tests {
             request.user_data
         );
         record.initdata = Some("H4sIpod".into());
-        let own = create_request(&record, &inputs, false).unwrap();
+        let own = create_request(&record, &inputs, false, None).unwrap();
         assert!(own.user_data.contains("H4sIpod") && !own.user_data.contains("H4sIdefault"));
         let tag = |key: &str| request.tags.get(key).map(String::as_str);
         assert_eq!(tag(TAG_NODE), Some("node-a"));
@@ -242,11 +253,42 @@ mod tests {
         // instance); once known, every create carries it.
         assert_eq!(tag(TAG_CLUSTER), None);
         inputs.cluster_id = Some("0b6c1c4e-8e0e-4a0f-9d1c-2f3f0e6b9a11");
-        let tagged = create_request(&record, &inputs, false).unwrap();
+        let tagged = create_request(&record, &inputs, false, None).unwrap();
         assert_eq!(
             tagged.tags.get(TAG_CLUSTER).map(String::as_str),
             inputs.cluster_id
         );
+    }
+
+    #[test]
+    fn the_pod_network_goes_first_in_apf_json_and_reads_back() {
+        let network = PodNetwork {
+            pod_ip: Some("10.244.1.5/24".parse().unwrap()),
+            interface: "eth0".into(),
+            tunnel_type: "vxlan".into(),
+            vxlan_id: 555_000,
+            vxlan_port: 4789,
+            mtu: 1450,
+            ..Default::default()
+        };
+        let text = render(&UserDataInputs {
+            pod_name: "web",
+            pod_namespace: "default",
+            initdata: None,
+            scratch_space: false,
+            tls: None,
+            tls_min_version: None,
+            tls_cipher_suites: None,
+            pod_network: Some(&network),
+        });
+        let files = podvisor_podvm::userdata::parse(&text).unwrap();
+        let apf = &files[0].content;
+        assert!(
+            apf.starts_with("{\"pod-network\":{\"podip\":\"10.244.1.5/24\""),
+            "{apf}"
+        );
+        let back = podvisor_podvm::network::config::from_apf_json(apf).unwrap();
+        assert_eq!(back, Some(network));
     }
 
     #[test]
@@ -259,6 +301,7 @@ mod tests {
             tls: None,
             tls_min_version: None,
             tls_cipher_suites: None,
+            pod_network: None,
         });
         assert!(text.starts_with("#cloud-config\nwrite_files:\n"));
         assert!(text.contains("- path: /run/peerpod/apf.json\n  content: \"{\\\"pod-namespace\\\":\\\"default\\\",\\\"pod-name\\\":\\\"we\\\\\\\"b\\\"}\"\n"), "{text}");

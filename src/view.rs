@@ -134,6 +134,12 @@ impl InstanceView {
         ids.into_iter().filter(|id| check(map.get(*id))).count()
     }
 
+    /// The VNIs the records hold (see [`crate::network::vni`]), under one
+    /// read lock, copying no record.
+    pub fn vnis(&self) -> std::collections::BTreeSet<u32> {
+        self.read().values().filter_map(|r| r.vni).collect()
+    }
+
     /// Every record, by sandbox id.
     pub fn list(&self) -> Vec<InstanceRecord> {
         self.read().values().cloned().collect()

@@ -21,6 +21,7 @@ fn what_the_daemon_renders_the_pod_vm_writes() {
         tls: None,
         tls_min_version: None,
         tls_cipher_suites: None,
+        pod_network: None,
     });
     let files = podvisor_podvm::userdata::parse(&text).unwrap();
     let names: Vec<_> = files.iter().map(|f| f.name).collect();

@@ -256,6 +256,11 @@ impl Provider for FakeProvider {
         "fake"
     }
 
+    /// Its instances are records in memory, with no network.
+    fn pod_network(&self) -> bool {
+        false
+    }
+
     async fn create_instance(&self, request: &CreateRequest) -> Result<Instance, ProviderError> {
         self.state().earlier_attempts.push(request.earlier_attempt);
         self.begin(Method::Create, request.sandbox_id.clone())

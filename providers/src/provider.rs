@@ -199,6 +199,17 @@ pub trait Provider: Send + Sync + 'static {
         false
     }
 
+    /// Whether the node can join a pod's network to its instance with a
+    /// VXLAN tunnel: the instance is a VM with an address of its own that
+    /// the node reaches, and its forwarder builds the pod's namespace from
+    /// apf.json's `pod-network`. `true` (the default) for clouds; `false`
+    /// where instances have no network of their own (the local provider
+    /// without `--netns-per-vm`, the test fake): the daemon then builds no
+    /// tunnel and `/v1/status` says why.
+    fn pod_network(&self) -> bool {
+        true
+    }
+
     /// Creates the instance `request` describes, or returns the one its
     /// token already made, once the cloud has accepted it and it has an
     /// address.

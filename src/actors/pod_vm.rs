@@ -7,6 +7,7 @@ use super::provider::{DeleteInstance, EnsureInstance, FindInstance, ProviderActo
 use super::supervisor::{PodVmReport, Supervisor};
 use crate::failpoints;
 use crate::metrics;
+use crate::network::settings::PodNetworkSettings;
 use crate::proxy::socket::{AgentSocket, Relay, client_tls};
 use crate::userdata::{RequestInputs, create_request};
 use crate::view::InstanceView;
@@ -63,6 +64,9 @@ pub struct PodVmDeps {
     /// Most connections open at once on each agent socket
     /// (`--max-connections-per-endpoint`).
     pub proxy_max_connections: u32,
+    /// How pods' networks are joined to their pod VMs (`None`: the
+    /// provider's instances have no network of their own).
+    pub pod_network: Option<Arc<PodNetworkSettings>>,
 }
 
 // By hand: the PKI holds private keys, the pull secrets and initdata may
@@ -76,6 +80,27 @@ impl std::fmt::Debug for PodVmDeps {
             .field("tls", &self.pki.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// A sandbox's tunnel: the daemon's settings, the pod's network namespace
+/// and the sandbox's VNI; `None` when it has none (no pod network on this
+/// provider, CreateVM sent no namespace, or no VNI was allocated).
+fn tunnel_of(
+    deps: &PodVmDeps,
+    record: &InstanceRecord,
+) -> Option<(Arc<PodNetworkSettings>, PathBuf, u32)> {
+    let settings = deps.pod_network.clone()?;
+    let vni = record.vni?;
+    if record.network_namespace_path.is_empty() {
+        return None;
+    }
+    Some((settings, PathBuf::from(&record.network_namespace_path), vni))
+}
+
+/// Counts one pod network step by its outcome.
+fn count_tunnel<T, E>(op: &'static str, result: &Result<T, E>) {
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::counter!(metrics::TUNNEL_OPERATIONS, "op" => op, "outcome" => outcome).increment(1);
 }
 
 impl PodVmDeps {
@@ -275,7 +300,12 @@ impl PodVm {
                     act.feed(Event::Timer(kind, epoch), ctx);
                 });
             }
-            Command::RecoveryDone(action) => self.recovery_done(action),
+            Command::RecoveryDone(action) => {
+                self.recovery_done(action);
+                if action == RecoveryAction::Verified {
+                    self.restore_tunnel(ctx);
+                }
+            }
             Command::Retrying(op) => count_retry(op),
             Command::Refused(illegal) => report_refused(self.sandbox_id(), illegal),
             Command::Forget => self.forget(ctx),
@@ -336,34 +366,39 @@ impl PodVm {
         // Not the token's first create: an earlier one may have reached the
         // cloud, and the provider must look for what it made.
         let earlier_attempt = !first_attempt;
-        let request = match create_request(
-            self.machine.target(),
-            &self.deps.request_inputs(),
-            earlier_attempt,
-        ) {
-            Ok(r) => r,
-            Err(message) => {
-                let failure = OpFailure {
-                    message,
-                    retryable: false,
-                    retry_after: None,
-                };
-                // Answered as an event, after this step's commands.
-                ctx.notify(Failed(failure));
-                return;
-            }
+        let deps = self.deps.clone();
+        let record = self.machine.target().clone();
+        let permanent = |message: String| OpFailure {
+            message,
+            retryable: false,
+            retry_after: None,
         };
-        let provider = self.deps.provider.clone();
-        let pull_secrets = self.deps.pull_secrets.clone();
         let call = async move {
-            let mut request = request;
-            if let Some(secrets) = pull_secrets {
+            // The pod's network as the CNI made it, for the pod VM to
+            // rebuild: read before the create, so a pod the tunnel cannot
+            // serve (no namespace, no or two IPv4 addresses, an MTU below
+            // the VXLAN overhead) gets no VM.
+            let pod_network = match tunnel_of(&deps, &record) {
+                None => None,
+                Some((settings, netns, vni)) => {
+                    let described = settings.describe(&netns, vni).await;
+                    count_tunnel("describe", &described);
+                    Some(described.map_err(|e| permanent(report(&e)))?)
+                }
+            };
+            let mut request = create_request(
+                &record,
+                &deps.request_inputs(),
+                earlier_attempt,
+                pod_network.as_ref(),
+            )
+            .map_err(permanent)?;
+            if let Some(secrets) = &deps.pull_secrets {
                 secrets.add_auth_json(&mut request).await;
             }
-            provider.send(EnsureInstance { request }).await
+            answered(deps.provider.send(EnsureInstance { request }).await)
         };
         ctx.spawn(call.into_actor(self).map(|result, act, ctx| {
-            let result = answered(result);
             if result.is_ok() {
                 failpoints::hit(failpoints::CREATED_BEFORE_RUNNING);
             }
@@ -423,7 +458,22 @@ impl PodVm {
     /// Deletes the instance; answers [`Event::Deleted`].
     fn delete(&mut self, instance_id: String, ctx: &mut Context<Self>) {
         failpoints::hit(failpoints::DELETING_BEFORE_DELETE);
-        let call = self.deps.provider.send(DeleteInstance(instance_id));
+        let tunnel = tunnel_of(&self.deps, self.machine.target());
+        let sandbox = self.sandbox_id().to_owned();
+        let provider = self.deps.provider.clone();
+        let call = async move {
+            // The worker's end first, while the record still holds the
+            // VNI. A failure does not keep the VM: the device goes with the
+            // pod's namespace, and the GC sweeps rules no record owns.
+            if let Some((settings, netns, vni)) = tunnel {
+                let removed = settings.remove_tunnel(&netns, vni).await;
+                count_tunnel("teardown", &removed);
+                if let Err(e) = removed {
+                    tracing::warn!(sandbox = %sandbox, vni, error = %report(&e), "cannot remove the pod's tunnel; the VM is deleted anyway");
+                }
+            }
+            provider.send(DeleteInstance(instance_id)).await
+        };
         ctx.spawn(call.into_actor(self).map(|result, act, ctx| {
             let result = answered(result);
             if result.is_ok() {
@@ -442,8 +492,27 @@ impl PodVm {
             self.deps.pki.as_deref(),
             &self.machine.target().instance_name,
         );
+        let tunnel = tunnel_of(&self.deps, self.machine.target());
+        let ips = self
+            .machine
+            .target()
+            .instance
+            .as_ref()
+            .map_or_else(|| vec![ip], |i| i.ips.clone());
         let probe = async move {
             failpoints::hit(failpoints::DURING_READINESS);
+            // The worker's end of the pod's tunnel, before the pod is
+            // reported Running (kept if a restart finds it there).
+            if let Some((settings, netns, vni)) = tunnel {
+                let t = Instant::now();
+                let built = settings.ensure_tunnel(&netns, &ips, vni).await;
+                count_tunnel("setup", &built);
+                if matches!(built, Ok(true)) {
+                    metrics::histogram!(metrics::TUNNEL_SETUP_DURATION)
+                        .record(t.elapsed().as_secs_f64());
+                }
+                built.map_err(|e| report(&e))?;
+            }
             crate::probe::wait_for_agent(addr, limit, tls?.as_ref()).await
         };
         ctx.spawn(probe.into_actor(self).map(|result, act, ctx| {
@@ -483,6 +552,38 @@ impl PodVm {
         tracing::info!(sandbox = %self.sandbox_id(), action = action.as_str(), "recovered");
         self.supervisor
             .do_send(PodVmReport::Recovered(self.sandbox_id().to_owned()));
+    }
+
+    /// After a restart, a Running sandbox's tunnel is checked and, if its
+    /// device is missing (the node rebooted, someone removed it), built
+    /// again with the same VNI. A failure is logged and counted; the pod
+    /// VM keeps running (its agent path does not use the tunnel).
+    fn restore_tunnel(&mut self, ctx: &mut Context<Self>) {
+        let target = self.machine.target();
+        if target.state != State::Running {
+            return;
+        }
+        let Some((settings, netns, vni)) = tunnel_of(&self.deps, target) else {
+            return;
+        };
+        let ips = target
+            .instance
+            .as_ref()
+            .map(|i| i.ips.clone())
+            .unwrap_or_default();
+        let sandbox = self.sandbox_id().to_owned();
+        ctx.spawn(
+            async move {
+                let restored = settings.ensure_tunnel(&netns, &ips, vni).await;
+                count_tunnel("setup", &restored);
+                match restored {
+                    Ok(true) => tracing::info!(sandbox = %sandbox, vni, "pod tunnel was missing; built it again"),
+                    Ok(false) => tracing::debug!(sandbox = %sandbox, vni, "pod tunnel found"),
+                    Err(e) => tracing::warn!(sandbox = %sandbox, vni, error = %report(&e), "cannot restore the pod's tunnel"),
+                }
+            }
+            .into_actor(self),
+        );
     }
 
     /// Deletes the record and the pods dir, then stops.

@@ -47,6 +47,14 @@ pub struct ProviderCalls {
     policy: CallPolicy,
 }
 
+impl ProviderCalls {
+    /// Whether the provider's instances can carry a pod's network
+    /// ([`Provider::pod_network`]).
+    pub fn pod_network(&self) -> bool {
+        self.provider.pod_network()
+    }
+}
+
 impl std::fmt::Debug for ProviderCalls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProviderCalls")

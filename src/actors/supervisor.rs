@@ -54,6 +54,14 @@ pub enum SupervisorError {
         /// The limit.
         limit: usize,
     },
+    /// Every VNI of `--vxlan-min-id`'s range is held by a sandbox.
+    #[error("Cannot give sandbox {sandbox_id} a tunnel: {source}")]
+    NoVni {
+        /// The sandbox id.
+        sandbox_id: String,
+        /// The range and how many are held.
+        source: crate::network::vni::VnisExhausted,
+    },
     /// The sandbox has no actor: CreateVM was not called, or it was stopped.
     #[error("Sandbox {sandbox_id} is not known: CreateVM was not called, or it was stopped")]
     NotKnown {
@@ -175,6 +183,13 @@ pub struct Supervisor {
     journal_seq_at_open: u64,
     /// Every sandbox this run has known (created or recovered).
     known_sandboxes: HashSet<String>,
+    /// VNIs handed out to sandboxes whose `Pending` record is not in the
+    /// view yet (its first write is in flight); see [`Supervisor::allocate_vni`].
+    vnis_in_flight: HashMap<String, u32>,
+    /// A sandbox of this run held a VNI since the last NOTRACK sweep
+    /// (or a record did at start-up): the next GC pass sweeps. A node
+    /// whose pods have no tunnels runs no `iptables` at all.
+    tunnels_seen: bool,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -208,8 +223,35 @@ impl Supervisor {
             reported_spared: HashSet::new(),
             journal_seq_at_open: deps.journal.durable_sequence(),
             known_sandboxes: HashSet::new(),
+            vnis_in_flight: HashMap::new(),
+            tunnels_seen: false,
             deps,
         }
+    }
+
+    /// The lowest VNI of the range that no record holds and no CreateVM in
+    /// flight was given, reserved for `sandbox_id` until its record is in
+    /// the view. The journal is the truth of which VNIs are held (a record
+    /// keeps its VNI until it is removed), so a restart cannot hand out a
+    /// live pod's VNI again (the reference's in-memory counter did: CAA
+    /// #3280).
+    fn allocate_vni(
+        &mut self,
+        sandbox_id: &str,
+        range: crate::network::vni::VniRange,
+    ) -> Result<u32, crate::network::vni::VnisExhausted> {
+        // A reservation ends once its record is in the view (which then
+        // holds the VNI) or its actor is gone (its first write failed).
+        let view = &self.deps.view;
+        let pods = &self.pods;
+        self.vnis_in_flight
+            .retain(|id, _| pods.contains_key(id) && view.get(id).is_none());
+        let mut taken = view.vnis();
+        taken.extend(self.vnis_in_flight.values().copied());
+        let vni = range.lowest_free(&taken)?;
+        self.vnis_in_flight.insert(sandbox_id.to_owned(), vni);
+        self.tunnels_seen = true;
+        Ok(vni)
     }
 
     /// Pod VMs that hold (or may soon hold) a cloud instance.
@@ -451,6 +493,21 @@ impl Handler<CreateVm> for Supervisor {
             msg.spec,
             now_millis(),
         );
+        if let Some(settings) = self.deps.pod_network.clone()
+            && !msg.netns.is_empty()
+        {
+            match self.allocate_vni(&id, settings.vnis) {
+                Ok(vni) => record.vni = Some(vni),
+                Err(source) => {
+                    return Box::pin(async move {
+                        Err(SupervisorError::NoVni {
+                            sandbox_id: id,
+                            source,
+                        })
+                    });
+                }
+            }
+        }
         record.network_namespace_path = msg.netns;
         record.initdata = msg.initdata;
         let (tx, rx) = oneshot::channel();
@@ -859,6 +916,38 @@ impl Supervisor {
     /// each owner is checked, and each removal made, here, so that no
     /// CreateVM is handled in between. Never with a journal in doubt: a
     /// record it lost may yet be adopted.
+    /// Removes the NOTRACK rules of tunnels whose VNI no record holds (a
+    /// teardown that failed, or a crash between a record's removal and its
+    /// rules'). Only with an intact journal and no quarantined record: a
+    /// record that cannot be read may hold a VNI. (The tunnel devices live
+    /// in the pods' namespaces and go with them.)
+    fn sweep_tunnel_rules(&mut self, ctx: &mut Context<Self>) {
+        let Some(settings) = self.deps.pod_network.clone() else {
+            return;
+        };
+        if !self.deps.journal.verdict().is_trusted() || !self.quarantined.is_empty() {
+            return;
+        }
+        let mut owned = self.deps.view.vnis();
+        owned.extend(self.vnis_in_flight.values().copied());
+        if !(self.tunnels_seen || !owned.is_empty()) {
+            return;
+        }
+        // Sweep again next pass while tunnels exist (their teardowns are
+        // not reported here), once more after the last one went.
+        self.tunnels_seen = !owned.is_empty();
+        let sweep =
+            async move { crate::network::tunnel::sweep_notrack(&settings.host_netns, owned).await };
+        ctx.spawn(sweep.into_actor(self).map(|swept, _, _| match swept {
+            Ok(rules) => {
+                for rule in rules {
+                    tracing::info!(vni = rule.vni, pod_vm_ip = %rule.pod_vm_ip, "removed a tunnel's NOTRACK rule no record owns");
+                }
+            }
+            Err(e) => tracing::warn!(error = %podvisor_state::report(&e), "cannot sweep tunnels' NOTRACK rules; next pass retries"),
+        }));
+    }
+
     fn sweep_pod_dirs(&self, ctx: &mut Context<Self>) {
         if !self.deps.journal.verdict().is_trusted() {
             return;
@@ -903,6 +992,7 @@ impl Handler<RunGc> for Supervisor {
             return Box::pin(fut::ready(()));
         }
         self.sweep_pod_dirs(ctx);
+        self.sweep_tunnel_rules(ctx);
         self.gc_running = true;
         let list = self.deps.provider.send(ListInstances {
             key: TAG_NODE.to_owned(),

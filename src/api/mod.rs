@@ -74,7 +74,9 @@ impl From<SupervisorError> for ApiError {
             SupervisorError::AlreadyExists { .. } | SupervisorError::BeingCreated { .. } => {
                 ApiError::AlreadyExists(message)
             }
-            SupervisorError::LimitReached { .. } => ApiError::ResourceExhausted(message),
+            SupervisorError::LimitReached { .. } | SupervisorError::NoVni { .. } => {
+                ApiError::ResourceExhausted(message)
+            }
             SupervisorError::NotKnown { .. } | SupervisorError::Lost { .. } => {
                 ApiError::NotFound(message)
             }

@@ -23,6 +23,7 @@
 
 pub mod inspect;
 pub mod notrack;
+pub mod settings;
 pub mod tunnel;
 pub mod vni;
 

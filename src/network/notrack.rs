@@ -62,6 +62,9 @@ pub enum NotrackError {
     },
 }
 
+/// The programs the rules are read and written with; on `PATH`.
+pub const PROGRAMS: [&str; 2] = ["iptables-save", "iptables-restore"];
+
 /// One `iptables` operation at a time in this process.
 static LOCK: Mutex<()> = Mutex::new(());
 

@@ -467,6 +467,12 @@ impl Provider for LocalProvider {
         "local"
     }
 
+    /// Only with `--netns-per-vm`: otherwise an instance is a process on a
+    /// loopback address, with no network to join a pod's to.
+    fn pod_network(&self) -> bool {
+        self.vm_network.is_some()
+    }
+
     async fn create_instance(&self, request: &CreateRequest) -> Result<Instance, ProviderError> {
         if request.token.is_empty() {
             return Err(ProviderError::permanent(
