@@ -89,6 +89,11 @@ pub struct Setup {
     /// The daemon's working directory, instead of the test's: where
     /// relative paths among its flags lead.
     pub current_dir: Option<PathBuf>,
+    /// The network namespace (a name under `/run/netns`, made by the test)
+    /// the daemon runs in, instead of the test's: a daemon that builds
+    /// tunnels, bridges and NOTRACK rules must never touch the machine's
+    /// own network. Its admin endpoint is then reached from inside it.
+    pub netns: Option<String>,
 }
 
 impl Setup {
@@ -114,6 +119,7 @@ impl Setup {
             nofile: None,
             pods_dir_override: None,
             current_dir: None,
+            netns: None,
         }
     }
     pub fn socket(&self) -> PathBuf {
@@ -146,6 +152,13 @@ impl Setup {
         std::fs::write(&path, script).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         self.forwarder_bin = Some(path);
+    }
+
+    /// The path of [`Setup::netns`], as `ip netns add` made it.
+    pub fn netns_path(&self) -> Option<PathBuf> {
+        self.netns
+            .as_ref()
+            .map(|name| PathBuf::from(format!("/run/netns/{name}")))
     }
 
     pub fn local_dir(&self) -> PathBuf {
@@ -217,17 +230,28 @@ impl Setup {
             .path()
             .join(format!("daemon-{}.log", fastrand::u32(..)));
         let file = std::fs::File::create(&log).unwrap();
-        let child = self
-            .command()
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap();
+        let mut command = self.command();
+        command.stdout(Stdio::null()).stderr(file);
+        let netns = self.netns_path();
+        let child = match &netns {
+            None => command.spawn().unwrap(),
+            // Spawned from a thread inside the namespace, the daemon runs
+            // there (a child inherits its creator thread's network
+            // namespace) and shares the test's mount namespace, unlike
+            // `ip netns exec`: the pod namespaces its pod VMs bind-mount
+            // stay visible to the test.
+            Some(path) => podvisor_podvm::network::netns::Netns::open(path)
+                .expect("the daemon's network namespace opens")
+                .run(|| command.spawn())
+                .expect("a thread enters the daemon's network namespace")
+                .expect("podvisor starts in its network namespace"),
+        };
         Daemon {
             child: Some(child),
             log,
             admin: format!("http://127.0.0.1:{}", self.admin_port),
             socket: self.socket(),
+            netns,
         }
     }
 
@@ -239,7 +263,17 @@ impl Setup {
 
 /// GET `url`: status and JSON (or text as a JSON string).
 pub async fn http_get(url: String) -> Result<(u16, serde_json::Value), String> {
-    tokio::task::spawn_blocking(move || {
+    http_get_in(url, None).await
+}
+
+/// GET `url` from inside the network namespace at `netns` (the test's own
+/// when `None`): a daemon in a namespace of its own listens on that
+/// namespace's loopback.
+pub async fn http_get_in(
+    url: String,
+    netns: Option<PathBuf>,
+) -> Result<(u16, serde_json::Value), String> {
+    let get = move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(5)))
@@ -253,6 +287,13 @@ pub async fn http_get(url: String) -> Result<(u16, serde_json::Value), String> {
             .map_err(|e| e.to_string())?;
         let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
         Ok((status, json))
+    };
+    tokio::task::spawn_blocking(move || match netns {
+        None => get(),
+        Some(path) => podvisor_podvm::network::netns::Netns::open(&path)
+            .map_err(|e| e.to_string())?
+            .run(get)
+            .map_err(|e| e.to_string())?,
     })
     .await
     .unwrap()
@@ -264,6 +305,8 @@ pub struct Daemon {
     pub log: PathBuf,
     pub admin: String,
     pub socket: PathBuf,
+    /// The network namespace the daemon runs in ([`Setup::netns`]).
+    pub netns: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -302,7 +345,7 @@ impl Daemon {
 
     /// GET on the admin endpoint: status and JSON (or text as a JSON string).
     pub async fn get(&self, path: &str) -> Result<(u16, serde_json::Value), String> {
-        http_get(format!("{}{path}", self.admin)).await
+        http_get_in(format!("{}{path}", self.admin), self.netns.clone()).await
     }
 
     /// The record of a sandbox from `/v1/instances/{id}`, or `None` on 404.

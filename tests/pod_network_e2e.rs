@@ -1,0 +1,841 @@
+//! The pod network end to end, with real packets: the daemon (a child
+//! process on the local provider with `--netns-per-vm`) joins a peer pod's
+//! network namespace to its pod VM's pod namespace by a VXLAN tunnel, and
+//! a client pod on the same node reaches the pod VM at the pod's IP.
+//!
+//! Each test builds its own network namespaces (unique names, deleted by a
+//! guard even when it fails), never touching the machine's:
+//!
+//! ```text
+//!  client pod ns                 worker ns (the daemon runs here)
+//!  eth0 10.244.7.6 ── vethclient ┐
+//!                                cni0 10.244.7.1/24
+//!  peer pod ns                   │
+//!  eth0 10.244.7.5 ── vethpeer ──┘   <cloud bridge> 192.168.60.1/24 ── pv… ══ pod VM ns
+//!  vxlan1 (+ tc redirects,           (made by the daemon; the tunnel's       eth0 192.168.60.N
+//!  made by StartVM)                   host interface)                        forwarder; its pod
+//!                                                                            namespace (podns) holds
+//!                                                                            10.244.7.5 on a VXLAN
+//! ```
+//!
+//! The daemon's admin endpoint listens on the worker namespace's loopback;
+//! the harness reaches it from there (`Setup::netns`). Nothing connects
+//! outside 127.0.0.0/8 except inside namespaces the test made.
+//!
+//! Needs root (namespaces, iptables): under `CI=true` a test that cannot
+//! make namespaces fails with the reason; elsewhere it says why and passes.
+
+mod common;
+
+use common::*;
+use podvisor_podvm::network::netns::Netns;
+use sha2::{Digest, Sha256};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 1);
+const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 5);
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 6);
+const POD2_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 7);
+const CLOUD_SUBNET: &str = "192.168.60.0/24";
+/// The cloud bridge's address, with its prefix: the worker's end of every
+/// tunnel.
+const CLOUD_GATEWAY: &str = "192.168.60.1/24";
+/// The first VNI (`--vxlan-min-id`'s default).
+const FIRST_VNI: u64 = 555_000;
+/// How long teardown may take after StopVM answers (it may answer before
+/// the pod VM is gone: the shim's StopVM deadline is 1 s).
+const CLEAN_WITHIN: Duration = Duration::from_secs(30);
+
+/// Makes names unique within this process (the pid makes them unique
+/// across processes).
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn unique() -> u32 {
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Runs a fixture command, panicking with its stderr when it fails.
+fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `ip ARGS…` (fixtures and checks only; the product speaks netlink).
+fn ip(args: &[&str]) -> String {
+    run("ip", args)
+}
+
+/// Whether this process may create network namespaces and run iptables.
+/// Under `CI=true` it must: a failure panics with the reason.
+fn namespaces_available() -> bool {
+    let name = format!("pve{}-probe{}", std::process::id(), unique());
+    let outcome = Command::new("ip").args(["netns", "add", &name]).output();
+    let reason = match outcome {
+        Ok(output) if output.status.success() => {
+            let _ = Command::new("ip").args(["netns", "del", &name]).output();
+            match Command::new("iptables-save").arg("--version").output() {
+                Ok(output) if output.status.success() => return true,
+                Ok(output) => format!(
+                    "iptables-save --version failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                ),
+                Err(e) => format!("no iptables-save program: {e}"),
+            }
+        }
+        Ok(output) => format!(
+            "ip netns add failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ),
+        Err(e) => format!("no ip program: {e}"),
+    };
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true and this test cannot create network namespaces: {reason}"
+    );
+    eprintln!("skipped: cannot create network namespaces ({reason}); run as root");
+    false
+}
+
+/// A namespace's path, as CreateVM passes it.
+fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/run/netns/{name}"))
+}
+
+/// The namespaces of one test; deleted on drop, even when it panics.
+#[derive(Debug, Default)]
+struct Namespaces {
+    names: Vec<String>,
+}
+
+impl Namespaces {
+    /// Creates a namespace for `role`, with `lo` up.
+    fn add(&mut self, role: &str) -> String {
+        let name = format!("pve{}-{}-{role}", std::process::id(), unique());
+        ip(&["netns", "add", &name]);
+        self.names.push(name.clone());
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        name
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
+/// A pod on the worker's `cni0`: its namespace's name and IP.
+#[derive(Debug, Clone)]
+struct Pod {
+    netns: String,
+    ip: Ipv4Addr,
+}
+
+impl Pod {
+    fn path(&self) -> PathBuf {
+        netns_path(&self.netns)
+    }
+}
+
+/// The worker namespace with its `cni0` and the pods on it, and the daemon
+/// (once started) running in it. Dropping it stops the daemon, kills the
+/// pod VMs' forwarders, detaches their pod namespaces' mounts and deletes
+/// the namespaces, in that order.
+struct World {
+    daemon: Option<Daemon>,
+    setup: Setup,
+    /// The `--cloud-bridge`, unique per test.
+    cloud_bridge: String,
+    worker: String,
+    client: Pod,
+    namespaces: Namespaces,
+}
+
+impl World {
+    /// The worker with `cni0` (10.244.7.1/24) and a client pod; the daemon
+    /// is configured (not started) to run in the worker namespace.
+    fn new() -> Self {
+        let mut namespaces = Namespaces::default();
+        let worker = namespaces.add("worker");
+        ip(&["-n", &worker, "link", "add", "cni0", "type", "bridge"]);
+        ip(&[
+            "-n",
+            &worker,
+            "addr",
+            "add",
+            &format!("{GATEWAY}/24"),
+            "dev",
+            "cni0",
+        ]);
+        ip(&["-n", &worker, "link", "set", "cni0", "up"]);
+        let cloud_bridge = format!("pvc{:x}", fastrand::u32(..));
+        let mut setup = Setup::new();
+        setup.netns = Some(worker.clone());
+        let agent = setup.root.path().join("agent.sock");
+        setup.global.extend([
+            // The tunnels' host interface is the cloud bridge: the worker
+            // IP the pod VMs send to is its address.
+            "--host-interface".to_owned(),
+            cloud_bridge.clone(),
+        ]);
+        setup.local.extend([
+            "--netns-per-vm".to_owned(),
+            "--cloud-bridge".to_owned(),
+            cloud_bridge.clone(),
+            "--cloud-subnet".to_owned(),
+            CLOUD_SUBNET.to_owned(),
+            // No pod here runs containers: the forwarders never dial it,
+            // but they must not point at the machine's own agent either.
+            "--agent-socket".to_owned(),
+            agent.to_string_lossy().into_owned(),
+        ]);
+        let mut world = Self {
+            daemon: None,
+            setup,
+            cloud_bridge,
+            worker,
+            client: Pod {
+                netns: String::new(),
+                ip: CLIENT_IP,
+            },
+            namespaces,
+        };
+        world.client = world.add_pod("client", CLIENT_IP);
+        world
+    }
+
+    /// A pod namespace plugged into `cni0` by a veth, with `ip`/24 on its
+    /// `eth0` and a default route via the bridge.
+    fn add_pod(&mut self, role: &str, address: Ipv4Addr) -> Pod {
+        let netns = self.namespaces.add(role);
+        let veth = format!("veth{}", address.octets()[3]);
+        let worker = self.worker.as_str();
+        ip(&[
+            "-n", worker, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns",
+            &netns,
+        ]);
+        ip(&["-n", worker, "link", "set", &veth, "master", "cni0", "up"]);
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &netns, "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &GATEWAY.to_string(),
+            "dev",
+            "eth0",
+        ]);
+        Pod { netns, ip: address }
+    }
+
+    /// Starts the daemon in the worker namespace and waits until it is
+    /// ready.
+    async fn start_daemon(&mut self) {
+        self.daemon = Some(self.setup.start().await);
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("the daemon was started")
+    }
+
+    /// The daemon's log and every forwarder's, for failure messages.
+    fn logs(&self) -> String {
+        let mut text = self
+            .daemon
+            .as_ref()
+            .map(Daemon::log_text)
+            .unwrap_or_default();
+        if let Ok(entries) = std::fs::read_dir(self.setup.local_dir().join("instances")) {
+            for entry in entries.flatten() {
+                let log =
+                    std::fs::read_to_string(entry.path().join("forwarder.log")).unwrap_or_default();
+                text.push_str(&format!(
+                    "\n--- forwarder of {} ---\n{log}",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+        text
+    }
+
+    /// CreateVM for `pod` (its namespace as `networkNamespacePath`), then
+    /// StartVM; returns the sandbox id and the StartVM outcome.
+    async fn create_and_start(&self, name: &str, netns: &Path) -> (String, ttrpc::Result<()>) {
+        let client = self.daemon().client().await;
+        let id = sandbox_id();
+        let req = podvisor::protocols::ttrpc::hypervisor::CreateVMRequest {
+            id: id.clone(),
+            annotations: pod_annotations(name, "net"),
+            networkNamespacePath: netns.to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        client
+            .hv
+            .create_vm(ctx(10), &req)
+            .await
+            .unwrap_or_else(|e| panic!("CreateVM: {e:?}\n{}", self.logs()));
+        let started = client.start(&id).await;
+        (id, started)
+    }
+
+    /// A Running sandbox for `pod`: its id, pod VM and VNI.
+    async fn run_sandbox(&self, name: &str, pod: &Pod) -> Sandbox {
+        let (id, started) = self.create_and_start(name, &pod.path()).await;
+        if let Err(e) = started {
+            panic!("StartVM: {e:?}\n{}", self.logs());
+        }
+        let view = self
+            .daemon()
+            .instance(&id)
+            .await
+            .expect("a started sandbox is listed");
+        assert_eq!(view["state"], "running", "{view}");
+        // `instance_id` in the view; `instance.id` if it nests the record.
+        let instance = view["instance_id"]
+            .as_str()
+            .or_else(|| view["instance"]["id"].as_str())
+            .unwrap_or_else(|| panic!("no instance id in {view}"))
+            .to_owned();
+        let vni = view["vni"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no VNI in {view}"));
+        let podns = self
+            .setup
+            .local_dir()
+            .join("instances")
+            .join(&instance)
+            .join("podns");
+        Sandbox {
+            id,
+            instance,
+            vni,
+            podns,
+            pod: pod.clone(),
+        }
+    }
+
+    /// StopVM of `sandbox`; the shim's 1 s deadline may pass while the pod
+    /// VM is still being deleted, so only a refusal other than that fails.
+    async fn stop(&self, sandbox: &Sandbox) {
+        let client = self.daemon().client().await;
+        if let Err(e) = client.stop(&sandbox.id).await {
+            let text = format!("{e:?}");
+            let lower = text.to_lowercase();
+            assert!(
+                lower.contains("deadline") || lower.contains("timeout"),
+                "StopVM of {}: {text}\n{}",
+                sandbox.id,
+                self.logs()
+            );
+        }
+    }
+
+    /// The worker namespace's raw table, as `iptables-save` prints it.
+    fn raw_table(&self) -> String {
+        run(
+            "ip",
+            &["netns", "exec", &self.worker, "iptables-save", "-t", "raw"],
+        )
+    }
+
+    /// Why the tunnel state of `sandboxes` is not all gone; `None` when
+    /// nothing of theirs is left: no VXLAN device, ingress qdisc or tc
+    /// filter in their pods, no NOTRACK rule of their VNIs in the worker.
+    /// With `everything`, the worker must also hold no `peerpod` chain or
+    /// rule and no VXLAN device at all (no sandbox runs).
+    fn leftovers(&self, sandboxes: &[&Sandbox], everything: bool) -> Option<String> {
+        let mut left = Vec::new();
+        let raw = self.raw_table();
+        if everything && raw.contains("peerpod") {
+            left.push(format!("NOTRACK state in the worker:\n{raw}"));
+        }
+        for sandbox in sandboxes {
+            // The rules' comment, as `notrack` writes it.
+            let tag = format!("[vni:{}]", sandbox.vni);
+            if raw.contains(&tag) {
+                left.push(format!("NOTRACK rules of {tag} in the worker:\n{raw}"));
+            }
+        }
+        let links = ip(&["-n", &self.worker, "-o", "link", "show"]);
+        if everything && links.contains("vxlan") {
+            left.push(format!("a VXLAN device in the worker:\n{links}"));
+        }
+        for pod in sandboxes.iter().map(|s| &s.pod) {
+            let links = ip(&["-n", &pod.netns, "-o", "link", "show"]);
+            if links.contains("vxlan") {
+                left.push(format!("a VXLAN device in {}:\n{links}", pod.netns));
+            }
+            let qdiscs = run("tc", &["-n", &pod.netns, "qdisc", "show", "dev", "eth0"]);
+            if qdiscs.contains("ingress") {
+                left.push(format!("an ingress qdisc in {}:\n{qdiscs}", pod.netns));
+            }
+            let filters = run(
+                "tc",
+                &["-n", &pod.netns, "filter", "show", "dev", "eth0", "ingress"],
+            );
+            if !filters.trim().is_empty() {
+                left.push(format!("a tc filter in {}:\n{filters}", pod.netns));
+            }
+        }
+        (!left.is_empty()).then(|| left.join("\n"))
+    }
+
+    /// Why `sandbox`'s pod VM is not all gone: its forwarder, its veth on
+    /// the cloud bridge, its pod namespace's mount.
+    fn pod_vm_leftovers(&self, sandbox: &Sandbox) -> Option<String> {
+        let mut left = Vec::new();
+        if let Some(pid) = instance_pid(&self.setup.local_dir(), &sandbox.instance)
+            && alive(pid)
+        {
+            left.push(format!("the forwarder {pid} of {} runs", sandbox.instance));
+        }
+        let ports = ip(&[
+            "-n",
+            &self.worker,
+            "-o",
+            "link",
+            "show",
+            "master",
+            &self.cloud_bridge,
+        ]);
+        let veth: String = sandbox
+            .instance
+            .trim_start_matches("lvm-")
+            .chars()
+            .take(12)
+            .collect();
+        if ports.contains(&format!("pv{veth}")) {
+            left.push(format!("its veth on {}:\n{ports}", self.cloud_bridge));
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        if mounts.contains(&sandbox.podns.to_string_lossy().into_owned()) {
+            left.push(format!("{} is still mounted", sandbox.podns.display()));
+        }
+        (!left.is_empty()).then(|| left.join("\n"))
+    }
+
+    /// Waits until nothing of the stopped `sandboxes` is left (their
+    /// tunnels, their pod VMs), and with `everything` nothing of any
+    /// tunnel in the worker; panics with what is left.
+    async fn assert_gone(&self, sandboxes: &[&Sandbox], everything: bool) {
+        let deadline = Instant::now() + CLEAN_WITHIN;
+        loop {
+            let left: Vec<String> = self
+                .leftovers(sandboxes, everything)
+                .into_iter()
+                .chain(sandboxes.iter().filter_map(|s| self.pod_vm_leftovers(s)))
+                .collect();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "left {CLEAN_WITHIN:?} after StopVM:\n{}\n{}",
+                left.join("\n"),
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// [`World::assert_gone`] once no sandbox runs: nothing of any tunnel
+    /// anywhere.
+    async fn assert_clean(&self, sandboxes: &[&Sandbox]) {
+        self.assert_gone(sandboxes, true).await;
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        drop(self.daemon.take());
+        let local = self.setup.local_dir();
+        kill_instances(&local);
+        // A forwarder killed before it removed its pod namespace leaves the
+        // bind mount: detached here, or the namespace (and the temporary
+        // directory) would outlive the test.
+        if let Ok(entries) = std::fs::read_dir(local.join("instances")) {
+            for entry in entries.flatten() {
+                let podns = entry.path().join("podns");
+                if podns.exists() {
+                    let _ = Command::new("umount").arg("-l").arg(&podns).output();
+                }
+            }
+        }
+    }
+}
+
+/// A Running sandbox.
+#[derive(Debug)]
+struct Sandbox {
+    id: String,
+    instance: String,
+    vni: u64,
+    /// The pod VM's pod namespace (the forwarder's bind mount).
+    podns: PathBuf,
+    /// The peer pod it stands for.
+    pod: Pod,
+}
+
+/// Runs `work` on a blocking thread (sockets, namespaces), so the test's
+/// runtime keeps serving.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work)
+        .await
+        .expect("the blocking work panicked")
+}
+
+/// The internet checksum (RFC 1071).
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends `count` ICMP echo requests from the namespace at `from` to `to`;
+/// panics when a reply is missing (2 s each).
+fn ping(from: &Path, to: Ipv4Addr, count: u16) {
+    let netns = Netns::open(from).expect("open the pinging namespace");
+    netns
+        .run(move || {
+            let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
+                .expect("raw ICMP socket");
+            socket
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            socket
+                .connect(&SocketAddrV4::new(to, 0).into())
+                .expect("connect");
+            let id = (std::process::id() as u16) ^ (unique() as u16);
+            for seq in 0..count {
+                let mut request = vec![8, 0, 0, 0];
+                request.extend_from_slice(&id.to_be_bytes());
+                request.extend_from_slice(&seq.to_be_bytes());
+                request.extend_from_slice(b"podvisor-pod-network-e2e-payload");
+                let sum = checksum(&request);
+                request[2..4].copy_from_slice(&sum.to_be_bytes());
+                (&socket).write_all(&request).expect("send echo request");
+                loop {
+                    let mut buffer = [0u8; 1500];
+                    let n = (&socket)
+                        .read(&mut buffer)
+                        .unwrap_or_else(|e| panic!("no echo reply from {to} for seq {seq}: {e}"));
+                    let header = usize::from(buffer[0] & 0x0f) * 4;
+                    let icmp = &buffer[header..n];
+                    if icmp.len() >= 8
+                        && icmp[0] == 0
+                        && icmp[4..6] == id.to_be_bytes()
+                        && icmp[6..8] == seq.to_be_bytes()
+                    {
+                        break;
+                    }
+                }
+            }
+        })
+        .expect("run in the pinging namespace");
+}
+
+/// The count of ICMP echo replies the namespace at `path` sent.
+fn echo_replies_sent(path: &Path) -> u64 {
+    let snmp = Netns::open(path)
+        .expect("open netns")
+        .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))
+        .expect("run in netns")
+        .expect("read snmp");
+    let mut icmp = snmp.lines().filter(|line| line.starts_with("Icmp:"));
+    let (Some(names), Some(values)) = (icmp.next(), icmp.next()) else {
+        panic!("no Icmp lines in snmp:\n{snmp}");
+    };
+    let column = names
+        .split_whitespace()
+        .position(|n| n == "OutEchoReps")
+        .expect("OutEchoReps column");
+    values
+        .split_whitespace()
+        .nth(column)
+        .and_then(|v| v.parse().ok())
+        .expect("OutEchoReps value")
+}
+
+/// A TCP listener on `address` inside the namespace at `path`.
+fn listen(path: &Path, address: SocketAddr) -> TcpListener {
+    Netns::open(path)
+        .expect("open the server's namespace")
+        .run(move || TcpListener::bind(address))
+        .expect("run in the server's namespace")
+        .unwrap_or_else(|e| panic!("bind {address} in {}: {e}", path.display()))
+}
+
+/// A TCP connection to `address` from inside the namespace at `path`.
+fn connect(path: &Path, address: SocketAddr) -> TcpStream {
+    Netns::open(path)
+        .expect("open the client's namespace")
+        .run(move || TcpStream::connect_timeout(&address, Duration::from_secs(5)))
+        .expect("run in the client's namespace")
+        .unwrap_or_else(|e| panic!("connect to {address} from {}: {e}", path.display()))
+}
+
+/// Sends `bytes` of seeded pseudo-random data from the namespace at
+/// `client` to a server in `server` on `address`, which answers the data's
+/// SHA-256 and the address the connection came from; asserts both.
+fn transfer_checked(server: &Path, client: &Path, address: SocketAddr, bytes: usize) -> Duration {
+    let listener = listen(server, address);
+    let receiver = std::thread::spawn(move || {
+        let (mut stream, peer) = listener.accept().expect("accept");
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 1 << 16];
+        loop {
+            let n = stream.read(&mut buffer).expect("read");
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+        }
+        stream.write_all(&hasher.finalize()).expect("write digest");
+        peer
+    });
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
+    let mut data = vec![0u8; bytes];
+    rng.fill(&mut data);
+    let expected = Sha256::digest(&data);
+    let started = Instant::now();
+    let mut stream = connect(client, address);
+    stream.write_all(&data).expect("send");
+    stream.shutdown(Shutdown::Write).expect("shutdown");
+    let mut digest = [0u8; 32];
+    stream.read_exact(&mut digest).expect("digest");
+    let elapsed = started.elapsed();
+    let peer = receiver.join().expect("receiver");
+    assert_eq!(
+        digest[..],
+        expected[..],
+        "{bytes} bytes to {address} arrived damaged"
+    );
+    let local = stream.local_addr().expect("local address");
+    assert_eq!(peer, local, "the server saw another client");
+    elapsed
+}
+
+/// Asserts that the pod VM of `sandbox` holds its pod's IP: TCP from the
+/// client pod reaches a server in the pod VM's pod namespace, and pings go
+/// both ways, answered by the pod VM (not by the peer pod's own
+/// namespace, which still holds the IP).
+async fn assert_reachable(world: &World, sandbox: &Sandbox, port: u16, bytes: usize) -> Duration {
+    let podns = sandbox.podns.clone();
+    let client = world.client.path();
+    let peer = sandbox.pod.path();
+    let pod_ip = sandbox.pod.ip;
+    let client_ip = world.client.ip;
+    assert!(
+        podns.exists(),
+        "no pod namespace at {}\n{}",
+        podns.display(),
+        world.logs()
+    );
+    blocking(move || {
+        let (vm_before, peer_before) = (echo_replies_sent(&podns), echo_replies_sent(&peer));
+        ping(&client, pod_ip, 3);
+        assert!(
+            echo_replies_sent(&podns) >= vm_before + 3,
+            "the pod VM's pod namespace did not answer the pings"
+        );
+        assert_eq!(
+            echo_replies_sent(&peer),
+            peer_before,
+            "the peer pod's own namespace answered: the tunnel was bypassed"
+        );
+        ping(&podns, client_ip, 3);
+        transfer_checked(&podns, &client, SocketAddr::from((pod_ip, port)), bytes)
+    })
+    .await
+}
+
+/// The tests' shape: skip (or fail under CI) without namespaces.
+macro_rules! network_test {
+    ($name:ident, $body:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            if !namespaces_available() {
+                return;
+            }
+            $body.await;
+        }
+    };
+}
+
+network_test!(
+    a_client_pod_reaches_the_pod_vm_at_the_pod_ip_and_stop_leaves_nothing,
+    async {
+        let mut world = World::new();
+        let peer = world.add_pod("peer", POD_IP);
+        world.start_daemon().await;
+        let started = Instant::now();
+        let sandbox = world.run_sandbox("web", &peer).await;
+        eprintln!("CreateVM + StartVM: {:?}", started.elapsed());
+        assert_eq!(sandbox.vni, FIRST_VNI, "the first sandbox's VNI");
+
+        let elapsed = assert_reachable(&world, &sandbox, 7001, 16 << 20).await;
+        eprintln!("16 MiB through the tunnel: {elapsed:?}");
+        // The worker's side as StartVM left it: vxlan1 in the peer pod, a
+        // NOTRACK rule for the VNI in the worker.
+        let links = ip(&["-n", &peer.netns, "-o", "link", "show"]);
+        assert!(
+            links.contains("vxlan1"),
+            "no vxlan1 in the peer pod:\n{links}"
+        );
+        let raw = world.raw_table();
+        assert!(
+            raw.contains(&format!("[vni:{FIRST_VNI}]")),
+            "no NOTRACK rule of the VNI:\n{raw}"
+        );
+        // What the pod VM was told (apf.json's `pod-network`): the peer
+        // pod's address and MAC, the VNI, the worker's end on the cloud
+        // bridge.
+        let apf = world
+            .setup
+            .local_dir()
+            .join("instances")
+            .join(&sandbox.instance)
+            .join("run/peerpod/apf.json");
+        let apf: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&apf).expect("the pod VM's apf.json"))
+                .expect("apf.json is JSON");
+        let network = &apf["pod-network"];
+        let mac = ip(&["-n", &peer.netns, "-o", "link", "show", "dev", "eth0"]);
+        assert!(
+            network["pod-hw-addr"]
+                .as_str()
+                .is_some_and(|m| mac.contains(&format!("link/ether {m} "))),
+            "{network} against {mac}"
+        );
+        assert_eq!(network["podip"], format!("{POD_IP}/24"), "{network}");
+        assert_eq!(network["vxlan-id"], FIRST_VNI, "{network}");
+        assert_eq!(network["vxlan-port"], 4789, "{network}");
+        assert_eq!(network["worker-node-ip"], CLOUD_GATEWAY, "{network}");
+
+        world.stop(&sandbox).await;
+        world.assert_clean(&[&sandbox]).await;
+    }
+);
+
+network_test!(two_sandboxes_get_distinct_vnis_and_both_answer, async {
+    let mut world = World::new();
+    let first = world.add_pod("peer", POD_IP);
+    let second = world.add_pod("peer2", POD2_IP);
+    world.start_daemon().await;
+    let a = world.run_sandbox("web-a", &first).await;
+    let b = world.run_sandbox("web-b", &second).await;
+    assert_eq!(
+        (a.vni, b.vni),
+        (FIRST_VNI, FIRST_VNI + 1),
+        "VNIs in order of creation"
+    );
+    assert_reachable(&world, &a, 7002, 1 << 20).await;
+    assert_reachable(&world, &b, 7003, 1 << 20).await;
+
+    // Stopping one leaves the other working.
+    world.stop(&a).await;
+    world.assert_gone(&[&a], false).await;
+    assert_reachable(&world, &b, 7004, 1 << 20).await;
+    world.stop(&b).await;
+    world.assert_clean(&[&a, &b]).await;
+});
+
+network_test!(
+    a_pod_netns_that_does_not_exist_fails_start_vm_and_leaves_nothing,
+    async {
+        let mut world = World::new();
+        world.start_daemon().await;
+        let missing = netns_path(&format!("pve{}-{}-missing", std::process::id(), unique()));
+        let (id, started) = world.create_and_start("ghost", &missing).await;
+        let (code, message) = rpc_error(started.expect_err("StartVM with a missing netns"));
+        assert!(
+            message.contains(&missing.to_string_lossy().into_owned()),
+            "the error does not name {} ({code:?}): {message}\n{}",
+            missing.display(),
+            world.logs()
+        );
+        // No pod VM was made for it, no rule added.
+        let instances: Vec<_> = std::fs::read_dir(world.setup.local_dir().join("instances"))
+            .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            instances.is_empty(),
+            "instances made for a sandbox that failed: {instances:?}\n{}",
+            world.logs()
+        );
+        world.assert_clean(&[]).await;
+        // Kata stops a sandbox whose start failed: that must succeed.
+        let client = world.daemon().client().await;
+        let _ = client.stop(&id).await;
+        world.assert_clean(&[]).await;
+    }
+);
+
+network_test!(
+    a_sandbox_keeps_its_tunnel_and_vni_across_a_daemon_kill,
+    async {
+        let mut world = World::new();
+        let first = world.add_pod("peer", POD_IP);
+        let second = world.add_pod("peer2", POD2_IP);
+        world.start_daemon().await;
+        let a = world.run_sandbox("web-a", &first).await;
+        assert_reachable(&world, &a, 7005, 1 << 20).await;
+
+        world
+            .daemon
+            .as_mut()
+            .expect("the daemon was started")
+            .kill9();
+        // The tunnel is kernel state: the pod answers while no daemon runs.
+        assert_reachable(&world, &a, 7008, 1 << 20).await;
+        world.start_daemon().await;
+        let view = world
+            .daemon()
+            .instance(&a.id)
+            .await
+            .expect("the sandbox survives the restart");
+        assert_eq!(view["vni"].as_u64(), Some(a.vni), "{view}");
+        assert_reachable(&world, &a, 7006, 1 << 20).await;
+
+        let b = world.run_sandbox("web-b", &second).await;
+        assert_ne!(b.vni, a.vni, "a VNI handed out twice");
+        assert_reachable(&world, &b, 7007, 1 << 20).await;
+
+        world.stop(&a).await;
+        world.stop(&b).await;
+        world.assert_clean(&[&a, &b]).await;
+    }
+);
