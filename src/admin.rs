@@ -67,6 +67,12 @@ pub struct InstanceView1 {
     pub instance_name: String,
     /// The instance's addresses.
     pub ips: Vec<String>,
+    /// The pod's network namespace on this node (CreateVM's
+    /// `networkNamespacePath`; empty if none was sent).
+    pub network_namespace: String,
+    /// The VNI of the pod's VXLAN tunnel (`None`: the pod has no tunnel);
+    /// see docs/networking.md.
+    pub vni: Option<u32>,
     /// What the pod asked for (instance type, vCPUs rounded up to whole
     /// ones, memory in MiB, GPUs, image), from CreateVM's annotations.
     pub spec: podvisor_state::InstanceSpec,
@@ -103,6 +109,8 @@ impl From<&InstanceRecord> for InstanceView1 {
                 .as_ref()
                 .map(|i| i.ips.iter().map(std::string::ToString::to_string).collect())
                 .unwrap_or_default(),
+            network_namespace: r.network_namespace_path.clone(),
+            vni: r.vni,
             spec: r.spec.clone(),
             attempts: r.attempts,
             last_error: r.last_error.clone(),

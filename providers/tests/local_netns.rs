@@ -72,8 +72,39 @@ async fn reachable(addr: SocketAddr) -> bool {
     )
 }
 
+/// Kills the forwarders of the instances under a local dir when dropped —
+/// also when the test fails half-way (each holds its namespace alive).
+struct KillForwarders(std::path::PathBuf);
+
+impl Drop for KillForwarders {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.0.join("instances")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let Ok(proc_dir) = std::fs::read_dir("/proc") else {
+                return;
+            };
+            for pid in proc_dir
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if cmdline.split(|b| *b == 0).any(|a| a == id.as_bytes()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
 async fn instances_get_namespaces_and_addresses_on_the_cloud_bridge() {
     let dir = tempfile::tempdir().unwrap();
+    let _kill = KillForwarders(dir.path().to_path_buf());
     let port = podvisor_podvm::testing::free_port();
     let bin = podvisor_podvm::testing::forwarder_binary().unwrap();
     let provider = LocalProvider::new(dir.path().to_path_buf(), bin, port)

@@ -383,7 +383,11 @@ impl PodVm {
                 Some((settings, netns, vni)) => {
                     let described = settings.describe(&netns, vni).await;
                     count_tunnel("describe", &described);
-                    Some(described.map_err(|e| permanent(report(&e)))?)
+                    Some(described.map_err(|e| OpFailure {
+                        message: report(&e),
+                        retryable: e.retryable(),
+                        retry_after: None,
+                    })?)
                 }
             };
             let mut request = create_request(

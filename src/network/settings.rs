@@ -34,15 +34,28 @@ pub struct PodNetworkSettings {
 /// Why a sandbox's pod network could not be described or built.
 #[derive(Debug, thiserror::Error)]
 pub enum PodNetworkError {
-    /// The pod's or the node's namespace could not be read.
+    /// The pod's namespace could not be read, or does not hold one IPv4
+    /// interface the tunnel can serve: permanent for this pod.
     #[error("Cannot inspect the pod network")]
     Inspect(#[from] InspectError),
+    /// The node's end of the tunnels (the host interface and its address,
+    /// in the daemon's network namespace) could not be read: may pass.
+    #[error("Cannot find the node's end of the pod tunnel in the daemon's network namespace")]
+    Host(#[source] InspectError),
     /// The tunnel could not be set up or removed.
     #[error("Cannot build the pod's tunnel")]
     Tunnel(#[from] TunnelError),
     /// The pod VM has no IPv4 address for the tunnel to send to.
     #[error("The pod VM has no IPv4 address for its tunnel (addresses: {0:?})")]
     NoPodVmAddress(Vec<IpAddr>),
+}
+
+impl PodNetworkError {
+    /// Whether trying again may succeed: the node's side may come up (its
+    /// interface, its address); a pod without a usable network will not.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::Host(_) | Self::Tunnel(_))
+    }
 }
 
 impl PodNetworkSettings {
@@ -76,7 +89,9 @@ impl PodNetworkSettings {
         vni: u32,
     ) -> Result<PodNetwork, PodNetworkError> {
         let pod = inspect::inspect_pod(pod_netns).await?;
-        let host = inspect::inspect_host(&self.host_netns, self.host_interface.as_deref()).await?;
+        let host = inspect::inspect_host(&self.host_netns, self.host_interface.as_deref())
+            .await
+            .map_err(PodNetworkError::Host)?;
         Ok(self.apf_pod_network(&pod, &host, vni))
     }
 

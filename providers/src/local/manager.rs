@@ -143,7 +143,9 @@ impl ProviderConfig for LocalConfig {
             .with_delays(self.create_delay, self.delete_delay)
             .with_lookup_delay(self.lookup_delay);
         let provider = if self.netns_per_vm {
-            provider.with_vm_network(VmNetwork::new(self.cloud_bridge.clone(), self.cloud_subnet))
+            let network = VmNetwork::new(self.cloud_bridge.clone(), self.cloud_subnet);
+            network.prepare().await?;
+            provider.with_vm_network(network)
         } else {
             provider
         };

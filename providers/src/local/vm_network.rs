@@ -103,6 +103,19 @@ impl VmNetwork {
             .map_err(|e| failed("Cannot open netlink in the daemon's namespace", &e))
     }
 
+    /// Makes the bridge with its address, up, when the provider starts: it
+    /// is the node's interface towards its instances (`--host-interface`
+    /// names it), so it must exist before the first pod's tunnel is
+    /// described.
+    ///
+    /// # Errors
+    /// A transient [`ProviderError`] naming the step that failed.
+    pub async fn prepare(&self) -> Result<(), ProviderError> {
+        self.ensure_bridge(&Self::daemon_netlink()?)
+            .await
+            .map(|_| ())
+    }
+
     /// Makes the bridge (if missing), gives it the gateway address (if
     /// missing) and brings it up; once per provider.
     async fn ensure_bridge(&self, handle: &Handle) -> Result<u32, ProviderError> {
