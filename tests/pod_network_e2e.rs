@@ -306,6 +306,11 @@ impl World {
         (id, started)
     }
 
+    /// [`World::run_sandbox`] with an owned name (for many at once).
+    async fn run_sandbox_named(&self, name: String, pod: &Pod) -> Sandbox {
+        self.run_sandbox(&name, pod).await
+    }
+
     /// A Running sandbox for `pod`: its id, pod VM and VNI.
     async fn run_sandbox(&self, name: &str, pod: &Pod) -> Sandbox {
         let (id, started) = self.create_and_start(name, &pod.path()).await;
@@ -837,5 +842,55 @@ network_test!(
         world.stop(&a).await;
         world.stop(&b).await;
         world.assert_clean(&[&a, &b]).await;
+    }
+);
+
+network_test!(
+    thirty_sandboxes_at_once_get_thirty_vnis_all_answer_and_all_go,
+    async {
+        const N: u8 = 30;
+        let mut world = World::new();
+        // The default limit is 10 pod VMs per node.
+        world
+            .setup
+            .global
+            .extend(["--peerpods-limit-per-node".to_owned(), "0".to_owned()]);
+        let pods: Vec<Pod> = (0..N)
+            .map(|i| world.add_pod(&format!("p{i}"), Ipv4Addr::new(10, 244, 7, 100 + i)))
+            .collect();
+        world.start_daemon().await;
+        let started = Instant::now();
+        let sandboxes: Vec<Sandbox> = futures_util::future::join_all(
+            pods.iter()
+                .enumerate()
+                .map(|(i, pod)| world.run_sandbox_named(format!("web-{i}"), pod)),
+        )
+        .await;
+        eprintln!(
+            "{N} sandboxes CreateVM + StartVM at once: {:?}",
+            started.elapsed()
+        );
+        let vnis: std::collections::BTreeSet<u64> = sandboxes.iter().map(|s| s.vni).collect();
+        let expected: std::collections::BTreeSet<u64> =
+            (FIRST_VNI..FIRST_VNI + u64::from(N)).collect();
+        assert_eq!(vnis, expected, "{N} distinct VNIs, the lowest free each");
+        // Every pod VM answers at its pod's IP, from its own pod namespace.
+        for sandbox in &sandboxes {
+            let podns = sandbox.podns.clone();
+            let client = world.client.path();
+            let pod_ip = sandbox.pod.ip;
+            let before = echo_replies_sent(&podns);
+            blocking(move || ping(&client, pod_ip, 1)).await;
+            assert!(
+                echo_replies_sent(&sandbox.podns) > before,
+                "{} (VNI {}) did not answer\n{}",
+                sandbox.pod.ip,
+                sandbox.vni,
+                world.logs()
+            );
+        }
+        futures_util::future::join_all(sandboxes.iter().map(|s| world.stop(s))).await;
+        let all: Vec<&Sandbox> = sandboxes.iter().collect();
+        world.assert_clean(&all).await;
     }
 );
