@@ -936,6 +936,18 @@ async fn start_actors(
     let limit = usize::try_from(global.pod_vms.peerpods_limit_per_node)
         .ok()
         .filter(|n| *n > 0);
+    // VNIs in use on the node that no run of this journal may be able to
+    // tell: never handed out again by this run (see the supervisor).
+    let vnis_found_at_start = match &deps.pod_network {
+        None => Default::default(),
+        Some(settings) => match crate::network::tunnel::list_notrack(&settings.host_netns).await {
+            Ok(rules) => rules.into_iter().map(|r| r.vni).collect(),
+            Err(e) => {
+                tracing::warn!(error = %podvisor_state::report(&e), "cannot read the tunnels' NOTRACK rules at start-up; VNIs are handed out by the journal alone");
+                Default::default()
+            }
+        },
+    };
     let supervisor = Supervisor::new(
         deps,
         limit,
@@ -944,6 +956,7 @@ async fn start_actors(
             grace: global.gc.gc_grace_period,
         },
     )
+    .with_vnis_found_at_start(vnis_found_at_start)
     .start();
     let quarantined = journal.quarantine.iter().map(|q| q.key.clone()).collect();
     supervisor

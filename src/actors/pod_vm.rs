@@ -97,6 +97,9 @@ fn tunnel_of(
     Some((settings, PathBuf::from(&record.network_namespace_path), vni))
 }
 
+/// Tries of a pod tunnel's set-up whose failure may pass.
+const TUNNEL_SETUP_TRIES: u32 = 3;
+
 /// Counts one pod network step by its outcome.
 fn count_tunnel<T, E>(op: &'static str, result: &Result<T, E>) {
     let outcome = if result.is_ok() { "ok" } else { "error" };
@@ -507,15 +510,32 @@ impl PodVm {
             failpoints::hit(failpoints::DURING_READINESS);
             // The worker's end of the pod's tunnel, before the pod is
             // reported Running (kept if a restart finds it there).
+            // Always set up in full (idempotent): a device a crash left
+            // half-built before this pod was Running is replaced, not kept.
+            // A step that may pass (the xtables lock held, the node's
+            // interface not up yet) is tried again, up to three times.
             if let Some((settings, netns, vni)) = tunnel {
-                let t = Instant::now();
-                let built = settings.ensure_tunnel(&netns, &ips, vni).await;
-                count_tunnel("setup", &built);
-                if matches!(built, Ok(true)) {
-                    metrics::histogram!(metrics::TUNNEL_SETUP_DURATION)
-                        .record(t.elapsed().as_secs_f64());
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    let t = Instant::now();
+                    let built = settings.ensure_tunnel(&netns, &ips, vni, true).await;
+                    count_tunnel("setup", &built);
+                    match built {
+                        Ok(_) => {
+                            metrics::histogram!(metrics::TUNNEL_SETUP_DURATION)
+                                .record(t.elapsed().as_secs_f64());
+                            break;
+                        }
+                        Err(e) if e.retryable() && tries < TUNNEL_SETUP_TRIES => {
+                            tracing::warn!(vni, tries, error = %report(&e), "pod tunnel set-up failed; trying again");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        Err(e) => {
+                            return Err(format!("Cannot build the pod's network: {}", report(&e)));
+                        }
+                    }
                 }
-                built.map_err(|e| report(&e))?;
             }
             crate::probe::wait_for_agent(addr, limit, tls?.as_ref()).await
         };
@@ -578,7 +598,7 @@ impl PodVm {
         let sandbox = self.sandbox_id().to_owned();
         ctx.spawn(
             async move {
-                let restored = settings.ensure_tunnel(&netns, &ips, vni).await;
+                let restored = settings.ensure_tunnel(&netns, &ips, vni, false).await;
                 count_tunnel("setup", &restored);
                 match restored {
                     Ok(true) => tracing::info!(sandbox = %sandbox, vni, "pod tunnel was missing; built it again"),
@@ -596,7 +616,18 @@ impl PodVm {
         let journal = self.deps.journal.clone();
         let pod_dir = self.deps.pods_dir.join(&id);
         let removed_id = id.clone();
+        // The record holds the VNI until it goes: its tunnel goes first, on
+        // every way to here (a delete tore it down already; a pod VM found
+        // gone at recovery, or a failed create, did not). Idempotent.
+        let tunnel = tunnel_of(&self.deps, self.machine.target());
         let work = async move {
+            if let Some((settings, netns, vni)) = tunnel {
+                let removed = settings.remove_tunnel(&netns, vni).await;
+                count_tunnel("teardown", &removed);
+                if let Err(e) = removed {
+                    tracing::warn!(sandbox = %removed_id, vni, error = %report(&e), "cannot remove the pod's tunnel before its record");
+                }
+            }
             tokio::task::spawn_blocking(move || {
                 let r = journal.remove(&removed_id).map_err(|e| report(&e));
                 match std::fs::remove_dir_all(&pod_dir) {

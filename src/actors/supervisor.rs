@@ -14,7 +14,7 @@ use podvisor_state::{
     UnixMillis, now_millis,
 };
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -186,10 +186,15 @@ pub struct Supervisor {
     /// VNIs handed out to sandboxes whose `Pending` record is not in the
     /// view yet (its first write is in flight); see [`Supervisor::allocate_vni`].
     vnis_in_flight: HashMap<String, u32>,
-    /// A sandbox of this run held a VNI since the last NOTRACK sweep
-    /// (or a record did at start-up): the next GC pass sweeps. A node
-    /// whose pods have no tunnels runs no `iptables` at all.
+    /// A sandbox of this run held a VNI since the last NOTRACK sweep, or
+    /// rules were found at start-up: the next GC pass sweeps. A node whose
+    /// pods have no tunnels runs no `iptables` after start-up.
     tunnels_seen: bool,
+    /// VNIs whose NOTRACK rules were on the node at start-up: never handed
+    /// out by this run, whoever holds them — a record the journal lost or
+    /// quarantined may (the journal alone cannot say; CAA #3280's fix
+    /// also skips VNIs in use on the node).
+    vnis_found_at_start: BTreeSet<u32>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -225,6 +230,7 @@ impl Supervisor {
             known_sandboxes: HashSet::new(),
             vnis_in_flight: HashMap::new(),
             tunnels_seen: false,
+            vnis_found_at_start: BTreeSet::new(),
             deps,
         }
     }
@@ -248,10 +254,19 @@ impl Supervisor {
             .retain(|id, _| pods.contains_key(id) && view.get(id).is_none());
         let mut taken = view.vnis();
         taken.extend(self.vnis_in_flight.values().copied());
+        taken.extend(self.vnis_found_at_start.iter().copied());
         let vni = range.lowest_free(&taken)?;
         self.vnis_in_flight.insert(sandbox_id.to_owned(), vni);
         self.tunnels_seen = true;
         Ok(vni)
+    }
+
+    /// The VNIs of the NOTRACK rules found on the node at start-up
+    /// ([`Supervisor::vnis_found_at_start`]).
+    pub fn with_vnis_found_at_start(mut self, vnis: BTreeSet<u32>) -> Self {
+        self.tunnels_seen = !vnis.is_empty();
+        self.vnis_found_at_start = vnis;
+        self
     }
 
     /// Pod VMs that hold (or may soon hold) a cloud instance.
@@ -911,11 +926,6 @@ impl Supervisor {
             || self.quarantined.contains(id)
     }
 
-    /// Removes the pod directories that podvisor made and no record owns
-    /// ([`crate::pod_dirs`]). They are looked for off the actor's thread;
-    /// each owner is checked, and each removal made, here, so that no
-    /// CreateVM is handled in between. Never with a journal in doubt: a
-    /// record it lost may yet be adopted.
     /// Removes the NOTRACK rules of tunnels whose VNI no record holds (a
     /// teardown that failed, or a crash between a record's removal and its
     /// rules'). Only with an intact journal and no quarantined record: a
@@ -928,26 +938,48 @@ impl Supervisor {
         if !self.deps.journal.verdict().is_trusted() || !self.quarantined.is_empty() {
             return;
         }
-        let mut owned = self.deps.view.vnis();
-        owned.extend(self.vnis_in_flight.values().copied());
-        if !self.tunnels_seen && owned.is_empty() {
+        let mut in_flight: BTreeSet<u32> = self.vnis_in_flight.values().copied().collect();
+        let held = !self.deps.view.vnis().is_empty() || !in_flight.is_empty();
+        if !self.tunnels_seen && !held {
             return;
         }
         // Sweep again next pass while tunnels exist (their teardowns are
         // not reported here), once more after the last one went.
-        self.tunnels_seen = !owned.is_empty();
-        let sweep =
-            async move { crate::network::tunnel::sweep_notrack(&settings.host_netns, owned).await };
+        self.tunnels_seen = held;
+        // Rules found at start-up are kept: a record the journal lost may
+        // hold them.
+        in_flight.extend(self.vnis_found_at_start.iter().copied());
+        let view = self.deps.view.clone();
+        let sweep = async move {
+            let host = podvisor_podvm::network::netns::Netns::open(&settings.host_netns)
+                .map_err(|e| podvisor_state::report(&e))?;
+            tokio::task::spawn_blocking(move || {
+                // The records are read under the rules' lock, after the
+                // rules: a tunnel's rules are added only once its record is
+                // durable, so none added meanwhile can be missed.
+                crate::network::notrack::sweep(&host, |vni| {
+                    in_flight.contains(&vni) || view.vnis().contains(&vni)
+                })
+                .map_err(|e| podvisor_state::report(&e))
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        };
         ctx.spawn(sweep.into_actor(self).map(|swept, _, _| match swept {
             Ok(rules) => {
                 for rule in rules {
                     tracing::info!(vni = rule.vni, pod_vm_ip = %rule.pod_vm_ip, "removed a tunnel's NOTRACK rule no record owns");
                 }
             }
-            Err(e) => tracing::warn!(error = %podvisor_state::report(&e), "cannot sweep tunnels' NOTRACK rules; next pass retries"),
+            Err(e) => tracing::warn!(error = %e, "cannot sweep tunnels' NOTRACK rules; next pass retries"),
         }));
     }
 
+    /// Removes the pod directories that podvisor made and no record owns
+    /// ([`crate::pod_dirs`]). They are looked for off the actor's thread;
+    /// each owner is checked, and each removal made, here, so that no
+    /// CreateVM is handled in between. Never with a journal in doubt: a
+    /// record it lost may yet be adopted.
     fn sweep_pod_dirs(&self, ctx: &mut Context<Self>) {
         if !self.deps.journal.verdict().is_trusted() {
             return;

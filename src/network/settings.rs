@@ -155,9 +155,16 @@ impl PodNetworkSettings {
     }
 
     /// The tunnel of the sandbox whose pod namespace is `pod_netns`, to
-    /// the pod VM at `pod_vm_ips` (the first IPv4 one), with `vni`: set up
-    /// unless it is there already (a restart keeps the tunnels it finds).
-    /// Returns whether it was (re)built.
+    /// the pod VM at `pod_vm_ips`, with `vni`. With `rebuild` it is set up
+    /// whatever is there (set-up is idempotent: a device of the VNI left
+    /// half-built by a crash is replaced); without, a tunnel device of the
+    /// VNI found in the pod's namespace is kept (a restart does not cut
+    /// the traffic of Running pods). Returns whether it was built.
+    ///
+    /// The pod VM's address is its first IPv4 one, or its second when the
+    /// node's tunnel interface is a dedicated one (`--host-interface` other
+    /// than the default route's) and the VM has two, as the reference
+    /// (CAA `tunneler/vxlan/workernode.go`, `Setup`).
     ///
     /// # Errors
     /// [`PodNetworkError`]: the namespace or interface is gone, no IPv4
@@ -167,17 +174,25 @@ impl PodNetworkSettings {
         pod_netns: &Path,
         pod_vm_ips: &[IpAddr],
         vni: u32,
+        rebuild: bool,
     ) -> Result<bool, PodNetworkError> {
-        if tunnel::exists(pod_netns, vni).await? {
+        if !rebuild && tunnel::exists(pod_netns, vni).await? {
             return Ok(false);
         }
         let pod = inspect::inspect_pod(pod_netns).await?;
-        let pod_vm_ip = pod_vm_ips
+        let host = inspect::inspect_host(&self.host_netns, self.host_interface.as_deref())
+            .await
+            .map_err(PodNetworkError::Host)?;
+        let v4: Vec<Ipv4Addr> = pod_vm_ips
             .iter()
-            .find_map(|ip| match ip {
+            .filter_map(|ip| match ip {
                 IpAddr::V4(v4) => Some(*v4),
                 IpAddr::V6(_) => None,
             })
+            .collect();
+        let pick = if host.dedicated && v4.len() > 1 { 1 } else { 0 };
+        let pod_vm_ip = *v4
+            .get(pick)
             .ok_or_else(|| PodNetworkError::NoPodVmAddress(pod_vm_ips.to_vec()))?;
         tunnel::setup(&self.tunnel(pod_netns, pod.interface, pod_vm_ip, vni)).await?;
         Ok(true)
