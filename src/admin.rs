@@ -23,6 +23,8 @@ use std::time::{Duration, UNIX_EPOCH};
 pub struct AdminState {
     /// The durable view of every pod VM.
     pub view: Arc<InstanceView>,
+    /// Each sandbox's tunnel as this run left it.
+    pub tunnels: Arc<crate::network::status::TunnelStates>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
     /// `/v1/status`: version, node, provider and its redacted configuration.
@@ -73,6 +75,10 @@ pub struct InstanceView1 {
     /// The VNI of the pod's VXLAN tunnel (`None`: the pod has no tunnel);
     /// see docs/networking.md.
     pub vni: Option<u32>,
+    /// The pod's tunnel as this run of the daemon left it: `state`
+    /// (`pending`, `up`, `failed`, `down`), `error` (why it failed) and
+    /// `since` (RFC 3339); `None` when the pod has no tunnel.
+    pub tunnel: Option<crate::network::status::TunnelState>,
     /// What the pod asked for (instance type, vCPUs rounded up to whole
     /// ones, memory in MiB, GPUs, image), from CreateVM's annotations.
     pub spec: podvisor_state::InstanceSpec,
@@ -111,6 +117,7 @@ impl From<&InstanceRecord> for InstanceView1 {
                 .unwrap_or_default(),
             network_namespace: r.network_namespace_path.clone(),
             vni: r.vni,
+            tunnel: None,
             spec: r.spec.clone(),
             attempts: r.attempts,
             last_error: r.last_error.clone(),
@@ -238,14 +245,21 @@ async fn status(State(s): State<AdminState>) -> Response {
     axum::Json(status).into_response()
 }
 
+/// A record as the admin API shows it, with its tunnel's state.
+fn shown(s: &AdminState, r: &InstanceRecord) -> InstanceView1 {
+    let mut view = InstanceView1::from(r);
+    view.tunnel = s.tunnels.state_of(&r.sandbox_id, r.vni.is_some());
+    view
+}
+
 async fn list(State(s): State<AdminState>) -> Response {
-    let instances: Vec<InstanceView1> = s.view.list().iter().map(InstanceView1::from).collect();
+    let instances: Vec<InstanceView1> = s.view.list().iter().map(|r| shown(&s, r)).collect();
     axum::Json(json!({ "instances": instances })).into_response()
 }
 
 async fn one(State(s): State<AdminState>, Path(id): Path<String>) -> Response {
     match s.view.get(&id) {
-        Some(r) => axum::Json(InstanceView1::from(&r)).into_response(),
+        Some(r) => axum::Json(shown(&s, &r)).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("Sandbox {id} is not known")),
     }
 }

@@ -842,6 +842,8 @@ struct Actors {
     supervisor: Addr<Supervisor>,
     /// What every pod VM looks like, for the admin endpoint and gRPC.
     view: Arc<InstanceView>,
+    /// Each sandbox's tunnel as this run left it, for the admin endpoint.
+    tunnels: Arc<crate::network::status::TunnelStates>,
     /// `--peerpods-limit-per-node`, `None` for no limit.
     limit: Option<usize>,
 }
@@ -871,6 +873,7 @@ async fn start_actors(
         cluster_id,
     } = from_kube;
     let view = InstanceView::new();
+    let tunnels = Arc::new(crate::network::status::TunnelStates::default());
     let provider_actor = ProviderActor::new(calls.clone()).start();
     let lifecycle = &global.lifecycle;
     let deps = Arc::new(PodVmDeps {
@@ -908,6 +911,7 @@ async fn start_actors(
         }),
         pull_secrets,
         proxy_max_connections: global.max_connections_per_endpoint,
+        tunnels: tunnels.clone(),
         pod_network: match pod_network_settings(global, calls) {
             Ok(settings) => {
                 tracing::info!(
@@ -941,7 +945,14 @@ async fn start_actors(
     let vnis_found_at_start = match &deps.pod_network {
         None => Default::default(),
         Some(settings) => match crate::network::tunnel::list_notrack(&settings.host_netns).await {
-            Ok(rules) => rules.into_iter().map(|r| r.vni).collect(),
+            Ok(rules) => {
+                let vnis: std::collections::BTreeSet<u32> =
+                    rules.into_iter().map(|r| r.vni).collect();
+                if !vnis.is_empty() {
+                    tracing::info!(vnis = ?vnis, "tunnels' NOTRACK rules found on the node at start-up; this run hands none of their VNIs out");
+                }
+                vnis
+            }
             Err(e) => {
                 tracing::warn!(error = %podvisor_state::report(&e), "cannot read the tunnels' NOTRACK rules at start-up; VNIs are handed out by the journal alone");
                 Default::default()
@@ -969,6 +980,7 @@ async fn start_actors(
     Ok(Actors {
         supervisor,
         view,
+        tunnels,
         limit,
     })
 }
@@ -1169,6 +1181,7 @@ async fn serve_endpoints(
     let (stop, stop_rx) = watch::channel(false);
     let admin_state = AdminState {
         view: actors.view.clone(),
+        tunnels: actors.tunnels.clone(),
         metrics: metrics_handle,
         status: Arc::new(status),
         journal_health: journal.health.clone(),

@@ -76,6 +76,14 @@ pub const KUBE_API_REQUESTS: &str = "podvisor_kube_api_requests_total";
 pub const TUNNEL_OPERATIONS: &str = "podvisor_tunnel_operations_total";
 /// Histogram: time to set the worker's end of a pod's tunnel up (seconds).
 pub const TUNNEL_SETUP_DURATION: &str = "podvisor_tunnel_setup_duration_seconds";
+/// Histogram: time to tear the worker's end of a pod's tunnel down
+/// (seconds).
+pub const TUNNEL_TEARDOWN_DURATION: &str = "podvisor_tunnel_teardown_duration_seconds";
+/// Counter: pod network steps that failed (`op` as in
+/// [`TUNNEL_OPERATIONS`]; `cause`: see `PodNetworkError::cause`).
+pub const TUNNEL_FAILURES: &str = "podvisor_tunnel_failures_total";
+/// Gauge: sandboxes whose tunnel's worker end is up.
+pub const TUNNELS_UP: &str = "podvisor_tunnels_up";
 /// Counter: sandboxes stopped because their pod was gone from the node for
 /// longer than `--stale-sandbox-grace`.
 pub const STALE_SANDBOXES_STOPPED: &str = "podvisor_stale_sandboxes_stopped_total";
@@ -128,6 +136,12 @@ pub fn install() -> Result<PrometheusHandle, String> {
         })
         .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Full(TUNNEL_SETUP_DURATION.into()), FLUSH_BUCKETS)
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(TUNNEL_TEARDOWN_DURATION.into()),
+                FLUSH_BUCKETS,
+            )
         })
         .map_err(|e| format!("metric buckets: {e}"))?;
     let handle = builder
@@ -228,6 +242,21 @@ fn describe() {
         TUNNEL_SETUP_DURATION,
         Unit::Seconds,
         "Time to set up the worker's end of a pod's VXLAN tunnel."
+    );
+    describe_histogram!(
+        TUNNEL_TEARDOWN_DURATION,
+        Unit::Seconds,
+        "Time to tear down the worker's end of a pod's VXLAN tunnel."
+    );
+    describe_counter!(
+        TUNNEL_FAILURES,
+        Unit::Count,
+        "Pod network steps that failed, by op and cause."
+    );
+    describe_gauge!(
+        TUNNELS_UP,
+        Unit::Count,
+        "Sandboxes whose VXLAN tunnel's worker end is up."
     );
     describe_counter!(
         STALE_SANDBOXES_STOPPED,

@@ -7,7 +7,8 @@ use super::provider::{DeleteInstance, EnsureInstance, FindInstance, ProviderActo
 use super::supervisor::{PodVmReport, Supervisor};
 use crate::failpoints;
 use crate::metrics;
-use crate::network::settings::PodNetworkSettings;
+use crate::network::settings::{PodNetworkError, PodNetworkSettings};
+use crate::network::status::{self as tunnel_status, TunnelPhase, TunnelStates};
 use crate::proxy::socket::{AgentSocket, Relay, client_tls};
 use crate::userdata::{RequestInputs, create_request};
 use crate::view::InstanceView;
@@ -67,6 +68,8 @@ pub struct PodVmDeps {
     /// How pods' networks are joined to their pod VMs (`None`: the
     /// provider's instances have no network of their own).
     pub pod_network: Option<Arc<PodNetworkSettings>>,
+    /// Each sandbox's tunnel as this run left it (admin, gauge).
+    pub tunnels: Arc<TunnelStates>,
 }
 
 // By hand: the PKI holds private keys, the pull secrets and initdata may
@@ -100,10 +103,14 @@ fn tunnel_of(
 /// Tries of a pod tunnel's set-up whose failure may pass.
 const TUNNEL_SETUP_TRIES: u32 = 3;
 
-/// Counts one pod network step by its outcome.
-fn count_tunnel<T, E>(op: &'static str, result: &Result<T, E>) {
+/// Counts one pod network step by its outcome, and a failure by its
+/// cause.
+fn count_tunnel<T>(op: &'static str, result: &Result<T, PodNetworkError>) {
     let outcome = if result.is_ok() { "ok" } else { "error" };
     metrics::counter!(metrics::TUNNEL_OPERATIONS, "op" => op, "outcome" => outcome).increment(1);
+    if let Err(e) = result {
+        metrics::counter!(metrics::TUNNEL_FAILURES, "op" => op, "cause" => e.cause()).increment(1);
+    }
 }
 
 impl PodVmDeps {
@@ -386,6 +393,10 @@ impl PodVm {
                 Some((settings, netns, vni)) => {
                     let described = settings.describe(&netns, vni).await;
                     count_tunnel("describe", &described);
+                    if let Err(e) = &described {
+                        deps.tunnels
+                            .set(&record.sandbox_id, TunnelPhase::Failed, Some(report(e)));
+                    }
                     Some(described.map_err(|e| OpFailure {
                         message: report(&e),
                         retryable: e.retryable(),
@@ -468,15 +479,24 @@ impl PodVm {
         let tunnel = tunnel_of(&self.deps, self.machine.target());
         let sandbox = self.sandbox_id().to_owned();
         let provider = self.deps.provider.clone();
+        let tunnels = self.deps.tunnels.clone();
         let call = async move {
             // The worker's end first, while the record still holds the
             // VNI. A failure does not keep the VM: the device goes with the
             // pod's namespace, and the GC sweeps rules no record owns.
             if let Some((settings, netns, vni)) = tunnel {
+                let t = Instant::now();
                 let removed = settings.remove_tunnel(&netns, vni).await;
                 count_tunnel("teardown", &removed);
-                if let Err(e) = removed {
-                    tracing::warn!(sandbox = %sandbox, vni, error = %report(&e), "cannot remove the pod's tunnel; the VM is deleted anyway");
+                match removed {
+                    Ok(()) => {
+                        tunnel_status::record_teardown(t.elapsed());
+                        tunnels.set(&sandbox, TunnelPhase::Down, None);
+                    }
+                    Err(e) => {
+                        tracing::warn!(sandbox = %sandbox, vni, error = %report(&e), "cannot remove the pod's tunnel; the VM is deleted anyway");
+                        tunnels.set(&sandbox, TunnelPhase::Failed, Some(report(&e)));
+                    }
                 }
             }
             provider.send(DeleteInstance(instance_id)).await
@@ -506,6 +526,8 @@ impl PodVm {
             .instance
             .as_ref()
             .map_or_else(|| vec![ip], |i| i.ips.clone());
+        let tunnels = self.deps.tunnels.clone();
+        let sandbox = self.sandbox_id().to_owned();
         let probe = async move {
             failpoints::hit(failpoints::DURING_READINESS);
             // The worker's end of the pod's tunnel, before the pod is
@@ -525,6 +547,7 @@ impl PodVm {
                         Ok(_) => {
                             metrics::histogram!(metrics::TUNNEL_SETUP_DURATION)
                                 .record(t.elapsed().as_secs_f64());
+                            tunnels.set(&sandbox, TunnelPhase::Up, None);
                             break;
                         }
                         Err(e) if e.retryable() && tries < TUNNEL_SETUP_TRIES => {
@@ -532,6 +555,7 @@ impl PodVm {
                             tokio::time::sleep(Duration::from_secs(1)).await;
                         }
                         Err(e) => {
+                            tunnels.set(&sandbox, TunnelPhase::Failed, Some(report(&e)));
                             return Err(format!("Cannot build the pod's network: {}", report(&e)));
                         }
                     }
@@ -596,6 +620,7 @@ impl PodVm {
             .map(|i| i.ips.clone())
             .unwrap_or_default();
         let sandbox = self.sandbox_id().to_owned();
+        let tunnels = self.deps.tunnels.clone();
         ctx.spawn(
             async move {
                 let restored = settings.ensure_tunnel(&netns, &ips, vni, false).await;
@@ -603,8 +628,13 @@ impl PodVm {
                 match restored {
                     Ok(true) => tracing::info!(sandbox = %sandbox, vni, "pod tunnel was missing; built it again"),
                     Ok(false) => tracing::debug!(sandbox = %sandbox, vni, "pod tunnel found"),
-                    Err(e) => tracing::warn!(sandbox = %sandbox, vni, error = %report(&e), "cannot restore the pod's tunnel"),
+                    Err(e) => {
+                        tracing::warn!(sandbox = %sandbox, vni, error = %report(&e), "cannot restore the pod's tunnel");
+                        tunnels.set(&sandbox, TunnelPhase::Failed, Some(report(&e)));
+                        return;
+                    }
                 }
+                tunnels.set(&sandbox, TunnelPhase::Up, None);
             }
             .into_actor(self),
         );
@@ -620,14 +650,20 @@ impl PodVm {
         // every way to here (a delete tore it down already; a pod VM found
         // gone at recovery, or a failed create, did not). Idempotent.
         let tunnel = tunnel_of(&self.deps, self.machine.target());
+        let tunnels = self.deps.tunnels.clone();
         let work = async move {
             if let Some((settings, netns, vni)) = tunnel {
+                let t = Instant::now();
                 let removed = settings.remove_tunnel(&netns, vni).await;
                 count_tunnel("teardown", &removed);
-                if let Err(e) = removed {
-                    tracing::warn!(sandbox = %removed_id, vni, error = %report(&e), "cannot remove the pod's tunnel before its record");
+                match removed {
+                    Ok(()) => tunnel_status::record_teardown(t.elapsed()),
+                    Err(e) => {
+                        tracing::warn!(sandbox = %removed_id, vni, error = %report(&e), "cannot remove the pod's tunnel before its record")
+                    }
                 }
             }
+            tunnels.remove(&removed_id);
             tokio::task::spawn_blocking(move || {
                 let r = journal.remove(&removed_id).map_err(|e| report(&e));
                 match std::fs::remove_dir_all(&pod_dir) {

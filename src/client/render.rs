@@ -244,6 +244,12 @@ pub fn instance(i: &Value, output: Output) -> String {
     line("Instance name:", clean(str_of(i, "instance_name")));
     line("IPs:", clean(&ips_of(i)));
     line("Spec:", spec_text(&i["spec"]));
+    line("Network namespace:", clean(str_of(i, "network_namespace")));
+    line(
+        "VNI:",
+        i["vni"].as_u64().map(|v| v.to_string()).unwrap_or_default(),
+    );
+    line("Tunnel:", tunnel_text(&i["tunnel"]));
     line("Attempts:", count_of(i, "attempts"));
     line("Last error:", clean(str_of(i, "last_error")));
     line("Generation:", count_of(i, "generation"));
@@ -251,6 +257,16 @@ pub fn instance(i: &Value, output: Output) -> String {
     line("Created:", clean(str_of(i, "created_at")));
     line("Updated:", clean(str_of(i, "updated_at")));
     out
+}
+
+/// A pod's tunnel as one line: its state, and why it failed
+/// (`failed: Cannot inspect …`); empty when the pod has none.
+fn tunnel_text(tunnel: &Value) -> String {
+    let state = clean(str_of(tunnel, "state"));
+    match tunnel["error"].as_str() {
+        Some(error) => format!("{state}: {}", clean(error)),
+        None => state,
+    }
 }
 
 /// `podvisor status`: `/v1/status` as `key: value` lines, nested keys
@@ -572,6 +588,26 @@ mod tests {
         assert!(text.contains("Last error:         -\n"), "{text}");
         assert!(
             text.contains("Spec:               memory_mib=4096,vcpus=2\n"),
+            "{text}"
+        );
+        assert!(text.contains("VNI:                -\n"), "{text}");
+        assert!(text.contains("Tunnel:             -\n"), "{text}");
+    }
+
+    #[test]
+    fn a_pods_tunnel_shows_its_vni_state_and_error() {
+        let mut i = item("abc", "web", "");
+        i["network_namespace"] = json!("/var/run/netns/cni-1");
+        i["vni"] = json!(555_000);
+        i["tunnel"] = json!({"state": "failed", "error": "Cannot inspect the pod network: no IPv4", "since": "2026-12-02T10:00:00Z"});
+        let text = instance(&i, Output::Table);
+        assert!(
+            text.contains("Network namespace:  /var/run/netns/cni-1\n"),
+            "{text}"
+        );
+        assert!(text.contains("VNI:                555000\n"), "{text}");
+        assert!(
+            text.contains("Tunnel:             failed: Cannot inspect the pod network: no IPv4\n"),
             "{text}"
         );
     }

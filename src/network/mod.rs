@@ -15,6 +15,8 @@
 //!   device, tc redirects and NOTRACK rules), each step undone on failure.
 //! - [`notrack`]: the raw-table NOTRACK rules for the tunnels' UDP flows.
 //! - [`vni`]: each sandbox's VNI, journaled in its record.
+//! - [`status`]: each sandbox's tunnel as this run left it (up, failed…),
+//!   for the admin endpoint and the `podvisor_tunnels_up` gauge.
 //!
 //! All entry points are `async fn`s to be awaited on the daemon's tokio
 //! runtime; the blocking parts (`setns(2)`, `iptables`) run on threads of
@@ -24,6 +26,7 @@
 pub mod inspect;
 pub mod notrack;
 pub mod settings;
+pub mod status;
 pub mod tunnel;
 pub mod vni;
 

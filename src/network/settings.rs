@@ -56,6 +56,40 @@ impl PodNetworkError {
     pub fn retryable(&self) -> bool {
         matches!(self, Self::Host(_) | Self::Tunnel(_))
     }
+
+    /// The failure's class, the `cause` label of
+    /// `podvisor_tunnel_failures_total`: `netns` (the pod's namespace
+    /// cannot be opened: gone, or not a namespace), `pod_interface` (no
+    /// primary interface, not one IPv4 address, no MAC), `mtu` (below the
+    /// VXLAN overhead), `host_interface` (the node's end),
+    /// `pod_vm_address` (no IPv4 address on the pod VM), `other_tunnel` (a
+    /// `vxlan1` of another VNI in the pod), `vni`, `netlink`, `iptables`
+    /// (the NOTRACK rules) or `internal`.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Self::Inspect(e) => match e {
+                InspectError::Netns(_) => "netns",
+                InspectError::Netlink { .. } => "netlink",
+                InspectError::MtuTooSmall { .. } => "mtu",
+                InspectError::NoPrimaryInterface { .. }
+                | InspectError::InterfaceMissing { .. }
+                | InspectError::NoIpv4 { .. }
+                | InspectError::SeveralIpv4 { .. }
+                | InspectError::NoMac { .. } => "pod_interface",
+            },
+            Self::Host(_) => "host_interface",
+            Self::NoPodVmAddress(_) => "pod_vm_address",
+            Self::Tunnel(e) => match e {
+                TunnelError::Netns(_) => "netns",
+                TunnelError::InvalidVni { .. } => "vni",
+                TunnelError::PodInterfaceMissing { .. } => "pod_interface",
+                TunnelError::OtherTunnel { .. } => "other_tunnel",
+                TunnelError::Netlink { .. } => "netlink",
+                TunnelError::Notrack(_) => "iptables",
+                TunnelError::Join(_) => "internal",
+            },
+        }
+    }
 }
 
 impl PodNetworkSettings {
