@@ -35,7 +35,8 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 1);
@@ -653,6 +654,76 @@ fn transfer_checked(server: &Path, client: &Path, address: SocketAddr, bytes: us
     elapsed
 }
 
+/// A TCP stream from the namespace at `client` to a server in `server`,
+/// sent in 64 KiB chunks every 10 ms until [`PacedTransfer::finish`], so it
+/// can span a daemon's death and restart.
+struct PacedTransfer {
+    stop: Arc<AtomicBool>,
+    /// Bytes written so far.
+    sent: Arc<AtomicU64>,
+    sender: std::thread::JoinHandle<([u8; 32], [u8; 32], u64)>,
+}
+
+impl PacedTransfer {
+    fn start(server: &Path, client: &Path, address: SocketAddr) -> Self {
+        let listener = listen(server, address);
+        let receiver = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut hasher = Sha256::new();
+            let mut buffer = vec![0u8; 1 << 16];
+            loop {
+                let n = stream.read(&mut buffer).expect("read");
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buffer[..n]);
+            }
+            let digest: [u8; 32] = hasher.finalize().into();
+            stream.write_all(&digest).expect("write digest");
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut stream = connect(client, address);
+        let (stop_flag, sent_count) = (stop.clone(), sent.clone());
+        let sender = std::thread::spawn(move || {
+            let mut rng = fastrand::Rng::with_seed(0x5eed);
+            let mut hasher = Sha256::new();
+            let mut chunk = vec![0u8; 1 << 16];
+            while !stop_flag.load(Ordering::SeqCst) {
+                rng.fill(&mut chunk);
+                stream.write_all(&chunk).expect("send a chunk");
+                hasher.update(&chunk);
+                sent_count.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            stream.shutdown(Shutdown::Write).expect("shutdown");
+            let mut digest = [0u8; 32];
+            stream.read_exact(&mut digest).expect("the server's digest");
+            receiver.join().expect("receiver");
+            let expected: [u8; 32] = hasher.finalize().into();
+            (expected, digest, sent_count.load(Ordering::SeqCst))
+        });
+        Self { stop, sent, sender }
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Ends the stream; asserts every byte arrived intact; returns how
+    /// many.
+    async fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        let sender = self.sender;
+        let (expected, received, bytes) = blocking(move || sender.join().expect("sender")).await;
+        assert_eq!(
+            received, expected,
+            "the {bytes} bytes of the stream arrived damaged"
+        );
+        bytes
+    }
+}
+
 /// Asserts that the pod VM of `sandbox` holds its pod's IP: TCP from the
 /// client pod reaches a server in the pod VM's pod namespace, and pings go
 /// both ways, answered by the pod VM (not by the peer pod's own
@@ -713,6 +784,10 @@ network_test!(
 
         let elapsed = assert_reachable(&world, &sandbox, 7001, 16 << 20).await;
         eprintln!("16 MiB through the tunnel: {elapsed:?}");
+        // The admin endpoint shows the tunnel up, and the gauge counts it.
+        let view = world.daemon().instance(&sandbox.id).await.expect("listed");
+        assert_eq!(view["tunnel"]["state"], "up", "{view}");
+        assert_eq!(world.daemon().metric("podvisor_tunnels_up", &[]).await, 1.0);
         // The worker's side as StartVM left it: vxlan1 in the peer pod, a
         // NOTRACK rule for the VNI in the worker.
         let links = ip(&["-n", &peer.netns, "-o", "link", "show"]);
@@ -752,6 +827,18 @@ network_test!(
 
         world.stop(&sandbox).await;
         world.assert_clean(&[&sandbox]).await;
+        assert_eq!(world.daemon().metric("podvisor_tunnels_up", &[]).await, 0.0);
+        assert_eq!(
+            world
+                .daemon()
+                .metric(
+                    "podvisor_tunnel_operations_total",
+                    &[("op", "teardown"), ("outcome", "ok")]
+                )
+                .await,
+            // StopVM's, before the cloud delete, and the record's end's.
+            2.0
+        );
     }
 );
 
@@ -819,11 +906,18 @@ network_test!(
         let a = world.run_sandbox("web-a", &first).await;
         assert_reachable(&world, &a, 7005, 1 << 20).await;
 
+        // A stream from the client pod to the pod VM runs through the kill
+        // and the restart.
+        let (podns, client) = (a.podns.clone(), world.client.path());
+        let address = SocketAddr::from((a.pod.ip, 7009));
+        let stream = blocking(move || PacedTransfer::start(&podns, &client, address)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         world
             .daemon
             .as_mut()
             .expect("the daemon was started")
             .kill9();
+        let at_kill = stream.sent();
         // The tunnel is kernel state: the pod answers while no daemon runs.
         assert_reachable(&world, &a, 7008, 1 << 20).await;
         world.start_daemon().await;
@@ -833,6 +927,27 @@ network_test!(
             .await
             .expect("the sandbox survives the restart");
         assert_eq!(view["vni"].as_u64(), Some(a.vni), "{view}");
+        // Recovery finds the tunnel in place and says so.
+        let daemon = world.daemon();
+        eventually(
+            "the restarted daemon to find the tunnel up",
+            Duration::from_secs(30),
+            async || {
+                let view = daemon.instance(&a.id).await?;
+                (view["tunnel"]["state"] == "up").then_some(())
+            },
+        )
+        .await;
+        let at_restart = stream.sent();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let bytes = stream.finish().await;
+        assert!(
+            at_kill > 0 && at_restart > at_kill && bytes > at_restart,
+            "the stream did not span the kill and the restart: {at_kill} bytes at the kill, {at_restart} at the restart, {bytes} in all"
+        );
+        eprintln!(
+            "one TCP stream through kill -9 and restart: {bytes} bytes intact ({at_kill} before the kill)"
+        );
         assert_reachable(&world, &a, 7006, 1 << 20).await;
 
         let b = world.run_sandbox("web-b", &second).await;
@@ -894,3 +1009,207 @@ network_test!(
         world.assert_clean(&all).await;
     }
 );
+
+/// A pod whose network the tunnel cannot serve gets a clear StartVM error
+/// naming the cause, no pod VM, nothing left behind, and a StopVM that
+/// succeeds (Kata stops a sandbox whose start failed).
+async fn start_vm_refuses(break_pod: impl FnOnce(&Pod), expected: &[&str], cause: &str) {
+    let mut world = World::new();
+    let peer = world.add_pod("peer", POD_IP);
+    break_pod(&peer);
+    world.start_daemon().await;
+    let (id, started) = world.create_and_start("bad", &peer.path()).await;
+    let (code, message) = rpc_error(started.expect_err("StartVM of a pod the tunnel cannot serve"));
+    for part in expected {
+        assert!(
+            message.contains(part),
+            "the error does not say {part:?} ({code:?}): {message}\n{}",
+            world.logs()
+        );
+    }
+    let instances: Vec<_> = std::fs::read_dir(world.setup.local_dir().join("instances"))
+        .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        instances.is_empty(),
+        "a pod VM was made for a pod it cannot serve: {instances:?}\n{}",
+        world.logs()
+    );
+    assert_eq!(
+        world
+            .daemon()
+            .metric(
+                "podvisor_tunnel_failures_total",
+                &[("op", "describe"), ("cause", cause)]
+            )
+            .await,
+        1.0,
+        "counted by its cause"
+    );
+    let view = world
+        .daemon()
+        .instance(&id)
+        .await
+        .expect("the failed sandbox is listed");
+    assert_eq!(view["tunnel"]["state"], "failed", "{view}");
+    assert!(
+        view["tunnel"]["error"]
+            .as_str()
+            .is_some_and(|e| expected.iter().all(|part| e.contains(part))),
+        "{view}"
+    );
+    let client = world.daemon().client().await;
+    if let Err(e) = client.stop(&id).await {
+        let text = format!("{e:?}").to_lowercase();
+        assert!(
+            text.contains("deadline") || text.contains("timeout"),
+            "StopVM after a failed start: {text}"
+        );
+    }
+    let gone = Sandbox {
+        id,
+        instance: String::new(),
+        vni: FIRST_VNI,
+        podns: PathBuf::new(),
+        pod: peer,
+    };
+    // No pod VM was made, so only the tunnel's traces could be left: no
+    // device, qdisc or filter in the pod, no rule or device in the worker.
+    if let Some(left) = world.leftovers(&[&gone], true) {
+        panic!("left after a refused StartVM:\n{left}\n{}", world.logs());
+    }
+}
+
+network_test!(
+    a_pod_without_an_ipv4_address_fails_start_vm_and_leaves_nothing,
+    async {
+        start_vm_refuses(
+            |pod| {
+                ip(&["-n", &pod.netns, "addr", "flush", "dev", "eth0"]);
+                // Still a primary interface: the default route goes out eth0.
+                ip(&[
+                    "-n", &pod.netns, "route", "replace", "default", "dev", "eth0",
+                ]);
+            },
+            &["eth0", "has no IPv4 address"],
+            "pod_interface",
+        )
+        .await;
+    }
+);
+
+network_test!(
+    a_pod_with_two_ipv4_addresses_fails_start_vm_and_leaves_nothing,
+    async {
+        start_vm_refuses(
+            |pod| {
+                ip(&[
+                    "-n",
+                    &pod.netns,
+                    "addr",
+                    "add",
+                    "10.244.7.50/24",
+                    "dev",
+                    "eth0",
+                ]);
+            },
+            &["eth0", "has 2 IPv4 addresses; a pod needs exactly one"],
+            "pod_interface",
+        )
+        .await;
+    }
+);
+
+network_test!(
+    a_pod_mtu_below_the_vxlan_overhead_fails_start_vm_and_leaves_nothing,
+    async {
+        start_vm_refuses(
+            |pod| {
+                ip(&["-n", &pod.netns, "link", "set", "eth0", "mtu", "100"]);
+            },
+            &["eth0", "has MTU 100, below 118"],
+            "mtu",
+        )
+        .await;
+    }
+);
+
+/// The daemon dies between making the tunnel's VXLAN device in the node's
+/// namespace and moving it into the pod's: after the restart the device
+/// does not leak — the retried StartVM replaces it and the pod answers
+/// with the same VNI; after StopVM nothing is left.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_vxlan_device_and_its_move_leaks_no_device() {
+    if !namespaces_available() {
+        return;
+    }
+    let mut world = World::new();
+    let peer = world.add_pod("peer", POD_IP);
+    world.setup.env.push((
+        "FAILPOINTS".into(),
+        format!(
+            "{}=return",
+            podvisor::failpoints::TUNNEL_CREATED_BEFORE_MOVE
+        ),
+    ));
+    world.start_daemon().await;
+    world.setup.env.clear();
+    let (id, started) = world.create_and_start("cut", &peer.path()).await;
+    assert!(started.is_err(), "the daemon died during StartVM");
+    let status = world
+        .daemon
+        .as_mut()
+        .expect("started")
+        .exited_within(Duration::from_secs(30))
+        .await;
+    assert!(
+        status.is_some(),
+        "the daemon died at the crash point\n{}",
+        world.logs()
+    );
+    // Where the crash point is: the device made, in the node's namespace.
+    let host_device = format!("ppvxlan{FIRST_VNI}");
+    let links = ip(&["-n", &world.worker, "-o", "link", "show"]);
+    assert!(links.contains(&host_device), "{links}\n{}", world.logs());
+    let pod_links = ip(&["-n", &peer.netns, "-o", "link", "show"]);
+    assert!(!pod_links.contains("vxlan1"), "{pod_links}");
+
+    world.start_daemon().await;
+    let client = world.daemon().client().await;
+    client
+        .start(&id)
+        .await
+        .unwrap_or_else(|e| panic!("StartVM after the crash: {e:?}\n{}", world.logs()));
+    let view = world.daemon().instance(&id).await.expect("listed");
+    assert_eq!(view["state"], "running", "{view}");
+    assert_eq!(
+        view["vni"].as_u64(),
+        Some(FIRST_VNI),
+        "the journaled VNI kept: {view}"
+    );
+    let links = ip(&["-n", &world.worker, "-o", "link", "show"]);
+    assert!(
+        !links.contains(&host_device),
+        "the crash's device is left in the node's namespace:\n{links}"
+    );
+    let instance = view["instance_id"]
+        .as_str()
+        .expect("an instance")
+        .to_owned();
+    let sandbox = Sandbox {
+        podns: world
+            .setup
+            .local_dir()
+            .join("instances")
+            .join(&instance)
+            .join("podns"),
+        id,
+        instance,
+        vni: FIRST_VNI,
+        pod: peer,
+    };
+    assert_reachable(&world, &sandbox, 7010, 1 << 20).await;
+    world.stop(&sandbox).await;
+    world.assert_clean(&[&sandbox]).await;
+}

@@ -285,6 +285,7 @@ async fn setup_steps(
             source: rtnetlink::Error::RequestFailed,
         });
     };
+    crate::failpoints::hit(crate::failpoints::TUNNEL_CREATED_BEFORE_MOVE);
 
     host_netlink
         .link()
