@@ -18,12 +18,14 @@
 //! under `CI=true` a test that cannot create namespaces fails, elsewhere
 //! it says why and returns.
 
+#[path = "common/netns.rs"]
+mod netns;
+
+use netns::*;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr};
 use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use podvisor::network::inspect::{InspectError, PodNeighbour, inspect_host, inspect_pod};
@@ -32,9 +34,7 @@ use podvisor::network::tunnel::{
     TunnelConfig, TunnelError, exists, list_notrack, setup, sweep_notrack, teardown,
 };
 use podvisor::network::{MIN_POD_MTU, VXLAN_PORT};
-use podvisor_podvm::network::netns::{Netns, NetnsError};
-use sha2::{Digest, Sha256};
-use socket2::{Domain, Protocol, Socket, Type};
+use podvisor_podvm::network::netns::NetnsError;
 
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
@@ -45,106 +45,6 @@ const VM_CLOUD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 2);
 /// The baseline: the client and pod VM namespaces joined by a plain veth.
 const DIRECT_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 const DIRECT_VM_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
-
-/// Makes namespace names unique within this process (the pid makes them
-/// unique across processes).
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// Runs a fixture command, panicking with its stderr when it fails.
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// `ip ARGS…` (fixtures only; the product speaks netlink).
-fn ip(args: &[&str]) -> String {
-    run("ip", args)
-}
-
-/// Whether this process may create network namespaces. Under `CI=true`
-/// it must: a failure panics with the reason.
-fn namespaces_available() -> bool {
-    let name = format!(
-        "pvw{}-probe{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
-    let outcome = Command::new("ip").args(["netns", "add", &name]).output();
-    let reason = match outcome {
-        Ok(output) if output.status.success() => {
-            let _ = Command::new("ip").args(["netns", "del", &name]).output();
-            let iptables = Command::new("iptables").arg("--version").output();
-            match iptables {
-                Ok(output) if output.status.success() => return true,
-                Ok(output) => format!(
-                    "iptables --version failed: {}",
-                    String::from_utf8_lossy(&output.stderr)
-                ),
-                Err(e) => format!("no iptables program: {e}"),
-            }
-        }
-        Ok(output) => format!(
-            "ip netns add failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ),
-        Err(e) => format!("no ip program: {e}"),
-    };
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "CI=true and this test cannot create network namespaces: {reason}"
-    );
-    eprintln!("skipped: cannot create network namespaces ({reason}); run as root");
-    false
-}
-
-/// The namespaces a test made; deleted on drop, even when the test panics.
-#[derive(Debug, Default)]
-struct Namespaces {
-    names: Vec<String>,
-}
-
-impl Namespaces {
-    /// Creates a namespace for `role`, with `lo` up.
-    fn add(&mut self, role: &str) -> String {
-        let name = format!(
-            "pvw{}-{}-{role}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        ip(&["netns", "add", &name]);
-        self.names.push(name.clone());
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        name
-    }
-
-    /// Deletes one now (e.g. the CNI removing the pod's namespace).
-    fn delete(&mut self, name: &str) {
-        ip(&["netns", "del", name]);
-        self.names.retain(|n| n != name);
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for name in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", name]).output();
-        }
-    }
-}
-
-/// A namespace's path, as CreateVM passes it.
-fn path(name: &str) -> PathBuf {
-    PathBuf::from(format!("/var/run/netns/{name}"))
-}
 
 /// The diagram's namespaces.
 #[derive(Debug)]
@@ -281,8 +181,8 @@ impl Topology {
     /// The tunnel of the peer pod, with the node as the host.
     fn config(&self, vni: u32) -> TunnelConfig {
         TunnelConfig {
-            host_netns: path(&self.node),
-            pod_netns: path(&self.peer),
+            host_netns: netns_path(&self.node),
+            pod_netns: netns_path(&self.peer),
             pod_interface: "eth0".to_owned(),
             pod_vm_ip: VM_CLOUD_IP,
             vni,
@@ -304,7 +204,7 @@ impl Topology {
             !links.contains("vxlan"),
             "a VXLAN device left in the node:\n{links}"
         );
-        if self.namespaces.names.contains(&self.peer) {
+        if self.namespaces.holds(&self.peer) {
             let links = ip(&["-n", &self.peer, "-o", "link", "show"]);
             assert!(
                 !links.contains("vxlan"),
@@ -324,152 +224,13 @@ impl Topology {
     }
 }
 
-/// The internet checksum (RFC 1071).
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// Sends `count` ICMP echo requests from namespace `from` to `to`, and
-/// returns each reply's round trip; panics when one is missing (2 s).
-fn ping(from: &str, to: Ipv4Addr, count: u16) -> Vec<Duration> {
-    let netns = Netns::open(path(from)).expect("open netns");
-    netns
-        .run(move || {
-            let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
-                .expect("raw ICMP socket");
-            socket
-                .set_read_timeout(Some(Duration::from_secs(2)))
-                .expect("timeout");
-            socket
-                .connect(&SocketAddrV4::new(to, 0).into())
-                .expect("connect");
-            let id = (std::process::id() as u16) ^ (NEXT.fetch_add(1, Ordering::Relaxed) as u16);
-            let mut rtts = Vec::new();
-            for seq in 0..count {
-                let mut request = vec![8, 0, 0, 0];
-                request.extend_from_slice(&id.to_be_bytes());
-                request.extend_from_slice(&seq.to_be_bytes());
-                request.extend_from_slice(b"podvisor-network-test-payload...");
-                let sum = checksum(&request);
-                request[2..4].copy_from_slice(&sum.to_be_bytes());
-                let sent = Instant::now();
-                (&socket).write_all(&request).expect("send echo request");
-                loop {
-                    let mut buffer = [0u8; 1500];
-                    let n = (&socket)
-                        .read(&mut buffer)
-                        .unwrap_or_else(|e| panic!("no echo reply from {to} for seq {seq}: {e}"));
-                    let header = usize::from(buffer[0] & 0x0f) * 4;
-                    let icmp = &buffer[header..n];
-                    if icmp.len() >= 8
-                        && icmp[0] == 0
-                        && icmp[4..6] == id.to_be_bytes()
-                        && icmp[6..8] == seq.to_be_bytes()
-                    {
-                        rtts.push(sent.elapsed());
-                        break;
-                    }
-                }
-            }
-            rtts
-        })
-        .expect("run in netns")
-}
-
-/// The namespace's count of ICMP echo replies sent (`/proc/net/snmp`).
-fn echo_replies_sent(name: &str) -> u64 {
-    let netns = Netns::open(path(name)).expect("open netns");
-    let snmp = netns
-        .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))
-        .expect("run in netns")
-        .expect("read snmp");
-    let mut icmp = snmp.lines().filter(|line| line.starts_with("Icmp:"));
-    let (Some(names), Some(values)) = (icmp.next(), icmp.next()) else {
-        panic!("no Icmp lines in snmp:\n{snmp}");
-    };
-    let column = names
-        .split_whitespace()
-        .position(|n| n == "OutEchoReps")
-        .expect("OutEchoReps column");
-    values
-        .split_whitespace()
-        .nth(column)
-        .and_then(|v| v.parse().ok())
-        .expect("OutEchoReps value")
-}
-
-/// A TCP listener on `address` inside namespace `name`.
-fn listen(name: &str, address: SocketAddr) -> TcpListener {
-    let netns = Netns::open(path(name)).expect("open netns");
-    netns
-        .run(move || TcpListener::bind(address))
-        .expect("run in netns")
-        .expect("bind")
-}
-
-/// A TCP connection to `address` from inside namespace `name`.
-fn connect(name: &str, address: SocketAddr) -> TcpStream {
-    let netns = Netns::open(path(name)).expect("open netns");
-    let stream = netns
-        .run(move || TcpStream::connect_timeout(&address, Duration::from_secs(5)))
-        .expect("run in netns")
-        .expect("connect");
-    stream.set_nodelay(true).expect("nodelay");
-    stream
-}
-
-/// Sends `bytes` of seeded pseudo-random data from `client` to a server in
-/// `server` on `address`, which answers the data's SHA-256; returns
-/// whether it matches, and the time taken.
-fn transfer_checked(
-    server: &str,
-    client: &str,
-    address: SocketAddr,
-    bytes: usize,
-) -> (bool, Duration) {
-    let listener = listen(server, address);
-    let receiver = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().expect("accept");
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 1 << 16];
-        loop {
-            let n = stream.read(&mut buffer).expect("read");
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-        }
-        stream.write_all(&hasher.finalize()).expect("write digest");
-    });
-    let mut rng = fastrand::Rng::with_seed(0x5eed);
-    let mut data = vec![0u8; bytes];
-    rng.fill(&mut data);
-    let expected = Sha256::digest(&data);
-    let started = Instant::now();
-    let mut stream = connect(client, address);
-    stream.write_all(&data).expect("send");
-    stream.shutdown(Shutdown::Write).expect("shutdown");
-    let mut digest = [0u8; 32];
-    stream.read_exact(&mut digest).expect("digest");
-    let elapsed = started.elapsed();
-    receiver.join().expect("receiver");
-    (digest[..] == expected[..], elapsed)
-}
-
 /// Asserts no tunnel state exists, inspects the peer pod, and sets its
 /// tunnel up.
 async fn inspect_and_setup(topology: &Topology, vni: u32) -> TunnelConfig {
-    let pod = inspect_pod(&path(&topology.peer))
+    let pod = inspect_pod(&netns_path(&topology.peer))
         .await
         .expect("inspect the pod");
-    let host = inspect_host(&path(&topology.node), None)
+    let host = inspect_host(&netns_path(&topology.node), None)
         .await
         .expect("inspect the host");
     assert_eq!(host.worker_ip, NODE_CLOUD_IP);
@@ -524,7 +285,7 @@ network_test!(
             "nud",
             "stale",
         ]);
-        let pod = inspect_pod(&path(&topology.peer))
+        let pod = inspect_pod(&netns_path(&topology.peer))
             .await
             .expect("inspect the pod");
         assert_eq!(pod.interface, "eth0");
@@ -565,14 +326,14 @@ network_test!(
             }],
             "only the permanent neighbour"
         );
-        let host = inspect_host(&path(&topology.node), None)
+        let host = inspect_host(&netns_path(&topology.node), None)
             .await
             .expect("inspect the host");
         assert_eq!(
             (host.interface.as_str(), host.worker_ip, host.dedicated),
             ("cloud0", NODE_CLOUD_IP, false)
         );
-        let named = inspect_host(&path(&topology.node), Some("cni0"))
+        let named = inspect_host(&netns_path(&topology.node), Some("cni0"))
             .await
             .expect("inspect the host");
         assert_eq!((named.worker_ip, named.dedicated), (GATEWAY, true));
@@ -631,7 +392,11 @@ network_test!(
         );
 
         // 16 MiB over TCP, client pod → pod VM, checked by SHA-256.
-        let (intact, took) = transfer_checked(
+        let Transfer {
+            intact,
+            elapsed: took,
+            ..
+        } = transfer(
             &topology.vm,
             &topology.client,
             SocketAddr::from((POD_IP, 5001)),
@@ -767,7 +532,7 @@ network_test!(
                 ip(&["-n", &name, "addr", "add", address, "dev", "eth0"]);
             }
             ip(&["-n", &name, "route", "add", "default", "dev", "eth0"]);
-            path(&name)
+            netns_path(&name)
         };
         let none = pod_with(&[], "1500");
         let two = pod_with(&["10.244.1.5/24", "10.244.1.7/24"], "1500");
@@ -799,14 +564,14 @@ network_test!(
                 .contains("VXLAN overhead (50 bytes) plus the minimum IPv4 MTU (68 bytes)"),
             "{err}"
         );
-        let err = inspect_pod(&path(&no_route))
+        let err = inspect_pod(&netns_path(&no_route))
             .await
             .expect_err("no default route");
         assert!(
             matches!(err, InspectError::NoPrimaryInterface { .. }),
             "{err:?}"
         );
-        let err = inspect_host(&path(&topology.node), Some("eth9"))
+        let err = inspect_host(&netns_path(&topology.node), Some("eth9"))
             .await
             .expect_err("no such host interface");
         assert!(
@@ -833,7 +598,7 @@ network_test!(notrack_rules_of_unowned_vnis_are_swept, async {
     let vni = 555_006;
     let topology = Topology::new(vni);
     let config = inspect_and_setup(&topology, vni).await;
-    let host = path(&topology.node);
+    let host = netns_path(&topology.node);
     let rule = NotrackRule {
         vni,
         pod_vm_ip: VM_CLOUD_IP,
@@ -931,13 +696,13 @@ network_test!(
         ip(&["-n", &second, "link", "set", "eth0", "up"]);
         let first = topology.config(vni);
         let mut other = topology.config(other_vni);
-        other.pod_netns = path(&second);
+        other.pod_netns = netns_path(&second);
         other.pod_vm_ip = Ipv4Addr::new(192, 168, 1, 3);
 
         let (a, b) = tokio::join!(setup(&first), setup(&other));
         a.expect("first setup");
         b.expect("second setup");
-        let vnis: Vec<_> = list_notrack(&path(&topology.node))
+        let vnis: Vec<_> = list_notrack(&netns_path(&topology.node))
             .await
             .expect("list")
             .iter()
@@ -951,7 +716,7 @@ network_test!(
             exists(&first.pod_netns, vni).await.expect("exists"),
             "the first tunnel went too"
         );
-        let vnis: Vec<_> = list_notrack(&path(&topology.node))
+        let vnis: Vec<_> = list_notrack(&netns_path(&topology.node))
             .await
             .expect("list")
             .iter()
@@ -1009,7 +774,7 @@ network_test!(the_primary_interface_is_the_one_caa_picks, async {
                 metric,
             ]);
         }
-        path(&name)
+        netns_path(&name)
     };
     // Lowest metric first, but a lower number of the same stem wins
     // (CAA common.go, findPrimaryInterface).

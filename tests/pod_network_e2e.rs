@@ -26,17 +26,18 @@
 //! make namespaces fails with the reason; elsewhere it says why and passes.
 
 mod common;
+#[path = "common/netns.rs"]
+mod netns;
 
 use common::*;
-use podvisor_podvm::network::netns::Netns;
+use netns::*;
 use sha2::{Digest, Sha256};
-use socket2::{Domain, Protocol, Socket, Type};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 7, 1);
@@ -52,95 +53,6 @@ const FIRST_VNI: u64 = 555_000;
 /// How long teardown may take after StopVM answers (it may answer before
 /// the pod VM is gone: the shim's StopVM deadline is 1 s).
 const CLEAN_WITHIN: Duration = Duration::from_secs(30);
-
-/// Makes names unique within this process (the pid makes them unique
-/// across processes).
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-fn unique() -> u32 {
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Runs a fixture command, panicking with its stderr when it fails.
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// `ip ARGS…` (fixtures and checks only; the product speaks netlink).
-fn ip(args: &[&str]) -> String {
-    run("ip", args)
-}
-
-/// Whether this process may create network namespaces and run iptables.
-/// Under `CI=true` it must: a failure panics with the reason.
-fn namespaces_available() -> bool {
-    let name = format!("pve{}-probe{}", std::process::id(), unique());
-    let outcome = Command::new("ip").args(["netns", "add", &name]).output();
-    let reason = match outcome {
-        Ok(output) if output.status.success() => {
-            let _ = Command::new("ip").args(["netns", "del", &name]).output();
-            match Command::new("iptables-save").arg("--version").output() {
-                Ok(output) if output.status.success() => return true,
-                Ok(output) => format!(
-                    "iptables-save --version failed: {}",
-                    String::from_utf8_lossy(&output.stderr)
-                ),
-                Err(e) => format!("no iptables-save program: {e}"),
-            }
-        }
-        Ok(output) => format!(
-            "ip netns add failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        ),
-        Err(e) => format!("no ip program: {e}"),
-    };
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "CI=true and this test cannot create network namespaces: {reason}"
-    );
-    eprintln!("skipped: cannot create network namespaces ({reason}); run as root");
-    false
-}
-
-/// A namespace's path, as CreateVM passes it.
-fn netns_path(name: &str) -> PathBuf {
-    PathBuf::from(format!("/run/netns/{name}"))
-}
-
-/// The namespaces of one test; deleted on drop, even when it panics.
-#[derive(Debug, Default)]
-struct Namespaces {
-    names: Vec<String>,
-}
-
-impl Namespaces {
-    /// Creates a namespace for `role`, with `lo` up.
-    fn add(&mut self, role: &str) -> String {
-        let name = format!("pve{}-{}-{role}", std::process::id(), unique());
-        ip(&["netns", "add", &name]);
-        self.names.push(name.clone());
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        name
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for name in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", name]).output();
-        }
-    }
-}
 
 /// A pod on the worker's `cni0`: its namespace's name and IP.
 #[derive(Debug, Clone)]
@@ -265,6 +177,13 @@ impl World {
 
     fn daemon(&self) -> &Daemon {
         self.daemon.as_ref().expect("the daemon was started")
+    }
+
+    /// The local provider's instances (their directories' names).
+    fn instances(&self) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(self.setup.local_dir().join("instances"))
+            .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default()
     }
 
     /// The daemon's log and every forwarder's, for failure messages.
@@ -518,140 +437,14 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
         .expect("the blocking work panicked")
 }
 
-/// The internet checksum (RFC 1071).
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// Sends `count` ICMP echo requests from the namespace at `from` to `to`;
-/// panics when a reply is missing (2 s each).
-fn ping(from: &Path, to: Ipv4Addr, count: u16) {
-    let netns = Netns::open(from).expect("open the pinging namespace");
-    netns
-        .run(move || {
-            let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))
-                .expect("raw ICMP socket");
-            socket
-                .set_read_timeout(Some(Duration::from_secs(2)))
-                .expect("timeout");
-            socket
-                .connect(&SocketAddrV4::new(to, 0).into())
-                .expect("connect");
-            let id = (std::process::id() as u16) ^ (unique() as u16);
-            for seq in 0..count {
-                let mut request = vec![8, 0, 0, 0];
-                request.extend_from_slice(&id.to_be_bytes());
-                request.extend_from_slice(&seq.to_be_bytes());
-                request.extend_from_slice(b"podvisor-pod-network-e2e-payload");
-                let sum = checksum(&request);
-                request[2..4].copy_from_slice(&sum.to_be_bytes());
-                (&socket).write_all(&request).expect("send echo request");
-                loop {
-                    let mut buffer = [0u8; 1500];
-                    let n = (&socket)
-                        .read(&mut buffer)
-                        .unwrap_or_else(|e| panic!("no echo reply from {to} for seq {seq}: {e}"));
-                    let header = usize::from(buffer[0] & 0x0f) * 4;
-                    let icmp = &buffer[header..n];
-                    if icmp.len() >= 8
-                        && icmp[0] == 0
-                        && icmp[4..6] == id.to_be_bytes()
-                        && icmp[6..8] == seq.to_be_bytes()
-                    {
-                        break;
-                    }
-                }
-            }
-        })
-        .expect("run in the pinging namespace");
-}
-
-/// The count of ICMP echo replies the namespace at `path` sent.
-fn echo_replies_sent(path: &Path) -> u64 {
-    let snmp = Netns::open(path)
-        .expect("open netns")
-        .run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))
-        .expect("run in netns")
-        .expect("read snmp");
-    let mut icmp = snmp.lines().filter(|line| line.starts_with("Icmp:"));
-    let (Some(names), Some(values)) = (icmp.next(), icmp.next()) else {
-        panic!("no Icmp lines in snmp:\n{snmp}");
-    };
-    let column = names
-        .split_whitespace()
-        .position(|n| n == "OutEchoReps")
-        .expect("OutEchoReps column");
-    values
-        .split_whitespace()
-        .nth(column)
-        .and_then(|v| v.parse().ok())
-        .expect("OutEchoReps value")
-}
-
-/// A TCP listener on `address` inside the namespace at `path`.
-fn listen(path: &Path, address: SocketAddr) -> TcpListener {
-    Netns::open(path)
-        .expect("open the server's namespace")
-        .run(move || TcpListener::bind(address))
-        .expect("run in the server's namespace")
-        .unwrap_or_else(|e| panic!("bind {address} in {}: {e}", path.display()))
-}
-
-/// A TCP connection to `address` from inside the namespace at `path`.
-fn connect(path: &Path, address: SocketAddr) -> TcpStream {
-    Netns::open(path)
-        .expect("open the client's namespace")
-        .run(move || TcpStream::connect_timeout(&address, Duration::from_secs(5)))
-        .expect("run in the client's namespace")
-        .unwrap_or_else(|e| panic!("connect to {address} from {}: {e}", path.display()))
-}
-
-/// Sends `bytes` of seeded pseudo-random data from the namespace at
-/// `client` to a server in `server` on `address`, which answers the data's
-/// SHA-256 and the address the connection came from; asserts both.
+/// Sends `bytes` from `client` to a server in `server` on `address` (see
+/// [`transfer`]); asserts they arrived intact from that client; returns
+/// the time taken.
 fn transfer_checked(server: &Path, client: &Path, address: SocketAddr, bytes: usize) -> Duration {
-    let listener = listen(server, address);
-    let receiver = std::thread::spawn(move || {
-        let (mut stream, peer) = listener.accept().expect("accept");
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0u8; 1 << 16];
-        loop {
-            let n = stream.read(&mut buffer).expect("read");
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buffer[..n]);
-        }
-        stream.write_all(&hasher.finalize()).expect("write digest");
-        peer
-    });
-    let mut rng = fastrand::Rng::with_seed(0x5eed);
-    let mut data = vec![0u8; bytes];
-    rng.fill(&mut data);
-    let expected = Sha256::digest(&data);
-    let started = Instant::now();
-    let mut stream = connect(client, address);
-    stream.write_all(&data).expect("send");
-    stream.shutdown(Shutdown::Write).expect("shutdown");
-    let mut digest = [0u8; 32];
-    stream.read_exact(&mut digest).expect("digest");
-    let elapsed = started.elapsed();
-    let peer = receiver.join().expect("receiver");
-    assert_eq!(
-        digest[..],
-        expected[..],
-        "{bytes} bytes to {address} arrived damaged"
-    );
-    let local = stream.local_addr().expect("local address");
-    assert_eq!(peer, local, "the server saw another client");
-    elapsed
+    let sent = transfer(server, client, address, bytes);
+    assert!(sent.intact, "{bytes} bytes to {address} arrived damaged");
+    assert_eq!(sent.peer_seen, sent.local, "the server saw another client");
+    sent.elapsed
 }
 
 /// A TCP stream from the namespace at `client` to a server in `server`,
@@ -666,21 +459,7 @@ struct PacedTransfer {
 
 impl PacedTransfer {
     fn start(server: &Path, client: &Path, address: SocketAddr) -> Self {
-        let listener = listen(server, address);
-        let receiver = std::thread::spawn(move || {
-            let (mut stream, _) = listener.accept().expect("accept");
-            let mut hasher = Sha256::new();
-            let mut buffer = vec![0u8; 1 << 16];
-            loop {
-                let n = stream.read(&mut buffer).expect("read");
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buffer[..n]);
-            }
-            let digest: [u8; 32] = hasher.finalize().into();
-            stream.write_all(&digest).expect("write digest");
-        });
+        let receiver = serve_digest(listen(server, address));
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let mut stream = connect(client, address);
@@ -880,9 +659,7 @@ network_test!(
             world.logs()
         );
         // No pod VM was made for it, no rule added.
-        let instances: Vec<_> = std::fs::read_dir(world.setup.local_dir().join("instances"))
-            .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
+        let instances = world.instances();
         assert!(
             instances.is_empty(),
             "instances made for a sandbox that failed: {instances:?}\n{}",
@@ -1027,9 +804,7 @@ async fn start_vm_refuses(break_pod: impl FnOnce(&Pod), expected: &[&str], cause
             world.logs()
         );
     }
-    let instances: Vec<_> = std::fs::read_dir(world.setup.local_dir().join("instances"))
-        .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
+    let instances = world.instances();
     assert!(
         instances.is_empty(),
         "a pod VM was made for a pod it cannot serve: {instances:?}\n{}",
