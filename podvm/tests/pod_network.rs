@@ -555,6 +555,46 @@ async fn an_empty_namespace_made_beforehand_is_used_and_left_in_place() {
     lab.assert_nothing_left(&[]);
 }
 
+/// A forwarder killed before its teardown (SIGKILL, an OOM kill) leaves
+/// the pod namespace with the tunnel in it; the restarted forwarder's
+/// setup replaces that device instead of refusing the namespace for good,
+/// and the pod answers again. Anything else in the namespace is still
+/// refused (`an_empty_namespace_made_beforehand_is_used_and_left_in_place`).
+#[tokio::test]
+async fn a_restarted_forwarder_replaces_the_tunnel_its_killed_predecessor_left() {
+    if !namespaces_available() {
+        return;
+    }
+    let lab = Lab::new();
+    let pn = flannel_like(1500);
+    let killed = lab.node();
+    killed.setup(&pn).await.unwrap();
+    assert_pod_answers_ping(&lab);
+    // Killed: no teardown runs.
+    drop(killed);
+    assert!(ip_out(&["-n", &lab.pod, "-o", "link", "show"]).contains("eth0"));
+
+    let restarted = lab.node();
+    restarted
+        .setup(&pn)
+        .await
+        .unwrap_or_else(|e| panic!("setup over the leftovers: {}", e.report()));
+    assert_pod_answers_ping(&lab);
+    let links = ip_out(&["-n", &lab.pod, "-o", "link", "show"]);
+    assert_eq!(links.lines().count(), 2, "lo and one eth0: {links}");
+    let rules = lab.vm_iptables();
+    assert_eq!(
+        rules.matches("-j NOTRACK").count(),
+        2,
+        "the NOTRACK rules not doubled: {rules}"
+    );
+    restarted.teardown(&pn).await.unwrap();
+    // The namespace was found made, so it is left (empty) as one made
+    // beforehand is.
+    ip(&["netns", "del", &lab.pod]);
+    lab.assert_nothing_left(&[]);
+}
+
 #[tokio::test]
 async fn teardown_without_a_setup_is_a_no_op() {
     if !namespaces_available() {

@@ -31,9 +31,7 @@ pub mod tunnel;
 pub mod vni;
 
 use futures_util::TryStreamExt;
-use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
-};
+use rtnetlink::packet_route::link::LinkMessage;
 
 /// The VXLAN UDP port when none is configured (CAA's `-vxlan-port`).
 /// Source: CAA `pkg/podnetwork/tunneler/vxlan/workernode.go`
@@ -60,39 +58,7 @@ pub const MIN_IPV4_MTU: u32 = 68;
 /// The smallest pod MTU accepted: [`VXLAN_OVERHEAD`] + [`MIN_IPV4_MTU`].
 pub const MIN_POD_MTU: u32 = VXLAN_OVERHEAD + MIN_IPV4_MTU;
 
-/// A link's name.
-fn link_name(link: &LinkMessage) -> Option<&str> {
-    link.attributes
-        .iter()
-        .find_map(|attribute| match attribute {
-            LinkAttribute::IfName(name) => Some(name.as_str()),
-            _ => None,
-        })
-}
-
-/// A link's VNI when it is a VXLAN device, else `None`.
-fn vxlan_id(link: &LinkMessage) -> Option<u32> {
-    let infos = link
-        .attributes
-        .iter()
-        .find_map(|attribute| match attribute {
-            LinkAttribute::LinkInfo(infos) => Some(infos),
-            _ => None,
-        })?;
-    if !infos
-        .iter()
-        .any(|info| matches!(info, LinkInfo::Kind(InfoKind::Vxlan)))
-    {
-        return None;
-    }
-    infos.iter().find_map(|info| match info {
-        LinkInfo::Data(InfoData::Vxlan(data)) => data.iter().find_map(|d| match d {
-            InfoVxlan::Id(id) => Some(*id),
-            _ => None,
-        }),
-        _ => None,
-    })
-}
+use podvisor_podvm::network::link::{name as link_name, vxlan_id};
 
 /// All links of the handle's namespace.
 async fn links(handle: &rtnetlink::Handle) -> Result<Vec<LinkMessage>, rtnetlink::Error> {

@@ -3,11 +3,13 @@
 //!
 //! - [`config`]: `apf.json`'s `pod-network` ([`config::PodNetwork`]), in
 //!   CAA's JSON shape.
+//! - [`link`]: a link's name and VNI from its netlink message.
 //! - [`netns`]: run code, netlink requests and commands inside a given
 //!   network namespace without moving the caller's thread.
 //! - [`podnode`]: the pod VM's end: the pod namespace with the VXLAN
 //!   tunnel to the worker as its interface ([`podnode::PodNode`]).
 
 pub mod config;
+pub mod link;
 pub mod netns;
 pub mod podnode;

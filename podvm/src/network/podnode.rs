@@ -35,6 +35,7 @@
 //! [`PodNode::with_vm_netns`].
 
 use super::config::{NeighborState, PodNetwork, Prefix};
+use super::link;
 use super::netns::{Netns, NetnsError};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::neighbour::NeighbourState as NlNeighbourState;
@@ -574,7 +575,7 @@ impl PodNode {
             Err(PodNetworkError::NamespaceExists { .. })
                 if is_mounted_namespace(&self.pod_path) =>
             {
-                self.adopt_namespace().await?
+                self.adopt_namespace(plan).await?
             }
             Err(e) => return Err(e),
         };
@@ -684,8 +685,12 @@ impl PodNode {
 
     /// Opens a namespace already mounted at the path (CAA's image makes
     /// `/run/netns/podns` with `ip netns add` before the kata agent starts
-    /// in it), if it holds nothing but `lo`.
-    async fn adopt_namespace(&self) -> Result<File, PodNetworkError> {
+    /// in it), if it holds nothing but `lo` — or besides `lo` only this
+    /// tunnel's device (the pod's interface or its transient name, a VXLAN
+    /// of this VNI), which an earlier forwarder killed before its teardown
+    /// left: that device is deleted and the tunnel built again, so a
+    /// restarted forwarder does not fail for good on its own leftovers.
+    async fn adopt_namespace(&self, plan: &Plan) -> Result<File, PodNetworkError> {
         let file = File::open(&self.pod_path).map_err(|source| PodNetworkError::Namespace {
             action: "open",
             path: self.pod_path.clone(),
@@ -702,11 +707,31 @@ impl PodNode {
                 "list the interfaces of {}",
                 self.pod_path.display()
             )))?;
-        if links.len() > 1 {
+        let transient = plan.transient_name();
+        let others: Vec<_> = links
+            .iter()
+            .filter(|l| link::name(l) != Some("lo"))
+            .collect();
+        let ours = |l: &&rtnetlink::packet_route::link::LinkMessage| {
+            let name = link::name(l);
+            (name == Some(plan.interface.as_str()) || name == Some(transient.as_str()))
+                && link::vxlan_id(l) == Some(plan.vni)
+        };
+        if !others.iter().all(ours) {
             return Err(PodNetworkError::NamespaceExists {
                 path: self.pod_path.clone(),
                 why: format!("holds {} interfaces, not only lo", links.len()),
             });
+        }
+        for leftover in others {
+            let name = link::name(leftover).unwrap_or_default();
+            tracing::warn!(netns = %self.pod_path.display(), interface = name, vni = plan.vni, "replacing the pod network an earlier forwarder left (it stopped without its teardown)");
+            handle
+                .link()
+                .del(leftover.header.index)
+                .execute()
+                .await
+                .map_err(netlink(format!("delete the leftover {name}")))?;
         }
         tracing::info!(netns = %self.pod_path.display(), "using the pod network namespace already made");
         Ok(file)
