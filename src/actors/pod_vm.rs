@@ -659,7 +659,7 @@ impl PodVm {
                 match removed {
                     Ok(()) => tunnel_status::record_teardown(t.elapsed()),
                     Err(e) => {
-                        tracing::warn!(sandbox = %removed_id, vni, error = %report(&e), "cannot remove the pod's tunnel before its record")
+                        tracing::warn!(sandbox = %removed_id, vni, error = %report(&e), "cannot remove the pod's tunnel before its record");
                     }
                 }
             }
