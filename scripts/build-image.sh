@@ -6,6 +6,11 @@
 #   /usr/local/bin/podvisor            features local, aws, azure, ibmcloud and libvirt
 #   /usr/local/bin/podvisor-forwarder  the local provider runs it
 #   /usr/local/bin/podvisor-userdata   for pod VM images built from this one
+#   /usr/sbin/iptables, iptables-save, iptables-restore
+#                                      iptables' nf_tables backend (xtables-nft-multi
+#                                      and its extensions): the pod network's NOTRACK
+#                                      rules, on the daemon's side and the local
+#                                      provider's pod VMs'
 #   the dynamic loader and every shared library they link, as ldd finds them
 #   /etc/ssl/certs/ca-certificates.crt the clouds' HTTPS clients read the system roots
 #   /tmp                               empty, mode 1777
@@ -19,7 +24,8 @@
 #
 # Prints PODVISOR_IMAGE=<absolute path of the archive> on stdout, so a caller
 # can `eval` it (tests/image.rs runs it); progress goes to stderr. Needs
-# buildah (Debian package) and the build dependencies of the workspace
+# buildah (Debian package), iptables (Debian package: the nf_tables
+# backend, xtables-nft-multi) and the build dependencies of the workspace
 # (libvirt-dev, pkg-config).
 #
 #   PODVISOR_IMAGE_DIR  where the archive goes (default target/image)
@@ -34,6 +40,15 @@ umask 022
 
 if ! command -v buildah >/dev/null; then
     echo "build-image: buildah is not installed (Debian: apt-get install buildah)" >&2
+    exit 1
+fi
+# iptables with the nf_tables backend, as Debian, Ubuntu, RHEL 8+ and
+# kube-proxy's own image use by default: the image's rules are nf_tables
+# rules whichever backend the node's tools use (the kernel runs both).
+xtables_multi="$(PATH="$PATH:/usr/sbin:/sbin" command -v xtables-nft-multi || true)"
+xtables_dir="$(find /usr/lib /usr/lib64 -maxdepth 2 -type d -name xtables 2>/dev/null | head -n 1)"
+if [ -z "$xtables_multi" ] || [ -z "$xtables_dir" ]; then
+    echo "build-image: iptables' nf_tables backend is not installed (Debian: apt-get install iptables)" >&2
     exit 1
 fi
 out_dir="${PODVISOR_IMAGE_DIR:-target/image}"
@@ -69,10 +84,22 @@ context="$stage/context"
 rootfs="$context/rootfs"
 mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc/ssl/certs"
 install -m 0755 "${bins[@]}" "$rootfs/usr/local/bin/"
+# iptables: the multi-call binary under the three names the daemon and the
+# forwarder run, and every extension it may load (by dlopen, from the
+# directory it was built with: the host's path).
+mkdir -p "$rootfs/usr/sbin" "$rootfs$xtables_dir"
+install -m 0755 "$xtables_multi" "$rootfs/usr/sbin/xtables-nft-multi"
+for name in iptables iptables-save iptables-restore; do
+    ln -s xtables-nft-multi "$rootfs/usr/sbin/$name"
+done
+cp -L "$xtables_dir"/*.so "$rootfs$xtables_dir/"
+# `-p udp` by name, as iptables-save prints it.
+[ ! -f /etc/protocols ] || cp -L /etc/protocols "$rootfs/etc/"
+linked=("${bins[@]}" "$xtables_multi" "$xtables_dir"/*.so)
 
 # Every library a binary links, at the path the loader will look for it
 # (ldd's "name => /path" and the loader's own "/path" lines), dereferenced.
-for bin in "${bins[@]}"; do
+for bin in "${linked[@]}"; do
     if ! links="$(ldd "$bin")"; then
         echo "build-image: ldd $bin failed (not a dynamic executable?)" >&2
         exit 1

@@ -4,7 +4,9 @@
 //! capability dropped but NET_ADMIN and SYS_ADMIN, the node's network) and
 //! on the local provider — answers `/readyz` and takes a pod VM through
 //! CreateVM, StartVM and StopVM from the host's client over the mounted
-//! Kata socket, then exits 0 on SIGTERM.
+//! Kata socket, then exits 0 on SIGTERM. Its iptables reads and writes the
+//! pod network's NOTRACK rules beside the node's, and its daemon turns the
+//! pod network on with them.
 //!
 //! Needs `PODVISOR_IMAGE`, the OCI archive `scripts/build-image.sh` wrote
 //! (`eval "$(scripts/build-image.sh)"`; `scripts/test.sh` does), and podman
@@ -310,6 +312,24 @@ struct Container<'a> {
     name: String,
 }
 
+impl<'a> Container<'a> {
+    /// `podman <args…>` (a `run --detach --name <name> …`); panics if it
+    /// fails.
+    fn run(podman: &'a Podman, name: &str, args: &[&str]) -> Self {
+        let out = podman.run(args);
+        assert!(out.status.success(), "podman run: {}", text(&out));
+        Self {
+            podman,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Its log so far.
+    fn logs(&self) -> String {
+        text(&self.podman.run(&["logs", &self.name]))
+    }
+}
+
 impl Drop for Container<'_> {
     fn drop(&mut self) {
         let _ = self
@@ -384,13 +404,8 @@ fn the_daemon_in_the_image_serves_a_pod_vm_under_the_charts_security_context() {
         &image,
         "local",
     ]);
-    let out = podman.run(&args);
-    assert!(out.status.success(), "podman run: {}", text(&out));
-    let container = Container {
-        podman: &podman,
-        name: name.clone(),
-    };
-    let logs = || text(&podman.run(&["logs", &name]));
+    let container = Container::run(&podman, &name, &args);
+    let logs = || container.logs();
 
     // /readyz: 200 once recovery is decided (nothing to recover here).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -448,5 +463,199 @@ fn the_daemon_in_the_image_serves_a_pod_vm_under_the_charts_security_context() {
     );
     let log = logs();
     assert!(!log.contains("panicked"), "{log}");
+    drop(container);
+}
+
+/// A network namespace the test made, deleted when it ends.
+struct TestNetns(String);
+
+impl TestNetns {
+    fn new() -> Self {
+        let name = format!("pvimg{}-{}", std::process::id(), fastrand::u32(..));
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("running ip");
+        assert!(out.status.success(), "ip netns add {name}: {}", text(&out));
+        let netns = Self(name);
+        // The daemon's admin endpoint listens on its loopback.
+        let out = netns.exec(&["ip", "link", "set", "lo", "up"], "");
+        assert!(out.status.success(), "lo up: {}", text(&out));
+        netns
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.0)
+    }
+
+    /// `ip netns exec <ns> <args…>` with `input` on stdin.
+    fn exec(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running ip netns exec");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("ip netns exec")
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// A NOTRACK rule as the daemon writes it (`src/network/notrack.rs`: the
+/// reference's shape, CAA `tunneler/vxlan/iptables.go`), as
+/// `iptables-save` prints it.
+fn notrack_line(vni: u32, pod_vm_ip: &str) -> String {
+    format!(
+        "-A peerpod-OUTPUT -d {pod_vm_ip}/32 -p udp -m comment --comment \"peerpod [vni:{vni}]\" -m udp --dport 4789 -j NOTRACK"
+    )
+}
+
+/// The pod network's NOTRACK rules with the image's iptables (the
+/// nf_tables backend): a rule the node's own iptables wrote is read back
+/// by the image's `iptables-save`, one the image's `iptables-restore`
+/// writes (the daemon's way: `--noflush -w 5`) is read by the node's, and
+/// the daemon in the image, run with a pod network (the local provider's
+/// `--netns-per-vm`), turns it on and finds both rules' VNIs at start-up —
+/// where an image without iptables ran with the pod network off.
+#[test]
+fn the_images_iptables_reads_and_writes_the_tunnels_notrack_rules() {
+    let test = "the_images_iptables_reads_and_writes_the_tunnels_notrack_rules";
+    let Some(podman) = Podman::load(test) else {
+        return;
+    };
+    let node_iptables = Command::new("iptables-save").arg("--version").output();
+    if !node_iptables.is_ok_and(|o| o.status.success()) {
+        skip(
+            FILE,
+            test,
+            "no iptables-save on this machine (Debian: apt-get install iptables)",
+        );
+        return;
+    }
+    let netns = TestNetns::new();
+    let network = format!("ns:{}", netns.path().display());
+    let image = image_name();
+
+    // The node writes one, the image reads it.
+    let first = notrack_line(555_000, "192.168.222.2");
+    let out = netns.exec(
+        &["iptables-restore", "--noflush"],
+        &format!("*raw\n:peerpod-OUTPUT - [0:0]\n-A OUTPUT -j peerpod-OUTPUT\n{first}\nCOMMIT\n"),
+    );
+    assert!(
+        out.status.success(),
+        "the node's iptables-restore: {}",
+        text(&out)
+    );
+    let mut save = vec!["run", "--rm", "--network", &network, "--cap-drop", "ALL"];
+    save.extend(["--cap-add", "NET_ADMIN"]);
+    save.extend(LIMITS);
+    save.extend([
+        "--entrypoint",
+        "/usr/sbin/iptables-save",
+        &image,
+        "-t",
+        "raw",
+    ]);
+    let out = podman.run(&save);
+    assert!(
+        out.status.success(),
+        "the image's iptables-save: {}",
+        text(&out)
+    );
+    let raw = stdout(&out);
+    assert!(raw.contains(&first), "the image's iptables-save:\n{raw}");
+
+    // The image writes one, the node reads it.
+    let second = notrack_line(555_001, "192.168.222.3");
+    let mut restore = vec!["run", "--rm", "--interactive", "--network", &network];
+    restore.extend(["--cap-drop", "ALL", "--cap-add", "NET_ADMIN"]);
+    restore.extend(LIMITS);
+    restore.extend(["--entrypoint", "/usr/sbin/iptables-restore", &image]);
+    restore.extend(["-w", "5", "--noflush"]);
+    let mut child = podman
+        .command(&restore)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("podman run");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(format!("*raw\n{second}\nCOMMIT\n").as_bytes())
+            .expect("write the rules");
+    }
+    let out = child.wait_with_output().expect("podman run");
+    assert!(
+        out.status.success(),
+        "the image's iptables-restore: {}",
+        text(&out)
+    );
+    let out = netns.exec(&["iptables-save", "-t", "raw"], "");
+    let raw = stdout(&out);
+    assert!(
+        raw.contains(&first) && raw.contains(&second),
+        "the node's iptables-save:\n{raw}"
+    );
+
+    // The daemon in the image, with a pod network: on, and both VNIs known.
+    let name = format!("podvisor-image-netns-{}", std::process::id());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let admin_env = format!("PODVISOR_ADMIN_ADDR={admin}");
+    let mut args = vec!["run", "--detach", "--name", &name, "--network", &network];
+    args.extend(LIMITS);
+    args.extend(["--cap-drop", "ALL", "--cap-add", "NET_ADMIN,SYS_ADMIN"]);
+    args.extend(["--env", "NODE_NAME=image-netns-node", "--env", &admin_env]);
+    args.extend([&image, "--host-interface", "pvcloud0"]);
+    args.extend(["local", "--netns-per-vm", "--cloud-bridge", "pvcloud0"]);
+    let container = Container::run(&podman, &name, &args);
+    let logs = || container.logs();
+    // The admin endpoint is on the namespace's loopback.
+    let inside = podvisor_podvm::network::netns::Netns::open(netns.path()).expect("open the netns");
+    let url = format!("http://{admin}/v1/status");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let url = url.clone();
+        match inside.run(move || get(&url)).expect("run in the netns") {
+            Ok((200, body)) => break body,
+            other => assert!(
+                Instant::now() < deadline,
+                "/v1/status never answered (last: {other:?}); the container's log:\n{}",
+                logs()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    let pod_network = &status["pod_network"];
+    assert_eq!(pod_network["tunnel_type"], "vxlan", "{status}\n{}", logs());
+    assert_eq!(pod_network["vxlan_port"], 4789, "{pod_network}");
+    let log = logs();
+    assert!(
+        log.contains("tunnels' NOTRACK rules found on the node at start-up")
+            && log.contains("555000")
+            && log.contains("555001"),
+        "the daemon did not read the rules with the image's iptables-save:\n{log}"
+    );
+    assert!(
+        !log.contains("cannot read the tunnels' NOTRACK rules"),
+        "{log}"
+    );
     drop(container);
 }
