@@ -583,6 +583,8 @@ fn the_images_iptables_reads_and_writes_the_tunnels_notrack_rules() {
     // The image writes one, the node reads it.
     let second = notrack_line(555_001, "192.168.222.3");
     let mut restore = vec!["run", "--rm", "--interactive", "--network", &network];
+    // The chart's read-only root: iptables-nft needs no lock file.
+    restore.extend(["--read-only", "--read-only-tmpfs=false"]);
     restore.extend(["--cap-drop", "ALL", "--cap-add", "NET_ADMIN"]);
     restore.extend(LIMITS);
     restore.extend(["--entrypoint", "/usr/sbin/iptables-restore", &image]);
@@ -621,6 +623,12 @@ fn the_images_iptables_reads_and_writes_the_tunnels_notrack_rules() {
     let mut args = vec!["run", "--detach", "--name", &name, "--network", &network];
     args.extend(LIMITS);
     args.extend(["--cap-drop", "ALL", "--cap-add", "NET_ADMIN,SYS_ADMIN"]);
+    // As the chart runs it: a read-only root, the state and the Kata
+    // socket's directory mounted, /tmp an emptyDir.
+    args.extend(["--read-only", "--read-only-tmpfs=false"]);
+    for dir in ["/tmp", "/var/lib/podvisor", "/run/peerpod"] {
+        args.extend(["--tmpfs", dir]);
+    }
     args.extend(["--env", "NODE_NAME=image-netns-node", "--env", &admin_env]);
     args.extend([&image, "--host-interface", "pvcloud0"]);
     args.extend(["local", "--netns-per-vm", "--cloud-bridge", "pvcloud0"]);
