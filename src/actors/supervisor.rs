@@ -929,8 +929,10 @@ impl Supervisor {
     /// Removes the NOTRACK rules of tunnels whose VNI no record holds (a
     /// teardown that failed, or a crash between a record's removal and its
     /// rules'). Only with an intact journal and no quarantined record: a
-    /// record that cannot be read may hold a VNI. (The tunnel devices live
-    /// in the pods' namespaces and go with them.)
+    /// record that cannot be read may hold a VNI. Also the `ppvxlan<VNI>`
+    /// devices a set-up cut short left in the node's namespace, of VNIs no
+    /// record holds. (The tunnels' devices in the pods' namespaces go with
+    /// those namespaces.)
     fn sweep_tunnel_rules(&mut self, ctx: &mut Context<Self>) {
         let Some(settings) = self.deps.pod_network.clone() else {
             return;
@@ -946,10 +948,15 @@ impl Supervisor {
         // Sweep again next pass while tunnels exist (their teardowns are
         // not reported here), once more after the last one went.
         self.tunnels_seen = held;
+        // Left set-up devices: a tunnel being set up belongs to a durable
+        // record, so one of a VNI no record or create holds is a leftover.
+        let device_owners = in_flight.clone();
         // Rules found at start-up are kept: a record the journal lost may
         // hold them.
         in_flight.extend(self.vnis_found_at_start.iter().copied());
         let view = self.deps.view.clone();
+        let device_view = view.clone();
+        let host_netns = settings.host_netns.clone();
         let sweep = async move {
             let host = podvisor_podvm::network::netns::Netns::open(&settings.host_netns)
                 .map_err(|e| podvisor_state::report(&e))?;
@@ -965,6 +972,13 @@ impl Supervisor {
             .await
             .map_err(|e| e.to_string())?
         };
+        let devices = async move {
+            crate::network::tunnel::sweep_host_devices(&host_netns, |vni| {
+                device_owners.contains(&vni) || device_view.vnis().contains(&vni)
+            })
+            .await
+            .map_err(|e| podvisor_state::report(&e))
+        };
         ctx.spawn(sweep.into_actor(self).map(|swept, _, _| match swept {
             Ok(rules) => {
                 for rule in rules {
@@ -972,6 +986,14 @@ impl Supervisor {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot sweep tunnels' NOTRACK rules; next pass retries"),
+        }));
+        ctx.spawn(devices.into_actor(self).map(|swept, _, _| match swept {
+            Ok(vnis) => {
+                for vni in vnis {
+                    tracing::info!(vni, "removed a tunnel device left in the node's namespace that no record owns");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot sweep tunnel devices left in the node's namespace; next pass retries"),
         }));
     }
 

@@ -611,6 +611,42 @@ pub async fn list_notrack(host_netns: &Path) -> Result<Vec<NotrackRule>, TunnelE
     Ok(tokio::task::spawn_blocking(move || notrack::list(&host)).await??)
 }
 
+/// Deletes the `ppvxlan<VNI>` devices in the host netns (`host_netns`)
+/// whose VNI `owned` rejects, and returns their VNIs. Such a device exists
+/// only between a set-up's creation of it and its move into the pod's
+/// netns: one still there was left by a set-up cut short (a crash), and if
+/// its record is gone too, nothing else would ever remove it. Never part
+/// of a working tunnel, so — unlike NOTRACK rules — one whose VNI merely
+/// had rules at start-up is not kept.
+///
+/// # Errors
+/// [`TunnelError::Netns`], [`TunnelError::Netlink`] (listing or deleting).
+pub async fn sweep_host_devices(
+    host_netns: &Path,
+    owned: impl Fn(u32) -> bool,
+) -> Result<Vec<u32>, TunnelError> {
+    let host = Netns::open(host_netns)?;
+    let handle = host.netlink()?;
+    let all = links(&handle)
+        .await
+        .map_err(netlink("list links", host_netns))?;
+    let mut removed = Vec::new();
+    for link in all {
+        let Some(vni) = link_name(&link)
+            .and_then(|name| name.strip_prefix("ppvxlan"))
+            .and_then(|number| number.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if vxlan_id(&link) != Some(vni) || owned(vni) {
+            continue;
+        }
+        delete_link(&handle, link.header.index, host_netns).await?;
+        removed.push(vni);
+    }
+    Ok(removed)
+}
+
 /// Removes the NOTRACK rules of every VNI not in `owned` (the VNIs the
 /// daemon's records hold), for its GC. Returns the rules removed (one
 /// entry per rule, so two per tunnel).
