@@ -11,10 +11,18 @@
 //! exist only there, and nothing here connects outside 127.0.0.0/8 and that
 //! namespace. It skips, saying why, where libvirtd cannot start or the image
 //! cannot be built.
+//!
+//! The pod VM also carries its pod's network: a CNI-like bridge and two
+//! pod namespaces (the peer pod and a client pod) on the test's side, the
+//! daemon's tunnel towards the guest over the libvirt network, and the
+//! forwarder in the guest building the pod namespace with the pod's IP —
+//! which then answers the client pod's pings from inside the real VM.
 
 #![cfg(feature = "libvirt")]
 
 mod common;
+#[path = "common/netns.rs"]
+mod netns;
 
 use common::*;
 use std::io::{BufRead, BufReader, Read};
@@ -26,6 +34,90 @@ use std::time::{Duration, Instant};
 const POOL: &str = "podvisor";
 const NETWORK: &str = "podvisor";
 const BASE_VOLUME: &str = "podvm-base.qcow2";
+/// The pod network on the test's side: a CNI-like bridge, the peer pod
+/// (whose IP the pod VM takes over) and a client pod on it.
+const CNI_BRIDGE: &str = "cni0";
+const GATEWAY: &str = "10.244.9.1";
+const POD_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 244, 9, 5);
+const CLIENT_IP: &str = "10.244.9.6";
+
+/// The peer pod and the client pod, each in a namespace of its own, on a
+/// CNI-like bridge of the current network namespace (the test's).
+struct PodNetwork {
+    /// Deletes the pods' namespaces when the test ends.
+    _namespaces: netns::Namespaces,
+    peer: String,
+    client: String,
+}
+
+impl PodNetwork {
+    fn new() -> Self {
+        use netns::ip;
+        ip(&["link", "add", CNI_BRIDGE, "type", "bridge"]);
+        ip(&["addr", "add", &format!("{GATEWAY}/24"), "dev", CNI_BRIDGE]);
+        ip(&["link", "set", CNI_BRIDGE, "up"]);
+        let mut namespaces = netns::Namespaces::default();
+        let mut pod = |role: &str, address: &str| {
+            let name = namespaces.add(role);
+            let veth = format!("veth{role}");
+            ip(&[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name,
+            ]);
+            ip(&["link", "set", &veth, "master", CNI_BRIDGE, "up"]);
+            ip(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{address}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &name, "link", "set", "eth0", "up"]);
+            ip(&["-n", &name, "route", "add", "default", "via", GATEWAY]);
+            name
+        };
+        let peer = pod("peer", &POD_IP.to_string());
+        let client = pod("client", CLIENT_IP);
+        Self {
+            _namespaces: namespaces,
+            peer,
+            client,
+        }
+    }
+
+    /// Pings the pod IP from the client pod; `Err` unless every echo is
+    /// answered, and by the pod VM (the peer pod's own namespace, which
+    /// still holds the IP, answers none).
+    async fn pod_answers_from_the_vm(&self) -> Result<(), String> {
+        let (peer, client) = (self.peer.clone(), self.client.clone());
+        tokio::task::spawn_blocking(move || {
+            let before = netns::echo_replies_sent(&peer);
+            let answered = std::panic::catch_unwind(|| netns::ping(&client, POD_IP, 3))
+                .map_err(|_| format!("the pod IP {POD_IP} did not answer the client pod"))?;
+            if netns::echo_replies_sent(&peer) != before {
+                return Err(
+                    "the peer pod's own namespace answered: the tunnel was bypassed".into(),
+                );
+            }
+            Ok(answered)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|rtts| {
+            say(&format!(
+                "libvirt_vm: pod IP ping round trips through the VM: {rtts:?}"
+            ));
+        })
+    }
+
+    /// Why the tunnel is not all gone from the test's side, if it is not.
+    fn leftovers(&self) -> Option<String> {
+        let links = netns::ip(&["-n", &self.peer, "-o", "link", "show"]);
+        let raw = netns::run("iptables-save", &["-t", "raw"]);
+        (links.contains("vxlan") || raw.contains("[vni:")).then(|| format!("{links}\n{raw}"))
+    }
+}
 
 /// Writes to the test's stderr past libtest's capture, so that a skip or
 /// the measurements show in a plain `cargo test` too.
@@ -323,10 +415,15 @@ async fn scenario(uri: String) -> Result<String, String> {
         .to_vec(),
     );
     setup.global.push("--cloud-config-verify".into());
+    // The tunnels' end on this side: the libvirt network's bridge.
+    setup
+        .global
+        .extend(["--host-interface".into(), "pvbr0".into()]);
+    let pods = PodNetwork::new();
     let mut daemon = setup.start().await;
     let log = |d: &Daemon| d.log_text();
 
-    let (id, name, client) = create_vm(&daemon, "vm").await?;
+    let (id, name, client) = create_vm(&daemon, "vm", Some(&netns::netns_path(&pods.peer))).await?;
 
     // StartVM, timing the domain's start (define+start) apart from the boot.
     let started = Instant::now();
@@ -376,6 +473,13 @@ async fn scenario(uri: String) -> Result<String, String> {
         return Err(format!("address {ip} is not on the test network"));
     }
     mtls_handshake(&setup.state_dir().join("tls"), &ip, &name).await?;
+    // The pod's IP answers from inside the VM, through the tunnel.
+    if record["tunnel"]["state"] != "up" {
+        return Err(format!("the pod's tunnel is not up: {record}"));
+    }
+    pods.pod_answers_from_the_vm()
+        .await
+        .map_err(|e| format!("{e}\n{}", log(&daemon)))?;
 
     // kill -9 while Running, restart: still Running, the same domain.
     daemon.kill9();
@@ -393,6 +497,7 @@ async fn scenario(uri: String) -> Result<String, String> {
     if ns_virsh(&["domuuid", &name])?.trim() != uuid {
         return Err("the domain's UUID changed across the restart".into());
     }
+    pods.pod_answers_from_the_vm().await?;
 
     // StopVM: the record, the domain and its volumes go.
     let stopping = Instant::now();
@@ -419,6 +524,9 @@ async fn scenario(uri: String) -> Result<String, String> {
     if !left.is_empty() {
         return Err(format!("volumes left in the pool: {left:?}"));
     }
+    if let Some(left) = pods.leftovers() {
+        return Err(format!("the pod's tunnel is left after StopVM:\n{left}"));
+    }
     daemon.kill9();
     cut_off_create(&mut setup, &ns_virsh).await?;
     Ok(format!(
@@ -433,11 +541,24 @@ async fn scenario(uri: String) -> Result<String, String> {
 
 /// CreateVM of a new sandbox for pod `pod`: its id, its instance name and
 /// the client that made it.
-async fn create_vm(daemon: &Daemon, pod: &str) -> Result<(String, String, Client), String> {
+async fn create_vm(
+    daemon: &Daemon,
+    pod: &str,
+    pod_netns: Option<&Path>,
+) -> Result<(String, String, Client), String> {
     let id = sandbox_id();
     let client = daemon.client().await;
+    let req = podvisor::protocols::ttrpc::hypervisor::CreateVMRequest {
+        id: id.clone(),
+        annotations: pod_annotations(pod, "ns"),
+        networkNamespacePath: pod_netns
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        ..Default::default()
+    };
     client
-        .create(&id, pod_annotations(pod, "ns"))
+        .hv
+        .create_vm(ctx(10), &req)
         .await
         .map_err(|e| format!("CreateVM: {e:?}"))?;
     let name = daemon
@@ -473,7 +594,7 @@ async fn cut_off_create(
     ));
     let mut daemon = setup.start().await;
     setup.env.clear();
-    let (id, name, client) = create_vm(&daemon, "cut").await?;
+    let (id, name, client) = create_vm(&daemon, "cut", None).await?;
     let starting = {
         let id = id.clone();
         tokio::spawn(async move { client.start(&id).await })

@@ -15,8 +15,9 @@
 #
 # Needs: apt-get (Debian 12 sources), dpkg-deb, xorriso, qemu-img, ldd,
 # gzip; strip (binutils) if present.
-# isolinux, syslinux-common, busybox-static and linux-image-amd64 are
-# downloaded with `apt-get download` and unpacked, not installed.
+# isolinux, syslinux-common, busybox-static, linux-image-amd64 and iptables
+# (with libxtables12, libnftnl11, libmnl0: the pod network's NOTRACK rules)
+# are downloaded with `apt-get download` and unpacked, not installed.
 #
 # What the image does is the init written below: see podvm/libvirt/README.md.
 set -euo pipefail
@@ -61,7 +62,8 @@ fetch() { # fetch PACKAGE: its .deb, unpacked into $cache/root/PACKAGE
         mv "$cache/root/$pkg.tmp" "$cache/root/$pkg"
     fi
 }
-for p in "$kernel_pkg" busybox-static isolinux syslinux-common; do fetch "$p"; done
+iptables_pkgs=(iptables libxtables12 libnftnl11 libmnl0)
+for p in "$kernel_pkg" busybox-static isolinux syslinux-common "${iptables_pkgs[@]}"; do fetch "$p"; done
 kroot="$cache/root/$kernel_pkg"
 kver="$(ls "$kroot/lib/modules" | head -n1)"
 busybox="$cache/root/busybox-static/bin/busybox"
@@ -90,6 +92,19 @@ for b in podvisor-userdata podvisor-forwarder; do
     done
 done
 
+# iptables' nf_tables backend, for the forwarder's pod network (its
+# NOTRACK rules): the multi-call binary as iptables, its extensions (loaded
+# by dlopen from the directory it was built with) and its libraries, at the
+# paths the packages give them; the C library is the one copied above.
+multiarch="$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)"
+mkdir -p "$ird/usr/sbin" "$ird/usr/lib/$multiarch/xtables" "$ird/lib/$multiarch"
+cp "$cache/root/iptables/usr/sbin/xtables-nft-multi" "$ird/usr/sbin/"
+for name in iptables iptables-save iptables-restore; do ln -s xtables-nft-multi "$ird/usr/sbin/$name"; done
+cp "$cache/root/iptables/usr/lib/$multiarch/xtables/"*.so "$ird/usr/lib/$multiarch/xtables/"
+for p in libxtables12 libnftnl11 libmnl0; do
+    find "$cache/root/$p" -name '*.so.*' -exec cp -P {} "$ird/lib/$multiarch/" \;
+done
+
 # Kernel modules for the devices of the provider's x86_64 domain XML
 # (providers/src/libvirt/xml.rs): SATA disks (AHCI) with the cidata ISO as a
 # CD-ROM, a virtio NIC. Each with its dependencies, in load order.
@@ -115,6 +130,13 @@ add_module() { # add_module NAME: it and what it needs, dependencies first
     order+=("$path")
 }
 for m in ahci sd_mod sr_mod isofs virtio_pci virtio_net; do add_module "$m"; done
+# The pod network: the VXLAN tunnel to the worker, and the raw table's
+# NOTRACK rules as iptables-nft writes them (nf_tables, the x_tables
+# matches and target through nft_compat).
+# libcrc32c (under nf_tables and nf_conntrack) asks the crypto API for
+# "crc32c" when it loads, which a modprobe would load as its soft
+# dependency; insmod does not, so its provider goes first.
+for m in crc32c_generic vxlan nf_tables nft_compat xt_comment xt_tcpudp xt_CT; do add_module "$m"; done
 for path in "${order[@]}"; do
     cp "$mroot/$path" "$ird/lib/modules/"
     basename "$path" >>"$ird/etc/modules"
@@ -139,7 +161,7 @@ cat >"$ird/init" <<'EOF'
 #!/bin/sh
 # The pod VM's init (podvm/libvirt/build-image.sh): modules, network,
 # cidata user data, then the agent-protocol forwarder.
-export PATH=/bin
+export PATH=/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
