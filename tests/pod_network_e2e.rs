@@ -1084,3 +1084,53 @@ network_test!(
         world.assert_clean(&[&live]).await;
     }
 );
+
+network_test!(
+    stop_vm_after_the_cni_removed_the_pods_namespace_succeeds_and_leaves_nothing,
+    async {
+        let mut world = World::new();
+        let peer = world.add_pod("peer", POD_IP);
+        world.start_daemon().await;
+        let sandbox = world.run_sandbox("web", &peer).await;
+        // The CNI's DEL came first: the pod's namespace, and the tunnel
+        // device in it, are gone; the node's NOTRACK rules are not.
+        world.namespaces.delete(&peer.netns);
+        let client = world.daemon().client().await;
+        client
+            .stop(&sandbox.id)
+            .await
+            .or_else(|e| {
+                let text = format!("{e:?}").to_lowercase();
+                (text.contains("deadline") || text.contains("timeout"))
+                    .then_some(())
+                    .ok_or(text)
+            })
+            .unwrap_or_else(|e| panic!("StopVM: {e}\n{}", world.logs()));
+        let daemon = world.daemon();
+        eventually(
+            "the sandbox to be gone",
+            Duration::from_secs(30),
+            async || daemon.instance(&sandbox.id).await.is_none().then_some(()),
+        )
+        .await;
+        let raw = world.raw_table();
+        assert!(
+            !raw.contains(&format!("[vni:{}]", sandbox.vni)),
+            "the rules of a pod whose namespace went first are left:\n{raw}"
+        );
+        assert!(
+            world.pod_vm_leftovers(&sandbox).is_none(),
+            "{:?}",
+            world.pod_vm_leftovers(&sandbox)
+        );
+        assert_eq!(
+            world
+                .daemon()
+                .metric("podvisor_tunnel_failures_total", &[("op", "teardown")])
+                .await,
+            0.0,
+            "a namespace already gone is no teardown failure\n{}",
+            world.logs()
+        );
+    }
+);
