@@ -1095,17 +1095,7 @@ network_test!(
         // The CNI's DEL came first: the pod's namespace, and the tunnel
         // device in it, are gone; the node's NOTRACK rules are not.
         world.namespaces.delete(&peer.netns);
-        let client = world.daemon().client().await;
-        client
-            .stop(&sandbox.id)
-            .await
-            .or_else(|e| {
-                let text = format!("{e:?}").to_lowercase();
-                (text.contains("deadline") || text.contains("timeout"))
-                    .then_some(())
-                    .ok_or(text)
-            })
-            .unwrap_or_else(|e| panic!("StopVM: {e}\n{}", world.logs()));
+        world.stop(&sandbox).await;
         let daemon = world.daemon();
         eventually(
             "the sandbox to be gone",
