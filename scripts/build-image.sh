@@ -46,7 +46,10 @@ fi
 # kube-proxy's own image use by default: the image's rules are nf_tables
 # rules whichever backend the node's tools use (the kernel runs both).
 xtables_multi="$(PATH="$PATH:/usr/sbin:/sbin" command -v xtables-nft-multi || true)"
-xtables_dir="$(find /usr/lib /usr/lib64 -maxdepth 2 -type d -name xtables 2>/dev/null | head -n 1)"
+xtables_dir=""
+for candidate in /usr/lib/*/xtables /usr/lib64/xtables /usr/lib/xtables; do
+    if [ -d "$candidate" ]; then xtables_dir="$candidate"; break; fi
+done
 if [ -z "$xtables_multi" ] || [ -z "$xtables_dir" ]; then
     echo "build-image: iptables' nf_tables backend is not installed (Debian: apt-get install iptables)" >&2
     exit 1

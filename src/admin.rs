@@ -76,8 +76,8 @@ pub struct InstanceView1 {
     /// see docs/networking.md.
     pub vni: Option<u32>,
     /// The pod's tunnel as this run of the daemon left it: `state`
-    /// (`pending`, `up`, `failed`, `down`), `error` (why it failed) and
-    /// `since` (RFC 3339); `None` when the pod has no tunnel.
+    /// (`pending`, `up`, `failed`, `down`, `unknown`), `error` (why it
+    /// failed) and `since` (RFC 3339); `None` when the pod has no tunnel.
     pub tunnel: Option<crate::network::status::TunnelState>,
     /// What the pod asked for (instance type, vCPUs rounded up to whole
     /// ones, memory in MiB, GPUs, image), from CreateVM's annotations.
@@ -248,7 +248,7 @@ async fn status(State(s): State<AdminState>) -> Response {
 /// A record as the admin API shows it, with its tunnel's state.
 fn shown(s: &AdminState, r: &InstanceRecord) -> InstanceView1 {
     let mut view = InstanceView1::from(r);
-    view.tunnel = s.tunnels.state_of(&r.sandbox_id, r.vni.is_some());
+    view.tunnel = s.tunnels.state_of(&r.sandbox_id, r.state, r.vni);
     view
 }
 

@@ -873,7 +873,33 @@ async fn start_actors(
         cluster_id,
     } = from_kube;
     let view = InstanceView::new();
-    let tunnels = Arc::new(crate::network::status::TunnelStates::default());
+    let pod_network = match pod_network_settings(global, calls) {
+        Ok(settings) => {
+            tracing::info!(
+                vxlan_port = settings.vxlan_port,
+                vxlan_min_id = settings.vnis.min,
+                host_interface = settings
+                    .host_interface
+                    .as_deref()
+                    .unwrap_or("the default route's"),
+                "pods get a VXLAN tunnel to their pod VM"
+            );
+            Some(Arc::new(settings))
+        }
+        // Expected of a provider without networks; a node that lacks
+        // what a cloud's tunnels need is worth a warning.
+        Err(why) if !calls.pod_network() => {
+            tracing::info!(why = %why, "pods get no network: no VXLAN tunnel is built");
+            None
+        }
+        Err(why) => {
+            tracing::warn!(why = %why, "pods get no network: no VXLAN tunnel is built");
+            None
+        }
+    };
+    let tunnels = Arc::new(crate::network::status::TunnelStates::new(
+        pod_network.is_some(),
+    ));
     let provider_actor = ProviderActor::new(calls.clone()).start();
     let lifecycle = &global.lifecycle;
     let deps = Arc::new(PodVmDeps {
@@ -912,30 +938,7 @@ async fn start_actors(
         pull_secrets,
         proxy_max_connections: global.max_connections_per_endpoint,
         tunnels: tunnels.clone(),
-        pod_network: match pod_network_settings(global, calls) {
-            Ok(settings) => {
-                tracing::info!(
-                    vxlan_port = settings.vxlan_port,
-                    vxlan_min_id = settings.vnis.min,
-                    host_interface = settings
-                        .host_interface
-                        .as_deref()
-                        .unwrap_or("the default route's"),
-                    "pods get a VXLAN tunnel to their pod VM"
-                );
-                Some(Arc::new(settings))
-            }
-            // Expected of a provider without networks; a node that lacks
-            // what a cloud's tunnels need is worth a warning.
-            Err(why) if !calls.pod_network() => {
-                tracing::info!(why = %why, "pods get no network: no VXLAN tunnel is built");
-                None
-            }
-            Err(why) => {
-                tracing::warn!(why = %why, "pods get no network: no VXLAN tunnel is built");
-                None
-            }
-        },
+        pod_network,
     });
     let limit = usize::try_from(global.pod_vms.peerpods_limit_per_node)
         .ok()

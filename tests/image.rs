@@ -537,12 +537,14 @@ fn the_images_iptables_reads_and_writes_the_tunnels_notrack_rules() {
     let Some(podman) = Podman::load(test) else {
         return;
     };
-    let node_iptables = Command::new("iptables-save").arg("--version").output();
+    // The node's side through its nf_tables tools whatever its default
+    // backend: a legacy iptables-save would not show the image's rules.
+    let node_iptables = Command::new("iptables-nft-save").arg("--version").output();
     if !node_iptables.is_ok_and(|o| o.status.success()) {
         skip(
             FILE,
             test,
-            "no iptables-save on this machine (Debian: apt-get install iptables)",
+            "no iptables-nft-save on this machine (Debian: apt-get install iptables)",
         );
         return;
     }
@@ -553,7 +555,7 @@ fn the_images_iptables_reads_and_writes_the_tunnels_notrack_rules() {
     // The node writes one, the image reads it.
     let first = notrack_line(555_000, "192.168.222.2");
     let out = netns.exec(
-        &["iptables-restore", "--noflush"],
+        &["iptables-nft-restore", "--noflush"],
         &format!("*raw\n:peerpod-OUTPUT - [0:0]\n-A OUTPUT -j peerpod-OUTPUT\n{first}\nCOMMIT\n"),
     );
     assert!(
@@ -609,7 +611,7 @@ fn the_images_iptables_reads_and_writes_the_tunnels_notrack_rules() {
         "the image's iptables-restore: {}",
         text(&out)
     );
-    let out = netns.exec(&["iptables-save", "-t", "raw"], "");
+    let out = netns.exec(&["iptables-nft-save", "-t", "raw"], "");
     let raw = stdout(&out);
     assert!(
         raw.contains(&first) && raw.contains(&second),

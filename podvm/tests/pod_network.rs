@@ -589,6 +589,33 @@ async fn a_restarted_forwarder_replaces_the_tunnel_its_killed_predecessor_left()
         "the NOTRACK rules not doubled: {rules}"
     );
     restarted.teardown(&pn).await.unwrap();
+
+    // Killed between making the device in the VM's namespace and moving
+    // it: it is left there under its transient name, holding the VNI's
+    // port; the next forwarder replaces it too.
+    let (vni, port) = (VNI.to_string(), PORT.to_string());
+    ip(&[
+        "-n",
+        &lab.vm,
+        "link",
+        "add",
+        &format!("pvx{VNI}"),
+        "type",
+        "vxlan",
+        "id",
+        &vni,
+        "dstport",
+        &port,
+        "remote",
+        WORKER_IP,
+    ]);
+    let again = lab.node();
+    again
+        .setup(&pn)
+        .await
+        .unwrap_or_else(|e| panic!("setup over the VM's leftover: {}", e.report()));
+    assert_pod_answers_ping(&lab);
+    again.teardown(&pn).await.unwrap();
     // The namespace was found made, so it is left (empty) as one made
     // beforehand is.
     ip(&["netns", "del", &lab.pod]);

@@ -391,6 +391,9 @@ impl PodVm {
             let pod_network = match tunnel_of(&deps, &record) {
                 None => None,
                 Some((settings, netns, vni)) => {
+                    // A new attempt: what an earlier one left is not this
+                    // one's state.
+                    deps.tunnels.remove(&record.sandbox_id);
                     let described = settings.describe(&netns, vni).await;
                     count_tunnel("describe", &described);
                     if let Err(e) = &described {
@@ -491,7 +494,7 @@ impl PodVm {
                 match removed {
                     Ok(()) => {
                         tunnel_status::record_teardown(t.elapsed());
-                        tunnels.set(&sandbox, TunnelPhase::Down, None);
+                        tunnels.set_down(&sandbox);
                     }
                     Err(e) => {
                         tracing::warn!(sandbox = %sandbox, vni, error = %report(&e), "cannot remove the pod's tunnel; the VM is deleted anyway");
@@ -605,7 +608,9 @@ impl PodVm {
     /// After a restart, a Running sandbox's tunnel is checked and, if its
     /// device is missing (the node rebooted, someone removed it), built
     /// again with the same VNI. A failure is logged and counted; the pod
-    /// VM keeps running (its agent path does not use the tunnel).
+    /// VM keeps running (its agent path does not use the tunnel). The
+    /// actor handles nothing else meanwhile (tens of milliseconds): a
+    /// StopVM's teardown can never run before a rebuild it would miss.
     fn restore_tunnel(&mut self, ctx: &mut Context<Self>) {
         let target = self.machine.target();
         if target.state != State::Running {
@@ -621,7 +626,7 @@ impl PodVm {
             .unwrap_or_default();
         let sandbox = self.sandbox_id().to_owned();
         let tunnels = self.deps.tunnels.clone();
-        ctx.spawn(
+        ctx.wait(
             async move {
                 let restored = settings.ensure_tunnel(&netns, &ips, vni, false).await;
                 count_tunnel("setup", &restored);
@@ -650,20 +655,21 @@ impl PodVm {
         // every way to here (a delete tore it down already; a pod VM found
         // gone at recovery, or a failed create, did not). Idempotent.
         let tunnel = tunnel_of(&self.deps, self.machine.target());
-        let tunnels = self.deps.tunnels.clone();
+        // Timed only where it is the teardown (a delete's was timed).
+        let timed = !self.deps.tunnels.is_down(&id);
         let work = async move {
             if let Some((settings, netns, vni)) = tunnel {
                 let t = Instant::now();
                 let removed = settings.remove_tunnel(&netns, vni).await;
                 count_tunnel("teardown", &removed);
                 match removed {
-                    Ok(()) => tunnel_status::record_teardown(t.elapsed()),
+                    Ok(()) if timed => tunnel_status::record_teardown(t.elapsed()),
+                    Ok(()) => {}
                     Err(e) => {
                         tracing::warn!(sandbox = %removed_id, vni, error = %report(&e), "cannot remove the pod's tunnel before its record");
                     }
                 }
             }
-            tunnels.remove(&removed_id);
             tokio::task::spawn_blocking(move || {
                 let r = journal.remove(&removed_id).map_err(|e| report(&e));
                 match std::fs::remove_dir_all(&pod_dir) {
@@ -684,6 +690,7 @@ impl PodVm {
                 tracing::warn!(sandbox = %id, error = %e, "cannot remove the journal record");
             }
             act.deps.view.remove(&id);
+            act.deps.tunnels.remove(&id);
             tracing::info!(sandbox = %id, "pod VM removed");
             act.supervisor
                 .do_send(PodVmReport::Forgotten(id.clone(), ctx.address()));

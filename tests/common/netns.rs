@@ -245,13 +245,22 @@ pub fn listen(netns: &(impl NetnsRef + ?Sized), address: SocketAddr) -> TcpListe
         .unwrap_or_else(|e| panic!("bind {address}: {e}"))
 }
 
-/// A TCP connection (no Nagle) to `address` from inside `netns`.
+/// How long a test's socket waits for its peer before failing (a broken
+/// tunnel must fail the test, not hang it while TCP retransmits).
+const STALL: Duration = Duration::from_secs(30);
+
+/// A TCP connection (no Nagle; reads and writes fail after 30 s without
+/// progress) to `address` from inside `netns`.
 pub fn connect(netns: &(impl NetnsRef + ?Sized), address: SocketAddr) -> TcpStream {
     let stream = open(netns)
         .run(move || TcpStream::connect_timeout(&address, Duration::from_secs(5)))
         .expect("run in the client's namespace")
         .unwrap_or_else(|e| panic!("connect to {address}: {e}"));
     stream.set_nodelay(true).expect("nodelay");
+    stream.set_read_timeout(Some(STALL)).expect("read timeout");
+    stream
+        .set_write_timeout(Some(STALL))
+        .expect("write timeout");
     stream
 }
 
@@ -274,6 +283,7 @@ pub struct Transfer {
 pub fn serve_digest(listener: TcpListener) -> std::thread::JoinHandle<SocketAddr> {
     std::thread::spawn(move || {
         let (mut stream, peer) = listener.accept().expect("accept");
+        stream.set_read_timeout(Some(STALL)).expect("read timeout");
         let mut hasher = Sha256::new();
         let mut buffer = vec![0u8; 1 << 16];
         loop {

@@ -588,6 +588,17 @@ impl PodNode {
 
         let vm = self.vm.netlink()?;
         let transient = plan.transient_name();
+        // A forwarder killed between this device's creation and its move
+        // left it here (its name is this VNI's): it would make the add
+        // fail with EEXIST at every restart.
+        if let Some(index) = find_link(&vm, &transient).await? {
+            tracing::warn!(interface = %transient, vni = plan.vni, "replacing the tunnel device an earlier forwarder left in the VM's namespace");
+            vm.link()
+                .del(index)
+                .execute()
+                .await
+                .map_err(netlink(format!("delete the leftover {transient}")))?;
+        }
         vm.link()
             .add(
                 LinkVxlan::new(&transient, plan.vni)
