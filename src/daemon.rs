@@ -185,7 +185,7 @@ pub async fn serve(
         provider_name,
         &provider,
         &journal,
-        actors.limit,
+        &actors,
         kube.as_ref(),
     );
     let endpoints = serve_endpoints(
@@ -846,6 +846,8 @@ struct Actors {
     tunnels: Arc<crate::network::status::TunnelStates>,
     /// `--peerpods-limit-per-node`, `None` for no limit.
     limit: Option<usize>,
+    /// `/v1/status`'s `pod_network`, from the settings in force.
+    pod_network_status: serde_json::Value,
 }
 
 /// What the pod VMs take from the Kubernetes API.
@@ -873,7 +875,9 @@ async fn start_actors(
         cluster_id,
     } = from_kube;
     let view = InstanceView::new();
-    let pod_network = match pod_network_settings(global, calls) {
+    let settings = pod_network_settings(global, calls);
+    let pod_network_status = pod_network_status(global, &settings);
+    let pod_network = match settings {
         Ok(settings) => {
             tracing::info!(
                 vxlan_port = settings.vxlan_port,
@@ -985,6 +989,7 @@ async fn start_actors(
         view,
         tunnels,
         limit,
+        pod_network_status,
     })
 }
 
@@ -1041,8 +1046,11 @@ fn find_program(name: &str) -> Option<PathBuf> {
 
 /// The pod network in `/v1/status`: the tunnel's settings, or why pods
 /// get none.
-fn pod_network_status(global: &GlobalArgs, calls: &ProviderCalls) -> serde_json::Value {
-    match pod_network_settings(global, calls) {
+fn pod_network_status(
+    global: &GlobalArgs,
+    settings: &Result<crate::network::settings::PodNetworkSettings, String>,
+) -> serde_json::Value {
+    match settings {
         Ok(settings) => serde_json::json!({
             "tunnel_type": global.tunnel.tunnel_type,
             "vxlan_port": settings.vxlan_port,
@@ -1091,9 +1099,10 @@ fn status_document(
     provider_name: &str,
     provider: &BuiltProvider,
     journal: &OpenedJournal,
-    limit: Option<usize>,
+    actors: &Actors,
     kube: Option<&crate::kubernetes::Kube>,
 ) -> serde_json::Value {
+    let limit = actors.limit;
     let kubernetes = kube.map(|k| {
         serde_json::json!({
             "api": k.server(),
@@ -1125,7 +1134,7 @@ fn status_document(
         "state_dir": global.state_dir,
         "peerpods_limit_per_node": limit,
         "kubernetes": kubernetes,
-        "pod_network": pod_network_status(global, &provider.calls),
+        "pod_network": actors.pod_network_status,
         "probe_port": global.endpoints.probe_port,
         "max_connections_per_endpoint": global.max_connections_per_endpoint,
         "provider_call_limits": {

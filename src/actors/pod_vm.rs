@@ -103,6 +103,19 @@ fn tunnel_of(
 /// Tries of a pod tunnel's set-up whose failure may pass.
 const TUNNEL_SETUP_TRIES: u32 = 3;
 
+/// Tears the node's end of a sandbox's tunnel down (idempotent) and
+/// counts the step; returns its outcome and how long it took.
+async fn tear_down(
+    settings: &PodNetworkSettings,
+    netns: &std::path::Path,
+    vni: u32,
+) -> (Result<(), PodNetworkError>, Duration) {
+    let t = Instant::now();
+    let removed = settings.remove_tunnel(netns, vni).await;
+    count_tunnel("teardown", &removed);
+    (removed, t.elapsed())
+}
+
 /// Counts one pod network step by its outcome, and a failure by its
 /// cause.
 fn count_tunnel<T>(op: &'static str, result: &Result<T, PodNetworkError>) {
@@ -488,15 +501,12 @@ impl PodVm {
             // VNI. A failure does not keep the VM: the device goes with the
             // pod's namespace, and the GC sweeps rules no record owns.
             if let Some((settings, netns, vni)) = tunnel {
-                let t = Instant::now();
-                let removed = settings.remove_tunnel(&netns, vni).await;
-                count_tunnel("teardown", &removed);
-                match removed {
-                    Ok(()) => {
-                        tunnel_status::record_teardown(t.elapsed());
+                match tear_down(&settings, &netns, vni).await {
+                    (Ok(()), took) => {
+                        tunnel_status::record_teardown(took);
                         tunnels.set_down(&sandbox);
                     }
-                    Err(e) => {
+                    (Err(e), _) => {
                         tracing::warn!(sandbox = %sandbox, vni, error = %report(&e), "cannot remove the pod's tunnel; the VM is deleted anyway");
                         tunnels.set(&sandbox, TunnelPhase::Failed, Some(report(&e)));
                     }
@@ -659,13 +669,10 @@ impl PodVm {
         let timed = !self.deps.tunnels.is_down(&id);
         let work = async move {
             if let Some((settings, netns, vni)) = tunnel {
-                let t = Instant::now();
-                let removed = settings.remove_tunnel(&netns, vni).await;
-                count_tunnel("teardown", &removed);
-                match removed {
-                    Ok(()) if timed => tunnel_status::record_teardown(t.elapsed()),
-                    Ok(()) => {}
-                    Err(e) => {
+                match tear_down(&settings, &netns, vni).await {
+                    (Ok(()), took) if timed => tunnel_status::record_teardown(took),
+                    (Ok(()), _) => {}
+                    (Err(e), _) => {
                         tracing::warn!(sandbox = %removed_id, vni, error = %report(&e), "cannot remove the pod's tunnel before its record");
                     }
                 }

@@ -48,11 +48,14 @@ use super::{VXLAN_MAX_ID, is_errno, link_by_name, link_name, links, vxlan_id};
 /// `tunneler/vxlan/workernode.go`, `secondPodInterface`).
 pub const POD_DEVICE: &str = "vxlan1";
 
+/// The prefix of [`host_device_name`].
+const HOST_DEVICE_PREFIX: &str = "ppvxlan";
+
 /// The tunnel device's name while it is in the host netns, before it is
 /// moved: `ppvxlan<VNI>` (CAA: `ppvxlanN`, see the module's doc).
 #[must_use]
 pub fn host_device_name(vni: u32) -> String {
-    format!("ppvxlan{vni}")
+    format!("{HOST_DEVICE_PREFIX}{vni}")
 }
 
 /// `ETH_P_ALL`: a tc filter's protocol matching every frame.
@@ -633,7 +636,7 @@ pub async fn sweep_host_devices(
     let mut removed = Vec::new();
     for link in all {
         let Some(vni) = link_name(&link)
-            .and_then(|name| name.strip_prefix("ppvxlan"))
+            .and_then(|name| name.strip_prefix(HOST_DEVICE_PREFIX))
             .and_then(|number| number.parse::<u32>().ok())
         else {
             continue;
