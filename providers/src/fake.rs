@@ -20,7 +20,7 @@
 use crate::error::ProviderError;
 use crate::provider::{CreateRequest, Instance, InstanceStatus, Provider, TAG_TOKEN};
 use async_trait::async_trait;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use tokio::sync::watch;
@@ -86,6 +86,14 @@ pub struct FakeProvider {
 struct State {
     /// The live instances, by id.
     instances: BTreeMap<String, Instance>,
+    /// The live instances' ids, by their `podvisor.io/token` tag: a
+    /// create or find by token is one lookup, as a cloud's idempotency
+    /// index is, not a scan — a scan made the benches' thousands of
+    /// sandboxes in flight quadratic in the fake, not in podvisor.
+    tokens: HashMap<String, String>,
+    /// Whether two live instances ever shared a token (only seeded ones
+    /// can): then a removal looks for the other.
+    shared_tokens: bool,
     /// The last id number handed out.
     last_id: u64,
     /// Per method, the errors its next calls return.
@@ -169,9 +177,7 @@ impl FakeProvider {
     /// without logging a call; returns it.
     pub fn seed(&self, request: &CreateRequest, id: &str) -> Instance {
         let instance = made(request, id.to_owned());
-        self.state()
-            .instances
-            .insert(instance.id.clone(), instance.clone());
+        self.state().insert(instance.clone());
         instance
     }
 
@@ -245,9 +251,45 @@ fn made(request: &CreateRequest, id: String) -> Instance {
 /// The live instance carrying `token`.
 fn by_token<'a>(state: &'a State, token: &str) -> Option<&'a Instance> {
     state
-        .instances
-        .values()
-        .find(|i| i.tags.get(TAG_TOKEN).map(String::as_str) == Some(token))
+        .tokens
+        .get(token)
+        .and_then(|id| state.instances.get(id))
+}
+
+impl State {
+    /// Makes `instance` live, indexed by its token.
+    fn insert(&mut self, instance: Instance) {
+        if let Some(token) = instance.tags.get(TAG_TOKEN)
+            && let Some(earlier) = self.tokens.insert(token.clone(), instance.id.clone())
+        {
+            self.shared_tokens |= earlier != instance.id;
+        }
+        self.instances.insert(instance.id.clone(), instance);
+    }
+
+    /// Removes the live instance `id`, if any, and its token.
+    fn remove(&mut self, id: &str) {
+        let Some(gone) = self.instances.remove(id) else {
+            return;
+        };
+        let Some(token) = gone.tags.get(TAG_TOKEN) else {
+            return;
+        };
+        if self.tokens.get(token).map(String::as_str) != Some(id) {
+            return;
+        }
+        self.tokens.remove(token);
+        // Another instance seeded with the same token (rare: only tests
+        // make two) takes its place.
+        let other = self.shared_tokens.then(|| {
+            self.instances
+                .values()
+                .find(|i| i.tags.get(TAG_TOKEN) == Some(token))
+        });
+        if let Some(Some(other)) = other {
+            self.tokens.insert(token.clone(), other.id.clone());
+        }
+    }
 }
 
 #[async_trait]
@@ -271,15 +313,13 @@ impl Provider for FakeProvider {
         }
         state.last_id += 1;
         let instance = made(request, format!("fake-{}", state.last_id));
-        state
-            .instances
-            .insert(instance.id.clone(), instance.clone());
+        state.insert(instance.clone());
         Ok(instance)
     }
 
     async fn delete_instance(&self, instance_id: &str) -> Result<(), ProviderError> {
         self.begin(Method::Delete, instance_id.to_owned()).await?;
-        self.state().instances.remove(instance_id);
+        self.state().remove(instance_id);
         Ok(())
     }
 
@@ -340,6 +380,37 @@ mod tests {
         let gone = p.delete_instance(&made.id).await.unwrap_err();
         assert_eq!(gone.class, ErrorClass::NotFound);
         assert_eq!(p.len(), 1, "a scripted error deletes nothing");
+    }
+
+    #[tokio::test]
+    async fn a_token_finds_its_instance_until_deleted_even_when_two_share_it() {
+        let p = FakeProvider::new();
+        let fixture = Fixture::new("node-a");
+        let (one, two) = (fixture.request(1), fixture.request(2));
+        let made = p.create_instance(&one).await.unwrap();
+        let other = p.create_instance(&two).await.unwrap();
+        // A retried create answers with the instance of its token.
+        assert_eq!(p.create_instance(&one).await.unwrap().id, made.id);
+        assert_eq!(p.len(), 2);
+        p.delete_instance(&made.id).await.unwrap();
+        assert_eq!(p.find_instance(&one.token, "n").await.unwrap(), None);
+        assert_eq!(
+            p.find_instance(&two.token, "n")
+                .await
+                .unwrap()
+                .map(|i| i.id),
+            Some(other.id)
+        );
+        // Two seeded under one token: deleting the one found leaves the
+        // other findable.
+        let (a, b) = (p.seed(&one, "seed-a"), p.seed(&one, "seed-b"));
+        let found = p.find_instance(&one.token, "n").await.unwrap().unwrap();
+        p.delete_instance(&found.id).await.unwrap();
+        let left = p.find_instance(&one.token, "n").await.unwrap().unwrap();
+        assert_ne!(left.id, found.id);
+        assert!([&a.id, &b.id].contains(&&left.id));
+        p.delete_instance(&left.id).await.unwrap();
+        assert_eq!(p.find_instance(&one.token, "n").await.unwrap(), None);
     }
 
     #[tokio::test]
