@@ -21,13 +21,13 @@
 //! Then promise 1 of `SPECIFICATION.md`, against the floor measured in the
 //! same run: the journal alone (a `SledJournal` in a directory beside the
 //! daemon's, same disk), doing per lifecycle the durable writes the daemon
-//! did — as many flushed `put`s as the daemon's flush count says, and the
-//! final unflushed `remove` — one at a time and 200 at a time on threads,
-//! with the same group commit. Then promise 2: 5,000 sandboxes in flight at
+//! did — as many durable puts (`put_durable`, as the pod VM actors write)
+//! as the daemon's flush count says, and the final unflushed `remove` — one
+//! at a time and 200 tasks at a time, with the same group commit. Then promise 2: 5,000 sandboxes in flight at
 //! once on the memory provider (over 64 shim connections), the process's
 //! memory and descriptors read with all of them Running, against the
 //! journal alone doing the same writes for 5,000 tasks at once as the pod VM
-//! actors do (put on the blocking pool, awaited `flush_async`). Prints each
+//! actors do (each an awaited `put_durable`). Prints each
 //! promise's figures, ratio, bound and PASS or FAIL; exits 1 if any fails.
 
 mod common;
@@ -202,27 +202,37 @@ async fn until_settled(settled: &impl Fn() -> bool, limit: Duration) {
     }
 }
 
-/// The journal alone: `lifecycles` runs of `writes` flushed puts of one
-/// sandbox's record and its unflushed remove, `concurrency` at a time on
-/// threads (as the daemon's blocking pool runs them), on a fresh
-/// `SledJournal` in `dir`.
-fn journal_floor(dir: &Path, writes: usize, concurrency: usize, lifecycles: usize) -> Measured {
+/// The journal alone, as the daemon's pod VM actors use it: `lifecycles`
+/// runs of `writes` durable puts of one sandbox's record (each an awaited
+/// [`Journal::put_durable`], the writes handed to the flusher thread and
+/// group-committed) and its unflushed remove, `concurrency` tasks at a
+/// time, on a fresh `SledJournal` in `dir`.
+///
+/// [`Journal::put_durable`]: podvisor_state::Journal::put_durable
+async fn journal_floor(
+    dir: &Path,
+    writes: usize,
+    concurrency: usize,
+    lifecycles: usize,
+) -> Measured {
     use podvisor_state::{Journal, SledJournal};
     let _ = std::fs::remove_dir_all(dir);
-    let journal = Arc::new(SledJournal::open(dir).expect("the floor's journal"));
-    let per_thread = lifecycles.div_ceil(concurrency);
+    let journal: Arc<dyn Journal> = Arc::new(SledJournal::open(dir).expect("the floor's journal"));
+    let per_task = lifecycles.div_ceil(concurrency);
     let started = Instant::now();
-    let threads: Vec<_> = (0..concurrency)
+    let tasks: Vec<_> = (0..concurrency)
         .map(|t| {
             let journal = journal.clone();
-            std::thread::spawn(move || {
-                let mut times = Vec::with_capacity(per_thread);
-                for n in 0..per_thread {
+            tokio::spawn(async move {
+                let mut times = Vec::with_capacity(per_task);
+                for n in 0..per_task {
                     let id = format!("{t:032x}{n:032x}");
                     let t0 = Instant::now();
                     for w in 0..writes {
-                        journal.put(&floor_record(&id, w)).expect("put");
-                        journal.flush().expect("flush");
+                        journal
+                            .put_durable(&floor_record(&id, w))
+                            .await
+                            .expect("a durable put");
                     }
                     journal.remove(&id).expect("remove");
                     times.push(t0.elapsed());
@@ -231,10 +241,10 @@ fn journal_floor(dir: &Path, writes: usize, concurrency: usize, lifecycles: usiz
             })
         })
         .collect();
-    let mut all: Vec<Duration> = threads
-        .into_iter()
-        .flat_map(|t| t.join().expect("a floor thread"))
-        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("a floor task"));
+    }
     let wall = started.elapsed();
     all.sort();
     let n = all.len();
@@ -245,35 +255,39 @@ fn journal_floor(dir: &Path, writes: usize, concurrency: usize, lifecycles: usiz
     }
 }
 
-/// The journal alone, as the daemon's pod VM actors use it: `n` tasks at
-/// once, each doing `writes` puts (on the blocking pool) each followed by
-/// an awaited `flush_async`, then its remove. Returns lifecycles per second.
-async fn journal_floor_async(dir: &Path, writes: usize, n: usize) -> f64 {
+/// The floor of earlier runs, printed for comparison only: the same
+/// writes as blocking `put` + `flush` calls, `concurrency` threads at a
+/// time. Returns lifecycles per second.
+fn journal_floor_on_threads(
+    dir: &Path,
+    writes: usize,
+    concurrency: usize,
+    lifecycles: usize,
+) -> f64 {
     use podvisor_state::{Journal, SledJournal};
     let _ = std::fs::remove_dir_all(dir);
-    let journal: Arc<dyn Journal> = Arc::new(SledJournal::open(dir).expect("the floor's journal"));
+    let journal = Arc::new(SledJournal::open(dir).expect("the floor's journal"));
+    let per_thread = lifecycles.div_ceil(concurrency);
     let started = Instant::now();
-    let tasks: Vec<_> = (0..n)
+    let threads: Vec<_> = (0..concurrency)
         .map(|t| {
             let journal = journal.clone();
-            tokio::spawn(async move {
-                let id = format!("{t:064x}");
-                for w in 0..writes {
-                    let (j, record) = (journal.clone(), floor_record(&id, w));
-                    tokio::task::spawn_blocking(move || j.put(&record))
-                        .await
-                        .expect("a put task")
-                        .expect("put");
-                    journal.flush_async().await.expect("flush");
+            std::thread::spawn(move || {
+                for n in 0..per_thread {
+                    let id = format!("{t:032x}{n:032x}");
+                    for w in 0..writes {
+                        journal.put(&floor_record(&id, w)).expect("put");
+                        journal.flush().expect("flush");
+                    }
+                    journal.remove(&id).expect("remove");
                 }
-                journal.remove(&id).expect("remove");
             })
         })
         .collect();
-    for t in tasks {
-        t.await.expect("a floor task");
+    for t in threads {
+        t.join().expect("a floor thread");
     }
-    n as f64 / started.elapsed().as_secs_f64()
+    (per_thread * concurrency) as f64 / started.elapsed().as_secs_f64()
 }
 
 /// What [`measure_scale`] found.
@@ -558,8 +572,14 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
         "\nthe daemon flushed the journal {writes:.2} times per lifecycle; the floor does {writes_per_lifecycle} flushed puts and a remove"
     );
     let floor_dir = root.path().join("floor");
-    let floor_one = journal_floor(&floor_dir, writes_per_lifecycle, 1, one.lifecycles);
-    let floor_many = journal_floor(&floor_dir, writes_per_lifecycle, 200, many.lifecycles);
+    let floor_one = journal_floor(&floor_dir, writes_per_lifecycle, 1, one.lifecycles).await;
+    let floor_many = journal_floor(&floor_dir, writes_per_lifecycle, 200, many.lifecycles).await;
+    let on_threads =
+        journal_floor_on_threads(&floor_dir, writes_per_lifecycle, 200, many.lifecycles);
+    println!(
+        "the journal alone, 200 at a time: {:.0} lifecycles/s with durable puts handed to the flusher (the floor); {on_threads:.0}/s as blocking put + flush on 200 threads (for comparison)",
+        floor_many.throughput
+    );
     let p99_ratio = one.p99.as_secs_f64() / floor_one.p99.as_secs_f64().max(1e-9);
     let a = verdict(
         "promise 1a (1 sandbox, p99)",
@@ -586,12 +606,14 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
     let Some(at_scale) = at_scale else {
         return a && b;
     };
-    let floor_scale = journal_floor_async(
+    let floor_scale = journal_floor(
         &root.path().join("floor-scale"),
         writes_per_lifecycle,
         scale,
+        scale,
     )
-    .await;
+    .await
+    .throughput;
     println!(
         "\n{scale} sandboxes in flight: all Running after {:.2} s; process RSS {:.1} MiB before, {:.1} MiB with all Running ({:.1} KiB per sandbox); {} descriptors before, {} with all Running ({:.2} per sandbox: its agent socket's listener)",
         at_scale.to_running.as_secs_f64(),

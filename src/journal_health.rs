@@ -111,6 +111,15 @@ impl Journal for HealthJournal {
             r
         })
     }
+    fn put_durable(&self, record: &InstanceRecord) -> JournalFuture {
+        let commit = self.inner.put_durable(record);
+        let health = self.health.clone();
+        Box::pin(async move {
+            let r = commit.await;
+            health.record(&r, true);
+            r
+        })
+    }
     fn probe(&self) -> Result<(), JournalError> {
         let r = self.inner.probe();
         self.health.record(&r, true);

@@ -335,21 +335,15 @@ impl PodVm {
         }
     }
 
-    /// Writes `record` to the journal off the actor's thread, then waits
-    /// for a flush that covers it — sharing it with the other pod VMs'
-    /// writes of the moment (group commit), without holding a thread while
-    /// it waits; answers [`Event::Persisted`].
+    /// Hands `record` to the journal's flusher thread, which writes it and
+    /// flushes — sharing the flush with the other pod VMs' writes of the
+    /// moment (group commit) — while the actor holds no thread;
+    /// answers [`Event::Persisted`] once the record is durable.
     fn persist(&mut self, record: InstanceRecord, ctx: &mut Context<Self>) {
-        let journal = self.deps.journal.clone();
-        let written = record.clone();
+        let t = Instant::now();
+        let commit = self.deps.journal.put_durable(&record);
         let write = async move {
-            let j = journal.clone();
-            tokio::task::spawn_blocking(move || j.put(&written))
-                .await
-                .map_err(|e| format!("journal task failed: {e}"))?
-                .map_err(|e| report(&e))?;
-            let t = Instant::now();
-            journal.flush_async().await.map_err(|e| report(&e))?;
+            commit.await.map_err(|e| report(&e))?;
             metrics::histogram!(metrics::JOURNAL_FLUSH_DURATION).record(t.elapsed().as_secs_f64());
             Ok::<_, String>(())
         };

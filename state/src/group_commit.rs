@@ -19,6 +19,14 @@
 //! that started after their call. A failure is not remembered as a verdict
 //! on later calls: the next call gets a fresh batch.
 //!
+//! A caller may also hand its write to the flusher with the request
+//! ([`GroupCommit::commit_with`]): the flusher applies the queued writes of
+//! a batch, in the order they were handed over, just before that batch's
+//! flush, so a write and its flush cost the caller one hand-off to the
+//! flusher thread, not one to a blocking pool for the write and one more for
+//! the flush. A batch that fails — a write or the flush — fails every caller
+//! it covers.
+//!
 //! This is the group commit of database logs (PostgreSQL's WAL writer,
 //! InnoDB's group commit) without an added delay: a batch starts as soon as
 //! the previous one ends.
@@ -31,14 +39,15 @@ use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 
 /// Runs flushes on its own thread, batching concurrent requests. `E` is
-/// the flush's error. Dropping it runs the flushes still asked for, then
-/// ends the thread.
-pub(crate) struct GroupCommit<E> {
-    shared: Arc<Shared<E>>,
+/// the flush's error, `W` a write handed over with a request (`()` where
+/// callers write for themselves). Dropping it runs the flushes still asked
+/// for, with their writes, then ends the thread.
+pub(crate) struct GroupCommit<E, W = ()> {
+    shared: Arc<Shared<E, W>>,
     flusher: Option<JoinHandle<()>>,
 }
 
-impl<E> std::fmt::Debug for GroupCommit<E> {
+impl<E, W> std::fmt::Debug for GroupCommit<E, W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GroupCommit")
             .field("batches", &self.batches())
@@ -46,14 +55,16 @@ impl<E> std::fmt::Debug for GroupCommit<E> {
     }
 }
 
-struct Shared<E> {
-    state: Mutex<State<E>>,
+struct Shared<E, W> {
+    state: Mutex<State<E, W>>,
     /// Signalled when a flush is asked for (the flusher waits on it) and
     /// when a batch ends (blocked callers wait on it).
     changed: Condvar,
 }
 
-struct State<E> {
+struct State<E, W> {
+    /// Writes handed over for the next batch, in the order of their calls.
+    queue: Vec<W>,
     /// Batches started so far; the running one, if any, is number `started`.
     started: u64,
     /// Whether batch `started` is still running.
@@ -75,7 +86,7 @@ struct State<E> {
     waiting: usize,
 }
 
-impl<E> State<E> {
+impl<E, W> State<E, W> {
     /// The outcome for a call made when `after` batches had started, once
     /// a batch that started later has ended. Batches end in order, so a
     /// later success covers the call too.
@@ -90,34 +101,36 @@ impl<E> State<E> {
     }
 }
 
-impl<E> Shared<E> {
-    fn lock(&self) -> MutexGuard<'_, State<E>> {
+impl<E, W> Shared<E, W> {
+    fn lock(&self) -> MutexGuard<'_, State<E, W>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Registers a call: asks the flusher for a batch and returns the
     /// number of batches started before the call.
-    fn ask(&self, state: &mut State<E>) -> u64 {
+    fn ask(&self, state: &mut State<E, W>) -> u64 {
         state.requested = true;
         self.changed.notify_all();
         state.started
     }
 }
 
-impl<E: Send + Sync + 'static> GroupCommit<E> {
-    /// Starts the flusher thread; `flush` must make durable every write
-    /// completed before it starts. A panic in `flush` fails its batch with
-    /// `panicked(message)`.
+impl<E: Send + Sync + 'static, W: Send + 'static> GroupCommit<E, W> {
+    /// Starts the flusher thread. `flush` gets the batch's handed-over
+    /// writes, oldest first (empty when none was); it must apply them, then
+    /// make durable every write completed before it started. A panic in
+    /// `flush` fails its batch with `panicked(message)`.
     ///
     /// # Errors
     /// The thread cannot be spawned.
     pub(crate) fn spawn(
         name: &str,
-        mut flush: impl FnMut() -> Result<(), E> + Send + 'static,
+        mut flush: impl FnMut(&mut Vec<W>) -> Result<(), E> + Send + 'static,
         panicked: impl Fn(String) -> E + Send + 'static,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
+                queue: Vec::new(),
                 started: 0,
                 running: false,
                 requested: false,
@@ -135,6 +148,9 @@ impl<E: Send + Sync + 'static> GroupCommit<E> {
         let flusher = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
+                // The batch's writes; swapped with the queue, so that both
+                // keep their allocations.
+                let mut writes = Vec::new();
                 loop {
                     let mut state = s.lock();
                     while !state.requested && !state.closing {
@@ -150,17 +166,20 @@ impl<E: Send + Sync + 'static> GroupCommit<E> {
                     state.started += 1;
                     state.running = true;
                     let batch = state.started;
+                    std::mem::swap(&mut writes, &mut state.queue);
                     drop(state);
-                    let outcome =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut flush))
-                            .unwrap_or_else(|panic| {
-                                let message = panic
-                                    .downcast_ref::<&str>()
-                                    .map(|s| (*s).to_owned())
-                                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                                    .unwrap_or_else(|| "a panic".to_owned());
-                                Err(panicked(message))
-                            });
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        flush(&mut writes)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic".to_owned());
+                        Err(panicked(message))
+                    });
+                    writes.clear();
                     let mut state = s.lock();
                     state.running = false;
                     match outcome {
@@ -187,7 +206,7 @@ impl<E: Send + Sync + 'static> GroupCommit<E> {
     }
 }
 
-impl<E> GroupCommit<E> {
+impl<E, W> GroupCommit<E, W> {
     /// Returns once a flush that started after this call has ended: `Ok`
     /// if it succeeded, its error otherwise. Blocks the calling thread.
     ///
@@ -212,9 +231,24 @@ impl<E> GroupCommit<E> {
 
     /// As [`GroupCommit::flush`], as a future that holds no thread while it
     /// waits. The flush is asked for at this call, not at the first poll.
-    pub(crate) fn commit(&self) -> Commit<E> {
+    pub(crate) fn commit(&self) -> Commit<E, W> {
         let mut state = self.shared.lock();
-        let after = self.shared.ask(&mut state);
+        self.wait_for_next(&mut state)
+    }
+
+    /// Hands `write` to the flusher, which applies it in the next batch
+    /// it starts, before that batch's flush; the future ends with that
+    /// batch's outcome (the write's, if it failed, or the flush's). Writes
+    /// are applied in the order of these calls.
+    pub(crate) fn commit_with(&self, write: W) -> Commit<E, W> {
+        let mut state = self.shared.lock();
+        state.queue.push(write);
+        self.wait_for_next(&mut state)
+    }
+
+    /// A future for the outcome of the next batch to start.
+    fn wait_for_next(&self, state: &mut State<E, W>) -> Commit<E, W> {
+        let after = self.shared.ask(state);
         let key = state.next_key;
         state.next_key += 1;
         state.waiting += 1;
@@ -238,7 +272,7 @@ impl<E> GroupCommit<E> {
     }
 }
 
-impl<E> Drop for GroupCommit<E> {
+impl<E, W> Drop for GroupCommit<E, W> {
     fn drop(&mut self) {
         self.shared.lock().closing = true;
         self.shared.changed.notify_all();
@@ -249,15 +283,15 @@ impl<E> Drop for GroupCommit<E> {
     }
 }
 
-/// A waiting [`GroupCommit::commit`].
-pub(crate) struct Commit<E> {
-    shared: Arc<Shared<E>>,
+/// A waiting [`GroupCommit::commit`] or [`GroupCommit::commit_with`].
+pub(crate) struct Commit<E, W> {
+    shared: Arc<Shared<E, W>>,
     after: u64,
     key: u64,
     done: bool,
 }
 
-impl<E> Future for Commit<E> {
+impl<E, W> Future for Commit<E, W> {
     type Output = Result<(), Arc<E>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -276,7 +310,7 @@ impl<E> Future for Commit<E> {
     }
 }
 
-impl<E> Drop for Commit<E> {
+impl<E, W> Drop for Commit<E, W> {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
         state.wakers.remove(&self.key);
@@ -310,7 +344,7 @@ mod tests {
         let counted = ran.clone();
         let commit = GroupCommit::spawn(
             "test-flusher",
-            move || {
+            move |_: &mut Vec<()>| {
                 let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
                 if n == 1 {
                     let _ = started_tx.send(());
@@ -336,7 +370,7 @@ mod tests {
     }
 
     /// Waits until `n` callers wait.
-    fn until_waiting(commit: &GroupCommit<String>, n: usize) {
+    fn until_waiting<W>(commit: &GroupCommit<String, W>, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while commit.waiting() < n {
             assert!(Instant::now() < deadline, "{n} callers never waited");
@@ -459,5 +493,103 @@ mod tests {
         // The batch asked for before the drop ran.
         assert_eq!(bed.ran.load(Ordering::SeqCst), 2);
         drop(pending);
+    }
+
+    /// A group commit whose writes are numbers: each batch appends the
+    /// writes it applied to `log` as one entry, and fails if it holds 13.
+    /// The first batch waits for `release` (after telling `started`).
+    #[allow(clippy::type_complexity)]
+    fn writing_bed() -> (
+        Arc<GroupCommit<String, u32>>,
+        Arc<Mutex<Vec<Vec<u32>>>>,
+        mpsc::Sender<()>,
+        mpsc::Receiver<()>,
+    ) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (release, wait) = mpsc::channel::<()>();
+        let (started_tx, started) = mpsc::channel::<()>();
+        let logged = log.clone();
+        let commit = GroupCommit::spawn(
+            "test-writer",
+            move |writes: &mut Vec<u32>| {
+                let first = logged.lock().expect("the log").is_empty();
+                logged.lock().expect("the log").push(writes.clone());
+                if first {
+                    let _ = started_tx.send(());
+                    let _ = wait.recv();
+                }
+                if writes.contains(&13) {
+                    return Err("cannot write 13".to_owned());
+                }
+                Ok(())
+            },
+            |m| format!("panicked: {m}"),
+        )
+        .expect("the flusher thread");
+        (Arc::new(commit), log, release, started)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn writes_handed_over_together_are_applied_in_order_by_one_batch() {
+        let (commit, log, release, started) = writing_bed();
+        let first = commit.commit_with(0);
+        started.recv().expect("the first batch starts");
+        // Handed over while batch 1 runs: all applied by batch 2, in order,
+        // and none acknowledged before it.
+        let futures: Vec<_> = (100..150).map(|n| commit.commit_with(n)).collect();
+        let blocking = {
+            let c = commit.clone();
+            std::thread::spawn(move || c.flush())
+        };
+        until_waiting(&commit, 52);
+        release.send(()).expect("the flusher waits");
+        assert_eq!(first.await, Ok(()));
+        for f in futures {
+            assert_eq!(f.await, Ok(()));
+        }
+        assert_eq!(blocking.join().expect("a caller"), Ok(()));
+        let log = log.lock().expect("the log").clone();
+        assert_eq!(log, vec![vec![0], (100..150).collect::<Vec<u32>>()]);
+        assert_eq!(commit.batches(), 2);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_write_fails_every_caller_of_its_batch_and_only_them() {
+        let (commit, log, release, started) = writing_bed();
+        let first = commit.commit_with(1);
+        started.recv().expect("the first batch starts");
+        let batch: Vec<_> = [12, 13, 14].map(|n| commit.commit_with(n)).into();
+        let plain = commit.commit();
+        until_waiting(&commit, 5);
+        release.send(()).expect("the flusher waits");
+        assert_eq!(first.await, Ok(()));
+        let mut errors = Vec::new();
+        for f in batch {
+            errors.push(f.await.expect_err("the batch failed"));
+        }
+        // A caller with no write of its own, covered by that batch, fails too:
+        // its earlier writes may not be durable.
+        errors.push(plain.await.expect_err("the batch failed"));
+        assert!(errors.iter().all(|e| Arc::ptr_eq(e, &errors[0])));
+        assert_eq!(*errors[0], "cannot write 13");
+        // The next batch starts afresh.
+        assert_eq!(commit.commit_with(15).await, Ok(()));
+        assert_eq!(
+            log.lock().expect("the log").clone(),
+            vec![vec![1], vec![12, 13, 14], vec![15]]
+        );
+    }
+
+    #[test]
+    fn writes_handed_over_before_the_drop_are_applied() {
+        let (commit, log, release, started) = writing_bed();
+        let first = commit.commit_with(1);
+        started.recv().expect("the first batch starts");
+        let pending = commit.commit_with(2);
+        release.send(()).expect("the flusher waits");
+        let commit = Arc::try_unwrap(commit).expect("the only owner");
+        drop(commit);
+        drop((first, pending));
+        assert_eq!(log.lock().expect("the log").clone(), vec![vec![1], vec![2]]);
     }
 }

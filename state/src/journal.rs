@@ -132,6 +132,25 @@ pub trait Journal: Send + Sync + 'static {
         let result = self.flush();
         Box::pin(std::future::ready(result))
     }
+    /// Stores `record` and makes it durable: [`Journal::put`], then
+    /// [`Journal::flush_async`], as one future that ends after a flush
+    /// covering the write. A [`SledJournal`] hands the encoded record to its
+    /// flusher thread, which applies the writes handed over for a batch just
+    /// before that batch's flush: the caller needs no thread of its own for
+    /// the write, and concurrent writers share the flush (group commit).
+    /// Writes handed over are applied in the order of these calls. The
+    /// default runs the blocking `put` at the call.
+    ///
+    /// # Errors
+    /// As [`Journal::put`] and [`Journal::flush`]; a write of another
+    /// caller in the same batch that fails fails this one too (as its
+    /// flush would), in [`JournalError::Shared`].
+    fn put_durable(&self, record: &InstanceRecord) -> JournalFuture {
+        if let Err(e) = self.put(record) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        self.flush_async()
+    }
     /// Reads the sandbox's record, quarantining it if it does not decode
     /// (then `Ok(None)`).
     ///
@@ -208,8 +227,19 @@ pub struct SledJournal {
     verdict: Mutex<Verdict>,
     /// The doubt marker's path.
     doubt_file: std::path::PathBuf,
-    /// Runs every flush on its own thread, batching concurrent ones.
-    commits: GroupCommit<JournalError>,
+    /// Runs every flush on its own thread, batching concurrent ones, and
+    /// the writes handed over with them.
+    commits: GroupCommit<JournalError, QueuedPut>,
+}
+
+/// A [`Journal::put_durable`]'s write, encoded by its caller, applied by
+/// the flusher thread.
+#[derive(Debug)]
+struct QueuedPut {
+    /// The sandbox id.
+    key: String,
+    /// The encoded record.
+    value: Vec<u8>,
 }
 
 /// What a flush needs, shared by the journal and its flusher thread.
@@ -220,6 +250,8 @@ struct Durable {
     db: sled::Db,
     /// The `meta` tree, where the sequence goes.
     meta: sled::Tree,
+    /// The `records` tree, where handed-over writes go.
+    records: sled::Tree,
     /// The identity and the mark, beside sled's files.
     files: IntegrityFiles,
     /// Writes made so far (puts and removes), durable or not.
@@ -230,6 +262,21 @@ struct Durable {
 }
 
 impl Durable {
+    /// One batch: the handed-over `writes`, in order, then [`Durable::flush`].
+    /// A write that fails ends the batch (those after it are not applied).
+    fn apply_and_flush(&self, writes: &mut Vec<QueuedPut>) -> Result<(), JournalError> {
+        for QueuedPut { key, value } in writes.drain(..) {
+            self.seq.fetch_add(1, Ordering::SeqCst);
+            self.records
+                .insert(key.as_bytes(), value)
+                .map_err(|source| JournalError::Io {
+                    operation: "write",
+                    source,
+                })?;
+        }
+        self.flush()
+    }
+
     /// One flush, for every write completed before it: the sequence, sled's
     /// flush, then the mark — so the mark only moves forward, and only
     /// after sled holds what it counts.
@@ -388,6 +435,7 @@ impl SledJournal {
         let durable = Arc::new(Durable {
             db,
             meta: meta.clone(),
+            records: records.clone(),
             files,
             seq: AtomicU64::new(start),
             marked: Mutex::new(0),
@@ -395,7 +443,7 @@ impl SledJournal {
         let flusher = durable.clone();
         let commits = GroupCommit::spawn(
             "journal-flush",
-            move || flusher.flush(),
+            move |writes: &mut Vec<QueuedPut>| flusher.apply_and_flush(writes),
             |panic| JournalError::Io {
                 operation: "flush",
                 source: sled::Error::ReportableBug(format!(
@@ -568,6 +616,14 @@ impl Journal for SledJournal {
 
     fn flush_async(&self) -> JournalFuture {
         let commit = self.commits.commit();
+        Box::pin(async move { commit.await.map_err(JournalError::Shared) })
+    }
+
+    fn put_durable(&self, record: &InstanceRecord) -> JournalFuture {
+        let commit = self.commits.commit_with(QueuedPut {
+            key: record.sandbox_id.clone(),
+            value: record.encode(),
+        });
         Box::pin(async move { commit.await.map_err(JournalError::Shared) })
     }
 
@@ -805,6 +861,41 @@ mod tests {
         assert!(report.quarantined.is_empty());
         assert_eq!(j.get("b").unwrap().unwrap().state, State::Running);
         assert!(j.get("c").unwrap().is_none());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn durable_puts_apply_in_order_and_are_marked_durable_when_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = reopen(dir.path());
+            let before = j.durable_sequence();
+            // Twenty versions of one record and one of another, handed over
+            // together: the last version handed over is the one stored.
+            let mut futures = Vec::new();
+            for version in 1..=20 {
+                let mut r = record("a");
+                r.created_at = version;
+                futures.push(j.put_durable(&r));
+            }
+            futures.push(j.put_durable(&record("b")));
+            for f in futures {
+                f.await.unwrap();
+            }
+            // Every write counted in the mark before its answer.
+            assert_eq!(j.durable_sequence(), before + 21);
+            assert_eq!(j.get("a").unwrap().unwrap().created_at, 20);
+        }
+        let j = reopen(dir.path());
+        assert!(matches!(j.verdict(), Verdict::Intact), "{:?}", j.verdict());
+        let mut stored: Vec<_> = j
+            .load()
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|r| (r.sandbox_id, r.created_at))
+            .collect();
+        stored.sort();
+        assert_eq!(stored, [("a".to_owned(), 20), ("b".to_owned(), 1)]);
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //!
 //! The test runs itself again as a child process (this same test, with
 //! `PODVISOR_GROUP_COMMIT_CHILD` naming the journal directory). The child's
-//! writer threads each `put` a record of their own and wait for a flush —
-//! half of them blocking in `flush`, half awaiting `flush_async`, as the
-//! daemon's pod VM actors do — then print `acked <sandbox id>`: every line
+//! writer threads each write a record of their own and wait for a flush —
+//! a third `put` and block in `flush`, a third `put` and await
+//! `flush_async`, a third hand the record to the flusher thread with
+//! `put_durable`, as the daemon's pod VM actors do — then print
+//! `acked <sandbox id>`: every line
 //! the parent reads is a write whose flush returned. The parent kills the child with SIGKILL mid-stream,
 //! reopens the journal and checks that every acknowledged record is there,
 //! unchanged, and that the journal is not in doubt.
@@ -44,11 +46,18 @@ fn child(dir: &str) -> ! {
                     .expect("a runtime");
                 for n in 0.. {
                     let r = record(w, n);
-                    journal.put(&r).expect("put");
-                    if w % 2 == 0 {
-                        journal.flush().expect("flush");
-                    } else {
-                        runtime.block_on(journal.flush_async()).expect("flush");
+                    match w % 3 {
+                        0 => {
+                            journal.put(&r).expect("put");
+                            journal.flush().expect("flush");
+                        }
+                        1 => {
+                            journal.put(&r).expect("put");
+                            runtime.block_on(journal.flush_async()).expect("flush");
+                        }
+                        _ => runtime
+                            .block_on(journal.put_durable(&r))
+                            .expect("a durable put"),
                     }
                     // Not `println!`: the test harness would capture it.
                     let mut out = std::io::stdout().lock();
