@@ -34,7 +34,10 @@ mod common;
 
 use async_trait::async_trait;
 use common::verdict;
-use podvisor::protocols::ttrpc::{hypervisor, hypervisor_ttrpc::HypervisorClient};
+use podvisor::protocols::ttrpc::{
+    hypervisor,
+    hypervisor_ttrpc::{self, HypervisorClient},
+};
 use podvisor_podvm::testing::free_port;
 use podvisor_providers::fake::FakeProvider;
 use podvisor_providers::{Provider, ProviderConfig, ProviderContext, ProviderError};
@@ -288,6 +291,71 @@ fn journal_floor_on_threads(
         t.join().expect("a floor thread");
     }
     (per_thread * concurrency) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The Kata-facing wire alone: a `Hypervisor` ttrpc service whose every
+/// call answers at once.
+struct AnswersAtOnce;
+
+#[async_trait]
+impl hypervisor_ttrpc::Hypervisor for AnswersAtOnce {
+    async fn create_vm(
+        &self,
+        _: &ttrpc::r#async::TtrpcContext,
+        _: hypervisor::CreateVMRequest,
+    ) -> ttrpc::Result<hypervisor::CreateVMResponse> {
+        Ok(hypervisor::CreateVMResponse::default())
+    }
+    async fn start_vm(
+        &self,
+        _: &ttrpc::r#async::TtrpcContext,
+        _: hypervisor::StartVMRequest,
+    ) -> ttrpc::Result<hypervisor::StartVMResponse> {
+        Ok(hypervisor::StartVMResponse::default())
+    }
+    async fn stop_vm(
+        &self,
+        _: &ttrpc::r#async::TtrpcContext,
+        _: hypervisor::StopVMRequest,
+    ) -> ttrpc::Result<hypervisor::StopVMResponse> {
+        Ok(hypervisor::StopVMResponse::default())
+    }
+}
+
+/// The wire's own cost, for comparison (not a promise's floor): the same
+/// clients as [`measure`] — a connection per lifecycle, CreateVM, StartVM,
+/// StopVM with the same requests — against a ttrpc server in this process
+/// that answers each call at once, `concurrency` at a time for
+/// `lifecycles` lifecycles. Returns lifecycles per second.
+async fn wire_floor(dir: &Path, concurrency: usize, lifecycles: usize) -> f64 {
+    let socket = dir.join("wire.sock");
+    let address = format!("unix://{}", socket.display());
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&address)
+        .expect("the wire floor's socket")
+        .register_service(hypervisor_ttrpc::create_hypervisor(Arc::new(AnswersAtOnce)));
+    server.start().await.expect("the wire floor's server");
+    let per_task = lifecycles.div_ceil(concurrency);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let address = address.clone();
+            tokio::spawn(async move {
+                for _ in 0..per_task {
+                    let c = ttrpc::r#async::Client::connect(&address)
+                        .await
+                        .expect("connect");
+                    one_lifecycle(&HypervisorClient::new(c)).await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("a wire floor task");
+    }
+    let rate = (per_task * concurrency) as f64 / started.elapsed().as_secs_f64();
+    let _ = server.shutdown().await;
+    rate
 }
 
 /// What [`measure_scale`] found.
@@ -579,6 +647,11 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
     println!(
         "the journal alone, 200 at a time: {:.0} lifecycles/s with durable puts handed to the flusher (the floor); {on_threads:.0}/s as blocking put + flush on 200 threads (for comparison)",
         floor_many.throughput
+    );
+    let wire = wire_floor(root.path(), 200, many.lifecycles).await;
+    println!(
+        "the Kata wire alone, 200 at a time (the same clients, a ttrpc server answering at once, no journal): {wire:.0} lifecycles/s; podvisor reached {:.2} of it",
+        many.throughput / wire.max(1e-9)
     );
     let p99_ratio = one.p99.as_secs_f64() / floor_one.p99.as_secs_f64().max(1e-9);
     let a = verdict(

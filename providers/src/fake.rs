@@ -257,8 +257,10 @@ fn by_token<'a>(state: &'a State, token: &str) -> Option<&'a Instance> {
 }
 
 impl State {
-    /// Makes `instance` live, indexed by its token.
+    /// Makes `instance` live, indexed by its token (replacing an instance
+    /// of the same id, and its token's entry).
     fn insert(&mut self, instance: Instance) {
+        self.remove(&instance.id);
         if let Some(token) = instance.tags.get(TAG_TOKEN)
             && let Some(earlier) = self.tokens.insert(token.clone(), instance.id.clone())
         {

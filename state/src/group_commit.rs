@@ -34,7 +34,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 
@@ -62,9 +62,18 @@ struct Shared<E, W> {
     changed: Condvar,
 }
 
+/// The outcome of one batch, for the callers whose writes it applied.
+type Slot<E> = Arc<OnceLock<Result<(), Arc<E>>>>;
+
 struct State<E, W> {
     /// Writes handed over for the next batch, in the order of their calls.
     queue: Vec<W>,
+    /// Where the next batch to start leaves its outcome for the callers
+    /// whose writes it applies. Their outcome is that batch's and no
+    /// other: a later batch's success covers a plain flush request (its
+    /// writes were in the database already), but not a write that a
+    /// failed batch dropped.
+    next_slot: Slot<E>,
     /// Batches started so far; the running one, if any, is number `started`.
     started: u64,
     /// Whether batch `started` is still running.
@@ -84,6 +93,10 @@ struct State<E, W> {
     closing: bool,
     /// Callers waiting now (for tests and statistics).
     waiting: usize,
+    /// Of those, callers blocked in [`GroupCommit::flush`]: the end of a
+    /// batch wakes them through the condition variable (futures through
+    /// their wakers), only when there are any.
+    blocked: usize,
 }
 
 impl<E, W> State<E, W> {
@@ -108,9 +121,17 @@ impl<E, W> Shared<E, W> {
 
     /// Registers a call: asks the flusher for a batch and returns the
     /// number of batches started before the call.
+    ///
+    /// The flusher is woken only when it may be waiting: neither running a
+    /// batch nor already asked for one. Otherwise it looks at `requested`
+    /// under the lock before it waits again — so under load a write costs
+    /// no wake-up system call of its own.
     fn ask(&self, state: &mut State<E, W>) -> u64 {
+        let idle = !state.running && !state.requested;
         state.requested = true;
-        self.changed.notify_all();
+        if idle {
+            self.changed.notify_all();
+        }
         state.started
     }
 }
@@ -131,6 +152,7 @@ impl<E: Send + Sync + 'static, W: Send + 'static> GroupCommit<E, W> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: Vec::new(),
+                next_slot: Arc::new(OnceLock::new()),
                 started: 0,
                 running: false,
                 requested: false,
@@ -141,6 +163,7 @@ impl<E: Send + Sync + 'static, W: Send + 'static> GroupCommit<E, W> {
                 next_key: 0,
                 closing: false,
                 waiting: 0,
+                blocked: 0,
             }),
             changed: Condvar::new(),
         });
@@ -167,6 +190,10 @@ impl<E: Send + Sync + 'static, W: Send + 'static> GroupCommit<E, W> {
                     state.running = true;
                     let batch = state.started;
                     std::mem::swap(&mut writes, &mut state.queue);
+                    // A new slot only when a caller holds this one.
+                    let slot = (Arc::strong_count(&state.next_slot) > 1).then(|| {
+                        std::mem::replace(&mut state.next_slot, Arc::new(OnceLock::new()))
+                    });
                     drop(state);
                     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         flush(&mut writes)
@@ -180,20 +207,28 @@ impl<E: Send + Sync + 'static, W: Send + 'static> GroupCommit<E, W> {
                         Err(panicked(message))
                     });
                     writes.clear();
+                    let outcome = outcome.map_err(Arc::new);
                     let mut state = s.lock();
                     state.running = false;
-                    match outcome {
+                    match &outcome {
                         Ok(()) => state.succeeded = batch,
                         Err(e) => {
                             state.failed = batch;
-                            state.failure = Some(Arc::new(e));
+                            state.failure = Some(e.clone());
                         }
+                    }
+                    // Under the lock, as futures check it under the lock.
+                    if let Some(slot) = slot {
+                        let _ = slot.set(outcome);
                     }
                     // Every waiting future is covered by this batch or
                     // waits for the next: each checks for itself.
                     let wakers: Vec<Waker> = state.wakers.drain().map(|(_, w)| w).collect();
+                    let blocked = state.blocked > 0;
                     drop(state);
-                    s.changed.notify_all();
+                    if blocked {
+                        s.changed.notify_all();
+                    }
                     for w in wakers {
                         w.wake();
                     }
@@ -216,9 +251,11 @@ impl<E, W> GroupCommit<E, W> {
         let mut state = self.shared.lock();
         let after = self.shared.ask(&mut state);
         state.waiting += 1;
+        state.blocked += 1;
         loop {
             if let Some(outcome) = state.outcome(after) {
                 state.waiting -= 1;
+                state.blocked -= 1;
                 return outcome;
             }
             state = self
@@ -237,13 +274,17 @@ impl<E, W> GroupCommit<E, W> {
     }
 
     /// Hands `write` to the flusher, which applies it in the next batch
-    /// it starts, before that batch's flush; the future ends with that
-    /// batch's outcome (the write's, if it failed, or the flush's). Writes
-    /// are applied in the order of these calls.
+    /// it starts, before that batch's flush; the future ends with exactly
+    /// that batch's outcome (the write's, if a write of the batch failed,
+    /// or the flush's) — never with a later batch's. Writes are applied in
+    /// the order of these calls.
     pub(crate) fn commit_with(&self, write: W) -> Commit<E, W> {
         let mut state = self.shared.lock();
         state.queue.push(write);
-        self.wait_for_next(&mut state)
+        let slot = state.next_slot.clone();
+        let mut commit = self.wait_for_next(&mut state);
+        commit.slot = Some(slot);
+        commit
     }
 
     /// A future for the outcome of the next batch to start.
@@ -255,6 +296,7 @@ impl<E, W> GroupCommit<E, W> {
         Commit {
             shared: self.shared.clone(),
             after,
+            slot: None,
             key,
             done: false,
         }
@@ -286,7 +328,11 @@ impl<E, W> Drop for GroupCommit<E, W> {
 /// A waiting [`GroupCommit::commit`] or [`GroupCommit::commit_with`].
 pub(crate) struct Commit<E, W> {
     shared: Arc<Shared<E, W>>,
+    /// Batches started before the call.
     after: u64,
+    /// For a handed-over write: where the batch that applies it leaves
+    /// its outcome.
+    slot: Option<Slot<E>>,
     key: u64,
     done: bool,
 }
@@ -297,7 +343,11 @@ impl<E, W> Future for Commit<E, W> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let mut state = this.shared.lock();
-        if let Some(outcome) = state.outcome(this.after) {
+        let outcome = match &this.slot {
+            Some(slot) => slot.get().cloned(),
+            None => state.outcome(this.after),
+        };
+        if let Some(outcome) = outcome {
             state.wakers.remove(&this.key);
             if !this.done {
                 state.waiting -= 1;
@@ -578,6 +628,29 @@ mod tests {
             log.lock().expect("the log").clone(),
             vec![vec![1], vec![12, 13, 14], vec![15]]
         );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_dropped_by_a_failed_batch_fails_even_after_a_later_success() {
+        let (commit, _log, release, started) = writing_bed();
+        let first = commit.commit_with(1);
+        started.recv().expect("the first batch starts");
+        let dropped: Vec<_> = [12, 13, 14].map(|n| commit.commit_with(n)).into();
+        release.send(()).expect("the flusher waits");
+        assert_eq!(first.await, Ok(()));
+        // Batch 2 (12, 13, 14) fails; batch 3 succeeds — all before the
+        // futures of batch 2 are polled.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while commit.shared.lock().failed != 2 {
+            assert!(Instant::now() < deadline, "batch 2 never failed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(commit.commit().await, Ok(()));
+        assert_eq!(commit.shared.lock().succeeded, 3);
+        for f in dropped {
+            let e = f.await.expect_err("a later success does not cover it");
+            assert_eq!(*e, "cannot write 13");
+        }
     }
 
     #[test]

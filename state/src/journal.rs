@@ -92,7 +92,10 @@ pub type JournalFuture =
 /// Durable storage of instance records, keyed by sandbox id.
 ///
 /// `put` and `remove` may buffer; `flush` makes everything before it durable.
-/// All methods may block on disk: the daemon calls them off actor threads.
+/// All methods may block on disk — the daemon calls them off actor threads —
+/// except [`Journal::flush_async`] and [`Journal::put_durable`], which the
+/// pod VM actors call on their own thread and await: they must return a
+/// future at once and wait inside it without holding a thread.
 ///
 /// Concurrent callers of `flush` may share one flush (group commit): a
 /// caller returns `Ok` only after a flush that started after its call
@@ -138,19 +141,17 @@ pub trait Journal: Send + Sync + 'static {
     /// flusher thread, which applies the writes handed over for a batch just
     /// before that batch's flush: the caller needs no thread of its own for
     /// the write, and concurrent writers share the flush (group commit).
-    /// Writes handed over are applied in the order of these calls. The
-    /// default runs the blocking `put` at the call.
+    /// Writes handed over are applied in the order of these calls. No
+    /// default: a wrapper that forgot to forward it would block its caller's
+    /// thread on the disk.
     ///
     /// # Errors
-    /// As [`Journal::put`] and [`Journal::flush`]; a write of another
-    /// caller in the same batch that fails fails this one too (as its
-    /// flush would), in [`JournalError::Shared`].
-    fn put_durable(&self, record: &InstanceRecord) -> JournalFuture {
-        if let Err(e) = self.put(record) {
-            return Box::pin(std::future::ready(Err(e)));
-        }
-        self.flush_async()
-    }
+    /// As [`Journal::put`] and [`Journal::flush`], in
+    /// [`JournalError::Shared`]: the outcome of exactly the batch that
+    /// applied (or dropped) this write. A write of another caller in the
+    /// same batch that fails fails this one too, as a failed flush would
+    /// (the writes after it in the batch are not applied).
+    fn put_durable(&self, record: &InstanceRecord) -> JournalFuture;
     /// Reads the sandbox's record, quarantining it if it does not decode
     /// (then `Ok(None)`).
     ///
