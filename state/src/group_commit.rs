@@ -270,7 +270,7 @@ impl<E, W> GroupCommit<E, W> {
     /// waits. The flush is asked for at this call, not at the first poll.
     pub(crate) fn commit(&self) -> Commit<E, W> {
         let mut state = self.shared.lock();
-        self.wait_for_next(&mut state)
+        self.wait_for_next(&mut state, None)
     }
 
     /// Hands `write` to the flusher, which applies it in the next batch
@@ -282,13 +282,12 @@ impl<E, W> GroupCommit<E, W> {
         let mut state = self.shared.lock();
         state.queue.push(write);
         let slot = state.next_slot.clone();
-        let mut commit = self.wait_for_next(&mut state);
-        commit.slot = Some(slot);
-        commit
+        self.wait_for_next(&mut state, Some(slot))
     }
 
-    /// A future for the outcome of the next batch to start.
-    fn wait_for_next(&self, state: &mut State<E, W>) -> Commit<E, W> {
+    /// A future for the outcome of the next batch to start — read from
+    /// `slot` when given, the batch's own.
+    fn wait_for_next(&self, state: &mut State<E, W>, slot: Option<Slot<E>>) -> Commit<E, W> {
         let after = self.shared.ask(state);
         let key = state.next_key;
         state.next_key += 1;
@@ -296,7 +295,7 @@ impl<E, W> GroupCommit<E, W> {
         Commit {
             shared: self.shared.clone(),
             after,
-            slot: None,
+            slot,
             key,
             done: false,
         }

@@ -233,6 +233,11 @@ pub struct SledJournal {
     commits: GroupCommit<JournalError, QueuedPut>,
 }
 
+/// A group commit's outcome as a [`JournalFuture`].
+fn answered(commit: crate::group_commit::Commit<JournalError, QueuedPut>) -> JournalFuture {
+    Box::pin(async move { commit.await.map_err(JournalError::Shared) })
+}
+
 /// A [`Journal::put_durable`]'s write, encoded by its caller, applied by
 /// the flusher thread.
 #[derive(Debug)]
@@ -267,15 +272,22 @@ impl Durable {
     /// A write that fails ends the batch (those after it are not applied).
     fn apply_and_flush(&self, writes: &mut Vec<QueuedPut>) -> Result<(), JournalError> {
         for QueuedPut { key, value } in writes.drain(..) {
-            self.seq.fetch_add(1, Ordering::SeqCst);
-            self.records
-                .insert(key.as_bytes(), value)
-                .map_err(|source| JournalError::Io {
-                    operation: "write",
-                    source,
-                })?;
+            self.put(&key, value)?;
         }
         self.flush()
+    }
+
+    /// Stores `value` under `key` (not yet durable) and counts the write
+    /// in the sequence the next flush marks.
+    fn put(&self, key: &str, value: Vec<u8>) -> Result<(), JournalError> {
+        self.seq.fetch_add(1, Ordering::SeqCst);
+        self.records
+            .insert(key.as_bytes(), value)
+            .map(drop)
+            .map_err(|source| JournalError::Io {
+                operation: "write",
+                source,
+            })
     }
 
     /// One flush, for every write completed before it: the sequence, sled's
@@ -590,14 +602,7 @@ fn quarantine_entry(id: &[u8], value: &[u8]) -> QuarantinedRecord {
 
 impl Journal for SledJournal {
     fn put(&self, record: &InstanceRecord) -> Result<(), JournalError> {
-        self.durable.seq.fetch_add(1, Ordering::SeqCst);
-        self.records
-            .insert(record.sandbox_id.as_bytes(), record.encode())
-            .map(drop)
-            .map_err(|source| JournalError::Io {
-                operation: "write",
-                source,
-            })
+        self.durable.put(&record.sandbox_id, record.encode())
     }
 
     fn remove(&self, sandbox_id: &str) -> Result<(), JournalError> {
@@ -616,16 +621,14 @@ impl Journal for SledJournal {
     }
 
     fn flush_async(&self) -> JournalFuture {
-        let commit = self.commits.commit();
-        Box::pin(async move { commit.await.map_err(JournalError::Shared) })
+        answered(self.commits.commit())
     }
 
     fn put_durable(&self, record: &InstanceRecord) -> JournalFuture {
-        let commit = self.commits.commit_with(QueuedPut {
+        answered(self.commits.commit_with(QueuedPut {
             key: record.sandbox_id.clone(),
             value: record.encode(),
-        });
-        Box::pin(async move { commit.await.map_err(JournalError::Shared) })
+        }))
     }
 
     fn get(&self, sandbox_id: &str) -> Result<Option<InstanceRecord>, JournalError> {
