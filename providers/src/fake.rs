@@ -89,11 +89,10 @@ struct State {
     /// The live instances' ids, by their `podvisor.io/token` tag: a
     /// create or find by token is one lookup, as a cloud's idempotency
     /// index is, not a scan — a scan made the benches' thousands of
-    /// sandboxes in flight quadratic in the fake, not in podvisor.
-    tokens: HashMap<String, String>,
-    /// Whether two live instances ever shared a token (only seeded ones
-    /// can): then a removal looks for the other.
-    shared_tokens: bool,
+    /// sandboxes in flight quadratic in the fake, not in podvisor. More
+    /// than one id only for instances seeded under one token; a lookup
+    /// answers the lowest, as the scan of `instances` did.
+    tokens: HashMap<String, BTreeSet<String>>,
     /// The last id number handed out.
     last_id: u64,
     /// Per method, the errors its next calls return.
@@ -253,6 +252,7 @@ fn by_token<'a>(state: &'a State, token: &str) -> Option<&'a Instance> {
     state
         .tokens
         .get(token)
+        .and_then(BTreeSet::first)
         .and_then(|id| state.instances.get(id))
 }
 
@@ -261,35 +261,27 @@ impl State {
     /// of the same id, and its token's entry).
     fn insert(&mut self, instance: Instance) {
         self.remove(&instance.id);
-        if let Some(token) = instance.tags.get(TAG_TOKEN)
-            && let Some(earlier) = self.tokens.insert(token.clone(), instance.id.clone())
-        {
-            self.shared_tokens |= earlier != instance.id;
+        if let Some(token) = instance.tags.get(TAG_TOKEN) {
+            self.tokens
+                .entry(token.clone())
+                .or_default()
+                .insert(instance.id.clone());
         }
         self.instances.insert(instance.id.clone(), instance);
     }
 
-    /// Removes the live instance `id`, if any, and its token.
+    /// Removes the live instance `id`, if any, and its token's entry.
     fn remove(&mut self, id: &str) {
         let Some(gone) = self.instances.remove(id) else {
             return;
         };
-        let Some(token) = gone.tags.get(TAG_TOKEN) else {
-            return;
-        };
-        if self.tokens.get(token).map(String::as_str) != Some(id) {
-            return;
-        }
-        self.tokens.remove(token);
-        // Another instance seeded with the same token (rare: only tests
-        // make two) takes its place.
-        let other = self.shared_tokens.then(|| {
-            self.instances
-                .values()
-                .find(|i| i.tags.get(TAG_TOKEN) == Some(token))
-        });
-        if let Some(Some(other)) = other {
-            self.tokens.insert(token.clone(), other.id.clone());
+        if let Some(token) = gone.tags.get(TAG_TOKEN)
+            && let Some(ids) = self.tokens.get_mut(token)
+        {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.tokens.remove(token);
+            }
         }
     }
 }
