@@ -25,7 +25,10 @@
 //! as the daemon's flush count says, and the final unflushed `remove` — one
 //! at a time and 200 tasks at a time, with the same group commit; beside
 //! it, for comparison, the Kata wire alone (the same clients against a
-//! ttrpc server that answers at once). Then promise 2: 5,000 sandboxes in
+//! ttrpc server that answers at once) and the least work of the job
+//! ([`LeastWork`]: what any implementation must do per lifecycle, with and
+//! without a journal), each with its CPU split by thread and, where it
+//! writes, the mean wait of a durable write. Then promise 2: 5,000 sandboxes in
 //! flight at once on the memory provider (over 64 shim connections), the process's
 //! memory and descriptors read with all of them Running, against the
 //! journal alone doing the same writes for 5,000 tasks at once as the pod VM
