@@ -476,20 +476,28 @@ impl hypervisor_ttrpc::Hypervisor for LeastWork {
     }
 }
 
-/// [`LeastWork`] measured by [`measure`] — the same clients and requests —
-/// `concurrency` at a time for `rounds` rounds, with `writes` durable
-/// writes per lifecycle, its journal in `dir`, its pod directories under
-/// `pods` and its "pod VMs" answering on `forwarder` — or with no journal
-/// at all when `journaled` is false.
+/// How a comparison runs: rounds of `concurrency` lifecycles, as
+/// [`measure`] runs them (promise 1b), or `n` sandboxes in flight at once
+/// over 64 connections, as [`measure_scale`] runs them (promise 2).
+#[derive(Clone, Copy)]
+enum Shape {
+    Rounds { concurrency: usize, rounds: usize },
+    InFlight(usize),
+}
+
+/// [`LeastWork`]'s lifecycles per second, run in `shape` by the daemon's
+/// own clients and requests, with `writes` durable writes per lifecycle,
+/// its journal in `dir`, its pod directories under `pods` and its "pod
+/// VMs" answering on `forwarder` — or with no journal at all when
+/// `journaled` is false.
 async fn least_work_floor(
     journaled: bool,
     dir: &Path,
     pods: &Path,
     forwarder: std::net::SocketAddr,
     writes: usize,
-    concurrency: usize,
-    rounds: usize,
-) -> Measured {
+    shape: Shape,
+) -> f64 {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).expect("the least work's directory");
     let journal: Option<Arc<dyn podvisor_state::Journal>> = journaled.then(|| {
@@ -523,7 +531,25 @@ async fn least_work_floor(
     } else {
         "least work, no journal"
     };
-    let measured = measure(label, &socket, concurrency, rounds, || provider.is_empty()).await;
+    let settled = || provider.is_empty();
+    let (concurrency, throughput) = match shape {
+        Shape::Rounds {
+            concurrency,
+            rounds,
+        } => (
+            concurrency,
+            measure(label, &socket, concurrency, rounds, settled)
+                .await
+                .throughput,
+        ),
+        Shape::InFlight(n) => {
+            let throughput = measure_scale(&socket, n, 64, settled).await.throughput;
+            println!(
+                "| {label} | {n} in flight | throughput | {n} | {throughput:.1} lifecycles/s (incl. waiting for deletes) | | |"
+            );
+            (n, throughput)
+        }
+    };
     let _ = server.shutdown().await;
     if journaled {
         let written = service.written.load(std::sync::atomic::Ordering::Relaxed);
@@ -533,7 +559,7 @@ async fn least_work_floor(
             waited as f64 / 1e6 / written.max(1) as f64
         );
     }
-    measured
+    throughput
 }
 
 /// What [`measure_scale`] found.
@@ -823,34 +849,47 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
         asked1 - asked0,
         (waited1 - waited0) * 1e3 / (asked1 - asked0).max(1.0)
     );
-    let (wire, least) = if name == "memory" {
-        let wire = wire_floor(root.path(), 200, concurrent_rounds).await;
-        let forwarder = std::net::SocketAddr::from(([127, 0, 0, 1], forwarder_port));
-        let writes = writes.round().max(1.0) as usize;
-        let mut least = Vec::new();
-        for (journaled, dir) in [(true, "least-work"), (false, "least-work-no-journal")] {
-            let dir = root.path().join(dir);
-            least.push(
-                least_work_floor(
+    let forwarder = std::net::SocketAddr::from(([127, 0, 0, 1], forwarder_port));
+    let writes_per_lifecycle = writes.round().max(1.0) as usize;
+    // The least work, with and without a journal, in `shape`.
+    let least_work = |shape: Shape| {
+        let (root, pods) = (root.path().to_owned(), pods.clone());
+        async move {
+            let mut both = [0.0; 2];
+            for (i, journaled) in [true, false].into_iter().enumerate() {
+                let dir = root.join(format!("least-work-{i}"));
+                both[i] = least_work_floor(
                     journaled,
                     &dir,
                     &pods,
                     forwarder,
-                    writes,
-                    200,
-                    concurrent_rounds,
+                    writes_per_lifecycle,
+                    shape,
                 )
-                .await,
-            );
+                .await;
+            }
+            both
         }
+    };
+    let (wire, least) = if name == "memory" {
+        let wire = wire_floor(root.path(), 200, concurrent_rounds).await;
+        let least = least_work(Shape::Rounds {
+            concurrency: 200,
+            rounds: concurrent_rounds,
+        })
+        .await;
         (Some(wire), Some(least))
     } else {
         (None, None)
     };
-    let at_scale = if name == "memory" {
-        Some(measure_scale(&socket, scale, 64, settled).await)
+    let (at_scale, least_at_scale) = if name == "memory" {
+        let at_scale = measure_scale(&socket, scale, 64, settled).await;
+        (
+            Some(at_scale),
+            Some(least_work(Shape::InFlight(scale)).await),
+        )
     } else {
-        None
+        (None, None)
     };
 
     let _ = stop_tx.send(());
@@ -865,7 +904,6 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
     }
 
     // Promise 1, against the journal alone doing the same durable writes.
-    let writes_per_lifecycle = writes.round().max(1.0) as usize;
     println!(
         "\nthe daemon flushed the journal {writes:.2} times per lifecycle; the floor does {writes_per_lifecycle} durable puts and a remove"
     );
@@ -885,17 +923,17 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
             many.throughput / wire.throughput.max(1e-9)
         );
     }
-    if let Some([least, unjournaled]) = least.as_deref() {
+    if let Some([least, unjournaled]) = least {
         println!(
             "the least work of the job, 200 at a time (the wire, the same durable writes, the provider's create and delete, the pod directory, the agent socket, the readiness connect; nothing else): {:.0} lifecycles/s, {:.2} of the journal alone; podvisor reached {:.2} of it",
-            least.throughput,
-            least.throughput / floor_many.throughput.max(1e-9),
-            many.throughput / least.throughput.max(1e-9)
+            least,
+            least / floor_many.throughput.max(1e-9),
+            many.throughput / least.max(1e-9)
         );
         println!(
             "the least work with no journal at all (a bound on any implementation of the job here, whatever its journal): {:.0} lifecycles/s, {:.2} of the journal alone",
-            unjournaled.throughput,
-            unjournaled.throughput / floor_many.throughput.max(1e-9),
+            unjournaled,
+            unjournaled / floor_many.throughput.max(1e-9),
         );
     }
     let p99_ratio = one.p99.as_secs_f64() / floor_one.p99.as_secs_f64().max(1e-9);
@@ -942,6 +980,14 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
         at_scale.fds_peak,
         (at_scale.fds_peak as f64 - at_scale.fds_before as f64) / scale as f64,
     );
+    if let Some([least, unjournaled]) = least_at_scale {
+        println!(
+            "the least work of the job, {scale} in flight: {least:.0} lifecycles/s, {:.2} of the journal alone; podvisor reached {:.2} of it; with no journal at all {unjournaled:.0}/s, {:.2} of the journal alone",
+            least / floor_scale.max(1e-9),
+            at_scale.throughput / least.max(1e-9),
+            unjournaled / floor_scale.max(1e-9),
+        );
+    }
     let c = verdict(
         &format!("promise 2 (memory at {scale} in flight)"),
         &format!(
