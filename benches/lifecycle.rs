@@ -134,9 +134,9 @@ async fn measure(
     settled: impl Fn() -> bool,
 ) -> Measured {
     let mut samples: [Vec<Duration>; 4] = Default::default();
-    let started = Instant::now();
-    let cpu0 = cpu_seconds();
     let threads0 = cpu_by_thread();
+    let cpu0 = cpu_seconds();
+    let started = Instant::now();
     for _ in 0..rounds {
         let mut tasks = Vec::new();
         for _ in 0..concurrency {
@@ -180,7 +180,7 @@ async fn measure(
     );
     println!(
         "| {label} | {concurrency} | CPU by thread | {n} | ms per lifecycle: {} | | |",
-        cpu_split(&threads0, n)
+        cpu_split(&threads0, cpu0, n)
     );
     println!(
         "| {label} | {concurrency} | throughput | {n} | {throughput:.1} lifecycles/s (incl. waiting for deletes) | | |",
@@ -348,34 +348,51 @@ async fn wire_floor(dir: &Path, concurrency: usize, rounds: usize) -> Measured {
     measured
 }
 
-/// The least any implementation of this job does per lifecycle, in this
-/// process, with none of podvisor's own machinery (no actors, view,
-/// metrics, logs, requests rendered or tags beyond the token): the Kata
-/// wire; the durable writes the daemon made (each an awaited
-/// `put_durable` on a `SledJournal`: one at CreateVM, all but two at
-/// StartVM, one at StopVM) and the final remove; the same zero-latency
-/// provider's create and delete; the sandbox's pod directory and its
-/// agent socket's listener (bound, made `0600`, closed and removed); one
-/// TCP connect to the pod VM's forwarder port for readiness. As in the
-/// daemon, StopVM is answered once its write is durable, and the delete
-/// follows (and is waited for between rounds). Informational,
-/// not a promise's floor: it says how close to the journal alone any
-/// implementation can come on this machine.
+/// At most what any implementation of this job must do per lifecycle, in
+/// this process, with none of podvisor's own machinery (no actors, view,
+/// metrics, logs, annotations read, requests rendered or tags beyond the
+/// token): the Kata wire (the ttrpc crate's server); the sandbox id
+/// checked as the daemon checks it; the durable writes the daemon made,
+/// each an awaited `put_durable` on a `SledJournal`, in the daemon's order
+/// (`Pending` at CreateVM; `Creating` before the provider's create, the
+/// instance after it, `Running` after readiness at StartVM; `Deleting` at
+/// StopVM) and the final remove; the same zero-latency provider's create
+/// and delete; the sandbox's pod directory (`0700`) and, once Running is
+/// durable, its agent socket's listener (bound, made `0660` as the
+/// daemon's, closed and removed when StopVM's write is durable); one TCP
+/// connect to the pod VM's forwarder port for readiness. As in the
+/// daemon, StopVM is answered once its write is durable; the delete, the
+/// record's removal and the directory's follow (waited for between rounds).
+/// Left out, as no cheaper than the daemon's: serving connections on the
+/// agent socket, removing a stale socket file. Informational, not a
+/// promise's floor: a bound on what this bench can show of any
+/// implementation of the job on the machine it runs on.
 struct LeastWork {
     /// `None`: the journal left out, for the bound on any journal.
     journal: Option<Arc<dyn podvisor_state::Journal>>,
+    /// The zero-latency provider: its live instances, until deleted.
     provider: Arc<FakeProvider>,
+    /// Where each sandbox's directory goes (`<pods>/<id>/agent.ttrpc`).
     pods: std::path::PathBuf,
+    /// The stand-in pod VMs' forwarder port, connected to for readiness.
     forwarder: std::net::SocketAddr,
+    /// Durable writes per lifecycle, at least 4 (one per state).
     writes: usize,
     /// Each Running sandbox's instance id and agent socket listener.
     running: std::sync::Mutex<HashMap<String, (String, tokio::net::UnixListener)>>,
-    /// Durable writes made, and the time their callers waited, ns.
+    /// Durable writes asked for, answered or failed.
     written: std::sync::atomic::AtomicU64,
+    /// The time their callers waited, summed, in ns.
     waited_ns: std::sync::atomic::AtomicU64,
+    /// Teardowns after StopVM not yet finished, and those that failed
+    /// (checked after the run).
+    teardowns_pending: Arc<std::sync::atomic::AtomicU64>,
+    teardowns_failed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LeastWork {
+    /// Durable write `n` of sandbox `id`'s lifecycle (none without a
+    /// journal).
     async fn write(&self, id: &str, n: usize) -> ttrpc::Result<()> {
         let Some(journal) = &self.journal else {
             return Ok(());
@@ -389,8 +406,15 @@ impl LeastWork {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         written.map_err(others)
     }
+
+    /// The sandbox directory of a checked sandbox id.
+    fn pod_dir(&self, id: &str) -> ttrpc::Result<std::path::PathBuf> {
+        podvisor::api::validate_sandbox_id(id).map_err(others)?;
+        Ok(self.pods.join(id))
+    }
 }
 
+/// A ttrpc error with `e`'s text.
 fn others(e: impl std::fmt::Display) -> ttrpc::Error {
     ttrpc::Error::Others(e.to_string())
 }
@@ -402,8 +426,13 @@ impl hypervisor_ttrpc::Hypervisor for LeastWork {
         _: &ttrpc::r#async::TtrpcContext,
         req: hypervisor::CreateVMRequest,
     ) -> ttrpc::Result<hypervisor::CreateVMResponse> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = self.pod_dir(&req.id)?;
         self.write(&req.id, 0).await?;
-        std::fs::create_dir(self.pods.join(&req.id)).map_err(others)?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(others)?;
         Ok(hypervisor::CreateVMResponse::default())
     }
     async fn start_vm(
@@ -413,6 +442,7 @@ impl hypervisor_ttrpc::Hypervisor for LeastWork {
     ) -> ttrpc::Result<hypervisor::StartVMResponse> {
         use std::os::unix::fs::PermissionsExt;
         let id = req.id;
+        let dir = self.pod_dir(&id)?;
         self.write(&id, 1).await?;
         let request = podvisor_providers::CreateRequest {
             sandbox_id: id.clone(),
@@ -430,7 +460,10 @@ impl hypervisor_ttrpc::Hypervisor for LeastWork {
             .create_instance(&request)
             .await
             .map_err(others)?;
-        for n in 2..self.writes.saturating_sub(1) {
+        // The instance (and any writes beyond one per state) before the
+        // readiness check; `Running` after it.
+        let running = self.writes - 2;
+        for n in 2..running {
             self.write(&id, n).await?;
         }
         drop(
@@ -438,9 +471,10 @@ impl hypervisor_ttrpc::Hypervisor for LeastWork {
                 .await
                 .map_err(others)?,
         );
-        let path = self.pods.join(&id).join("agent.ttrpc");
+        self.write(&id, running).await?;
+        let path = dir.join("agent.ttrpc");
         let listener = tokio::net::UnixListener::bind(&path).map_err(others)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(others)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(others)?;
         self.running
             .lock()
             .map_err(others)?
@@ -453,24 +487,29 @@ impl hypervisor_ttrpc::Hypervisor for LeastWork {
         req: hypervisor::StopVMRequest,
     ) -> ttrpc::Result<hypervisor::StopVMResponse> {
         let id = req.id;
-        self.write(&id, self.writes.saturating_sub(1)).await?;
+        let dir = self.pod_dir(&id)?;
+        self.write(&id, self.writes - 1).await?;
         let running = self.running.lock().map_err(others)?.remove(&id);
         let (instance, listener) = running.ok_or_else(|| others("not running"))?;
+        drop(listener);
+        std::fs::remove_file(dir.join("agent.ttrpc")).map_err(others)?;
         // As the daemon does: StopVM is answered once `Deleting` is
-        // durable; the rest follows.
+        // durable (and the agent socket closed); the rest follows.
         let (provider, journal) = (self.provider.clone(), self.journal.clone());
-        let dir = self.pods.join(&id);
+        let failed = Arc::clone(&self.teardowns_failed);
+        let pending = Arc::clone(&self.teardowns_pending);
+        pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
-            drop(listener);
-            std::fs::remove_file(dir.join("agent.ttrpc")).expect("remove the agent socket");
-            std::fs::remove_dir(&dir).expect("remove the pod directory");
-            provider
-                .delete_instance(&instance)
-                .await
-                .expect("delete the instance");
-            if let Some(journal) = journal {
-                journal.remove(&id).expect("remove the record");
+            let deleted = provider.delete_instance(&instance).await.map_err(others);
+            let removed = match journal {
+                Some(journal) => journal.remove(&id).map_err(others),
+                None => Ok(()),
+            };
+            let dir_gone = std::fs::remove_dir(&dir).map_err(others);
+            if deleted.and(removed).and(dir_gone).is_err() {
+                failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
+            pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
         Ok(hypervisor::StopVMResponse::default())
     }
@@ -486,18 +525,22 @@ enum Shape {
 }
 
 /// [`LeastWork`]'s lifecycles per second, run in `shape` by the daemon's
-/// own clients and requests, with `writes` durable writes per lifecycle,
-/// its journal in `dir`, its pod directories under `pods` and its "pod
-/// VMs" answering on `forwarder` — or with no journal at all when
-/// `journaled` is false.
+/// own clients and requests, with `writes` durable writes per lifecycle
+/// (at least 4), its journal in `dir`, its pod directories on tmpfs (or
+/// under `dir`) and its "pod VMs" answering on `forwarder` — or with no
+/// journal at all when `journaled` is false.
 async fn least_work_floor(
     journaled: bool,
     dir: &Path,
-    pods: &Path,
     forwarder: std::net::SocketAddr,
     writes: usize,
     shape: Shape,
 ) -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    assert!(
+        writes >= 4,
+        "the daemon made {writes} durable writes per lifecycle, fewer than one per state"
+    );
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).expect("the least work's directory");
     let journal: Option<Arc<dyn podvisor_state::Journal>> = journaled.then(|| {
@@ -506,21 +549,27 @@ async fn least_work_floor(
                 .expect("the least work's journal"),
         ) as Arc<dyn podvisor_state::Journal>
     });
-    let pods = pods.join(dir.file_name().expect("a named directory"));
+    // Its own pods dir, on tmpfs where there is one, as the daemon's is:
+    // nothing of the daemon's (its pod directory GC) walks it.
+    let tmpfs = tempfile::tempdir_in("/dev/shm").ok();
+    let pods = tmpfs
+        .as_ref()
+        .map_or_else(|| dir.join("pods"), |d| d.path().to_owned());
     std::fs::create_dir_all(&pods).expect("the least work's pods dir");
     let socket = dir.join("least-work.sock");
     let provider = Arc::new(FakeProvider::new());
-    let service = LeastWork {
+    let service = Arc::new(LeastWork {
         journal,
         provider: provider.clone(),
         pods,
         forwarder,
-        writes: writes.max(3),
+        writes,
         running: std::sync::Mutex::default(),
-        written: std::sync::atomic::AtomicU64::new(0),
-        waited_ns: std::sync::atomic::AtomicU64::new(0),
-    };
-    let service = Arc::new(service);
+        written: AtomicU64::new(0),
+        waited_ns: AtomicU64::new(0),
+        teardowns_pending: Arc::default(),
+        teardowns_failed: Arc::default(),
+    });
     let mut server = ttrpc::r#async::Server::new()
         .bind(&format!("unix://{}", socket.display()))
         .expect("the least work's socket")
@@ -531,7 +580,7 @@ async fn least_work_floor(
     } else {
         "least work, no journal"
     };
-    let settled = || provider.is_empty();
+    let settled = || provider.is_empty() && service.teardowns_pending.load(Ordering::SeqCst) == 0;
     let (concurrency, throughput) = match shape {
         Shape::Rounds {
             concurrency,
@@ -551,11 +600,16 @@ async fn least_work_floor(
         }
     };
     let _ = server.shutdown().await;
+    assert_eq!(
+        service.teardowns_failed.load(Ordering::SeqCst),
+        0,
+        "{label}: teardowns after StopVM failed"
+    );
     if journaled {
-        let written = service.written.load(std::sync::atomic::Ordering::Relaxed);
-        let waited = service.waited_ns.load(std::sync::atomic::Ordering::Relaxed);
+        let written = service.written.load(Ordering::Relaxed);
+        let waited = service.waited_ns.load(Ordering::Relaxed);
         println!(
-            "| {label} | {concurrency} | durable write | {written} | {:.2} ms on average from hand-over to answer | | |",
+            "| {label} | {concurrency} | durable write | {written} | {:.2} ms on average from hand-over to the handler's answer (on a runtime worker) | | |",
             waited as f64 / 1e6 / written.max(1) as f64
         );
     }
@@ -804,7 +858,7 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
             .bind(std::net::SocketAddr::from(([127, 0, 0, 1], forwarder_port)))
             .expect("the forwarder port");
         socket
-            .listen(u32::MAX >> 1)
+            .listen(FORWARDER_BACKLOG)
             .expect("listen on the forwarder port")
     };
     let accept = tokio::spawn(async move {
@@ -845,7 +899,7 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
     let many = measure(name, &socket, 200, concurrent_rounds, settled).await;
     let (waited1, asked1) = write_time(admin);
     println!(
-        "| {name} | 200 | durable write | {:.0} | {:.2} ms on average from the pod VM actor's hand-over to its answer | | |",
+        "| {name} | 200 | durable write | {:.0} | {:.2} ms on average from hand-over to the pod VM actor's answer (on the actors' one thread) | | |",
         asked1 - asked0,
         (waited1 - waited0) * 1e3 / (asked1 - asked0).max(1.0)
     );
@@ -853,20 +907,13 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
     let writes_per_lifecycle = writes.round().max(1.0) as usize;
     // The least work, with and without a journal, in `shape`.
     let least_work = |shape: Shape| {
-        let (root, pods) = (root.path().to_owned(), pods.clone());
+        let root = root.path().to_owned();
         async move {
             let mut both = [0.0; 2];
             for (i, journaled) in [true, false].into_iter().enumerate() {
                 let dir = root.join(format!("least-work-{i}"));
-                both[i] = least_work_floor(
-                    journaled,
-                    &dir,
-                    &pods,
-                    forwarder,
-                    writes_per_lifecycle,
-                    shape,
-                )
-                .await;
+                both[i] =
+                    least_work_floor(journaled, &dir, forwarder, writes_per_lifecycle, shape).await;
             }
             both
         }
@@ -1012,6 +1059,11 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
     a && b && c && d
 }
 
+/// The stand-in forwarder listener's backlog: as many as the kernel allows
+/// (it caps `listen`'s backlog at `net.core.somaxconn`: 4,096 since Linux
+/// 5.4, 128 before, where this does not help).
+const FORWARDER_BACKLOG: u32 = i32::MAX as u32;
+
 /// Promise 2's bound on the daemon's memory with every sandbox in flight.
 const SCALE_RSS_BOUND_MIB: f64 = 200.0;
 
@@ -1048,20 +1100,19 @@ fn main() {
     }
 }
 
-/// CPU time (user + system) this process has used so far, in seconds.
-/// CPU seconds of this process's live threads, summed by thread name with
-/// its digits left out (`tokio-rt-worker`, `sled-io-`, `journal-flush`;
-/// the main thread, where the daemon's actors run, under the binary's
-/// name). Each thread's time is read from its CPU-time clock, in ns: the
-/// clock id Linux derives from a thread id, `MAKE_THREAD_CPUCLOCK(tid,
-/// CPUCLOCK_SCHED)` = `(!tid << 3) | 2 | 4` (include/linux/posix-timers_types.h),
-/// which `clock_gettime` accepts for a thread of the calling process. A
-/// thread that ended takes its time with it: short-lived blocking-pool
-/// threads may be missed.
-fn cpu_by_thread() -> std::collections::BTreeMap<String, f64> {
-    let mut by_name = std::collections::BTreeMap::new();
+/// CPU seconds used so far by each live thread of this process, by thread
+/// id, with its name (digits left out, so `sled-io-3` and `sled-io-5` share
+/// `sled-io-`; the runtime's workers and blocking threads are
+/// `tokio-rt-worker`; the main thread, where the daemon's actors run, is the
+/// bench binary's name, `lifecycle-` and its hash's letters). Each thread's time comes from its CPU-time clock: the clock id
+/// Linux derives from a thread id, `MAKE_THREAD_CPUCLOCK(tid,
+/// CPUCLOCK_SCHED)` = `(!tid << 3) | 2 | 4`
+/// (include/linux/posix-timers_types.h), which `clock_gettime` accepts for
+/// a thread of the calling process.
+fn cpu_by_thread() -> HashMap<i32, (String, f64)> {
+    let mut threads = HashMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return by_name;
+        return threads;
     };
     for task in tasks.flatten() {
         let Some(tid) = task
@@ -1083,21 +1134,30 @@ fn cpu_by_thread() -> std::collections::BTreeMap<String, f64> {
             .chars()
             .filter(|c| !c.is_ascii_digit())
             .collect();
-        *by_name.entry(name).or_insert(0.0) += t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9;
+        threads.insert(tid, (name, t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9));
     }
-    by_name
+    threads
 }
 
-/// The CPU each thread name took between `before` and now, per lifecycle
-/// of `n`, in ms, largest first: "main 0.21, tokio-rt-worker 0.18, …".
-fn cpu_split(before: &std::collections::BTreeMap<String, f64>, n: usize) -> String {
-    let mut used: Vec<(String, f64)> = cpu_by_thread()
+/// The CPU each thread name took since `before` (from [`cpu_by_thread`])
+/// and `cpu0` (from [`cpu_seconds`]), per lifecycle of `n`, in ms, largest
+/// first: "tokio-rt-worker 0.233, lifecycle-… 0.183, …". Threads that ended
+/// meanwhile are one more entry, "ended threads": the process's CPU time
+/// not found in a live thread.
+fn cpu_split(before: &HashMap<i32, (String, f64)>, cpu0: f64, n: usize) -> String {
+    let total = cpu_seconds() - cpu0;
+    let mut by_name: HashMap<String, f64> = HashMap::new();
+    for (tid, (name, t)) in cpu_by_thread() {
+        let t0 = before.get(&tid).map_or(0.0, |(_, t0)| *t0);
+        *by_name.entry(name).or_insert(0.0) += t - t0;
+    }
+    let ended = total - by_name.values().sum::<f64>();
+    by_name.insert("ended threads".to_owned(), ended);
+    let per = |seconds: f64| seconds * 1e3 / n.max(1) as f64;
+    let mut used: Vec<(String, f64)> = by_name
         .into_iter()
-        .map(|(name, t)| {
-            let t0 = before.get(&name).copied().unwrap_or(0.0);
-            (name, (t - t0) * 1e3 / n.max(1) as f64)
-        })
-        .filter(|(_, ms)| *ms >= 0.005)
+        .map(|(name, t)| (name, per(t)))
+        .filter(|(_, ms)| ms.abs() >= 0.005)
         .collect();
     used.sort_by(|a, b| b.1.total_cmp(&a.1));
     used.iter()
@@ -1106,6 +1166,8 @@ fn cpu_split(before: &std::collections::BTreeMap<String, f64>, n: usize) -> Stri
         .join(", ")
 }
 
+/// CPU seconds (user + system) this process has used, its ended threads
+/// included.
 fn cpu_seconds() -> f64 {
     use nix::sys::resource::{UsageWho, getrusage};
     let usage = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage of this process");
