@@ -978,7 +978,7 @@ async fn bench_provider(name: &'static str, quick: bool, scale: usize) -> bool {
             many.throughput / least.max(1e-9)
         );
         println!(
-            "the least work with no journal at all (a bound on any implementation of the job here, whatever its journal): {:.0} lifecycles/s, {:.2} of the journal alone",
+            "the least work with no journal at all (what this bench can show of any implementation here, whatever its journal): {:.0} lifecycles/s, {:.2} of the journal alone",
             unjournaled,
             unjournaled / floor_many.throughput.max(1e-9),
         );
