@@ -332,17 +332,31 @@ impl hypervisor_ttrpc::Hypervisor for AnswersAtOnce {
     }
 }
 
+/// A ttrpc server in this process serving `service` as Kata's
+/// `Hypervisor` on the unix socket `socket`, started; the caller shuts it
+/// down.
+async fn serve_hypervisor(
+    socket: &Path,
+    service: Arc<dyn hypervisor_ttrpc::Hypervisor + Send + Sync>,
+) -> ttrpc::r#async::Server {
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&format!("unix://{}", socket.display()))
+        .unwrap_or_else(|e| panic!("bind {}: {e}", socket.display()))
+        .register_service(hypervisor_ttrpc::create_hypervisor(service));
+    server
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("serve {}: {e}", socket.display()));
+    server
+}
+
 /// The wire's own cost, for comparison (not a promise's floor): [`measure`]
 /// — the same clients, a connection per lifecycle, the same requests —
 /// against a ttrpc server in this process that answers each call at once,
 /// `concurrency` at a time for `rounds` rounds.
 async fn wire_floor(dir: &Path, concurrency: usize, rounds: usize) -> Measured {
     let socket = dir.join("wire.sock");
-    let mut server = ttrpc::r#async::Server::new()
-        .bind(&format!("unix://{}", socket.display()))
-        .expect("the wire floor's socket")
-        .register_service(hypervisor_ttrpc::create_hypervisor(Arc::new(AnswersAtOnce)));
-    server.start().await.expect("the wire floor's server");
+    let mut server = serve_hypervisor(&socket, Arc::new(AnswersAtOnce)).await;
     let measured = measure("wire alone", &socket, concurrency, rounds, || true).await;
     let _ = server.shutdown().await;
     measured
@@ -551,10 +565,7 @@ async fn least_work_floor(
     });
     // Its own pods dir, on tmpfs where there is one, as the daemon's is:
     // nothing of the daemon's (its pod directory GC) walks it.
-    let tmpfs = tempfile::tempdir_in("/dev/shm").ok();
-    let pods = tmpfs
-        .as_ref()
-        .map_or_else(|| dir.join("pods"), |d| d.path().to_owned());
+    let (_tmpfs, pods) = common::tmpfs_pods_dir(dir.join("pods"));
     std::fs::create_dir_all(&pods).expect("the least work's pods dir");
     let socket = dir.join("least-work.sock");
     let provider = Arc::new(FakeProvider::new());
@@ -570,11 +581,7 @@ async fn least_work_floor(
         teardowns_pending: Arc::default(),
         teardowns_failed: Arc::default(),
     });
-    let mut server = ttrpc::r#async::Server::new()
-        .bind(&format!("unix://{}", socket.display()))
-        .expect("the least work's socket")
-        .register_service(hypervisor_ttrpc::create_hypervisor(service.clone()));
-    server.start().await.expect("the least work's server");
+    let mut server = serve_hypervisor(&socket, service.clone()).await;
     let label = if journaled {
         "least work"
     } else {

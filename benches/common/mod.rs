@@ -29,16 +29,25 @@ pub fn verdict(promise: &str, figures: &str, ratio: f64, bound: &str, held: bool
     held
 }
 
-/// The daemon's pods dir (agent sockets): a new directory on tmpfs
-/// (`/dev/shm`) where there is one, as a node's `/run/peerpod/pods` is —
-/// binding sockets in fresh directories on a disk file system costs what
-/// no node pays — else `fallback`. Prints which; keep the guard alive as
-/// long as the directory is used.
+/// A pods dir (agent sockets): a new directory on tmpfs (`/dev/shm`) where
+/// there is one, as a node's `/run/peerpod/pods` is — binding sockets in
+/// fresh directories on a disk file system costs what no node pays — else
+/// `fallback`. Keep the guard alive as long as the directory is used.
+// Not every bench binds agent sockets.
+#[allow(dead_code)]
+pub fn tmpfs_pods_dir(
+    fallback: std::path::PathBuf,
+) -> (Option<tempfile::TempDir>, std::path::PathBuf) {
+    let tmpfs = tempfile::tempdir_in("/dev/shm").ok();
+    let pods = tmpfs.as_ref().map_or(fallback, |d| d.path().to_owned());
+    (tmpfs, pods)
+}
+
+/// The daemon's pods dir, as [`tmpfs_pods_dir`] makes it; prints which.
 // Not every bench runs a daemon.
 #[allow(dead_code)]
 pub fn pods_dir(fallback: std::path::PathBuf) -> (Option<tempfile::TempDir>, std::path::PathBuf) {
-    let tmpfs = tempfile::tempdir_in("/dev/shm").ok();
-    let pods = tmpfs.as_ref().map_or(fallback, |d| d.path().to_owned());
+    let (tmpfs, pods) = tmpfs_pods_dir(fallback);
     println!("pods dir (agent sockets): {}", pods.display());
     (tmpfs, pods)
 }
