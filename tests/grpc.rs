@@ -480,7 +480,8 @@ async fn unix_admin(setup: &Setup) -> AdminClient<Channel> {
 /// id.
 fn corrupt_and_quarantine(setup: &Setup, key: &str, bytes: &[u8]) -> String {
     use podvisor_state::Journal;
-    let journal = podvisor_state::SledJournal::open(&setup.state_dir().join("journal")).unwrap();
+    // Called several times in a row: each open waits for the last to let go.
+    let journal = setup.open_journal();
     journal.put_raw(key, bytes).unwrap();
     let quarantined = journal.load().unwrap().quarantined;
     assert_eq!(quarantined.len(), 1, "{quarantined:?}");

@@ -143,6 +143,25 @@ impl Setup {
             .unwrap_or_else(|| self.root.path().join("state"))
     }
 
+    /// The journal of this setup, opened in this process (no daemon
+    /// running), waiting up to 10 s for a journal this process just dropped
+    /// to let go of its lock: sled's background threads hold the database a
+    /// moment after the last handle is gone (a process that exits lets go
+    /// at once). As `state/src/journal.rs`'s tests reopen it.
+    pub fn open_journal(&self) -> podvisor_state::SledJournal {
+        let dir = self.state_dir().join("journal");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match podvisor_state::SledJournal::open(&dir) {
+                Ok(journal) => return journal,
+                Err(e) if e.to_string().contains("locked") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("open the journal in {}: {e}", dir.display()),
+            }
+        }
+    }
+
     /// Makes the executable script `script` (a `#!` line first) under the
     /// test's directory as `name`, and has the local provider run it as
     /// every pod VM's forwarder.
